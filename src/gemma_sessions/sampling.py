@@ -1,0 +1,155 @@
+"""Sampling parameters, token sampling, and text-level stop handling.
+
+Contract: ``SamplingParams`` is the frozen description of how to pick tokens and when to stop; ``Sampler`` turns
+one logits row into one token id, deterministically for a given seed (each request owns its own generator, so
+batching never changes a seeded stream); ``TextStream`` turns token ids into text deltas, holding back text that may
+still become a stop string and never emitting half a UTF-8 character.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from collections.abc import Sequence
+
+import torch
+
+from .errors import InvalidRequestError
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How to sample and when to stop.
+
+    ``temperature=0`` is greedy. ``top_k=0``, ``top_p=1`` and ``min_p=0`` disable those filters. ``seed=None``
+    draws a fresh seed per request; the same seed gives the same tokens. ``stop`` strings end generation (the
+    stop string itself is not returned); generation also ends on ``<end_of_turn>`` / ``<eos>``.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 64
+    top_p: float = 0.95
+    min_p: float = 0.0
+    max_tokens: int = 256
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        checks = [
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (self.max_tokens >= 1, "max_tokens must be >= 1"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidRequestError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def replace(self, **changes) -> SamplingParams:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["stop"] = list(self.stop)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SamplingParams:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: (tuple(v) if k == "stop" else v) for k, v in d.items() if k in fields})
+
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+class Sampler:
+    """Picks the next token from a logits row according to one request's parameters."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self.generator = torch.Generator(device="cpu").manual_seed(self.seed)
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """logits: [vocab] float -> token id."""
+        p = self.params
+        if p.greedy:
+            return int(torch.argmax(logits))
+        logits = logits.float().cpu() / p.temperature
+        if p.top_k and p.top_k < logits.numel():
+            values, indices = torch.topk(logits, p.top_k)
+        else:
+            values, indices = torch.sort(logits, descending=True)
+        probs = torch.softmax(values, dim=-1)  # sorted, descending
+        keep = torch.ones_like(probs, dtype=torch.bool)
+        if p.top_p < 1.0:  # smallest prefix whose mass reaches top_p (the first token is always kept)
+            cum = torch.cumsum(probs, dim=-1)
+            keep &= (cum - probs) < p.top_p
+        if p.min_p > 0.0:
+            keep &= probs >= p.min_p * probs[0]
+        probs = torch.where(keep, probs, torch.zeros_like(probs))
+        choice = torch.multinomial(probs / probs.sum(), 1, generator=self.generator)
+        return int(indices[choice])
+
+
+class TextStream:
+    """Token ids -> text deltas, with stop strings.
+
+    ``feed(token_id)`` returns the text that is now safe to show; text that might be the start of a stop string is
+    held back until it is ruled out. When a stop string appears, ``stopped`` becomes True and the text before it is
+    the last delta.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self._decoder = tokenizer.stream_decoder()
+        self._stop = tuple(stop)
+        self._pending = ""
+        self.text = ""  # everything emitted so far
+        self.stopped = False
+
+    def feed(self, token_id: int) -> str:
+        if self.stopped:
+            return ""
+        self._pending += self._decoder.feed(token_id)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """Flush what is held back (called when generation ends for any reason but a stop string)."""
+        if self.stopped:
+            return ""
+        self._pending += self._decoder.flush()
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        if self._stop:
+            hits = [i for i in (self._pending.find(s) for s in self._stop) if i >= 0]
+            if hits:
+                out, self._pending, self.stopped = self._pending[:min(hits)], "", True
+                self.text += out
+                return out
+        hold = 0 if final else self._held_back()
+        cut = len(self._pending) - hold
+        out, self._pending = self._pending[:cut], self._pending[cut:]
+        self.text += out
+        return out
+
+    def _held_back(self) -> int:
+        """Length of the longest suffix of pending text that is a proper prefix of some stop string."""
+        best = 0
+        for s in self._stop:
+            for n in range(min(len(s) - 1, len(self._pending)), best, -1):
+                if self._pending.endswith(s[:n]):
+                    best = n
+                    break
+        return best
