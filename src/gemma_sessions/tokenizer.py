@@ -448,10 +448,15 @@ class Tokenizer:
         directory = Path(path)
         if not directory.is_dir():
             raise TokenizerError(f"{directory} is not a directory")
-        if (directory / "tokenizer.model").is_file():
-            return cls._from_sentencepiece_model(directory)
-        if (directory / "tokenizer.json").is_file():
-            return cls._from_tokenizer_json(directory)
+        try:
+            if (directory / "tokenizer.model").is_file():
+                return cls._from_sentencepiece_model(directory)
+            if (directory / "tokenizer.json").is_file():
+                return cls._from_tokenizer_json(directory)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # malformed JSON structure
+            if isinstance(exc, TokenizerError):
+                raise
+            raise TokenizerError(f"malformed tokenizer files in {directory}: {exc!r}") from exc
         raise TokenizerError(f"{directory} has neither tokenizer.model nor tokenizer.json")
 
     @classmethod
@@ -466,6 +471,11 @@ class Tokenizer:
             raise TokenizerError(f"corrupt {path}: {exc}") from exc
         if not pieces:
             raise TokenizerError(f"{path} has no pieces")
+        # SentencePiece matches user-defined pieces on escaped text ("▁▁" for two spaces); we match them on raw
+        # text like llama.cpp, whose GGUF converter stores them with real spaces.
+        for token_id, ttype in enumerate(types):
+            if ttype == USER_DEFINED:
+                pieces[token_id] = pieces[token_id].replace(SPACE_MARK, " ")
         _apply_added_tokens(pieces, scores, types, _added_tokens_decoder(directory))
         ids = {key: trainer[f"{key}_id"] for key in ("bos", "eos", "pad", "unk")}
         return cls._with_config_ids(pieces, scores, types, ids, directory)
@@ -637,48 +647,48 @@ class Tokenizer:
                 out.append(byte_id)
 
     def _merge(self, text: str) -> list[str]:
-        """Merge adjacent symbols, best-scoring vocabulary piece first (ties: leftmost), as llama.cpp does."""
+        """Merge adjacent symbols, best-scoring vocabulary piece first (ties: leftmost), as llama.cpp does.
+
+        Symbols form a linked list (``nxt``/``prv``); merged-away symbols become "". A queued pair is stale when
+        either side is gone or its right side grew since (lengths no longer add up), exactly llama.cpp's check.
+        """
         n = len(text)
         if n < 2:
             return [text] if n else []
-        lookup, scores = self._piece_to_id, self._scores
         syms = list(text)
         nxt = list(range(1, n + 1))
         nxt[-1] = -1
         prv = list(range(-1, n - 1))
-        heap: list[tuple[float, int, int, str]] = []
-        for i in range(n - 1):
+        heap = self._initial_pairs(syms)
+        lookup, scores, push, pop = self._piece_to_id, self._scores, heapq.heappush, heapq.heappop
+        while heap:
+            _, left, right, pair = pop(heap)
+            sym_l, sym_r = syms[left], syms[right]
+            if not sym_l or not sym_r or len(sym_l) + len(sym_r) != len(pair):
+                continue
+            syms[left], syms[right] = pair, ""
+            after = nxt[left] = nxt[right]
+            if after != -1:
+                prv[after] = left
+                token_id = lookup.get(cand := pair + syms[after])
+                if token_id is not None:
+                    push(heap, (-scores[token_id], left, after, cand))
+            if (before := prv[left]) != -1:
+                token_id = lookup.get(cand := syms[before] + pair)
+                if token_id is not None:
+                    push(heap, (-scores[token_id], before, left, cand))
+        return _walk(syms, nxt)
+
+    def _initial_pairs(self, syms: list[str]) -> list[tuple[float, int, int, str]]:
+        lookup, scores = self._piece_to_id, self._scores
+        heap = []
+        for i in range(len(syms) - 1):
             pair = syms[i] + syms[i + 1]
             token_id = lookup.get(pair)
             if token_id is not None:
                 heap.append((-scores[token_id], i, i + 1, pair))
         heapq.heapify(heap)
-        push, pop = heapq.heappush, heapq.heappop
-        while heap:
-            _, left, right, pair = pop(heap)
-            sym_l, sym_r = syms[left], syms[right]
-            if not sym_l or not sym_r or len(sym_l) + len(sym_r) != len(pair):
-                continue  # stale: one side was merged away or grew since this pair was queued
-            syms[left], syms[right] = pair, ""
-            after = nxt[left] = nxt[right]
-            if after != -1:
-                prv[after] = left
-                cand = pair + syms[after]
-                token_id = lookup.get(cand)
-                if token_id is not None:
-                    push(heap, (-scores[token_id], left, after, cand))
-            before = prv[left]
-            if before != -1:
-                cand = syms[before] + pair
-                token_id = lookup.get(cand)
-                if token_id is not None:
-                    push(heap, (-scores[token_id], before, left, cand))
-        out: list[str] = []
-        i = 0
-        while i != -1:
-            out.append(syms[i])
-            i = nxt[i]
-        return out
+        return heap
 
     # -- decoding ------------------------------------------------------------------------------------------------
 
@@ -753,6 +763,15 @@ def _take_occurrences(
         covered[start:end] = b"\x01" * length
         matches.append((start, end, token_id))
         pos = end
+
+
+def _walk(syms: list[str], nxt: list[int]) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i != -1:
+        out.append(syms[i])
+        i = nxt[i]
+    return out
 
 
 def _valid_unicode(text: str) -> str:

@@ -10,12 +10,29 @@ References (required dev dependencies, never skipped):
     ``add_special_tokens=False``) turns that off for special tokens only; non-special added tokens (the GGUF's
     user-defined newline/tab runs and html tags) are still matched whole, leftmost-longest. That is llama.cpp's
     ``parse_special=False`` behaviour, so with those two arguments both references are compared on every string.
+(c) sentencepiece, arbiter where (a) and (b) disagree: a ``tokenizer.model`` rebuilt from the GGUF vocabulary in
+    Google's layout (whitespace-run pieces spelled with "▁", user-defined), i.e. the tokenizer Gemma was trained with.
+
+Known, investigated divergences (everything else must match exactly):
+
+* transformers' GGUF loader is wrong for runs of 32 or more spaces. It respells the user-defined space-run tokens
+  ("  " ... 31 spaces, ids 138-167) as "▁▁"... and makes them ordinary BPE pieces with generated merges, so a run
+  longer than the longest piece is split by merge order (e.g. 100 spaces -> 16+16+16+16+16+20) instead of greedily
+  longest-first (31+31+31+7). llama.cpp and sentencepiece both give 31+31+31+7, and so do we.
+* A literal U+2581 ("▁") typed in the text: sentencepiece and transformers treat it as a space for the whitespace-run
+  pieces ("▁▁" -> id 138), llama.cpp cannot (its GGUF stores those pieces with real spaces) and gives "▁" "▁". We
+  follow llama.cpp (our contract); both decode to the same text.
+
+Those strings are compared against llama.cpp (and, for the first kind, sentencepiece) only; the test asserts that
+they are a small, precisely defined subset.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
+import struct
 import time
 from pathlib import Path
 
@@ -60,7 +77,8 @@ EMOJI = [
     "🇯🇵", "🇫🇷", "🇺🇸", "🇺🇦", "🇧🇷", "🏴\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f",
     "1️⃣", "#️⃣", "©️", "™️",
 ]
-WHITESPACE = [" ", "  ", "   ", "\t", "\t\t", "\n", "\n\n", "\r\n", "\r", " \n ", "\u00a0", "\u3000", "\u2009", "\f", "\v"]
+WHITESPACE = [" ", "  ", "   ", "\t", "\t\t", "\n", "\n\n", "\r\n", "\r", " \n ", "\u00a0", "\u3000", "\u2009"]
+WHITESPACE += ["\f", "\v"]
 CODE = [
     "def f(x):\n    return x * 2\n",
     "for (int i = 0; i < n; ++i) {\n\tsum += a[i];\n}",
@@ -186,6 +204,62 @@ def hf(gguf_path: Path):
     return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
 
 
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _field(number: int, wire: int, payload: bytes | int) -> bytes:
+    key = _varint(number << 3 | wire)
+    if wire == 0:
+        return key + _varint(payload)  # type: ignore[arg-type]
+    if wire == 2:
+        return key + _varint(len(payload)) + payload  # type: ignore[arg-type]
+    return key + payload  # type: ignore[operator]
+
+
+def write_google_layout_model(path: Path, tok: Tokenizer) -> None:
+    """A SentencePiece ModelProto of ``tok``'s vocabulary laid out like Google's Gemma tokenizer.model."""
+    parts = []
+    for token_id in range(tok.vocab_size):
+        piece, ptype = tok.piece(token_id), tok.token_type(token_id)
+        if ptype == 4:
+            piece = piece.replace(" ", "\u2581")
+        if token_id == tok.unk_id:
+            ptype = 2  # sentencepiece insists on an UNKNOWN piece; the GGUF marks <unk> CONTROL
+        body = _field(1, 2, piece.encode("utf-8")) + _field(2, 5, struct.pack("<f", tok.score(token_id)))
+        parts.append(_field(1, 2, body + _field(3, 0, ptype)))
+    trainer = _field(3, 0, 2) + _field(35, 0, 1) + _field(40, 0, tok.unk_id) + _field(41, 0, tok.bos_id)
+    trainer += _field(42, 0, tok.eos_id) + _field(43, 0, tok.pad_id)
+    normalizer = _field(1, 2, b"identity") + _field(3, 0, 0) + _field(4, 0, 0) + _field(5, 0, 1)
+    parts += [_field(2, 2, trainer), _field(3, 2, normalizer)]
+    path.write_bytes(b"".join(parts))
+
+
+@pytest.fixture(scope="module")
+def google_layout_dir(ours: Tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("gemma-hf")
+    write_google_layout_model(directory / "tokenizer.model", ours)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def sp(google_layout_dir: Path):
+    import sentencepiece
+
+    return sentencepiece.SentencePieceProcessor(model_file=str(google_layout_dir / "tokenizer.model"))
+
+
+def transformers_gguf_divergent(text: str) -> bool:
+    """The two known transformers-GGUF divergences (see the module docstring)."""
+    return "\u2581" in text or re.search(" {32,}", text) is not None
+
+
 def llama_ids(llama, text: str) -> list[int]:
     return list(llama.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
@@ -218,9 +292,46 @@ def test_parity_llama_cpp(ours: Tokenizer, llama) -> None:
 
 
 def test_parity_transformers(ours: Tokenizer, hf) -> None:
-    mismatches = [(s, ours.encode(s), hf_ids(hf, s)) for s in STRINGS]
+    compared = [s for s in STRINGS if not transformers_gguf_divergent(s)]
+    assert len(compared) >= 0.9 * len(STRINGS)
+    mismatches = [(s, ours.encode(s), hf_ids(hf, s)) for s in compared]
     mismatches = [m for m in mismatches if m[1] != m[2]]
     assert not mismatches, _report(mismatches, "transformers")
+
+
+def test_parity_sentencepiece(ours: Tokenizer, sp) -> None:
+    compared = [s for s in STRINGS if "\u2581" not in s]
+    mismatches = [(s, ours.encode(s), list(sp.encode(s))) for s in compared]
+    mismatches = [m for m in mismatches if m[1] != m[2]]
+    assert not mismatches, _report(mismatches, "sentencepiece")
+
+
+def test_transformers_divergences_are_the_documented_ones(ours: Tokenizer, llama, sp, hf) -> None:
+    divergent = [s for s in STRINGS if transformers_gguf_divergent(s)]
+    assert divergent, "the strings must keep exercising the divergent categories"
+    for text in divergent:
+        ids = ours.encode(text)
+        assert ids == llama_ids(llama, text)
+        if "\u2581" not in text:
+            assert ids == list(sp.encode(text))  # sentencepiece sides with llama.cpp on long space runs
+        assert hf.decode(hf_ids(hf, text)) == ours.decode(ids)  # only the segmentation differs
+    hundred = " " * 100
+    assert ours.encode(hundred) == llama_ids(llama, hundred) == list(sp.encode(hundred)) == [167, 167, 167, 143]
+    assert ours.encode("\u2581\u2581") == llama_ids(llama, "\u2581\u2581") == [236743, 236743]
+    assert list(sp.encode("\u2581\u2581")) == hf_ids(hf, "\u2581\u2581") == [138]
+
+
+def test_from_hf_dir_google_layout(ours: Tokenizer, google_layout_dir: Path) -> None:
+    hf_dir = Tokenizer.from_hf_dir(google_layout_dir)
+    assert (hf_dir.bos_id, hf_dir.eos_id, hf_dir.pad_id, hf_dir.unk_id) == (2, 1, 0, 3)
+    for text in STRINGS:
+        assert hf_dir.encode(text) == ours.encode(text), text
+
+
+def test_from_gguf_reader_real_file(ours: Tokenizer, gguf_path: Path) -> None:
+    import gguf
+
+    assert Tokenizer.from_gguf(gguf.GGUFReader(gguf_path)).fingerprint == ours.fingerprint
 
 
 def test_add_bos_matches_llama_cpp(ours: Tokenizer, llama) -> None:

@@ -158,6 +158,14 @@ def test_bad_files_raise_tokenizer_error(tmp_path: Path, gguf_path: Path) -> Non
     (tmp_path / "hf" / "tokenizer.model").write_bytes(b"\x0a\xff\xff\xff")
     with pytest.raises(TokenizerError):
         Tokenizer.from_hf_dir(tmp_path / "hf")
+    (tmp_path / "js").mkdir()
+    bad_json = {"model": {"type": "BPE", "vocab": {"a": 0}}, "added_tokens": [{}]}
+    (tmp_path / "js" / "tokenizer.json").write_text(json.dumps(bad_json))
+    with pytest.raises(TokenizerError):
+        Tokenizer.from_hf_dir(tmp_path / "js")
+    (tmp_path / "js" / "tokenizer.json").write_text('{"model": {"type": "Unigram", "vocab": [["a", 0.0]]}}')
+    with pytest.raises(TokenizerError, match="only BPE"):
+        Tokenizer.from_hf_dir(tmp_path / "js")
 
 
 def test_mismatched_arrays_raise() -> None:
@@ -202,7 +210,10 @@ def test_user_defined_runs_longest_first(tok: Tokenizer) -> None:
     assert tok.encode("\t" * 32) == [tok.token_id("\t" * 31), tok.token_id("\t")]
 
 
-@pytest.mark.parametrize("marker", ["<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>", "<pad>", "<mask>", "<unused7>"])
+CONTROL_MARKERS = ["<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>", "<pad>", "<mask>", "<unused7>"]
+
+
+@pytest.mark.parametrize("marker", CONTROL_MARKERS)
 def test_control_text_is_plain_text(tok: Tokenizer, marker: str) -> None:
     for text in (marker, f"user {marker} model", f"{marker}{marker}\n{marker}", f"x{marker}y"):
         ids = tok.encode(text)

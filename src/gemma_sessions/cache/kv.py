@@ -1,0 +1,287 @@
+"""Paged KV storage and per-sequence block tables, with prefix reuse that works for sliding-window layers.
+
+Contract: ``PagedKVCache`` owns one tensor of fixed-size pages and a :class:`~.pool.BlockPool` of their ids. Layers
+are split into *groups* of equal size (vLLM's hybrid layout): every full-attention group keeps every block of a
+sequence; every sliding group keeps only the blocks that a future query can still see (the last ``window``
+tokens), releasing older ones to the prefix cache. All pages have the same size, so one pool serves every group.
+
+    Gemma 3 270M: 18 layers = 15 sliding + 3 full  ->  groups of 3 layers: 5 sliding groups + 1 full group
+    page = block_size tokens x 3 layers x (K, V) x kv_heads x head_dim
+
+    storage [num_pages, layers_per_group, 2, block_size, kv_heads, head_dim]
+    flat token-slot index of (page p, layer slot j, K|V, offset o) = ((p * lpg + j) * 2 + kv) * block_size + o
+
+A :class:`SeqKV` is one sequence's state: its token ids, how many have KV computed, one block table per group
+(``None`` where a sliding group released a block), and the hash chain of its full blocks. Full blocks are
+registered in the pool under ``(group, block_hash)`` as soon as they are computed, so any later sequence with the
+same prefix (another session, a fork, the same session after eviction) reuses them. Only a sequence's last,
+partial block is ever written again; when it is shared (fork) it is copied first (copy on write).
+
+Thread-compatibility: called only from the engine loop thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from ..config import FULL, SLIDING, ModelConfig
+from ..errors import CapacityError
+from .blocks import BlockHash, hash_block_tokens
+from .pool import BlockPool
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KVLayout:
+    """How layers map to KV groups and page slots."""
+
+    block_size: int
+    layers_per_group: int
+    group_kinds: tuple[str, ...]         # FULL or SLIDING per group
+    layer_group: tuple[int, ...]         # layer -> group
+    layer_slot: tuple[int, ...]          # layer -> slot within its group's page
+    window: int | None
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def for_config(cls, config: ModelConfig, block_size: int = 16) -> KVLayout:
+        full = [i for i, t in enumerate(config.layer_types) if t == FULL]
+        sliding = [i for i, t in enumerate(config.layer_types) if t == SLIDING]
+        lpg = math.gcd(len(full), len(sliding)) if full and sliding else len(full or sliding)
+        kinds, layer_group, layer_slot = [], [0] * config.num_layers, [0] * config.num_layers
+        for kind, layers in ((FULL, full), (SLIDING, sliding)):
+            for start in range(0, len(layers), lpg):
+                for slot, layer in enumerate(layers[start:start + lpg]):
+                    layer_group[layer], layer_slot[layer] = len(kinds), slot
+                kinds.append(kind)
+        return cls(block_size=block_size, layers_per_group=lpg, group_kinds=tuple(kinds),
+                   layer_group=tuple(layer_group), layer_slot=tuple(layer_slot),
+                   window=config.sliding_window if sliding else None,
+                   num_kv_heads=config.num_kv_heads, head_dim=config.head_dim)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_kinds)
+
+    def page_bytes(self, dtype: torch.dtype) -> int:
+        elem = torch.tensor([], dtype=dtype).element_size()
+        return self.layers_per_group * 2 * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+    def first_visible(self, group: int, pos: int) -> int:
+        """First key position a query at ``pos`` can see in this group."""
+        if self.group_kinds[group] == SLIDING:
+            return max(0, pos - self.window + 1)  # keys k > pos - window (transformers' sliding overlay)
+        return 0
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        """Pages one sequence of ``num_tokens`` holds at most at once (sliding groups keep only a window)."""
+        bs = self.block_size
+        total = 0
+        for kind in self.group_kinds:
+            if kind == SLIDING:
+                total += min(math.ceil(num_tokens / bs), (self.window + bs - 1) // bs + 1)
+            else:
+                total += math.ceil(num_tokens / bs)
+        return total
+
+
+class SeqKV:
+    """One sequence's KV bookkeeping (mutable; owned by the engine thread)."""
+
+    __slots__ = ("tokens", "num_computed", "tables", "hashes", "num_registered", "cached_at_start")
+
+    def __init__(self, num_groups: int):
+        self.tokens: list[int] = []
+        self.num_computed = 0
+        self.tables: list[list[int | None]] = [[] for _ in range(num_groups)]
+        self.hashes: list[BlockHash] = []
+        self.num_registered = 0  # full blocks registered in the prefix cache
+        self.cached_at_start = 0  # tokens found cached when the current request started
+
+    def held_blocks(self) -> list[int]:
+        return [b for table in self.tables for b in table if b is not None]
+
+
+class PagedKVCache:
+    """The paged KV tensor plus allocation, prefix matching, window release and copy on write."""
+
+    def __init__(self, layout: KVLayout, num_blocks: int, dtype: torch.dtype, device: torch.device):
+        self.layout = layout
+        self.dtype = dtype
+        self.device = device
+        self.pool = BlockPool(num_blocks)
+        bs, lpg = layout.block_size, layout.layers_per_group
+        self.storage = torch.zeros(num_blocks, lpg, 2, bs, layout.num_kv_heads, layout.head_dim,
+                                   dtype=dtype, device=device)
+        self.flat = self.storage.view(num_blocks * lpg * 2 * bs, layout.num_kv_heads, layout.head_dim)
+        self.page_stride = lpg * 2 * bs  # flat slots per page
+        self.prefix_queried_tokens = 0
+        self.prefix_hit_tokens = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    # ------------------------------------------------------------------------------------------ prefix reuse
+    def _hashes(self, tokens: list[int], n_blocks: int, known: list[BlockHash]) -> list[BlockHash]:
+        bs = self.layout.block_size
+        hashes = list(known[:n_blocks])
+        for b in range(len(hashes), n_blocks):
+            hashes.append(hash_block_tokens(hashes[-1] if hashes else None, tokens[b * bs:(b + 1) * bs]))
+        return hashes
+
+    def match_prefix(self, tokens: list[int]) -> tuple[int, list[list[int | None]], list[BlockHash]]:
+        """Longest block-aligned cached prefix usable for ``tokens`` (at least one token is left to compute).
+
+        Returns (number of cached tokens, block tables to adopt, hashes of those blocks). A prefix of n blocks
+        is usable when every full group has blocks 0..n-1 and every sliding group has the blocks covering the
+        window before position n * block_size.
+        """
+        lay, pool = self.layout, self.pool
+        bs = lay.block_size
+        max_blocks = max(0, (len(tokens) - 1) // bs)
+        hashes = self._hashes(tokens, max_blocks, [])
+        full_groups = [g for g, k in enumerate(lay.group_kinds) if k == FULL]
+        slide_groups = [g for g, k in enumerate(lay.group_kinds) if k == SLIDING]
+        n = 0
+        while n < max_blocks and all(pool.lookup((g, hashes[n])) is not None for g in full_groups):
+            n += 1
+        while n > 0:
+            first = lay.first_visible(slide_groups[0], n * bs) // bs if slide_groups else n
+            if all(pool.lookup((g, hashes[b])) is not None for g in slide_groups for b in range(first, n)):
+                break
+            n -= 1
+        tables: list[list[int | None]] = []
+        for g, kind in enumerate(lay.group_kinds):
+            first = lay.first_visible(g, n * bs) // bs if kind == SLIDING else 0
+            tables.append([None] * first + [pool.lookup((g, hashes[b])) for b in range(first, n)])
+        return n * bs, tables, hashes[:n]
+
+    def start(self, tokens: list[int]) -> SeqKV:
+        """A new sequence for ``tokens``, adopting whatever prefix is cached."""
+        seq = SeqKV(self.layout.num_groups)
+        n, tables, hashes = self.match_prefix(tokens)
+        for table in tables:
+            self.pool.touch([b for b in table if b is not None])
+        seq.tokens, seq.num_computed, seq.tables, seq.hashes = list(tokens), n, tables, hashes
+        seq.num_registered = len(hashes)
+        seq.cached_at_start = n
+        self.prefix_queried_tokens += len(tokens)
+        self.prefix_hit_tokens += n
+        return seq
+
+    def fork(self, seq: SeqKV) -> SeqKV:
+        """A child sharing every block of ``seq`` (the partial last block is copied when first written)."""
+        child = SeqKV(self.layout.num_groups)
+        child.tokens = list(seq.tokens[:seq.num_computed])
+        child.num_computed = seq.num_computed
+        child.tables = [list(t) for t in seq.tables]
+        child.hashes = list(seq.hashes)
+        child.num_registered = seq.num_registered
+        self.pool.touch(child.held_blocks())
+        return child
+
+    # ------------------------------------------------------------------------------------------ allocation
+    def blocks_to_allocate(self, seq: SeqKV, n: int) -> int:
+        """Pages needed to compute the next ``n`` tokens (new blocks plus copy-on-write of a shared tail)."""
+        bs = self.layout.block_size
+        start, end = seq.num_computed, seq.num_computed + n
+        need = 0
+        for table in seq.tables:
+            need += max(0, (end + bs - 1) // bs - len(table))
+            if start % bs and len(table) > start // bs:
+                tail = table[start // bs]
+                if tail is not None and self.pool.ref_count(tail) > 1:
+                    need += 1
+        return need
+
+    def release_out_of_window(self, seq: SeqKV) -> None:
+        """Free sliding-group blocks that no query at or after ``num_computed`` can see."""
+        bs = self.layout.block_size
+        for g, kind in enumerate(self.layout.group_kinds):
+            if kind != SLIDING:
+                continue
+            table = seq.tables[g]
+            last_dead = self.layout.first_visible(g, seq.num_computed) // bs  # blocks < this are invisible
+            dead = [b for b in table[:last_dead] if b is not None]
+            if dead:
+                self.pool.free_blocks(reversed(dead))
+                table[:last_dead] = [None] * min(last_dead, len(table))
+
+    def allocate(self, seq: SeqKV, n: int) -> None:
+        """Make room for computing tokens [num_computed, num_computed + n). Raises CapacityError unchanged."""
+        self.release_out_of_window(seq)
+        need = self.blocks_to_allocate(seq, n)
+        if need > self.pool.num_free:
+            raise CapacityError(f"need {need} KV blocks, {self.pool.num_free} free")
+        bs = self.layout.block_size
+        start, end = seq.num_computed, seq.num_computed + n
+        for table in seq.tables:
+            if start % bs and len(table) > start // bs:
+                self._copy_on_write(table, start // bs)
+            missing = (end + bs - 1) // bs - len(table)
+            if missing > 0:
+                table.extend(self.pool.get_new_blocks(missing))
+
+    def _copy_on_write(self, table: list[int | None], index: int) -> None:
+        old = table[index]
+        if old is None or self.pool.ref_count(old) == 1:
+            return
+        (new,) = self.pool.get_new_blocks(1)
+        self.storage[new].copy_(self.storage[old])
+        self.pool.free_blocks([old])
+        table[index] = new
+
+    def commit(self, seq: SeqKV, n: int) -> None:
+        """Mark n more tokens computed; register blocks that just became full in the prefix cache."""
+        seq.num_computed += n
+        bs = self.layout.block_size
+        full = seq.num_computed // bs
+        if full > seq.num_registered:
+            seq.hashes = self._hashes(seq.tokens, full, seq.hashes)
+            for b in range(seq.num_registered, full):
+                for g, table in enumerate(seq.tables):
+                    if table[b] is not None:
+                        self.pool.cache_block(table[b], (g, seq.hashes[b]))
+            seq.num_registered = full
+
+    def truncate(self, seq: SeqKV, keep: int) -> None:
+        """Forget KV beyond the first ``keep`` tokens (keep is clamped to what is computed)."""
+        keep = min(keep, seq.num_computed)
+        bs = self.layout.block_size
+        nb = (keep + bs - 1) // bs
+        for table in seq.tables:
+            drop = [b for b in table[nb:] if b is not None]
+            self.pool.free_blocks(reversed(drop))
+            del table[nb:]
+        seq.num_computed = keep
+        seq.tokens = seq.tokens[:keep]
+        full = keep // bs
+        seq.hashes = seq.hashes[:full]
+        seq.num_registered = min(seq.num_registered, full)
+        # a partial tail block that was registered full can't happen: registration needs all bs tokens.
+
+    def free(self, seq: SeqKV) -> None:
+        """Return every block of ``seq`` (tail first, so its tail is evicted before its head)."""
+        for table in seq.tables:
+            held = [b for b in table if b is not None]
+            self.pool.free_blocks(reversed(held))
+            table.clear()
+        seq.num_computed = 0
+        seq.num_registered = 0
+        seq.hashes = []
+
+    # ------------------------------------------------------------------------------------------ indices
+    def slot_base(self, seq: SeqKV, positions: range, group: int) -> list[int]:
+        """Flat slot base (page * page_stride + offset) for each position; add the layer/K|V offset later."""
+        bs, stride, table = self.layout.block_size, self.page_stride, seq.tables[group]
+        return [table[p // bs] * stride + p % bs for p in positions]
+
+    def layer_offset(self, layer: int, kv: int) -> int:
+        return (self.layout.layer_slot[layer] * 2 + kv) * self.layout.block_size
+
+    def bytes_held(self, seq: SeqKV) -> int:
+        return len(seq.held_blocks()) * self.layout.page_bytes(self.dtype)

@@ -1,0 +1,307 @@
+"""The engine: one loop thread that owns the model and the KV cache; token ids in, token ids out.
+
+Contract: ``Engine.submit(prompt_ids, params, kv=handle)`` is safe from any thread and returns a
+:class:`GenerationStream` at once. The loop thread alone touches the model, the pages and the block tables;
+everything else reaches it through a queue of commands (submit, cancel wake-ups, fork, release). The engine knows
+nothing about text, chats or sessions; a ``KVHandle`` is how a caller keeps a sequence's KV between requests.
+
+Example::
+
+    with gs.Engine(model, kv_cache_bytes=256 << 20) as engine:
+        out = engine.submit(model.tokenizer.encode("Hi", add_bos=True), gs.SamplingParams(max_tokens=8)).result()
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..cache.kv import KVLayout, PagedKVCache
+from ..errors import CapacityError, ContextLengthError, EngineClosedError, InvalidRequestError
+from ..generate import stop_token_ids
+from ..sampling import SamplingParams
+from .request import GenerationOutput, GenerationStream, KVHandle, Request, State
+from .runner import run_step
+from .scheduler import Scheduler
+
+log = logging.getLogger("gemma_sessions.engine")
+
+
+def default_kv_cache_bytes(device: torch.device) -> int:
+    """A sane default budget: a quarter of available memory, between 256 MiB and 8 GiB."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        try:
+            import psutil
+
+            free = psutil.virtual_memory().available
+        except ImportError:
+            free = 4 << 30
+    return int(min(max(free // 4, 256 << 20), 8 << 30))
+
+
+class Engine:
+    """Continuous-batching generation over a paged KV cache (see the module docstring).
+
+    Args:
+        model: a loaded :class:`~gemma_sessions.loading.Model`.
+        kv_cache_bytes: KV budget in bytes (default: a quarter of free memory, 256 MiB .. 8 GiB).
+        max_batch: most sequences advanced together in one step.
+        block_size: tokens per KV page.
+        max_batched_tokens: tokens computed per step at most (the prefill chunk budget).
+        kv_dtype: dtype of stored K/V (default: the model's compute dtype).
+    """
+
+    def __init__(self, model, kv_cache_bytes: int | None = None, max_batch: int = 64, block_size: int = 16,
+                 max_batched_tokens: int = 512, kv_dtype: torch.dtype | None = None):
+        if max_batch < 1 or block_size < 1 or max_batched_tokens < 1:
+            raise InvalidRequestError("max_batch, block_size and max_batched_tokens must be >= 1")
+        self.model = model
+        self.max_context = model.config.max_position_embeddings
+        layout = KVLayout.for_config(model.config, block_size)
+        dtype = kv_dtype or model.net.dtype
+        budget = kv_cache_bytes or default_kv_cache_bytes(model.device)
+        num_blocks = budget // layout.page_bytes(dtype)
+        if num_blocks < layout.num_groups * 2:
+            raise InvalidRequestError(f"kv_cache_bytes={budget} holds only {num_blocks} pages")
+        self.cache = PagedKVCache(layout, num_blocks, dtype, model.device)
+        self.scheduler = Scheduler(self.cache, max_batch, max_batched_tokens, self._fail)
+        self._stop_ids = stop_token_ids(model)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self._error: BaseException | None = None
+        self._counters = {"steps": 0, "prefill_tokens": 0, "generated_tokens": 0, "requests": 0,
+                          "failed": 0, "cancelled": 0, "busy_s": 0.0}
+        self._started = time.perf_counter()
+        self._thread = threading.Thread(target=self._loop, name="gemma-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------------------ public API
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+               kv: KVHandle | None = None) -> GenerationStream:
+        """Queue a generation; returns its stream at once. Thread-safe."""
+        params = params or SamplingParams()
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty")
+        if len(prompt) >= self.max_context:
+            raise ContextLengthError(f"prompt has {len(prompt)} tokens; the context is {self.max_context}")
+        vocab = self.model.config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise InvalidRequestError(f"token ids must be in [0, {vocab})")
+        req = Request(prompt, params, self._stop_ids, kv, self.max_context)
+        if kv is not None:
+            if kv.busy:
+                raise InvalidRequestError("this KV handle is already in use by a running request")
+            kv.busy = True
+        self._send(("submit", req))
+        return GenerationStream(req, self._wake)
+
+    def new_kv(self) -> KVHandle:
+        """A handle that keeps a sequence's KV between requests (a session's cache)."""
+        return KVHandle()
+
+    def fork_kv(self, handle: KVHandle) -> KVHandle:
+        """A new handle sharing ``handle``'s cached blocks (copy on write). Thread-safe; waits for the loop."""
+        return self._call(lambda: self._fork(handle))
+
+    def release_kv(self, handle: KVHandle) -> None:
+        """Drop a handle's KV (its full blocks stay in the prefix cache until evicted)."""
+        self._send(("call", (self._release, handle, None)))
+
+    def kv_tokens(self, handle: KVHandle) -> int:
+        """Tokens whose KV the handle holds now."""
+        return self._call(lambda: handle.seq.num_computed if handle.seq is not None else 0)
+
+    def stats(self) -> dict:
+        """Engine-wide statistics (a consistent snapshot taken on the loop thread)."""
+        return self._call(self._stats)
+
+    def close(self) -> None:
+        """Stop the loop; pending requests fail with EngineClosedError. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._inbox.put(("close", None))
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------------ plumbing
+    def _send(self, msg: tuple) -> None:
+        if self._closed or self._error is not None:
+            raise EngineClosedError("the engine is closed" if self._error is None else f"engine died: {self._error}")
+        self._inbox.put(msg)
+
+    def _wake(self) -> None:
+        self._inbox.put(("wake", None))
+
+    def _call(self, fn: Callable[[], object]):
+        if threading.current_thread() is self._thread:
+            return fn()
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._send(("call", (fn, None, fut)))
+        return fut.result()
+
+    def _fork(self, handle: KVHandle) -> KVHandle:
+        child = KVHandle()
+        if handle.seq is not None:
+            child.seq = self.cache.fork(handle.seq)
+            self.scheduler.park(child, child.seq)
+        return child
+
+    def _release(self, handle: KVHandle) -> None:
+        self.scheduler.parked.pop(handle.id, None)
+        if handle.seq is not None and not handle.busy:
+            self.cache.free(handle.seq)
+            handle.seq = None
+
+    # ------------------------------------------------------------------------------------------ loop thread
+    def _loop(self) -> None:
+        try:
+            while True:
+                if not self._drain(block=not (self.scheduler.running or self.scheduler.waiting)):
+                    break
+                self._step()
+        except BaseException as exc:  # the loop must never die silently: fail everyone, refuse new work
+            log.exception("engine loop died")
+            self._error = exc
+            self._closed = True
+            self._fail_all(EngineClosedError(f"engine loop died: {exc!r}"))
+            return
+        self._fail_all(EngineClosedError("the engine was closed"))
+
+    def _drain(self, block: bool) -> bool:
+        """Handle queued commands; returns False when the engine should stop."""
+        while True:
+            try:
+                kind, value = self._inbox.get() if block else self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+            block = False
+            if kind == "close":
+                return False
+            if kind == "submit":
+                self._counters["requests"] += 1
+                self.scheduler.waiting.append(value)
+            elif kind == "call":
+                fn, arg, fut = value
+                try:
+                    result = fn(arg) if arg is not None else fn()
+                except BaseException as exc:  # reported to the caller, the loop goes on
+                    if fut is not None:
+                        fut.set_exception(exc)
+                else:
+                    if fut is not None:
+                        fut.set_result(result)
+
+    def _step(self) -> None:
+        sched = self.scheduler
+        self._reap_cancelled()
+        sched.admit()
+        work = sched.schedule()
+        if not work:
+            return
+        t0 = time.perf_counter()
+        logits = run_step(self.model.net, self.cache, [item for _, item in work])
+        row = 0
+        for req, item in work:
+            self.cache.commit(item.seq, item.num_tokens)
+            req.computed += item.num_tokens
+            self._counters["prefill_tokens"] += item.num_tokens if item.num_tokens > 1 else 0
+            if item.want_logits:
+                self._sample(req, logits[row])
+                row += 1
+        self._counters["steps"] += 1
+        self._counters["busy_s"] += time.perf_counter() - t0
+
+    def _sample(self, req: Request, logits: torch.Tensor) -> None:
+        token = req.sampler(logits)
+        now = time.perf_counter()
+        if not req.t_first:
+            req.t_first = now
+        if token in req.stop_ids:
+            self._finish(req, "stop")
+            return
+        req.output.append(token)
+        req.seq.tokens.append(token)
+        self._counters["generated_tokens"] += 1
+        req.emit(("token", token))
+        if len(req.output) >= req.params.max_tokens or len(req.seq.tokens) >= req.max_context:
+            self._finish(req, "length")
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.t_done = time.perf_counter()
+        req.finish_reason = reason
+        self.scheduler.remove(req)
+        self._retire(req)
+        req.state = State.DONE
+        req.emit(("done", GenerationOutput(token_ids=list(req.output), finish_reason=reason, stats=req.stats())))
+
+    def _retire(self, req: Request) -> None:
+        """Park the request's KV in its handle (a session keeps it between turns) or free it."""
+        seq, req.seq = req.seq, None
+        if req.handle is not None:
+            req.handle.busy = False
+            if seq is not None:
+                self.scheduler.park(req.handle, seq)
+        elif seq is not None:
+            self.cache.free(seq)
+
+    def _fail(self, req: Request, exc: BaseException) -> None:
+        self._counters["failed"] += 1
+        self.scheduler.remove(req)
+        req.t_done = time.perf_counter()
+        self._retire(req)
+        req.state = State.DONE
+        req.emit(("error", exc))
+
+    def _reap_cancelled(self) -> None:
+        sched = self.scheduler
+        for req in [r for r in (*sched.running, *sched.waiting) if r.cancelled]:
+            self._counters["cancelled"] += 1
+            if req.seq is not None:
+                req.seq.tokens = req.seq.tokens[:req.seq.num_computed]  # never park uncomputed tokens
+            self._finish(req, "cancelled")
+
+    def _fail_all(self, exc: BaseException) -> None:
+        sched = self.scheduler
+        for req in [*sched.running, *sched.waiting]:
+            self._fail(req, exc)
+        while True:
+            try:
+                kind, value = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "submit":
+                value.emit(("error", exc))
+            elif kind == "call" and value[2] is not None:
+                value[2].set_exception(exc)
+
+    def _stats(self) -> dict:
+        pool, c, sched = self.cache.pool, self.cache, self.scheduler
+        elapsed = time.perf_counter() - self._started
+        return {
+            "running": len(sched.running), "waiting": len(sched.waiting), "parked": len(sched.parked),
+            "blocks_total": pool.num_blocks, "blocks_used": pool.num_used, "blocks_free": pool.num_free,
+            "blocks_cached": pool.num_cached, "block_size": c.layout.block_size,
+            "kv_bytes_total": pool.num_blocks * c.layout.page_bytes(c.dtype),
+            "kv_bytes_used": pool.num_used * c.layout.page_bytes(c.dtype),
+            "prefix_queried_tokens": c.prefix_queried_tokens, "prefix_hit_tokens": c.prefix_hit_tokens,
+            "prefix_hit_rate": c.prefix_hit_tokens / c.prefix_queried_tokens if c.prefix_queried_tokens else 0.0,
+            "cache_block_evictions": pool.evictions, "session_kv_evictions": sched.parked_evictions,
+            "preemptions": sched.preemptions,
+            "generated_tokens_per_s": self._counters["generated_tokens"] / elapsed if elapsed else 0.0,
+            **self._counters,
+        }

@@ -1,0 +1,188 @@
+"""One generation request, its per-request statistics, and the client-side stream over its tokens.
+
+Contract: the engine thread fills a request's event queue (``("token", id)``, then one ``("done", output)`` or
+``("error", exc)``); any other thread consumes it through :class:`GenerationStream`. Closing the stream (or
+``cancel()``) marks the request cancelled; the engine frees its slot at its next step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+from ..errors import RequestCancelledError
+from ..sampling import Sampler, SamplingParams
+
+_ids = itertools.count(1)
+
+
+class State(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    DONE = "done"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RequestStats:
+    """What one request cost. ``cached_tokens + prefilled_tokens == prompt_tokens + recomputed_tokens``."""
+
+    prompt_tokens: int
+    cached_tokens: int        # prompt tokens whose KV was already there (session's own or the prefix cache)
+    prefilled_tokens: int     # prompt tokens computed by this request
+    generated_tokens: int
+    recomputed_tokens: int    # tokens computed again after a preemption
+    preemptions: int
+    queued_s: float
+    ttft_s: float             # submit -> first generated token
+    decode_tokens_per_s: float
+    total_s: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerationOutput:
+    token_ids: list[int]
+    finish_reason: str        # "stop" | "length" | "cancelled"
+    stats: RequestStats
+
+
+class KVHandle:
+    """A session's KV between turns (opaque to callers; only the engine thread touches ``seq``)."""
+
+    __slots__ = ("id", "seq", "busy", "evictions", "__weakref__")
+
+    def __init__(self) -> None:
+        self.id = next(_ids)
+        self.seq = None      # SeqKV while parked or running; None when dropped
+        self.busy = False    # a request is using it
+        self.evictions = 0   # times its KV was dropped under memory pressure
+
+
+class Request:
+    """Engine-side state of one generation (mutated only by the engine thread, except ``cancelled``)."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams, stop_ids: set[int], handle: KVHandle | None,
+                 max_context: int):
+        self.id = next(_ids)
+        self.prompt = prompt
+        self.params = params
+        self.sampler = Sampler(params)
+        self.stop_ids = set() if params.ignore_eos else stop_ids
+        self.handle = handle
+        self.max_context = max_context
+        self.seq = None
+        self.state = State.WAITING
+        self.output: list[int] = []
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.cancelled = False
+        self.cached_tokens = -1  # set at first admission
+        self.computed = 0        # tokens computed by this request (prompt and recomputation)
+        self.preemptions = 0
+        self.t_submit = time.perf_counter()
+        self.t_admit = 0.0
+        self.t_first = 0.0
+        self.t_done = 0.0
+        self.finish_reason = ""
+        self.listener: Callable[[tuple], None] | None = None  # optional push callback (asyncio bridge)
+
+    def emit(self, event: tuple) -> None:
+        self.events.put(event)
+        if self.listener is not None:
+            self.listener(event)
+
+    def stats(self) -> RequestStats:
+        n = len(self.output)
+        cached = max(self.cached_tokens, 0)
+        decode_s = self.t_done - self.t_first if self.t_first else 0.0
+        prefilled = min(self.computed, len(self.prompt) - cached)
+        return RequestStats(
+            prompt_tokens=len(self.prompt), cached_tokens=cached, prefilled_tokens=prefilled,
+            generated_tokens=n, recomputed_tokens=max(0, self.computed - prefilled - max(n - 1, 0)),
+            preemptions=self.preemptions, queued_s=max(0.0, self.t_admit - self.t_submit),
+            ttft_s=(self.t_first - self.t_submit) if self.t_first else 0.0,
+            decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+            total_s=self.t_done - self.t_submit)
+
+
+class GenerationStream:
+    """Iterate the generated token ids of one request; ``result()`` waits for the end.
+
+    Example::
+
+        stream = engine.submit(prompt_ids, gs.SamplingParams(temperature=0, max_tokens=32))
+        for token_id in stream: ...
+        out = stream.result()          # GenerationOutput(token_ids, finish_reason, stats)
+    """
+
+    def __init__(self, request: Request, wake: Callable[[], None]):
+        self._request = request
+        self._wake = wake
+        self._output: GenerationOutput | None = None
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def request_id(self) -> int:
+        return self._request.id
+
+    def __iter__(self) -> Iterator[int]:
+        while True:
+            kind, value = self._next_event()
+            if kind == "token":
+                yield value
+            elif kind == "done":
+                return
+
+    def _next_event(self) -> tuple[str, object]:
+        if self._output is not None:
+            return ("done", self._output)
+        if self._error is not None:
+            raise self._error
+        kind, value = self._request.events.get()
+        if kind == "done":
+            self._output = value
+        elif kind == "error":
+            self._error = value
+            raise value
+        return kind, value
+
+    def result(self, timeout: float | None = None) -> GenerationOutput:
+        """Wait for the request to finish; returns its output or raises its error."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self._output is None:
+                if self._error is not None:
+                    raise self._error
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    kind, value = self._request.events.get(timeout=left)
+                except queue.Empty:
+                    raise TimeoutError("generation still running") from None
+                if kind == "done":
+                    self._output = value
+                elif kind == "error":
+                    self._error = value
+            return self._output
+
+    def cancel(self) -> None:
+        """Stop generating; the engine frees the slot at its next step. Idempotent."""
+        if not self._request.cancelled:
+            self._request.cancelled = True
+            self._wake()
+
+    close = cancel
+
+    def __enter__(self) -> GenerationStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._output is None:
+            self.cancel()
+
+
+def cancelled_error() -> RequestCancelledError:
+    return RequestCancelledError("the generation was cancelled")

@@ -1,0 +1,132 @@
+"""Runs one scheduled step through the model over the paged KV cache.
+
+Contract: ``run_step(net, cache, work)`` takes the step's work items (sequence, number of new tokens, whether to
+return logits for its last token) and returns float32 logits ``[R, vocab]`` for the rows that asked. Tokens of all
+sequences are flattened into one ``[N]`` batch so every projection is one matrix product; attention goes through
+:class:`PagedBatch`:
+
+    flattened tokens:  [ d0 d1 d2 ... (one per decoding sequence) | p0 p0 p0 p0 | p1 p1 ... (prefill chunks) ]
+    decode rows   -> one padded, masked attention over each row's visible keys (gathered from pages)
+    prefill chunk -> its own causal (and windowed) attention
+
+NOTE: decode rows come first so they share one batched attention; a prefill chunk is attended on its own because
+its queries see different key ranges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..cache.kv import PagedKVCache, SeqKV
+from ..models.gemma import GemmaModel, attention, visibility_mask
+
+
+@dataclasses.dataclass(kw_only=True)
+class WorkItem:
+    seq: SeqKV
+    num_tokens: int
+    want_logits: bool
+
+
+class PagedBatch:
+    """The ``KVBatch`` the model's layers call for one step: writes new K/V to pages, attends over pages."""
+
+    def __init__(self, cache: PagedKVCache, items: list[WorkItem], scale: float, softcap: float | None):
+        self.cache, self.scale, self.softcap = cache, scale, softcap
+        lay = cache.layout
+        dev = cache.device
+        self.n_decode = 0  # leading single-token items share one batched attention
+        while self.n_decode < len(items) and items[self.n_decode].num_tokens == 1:
+            self.n_decode += 1
+        self.write = []   # per group: LongTensor [N]
+        self.decode = []  # per group: (index [B, L], mask [B, 1, L]) or None
+        self.prefill = []  # per group: list of (row start, row end, index [L], mask [T, L])
+        for g in range(lay.num_groups):
+            write: list[int] = []
+            for it in items:
+                s = it.seq.num_computed
+                write += cache.slot_base(it.seq, range(s, s + it.num_tokens), g)
+            self.write.append(torch.tensor(write, dtype=torch.long, device=dev))
+            self.decode.append(self._decode_index(items[:self.n_decode], g))
+            self.prefill.append(self._prefill_index(items, g))
+
+    def _decode_index(self, items: list[WorkItem], g: int):
+        if not items:
+            return None
+        cache, lay = self.cache, self.cache.layout
+        rows = []
+        for it in items:
+            pos = it.seq.num_computed  # the new token's position
+            rows.append(cache.slot_base(it.seq, range(lay.first_visible(g, pos), pos + 1), g))
+        width = max(len(r) for r in rows)
+        index = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), 1, width, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            index[i, :len(r)] = torch.tensor(r)
+            mask[i, 0, :len(r)] = True
+        return index.to(cache.device), mask.to(cache.device)
+
+    def _prefill_index(self, items: list[WorkItem], g: int):
+        cache, lay = self.cache, self.cache.layout
+        out, row = [], 0
+        for i, it in enumerate(items):
+            if i >= self.n_decode:
+                s, t = it.seq.num_computed, it.num_tokens
+                lo = lay.first_visible(g, s)
+                keys = range(lo, s + t)
+                window = lay.window if lay.group_kinds[g] == "sliding" else None
+                mask = visibility_mask(torch.arange(s, s + t), torch.arange(lo, s + t), window)
+                index = torch.tensor(cache.slot_base(it.seq, keys, g), dtype=torch.long)
+                out.append((row, row + t, index.to(cache.device), mask.to(cache.device)))
+            row += it.num_tokens
+        return out
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        cache = self.cache
+        g = cache.layout.layer_group[layer]
+        off_k, off_v = cache.layer_offset(layer, 0), cache.layer_offset(layer, 1)
+        flat = cache.flat
+        flat.index_copy_(0, self.write[g] + off_k, k.to(flat.dtype))
+        flat.index_copy_(0, self.write[g] + off_v, v.to(flat.dtype))
+        outs = []
+        hkv, d = flat.shape[1], flat.shape[2]
+        if self.decode[g] is not None:
+            index, mask = self.decode[g]
+            b, width = index.shape
+            keys = flat.index_select(0, (index + off_k).view(-1)).view(b, width, hkv, d).transpose(1, 2)
+            vals = flat.index_select(0, (index + off_v).view(-1)).view(b, width, hkv, d).transpose(1, 2)
+            out = attention(q[:b, :, None].to(keys.dtype), keys, vals, mask, self.scale, self.softcap)
+            outs.append(out[:, :, 0])
+        for start, end, index, mask in self.prefill[g]:
+            keys = flat.index_select(0, index + off_k).transpose(0, 1)[None]
+            vals = flat.index_select(0, index + off_v).transpose(0, 1)[None]
+            out = attention(q[start:end].transpose(0, 1)[None].to(keys.dtype), keys, vals, mask[None],
+                            self.scale, self.softcap)
+            outs.append(out[0].transpose(0, 1))
+        return torch.cat(outs).to(q.dtype) if len(outs) > 1 else outs[0].to(q.dtype)
+
+
+@torch.inference_mode()
+def run_step(net: GemmaModel, cache: PagedKVCache, items: list[WorkItem]) -> torch.Tensor:
+    """Compute one step; returns logits [R, vocab] for the items with ``want_logits`` (in order).
+
+    Single-token items (decode rows) should come first: the leading run of them is attended as one batch. The caller commits the
+    tokens (``cache.commit``) after this returns.
+    """
+    dev = cache.device
+    ids, pos, rows = [], [], []
+    row = 0
+    for it in items:
+        s = it.seq.num_computed
+        ids += it.seq.tokens[s:s + it.num_tokens]
+        pos += range(s, s + it.num_tokens)
+        row += it.num_tokens
+        if it.want_logits:
+            rows.append(row - 1)
+    batch = PagedBatch(cache, items, net.layers[0].attn.scale, net.config.attn_logit_softcapping)
+    h = net.hidden(torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, device=dev), batch)
+    if not rows:
+        return torch.empty(0, net.config.vocab_size)
+    return net.logits(h[torch.tensor(rows, device=dev)])

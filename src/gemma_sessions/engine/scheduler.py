@@ -1,0 +1,155 @@
+"""Continuous batching: which requests advance in the next step, by how many tokens, and who gives way.
+
+Contract: ``Scheduler.schedule()`` returns the step's work (decode rows first, then prefill chunks) with KV pages
+already allocated. Every running request that is decoding advances by one token each step; prompts are
+prefilled in chunks of at most ``max_batched_tokens`` tokens per step in total, so one long prompt cannot stall
+the others; requests join (``admit``) and leave (``finish``) between steps.
+
+NOTE: like vLLM v1 there are no separate prefill and decode phases: a request simply has ``len(tokens) -
+num_computed`` tokens left to compute, and each step gives every running request as many as the budget allows.
+
+Memory pressure, in order: (1) the pool reuses unreferenced cached blocks (LRU) by itself; (2) parked sessions'
+KV (idle, between turns) is dropped, least recently used first; (3) the newest running request is preempted
+(its blocks go back to the prefix cache, it re-queues and recomputes). A request that cannot fit even alone fails
+with ``CapacityError``; the others keep running.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+
+from ..cache.kv import PagedKVCache
+from ..errors import CapacityError
+from .request import KVHandle, Request, State
+from .runner import WorkItem
+
+
+class Scheduler:
+    def __init__(self, cache: PagedKVCache, max_batch: int, max_batched_tokens: int,
+                 fail: Callable[[Request, BaseException], None]):
+        self.cache = cache
+        self.max_batch = max_batch
+        self.max_batched_tokens = max_batched_tokens
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self.parked: collections.OrderedDict[int, KVHandle] = collections.OrderedDict()  # LRU of idle sessions
+        self._fail = fail
+        self.preemptions = 0
+        self.parked_evictions = 0
+
+    # ------------------------------------------------------------------------------------------ admission
+    def admit(self) -> None:
+        """Move waiting requests into the running batch while there is room."""
+        while self.waiting and len(self.running) < self.max_batch:
+            req = self.waiting[0]
+            if self.cache.layout.blocks_needed(min(len(req.prompt) + req.params.max_tokens, req.max_context)) \
+                    > self.cache.num_blocks:
+                self.waiting.popleft()
+                self._fail(req, CapacityError(
+                    f"request of {len(req.prompt)} prompt + {req.params.max_tokens} new tokens can never fit "
+                    f"the KV cache ({self.cache.num_blocks} blocks of {self.cache.layout.block_size} tokens)"))
+                continue
+            if self.running and self.cache.pool.num_free < self._first_chunk_blocks(req):
+                break  # let running requests finish first; nothing else to admit until memory frees up
+            self.waiting.popleft()
+            self._start(req)
+            self.running.append(req)
+
+    def _first_chunk_blocks(self, req: Request) -> int:
+        return self.cache.layout.blocks_needed(min(len(req.prompt), self.max_batched_tokens))
+
+    def _start(self, req: Request) -> None:
+        cache, handle = self.cache, req.handle
+        tokens = req.prompt + req.output  # after a preemption, what was generated is recomputed too
+        seq = None
+        if handle is not None:
+            self.parked.pop(handle.id, None)
+            seq, handle.seq = handle.seq, None
+        if seq is not None:
+            n = seq.num_computed
+            if len(tokens) > n and tokens[:n] == seq.tokens[:n]:
+                seq.tokens = tokens  # a continuation: only the new tokens are computed
+                seq.cached_at_start = n
+                cache.prefix_queried_tokens += len(tokens)
+                cache.prefix_hit_tokens += n
+            else:  # history diverged (truncation, edit): drop it; the prefix cache may still hold a prefix
+                cache.free(seq)
+                seq = None
+        if seq is None:
+            seq = cache.start(tokens)
+        req.seq = seq
+        if req.cached_tokens < 0:  # first admission (a preempted request keeps its original number)
+            req.cached_tokens = seq.cached_at_start
+        req.state = State.RUNNING
+
+    # ------------------------------------------------------------------------------------------ scheduling
+    def schedule(self) -> list[tuple[Request, WorkItem]]:
+        """Allocate and return this step's work: [(request, item)], single-token items first."""
+        budget = self.max_batched_tokens
+        work: list[tuple[Request, WorkItem]] = []
+        for req in list(self.running):
+            if req.state is not State.RUNNING:
+                continue
+            seq = req.seq
+            left = len(seq.tokens) - seq.num_computed
+            n = min(left, budget) if left > 1 else left
+            if n <= 0:
+                continue
+            if not self._allocate(req, n):
+                continue
+            budget -= n
+            work.append((req, WorkItem(seq=seq, num_tokens=n, want_logits=seq.num_computed + n == len(seq.tokens))))
+            if budget <= 0:
+                break
+        work.sort(key=lambda w: w[1].num_tokens != 1)  # stable: decode rows first
+        return work
+
+    def _allocate(self, req: Request, n: int) -> bool:
+        while True:
+            try:
+                self.cache.allocate(req.seq, n)
+                return True
+            except CapacityError:
+                if self._evict_parked():
+                    continue
+                victim = self.running[-1]
+                if victim is req:
+                    if len(self.running) == 1:
+                        self._fail(req, CapacityError("the request no longer fits the KV cache"))
+                    else:
+                        self.preempt(req)
+                    return False
+                self.preempt(victim)
+
+    def _evict_parked(self) -> bool:
+        while self.parked:
+            _, handle = self.parked.popitem(last=False)
+            if handle.seq is not None:
+                self.cache.free(handle.seq)
+                handle.seq = None
+                handle.evictions += 1
+                self.parked_evictions += 1
+                return True
+        return False
+
+    def preempt(self, req: Request) -> None:
+        """Send a running request back to the front of the queue; its KV goes to the prefix cache."""
+        self.running.remove(req)
+        self.cache.free(req.seq)
+        req.seq = None
+        req.state = State.WAITING
+        req.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(req)
+
+    def remove(self, req: Request) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+
+    def park(self, handle: KVHandle, seq) -> None:
+        handle.seq = seq
+        self.parked[handle.id] = handle
+        self.parked.move_to_end(handle.id)

@@ -1,0 +1,77 @@
+"""Tiny configs and helpers shared by tests and benchmarks (random weights; never a real checkpoint).
+
+Contract: ``tiny_hf_config(arch)`` is a transformers-style ``config.json`` dict for a small random model of each
+architecture with a sliding window shorter than the test sequences; ``random_tensors(config, seed)`` gives canonical
+tensors for :class:`~gemma_sessions.models.gemma.GemmaModel` without transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ModelConfig
+from .models.weights import expected_shapes
+
+TINY_VOCAB = 512
+
+
+def tiny_hf_config(arch: str, vocab_size: int = TINY_VOCAB) -> dict:
+    """A small config.json dict (model_type gemma | gemma2 | gemma3_text) with every quirk switched on."""
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, max_position_embeddings=256,
+                  bos_token_id=2, eos_token_id=1, pad_token_id=0, hidden_activation="gelu_pytorch_tanh",
+                  tie_word_embeddings=True)
+    if arch == "gemma":
+        return dict(common, model_type="gemma", num_hidden_layers=3, rope_theta=10000.0)
+    if arch == "gemma2":
+        return dict(common, model_type="gemma2", num_hidden_layers=4, sliding_window=8, rope_theta=10000.0,
+                    query_pre_attn_scalar=24, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+    if arch == "gemma3":
+        return dict(common, model_type="gemma3_text", num_hidden_layers=7, sliding_window=8, rope_theta=1e6,
+                    rope_local_base_freq=10000.0, query_pre_attn_scalar=16,
+                    rope_scaling={"rope_type": "linear", "factor": 8.0})
+    raise ValueError(arch)
+
+
+def tiny_config(arch: str) -> ModelConfig:
+    return ModelConfig.from_hf_config(tiny_hf_config(arch))
+
+
+def random_tensors(config: ModelConfig, seed: int = 0, std: float = 0.3) -> dict[str, torch.Tensor]:
+    """Random canonical tensors (norm weights random too, so the (1 + w) path is exercised)."""
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(shape, generator=g) * (std if len(shape) == 2 else 0.5)
+            for name, shape in expected_shapes(config).items()}
+
+
+def tiny_tokenizer(vocab_size: int = TINY_VOCAB):
+    """A real :class:`Tokenizer` over a small vocabulary: Gemma's control tokens, byte fallback, some letters."""
+    from .tokenizer import Tokenizer
+
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "\n"]
+    types = [3, 3, 3, 2, 3, 3, 4]
+    pieces += [f"<0x{b:02X}>" for b in range(256)]
+    types += [6] * 256
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+    extra = ["\u2581"] + letters + [f"\u2581{c}" for c in letters] + ["user", "model", "\u2581the", "er", "in"]
+    for piece in extra:
+        if len(pieces) < vocab_size:
+            pieces.append(piece)
+            types.append(1)
+    while len(pieces) < vocab_size:
+        pieces.append(f"<unused{len(pieces)}>")
+        types.append(5)
+    scores = [0.0 if t != 1 else -float(i) for i, t in enumerate(types)]
+    return Tokenizer(pieces, scores, types, bos_id=2, eos_id=1, pad_id=0, unk_id=3)
+
+
+def tiny_model(arch: str = "gemma3", seed: int = 0, weight_format: str = "float32"):
+    """A :class:`Model` with random weights of a tiny config and :func:`tiny_tokenizer` (for engine tests)."""
+    from pathlib import Path
+
+    from .loading import Model
+    from .models.gemma import GemmaModel
+
+    config = tiny_config(arch)
+    net = GemmaModel(config, random_tensors(config, seed), weight_format, torch.device("cpu")).eval()
+    return Model(net, tiny_tokenizer(config.vocab_size), Path(f"tiny-{arch}-{seed}"), 0.0)
