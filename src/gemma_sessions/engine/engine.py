@@ -120,6 +120,10 @@ class Engine:
         """Tokens whose KV the handle holds now."""
         return self._call(lambda: handle.seq.num_computed if handle.seq is not None else 0)
 
+    def kv_bytes(self, handle: KVHandle) -> int:
+        """Bytes of KV pages the handle holds now (shared pages counted in full)."""
+        return self._call(lambda: self.cache.bytes_held(handle.seq) if handle.seq is not None else 0)
+
     def stats(self) -> dict:
         """Engine-wide statistics (a consistent snapshot taken on the loop thread)."""
         return self._call(self._stats)

@@ -1,0 +1,7 @@
+"""The sessions layer: conversations as exact token ids on a shared engine."""
+
+from .conversation import Message
+from .manager import SessionManager
+from .session import Reply, Session, TurnStats
+
+__all__ = ["Message", "Reply", "Session", "SessionManager", "TurnStats"]

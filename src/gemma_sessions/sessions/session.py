@@ -1,0 +1,269 @@
+"""Session: one conversation on a shared engine, with its KV kept between turns.
+
+Contract: ``send`` / ``stream`` run one turn: render the user's message to token ids, submit history + turn to the
+engine with the session's KV handle (so only tokens not already cached are computed), stream text deltas, and
+append the turn to history only once it completed. Turns on one session are serialised in arrival order (FIFO);
+with ``wait=False`` a second concurrent turn raises ``SessionBusyError`` instead. All methods are thread-safe.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+from ..errors import GemmaSessionsError, SessionBusyError
+from ..sampling import SamplingParams, TextStream
+from .conversation import CONTEXT_POLICIES, Conversation, Message
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TurnStats:
+    prompt_tokens: int        # tokens the model saw for this turn (whole history + new turn)
+    cached_tokens: int        # of those, already in the KV cache (the session's own or a shared prefix)
+    prefilled_tokens: int     # computed for this turn
+    generated_tokens: int
+    ttft_s: float
+    decode_tokens_per_s: float
+    total_s: float
+    dropped_turns: int = 0    # turns removed by the truncate_oldest context policy
+    preemptions: int = 0
+    recomputed_tokens: int = 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Reply:
+    text: str
+    token_ids: list[int]
+    finish_reason: str        # "stop" | "length" | "cancelled"
+    stats: TurnStats
+
+
+class FifoLock:
+    """A lock granted in arrival order (threading.Lock makes no fairness promise)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queue: collections.deque[object] = collections.deque()
+
+    def acquire(self, blocking: bool = True) -> bool:
+        me = object()
+        with self._cond:
+            if not blocking and self._queue:
+                return False
+            self._queue.append(me)
+            while self._queue[0] is not me:
+                self._cond.wait()
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._queue.popleft()
+            self._cond.notify_all()
+
+    def locked(self) -> bool:
+        with self._cond:
+            return bool(self._queue)
+
+
+class Session:
+    """One conversation. Create through :meth:`SessionManager.create`.
+
+    Example::
+
+        s = manager.create(system="You are terse.", sampling=gs.SamplingParams(temperature=0, max_tokens=64))
+        reply = s.send("Hello")            # reply.text, reply.token_ids, reply.stats
+        for delta in s.stream("And then?"):
+            print(delta, end="")
+    """
+
+    def __init__(self, manager, *, system: str | None = None, sampling: SamplingParams | None = None,
+                 context_policy: str = "truncate_oldest", max_context: int | None = None,
+                 session_id: str | None = None, metadata: dict | None = None, created_at: float | None = None):
+        if context_policy not in CONTEXT_POLICIES:
+            from ..errors import InvalidRequestError
+
+            raise InvalidRequestError(f"context_policy must be one of {CONTEXT_POLICIES}")
+        self.manager = manager
+        self.engine = manager.engine
+        self.id = session_id or uuid.uuid4().hex  # 128 random bits: unguessable
+        self.created_at = created_at or time.time()
+        self.sampling = sampling or SamplingParams()
+        self.context_policy = context_policy
+        model_ctx = self.engine.max_context
+        self.max_context = min(max_context or model_ctx, model_ctx)
+        self.metadata = dict(metadata or {})
+        self.conversation = Conversation(self.engine.model.tokenizer, system)
+        self.kv = self.engine.new_kv()
+        self.turn_stats: list[TurnStats] = []
+        self._turn_lock = FifoLock()
+        self._data_lock = threading.Lock()
+        self.deleted = False
+
+    # ------------------------------------------------------------------------------------------ views
+    @property
+    def system(self) -> str | None:
+        return self.conversation.system
+
+    @property
+    def messages(self) -> list[Message]:
+        with self._data_lock:
+            return list(self.conversation.messages)
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Exactly the tokens the model has seen and produced, in order."""
+        with self._data_lock:
+            return self.conversation.token_ids
+
+    @property
+    def busy(self) -> bool:
+        return self._turn_lock.locked()
+
+    @property
+    def stats(self) -> dict:
+        with self._data_lock:
+            turns = list(self.turn_stats)
+            n_tokens = len(self.conversation.token_ids)
+        prompt = sum(t.prompt_tokens for t in turns)
+        cached = sum(t.cached_tokens for t in turns)
+        return {
+            "turns": len(turns), "tokens": n_tokens, "prompt_tokens": prompt, "cached_tokens": cached,
+            "prefilled_tokens": sum(t.prefilled_tokens for t in turns),
+            "generated_tokens": sum(t.generated_tokens for t in turns),
+            "cache_hit_rate": cached / prompt if prompt else 0.0,
+            "kv_tokens_held": self.engine.kv_tokens(self.kv), "kv_bytes_held": self.engine.kv_bytes(self.kv),
+            "evictions": self.kv.evictions, "dropped_turns": self.conversation.dropped_turns,
+            "ttft_s": [round(t.ttft_s, 4) for t in turns],
+            "decode_tokens_per_s": [round(t.decode_tokens_per_s, 1) for t in turns],
+        }
+
+    # ------------------------------------------------------------------------------------------ turns
+    def send(self, text: str, *, sampling: SamplingParams | None = None, wait: bool = True) -> Reply:
+        """Run one turn to completion and return the reply."""
+        stream = self.stream(text, sampling=sampling, wait=wait)
+        for _ in stream:
+            pass
+        return stream.reply
+
+    def stream(self, text: str, *, sampling: SamplingParams | None = None, wait: bool = True) -> TurnStream:
+        """Start a turn and iterate its text deltas; ``.reply`` holds the result once iteration ends.
+
+        Closing the iterator early cancels the turn (nothing is appended to the history).
+        """
+        if not self._turn_lock.acquire(blocking=wait):
+            raise SessionBusyError(f"session {self.id} is already running a turn")
+        try:
+            return TurnStream(self, text, sampling or self.sampling)
+        except BaseException:
+            self._turn_lock.release()
+            raise
+
+    async def astream(self, text: str, *, sampling: SamplingParams | None = None,
+                      wait: bool = True) -> AsyncIterator[str]:
+        """Async variant of :meth:`stream` (the engine work runs on its thread; deltas hop to the event loop)."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        stream = await loop.run_in_executor(None, lambda: self.stream(text, sampling=sampling, wait=wait))
+        try:
+            while True:
+                delta = await loop.run_in_executor(None, stream.next_delta)
+                if delta is None:
+                    return
+                yield delta
+        finally:
+            stream.close()
+
+    def _release_turn(self) -> None:
+        self._turn_lock.release()
+
+
+class TurnStream:
+    """Iterator of text deltas for one turn (holds the session's turn lock until it ends)."""
+
+    def __init__(self, session: Session, text: str, params: SamplingParams):
+        self.session = session
+        conv = session.conversation
+        with session._data_lock:
+            user = conv.user_message(text)
+            user, max_tokens, dropped = conv.fit(user, params.max_tokens, session.max_context,
+                                                 session.context_policy)
+            prompt = conv.prompt_for(user)
+        self.params = params.replace(max_tokens=max_tokens)
+        self._user, self._dropped = user, dropped
+        self._text = TextStream(conv.tokenizer, self.params.stop)
+        self._tokens: list[int] = []
+        self._engine_stream = session.engine.submit(prompt, self.params, kv=session.kv)
+        self._iter = iter(self._engine_stream)
+        self.reply: Reply | None = None
+        self._done = False
+
+    def __iter__(self) -> Iterator[str]:
+        while (delta := self.next_delta()) is not None:
+            yield delta
+
+    def next_delta(self) -> str | None:
+        """The next non-empty text delta, or None when the turn is over."""
+        try:
+            while not self._done:
+                try:
+                    token = next(self._iter)
+                except StopIteration:
+                    tail = self._text.finish()
+                    self._complete(self._engine_stream.result().finish_reason)
+                    return tail or None
+                self._tokens.append(token)
+                delta = self._text.feed(token)
+                if self._text.stopped:
+                    self._engine_stream.cancel()
+                    self._engine_stream.result()
+                    self._complete("stop")
+                    return delta or None
+                if delta:
+                    return delta
+            return None
+        except BaseException:
+            self._abort()
+            raise
+
+    def _complete(self, finish_reason: str) -> None:
+        s = self.session
+        out = self._engine_stream.result().stats
+        stats = TurnStats(prompt_tokens=out.prompt_tokens, cached_tokens=out.cached_tokens,
+                          prefilled_tokens=out.prefilled_tokens, generated_tokens=len(self._tokens),
+                          ttft_s=out.ttft_s, decode_tokens_per_s=out.decode_tokens_per_s, total_s=out.total_s,
+                          dropped_turns=self._dropped, preemptions=out.preemptions,
+                          recomputed_tokens=out.recomputed_tokens)
+        text = self._text.text
+        if finish_reason != "cancelled":
+            with s._data_lock:
+                s.conversation.append_turn(self._user, text, self._tokens)
+                s.turn_stats.append(stats)
+            s.manager._turn_completed(s, self._user, stats)
+        self.reply = Reply(text=text, token_ids=list(self._tokens), finish_reason=finish_reason, stats=stats)
+        self._finish()
+
+    def _abort(self) -> None:
+        if not self._done:
+            self._engine_stream.cancel()
+            try:  # wait until the engine has let go of the session's KV handle (at its next step)
+                self._engine_stream.result(timeout=60)
+            except (GemmaSessionsError, TimeoutError):
+                pass
+            self._finish()
+
+    def _finish(self) -> None:
+        if not self._done:
+            self._done = True
+            self.session._release_turn()
+
+    def close(self) -> None:
+        """Cancel the turn if it is still running (nothing is added to the history)."""
+        self._abort()
+
+    def __del__(self) -> None:
+        self._abort()
