@@ -76,13 +76,14 @@ class KVLayout:
             return max(0, pos - self.window + 1)  # keys k > pos - window (transformers' sliding overlay)
         return 0
 
-    def blocks_needed(self, num_tokens: int) -> int:
-        """Pages one sequence of ``num_tokens`` holds at most at once (sliding groups keep only a window)."""
+    def blocks_needed(self, num_tokens: int, chunk: int = 1) -> int:
+        """Pages one sequence of ``num_tokens`` holds at most at once when computed ``chunk`` tokens at a time
+        (a sliding group keeps its window plus the chunk being written; a full group keeps everything)."""
         bs = self.block_size
         total = 0
         for kind in self.group_kinds:
             if kind == SLIDING:
-                total += min(math.ceil(num_tokens / bs), (self.window + bs - 1) // bs + 1)
+                total += min(math.ceil(num_tokens / bs), (self.window + chunk + bs - 1) // bs + 1)
             else:
                 total += math.ceil(num_tokens / bs)
         return total

@@ -43,8 +43,8 @@ class Scheduler:
         """Move waiting requests into the running batch while there is room."""
         while self.waiting and len(self.running) < self.max_batch:
             req = self.waiting[0]
-            if self.cache.layout.blocks_needed(min(len(req.prompt) + req.params.max_tokens, req.max_context)) \
-                    > self.cache.num_blocks:
+            total = min(len(req.prompt) + req.params.max_tokens, req.max_context)
+            if self.cache.layout.blocks_needed(total, chunk=self.cache.layout.block_size) > self.cache.num_blocks:
                 self.waiting.popleft()
                 self._fail(req, CapacityError(
                     f"request of {len(req.prompt)} prompt + {req.params.max_tokens} new tokens can never fit "
@@ -57,7 +57,8 @@ class Scheduler:
             self.running.append(req)
 
     def _first_chunk_blocks(self, req: Request) -> int:
-        return self.cache.layout.blocks_needed(min(len(req.prompt), self.max_batched_tokens))
+        n = min(len(req.prompt), self.max_batched_tokens)
+        return self.cache.layout.blocks_needed(n, chunk=n)
 
     def _start(self, req: Request) -> None:
         cache, handle = self.cache, req.handle
@@ -93,10 +94,8 @@ class Scheduler:
                 continue
             seq = req.seq
             left = len(seq.tokens) - seq.num_computed
-            n = min(left, budget) if left > 1 else left
-            if n <= 0:
-                continue
-            if not self._allocate(req, n):
+            n = self._allocate(req, min(left, budget))
+            if n == 0:
                 continue
             budget -= n
             work.append((req, WorkItem(seq=seq, num_tokens=n, want_logits=seq.num_computed + n == len(seq.tokens))))
@@ -105,13 +104,21 @@ class Scheduler:
         work.sort(key=lambda w: w[1].num_tokens != 1)  # stable: decode rows first
         return work
 
-    def _allocate(self, req: Request, n: int) -> bool:
-        while True:
+    def _allocate(self, req: Request, n: int) -> int:
+        """Allocate pages for up to ``n`` tokens of ``req``; returns how many tokens got room (0: none).
+
+        Under pressure: drop idle sessions' KV first, then shrink a prefill chunk, then preempt the newest
+        running request (possibly ``req`` itself); a request alone that still cannot fit fails.
+        """
+        while n > 0:
             try:
                 self.cache.allocate(req.seq, n)
-                return True
+                return n
             except CapacityError:
                 if self._evict_parked():
+                    continue
+                if n > 1:
+                    n //= 2
                     continue
                 victim = self.running[-1]
                 if victim is req:
@@ -119,8 +126,10 @@ class Scheduler:
                         self._fail(req, CapacityError("the request no longer fits the KV cache"))
                     else:
                         self.preempt(req)
-                    return False
+                    return 0
                 self.preempt(victim)
+                n = 1
+        return 0
 
     def _evict_parked(self) -> bool:
         while self.parked:

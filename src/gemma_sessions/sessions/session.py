@@ -186,6 +186,7 @@ class TurnStream:
     """Iterator of text deltas for one turn (holds the session's turn lock until it ends)."""
 
     def __init__(self, session: Session, text: str, params: SamplingParams):
+        self._done = True  # until the engine request exists, there is nothing to cancel
         self.session = session
         conv = session.conversation
         with session._data_lock:

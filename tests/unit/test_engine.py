@@ -1,0 +1,179 @@
+"""Engine behaviour on tiny random models (float32): the correctness invariants of KV reuse and batching.
+
+Reference for every comparison: ``generate_tokens`` (one sequence, dense KV, no engine).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+import gemma_sessions as gs
+from gemma_sessions.cache.kv import KVLayout
+from gemma_sessions.engine import Engine
+from gemma_sessions.generate import generate_tokens
+from gemma_sessions.testing import tiny_model
+
+GREEDY = gs.SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", params=["gemma", "gemma2", "gemma3"])
+def model(request):
+    return tiny_model(request.param, seed=3)
+
+
+def _prompt(i: int, n: int = 30) -> list[int]:
+    g = torch.Generator().manual_seed(i)
+    return [2] + torch.randint(7, 400, (n,), generator=g).tolist()
+
+
+def _ref(model, prompt, params=GREEDY):
+    return list(generate_tokens(model, prompt, params))
+
+
+def test_batched_equals_alone(model):
+    prompts = [_prompt(i, 10 + 7 * i) for i in range(6)]
+    refs = [_ref(model, p) for p in prompts]
+    with Engine(model, kv_cache_bytes=4 << 20, block_size=4, max_batched_tokens=12) as e:
+        outs = [s.result().token_ids for s in [e.submit(p, GREEDY) for p in prompts]]
+    assert outs == refs
+
+
+def test_reuse_equals_recompute_across_turns(model):
+    """A KV handle reused over turns gives the tokens of a fresh computation of the whole history."""
+    with Engine(model, kv_cache_bytes=4 << 20, block_size=4) as e:
+        kv = e.new_kv()
+        history = _prompt(1, 13)
+        for turn in range(4):
+            out = e.submit(history, GREEDY, kv=kv).result()
+            assert out.token_ids == _ref(model, history)
+            if turn:
+                assert out.stats.cached_tokens >= len(history) - 20  # only the new tail was prefilled
+            assert out.stats.cached_tokens + out.stats.prefilled_tokens == out.stats.prompt_tokens
+            history = history + out.token_ids + _prompt(10 + turn, 5)[1:]
+
+
+def test_prefix_shared_across_sequences_is_computed_once(model):
+    system = _prompt(5, 40)
+    with Engine(model, kv_cache_bytes=4 << 20, block_size=4) as e:
+        first = e.submit(system + [9, 10, 11], GREEDY).result()
+        second = e.submit(system + [12, 13], GREEDY).result()
+        assert first.stats.cached_tokens == 0
+        assert second.stats.cached_tokens == (len(system) // 4) * 4  # block-aligned hit
+        assert second.token_ids == _ref(model, system + [12, 13])
+        assert e.stats()["prefix_hit_tokens"] >= second.stats.cached_tokens
+
+
+def test_fork_equals_fresh(model):
+    with Engine(model, kv_cache_bytes=4 << 20, block_size=4) as e:
+        kv = e.new_kv()
+        base = _prompt(2, 21)  # ends mid-block: the fork shares a partial block (copy on write)
+        out = e.submit(base, GREEDY, kv=kv).result()
+        child = e.fork_kv(kv)
+        a = base + out.token_ids + [20, 21, 22]
+        b = base + out.token_ids + [30, 31]
+        ra = e.submit(a, GREEDY, kv=kv).result()
+        rb = e.submit(b, GREEDY, kv=child).result()
+        assert ra.token_ids == _ref(model, a) and rb.token_ids == _ref(model, b)
+        assert rb.stats.cached_tokens == len(base) + len(out.token_ids) - 1
+
+
+def test_sliding_layers_keep_only_their_window():
+    model = tiny_model("gemma3", seed=4)  # window 8: 7 layers = 6 sliding + 1 full
+    layout = KVLayout.for_config(model.config, block_size=4)
+    assert layout.group_kinds.count("sliding") == 6 and layout.group_kinds.count("full") == 1
+    prompt = _prompt(3, 90)
+    with Engine(model, kv_cache_bytes=4 << 20, block_size=4, max_batched_tokens=16) as e:
+        kv = e.new_kv()
+        out = e.submit(prompt, GREEDY, kv=kv).result()
+        assert out.token_ids == _ref(model, prompt)
+        tokens = e.kv_tokens(kv)
+        held = e.kv_bytes(kv) // e.cache.layout.page_bytes(e.cache.dtype)
+    full_blocks = -(-tokens // 4)
+    window_blocks = 8 // 4 + 1
+    assert held <= full_blocks + 6 * (window_blocks + 1)
+    assert held < 7 * full_blocks / 2  # far less than keeping every layer's every token
+
+
+def test_prefix_reuse_works_with_sliding_window():
+    model = tiny_model("gemma3", seed=5)
+    shared = _prompt(6, 60)  # much longer than the window
+    with Engine(model, kv_cache_bytes=4 << 20, block_size=4) as e:
+        e.submit(shared + [7], GREEDY).result()
+        out = e.submit(shared + [8, 9], GREEDY).result()
+    assert out.stats.cached_tokens == 60
+    assert out.token_ids == _ref(model, shared + [8, 9])
+
+
+def test_never_fitting_request_fails_and_engine_keeps_serving(model):
+    with Engine(model, kv_cache_bytes=48 * 1024, block_size=4) as e:  # a few dozen pages
+        big = e.submit(_prompt(1, 200), GREEDY)
+        with pytest.raises(gs.CapacityError):
+            big.result()
+        small = e.submit(_prompt(2, 6), gs.SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+        assert small.result().token_ids == _ref(model, _prompt(2, 6), small._request.params)
+
+
+def test_memory_pressure_evicts_idle_sessions_then_recomputes(model):
+    layout = KVLayout.for_config(model.config, block_size=4)
+    page = layout.page_bytes(torch.float32)
+    params = gs.SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    with Engine(model, kv_cache_bytes=page * layout.blocks_needed(60) * 2, block_size=4) as e:
+        handles = [e.new_kv() for _ in range(4)]
+        histories = [_prompt(20 + i, 40) for i in range(4)]
+        for kv, h in zip(handles, histories):
+            e.submit(h, params, kv=kv).result()
+        assert e.stats()["session_kv_evictions"] > 0
+        evicted = [kv for kv in handles if kv.evictions]
+        kv = evicted[0]
+        h = histories[handles.index(kv)]
+        out = e.submit(h + [5, 6], params, kv=kv).result()
+        assert out.token_ids == _ref(model, h + [5, 6], params)
+        assert out.stats.prefilled_tokens > 2  # it had to recompute
+
+
+def test_cancel_frees_the_slot(model):
+    params = gs.SamplingParams(temperature=0, max_tokens=10_000 // 50, ignore_eos=True)
+    with Engine(model, kv_cache_bytes=4 << 20, block_size=4) as e:
+        stream = e.submit(_prompt(1, 10), params)
+        it = iter(stream)
+        next(it)
+        stream.cancel()
+        out = stream.result()
+        assert out.finish_reason == "cancelled"
+        deadline = time.time() + 5
+        while e.stats()["running"] and time.time() < deadline:
+            time.sleep(0.01)
+        st = e.stats()
+        assert st["running"] == 0 and st["blocks_used"] == 0
+
+
+def test_many_threads_submit_concurrently(model):
+    prompts = [_prompt(100 + i, 5 + i % 7) for i in range(24)]
+    refs = [_ref(model, p) for p in prompts]
+    results: dict[int, list[int]] = {}
+    with Engine(model, kv_cache_bytes=4 << 20, block_size=4, max_batch=8) as e:
+        def worker(i):
+            results[i] = e.submit(prompts[i], GREEDY).result().token_ids
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert e.stats()["blocks_used"] == 0
+    assert [results[i] for i in range(24)] == refs
+
+
+def test_bad_requests_raise_clear_errors(model):
+    with Engine(model, kv_cache_bytes=1 << 20, block_size=4) as e:
+        with pytest.raises(gs.InvalidRequestError):
+            e.submit([], GREEDY)
+        with pytest.raises(gs.InvalidRequestError):
+            e.submit([2, 10**9], GREEDY)
+        with pytest.raises(gs.ContextLengthError):
+            e.submit([2] * 10_000, GREEDY)
+    with pytest.raises(gs.EngineClosedError):
+        e.submit([2, 3], GREEDY)
