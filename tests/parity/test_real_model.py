@@ -174,7 +174,8 @@ def test_golden_greedy(real_model_f32, prompt):
     assert out == GOLDEN[prompt]
     for word in GOLDEN_WORDS[prompt]:
         assert word in text
-    assert text.isascii() and sum(c.isalpha() for c in text) > len(text) // 2
+    visible = [c for c in text if not c.isspace()]
+    assert text.isascii() and sum(c.isalpha() for c in visible) > len(visible) // 2  # English (or Python) text
 
 
 # ------------------------------------------------------------------------------------------------ 4. KV cache

@@ -286,3 +286,79 @@ class PagedKVCache:
 
     def bytes_held(self, seq: SeqKV) -> int:
         return len(seq.held_blocks()) * self.layout.page_bytes(self.dtype)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KVSnapshot:
+    """A copy of one sequence's KV, independent of page ids: what session files and the store save.
+
+    ``pages[g]`` is ``[n, layers_per_group, 2, block_size, kv_heads, head_dim]`` for the blocks group ``g`` still
+    holds and ``index[g]`` their block positions in the sequence (a sliding group holds only its window).
+    """
+
+    tokens: tuple[int, ...]          # the tokens whose KV is stored (num_computed of them)
+    block_size: int
+    group_kinds: tuple[str, ...]
+    pages: tuple[torch.Tensor, ...]
+    index: tuple[tuple[int, ...], ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.pages)
+
+
+def export_snapshot(cache: PagedKVCache, seq: SeqKV) -> KVSnapshot:
+    """Copy ``seq``'s KV out of the pages (to CPU)."""
+    pages, index = [], []
+    for table in seq.tables:
+        pos = tuple(i for i, b in enumerate(table) if b is not None)
+        ids = torch.tensor([table[i] for i in pos], dtype=torch.long, device=cache.device)
+        pages.append(cache.storage.index_select(0, ids).cpu())
+        index.append(pos)
+    return KVSnapshot(tokens=tuple(seq.tokens[:seq.num_computed]), block_size=cache.layout.block_size,
+                      group_kinds=cache.layout.group_kinds, pages=tuple(pages), index=tuple(index))
+
+
+def import_snapshot(cache: PagedKVCache, snap: KVSnapshot) -> SeqKV:
+    """A new sequence holding ``snap``'s KV in freshly allocated pages. Raises CapacityError unchanged."""
+    lay = cache.layout
+    if snap.block_size != lay.block_size or snap.group_kinds != lay.group_kinds:
+        raise ValueError("snapshot layout does not match this cache")
+    _check_snapshot(lay, snap)
+    need = sum(len(ix) for ix in snap.index)
+    if need > cache.pool.num_free:
+        raise CapacityError(f"restoring needs {need} KV blocks, {cache.pool.num_free} free")
+    seq = SeqKV(lay.num_groups)
+    n = snap.num_tokens
+    n_blocks = (n + lay.block_size - 1) // lay.block_size
+    for g, (pages, pos) in enumerate(zip(snap.pages, snap.index)):
+        ids = cache.pool.get_new_blocks(len(pos)) if pos else []
+        if ids:
+            cache.storage.index_copy_(0, torch.tensor(ids, device=cache.device),
+                                      pages.to(device=cache.device, dtype=cache.dtype))
+        table: list[int | None] = [None] * n_blocks
+        for p, b in zip(pos, ids):
+            table[p] = b
+        seq.tables[g] = table
+    seq.tokens = list(snap.tokens)
+    seq.num_computed = 0
+    cache.commit(seq, n)  # registers the full blocks in the prefix cache
+    return seq
+
+
+def _check_snapshot(lay: KVLayout, snap: KVSnapshot) -> None:
+    """Refuse a snapshot whose pages would leave a visible position without KV (or have the wrong shape)."""
+    bs, n = lay.block_size, snap.num_tokens
+    n_blocks = (n + bs - 1) // bs
+    shape = (lay.layers_per_group, 2, bs, lay.num_kv_heads, lay.head_dim)
+    for g, (pages, pos) in enumerate(zip(snap.pages, snap.index)):
+        if tuple(pages.shape[1:]) != shape or pages.shape[0] != len(pos):
+            raise ValueError(f"group {g}: pages of shape {tuple(pages.shape)}, expected [{len(pos)}, *{shape}]")
+        first = lay.first_visible(g, n) // bs if lay.group_kinds[g] == SLIDING else 0
+        if n and set(range(first, n_blocks)) - set(pos):
+            raise ValueError(f"group {g}: the snapshot lacks blocks a next token must see")
+        if any(p < 0 or p >= n_blocks for p in pos):
+            raise ValueError(f"group {g}: block positions outside the sequence")

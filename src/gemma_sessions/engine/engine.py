@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..cache.kv import KVLayout, PagedKVCache
+from ..cache.kv import KVLayout, KVSnapshot, PagedKVCache, export_snapshot, import_snapshot
 from ..errors import CapacityError, ContextLengthError, EngineClosedError, InvalidRequestError
 from ..generate import stop_token_ids
 from ..sampling import SamplingParams
@@ -57,10 +57,13 @@ class Engine:
         block_size: tokens per KV page.
         max_batched_tokens: tokens computed per step at most (the prefill chunk budget).
         kv_dtype: dtype of stored K/V (default: the model's compute dtype).
+        on_spill: called on the loop thread with (handle, snapshot) just before an idle session's KV is dropped
+            under memory pressure (the durable store writes it to disk; the call must not block for long).
     """
 
     def __init__(self, model, kv_cache_bytes: int | None = None, max_batch: int = 64, block_size: int = 16,
-                 max_batched_tokens: int = 512, kv_dtype: torch.dtype | None = None):
+                 max_batched_tokens: int = 512, kv_dtype: torch.dtype | None = None,
+                 on_spill: Callable[[KVHandle, KVSnapshot], None] | None = None):
         if max_batch < 1 or block_size < 1 or max_batched_tokens < 1:
             raise InvalidRequestError("max_batch, block_size and max_batched_tokens must be >= 1")
         self.model = model
@@ -72,7 +75,8 @@ class Engine:
         if num_blocks < layout.num_groups * 2:
             raise InvalidRequestError(f"kv_cache_bytes={budget} holds only {num_blocks} pages")
         self.cache = PagedKVCache(layout, num_blocks, dtype, model.device)
-        self.scheduler = Scheduler(self.cache, max_batch, max_batched_tokens, self._fail)
+        self.on_spill = on_spill
+        self.scheduler = Scheduler(self.cache, max_batch, max_batched_tokens, self._fail, self._spill)
         self._stop_ids = stop_token_ids(model)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
@@ -119,6 +123,35 @@ class Engine:
     def kv_tokens(self, handle: KVHandle) -> int:
         """Tokens whose KV the handle holds now."""
         return self._call(lambda: handle.seq.num_computed if handle.seq is not None else 0)
+
+    def export_kv(self, handle: KVHandle) -> KVSnapshot | None:
+        """A CPU copy of the handle's KV (None when it holds none). Thread-safe."""
+        return self._call(lambda: export_snapshot(self.cache, handle.seq) if handle.seq is not None else None)
+
+    def import_kv(self, handle: KVHandle, snapshot: KVSnapshot) -> bool:
+        """Give an idle handle the KV in ``snapshot``; False when memory cannot hold it now. Thread-safe."""
+        return self._call(lambda: self._import(handle, snapshot))
+
+    def _import(self, handle: KVHandle, snapshot: KVSnapshot) -> bool:
+        if handle.busy:
+            raise InvalidRequestError("cannot restore KV into a handle that is in use")
+        while True:
+            try:
+                seq = import_snapshot(self.cache, snapshot)
+                break
+            except CapacityError:
+                if not self.scheduler.evict_one_parked():
+                    return False
+        self._release(handle)
+        self.scheduler.park(handle, seq)
+        return True
+
+    def _spill(self, handle: KVHandle) -> None:
+        if self.on_spill is not None and handle.seq is not None and handle.seq.num_computed:
+            try:
+                self.on_spill(handle, export_snapshot(self.cache, handle.seq))
+            except Exception:  # a failed spill only costs a recompute later; never kill the loop for it
+                log.exception("spilling a session's KV failed")
 
     def kv_bytes(self, handle: KVHandle) -> int:
         """Bytes of KV pages the handle holds now (shared pages counted in full)."""

@@ -27,7 +27,8 @@ from .runner import WorkItem
 
 class Scheduler:
     def __init__(self, cache: PagedKVCache, max_batch: int, max_batched_tokens: int,
-                 fail: Callable[[Request, BaseException], None]):
+                 fail: Callable[[Request, BaseException], None],
+                 spill: Callable[[KVHandle], None] | None = None):
         self.cache = cache
         self.max_batch = max_batch
         self.max_batched_tokens = max_batched_tokens
@@ -35,6 +36,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.parked: collections.OrderedDict[int, KVHandle] = collections.OrderedDict()  # LRU of idle sessions
         self._fail = fail
+        self._spill = spill  # called with an idle handle just before its KV is dropped (tiered eviction)
         self.preemptions = 0
         self.parked_evictions = 0
 
@@ -115,7 +117,7 @@ class Scheduler:
                 self.cache.allocate(req.seq, n)
                 return n
             except CapacityError:
-                if self._evict_parked():
+                if self.evict_one_parked():
                     continue
                 if n > 1:
                     n //= 2
@@ -131,10 +133,13 @@ class Scheduler:
                 n = 1
         return 0
 
-    def _evict_parked(self) -> bool:
+    def evict_one_parked(self) -> bool:
+        """Drop the least recently used idle session's KV (spilling it first); False when none is left."""
         while self.parked:
             _, handle = self.parked.popitem(last=False)
             if handle.seq is not None:
+                if self._spill is not None:
+                    self._spill(handle)
                 self.cache.free(handle.seq)
                 handle.seq = None
                 handle.evictions += 1

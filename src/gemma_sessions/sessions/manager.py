@@ -28,12 +28,14 @@ class SessionManager:
     """
 
     def __init__(self, engine, store=None):
+        from .store import Store
+
         self.engine = engine
-        self.store = store
+        self.store = Store(store) if store is not None and not isinstance(store, Store) else store
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
-        if store is not None:
-            store.attach(self)
+        if self.store is not None:
+            self.store.attach(self)
 
     def create(self, *, system: str | None = None, sampling: SamplingParams | None = None,
                context_policy: str = "truncate_oldest", max_context: int | None = None,
@@ -109,7 +111,70 @@ class SessionManager:
         return {"sessions": len(sessions), "busy_sessions": sum(1 for s in sessions if s.busy),
                 "engine": self.engine.stats()}
 
+    def loaded_sessions(self) -> list[Session]:
+        """Sessions currently in memory (a store may hold more)."""
+        with self._lock:
+            return list(self._sessions.values())
+
+    def close(self) -> None:
+        """Snapshot what is in memory and close the store (the engine is closed by its owner)."""
+        if self.store is not None:
+            self.store.close()
+
+    def __enter__(self) -> SessionManager:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------------ session files
+    def export(self, session_id: str, path, *, quantize: bool = False, compress: bool = False,
+               kv_dtype: str | None = None) -> int:
+        """Write one self-describing session file (history, settings, stats and KV); returns its size."""
+        from .sessionfile import encode_session, write_session_file
+
+        s = self.get(session_id)
+        s._turn_lock.acquire()
+        try:
+            self._before_turn(s)
+            snap = self.engine.export_kv(s.kv)
+            model = self.engine.model
+            data = encode_session(snap, model_fingerprint=model.fingerprint,
+                                  tokenizer_fingerprint=model.tokenizer.fingerprint, session=_session_dict(s),
+                                  kv_dtype=kv_dtype, quantize=quantize)
+        finally:
+            s._turn_lock.release()
+        return write_session_file(path, data, compress=compress)
+
+    def import_file(self, path, *, history_only: bool = False, new_id: bool = False) -> Session:
+        """Create a session from a session file (verified; see sessionfile.py). ``history_only`` accepts a file
+        from another model by dropping its KV (the history is recomputed on the next turn)."""
+        from .sessionfile import read_session_file
+
+        model = self.engine.model
+        meta, snap = read_session_file(path, model_fingerprint=model.fingerprint,
+                                       tokenizer_fingerprint=model.tokenizer.fingerprint, history_only=history_only)
+        s = _session_from_dict(self, meta, new_id=new_id)
+        with self._lock:
+            if s.id in self._sessions:
+                from ..errors import InvalidRequestError
+
+                raise InvalidRequestError(f"session {s.id} already exists (import with new_id=True)")
+            self._sessions[s.id] = s
+        if self.store is not None:
+            self.store.session_created(s)
+        if snap is not None and list(snap.tokens) == s.token_ids[:len(snap.tokens)]:
+            self.engine.import_kv(s.kv, snap)
+        return s
+
     # ------------------------------------------------------------------------------------------ hooks
+    def _before_turn(self, session: Session) -> str:
+        if self.store is not None:
+            return self.store.restore_kv(session)
+        if not session.conversation.messages:
+            return "new"
+        return "memory" if self.engine.kv_tokens(session.kv) else "recompute"
+
     def _turn_completed(self, session: Session, user: Message, stats: TurnStats) -> None:
         if self.store is not None:
             self.store.turn_completed(session, stats)
@@ -120,3 +185,31 @@ def _copy_conversation(conv: Conversation) -> Conversation:
     copy.messages = list(conv.messages)
     copy.dropped_turns = conv.dropped_turns
     return copy
+
+
+def _session_dict(s: Session) -> dict:
+    with s._data_lock:
+        return {"id": s.id, "created_at": s.created_at, "system": s.system, "sampling": s.sampling.to_dict(),
+                "context_policy": s.context_policy, "max_context": s.max_context, "metadata": s.metadata,
+                "dropped_turns": s.conversation.dropped_turns,
+                "messages": [m.to_dict() for m in s.conversation.messages],
+                "turn_stats": [t.__dict__ for t in s.turn_stats]}
+
+
+def _session_from_dict(manager: SessionManager, d: dict, new_id: bool) -> Session:
+    from ..errors import SessionFileError
+
+    try:
+        s = Session(manager, system=d.get("system"), sampling=SamplingParams.from_dict(d.get("sampling") or {}),
+                    context_policy=d.get("context_policy", "truncate_oldest"), max_context=d.get("max_context"),
+                    session_id=None if new_id else d["id"], metadata=d.get("metadata"),
+                    created_at=d.get("created_at"))
+        s.conversation.messages = [Message.from_dict(m) for m in d.get("messages", [])]
+        s.conversation.dropped_turns = int(d.get("dropped_turns", 0))
+        s.turn_stats = [TurnStats(**t) for t in d.get("turn_stats", [])]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SessionFileError(f"session metadata is malformed ({exc})") from exc
+    vocab = manager.engine.model.config.vocab_size
+    if any(not 0 <= t < vocab for m in s.conversation.messages for t in m.token_ids):
+        raise SessionFileError("session history has token ids outside this model's vocabulary")
+    return s

@@ -32,6 +32,7 @@ class TurnStats:
     dropped_turns: int = 0    # turns removed by the truncate_oldest context policy
     preemptions: int = 0
     recomputed_tokens: int = 0
+    kv_source: str = "memory"  # where the history's KV came from: memory | snapshot | recompute | new
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -189,6 +190,7 @@ class TurnStream:
         self._done = True  # until the engine request exists, there is nothing to cancel
         self.session = session
         conv = session.conversation
+        self._kv_source = session.manager._before_turn(session)
         with session._data_lock:
             user = conv.user_message(text)
             user, max_tokens, dropped = conv.fit(user, params.max_tokens, session.max_context,
@@ -238,7 +240,7 @@ class TurnStream:
                           prefilled_tokens=out.prefilled_tokens, generated_tokens=len(self._tokens),
                           ttft_s=out.ttft_s, decode_tokens_per_s=out.decode_tokens_per_s, total_s=out.total_s,
                           dropped_turns=self._dropped, preemptions=out.preemptions,
-                          recomputed_tokens=out.recomputed_tokens)
+                          recomputed_tokens=out.recomputed_tokens, kv_source=self._kv_source)
         text = self._text.text
         if finish_reason != "cancelled":
             with s._data_lock:

@@ -1,0 +1,311 @@
+"""The durable session store: SQLite (WAL) for sessions, messages, token ids, settings and stats, plus one
+safetensors KV snapshot per session.
+
+Contract:
+- Durable by default: ``turn_completed`` commits the turn's messages and token ids (synchronous=FULL) before the
+  turn is reported complete. KV snapshots are written later by a background thread (at turn end, when an idle
+  session's KV is spilled under memory pressure, and at shutdown), atomically (tmp + fsync + rename). A stale,
+  missing or refused snapshot is never an error, only a slower next turn (recomputed from token ids).
+- Restart: a new process on the same directory lists every session with its full history; a session's next turn
+  restores its KV from the snapshot when it is valid for this model and a prefix of the history.
+- One process serves a store (an exclusive lock file); others may open it ``readonly=True`` to list and read.
+- ``session_deleted`` removes the rows and the snapshot file: nothing is orphaned. Stray temporary files and
+  snapshots without a session (a crash between two steps) are cleaned up on open.
+
+Layout::
+
+    DIR/sessions.db        SQLite: sessions, messages, turns, snapshots
+    DIR/kv/<id>.safetensors KV snapshot (see sessionfile.py)
+    DIR/.lock               held by the serving process
+"""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import json
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from ..errors import SessionFileError, StoreError
+from ..sampling import SamplingParams
+from .conversation import Message
+from .sessionfile import encode_session, read_session_file, write_session_file
+
+log = logging.getLogger("gemma_sessions.store")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions(id TEXT PRIMARY KEY, created_at REAL, updated_at REAL, system TEXT,
+    sampling TEXT, context_policy TEXT, max_context INTEGER, metadata TEXT, dropped_turns INTEGER DEFAULT 0);
+CREATE TABLE IF NOT EXISTS messages(session_id TEXT, idx INTEGER, role TEXT, text TEXT, created_at REAL,
+    token_ids BLOB, PRIMARY KEY(session_id, idx));
+CREATE TABLE IF NOT EXISTS turns(session_id TEXT, idx INTEGER, stats TEXT, PRIMARY KEY(session_id, idx));
+CREATE TABLE IF NOT EXISTS snapshots(session_id TEXT PRIMARY KEY, tokens INTEGER, bytes INTEGER,
+    model_fingerprint TEXT, created_at REAL);
+"""
+
+
+def default_store_dir() -> Path:
+    env = os.environ.get("GEMMA_SESSIONS_STORE")
+    if env:
+        return Path(env)
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("gemma-sessions")) / "store"
+
+
+def _ids_blob(ids) -> bytes:
+    return array.array("i", ids).tobytes()
+
+
+def _blob_ids(blob: bytes) -> tuple[int, ...]:
+    a = array.array("i")
+    a.frombytes(blob)
+    return tuple(a)
+
+
+class Store:
+    """A store directory. Pass it to ``SessionManager(engine, store=Store(DIR))`` (or ``store="DIR"``)."""
+
+    def __init__(self, path: str | os.PathLike | None = None, *, readonly: bool = False,
+                 snapshot_kv: bool = True, compress: bool = False):
+        self.path = Path(path) if path is not None else default_store_dir()
+        self.readonly = readonly
+        self.snapshot_kv = snapshot_kv and not readonly
+        self.compress = compress
+        self.kv_dir = self.path / "kv"
+        self.kv_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = None if readonly else self._take_lock()
+        self._db = sqlite3.connect(self.path / "sessions.db", check_same_thread=False, isolation_level=None,
+                                   timeout=30)
+        self._db_lock = threading.RLock()
+        with self._db_lock:
+            if not readonly:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.executescript(_SCHEMA)
+            self._db.execute("PRAGMA synchronous=FULL")
+        self.manager = None
+        self._pending: dict[str, object] = {}   # session id -> KVSnapshot waiting to be written
+        self._queue: queue.Queue = queue.Queue()
+        self._writer: threading.Thread | None = None
+        self.snapshots_written = 0
+        self.restored = 0
+        if not readonly:
+            self._cleanup()
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+    def _take_lock(self) -> int:
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(f"{self.path} is served by another process (open it with readonly=True to read)")
+        return fd
+
+    def _cleanup(self) -> None:
+        """Remove temporary files and snapshots whose session is gone (left by a crash)."""
+        with self._db_lock:
+            ids = {r[0] for r in self._db.execute("SELECT id FROM sessions")}
+            self._db.execute("DELETE FROM snapshots WHERE session_id NOT IN (SELECT id FROM sessions)")
+        for f in self.kv_dir.iterdir():
+            if f.name.startswith(".") or (f.suffix == ".safetensors" and f.stem not in ids):
+                f.unlink(missing_ok=True)
+
+    def attach(self, manager) -> None:
+        self.manager = manager
+        engine = manager.engine
+        self._model_fp = engine.model.fingerprint
+        self._tok_fp = engine.model.tokenizer.fingerprint
+        self._handles: dict[int, str] = {}
+        if self.snapshot_kv:
+            engine.on_spill = self._on_spill
+            self._writer = threading.Thread(target=self._write_loop, name="gemma-store-writer", daemon=True)
+            self._writer.start()
+
+    def close(self, snapshot_all: bool = True) -> None:
+        """Snapshot every session's KV still in memory, finish pending writes, close the database."""
+        if self.manager is not None and snapshot_all and self.snapshot_kv:
+            for s in self.manager.loaded_sessions():
+                self.schedule_snapshot(s)
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join(timeout=120)
+            self._writer = None
+        with self._db_lock:
+            self._db.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # ------------------------------------------------------------------------------------------ writes
+    def _write(self, sql: str, rows) -> None:
+        if self.readonly:
+            raise StoreError("the store is open read-only")
+        with self._db_lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement, args in rows if sql is None else [(sql, rows)]:
+                    self._db.execute(statement, args)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def session_created(self, s) -> None:
+        now = time.time()
+        rows = [("INSERT OR REPLACE INTO sessions VALUES (?,?,?,?,?,?,?,?,?)",
+                 (s.id, s.created_at, now, s.system, json.dumps(s.sampling.to_dict()), s.context_policy,
+                  s.max_context, json.dumps(s.metadata), s.conversation.dropped_turns))]
+        rows += self._message_rows(s.id, s.conversation.messages, 0)
+        self._write(None, rows)
+        self._handles[s.kv.id] = s.id
+
+    def _message_rows(self, sid: str, messages: list[Message], start: int) -> list[tuple]:
+        return [("INSERT OR REPLACE INTO messages VALUES (?,?,?,?,?,?)",
+                 (sid, start + i, m.role, m.text, m.created_at, _ids_blob(m.token_ids)))
+                for i, m in enumerate(messages)]
+
+    def turn_completed(self, s, stats) -> None:
+        """Commit the completed turn (blocking, fsynced), then queue a KV snapshot in the background."""
+        with s._data_lock:
+            messages = list(s.conversation.messages)
+            dropped = s.conversation.dropped_turns
+            n_turns = len(s.turn_stats)
+        with self._db_lock:
+            row = self._db.execute("SELECT dropped_turns FROM sessions WHERE id=?", (s.id,)).fetchone()
+        rows = [("UPDATE sessions SET updated_at=?, dropped_turns=? WHERE id=?", (time.time(), dropped, s.id))]
+        if row is not None and row[0] == dropped:
+            rows += self._message_rows(s.id, messages[-2:], len(messages) - 2)
+        else:  # older turns were dropped: rewrite the history
+            rows += [("DELETE FROM messages WHERE session_id=?", (s.id,))] + self._message_rows(s.id, messages, 0)
+        rows.append(("INSERT OR REPLACE INTO turns VALUES (?,?,?)",
+                     (s.id, n_turns - 1, json.dumps(stats.__dict__))))
+        self._write(None, rows)
+        if self.snapshot_kv:
+            self.schedule_snapshot(s)
+
+    def session_deleted(self, s) -> None:
+        self._pending.pop(s.id, None)
+        self._write(None, [("DELETE FROM messages WHERE session_id=?", (s.id,)),
+                           ("DELETE FROM turns WHERE session_id=?", (s.id,)),
+                           ("DELETE FROM snapshots WHERE session_id=?", (s.id,)),
+                           ("DELETE FROM sessions WHERE id=?", (s.id,))])
+        self._snapshot_path(s.id).unlink(missing_ok=True)
+        self._handles.pop(s.kv.id, None)
+
+    # ------------------------------------------------------------------------------------------ snapshots
+    def _snapshot_path(self, sid: str) -> Path:
+        return self.kv_dir / f"{sid}.safetensors"
+
+    def schedule_snapshot(self, s) -> None:
+        self._queue.put(("export", s))
+
+    def _on_spill(self, handle, snapshot) -> None:
+        """Engine loop thread: an idle session's KV is about to be dropped; keep it and write it to disk."""
+        sid = self._handles.get(handle.id)
+        if sid is not None:
+            self._pending[sid] = snapshot
+            self._queue.put(("write", sid))
+
+    def _write_loop(self) -> None:
+        while (task := self._queue.get()) is not None:
+            kind, value = task
+            try:
+                if kind == "call":
+                    value.set()
+                elif kind == "export":
+                    if value.deleted:
+                        continue
+                    snap = self.manager.engine.export_kv(value.kv)
+                    if snap is not None:
+                        self._write_snapshot(value.id, snap)
+                else:
+                    snap = self._pending.get(value)
+                    if snap is not None:
+                        self._write_snapshot(value, snap)
+                        if self._pending.get(value) is snap:
+                            self._pending.pop(value, None)
+            except Exception:  # a failed snapshot costs a recompute, never a turn
+                log.exception("writing a KV snapshot failed")
+
+    def _write_snapshot(self, sid: str, snap) -> None:
+        with self._db_lock:
+            if self._db.execute("SELECT 1 FROM sessions WHERE id=?", (sid,)).fetchone() is None:
+                return  # deleted meanwhile
+        data = encode_session(snap, model_fingerprint=self._model_fp, tokenizer_fingerprint=self._tok_fp,
+                              session={"id": sid})
+        n = write_session_file(self._snapshot_path(sid), data, compress=self.compress)
+        self._write("INSERT OR REPLACE INTO snapshots VALUES (?,?,?,?,?)",
+                    (sid, snap.num_tokens, n, self._model_fp, time.time()))
+        self.snapshots_written += 1
+
+    def flush(self, timeout: float = 60.0) -> None:
+        """Wait until every queued snapshot is written (tests, shutdown)."""
+        if self._writer is None:
+            return
+        done = threading.Event()
+        self._queue.put(("call", done))
+        done.wait(timeout)
+
+    def restore_kv(self, s) -> str:
+        """Before a turn: give the session its KV back if it has none in memory. Returns where it came from:
+        "memory" (it was there), "snapshot" (restored from disk or a pending spill), or "recompute"."""
+        engine = self.manager.engine
+        if engine.kv_tokens(s.kv) > 0:
+            return "memory"
+        snap = self._pending.get(s.id)
+        if snap is None and self._snapshot_path(s.id).exists():
+            try:
+                _, snap = read_session_file(self._snapshot_path(s.id), model_fingerprint=self._model_fp,
+                                            tokenizer_fingerprint=self._tok_fp)
+            except SessionFileError as exc:
+                log.warning("snapshot refused, recomputing", extra={"session": s.id, "reason": str(exc)})
+                snap = None
+        history = s.token_ids
+        if snap is None or len(snap.tokens) > len(history) or list(snap.tokens) != history[:len(snap.tokens)]:
+            return "recompute"
+        if engine.import_kv(s.kv, snap):
+            self.restored += 1
+            return "snapshot"
+        return "recompute"
+
+    # ------------------------------------------------------------------------------------------ reads
+    def session_ids(self) -> list[str]:
+        with self._db_lock:
+            return [r[0] for r in self._db.execute("SELECT id FROM sessions ORDER BY created_at")]
+
+    def load_session(self, manager, sid: str):
+        """Rebuild a Session (history, settings, stats) from the database; None if unknown."""
+        from .session import Session, TurnStats
+
+        with self._db_lock:
+            row = self._db.execute("SELECT created_at, system, sampling, context_policy, max_context, metadata, "
+                                   "dropped_turns FROM sessions WHERE id=?", (sid,)).fetchone()
+            if row is None:
+                return None
+            msgs = self._db.execute("SELECT role, text, created_at, token_ids FROM messages WHERE session_id=? "
+                                    "ORDER BY idx", (sid,)).fetchall()
+            turns = self._db.execute("SELECT stats FROM turns WHERE session_id=? ORDER BY idx", (sid,)).fetchall()
+        created, system, sampling, policy, max_ctx, metadata, dropped = row
+        s = Session(manager, system=system, sampling=SamplingParams.from_dict(json.loads(sampling)),
+                    context_policy=policy, max_context=max_ctx, session_id=sid, metadata=json.loads(metadata),
+                    created_at=created)
+        s.conversation.messages = [Message(role=r, text=t, created_at=c, token_ids=_blob_ids(b))
+                                   for r, t, c, b in msgs]
+        s.conversation.dropped_turns = dropped
+        s.turn_stats = [TurnStats(**json.loads(t[0])) for t in turns]
+        if not self.readonly:
+            self._handles[s.kv.id] = sid
+        return s
+
+    def snapshot_info(self, sid: str) -> dict | None:
+        with self._db_lock:
+            row = self._db.execute("SELECT tokens, bytes, model_fingerprint, created_at FROM snapshots "
+                                   "WHERE session_id=?", (sid,)).fetchone()
+        return None if row is None else dict(zip(("tokens", "bytes", "model_fingerprint", "created_at"), row))
