@@ -90,6 +90,7 @@ class Store:
                 self._db.executescript(_SCHEMA)
             self._db.execute("PRAGMA synchronous=FULL")
         self.manager = None
+        self._handles: dict[int, str] = {}      # KV handle id -> session id (for spills)
         self._pending: dict[str, object] = {}   # session id -> KVSnapshot waiting to be written
         self._queue: queue.Queue = queue.Queue()
         self._writer: threading.Thread | None = None
@@ -122,7 +123,6 @@ class Store:
         engine = manager.engine
         self._model_fp = engine.model.fingerprint
         self._tok_fp = engine.model.tokenizer.fingerprint
-        self._handles: dict[int, str] = {}
         if self.snapshot_kv:
             engine.on_spill = self._on_spill
             self._writer = threading.Thread(target=self._write_loop, name="gemma-store-writer", daemon=True)
