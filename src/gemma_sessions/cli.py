@@ -1,4 +1,4 @@
-"""The ``gemma-sessions`` command line: generate, model fetch/info (serve, chat and sessions come with the server).
+"""The ``gemma-sessions`` command line: serve, chat, sessions, generate, model.
 
 Contract: a thin shell over the Python API; every failure the library raises on purpose prints one line
 ``error: ...`` and exits with status 2 (bad usage) or 1 (anything else).
@@ -67,6 +67,50 @@ def cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _api_keys(args: argparse.Namespace) -> list[str]:
+    import os
+
+    keys = list(args.api_key or [])
+    keys += [k.strip() for k in os.environ.get("GEMMA_SESSIONS_API_KEYS", "").split(",") if k.strip()]
+    if args.api_key_file:
+        with open(args.api_key_file, encoding="utf-8") as f:
+            keys += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    return keys
+
+
+def _open_manager(args: argparse.Namespace, readonly_store: bool = False):
+    """(engine, manager) for the model and store in ``args``."""
+    from .engine import Engine
+    from .loading import load_model
+    from .sessions import SessionManager
+    from .sessions.store import Store
+
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    engine = Engine(model, kv_cache_bytes=getattr(args, "kv_cache_bytes", None),
+                    max_batch=getattr(args, "max_batch", 64))
+    store = None if getattr(args, "no_store", False) else Store(args.store, readonly=readonly_store)
+    return engine, SessionManager(engine, store=store)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .server import create_app
+
+    engine, manager = _open_manager(args)
+
+    def shutdown() -> None:
+        manager.close()
+        engine.close()
+
+    app = create_app(manager, model_name=args.served_model_name or str(args.model), api_keys=_api_keys(args),
+                     max_waiting=args.max_waiting, on_shutdown=shutdown)
+    where = manager.store.path if manager.store is not None else "memory only"
+    print(f"gemma-sessions serving {args.model} on http://{args.host}:{args.port} (store: {where})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=10)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma-sessions", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"gemma-sessions {__version__}")
@@ -78,6 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
+
+    sv = sub.add_parser("serve", help="the OpenAI-compatible HTTP server")
+    _add_model_args(sv)
+    sv.add_argument("--store", default=None, help="store directory (default: the user data dir)")
+    sv.add_argument("--no-store", action="store_true", help="keep sessions in memory only")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", action="append", help="accepted API key (repeatable); also "
+                    "$GEMMA_SESSIONS_API_KEYS (comma-separated) and --api-key-file")
+    sv.add_argument("--api-key-file", default=None, help="file with one API key per line")
+    sv.add_argument("--kv-cache-bytes", type=int, default=None)
+    sv.add_argument("--max-batch", type=int, default=64)
+    sv.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503")
+    sv.add_argument("--served-model-name", default=None)
+    sv.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("model", help="fetch (assemble) or describe a model")
     m.add_argument("action", choices=["fetch", "info"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
 
 from ..errors import ContextLengthError, InvalidRequestError
 
@@ -28,19 +29,20 @@ class Message:
     text: str
     created_at: float
     token_ids: tuple[int, ...]   # the turn's exact tokens, control tokens included
+    id: str = dataclasses.field(default_factory=lambda: "msg_" + uuid.uuid4().hex)
 
     @property
     def token_count(self) -> int:
         return len(self.token_ids)
 
     def to_dict(self) -> dict:
-        return {"role": self.role, "text": self.text, "created_at": self.created_at,
+        return {"id": self.id, "role": self.role, "text": self.text, "created_at": self.created_at,
                 "token_ids": list(self.token_ids)}
 
     @classmethod
     def from_dict(cls, d: dict) -> Message:
         return cls(role=d["role"], text=d["text"], created_at=float(d["created_at"]),
-                   token_ids=tuple(int(t) for t in d["token_ids"]))
+                   token_ids=tuple(int(t) for t in d["token_ids"]), id=d.get("id") or "msg_" + uuid.uuid4().hex)
 
 
 def render_turn(tokenizer, role: str, text: str) -> list[int]:
@@ -95,6 +97,29 @@ class Conversation:
                         token_ids=tuple(close_reply(self.tokenizer, reply_ids)))
         self.messages.extend([user, reply])
         return reply
+
+    def add_message(self, role: str, text: str) -> Message:
+        """Append a message without generating (a user turn, or a model turn written by the caller)."""
+        if role == "user":
+            msg = self.user_message(text)
+        elif role == "model":
+            if not isinstance(text, str):
+                raise InvalidRequestError("a message must be text")
+            msg = Message(role="model", text=text, created_at=time.time(),
+                          token_ids=tuple(render_turn(self.tokenizer, "model", text)))
+        else:
+            raise InvalidRequestError(f"role must be one of {ROLES}, got {role!r}")
+        self.messages.append(msg)
+        return msg
+
+    def remove_message(self, message_id: str) -> Message:
+        for i, m in enumerate(self.messages):
+            if m.id == message_id:
+                del self.messages[i]
+                if i == 0:
+                    self._rerender_first()
+                return m
+        raise KeyError(message_id)
 
     def fit(self, user: Message, max_tokens: int, max_context: int, policy: str) -> tuple[Message, int, int]:
         """Make the next prompt fit the context: (user message, max new tokens, turns dropped).

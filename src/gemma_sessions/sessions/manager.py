@@ -175,6 +175,10 @@ class SessionManager:
             return "new"
         return "memory" if self.engine.kv_tokens(session.kv) else "recompute"
 
+    def _history_changed(self, session: Session) -> None:
+        if self.store is not None:
+            self.store.history_changed(session)
+
     def _turn_completed(self, session: Session, user: Message, stats: TurnStats) -> None:
         if self.store is not None:
             self.store.turn_completed(session, stats)

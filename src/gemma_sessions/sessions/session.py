@@ -69,6 +69,13 @@ class FifoLock:
         with self._cond:
             return bool(self._queue)
 
+    def __enter__(self) -> FifoLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
 
 class Session:
     """One conversation. Create through :meth:`SessionManager.create`.
@@ -141,6 +148,28 @@ class Session:
             "ttft_s": [round(t.ttft_s, 4) for t in turns],
             "decode_tokens_per_s": [round(t.decode_tokens_per_s, 1) for t in turns],
         }
+
+    # ------------------------------------------------------------------------------------------ items
+    def add_message(self, role: str, text: str) -> Message:
+        """Append a message without generating (waits for a running turn)."""
+        with self._turn_lock:
+            with self._data_lock:
+                msg = self.conversation.add_message(role, text)
+            self.manager._history_changed(self)
+        return msg
+
+    def remove_message(self, message_id: str) -> Message:
+        """Remove one message from the history (its KV is recomputed from the changed history)."""
+        from ..errors import SessionNotFoundError
+
+        with self._turn_lock:
+            with self._data_lock:
+                try:
+                    msg = self.conversation.remove_message(message_id)
+                except KeyError:
+                    raise SessionNotFoundError(f"no item {message_id!r} in session {self.id}") from None
+            self.manager._history_changed(self)
+        return msg
 
     # ------------------------------------------------------------------------------------------ turns
     def send(self, text: str, *, sampling: SamplingParams | None = None, wait: bool = True) -> Reply:

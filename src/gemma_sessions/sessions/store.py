@@ -43,7 +43,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions(id TEXT PRIMARY KEY, created_at REAL, updated_at REAL, system TEXT,
     sampling TEXT, context_policy TEXT, max_context INTEGER, metadata TEXT, dropped_turns INTEGER DEFAULT 0);
 CREATE TABLE IF NOT EXISTS messages(session_id TEXT, idx INTEGER, role TEXT, text TEXT, created_at REAL,
-    token_ids BLOB, PRIMARY KEY(session_id, idx));
+    token_ids BLOB, msg_id TEXT, PRIMARY KEY(session_id, idx));
 CREATE TABLE IF NOT EXISTS turns(session_id TEXT, idx INTEGER, stats TEXT, PRIMARY KEY(session_id, idx));
 CREATE TABLE IF NOT EXISTS snapshots(session_id TEXT PRIMARY KEY, tokens INTEGER, bytes INTEGER,
     model_fingerprint TEXT, created_at REAL);
@@ -167,9 +167,19 @@ class Store:
         self._handles[s.kv.id] = s.id
 
     def _message_rows(self, sid: str, messages: list[Message], start: int) -> list[tuple]:
-        return [("INSERT OR REPLACE INTO messages VALUES (?,?,?,?,?,?)",
-                 (sid, start + i, m.role, m.text, m.created_at, _ids_blob(m.token_ids)))
+        return [("INSERT OR REPLACE INTO messages VALUES (?,?,?,?,?,?,?)",
+                 (sid, start + i, m.role, m.text, m.created_at, _ids_blob(m.token_ids), m.id))
                 for i, m in enumerate(messages)]
+
+    def history_changed(self, s) -> None:
+        """Rewrite a session's messages and settings (items added or removed outside a turn)."""
+        with s._data_lock:
+            messages = list(s.conversation.messages)
+            dropped = s.conversation.dropped_turns
+        self._write(None, [("UPDATE sessions SET updated_at=?, dropped_turns=?, metadata=? WHERE id=?",
+                            (time.time(), dropped, json.dumps(s.metadata), s.id)),
+                           ("DELETE FROM messages WHERE session_id=?", (s.id,))]
+                    + self._message_rows(s.id, messages, 0))
 
     def turn_completed(self, s, stats) -> None:
         """Commit the completed turn (blocking, fsynced), then queue a KV snapshot in the background."""
@@ -289,15 +299,15 @@ class Store:
                                    "dropped_turns FROM sessions WHERE id=?", (sid,)).fetchone()
             if row is None:
                 return None
-            msgs = self._db.execute("SELECT role, text, created_at, token_ids FROM messages WHERE session_id=? "
+            msgs = self._db.execute("SELECT role, text, created_at, token_ids, msg_id FROM messages WHERE session_id=? "
                                     "ORDER BY idx", (sid,)).fetchall()
             turns = self._db.execute("SELECT stats FROM turns WHERE session_id=? ORDER BY idx", (sid,)).fetchall()
         created, system, sampling, policy, max_ctx, metadata, dropped = row
         s = Session(manager, system=system, sampling=SamplingParams.from_dict(json.loads(sampling)),
                     context_policy=policy, max_context=max_ctx, session_id=sid, metadata=json.loads(metadata),
                     created_at=created)
-        s.conversation.messages = [Message(role=r, text=t, created_at=c, token_ids=_blob_ids(b))
-                                   for r, t, c, b in msgs]
+        s.conversation.messages = [Message(role=r, text=t, created_at=c, token_ids=_blob_ids(b), id=i)
+                                   for r, t, c, b, i in msgs]
         s.conversation.dropped_turns = dropped
         s.turn_stats = [TurnStats(**json.loads(t[0])) for t in turns]
         if not self.readonly:

@@ -1,0 +1,124 @@
+"""Request schemas of the HTTP API (pydantic) and OpenAI-shaped error bodies.
+
+Contract: every request body is validated here before any work starts; unknown fields are ignored (clients send
+more than we use), wrong types and values are 400s in OpenAI's error shape::
+
+    {"error": {"message": "...", "type": "invalid_request_error", "param": "messages", "code": null}}
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
+               422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param,
+                      "code": code}}
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ChatMessage(_Lenient):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        return content_text(self.content)
+
+
+def content_text(content: Any) -> str:
+    """Text of an OpenAI content field: a string, or a list of text parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") not in ("text", "input_text", "output_text"):
+            raise ValueError("only text content parts are supported")
+        parts.append(str(part.get("text", "")))
+    return "".join(parts)
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class SamplingFields(_Lenient):
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        if isinstance(v, list) and (len(v) > 4 or not all(isinstance(s, str) and s for s in v)):
+            raise ValueError("stop: at most 4 non-empty strings")
+        return v
+
+
+class ChatCompletionRequest(SamplingFields):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    n: int = Field(default=1, ge=1, le=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class ResponseRequest(SamplingFields):
+    model: str | None = None
+    input: str | list[dict[str, Any]] | None = None
+    instructions: str | None = None
+    conversation: str | dict[str, Any] | None = None
+    previous_response_id: str | None = None
+    store: bool = True
+    stream: bool = False
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    metadata: dict[str, str] | None = None
+
+
+class ConversationCreate(_Lenient):
+    items: list[dict[str, Any]] | None = Field(default=None, max_length=20)
+    metadata: dict[str, str] | None = None
+
+
+class ConversationUpdate(_Lenient):
+    metadata: dict[str, str]
+
+
+class ItemsCreate(_Lenient):
+    items: list[dict[str, Any]] = Field(min_length=1, max_length=20)
+
+
+def input_items(value: str | list[dict[str, Any]] | None) -> list[tuple[str, str]]:
+    """Responses ``input`` / conversation items -> [(role, text)] with roles user | model | system."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [("user", value)]
+    out = []
+    for item in value:
+        if not isinstance(item, dict):
+            raise ValueError("input items must be objects")
+        kind = item.get("type", "message")
+        if kind != "message":
+            raise ValueError(f"input item type {kind!r} is not supported")
+        role = item.get("role")
+        roles = {"user": "user", "assistant": "model", "system": "system", "developer": "system"}
+        if role not in roles:
+            raise ValueError(f"unknown role {role!r}")
+        out.append((roles[role], content_text(item.get("content"))))
+    return out
