@@ -1,0 +1,239 @@
+"""A real server process on 127.0.0.1 (the real model, a real store) driven by the official openai client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+pytestmark = pytest.mark.slow
+
+KEY_A, KEY_B = "key-a-" + "x" * 20, "key-b-" + "y" * 20
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, store, port: int, extra: list[str] | None = None):
+        self.port, self.store, self.extra = port, store, extra or []
+        self.proc = None
+
+    def start(self) -> Server:
+        cmd = [sys.executable, "-m", "gemma_sessions.cli", "serve", "--store", str(self.store), "--port",
+               str(self.port), "--api-key", KEY_A, "--api-key", KEY_B, "--kv-cache-bytes", str(96 << 20),
+               *self.extra]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.3)
+            if self.proc.poll() is not None:
+                raise RuntimeError(self.proc.stdout.read())
+        raise RuntimeError("server did not start")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, key: str = KEY_A) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=120)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # graceful: snapshots are written on shutdown
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, real_model_path):
+    s = Server(tmp_path_factory.mktemp("store"), _free_port()).start()
+    yield s
+    s.stop()
+
+
+def test_chat_completions_plain_and_streamed(server):
+    c = server.client()
+    msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
+    r = c.chat.completions.create(model="gemma3-270m", messages=msgs, max_tokens=12, temperature=0)
+    assert r.choices[0].message.content and r.usage.completion_tokens <= 12
+    again = c.chat.completions.create(model="gemma3-270m", messages=msgs, max_tokens=12, temperature=0)
+    assert again.choices[0].message.content == r.choices[0].message.content
+    assert again.usage.prompt_tokens_details.cached_tokens > 0  # stateless, yet the prefix cache served it
+    chunks = list(c.chat.completions.create(model="gemma3-270m", messages=msgs, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == r.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    assert c.models.list().data[0].id
+
+
+def test_conversation_multi_turn_and_items(server):
+    c = server.client()
+    conv = c.conversations.create(metadata={"topic": "test"})
+    r1 = c.responses.create(model="m", conversation=conv.id, input="Hello, I am Ana.", max_output_tokens=12,
+                            temperature=0)
+    r2 = c.responses.create(model="m", conversation=conv.id, input="What is my name?", max_output_tokens=12,
+                            temperature=0)
+    assert r1.output_text and r2.output_text
+    assert r2.usage.input_tokens_details.cached_tokens >= r1.usage.input_tokens  # the KV stayed warm
+    items = c.conversations.items.list(conv.id, order="asc").data
+    assert [i.role for i in items] == ["user", "assistant", "user", "assistant"]
+    assert items[0].content[0].text == "Hello, I am Ana."
+    c.conversations.items.create(conv.id, items=[{"type": "message", "role": "user", "content": "Note this."}])
+    assert len(c.conversations.items.list(conv.id).data) == 5
+    c.conversations.items.delete(items[0].id, conversation_id=conv.id)
+    assert len(c.conversations.items.list(conv.id).data) == 4
+    assert c.conversations.retrieve(conv.id).metadata == {"topic": "test"}
+
+
+def test_previous_response_id_chain_and_stream_events(server):
+    c = server.client()
+    r1 = c.responses.create(model="m", input="Count: one, two,", max_output_tokens=8, temperature=0)
+    events = list(c.responses.create(model="m", previous_response_id=r1.id, input="Go on.",
+                                     max_output_tokens=8, temperature=0, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] in ("response.completed", "response.incomplete")
+    assert "response.output_text.delta" in kinds
+    final = events[-1].response
+    assert final.usage.input_tokens_details.cached_tokens > 0
+    assert c.responses.retrieve(final.id).id == final.id
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == final.output_text
+
+
+def test_key_isolation(server):
+    a, b = server.client(KEY_A), server.client(KEY_B)
+    conv = a.conversations.create()
+    a.responses.create(model="m", conversation=conv.id, input="secret", max_output_tokens=4)
+    with pytest.raises(openai.NotFoundError):
+        b.conversations.retrieve(conv.id)
+    with pytest.raises(openai.NotFoundError):
+        b.responses.create(model="m", conversation=conv.id, input="continue", max_output_tokens=4)
+    with pytest.raises(openai.NotFoundError):
+        b.conversations.delete(conv.id)
+    assert a.conversations.retrieve(conv.id).id == conv.id
+    with pytest.raises(openai.AuthenticationError):
+        server.client("wrong").models.list()
+    r = httpx.get(f"{server.url}/v1/models")
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert len(conv.id) >= 5 + 32  # conv_ + 128 random bits in hex
+
+
+@pytest.mark.parametrize("body,status", [
+    (b"{not json", 400),
+    (json.dumps({"messages": "hi"}).encode(), 400),
+    (json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode(), 400),
+    (json.dumps({"messages": []}).encode(), 400),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}).encode(), 400),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "n": 3}).encode(), 400),
+    (json.dumps({"messages": [{"role": "user", "content": "x " * 40000}]}).encode(), 400),
+    (b"{" + b" " * (5 << 20) + b"}", 413),
+])
+def test_bad_chat_requests(server, body, status):
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=body, timeout=60,
+                   headers={"Authorization": f"Bearer {KEY_A}", "Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"]
+
+
+def test_unknown_ids_are_404(server):
+    c = server.client()
+    with pytest.raises(openai.NotFoundError):
+        c.conversations.retrieve("conv_" + "0" * 32)
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve("resp_nope")
+    with pytest.raises(openai.BadRequestError):
+        c.responses.create(model="m", input=[], max_output_tokens=4)
+
+
+def test_busy_conversation_is_409_when_caller_will_not_wait(server):
+    c = server.client()
+    conv = c.conversations.create()
+    stream = c.responses.create(model="m", conversation=conv.id, input="Write a long story.",
+                                max_output_tokens=200, stream=True)
+    next(iter(stream))
+    r = httpx.post(f"{server.url}/v1/responses", json={"conversation": conv.id, "input": "me too"}, timeout=60,
+                   headers={"Authorization": f"Bearer {KEY_A}", "x-gemma-wait": "0"})
+    assert r.status_code == 409 and r.json()["error"]["type"] == "conflict_error"
+    stream.close()  # client gone: its generation is cancelled
+
+
+def test_native_session_routes_and_metrics(server):
+    c = server.client()
+    conv = c.conversations.create()
+    c.responses.create(model="m", conversation=conv.id, input="Hi", max_output_tokens=4)
+    h = {"Authorization": f"Bearer {KEY_A}"}
+    sid = conv.id[5:]
+    sessions = httpx.get(f"{server.url}/v1/sessions", headers=h).json()["data"]
+    assert sid in [s["id"] for s in sessions]
+    one = httpx.get(f"{server.url}/v1/sessions/{sid}", headers=h).json()
+    assert one["stats"]["turns"] == 1 and len(one["messages"]) == 2
+    fork = httpx.post(f"{server.url}/v1/sessions/{sid}/fork", headers=h).json()
+    assert fork["id"] != sid
+    data = httpx.get(f"{server.url}/v1/sessions/{sid}/export", headers=h).content
+    imported = httpx.post(f"{server.url}/v1/sessions/import", content=data, headers=h).json()
+    assert imported["stats"]["tokens"] == one["stats"]["tokens"]
+    bad = httpx.post(f"{server.url}/v1/sessions/import", content=data[:100], headers=h)
+    assert bad.status_code == 400 and "truncated" in bad.json()["error"]["message"]
+    metrics = httpx.get(f"{server.url}/metrics").text
+    for name in ("gemma_requests_total", "gemma_time_to_first_token_seconds", "gemma_kv_blocks_used",
+                 "gemma_prefix_hit_rate", "gemma_inter_token_latency_seconds", "gemma_sessions_resident"):
+        assert name in metrics
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+                         lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+                             st.sampled_from(["messages", "input", "role", "content", "max_tokens", "stream",
+                                              "temperature", "conversation", "items", "metadata", "stop"]),
+                             inner, max_size=4), max_leaves=10),
+       route=st.sampled_from(["/v1/chat/completions", "/v1/responses", "/v1/conversations"]))
+def test_fuzzed_bodies_never_500(server, body, route):
+    r = httpx.post(f"{server.url}{route}", json=body, timeout=120, headers={"Authorization": f"Bearer {KEY_A}"})
+    assert r.status_code < 500, r.text
+    if r.status_code >= 400:
+        assert "error" in r.json()
+
+
+def test_conversation_survives_restart(tmp_path, real_model_path):
+    srv = Server(tmp_path / "store", _free_port()).start()
+    try:
+        c = srv.client()
+        conv = c.conversations.create()
+        first = c.responses.create(model="m", conversation=conv.id, input="Remember the word blue.",
+                                   max_output_tokens=12, temperature=0)
+        before = [(i.role, i.content[0].text) for i in c.conversations.items.list(conv.id).data]
+    finally:
+        srv.stop()
+    srv = Server(tmp_path / "store", _free_port()).start()
+    try:
+        c = srv.client()
+        after = [(i.role, i.content[0].text) for i in c.conversations.items.list(conv.id).data]
+        assert after == before
+        nxt = c.responses.create(model="m", conversation=conv.id, input="Which word?", max_output_tokens=8,
+                                 temperature=0)
+        assert nxt.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens
+    finally:
+        srv.stop()
+    assert os.listdir(tmp_path / "store" / "kv")
