@@ -111,6 +111,69 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    import signal
+
+    from .repl import Repl
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    engine, manager = _open_manager(args)
+    sampling = _sampling(args)
+    try:
+        session = manager.get(args.session) if args.session else manager.create(system=args.system,
+                                                                                 sampling=sampling)
+        return Repl(manager, session, system=args.system, sampling=sampling).run()
+    finally:
+        manager.close()
+        engine.close()
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    from .sessions.store import Store
+
+    if args.action in ("ls", "show", "rm"):
+        store = Store(args.store, readonly=args.action != "rm")
+        try:
+            return _sessions_offline(store, args)
+        finally:
+            store.close(snapshot_all=False)
+    engine, manager = _open_manager(args)
+    try:
+        if args.action == "export":
+            n = manager.export(args.id, args.path, quantize=args.quantize, compress=args.compress)
+            print(f"wrote {args.path} ({n} bytes)")
+        else:
+            path = args.path or args.id  # `sessions import FILE`
+            s = manager.import_file(path, history_only=args.history_only, new_id=args.new_id)
+            print(s.id)
+        return 0
+    finally:
+        manager.close()
+        engine.close()
+
+
+def _sessions_offline(store, args: argparse.Namespace) -> int:
+    import datetime
+
+    from .errors import SessionNotFoundError
+
+    if args.action == "ls":
+        for row in store.summaries():
+            when = datetime.datetime.fromtimestamp(row["updated_at"]).strftime("%Y-%m-%d %H:%M")
+            print(f"{row['id']}  {when}  {row['messages'] // 2:4d} turns  {row['tokens']:7d} tokens")
+        return 0
+    messages = store.messages(args.id)
+    if messages is None:
+        raise SessionNotFoundError(f"no session {args.id!r} in {store.path}")
+    if args.action == "show":
+        for m in messages:
+            print(f"[{m.role}] {m.text}")
+        return 0
+    store.delete_session(args.id)
+    print(f"removed {args.id}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma-sessions", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"gemma-sessions {__version__}")
@@ -137,6 +200,26 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503")
     sv.add_argument("--served-model-name", default=None)
     sv.set_defaults(func=cmd_serve)
+
+    ch = sub.add_parser("chat", help="an interactive chat that keeps its sessions in the store")
+    _add_model_args(ch)
+    _add_sampling_args(ch)
+    ch.add_argument("--store", default=None)
+    ch.add_argument("--session", default=None, help="continue this session id")
+    ch.add_argument("--system", default=None, help="system prompt for new sessions")
+    ch.set_defaults(func=cmd_chat)
+
+    se = sub.add_parser("sessions", help="list, show, remove, export or import stored sessions")
+    se.add_argument("action", choices=["ls", "show", "rm", "export", "import"])
+    se.add_argument("id", nargs="?", help="session id (show, rm, export)")
+    se.add_argument("path", nargs="?", help="file (export, import)")
+    se.add_argument("--store", default=None)
+    se.add_argument("--quantize", action="store_true", help="export: int8 KV with per-row scales")
+    se.add_argument("--compress", action="store_true", help="export: zstd-compress the file")
+    se.add_argument("--history-only", action="store_true", help="import: keep the history, drop the KV")
+    se.add_argument("--new-id", action="store_true", help="import: give the session a new id")
+    _add_model_args(se)
+    se.set_defaults(func=cmd_sessions)
 
     m = sub.add_parser("model", help="fetch (assemble) or describe a model")
     m.add_argument("action", choices=["fetch", "info"])

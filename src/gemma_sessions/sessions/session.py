@@ -136,10 +136,11 @@ class Session:
         with self._data_lock:
             turns = list(self.turn_stats)
             n_tokens = len(self.conversation.token_ids)
+            n_replies = sum(1 for m in self.conversation.messages if m.role == "model")
         prompt = sum(t.prompt_tokens for t in turns)
         cached = sum(t.cached_tokens for t in turns)
         return {
-            "turns": len(turns), "tokens": n_tokens, "prompt_tokens": prompt, "cached_tokens": cached,
+            "turns": n_replies, "turns_run": len(turns), "tokens": n_tokens, "prompt_tokens": prompt, "cached_tokens": cached,
             "prefilled_tokens": sum(t.prefilled_tokens for t in turns),
             "generated_tokens": sum(t.generated_tokens for t in turns),
             "cache_hit_rate": cached / prompt if prompt else 0.0,

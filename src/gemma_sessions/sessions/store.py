@@ -201,13 +201,17 @@ class Store:
             self.schedule_snapshot(s)
 
     def session_deleted(self, s) -> None:
-        self._pending.pop(s.id, None)
-        self._write(None, [("DELETE FROM messages WHERE session_id=?", (s.id,)),
-                           ("DELETE FROM turns WHERE session_id=?", (s.id,)),
-                           ("DELETE FROM snapshots WHERE session_id=?", (s.id,)),
-                           ("DELETE FROM sessions WHERE id=?", (s.id,))])
-        self._snapshot_path(s.id).unlink(missing_ok=True)
+        self.delete_session(s.id)
         self._handles.pop(s.kv.id, None)
+
+    def delete_session(self, sid: str) -> None:
+        """Remove a session's rows and snapshot file (also usable offline, by id)."""
+        self._pending.pop(sid, None)
+        self._write(None, [("DELETE FROM messages WHERE session_id=?", (sid,)),
+                           ("DELETE FROM turns WHERE session_id=?", (sid,)),
+                           ("DELETE FROM snapshots WHERE session_id=?", (sid,)),
+                           ("DELETE FROM sessions WHERE id=?", (sid,))])
+        self._snapshot_path(sid).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------------------------------ snapshots
     def _snapshot_path(self, sid: str) -> Path:
@@ -313,6 +317,24 @@ class Store:
         if not self.readonly:
             self._handles[s.kv.id] = sid
         return s
+
+    def summaries(self) -> list[dict]:
+        """One row per session without loading any model: id, times, message and token counts, system prompt."""
+        with self._db_lock:
+            rows = self._db.execute(
+                "SELECT s.id, s.created_at, s.updated_at, s.system, COUNT(m.idx), COALESCE(SUM(LENGTH(m.token_ids)), 0) "
+                "FROM sessions s LEFT JOIN messages m ON m.session_id = s.id GROUP BY s.id ORDER BY s.created_at"
+            ).fetchall()
+        return [{"id": r[0], "created_at": r[1], "updated_at": r[2], "system": r[3], "messages": r[4],
+                 "tokens": r[5] // 4 + 1} for r in rows]
+
+    def messages(self, sid: str) -> list[Message] | None:
+        with self._db_lock:
+            if self._db.execute("SELECT 1 FROM sessions WHERE id=?", (sid,)).fetchone() is None:
+                return None
+            rows = self._db.execute("SELECT role, text, created_at, token_ids, msg_id FROM messages "
+                                    "WHERE session_id=? ORDER BY idx", (sid,)).fetchall()
+        return [Message(role=r, text=t, created_at=c, token_ids=_blob_ids(b), id=i) for r, t, c, b, i in rows]
 
     def snapshot_info(self, sid: str) -> dict | None:
         with self._db_lock:
