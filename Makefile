@@ -31,10 +31,9 @@ model: $(STAMP)
 test: model
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# NOTE: until the HTTP server lands (issue 5), `make serve` runs the generate command on the default model.
-PROMPT ?= The three most useful things to know about Gemma are
+# The main job: the OpenAI-compatible server on the default model and store (STORE=dir to choose another).
 serve: model
-	$(VENV)/bin/gemma-sessions generate --model $(MODEL) --max-tokens 64 "$(PROMPT)"
+	$(VENV)/bin/gemma-sessions serve --model $(MODEL) --host $(HOST) --port $(PORT) $(if $(STORE),--store $(STORE),)
 
 bench: model
 	$(PY) bench/generate.py
