@@ -276,10 +276,14 @@ class PagedKVCache:
         seq.hashes = []
 
     # ------------------------------------------------------------------------------------------ indices
-    def slot_base(self, seq: SeqKV, positions: range, group: int) -> list[int]:
-        """Flat slot base (page * page_stride + offset) for each position; add the layer/K|V offset later."""
-        bs, stride, table = self.layout.block_size, self.page_stride, seq.tables[group]
-        return [table[p // bs] * stride + p % bs for p in positions]
+    def slot_base(self, seq: SeqKV, start: int, end: int, group: int) -> torch.Tensor:
+        """Flat slot base (page * page_stride + offset) of positions [start, end), as a CPU LongTensor; add the
+        layer/K|V offset later. Every position must have a page."""
+        bs = self.layout.block_size
+        first, last = start // bs, (end - 1) // bs
+        pages = torch.tensor(seq.tables[group][first:last + 1], dtype=torch.long)
+        pos = torch.arange(start, end)
+        return pages[pos // bs - first] * self.page_stride + pos % bs
 
     def layer_offset(self, layer: int, kv: int) -> int:
         return (self.layout.layer_slot[layer] * 2 + kv) * self.layout.block_size

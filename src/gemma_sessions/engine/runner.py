@@ -44,11 +44,9 @@ class PagedBatch:
         self.decode = []  # per group: (index [B, L], mask [B, 1, L]) or None
         self.prefill = []  # per group: list of (row start, row end, index [L], mask [T, L])
         for g in range(lay.num_groups):
-            write: list[int] = []
-            for it in items:
-                s = it.seq.num_computed
-                write += cache.slot_base(it.seq, range(s, s + it.num_tokens), g)
-            self.write.append(torch.tensor(write, dtype=torch.long, device=dev))
+            write = [cache.slot_base(it.seq, it.seq.num_computed, it.seq.num_computed + it.num_tokens, g)
+                     for it in items]
+            self.write.append(torch.cat(write).to(dev))
             self.decode.append(self._decode_index(items[:self.n_decode], g))
             self.prefill.append(self._prefill_index(items, g))
 
@@ -59,13 +57,10 @@ class PagedBatch:
         rows = []
         for it in items:
             pos = it.seq.num_computed  # the new token's position
-            rows.append(cache.slot_base(it.seq, range(lay.first_visible(g, pos), pos + 1), g))
-        width = max(len(r) for r in rows)
-        index = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), 1, width, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            index[i, :len(r)] = torch.tensor(r)
-            mask[i, 0, :len(r)] = True
+            rows.append(cache.slot_base(it.seq, lay.first_visible(g, pos), pos + 1, g))
+        lengths = torch.tensor([len(r) for r in rows])
+        index = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # padded with slot 0, masked out
+        mask = (torch.arange(index.shape[1])[None, :] < lengths[:, None])[:, None, :]
         return index.to(cache.device), mask.to(cache.device)
 
     def _prefill_index(self, items: list[WorkItem], g: int):
@@ -75,10 +70,9 @@ class PagedBatch:
             if i >= self.n_decode:
                 s, t = it.seq.num_computed, it.num_tokens
                 lo = lay.first_visible(g, s)
-                keys = range(lo, s + t)
                 window = lay.window if lay.group_kinds[g] == "sliding" else None
                 mask = visibility_mask(torch.arange(s, s + t), torch.arange(lo, s + t), window)
-                index = torch.tensor(cache.slot_base(it.seq, keys, g), dtype=torch.long)
+                index = cache.slot_base(it.seq, lo, s + t, g)
                 out.append((row, row + t, index.to(cache.device), mask.to(cache.device)))
             row += it.num_tokens
         return out
