@@ -28,3 +28,10 @@ from .sessions import Message, Reply, Session, SessionManager, TurnStats
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MODEL", "Engine", "GemmaSessionsError", "GenerationOutput", "GenerationResult", "GenerationStream",
+    "KVHandle", "Message", "Model", "ModelConfig", "Reply", "SamplingParams", "Session", "SessionManager",
+    "Tokenizer", "TurnStats", "generate", "generate_stream", "load_model",
+    *[name for name in dir() if name.endswith("Error") or name == "SessionBusy"],
+]

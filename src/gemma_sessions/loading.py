@@ -197,7 +197,7 @@ def _from_gguf(path: Path, progress: bool) -> tuple[ModelConfig, dict, Tokenizer
 
     meta, tensors, reader = read_gguf(path, progress=bar)
     config = ModelConfig.from_gguf_metadata(meta)
-    return config, tensors, Tokenizer._from_gguf_metadata(meta)
+    return config, tensors, Tokenizer.from_gguf_metadata(meta)
 
 
 def _from_hf_dir(path: Path) -> tuple[ModelConfig, dict, Tokenizer]:

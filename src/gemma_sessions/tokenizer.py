@@ -27,7 +27,6 @@ import codecs
 import hashlib
 import heapq
 import json
-import mmap
 import os
 import re
 import struct
@@ -51,117 +50,21 @@ _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-# --------------------------------------------------------------------------------------------------------------
-# GGUF metadata (only the key/value section at the start of the file is read)
-# --------------------------------------------------------------------------------------------------------------
+def _gguf_metadata(source: Any) -> dict[str, Any]:
+    """GGUF key/values from a path, a parsed GGUFFile, or a ``gguf.GGUFReader`` (its memory-mapped bytes)."""
+    from .errors import ModelError
+    from .models.gguf_file import GGUFFile
 
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-class _GGUFMeta:
-    """Sequential reader of a GGUF header and its metadata key/values over any buffer."""
-
-    def __init__(self, buf: Any) -> None:
-        self.buf = buf
-        magic = bytes(buf[0:4])
-        if magic != b"GGUF":
-            raise TokenizerError(f"not a GGUF file (magic {magic!r})")
-        version = struct.unpack_from("<I", buf, 4)[0]
-        # A big-endian file stores its version byte-swapped; gguf-py detects it the same way.
-        self.bo = ">" if version & 0xFFFF == 0 else "<"
-        version = struct.unpack_from(self.bo + "I", buf, 4)[0]
-        if version < 2:
-            raise TokenizerError(f"GGUF version {version} is not supported (need 2 or later)")
-        self.n_kv = struct.unpack_from(self.bo + "Q", buf, 16)[0]
-        self.pos = 24
-
-    def _unpack(self, fmt: str) -> Any:
-        value = struct.unpack_from(self.bo + fmt, self.buf, self.pos)[0]
-        self.pos += struct.calcsize(fmt)
-        return value
-
-    def _string(self) -> str:
-        n = self._unpack("Q")
-        start = self.pos
-        self.pos += n
-        if self.pos > len(self.buf):
-            raise TokenizerError("truncated GGUF string")
-        return str(self.buf[start : self.pos], "utf-8")
-
-    def _value(self, vtype: int) -> Any:
-        if vtype == _GGUF_STRING:
-            return self._string()
-        if vtype == _GGUF_ARRAY:
-            return self._array()
-        fmt = _GGUF_SCALARS.get(vtype)
-        if fmt is None:
-            raise TokenizerError(f"unknown GGUF value type {vtype}")
-        return self._unpack(fmt)
-
-    def _array(self) -> list[Any]:
-        itype = self._unpack("I")
-        n = self._unpack("Q")
-        if itype == _GGUF_STRING:
-            return self._string_array(n)
-        fmt = _GGUF_SCALARS.get(itype)
-        if fmt is None:
-            return [self._value(itype) for _ in range(n)]  # nested arrays: rare, slow path is fine
-        start = self.pos
-        self.pos += n * struct.calcsize(fmt)
-        raw = bytes(self.buf[start : self.pos])
-        if len(raw) != self.pos - start:
-            raise TokenizerError("truncated GGUF array")
-        if fmt == "?":
-            return [b != 0 for b in raw]
-        values = array(fmt)
-        values.frombytes(raw)
-        if (self.bo == ">") != (struct.pack("=I", 1) == struct.pack(">I", 1)):
-            values.byteswap()
-        return values.tolist()
-
-    def _string_array(self, n: int) -> list[str]:
-        buf, unpack, fmt, pos = self.buf, struct.unpack_from, self.bo + "Q", self.pos
-        out: list[str] = []
-        append = out.append
-        for _ in range(n):
-            size = unpack(fmt, buf, pos)[0]
-            pos += 8
-            append(str(buf[pos : pos + size], "utf-8"))
-            pos += size
-        if pos > len(buf):
-            raise TokenizerError("truncated GGUF string array")
-        self.pos = pos
-        return out
-
-    def items(self) -> Iterator[tuple[str, Any]]:
-        for _ in range(self.n_kv):
-            key = self._string()
-            yield key, self._value(self._unpack("I"))
-
-
-def _read_gguf_metadata(buf: Any) -> dict[str, Any]:
+    if hasattr(source, "metadata") and isinstance(source.metadata, dict):
+        return source.metadata
+    if not isinstance(source, (str, os.PathLike)):
+        source = getattr(source, "data", None)
+        if source is None:
+            raise TokenizerError("expected a path, a GGUFFile or a gguf.GGUFReader")
     try:
-        return dict(_GGUFMeta(buf).items())
-    except (struct.error, IndexError, ValueError, MemoryError) as exc:  # truncated or garbled header
-        raise TokenizerError(f"corrupt GGUF metadata: {exc}") from exc
-
-
-def _gguf_metadata_from_path(path: str | Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            return _read_gguf_metadata(mm)
-    except OSError as exc:
-        raise TokenizerError(f"cannot read GGUF file {path}: {exc}") from exc
-    except ValueError as exc:  # mmap of an empty file
-        raise TokenizerError(f"cannot read GGUF file {path}: {exc}") from exc
-
-
-def _gguf_metadata_from_reader(reader: Any) -> dict[str, Any]:
-    data = getattr(reader, "data", None)
-    if data is None:
-        raise TokenizerError("expected a path or a gguf.GGUFReader")
-    return _read_gguf_metadata(memoryview(data).cast("B"))
+        return GGUFFile(source).metadata
+    except ModelError as exc:
+        raise TokenizerError(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -414,14 +317,11 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path_or_reader: str | Path | Any) -> Tokenizer:
         """Build from a GGUF file path, or from an already-open ``gguf.GGUFReader``."""
-        if isinstance(path_or_reader, (str, os.PathLike)):
-            meta = _gguf_metadata_from_path(path_or_reader)
-        else:
-            meta = _gguf_metadata_from_reader(path_or_reader)
-        return cls._from_gguf_metadata(meta)
+        return cls.from_gguf_metadata(_gguf_metadata(path_or_reader))
 
     @classmethod
-    def _from_gguf_metadata(cls, meta: dict[str, Any]) -> Tokenizer:
+    def from_gguf_metadata(cls, meta: dict[str, Any]) -> Tokenizer:
+        """Build from GGUF key/values already read (``tokenizer.ggml.*``)."""
         model = meta.get("tokenizer.ggml.model")
         if model != "llama":
             raise TokenizerError(f"GGUF tokenizer model is {model!r}; only SentencePiece ('llama') is supported")
@@ -557,6 +457,10 @@ class Tokenizer:
         specials = [self.bos_id, self.eos_id, self.pad_id, self.unk_id]
         h.update(json.dumps(specials).encode())
         return h.hexdigest()
+
+    def vocab(self) -> tuple[list[str], list[float], list[int]]:
+        """(pieces, scores, types) - copies, e.g. to write the vocabulary into a GGUF file."""
+        return list(self._pieces), list(self._scores), list(self._types)
 
     def piece(self, token_id: int) -> str:
         return self._pieces[self._valid(token_id)]

@@ -1,0 +1,84 @@
+"""Sampling and text streaming: determinism, filters, stop strings, UTF-8 safety."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gemma_sessions as gs
+from gemma_sessions.generate import generate_tokens
+from gemma_sessions.sampling import Sampler, SamplingParams, TextStream
+from gemma_sessions.testing import tiny_model, tiny_tokenizer
+
+
+def _logits(seed: int = 0, n: int = 512) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_greedy_is_argmax():
+    lg = _logits()
+    assert Sampler(SamplingParams(temperature=0))(lg) == int(lg.argmax())
+
+
+def test_same_seed_same_tokens_different_seed_differs():
+    p = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, seed=42)
+    s1, s2, s3 = Sampler(p), Sampler(p), Sampler(p.replace(seed=7))
+    a = [s1(_logits(i)) for i in range(50)]
+    b = [s2(_logits(i)) for i in range(50)]
+    c = [s3(_logits(i)) for i in range(50)]
+    assert a == b  # one seed, one stream of choices
+    assert a != c
+
+
+def test_top_k_restricts_to_k_best():
+    lg = _logits(3)
+    allowed = set(torch.topk(lg, 5).indices.tolist())
+    s = Sampler(SamplingParams(temperature=2.0, top_k=5, top_p=1.0, seed=1))
+    assert {s(lg) for _ in range(300)} <= allowed
+
+
+def test_top_p_and_min_p_cut_the_tail():
+    lg = torch.full((100,), -10.0)
+    lg[:3] = torch.tensor([5.0, 4.9, 4.8])  # three near-equal heads, a negligible tail
+    s = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=0.9, seed=2))
+    seen = {s(lg) for _ in range(400)}
+    assert seen <= {0, 1, 2} and len(seen) >= 2
+    m = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.95, seed=3))
+    assert {m(lg) for _ in range(200)} <= {0, 1}
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(min_p=2),
+                                 dict(max_tokens=0), dict(top_k=-1), dict(stop=("",))])
+def test_invalid_params_are_refused(bad):
+    with pytest.raises(gs.InvalidRequestError):
+        SamplingParams(**bad)
+
+
+def test_max_tokens_and_seeded_generation_on_a_model():
+    m = tiny_model("gemma3", seed=1)
+    prompt = [2, 50, 60, 70]
+    p = SamplingParams(temperature=0.8, max_tokens=7, seed=9, ignore_eos=True)
+    a = list(generate_tokens(m, prompt, p))
+    assert len(a) == 7 and a == list(generate_tokens(m, prompt, p))
+    g = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)
+    assert list(generate_tokens(m, prompt, g)) == list(generate_tokens(m, prompt, g))
+
+
+def test_text_stream_holds_back_possible_stop_strings():
+    tok = tiny_tokenizer()
+    ids = tok.encode("abcXYdef")
+    ts = TextStream(tok, stop=("XYZ", "de"))
+    out = "".join(ts.feed(i) for i in ids)
+    assert out == "abcXY" and ts.stopped  # "XY" was held until "de" matched after it
+    ts2 = TextStream(tok, stop=("XYZ",))
+    out2 = "".join(ts2.feed(i) for i in ids) + ts2.finish()
+    assert out2 == "abcXYdef" and not ts2.stopped
+
+
+def test_text_stream_never_emits_half_a_character():
+    tok = tiny_tokenizer()  # no piece for these: byte fallback, several tokens per character
+    text = "héllo wörld ✓ 😀"
+    ids = tok.encode(text)
+    ts = TextStream(tok)
+    deltas = [ts.feed(i) for i in ids] + [ts.finish()]
+    assert "".join(deltas) == text and all("\ufffd" not in d for d in deltas)
