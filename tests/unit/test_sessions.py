@@ -68,7 +68,9 @@ def test_fork_shares_history_and_continues_like_the_parent(manager):
     assert f.token_ids == s.token_ids and f.id != s.id
     a, b = f.send("next"), s.send("next")
     assert a.token_ids == b.token_ids
-    assert a.stats.cached_tokens == b.stats.cached_tokens > 0
+    assert a.stats.cached_tokens > 0
+    # the parent's identical turn also finds the blocks the fork just computed (prefix cache, rematch)
+    assert b.stats.cached_tokens > a.stats.cached_tokens
 
 
 def test_context_policy_truncate_oldest_keeps_system_prompt(model):

@@ -115,7 +115,9 @@ class PagedKVCache:
         self.device = device
         self.pool = BlockPool(num_blocks)
         bs, lpg = layout.block_size, layout.layers_per_group
-        self.storage = torch.zeros(num_blocks, lpg, 2, bs, layout.num_kv_heads, layout.head_dim,
+        # NOTE: torch.empty, not zeros: the budget becomes resident only as pages are used. Pages are zeroed when
+        # handed out (``_new_blocks``), so nothing a query can read is ever uninitialised memory.
+        self.storage = torch.empty(num_blocks, lpg, 2, bs, layout.num_kv_heads, layout.head_dim,
                                    dtype=dtype, device=device)
         self.flat = self.storage.view(num_blocks * lpg * 2 * bs, layout.num_kv_heads, layout.head_dim)
         self.page_stride = lpg * 2 * bs  # flat slots per page
@@ -174,6 +176,22 @@ class PagedKVCache:
         self.prefix_hit_tokens += n
         return seq
 
+    def rematch(self, seq: SeqKV) -> int:
+        """Before a sequence computes anything: adopt a longer cached prefix if one appeared since it started
+        (requests arriving together: the first one's blocks are registered as its chunks complete). Returns the
+        number of newly cached tokens."""
+        n, tables, hashes = self.match_prefix(seq.tokens)
+        if n <= seq.num_computed:
+            return 0
+        for table in tables:
+            self.pool.touch([b for b in table if b is not None])
+        gained = n - seq.num_computed
+        self.free(seq)
+        seq.num_computed, seq.tables, seq.hashes, seq.num_registered = n, tables, hashes, len(hashes)
+        seq.cached_at_start = n
+        self.prefix_hit_tokens += gained
+        return gained
+
     def fork(self, seq: SeqKV) -> SeqKV:
         """A child sharing every block of ``seq`` (the partial last block is copied when first written)."""
         child = SeqKV(self.layout.num_groups)
@@ -225,7 +243,12 @@ class PagedKVCache:
                 self._copy_on_write(table, start // bs)
             missing = (end + bs - 1) // bs - len(table)
             if missing > 0:
-                table.extend(self.pool.get_new_blocks(missing))
+                table.extend(self._new_blocks(missing))
+
+    def _new_blocks(self, n: int) -> list[int]:
+        ids = self.pool.get_new_blocks(n)
+        self.storage.index_fill_(0, torch.tensor(ids, device=self.device), 0)
+        return ids
 
     def _copy_on_write(self, table: list[int | None], index: int) -> None:
         old = table[index]
@@ -237,7 +260,8 @@ class PagedKVCache:
         table[index] = new
 
     def commit(self, seq: SeqKV, n: int) -> None:
-        """Mark n more tokens computed; register blocks that just became full in the prefix cache."""
+        """Mark n more tokens computed; register blocks that just became full in the prefix cache; release
+        sliding-window blocks no later query can see (an idle session holds only its windows)."""
         seq.num_computed += n
         bs = self.layout.block_size
         full = seq.num_computed // bs
@@ -248,6 +272,7 @@ class PagedKVCache:
                     if table[b] is not None:
                         self.pool.cache_block(table[b], (g, seq.hashes[b]))
             seq.num_registered = full
+        self.release_out_of_window(seq)
 
     def truncate(self, seq: SeqKV, keep: int) -> None:
         """Forget KV beyond the first ``keep`` tokens (keep is clamped to what is computed)."""

@@ -56,7 +56,7 @@ class Engine:
         max_batch: most sequences advanced together in one step.
         block_size: tokens per KV page.
         max_batched_tokens: tokens computed per step at most (the prefill chunk budget).
-        kv_dtype: dtype of stored K/V (default: the model's compute dtype).
+        kv_dtype: dtype of stored K/V (default: float32 for float32 models, else bfloat16).
         on_spill: called on the loop thread with (handle, snapshot) just before an idle session's KV is dropped
             under memory pressure (the durable store writes it to disk; the call must not block for long).
     """
@@ -69,7 +69,8 @@ class Engine:
         self.model = model
         self.max_context = model.config.max_position_embeddings
         layout = KVLayout.for_config(model.config, block_size)
-        dtype = kv_dtype or model.net.dtype
+        # KV in bf16 unless the model runs in exact float32 (halves memory, bandwidth and snapshot size).
+        dtype = kv_dtype or (torch.float32 if model.weight_format == "float32" else torch.bfloat16)
         budget = kv_cache_bytes or default_kv_cache_bytes(model.device)
         num_blocks = budget // layout.page_bytes(dtype)
         if num_blocks < layout.num_groups * 2:

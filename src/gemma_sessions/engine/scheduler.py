@@ -95,6 +95,8 @@ class Scheduler:
             if req.state is not State.RUNNING:
                 continue
             seq = req.seq
+            if req.computed == 0 and seq.num_computed < len(seq.tokens) - 1:
+                req.cached_tokens += self.cache.rematch(seq)  # a prefix computed since it was admitted
             left = len(seq.tokens) - seq.num_computed
             n = self._allocate(req, min(left, budget))
             if n == 0:

@@ -220,7 +220,9 @@ class TurnStream:
         self._done = True  # until the engine request exists, there is nothing to cancel
         self.session = session
         conv = session.conversation
+        t0 = time.perf_counter()
         self._kv_source = session.manager._before_turn(session)
+        self._restore_s = time.perf_counter() - t0  # counted in the turn's time to first token
         with session._data_lock:
             user = conv.user_message(text)
             user, max_tokens, dropped = conv.fit(user, params.max_tokens, session.max_context,
@@ -268,7 +270,7 @@ class TurnStream:
         out = self._engine_stream.result().stats
         stats = TurnStats(prompt_tokens=out.prompt_tokens, cached_tokens=out.cached_tokens,
                           prefilled_tokens=out.prefilled_tokens, generated_tokens=len(self._tokens),
-                          ttft_s=out.ttft_s, decode_tokens_per_s=out.decode_tokens_per_s, total_s=out.total_s,
+                          ttft_s=out.ttft_s + self._restore_s, decode_tokens_per_s=out.decode_tokens_per_s, total_s=out.total_s + self._restore_s,
                           dropped_turns=self._dropped, preemptions=out.preemptions,
                           recomputed_tokens=out.recomputed_tokens, kv_source=self._kv_source)
         text = self._text.text
