@@ -77,3 +77,24 @@ def tiny_model(arch: str = "gemma3", seed: int = 0, weight_format: str = "float3
     model = Model(net, tiny_tokenizer(config.vocab_size), Path(f"tiny-{arch}-{seed}"), 0.0)
     model._fingerprint = f"tiny:{config.fingerprint()}:{seed}:{weight_format}"  # no weight file to hash
     return model
+
+
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def protobuf_field(number: int, wire: int, payload: bytes | int) -> bytes:
+    """One protobuf field (wire 0: varint, 2: length-delimited, else raw bytes): for writing test
+    tokenizer.model files without sentencepiece."""
+    key = _varint(number << 3 | wire)
+    if wire == 0:
+        return key + _varint(payload)  # type: ignore[arg-type]
+    if wire == 2:
+        return key + _varint(len(payload)) + payload  # type: ignore[arg-type]
+    return key + payload  # type: ignore[operator]

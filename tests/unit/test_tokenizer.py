@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gemma_sessions.errors import TokenizerError
+from gemma_sessions.testing import protobuf_field as _field
 from gemma_sessions.tokenizer import Tokenizer
 
 DEFAULT_GGUF = Path("/tmp/m/gemma-3-270m-q4_k_m.gguf")
@@ -309,24 +310,6 @@ def test_stream_decoder_equals_decode_on_random_bytes(tok: Tokenizer, data: byte
 
 # ---------------------------------------------------------------------------------------------------- HF directory
 
-
-def _varint(value: int) -> bytes:
-    value &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _field(number: int, wire: int, payload: bytes | int) -> bytes:
-    key = _varint(number << 3 | wire)
-    if wire == 0:
-        return key + _varint(payload)  # type: ignore[arg-type]
-    if wire == 2:
-        return key + _varint(len(payload)) + payload  # type: ignore[arg-type]
-    return key + payload  # type: ignore[operator]
 
 
 def write_sentencepiece_model(path: Path, tok: Tokenizer) -> None:
