@@ -38,6 +38,7 @@ from pathlib import Path
 
 import pytest
 
+from gemma_sessions.testing import protobuf_field as _field
 from gemma_sessions.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
@@ -203,24 +204,6 @@ def hf(gguf_path: Path):
 
     return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
 
-
-def _varint(value: int) -> bytes:
-    value &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _field(number: int, wire: int, payload: bytes | int) -> bytes:
-    key = _varint(number << 3 | wire)
-    if wire == 0:
-        return key + _varint(payload)  # type: ignore[arg-type]
-    if wire == 2:
-        return key + _varint(len(payload)) + payload  # type: ignore[arg-type]
-    return key + payload  # type: ignore[operator]
 
 
 def write_google_layout_model(path: Path, tok: Tokenizer) -> None:
