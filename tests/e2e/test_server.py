@@ -237,3 +237,41 @@ def test_conversation_survives_restart(tmp_path, real_model_path):
     finally:
         srv.stop()
     assert os.listdir(tmp_path / "store" / "kv")
+
+
+def test_client_disconnect_cancels_its_generation(server):
+    h = {"Authorization": f"Bearer {KEY_A}"}
+    body = {"messages": [{"role": "user", "content": "Write a very long essay."}], "max_tokens": 2000,
+            "stream": True, "temperature": 1.0}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=h, timeout=60) as r:
+        for _ in r.iter_lines():
+            break  # first chunk arrived: the generation runs; now hang up
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        if httpx.get(f"{server.url}/health").json()["running"] == 0:
+            break
+        time.sleep(0.2)
+    assert httpx.get(f"{server.url}/health").json()["running"] == 0, "the generation outlived its client"
+
+
+def test_overload_is_503_with_retry_after(tmp_path, real_model_path):
+    srv = Server(tmp_path / "store", _free_port(), extra=["--max-batch", "1", "--max-waiting", "1"]).start()
+    try:
+        h = {"Authorization": f"Bearer {KEY_A}"}
+        body = {"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 300,
+                "stream": True}
+        streams = [httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body, headers=h, timeout=60)
+                   for _ in range(2)]
+        responses = [s.__enter__() for s in streams]
+        for r in responses:
+            assert r.status_code == 200
+        deadline = time.time() + 20
+        while httpx.get(f"{srv.url}/health").json()["waiting"] < 1 and time.time() < deadline:
+            time.sleep(0.1)
+        r = httpx.post(f"{srv.url}/v1/chat/completions", json={**body, "stream": False}, headers=h, timeout=60)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "server_error"
+        for s in streams:
+            s.__exit__(None, None, None)
+    finally:
+        srv.stop()
