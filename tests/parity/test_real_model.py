@@ -27,6 +27,8 @@ import torch
 
 import gemma_sessions as gs
 from gemma_sessions.generate import generate_tokens
+from gemma_sessions.models import gemma
+from gemma_sessions.models.gemma import DenseKV
 from gemma_sessions.sampling import GREEDY
 
 pytestmark = pytest.mark.slow
@@ -110,6 +112,17 @@ def int8_logits(real_model_fast, text_ids) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
+def int8_decode_logits(real_model_fast, text_ids) -> torch.Tensor:
+    """The fast model's logits through its decode-path LM head: a few rows at a time, as generation runs it
+    (``forward`` over the whole text takes the prefill path, which may use a different kernel)."""
+    net, n = real_model_fast.net, len(text_ids)
+    rows = min(8, getattr(gemma, "INT8_MAX_ROWS", 1))
+    with torch.inference_mode():
+        h = net.hidden(torch.tensor(text_ids), torch.arange(n), DenseKV(net, max_len=n))
+        return torch.cat([net.logits(h[i:i + rows]) for i in range(0, n, rows)])
+
+
+@pytest.fixture(scope="module")
 def bf16_logits(real_model_path, text_ids) -> torch.Tensor:
     model = gs.load_model(real_model_path, dtype="bfloat16", progress=False)
     logits = model.forward(text_ids)
@@ -147,19 +160,20 @@ def test_agreement_with_llama_cpp(f32_logits, llama_logits, hf_logits):
 # ------------------------------------------------------------------------------------------------ 2. weight formats
 
 
-def test_weight_formats_agreement(f32_logits, int8_logits, bf16_logits):
-    a8, a16 = agreement(int8_logits, f32_logits), agreement(bf16_logits, f32_logits)
-    print(f"\n[formats] top-1 agreement vs our float32: int8 {a8:.4f}, bfloat16 {a16:.4f}")
-    # Regression floors a few points under the measured values (int8 0.95, bf16 0.97 on this text);
-    # the 98 % target for int8 is the xfail below.
-    assert a8 >= 0.93
+def test_weight_formats_agreement(f32_logits, int8_logits, int8_decode_logits, bf16_logits):
+    a8, a8d, a16 = (agreement(x, f32_logits) for x in (int8_logits, int8_decode_logits, bf16_logits))
+    print(f"\n[formats] top-1 agreement vs our float32: int8 (fast default) {a8:.4f} via forward, {a8d:.4f} via the "
+          f"decode-path LM head; bfloat16 {a16:.4f}")
+    # Regression floors under the values measured on this text (int8 0.972 / 0.967, bf16 0.977; transformers in
+    # bfloat16 on the same GGUF also gives 0.977). The 98 % target for int8 is the xfail below.
+    assert a8 >= 0.95 and a8d >= 0.95
     assert a16 >= 0.95
 
 
-@pytest.mark.xfail(strict=True, reason="per-row int8 requantization of the Q5_0/Q8_0/Q4_K/Q6_K blocks loses ~5% "
-                                       "top-1 agreement (measured 0.95); needs per-group scales")
-def test_int8_agreement_target(f32_logits, int8_logits):
-    assert agreement(int8_logits, f32_logits) >= 0.98
+@pytest.mark.xfail(strict=True, reason="bf16 matrix products alone give 0.977 on this text (ours and transformers "
+                                       "alike); the fast mode (bf16 layers, int8 LM head) measures 0.972 / 0.967")
+def test_int8_agreement_target(f32_logits, int8_logits, int8_decode_logits):
+    assert min(agreement(int8_logits, f32_logits), agreement(int8_decode_logits, f32_logits)) >= 0.98
 
 
 # ------------------------------------------------------------------------------------------------ 3. golden text
@@ -229,3 +243,13 @@ def test_fast_default_load_time():
     print(f"\n[load] {model.weight_format} load_seconds={model.load_seconds:.2f}")
     assert model.weight_format == "int8"
     assert model.load_seconds < 30  # target < 10 s; loose for a shared CI machine
+
+
+if __name__ == "__main__":  # print fresh golden ids after an intended numerical change: python <this file>
+    from gemma_sessions.loading import resolve_model_path
+
+    _model = gs.load_model(resolve_model_path("gemma3-270m", progress=False), dtype="float32", progress=False)
+    for _prompt in GOLDEN:
+        _ids = _model.tokenizer.encode(_prompt, add_bos=True)
+        _out = list(generate_tokens(_model, _ids, GREEDY.replace(max_tokens=24)))
+        print(f"{_prompt!r}: {_out},  # {_model.tokenizer.decode(_out)!r}")

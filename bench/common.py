@@ -1,0 +1,382 @@
+"""Helpers shared by the benchmarks in bench/ (not part of the package; references are imported only here).
+
+- output: ``meta()``, ``write_json()``, ``md_table()``, ``fmt()``, ``median()``, ``percentile()``
+- processes: ``run_child()`` (one engine per subprocess, so its peak RSS is its own), RSS and CPU-load readings
+- workload: ``model_path()``, ``tokenizer()``, ``text_of_tokens()`` / ``user_messages()`` (deterministic English
+  text of about N tokens, cut from stdlib docstrings so no data file or network is needed), Gemma turn rendering
+  for the reference engines (``user_turn_ids``, ``GEN_PROMPT``, ``reply_tail``)
+- ``LlamaMulti``: llama.cpp's low-level batch API (``llama_batch_init`` / ``llama_decode``) with one ``seq_id`` per
+  sequence: N sequences prefilled together and decoded in lock step, each keeping its KV between turns.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+OUT_DIR = BENCH / "out"
+THREADS = 2
+
+
+# ------------------------------------------------------------------------------------------------ setup / output
+
+
+def setup_torch() -> None:
+    import torch
+
+    torch.set_num_threads(THREADS)
+
+
+def command_line() -> str:
+    return " ".join([Path(sys.executable).name, *sys.argv])
+
+
+def meta(quick: bool, **extra) -> dict:
+    import torch
+
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "command": command_line(), "torch": torch.__version__,
+            "threads": THREADS, "cpus": os.cpu_count(), "quick": quick, **extra}
+
+
+def write_json(name: str, data: dict) -> Path:
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    path = OUT_DIR / f"{name}.json"
+    path.write_text(json.dumps(data, indent=1, default=str))
+    return path
+
+
+def print_header(m: dict) -> None:
+    print(f"\ncommand: {m['command']}")
+    print(f"{m['date']}  torch {m['torch']}  {m['threads']} threads  {m['cpus']} cpus"
+          f"{'  (--quick)' if m['quick'] else ''}\n")
+
+
+def fmt(x, digits: int = 1) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:,.{digits}f}"
+
+
+def md_table(headers: list[str], rows: list[list], right: bool = True) -> str:
+    align = "---:" if right else "---"
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + [align] * (len(headers) - 1)) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def median(values) -> float:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else float("nan")
+
+
+def percentile(values, p: float) -> float:
+    """Linear-interpolated percentile (p in 0..100), NaN for no values."""
+    v = sorted(x for x in values if x is not None)
+    if not v:
+        return float("nan")
+    k = (len(v) - 1) * p / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def ratio(a, b) -> float | None:
+    if a is None or b is None or not b or (isinstance(a, float) and math.isnan(a)):
+        return None
+    return a / b
+
+
+# ------------------------------------------------------------------------------------------------ processes
+
+
+def run_child(script: str | Path, name: str, workload: dict, extra_args: list[str] = (),
+              timeout: float | None = None) -> dict:
+    """Run ``script --child NAME --workload W --result R`` and return the JSON it wrote (or {"error": ...})."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(workload, f)
+        wfile = Path(f.name)
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        rfile = Path(f.name)
+    try:
+        print(f"--- {name} ...", file=sys.stderr, flush=True)
+        try:
+            proc = subprocess.run([sys.executable, str(script), "--child", name, "--workload", str(wfile),
+                                   "--result", str(rfile), *extra_args], stdout=sys.stderr, timeout=timeout,
+                                  check=False)
+        except subprocess.TimeoutExpired:
+            return {"engine": name, "error": f"timed out after {timeout:.0f} s"}
+        if proc.returncode != 0:
+            return {"engine": name, "error": f"exit status {proc.returncode}"}
+        return json.loads(rfile.read_text())
+    finally:
+        wfile.unlink(missing_ok=True)
+        rfile.unlink(missing_ok=True)
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds used by every process on the machine so far (/proc/stat, minus idle and iowait)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime
+
+
+class BackgroundLoad:
+    """Cores' worth of CPU used by *other* processes while the block ran (0 on a quiet machine)."""
+
+    def __enter__(self) -> BackgroundLoad:  # noqa: PYI034
+        self.t0, self.busy0, self.own0 = time.perf_counter(), busy_cpu_seconds(), own_cpu_seconds()
+        self.cores = float("nan")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall = time.perf_counter() - self.t0
+        other = (busy_cpu_seconds() - self.busy0) - (own_cpu_seconds() - self.own0)
+        self.cores = max(0.0, other / wall) if wall > 0 else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------ workload
+
+
+def model_path() -> str:
+    from gemma_sessions.loading import resolve_model_path
+
+    return str(resolve_model_path("gemma3-270m", progress=False))
+
+
+_TOKENIZER = None
+
+
+def tokenizer():
+    """Our tokenizer of the GGUF (id-for-id llama.cpp's); ``use_tokenizer`` shares an already loaded one."""
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        from gemma_sessions.tokenizer import Tokenizer
+
+        _TOKENIZER = Tokenizer.from_gguf(model_path())
+    return _TOKENIZER
+
+
+def use_tokenizer(tok) -> None:
+    global _TOKENIZER
+    _TOKENIZER = tok
+
+
+def corpus() -> str:
+    """Real English prose present wherever Python is: long stdlib module docstrings."""
+    import argparse
+    import configparser
+    import heapq
+    import inspect
+    import pdb  # noqa: T100 - for its docstring (prose), never run
+    import socketserver
+    import unittest
+
+    docs = [heapq.__about__, inspect.getdoc(socketserver), inspect.getdoc(configparser), inspect.getdoc(pdb),
+            inspect.getdoc(argparse.ArgumentParser.add_argument) or "", inspect.getdoc(unittest.TestCase) or "",
+            inspect.getdoc(unittest) or ""]
+    return "\n\n".join(d for d in docs if d)
+
+
+@functools.lru_cache(maxsize=1)
+def corpus_ids() -> tuple[int, ...]:
+    return tuple(tokenizer().encode(corpus()))
+
+
+def text_of_tokens(n: int, seed: int) -> str:
+    """Deterministic text of about ``n`` tokens: a run of the corpus from a seed-chosen start (wrapping)."""
+    ids = corpus_ids()
+    start = random.Random(seed).randrange(len(ids))
+    run = [ids[(start + i) % len(ids)] for i in range(n)]
+    return tokenizer().decode(run).strip()
+
+
+def user_messages(count: int, tokens_each: int, seed: int = 0) -> list[str]:
+    """``count`` distinct messages of about ``tokens_each`` tokens, starting at distinct corpus offsets."""
+    ids = corpus_ids()
+    starts = random.Random(seed).sample(range(len(ids)), count) if count <= len(ids) else \
+        [random.Random(seed + i).randrange(len(ids)) for i in range(count)]
+    tok = tokenizer()
+    return [f"Message {i + 1}: " + tok.decode([ids[(s + j) % len(ids)] for j in range(tokens_each - 4)]).strip()
+            for i, s in enumerate(starts)]
+
+
+def user_turn_ids(text: str, system: str | None = None) -> list[int]:
+    """``<start_of_turn>user\\n{text}<end_of_turn>\\n<start_of_turn>model\\n``, exactly as a Session renders it."""
+    from gemma_sessions.sessions.conversation import generation_prompt, render_turn
+
+    tok = tokenizer()
+    body = f"{system}\n\n{text}" if system else text
+    return render_turn(tok, "user", body) + generation_prompt(tok)
+
+
+def reply_tail() -> list[int]:
+    """What a Session appends after the generated tokens of a reply: ``<end_of_turn>\\n``."""
+    tok = tokenizer()
+    return [tok.end_of_turn_id, *tok.encode("\n")]
+
+
+def kv_theory(config, elem_bytes: int, tokens: int) -> dict:
+    """Theoretical KV bytes per token for ``tokens`` cached tokens: every layer keeps every token (``all_layers``,
+    = ``config.kv_bytes_per_token``), and the sliding-window minimum (full layers keep all ``tokens``, sliding
+    layers keep the last ``window``)."""
+    from gemma_sessions.config import FULL, SLIDING
+
+    per_layer = 2 * config.num_kv_heads * config.head_dim * elem_bytes
+    n_full = sum(1 for t in config.layer_types if t == FULL)
+    n_sliding = sum(1 for t in config.layer_types if t == SLIDING)
+    window = config.sliding_window or tokens
+    return {"all_layers": config.kv_bytes_per_token(elem_bytes),
+            "sliding_min": (n_full * tokens + n_sliding * min(tokens, window)) * per_layer / tokens,
+            "full_layers": n_full, "sliding_layers": n_sliding, "window": window}
+
+
+# ------------------------------------------------------------------------------------------------ transformers
+
+
+def load_transformers(path: str):
+    """transformers' Gemma 3 in bfloat16 from the GGUF (quietly: no progress bars, no deprecation chatter)."""
+    import warnings
+
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    p = Path(path)
+    return AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.bfloat16).eval()
+
+
+@functools.lru_cache(maxsize=1)
+def _hf_cache_kwarg() -> str:
+    import inspect
+
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3ForCausalLM
+
+    params = inspect.signature(Gemma3ForCausalLM.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
+
+
+def hf_cache(cache) -> dict:
+    """The keyword that passes a KV cache to this transformers version's forward (none for the first call)."""
+    return {} if cache is None else {_hf_cache_kwarg(): cache}
+
+
+def hf_cache_of(out):
+    return getattr(out, "cache", None) if _hf_cache_kwarg() == "cache" else out.past_key_values
+
+
+# ------------------------------------------------------------------------------------------------ llama.cpp
+
+
+class LlamaMulti:
+    """N sequences on one llama.cpp context, batched with ``llama_decode`` and one ``seq_id`` per sequence.
+
+    Each sequence keeps its KV between calls: ``prefill({seq: new_tokens})`` appends tokens to each sequence (all
+    packed into batches of ``n_batch`` tokens) and returns each sequence's greedy next token; ``decode({seq:
+    token})`` advances every given sequence by one token in one batch. Greedy = argmax of the logits.
+    """
+
+    def __init__(self, path: str, n_seq: int, n_ctx: int, n_batch: int = 512, threads: int = THREADS):
+        import llama_cpp
+        import numpy as np
+
+        self.lc, self.np = llama_cpp, np
+        try:  # llama.cpp's own log lines (model metadata, graph dumps) only at ERROR level
+            from llama_cpp import _logger
+
+            _logger.set_verbose(False)
+        except (ImportError, AttributeError):
+            pass
+        llama_cpp.llama_backend_init()
+        mparams = llama_cpp.llama_model_default_params()
+        self.model = llama_cpp.llama_model_load_from_file(path.encode(), mparams)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {path}")
+        c = llama_cpp.llama_context_default_params()
+        c.n_ctx, c.n_batch, c.n_ubatch, c.n_seq_max = n_ctx, n_batch, n_batch, n_seq
+        c.n_threads = c.n_threads_batch = threads
+        c.kv_unified = True  # one KV buffer shared by all sequences (n_ctx is the total)
+        self.ctx = llama_cpp.llama_init_from_model(self.model, c)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp could not create the context")
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+        self.n_batch = n_batch
+        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self.pos = [0] * n_seq
+        self.evaluated = 0
+
+    def _argmax(self, i: int) -> int:
+        ptr = self.lc.llama_get_logits_ith(self.ctx, i)
+        return int(self.np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).argmax())
+
+    def _run(self, entries: list[tuple[int, int, bool]]) -> dict[int, int]:
+        """entries: (seq, token, want_logits); returns {seq: next token} for entries that wanted logits."""
+        b = self.batch
+        for i, (s, t, want) in enumerate(entries):
+            b.token[i] = t
+            b.pos[i] = self.pos[s]
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = s
+            b.logits[i] = 1 if want else 0
+            self.pos[s] += 1
+        b.n_tokens = len(entries)
+        rc = self.lc.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        self.evaluated += len(entries)
+        return {s: self._argmax(i) for i, (s, _, want) in enumerate(entries) if want}
+
+    def prefill(self, new_tokens: dict[int, list[int]], on_first=None) -> dict[int, int]:
+        flat = [(s, t, j == len(toks) - 1) for s, toks in new_tokens.items() for j, t in enumerate(toks)]
+        out: dict[int, int] = {}
+        for k in range(0, len(flat), self.n_batch):
+            got = self._run(flat[k:k + self.n_batch])
+            if on_first is not None:
+                for s in got:
+                    on_first(s)
+            out.update(got)
+        return out
+
+    def decode(self, tokens: dict[int, int]) -> dict[int, int]:
+        out: dict[int, int] = {}
+        items = list(tokens.items())
+        for k in range(0, len(items), self.n_batch):
+            out.update(self._run([(s, t, True) for s, t in items[k:k + self.n_batch]]))
+        return out
+
+    def clear(self) -> None:
+        """Forget every sequence's KV."""
+        self.lc.llama_memory_clear(self.lc.llama_get_memory(self.ctx), True)
+        self.pos = [0] * len(self.pos)
+
+    def close(self) -> None:
+        self.lc.llama_batch_free(self.batch)
+        self.lc.llama_free(self.ctx)
+        self.lc.llama_model_free(self.model)
