@@ -380,3 +380,19 @@ class LlamaMulti:
         self.lc.llama_batch_free(self.batch)
         self.lc.llama_free(self.ctx)
         self.lc.llama_model_free(self.model)
+
+
+def parse_and_dispatch(doc: str, child, parent, quick_help: str, extra=None) -> None:
+    """The shared command line of the benchmarks: ``--quick``, script-specific options (``extra(parser)``), and
+    the hidden ``--child/--workload/--result`` a parent uses to run each engine in its own process."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    if extra is not None:
+        extra(p)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--workload", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    child(args) if args.child else parent(args)

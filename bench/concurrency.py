@@ -278,15 +278,11 @@ def child(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="N = 1, 4 with 1 turn, 1 run")
-    p.add_argument("--n", default=None, help="comma list of session counts (default 1,4,16,64)")
-    p.add_argument("--engines", default="all", help="comma list of: ours, llama, all")
-    p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--workload", help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    child(args) if args.child else parent(args)
+    def extra(p) -> None:
+        p.add_argument("--n", default=None, help="comma list of session counts (default 1,4,16,64)")
+        p.add_argument("--engines", default="all", help="comma list of: ours, llama, all")
+
+    C.parse_and_dispatch(__doc__, child, parent, "N = 1, 4 with 1 turn, 1 run", extra)
 
 
 if __name__ == "__main__":

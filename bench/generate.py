@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import common as C  # bench/common.py: shared command line
+
 OUT = Path(__file__).resolve().parent / "out" / "generate.json"
 ENGINES = ("ours-int8", "ours-bfloat16", "ours-float32", "transformers", "llama")
 GROUPS = {"ours": ENGINES[:3], "transformers": ("transformers",), "llama": ("llama",), "all": ENGINES}
@@ -442,15 +444,11 @@ def child(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="1 run after the warm-up, 32 decoded tokens, 1k prompt")
-    p.add_argument("--engines", default="all", help="comma list of: ours, transformers, llama, all, or "
-                                                    + ", ".join(ENGINES))
-    p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--workload", help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    child(args) if args.child else parent(args)
+    def extra(p) -> None:
+        p.add_argument("--engines", default="all", help="comma list of: ours, transformers, llama, all, or "
+                                                        + ", ".join(ENGINES))
+
+    C.parse_and_dispatch(__doc__, child, parent, "1 run after the warm-up, 32 decoded tokens, 1k prompt", extra)
 
 
 if __name__ == "__main__":

@@ -358,13 +358,7 @@ def child(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="15 s of load instead of 60 s")
-    p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--workload", help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    child(args) if args.child else parent(args)
+    C.parse_and_dispatch(__doc__, child, parent, "15 s of load instead of 60 s")
 
 
 if __name__ == "__main__":
