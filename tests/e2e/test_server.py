@@ -275,3 +275,20 @@ def test_overload_is_503_with_retry_after(tmp_path, real_model_path):
             s.__exit__(None, None, None)
     finally:
         srv.stop()
+
+
+def test_responses_instructions_and_store_false(server):
+    c = server.client()
+    h = {"Authorization": f"Bearer {KEY_A}"}
+    before = {s["id"] for s in httpx.get(f"{server.url}/v1/sessions", headers=h).json()["data"]}
+    kept = c.responses.create(model="m", input="Hello", instructions="Answer in French.", max_output_tokens=4)
+    after = {s["id"]: s for s in httpx.get(f"{server.url}/v1/sessions", headers=h).json()["data"]}
+    new = [after[i] for i in set(after) - before]
+    assert len(new) == 1 and new[0]["system"] == "Answer in French."
+    assert c.responses.retrieve(kept.id).id == kept.id
+    eph = c.responses.create(model="m", input="Hello", store=False, max_output_tokens=4)
+    assert eph.output_text is not None
+    final = {s["id"] for s in httpx.get(f"{server.url}/v1/sessions", headers=h).json()["data"]}
+    assert final == set(after), "store=false must not leave a session behind"
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve(eph.id)
