@@ -65,7 +65,7 @@ def tiny_tokenizer(vocab_size: int = TINY_VOCAB):
     return Tokenizer(pieces, scores, types, bos_id=2, eos_id=1, pad_id=0, unk_id=3)
 
 
-def tiny_model(arch: str = "gemma3", seed: int = 0, weight_format: str = "float32"):
+def tiny_model(arch: str = "gemma3", seed: int = 0, weight_format: str = "float32", device: str = "cpu"):
     """A :class:`Model` with random weights of a tiny config and :func:`tiny_tokenizer` (for engine tests)."""
     from pathlib import Path
 
@@ -73,7 +73,9 @@ def tiny_model(arch: str = "gemma3", seed: int = 0, weight_format: str = "float3
     from .models.gemma import GemmaModel
 
     config = tiny_config(arch)
-    net = GemmaModel(config, random_tensors(config, seed), weight_format, torch.device("cpu")).eval()
+    dev = torch.device(device)
+    tensors = {k: v.to(dev) for k, v in random_tensors(config, seed).items()}
+    net = GemmaModel(config, tensors, weight_format, dev).eval()
     model = Model(net, tiny_tokenizer(config.vocab_size), Path(f"tiny-{arch}-{seed}"), 0.0)
     model._fingerprint = f"tiny:{config.fingerprint()}:{seed}:{weight_format}"  # no weight file to hash
     return model
