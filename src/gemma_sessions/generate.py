@@ -14,7 +14,6 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .errors import ContextLengthError, InvalidRequestError
-from .models.gemma import DenseKV
 from .sampling import Sampler, SamplingParams, TextStream
 
 
@@ -48,22 +47,18 @@ def generate_tokens(model, prompt_ids: Sequence[int], params: SamplingParams) ->
         raise ContextLengthError(f"prompt has {len(prompt_ids)} tokens; the model's context is {ctx}")
     budget = min(params.max_tokens, ctx - len(prompt_ids))
     net, dev = model.net, model.device
-    kv = DenseKV(net, max_len=len(prompt_ids) + budget)
+    state = net.new_sequence(len(prompt_ids) + budget)
     sampler = Sampler(params)
     stops = set() if params.ignore_eos else stop_token_ids(model)
     ids = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=dev)
-    pos = torch.arange(len(prompt_ids), device=dev)
     for _ in range(budget):
         with torch.inference_mode():
-            h = net.hidden(ids, pos, kv)
-            logits = net.logits(h[-1:])[0]
-        kv.advance(ids.numel())
+            logits = net.step(ids, state, last_only=True)[0]
         token = sampler(logits)
         if token in stops:
             return
         yield token
         ids = torch.tensor([token], device=dev)
-        pos = torch.tensor([kv.length], device=dev)
 
 
 def generate_stream(model, prompt: str | Sequence[int], sampling: SamplingParams | None = None, *,

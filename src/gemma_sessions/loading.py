@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
-from .errors import ModelError, ModelNotFoundError
-from .models.gemma import DenseKV, GemmaModel
+from .errors import ModelError, ModelNotFoundError, WeightsError
+from .models.gemma import GemmaModel
 from .models.weights import check_tensors, read_gguf, read_safetensors
 from .tokenizer import Tokenizer
 
@@ -121,9 +121,7 @@ class Model:
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).reshape(-1)
         if ids.numel() == 0:
             raise ModelError("forward needs at least one token")
-        kv = DenseKV(self.net, max_len=ids.numel())
-        h = self.net.hidden(ids, torch.arange(ids.numel(), device=self.device), kv)
-        return self.net.logits(h)
+        return self.net.step(ids, self.net.new_sequence(ids.numel()))
 
     @property
     def fingerprint(self) -> str:
@@ -173,7 +171,10 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: str | tor
     if path.is_file() and path.suffix == ".gguf":
         config, tensors, tokenizer = _from_gguf(path, progress)
     elif path.is_dir():
-        config, tensors, tokenizer = _from_hf_dir(path)
+        raw = _hf_config(path)
+        if raw.get("model_type") == "recurrent_gemma":
+            return _load_griffin(path, raw, fmt, dev, t0)
+        config, tensors, tokenizer = ModelConfig.from_hf_config(raw), read_safetensors(path), Tokenizer.from_hf_dir(path)
     else:
         raise ModelError(f"{path}: expected a .gguf file or a Hugging Face model directory")
     check_tensors(config, tensors)
@@ -200,9 +201,28 @@ def _from_gguf(path: Path, progress: bool) -> tuple[ModelConfig, dict, Tokenizer
     return config, tensors, Tokenizer.from_gguf_metadata(meta)
 
 
-def _from_hf_dir(path: Path) -> tuple[ModelConfig, dict, Tokenizer]:
+def _hf_config(path: Path) -> dict:
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise ModelError(f"{path}: no config.json")
-    config = ModelConfig.from_hf_config(json.loads(cfg_file.read_text()))
-    return config, read_safetensors(path), Tokenizer.from_hf_dir(path)
+    return json.loads(cfg_file.read_text())
+
+
+def _load_griffin(path: Path, raw: dict, fmt: str, dev: torch.device, t0: float) -> Model:
+    """RecurrentGemma from an HF directory (CPU; float32 or bfloat16 weights). Engine support is not there yet."""
+    from safetensors.torch import load_file
+
+    from .models.griffin import GriffinConfig, GriffinModel
+    from .models.weights import safetensors_files
+
+    if dev.type != "cpu":
+        raise ModelError("RecurrentGemma runs on the CPU only for now")
+    config = GriffinConfig.from_hf_config(raw)
+    tensors: dict[str, torch.Tensor] = {}
+    for f in safetensors_files(path):
+        tensors.update({k: v.float() for k, v in load_file(str(f)).items() if k != "lm_head.weight"})
+    try:
+        net = GriffinModel(config, tensors, torch.float32 if fmt == "float32" else torch.bfloat16).eval()
+    except KeyError as exc:
+        raise WeightsError(f"missing tensor: model.{exc.args[0]}") from exc
+    return Model(net, Tokenizer.from_hf_dir(path), path, time.perf_counter() - t0)

@@ -100,3 +100,24 @@ def protobuf_field(number: int, wire: int, payload: bytes | int) -> bytes:
     if wire == 2:
         return key + _varint(len(payload)) + payload  # type: ignore[arg-type]
     return key + payload  # type: ignore[operator]
+
+
+def write_sentencepiece_model(path, tok) -> None:
+    """A minimal SentencePiece ModelProto (BPE, byte fallback, identity normalizer) holding ``tok``'s vocabulary."""
+    import struct
+    from pathlib import Path
+
+    parts = []
+    for token_id in range(tok.vocab_size):
+        piece = protobuf_field(1, 2, tok.piece(token_id).encode("utf-8"))
+        piece += protobuf_field(2, 5, struct.pack("<f", tok.score(token_id)))
+        piece += protobuf_field(3, 0, tok.token_type(token_id))
+        parts.append(protobuf_field(1, 2, piece))
+    trainer = protobuf_field(3, 0, 2) + protobuf_field(35, 0, 1)
+    trainer += protobuf_field(40, 0, tok.unk_id) + protobuf_field(41, 0, tok.bos_id) + protobuf_field(42, 0, tok.eos_id)
+    trainer += protobuf_field(43, 0, tok.pad_id)
+    normalizer = (protobuf_field(1, 2, b"identity") + protobuf_field(3, 0, 0) + protobuf_field(4, 0, 0)
+                  + protobuf_field(5, 0, 1))
+    parts.append(protobuf_field(2, 2, trainer))
+    parts.append(protobuf_field(3, 2, normalizer))
+    Path(path).write_bytes(b"".join(parts))

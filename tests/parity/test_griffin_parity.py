@@ -59,3 +59,19 @@ def test_state_size_is_flat(pair):
     size = state.nbytes()
     ours.logits(_ids(200)[:120], state)
     assert state.nbytes() == size  # however long the sequence grows
+
+
+def test_load_model_from_hf_directory_and_generate(pair, tmp_path):
+    import gemma_sessions as gs
+    from gemma_sessions.testing import tiny_tokenizer, write_sentencepiece_model
+
+    hf, _ = pair
+    hf.save_pretrained(tmp_path)
+    write_sentencepiece_model(tmp_path / "tokenizer.model", tiny_tokenizer(300))
+    model = gs.load_model(tmp_path, dtype="float32", progress=False)
+    ids = _ids()
+    _check(model.forward(ids), _reference(hf, ids))
+    text = gs.generate(model, "hello", max_tokens=5, temperature=0)
+    assert isinstance(text, str)
+    with pytest.raises(gs.UnsupportedModelError):
+        gs.Engine(model)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import struct
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from hypothesis import strategies as st
 
 from gemma_sessions.errors import TokenizerError
 from gemma_sessions.testing import protobuf_field as _field
+from gemma_sessions.testing import write_sentencepiece_model
 from gemma_sessions.tokenizer import Tokenizer
 
 DEFAULT_GGUF = Path("/tmp/m/gemma-3-270m-q4_k_m.gguf")
@@ -310,23 +310,6 @@ def test_stream_decoder_equals_decode_on_random_bytes(tok: Tokenizer, data: byte
 
 # ---------------------------------------------------------------------------------------------------- HF directory
 
-
-
-def write_sentencepiece_model(path: Path, tok: Tokenizer) -> None:
-    """A minimal SentencePiece ModelProto (BPE, identity normalizer) holding ``tok``'s vocabulary."""
-    parts = []
-    for token_id in range(tok.vocab_size):
-        piece = _field(1, 2, tok.piece(token_id).encode("utf-8"))
-        piece += _field(2, 5, struct.pack("<f", tok.score(token_id)))
-        piece += _field(3, 0, tok.token_type(token_id))
-        parts.append(_field(1, 2, piece))
-    trainer = _field(3, 0, 2) + _field(35, 0, 1)
-    trainer += _field(40, 0, tok.unk_id) + _field(41, 0, tok.bos_id) + _field(42, 0, tok.eos_id)
-    trainer += _field(43, 0, tok.pad_id)
-    normalizer = _field(1, 2, b"identity") + _field(3, 0, 0) + _field(4, 0, 0) + _field(5, 0, 1)
-    parts.append(_field(2, 2, trainer))
-    parts.append(_field(3, 2, normalizer))
-    path.write_bytes(b"".join(parts))
 
 
 def test_from_hf_dir_sentencepiece_model(tok: Tokenizer, tmp_path: Path) -> None:

@@ -23,7 +23,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..cache.kv import KVLayout, KVSnapshot, PagedKVCache, export_snapshot, import_snapshot
-from ..errors import CapacityError, ContextLengthError, EngineClosedError, InvalidRequestError
+from ..errors import (CapacityError, ContextLengthError, EngineClosedError, InvalidRequestError,
+                      UnsupportedModelError)
 from ..generate import stop_token_ids
 from ..sampling import SamplingParams
 from .request import GenerationOutput, GenerationStream, KVHandle, Request, State
@@ -64,6 +65,11 @@ class Engine:
     def __init__(self, model, kv_cache_bytes: int | None = None, max_batch: int = 64, block_size: int = 16,
                  max_batched_tokens: int = 512, kv_dtype: torch.dtype | None = None,
                  on_spill: Callable[[KVHandle, KVSnapshot], None] | None = None):
+        from ..models.gemma import GemmaModel
+
+        if not isinstance(model.net, GemmaModel):
+            raise UnsupportedModelError(f"the engine serves Gemma 1/2/3; {model.config.architecture} sessions are "
+                                        "not supported yet (use gs.generate)")
         if max_batch < 1 or block_size < 1 or max_batched_tokens < 1:
             raise InvalidRequestError("max_batch, block_size and max_batched_tokens must be >= 1")
         self.model = model

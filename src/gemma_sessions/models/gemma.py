@@ -299,6 +299,16 @@ class GemmaModel(nn.Module):
             x = layer(x, tables[self.rope.layer_key[layer.attn.layer]], kv)
         return self.norm(x)
 
+    def new_sequence(self, max_len: int) -> DenseKV:
+        """The state one sequence needs for :meth:`step` (a dense KV cache of ``max_len`` tokens)."""
+        return DenseKV(self, max_len)
+
+    def step(self, ids: torch.Tensor, kv: DenseKV, last_only: bool = False) -> torch.Tensor:
+        """Run new tokens of one sequence; float32 logits for each (or only the last) of them."""
+        h = self.hidden(ids, torch.arange(kv.length, kv.length + ids.numel(), device=ids.device), kv)
+        kv.advance(ids.numel())
+        return self.logits(h[-1:] if last_only else h)
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> float32 logits [N, vocab], through the tied embedding."""
         out = self.embed(h).float()

@@ -5,8 +5,8 @@ recurrent layer, the last ``conv_width - 1`` conv inputs and the RG-LRU state, a
 the last ``window`` tokens: the state stays the same size however long the sequence grows. Prefill at once, token by
 token or in chunks gives the same logits (the conv and the scan carry across chunk boundaries).
 
-Status: model and parity with transformers (``tests/parity/test_griffin_parity.py``). Not yet wired into the engine,
-the sessions or the store (issue 6 continues).
+Status: model, parity with transformers (``tests/parity/test_griffin_parity.py``), loading from an HF directory and
+``generate`` (CPU). Not yet wired into the engine, the sessions or the store (issue 6 continues).
 
 Every quirk follows transformers' ``models/recurrent_gemma/modeling_recurrent_gemma.py`` and is commented where it
 happens.
@@ -43,6 +43,11 @@ class GriffinConfig:
     rope_theta: float
     partial_rotary_factor: float
     block_types: tuple[str, ...]  # per layer: "recurrent" or "attention"
+    max_position_embeddings: int = 8192  # no hard limit (state is fixed-size); what generation allows
+    bos_token_id: int = 2
+    eos_token_id: int = 1
+    pad_token_id: int = 0
+    architecture: str = "recurrent_gemma"
 
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any]) -> GriffinConfig:
@@ -61,6 +66,8 @@ class GriffinConfig:
             partial_rotary_factor=float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.5))),
             # the pattern repeats over the depth (transformers: (block_types * 100)[:num_hidden_layers])
             block_types=tuple((pattern * (n // len(pattern) + 1))[:n]),
+            bos_token_id=int(cfg.get("bos_token_id") or 2), eos_token_id=int(cfg.get("eos_token_id") or 1),
+            pad_token_id=int(cfg.get("pad_token_id") or 0),
         )
 
 
@@ -180,6 +187,8 @@ class GriffinModel(nn.Module):
     def __init__(self, config: GriffinConfig, tensors: Mapping[str, torch.Tensor], dtype=torch.float32):
         super().__init__()
         self.config, self.dtype = config, dtype
+        self.device = torch.device("cpu")
+        self.weight_format = "float32" if dtype == torch.float32 else "bfloat16"
         w = {k.removeprefix("model."): v.to(dtype) for k, v in tensors.items()}
         self.embed = w["embed_tokens.weight"]  # tied LM head
         self.blocks, self.mlps, self.norms = nn.ModuleList(), nn.ModuleList(), []
@@ -196,6 +205,13 @@ class GriffinModel(nn.Module):
         # The embedding normalizer is sqrt(hidden) stored in bfloat16 (RecurrentGemmaModel.normalizer), so it is
         # rounded to bf16 precision even in a float32 model: 25.298 -> 25.25 for hidden 640.
         self.normalizer = torch.tensor(math.sqrt(config.hidden_size), dtype=torch.bfloat16).to(dtype)
+
+    def new_sequence(self, max_len: int) -> GriffinState:
+        return GriffinState(self)
+
+    def step(self, ids: torch.Tensor, state: GriffinState, last_only: bool = False) -> torch.Tensor:
+        out = self.logits(ids, state)
+        return out[-1:] if last_only else out
 
     @torch.inference_mode()
     def logits(self, ids: torch.Tensor, state: GriffinState) -> torch.Tensor:
