@@ -21,7 +21,7 @@ from .config import ModelConfig
 from .engine import Engine, GenerationOutput, GenerationStream, KVHandle
 from .errors import *  # noqa: F403 - the documented hierarchy is part of the public API
 from .errors import GemmaSessionsError
-from .generate import GenerationResult, generate, generate_stream
+from .generate import generate, generate_stream
 from .loading import DEFAULT_MODEL, Model, load_model
 from .sampling import SamplingParams
 from .sessions import Message, Reply, Session, SessionManager, TurnStats
@@ -30,7 +30,7 @@ from .tokenizer import Tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_MODEL", "Engine", "GemmaSessionsError", "GenerationOutput", "GenerationResult", "GenerationStream",
+    "DEFAULT_MODEL", "Engine", "GemmaSessionsError", "GenerationOutput", "GenerationStream",
     "KVHandle", "Message", "Model", "ModelConfig", "Reply", "SamplingParams", "Session", "SessionManager",
     "Tokenizer", "TurnStats", "generate", "generate_stream", "load_model",
     *[name for name in dir() if name.endswith("Error") or name == "SessionBusy"],

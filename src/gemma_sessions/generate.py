@@ -8,21 +8,12 @@ context. This is the simple path for scripts and the CLI's ``generate``; many co
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator, Sequence
 
 import torch
 
 from .errors import ContextLengthError, InvalidRequestError
 from .sampling import Sampler, SamplingParams, TextStream
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class GenerationResult:
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    finish_reason: str  # "stop" (end of turn / stop string) or "length"
 
 
 def stop_token_ids(model) -> set[int]:

@@ -274,22 +274,6 @@ class PagedKVCache:
             seq.num_registered = full
         self.release_out_of_window(seq)
 
-    def truncate(self, seq: SeqKV, keep: int) -> None:
-        """Forget KV beyond the first ``keep`` tokens (keep is clamped to what is computed)."""
-        keep = min(keep, seq.num_computed)
-        bs = self.layout.block_size
-        nb = (keep + bs - 1) // bs
-        for table in seq.tables:
-            drop = [b for b in table[nb:] if b is not None]
-            self.pool.free_blocks(reversed(drop))
-            del table[nb:]
-        seq.num_computed = keep
-        seq.tokens = seq.tokens[:keep]
-        full = keep // bs
-        seq.hashes = seq.hashes[:full]
-        seq.num_registered = min(seq.num_registered, full)
-        # a partial tail block that was registered full can't happen: registration needs all bs tokens.
-
     def free(self, seq: SeqKV) -> None:
         """Return every block of ``seq`` (tail first, so its tail is evicted before its head)."""
         for table in seq.tables:

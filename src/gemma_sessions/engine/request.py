@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from ..errors import RequestCancelledError
 from ..sampling import Sampler, SamplingParams
 
 _ids = itertools.count(1)
@@ -87,12 +86,9 @@ class Request:
         self.t_first = 0.0
         self.t_done = 0.0
         self.finish_reason = ""
-        self.listener: Callable[[tuple], None] | None = None  # optional push callback (asyncio bridge)
 
     def emit(self, event: tuple) -> None:
         self.events.put(event)
-        if self.listener is not None:
-            self.listener(event)
 
     def stats(self) -> RequestStats:
         n = len(self.output)
@@ -183,6 +179,3 @@ class GenerationStream:
         if self._output is None:
             self.cancel()
 
-
-def cancelled_error() -> RequestCancelledError:
-    return RequestCancelledError("the generation was cancelled")
