@@ -121,3 +121,36 @@ def write_sentencepiece_model(path, tok) -> None:
     parts.append(protobuf_field(2, 2, trainer))
     parts.append(protobuf_field(3, 2, normalizer))
     Path(path).write_bytes(b"".join(parts))
+
+
+def tiny_griffin_config(num_kv_heads: int = 1, window: int = 8, vocab_size: int = TINY_VOCAB):
+    """A small RecurrentGemma config (recurrent, recurrent, attention, recurrent) with a short attention window."""
+    from .models.griffin import GriffinConfig
+
+    return GriffinConfig.from_hf_config(dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=num_kv_heads, lru_width=64, attention_window_size=window, conv1d_width=4,
+        logits_soft_cap=30.0, rms_norm_eps=1e-6, block_types=["recurrent", "recurrent", "attention"],
+        max_position_embeddings=4096))
+
+
+def tiny_griffin_model(seed: int = 0, weight_format: str = "float32", **config):
+    """A RecurrentGemma :class:`Model` with random weights and :func:`tiny_tokenizer` (engine and session tests)."""
+    from pathlib import Path
+
+    from .loading import Model
+    from .models.griffin import GriffinModel
+
+    cfg = tiny_griffin_config(**config)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in cfg.tensor_shapes().items():
+        t = torch.randn(shape, generator=g) * (0.3 if len(shape) >= 2 else 0.2)
+        if name.endswith("recurrent_param"):
+            t = torch.rand(shape, generator=g) * 4 + 2  # decays in the trained range: a = sigmoid(p)^8c
+        tensors[name] = t
+    dtype = torch.float32 if weight_format == "float32" else torch.bfloat16
+    net = GriffinModel(cfg, tensors, dtype).eval()
+    model = Model(net, tiny_tokenizer(cfg.vocab_size), Path(f"tiny-griffin-{seed}"), 0.0)
+    model._fingerprint = f"tiny-griffin:{cfg.fingerprint()}:{seed}:{weight_format}"
+    return model

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 
 import torch
 
@@ -128,6 +129,39 @@ class PagedKVCache:
     def num_blocks(self) -> int:
         return self.pool.num_blocks
 
+    # ------------------------------------------------------------------------------------------ capacity
+    def could_ever_fit(self, num_tokens: int) -> bool:
+        return self.layout.blocks_needed(num_tokens, chunk=self.layout.block_size) <= self.pool.num_blocks
+
+    def has_room(self, num_tokens: int) -> bool:
+        """Free pages for a first chunk of ``num_tokens`` (cached pages are reclaimed by allocation too)."""
+        return self.pool.num_free >= self.layout.blocks_needed(num_tokens, chunk=num_tokens)
+
+    def describe(self) -> str:
+        return f"{self.pool.num_blocks} blocks of {self.layout.block_size} tokens"
+
+    def chunk_limit(self, seq: SeqKV, n: int) -> int:
+        return n
+
+    def export(self, seq: SeqKV) -> KVSnapshot:
+        return export_snapshot(self, seq)
+
+    def import_snapshot(self, snap: KVSnapshot) -> SeqKV:
+        if not isinstance(snap, KVSnapshot):
+            raise ValueError("a recurrent state snapshot cannot restore a KV cache")
+        return import_snapshot(self, snap)
+
+    def stats(self) -> dict:
+        pool, page = self.pool, self.layout.page_bytes(self.dtype)
+        return {
+            "cache_kind": "paged",
+            "blocks_total": pool.num_blocks, "blocks_used": pool.num_used, "blocks_free": pool.num_free,
+            "blocks_cached": pool.num_cached, "block_size": self.layout.block_size,
+            "kv_bytes_total": pool.num_blocks * page, "kv_bytes_used": pool.num_used * page,
+            "prefix_queried_tokens": self.prefix_queried_tokens, "prefix_hit_tokens": self.prefix_hit_tokens,
+            "cache_block_evictions": pool.evictions,
+        }
+
     # ------------------------------------------------------------------------------------------ prefix reuse
     def _hashes(self, tokens: list[int], n_blocks: int, known: list[BlockHash]) -> list[BlockHash]:
         bs = self.layout.block_size
@@ -163,8 +197,9 @@ class PagedKVCache:
             tables.append([None] * first + [pool.lookup((g, hashes[b])) for b in range(first, n)])
         return n * bs, tables, hashes[:n]
 
-    def start(self, tokens: list[int]) -> SeqKV:
-        """A new sequence for ``tokens``, adopting whatever prefix is cached."""
+    def start(self, tokens: list[int], checkpoints: Iterable[int] = ()) -> SeqKV:
+        """A new sequence for ``tokens``, adopting whatever prefix is cached (full blocks are shared by themselves:
+        ``checkpoints``, which a recurrent state cache snapshots at, need nothing here)."""
         seq = SeqKV(self.layout.num_groups)
         n, tables, hashes = self.match_prefix(tokens)
         for table in tables:

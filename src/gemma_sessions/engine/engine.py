@@ -5,6 +5,9 @@ Contract: ``Engine.submit(prompt_ids, params, kv=handle)`` is safe from any thre
 everything else reaches it through a queue of commands (submit, cancel wake-ups, fork, release). The engine knows
 nothing about text, chats or sessions; a ``KVHandle`` is how a caller keeps a sequence's KV between requests.
 
+Gemma 1/2/3 keep K/V in a :class:`PagedKVCache`; RecurrentGemma keeps its fixed-size state in a
+:class:`StateCache` of slots (same scheduler, same handles, snapshots instead of shared pages).
+
 Example::
 
     with gs.Engine(model, kv_cache_bytes=256 << 20) as engine:
@@ -22,7 +25,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..cache.kv import KVLayout, KVSnapshot, PagedKVCache, export_snapshot, import_snapshot
+from ..cache.kv import KVLayout, KVSnapshot, PagedKVCache
+from ..cache.state import StateCache, run_state_step
 from ..errors import (CapacityError, ContextLengthError, EngineClosedError, InvalidRequestError,
                       UnsupportedModelError)
 from ..generate import stop_token_ids
@@ -49,11 +53,12 @@ def default_kv_cache_bytes(device: torch.device) -> int:
 
 
 class Engine:
-    """Continuous-batching generation over a paged KV cache (see the module docstring).
+    """Continuous-batching generation over a paged KV cache, or recurrent state slots (see the module docstring).
 
     Args:
         model: a loaded :class:`~gemma_sessions.loading.Model`.
-        kv_cache_bytes: KV budget in bytes (default: a quarter of free memory, 256 MiB .. 8 GiB).
+        kv_cache_bytes: KV budget in bytes (default: a quarter of free memory, 256 MiB .. 8 GiB); for RecurrentGemma
+            the budget of its state slots (each holds one sequence of any length).
         max_batch: most sequences advanced together in one step.
         block_size: tokens per KV page.
         max_batched_tokens: tokens computed per step at most (the prefill chunk budget).
@@ -66,22 +71,31 @@ class Engine:
                  max_batched_tokens: int = 512, kv_dtype: torch.dtype | None = None,
                  on_spill: Callable[[KVHandle, KVSnapshot], None] | None = None):
         from ..models.gemma import GemmaModel
+        from ..models.griffin import GriffinModel
 
-        if not isinstance(model.net, GemmaModel):
-            raise UnsupportedModelError(f"the engine serves Gemma 1/2/3; {model.config.architecture} sessions are "
-                                        "not supported yet (use gs.generate)")
         if max_batch < 1 or block_size < 1 or max_batched_tokens < 1:
             raise InvalidRequestError("max_batch, block_size and max_batched_tokens must be >= 1")
         self.model = model
         self.max_context = model.config.max_position_embeddings
-        layout = KVLayout.for_config(model.config, block_size)
-        # KV in bf16 unless the model runs in exact float32 (halves memory, bandwidth and snapshot size).
-        dtype = kv_dtype or (torch.float32 if model.weight_format == "float32" else torch.bfloat16)
         budget = kv_cache_bytes or default_kv_cache_bytes(model.device)
-        num_blocks = budget // layout.page_bytes(dtype)
-        if num_blocks < layout.num_groups * 2:
-            raise InvalidRequestError(f"kv_cache_bytes={budget} holds only {num_blocks} pages")
-        self.cache = PagedKVCache(layout, num_blocks, dtype, model.device)
+        if isinstance(model.net, GriffinModel):
+            # RecurrentGemma: fixed-size state slots instead of pages (a slot holds any length)
+            slot_bytes = model.net.new_slots(1).slot_bytes()
+            if budget // slot_bytes < 2:
+                raise InvalidRequestError(f"kv_cache_bytes={budget} holds fewer than 2 state slots of {slot_bytes} B")
+            self.cache = StateCache(model.net, budget // slot_bytes, model.device)
+            self._run = run_state_step
+        elif isinstance(model.net, GemmaModel):
+            layout = KVLayout.for_config(model.config, block_size)
+            # KV in bf16 unless the model runs in exact float32 (halves memory, bandwidth and snapshot size).
+            dtype = kv_dtype or (torch.float32 if model.weight_format == "float32" else torch.bfloat16)
+            num_blocks = budget // layout.page_bytes(dtype)
+            if num_blocks < layout.num_groups * 2:
+                raise InvalidRequestError(f"kv_cache_bytes={budget} holds only {num_blocks} pages")
+            self.cache = PagedKVCache(layout, num_blocks, dtype, model.device)
+            self._run = run_step
+        else:
+            raise UnsupportedModelError(f"the engine cannot serve {model.config.architecture}")
         self.on_spill = on_spill
         self.scheduler = Scheduler(self.cache, max_batch, max_batched_tokens, self._fail, self._spill)
         self._stop_ids = stop_token_ids(model)
@@ -96,8 +110,12 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ public API
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
-               kv: KVHandle | None = None) -> GenerationStream:
-        """Queue a generation; returns its stream at once. Thread-safe."""
+               kv: KVHandle | None = None, checkpoints: Sequence[int] = ()) -> GenerationStream:
+        """Queue a generation; returns its stream at once. Thread-safe.
+
+        ``checkpoints``: prompt positions other sequences are likely to share (the end of a system prompt). A
+        recurrent model snapshots its state there; paged KV shares every full block anyway and ignores them.
+        """
         params = params or SamplingParams()
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
@@ -107,7 +125,7 @@ class Engine:
         vocab = self.model.config.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise InvalidRequestError(f"token ids must be in [0, {vocab})")
-        req = Request(prompt, params, self._stop_ids, kv, self.max_context)
+        req = Request(prompt, params, self._stop_ids, kv, self.max_context, tuple(int(c) for c in checkpoints))
         if kv is not None:
             if kv.busy:
                 raise InvalidRequestError("this KV handle is already in use by a running request")
@@ -133,7 +151,7 @@ class Engine:
 
     def export_kv(self, handle: KVHandle) -> KVSnapshot | None:
         """A CPU copy of the handle's KV (None when it holds none). Thread-safe."""
-        return self._call(lambda: export_snapshot(self.cache, handle.seq) if handle.seq is not None else None)
+        return self._call(lambda: self.cache.export(handle.seq) if handle.seq is not None else None)
 
     def import_kv(self, handle: KVHandle, snapshot: KVSnapshot) -> bool:
         """Give an idle handle the KV in ``snapshot``; False when memory cannot hold it now. Thread-safe."""
@@ -144,7 +162,7 @@ class Engine:
             raise InvalidRequestError("cannot restore KV into a handle that is in use")
         while True:
             try:
-                seq = import_snapshot(self.cache, snapshot)
+                seq = self.cache.import_snapshot(snapshot)
                 break
             except CapacityError:
                 if not self.scheduler.evict_one_parked():
@@ -156,7 +174,7 @@ class Engine:
     def _spill(self, handle: KVHandle) -> None:
         if self.on_spill is not None and handle.seq is not None and handle.seq.num_computed:
             try:
-                self.on_spill(handle, export_snapshot(self.cache, handle.seq))
+                self.on_spill(handle, self.cache.export(handle.seq))
             except Exception:  # a failed spill only costs a recompute later; never kill the loop for it
                 log.exception("spilling a session's KV failed")
 
@@ -258,7 +276,7 @@ class Engine:
         if not work:
             return
         t0 = time.perf_counter()
-        logits = run_step(self.model.net, self.cache, [item for _, item in work])
+        logits = self._run(self.model.net, self.cache, [item for _, item in work])
         row = 0
         for req, item in work:
             self.cache.commit(item.seq, item.num_tokens)
@@ -334,18 +352,15 @@ class Engine:
                 value[2].set_exception(exc)
 
     def _stats(self) -> dict:
-        pool, c, sched = self.cache.pool, self.cache, self.scheduler
+        c, sched = self.cache, self.scheduler
         elapsed = time.perf_counter() - self._started
+        stats = c.stats()
         return {
             "running": len(sched.running), "waiting": len(sched.waiting), "parked": len(sched.parked),
-            "blocks_total": pool.num_blocks, "blocks_used": pool.num_used, "blocks_free": pool.num_free,
-            "blocks_cached": pool.num_cached, "block_size": c.layout.block_size,
-            "kv_bytes_total": pool.num_blocks * c.layout.page_bytes(c.dtype),
-            "kv_bytes_used": pool.num_used * c.layout.page_bytes(c.dtype),
-            "prefix_queried_tokens": c.prefix_queried_tokens, "prefix_hit_tokens": c.prefix_hit_tokens,
-            "prefix_hit_rate": c.prefix_hit_tokens / c.prefix_queried_tokens if c.prefix_queried_tokens else 0.0,
-            "cache_block_evictions": pool.evictions, "session_kv_evictions": sched.parked_evictions,
-            "preemptions": sched.preemptions,
+            **stats,
+            "prefix_hit_rate": (stats["prefix_hit_tokens"] / stats["prefix_queried_tokens"]
+                                if stats["prefix_queried_tokens"] else 0.0),
+            "session_kv_evictions": sched.parked_evictions, "preemptions": sched.preemptions,
             "generated_tokens_per_s": self._counters["generated_tokens"] / elapsed if elapsed else 0.0,
             **self._counters,
         }

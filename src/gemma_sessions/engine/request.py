@@ -65,9 +65,10 @@ class Request:
     """Engine-side state of one generation (mutated only by the engine thread, except ``cancelled``)."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, stop_ids: set[int], handle: KVHandle | None,
-                 max_context: int):
+                 max_context: int, checkpoints: tuple[int, ...] = ()):
         self.id = next(_ids)
         self.prompt = prompt
+        self.checkpoints = checkpoints  # prompt positions worth a state snapshot (a system prompt's end)
         self.params = params
         self.sampler = Sampler(params)
         self.stop_ids = set() if params.ignore_eos else stop_ids

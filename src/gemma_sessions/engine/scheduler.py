@@ -12,6 +12,9 @@ Memory pressure, in order: (1) the pool reuses unreferenced cached blocks (LRU) 
 KV (idle, between turns) is dropped, least recently used first; (3) the newest running request is preempted
 (its blocks go back to the prefix cache, it re-queues and recomputes). A request that cannot fit even alone fails
 with ``CapacityError``; the others keep running.
+
+The cache is a ``PagedKVCache`` (Gemma) or a ``StateCache`` (RecurrentGemma's fixed-size state slots): both offer
+start / rematch / chunk_limit / allocate / free / could_ever_fit / has_room.
 """
 
 from __future__ import annotations
@@ -19,14 +22,13 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable
 
-from ..cache.kv import PagedKVCache
 from ..errors import CapacityError
 from .request import KVHandle, Request, State
 from .runner import WorkItem
 
 
 class Scheduler:
-    def __init__(self, cache: PagedKVCache, max_batch: int, max_batched_tokens: int,
+    def __init__(self, cache, max_batch: int, max_batched_tokens: int,
                  fail: Callable[[Request, BaseException], None],
                  spill: Callable[[KVHandle], None] | None = None):
         self.cache = cache
@@ -46,21 +48,17 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_batch:
             req = self.waiting[0]
             total = min(len(req.prompt) + req.params.max_tokens, req.max_context)
-            if self.cache.layout.blocks_needed(total, chunk=self.cache.layout.block_size) > self.cache.num_blocks:
+            if not self.cache.could_ever_fit(total):
                 self.waiting.popleft()
                 self._fail(req, CapacityError(
                     f"request of {len(req.prompt)} prompt + {req.params.max_tokens} new tokens can never fit "
-                    f"the KV cache ({self.cache.num_blocks} blocks of {self.cache.layout.block_size} tokens)"))
+                    f"the KV cache ({self.cache.describe()})"))
                 continue
-            if self.running and self.cache.pool.num_free < self._first_chunk_blocks(req):
+            if self.running and not self.cache.has_room(min(len(req.prompt), self.max_batched_tokens)):
                 break  # let running requests finish first; nothing else to admit until memory frees up
             self.waiting.popleft()
             self._start(req)
             self.running.append(req)
-
-    def _first_chunk_blocks(self, req: Request) -> int:
-        n = min(len(req.prompt), self.max_batched_tokens)
-        return self.cache.layout.blocks_needed(n, chunk=n)
 
     def _start(self, req: Request) -> None:
         cache, handle = self.cache, req.handle
@@ -80,7 +78,7 @@ class Scheduler:
                 cache.free(seq)
                 seq = None
         if seq is None:
-            seq = cache.start(tokens)
+            seq = cache.start(tokens, req.checkpoints)
         req.seq = seq
         if req.cached_tokens < 0:  # first admission (a preempted request keeps its original number)
             req.cached_tokens = seq.cached_at_start
@@ -98,7 +96,7 @@ class Scheduler:
             if req.computed == 0 and seq.num_computed < len(seq.tokens) - 1:
                 req.cached_tokens += self.cache.rematch(seq)  # a prefix computed since it was admitted
             left = len(seq.tokens) - seq.num_computed
-            n = self._allocate(req, min(left, budget))
+            n = self._allocate(req, self.cache.chunk_limit(seq, min(left, budget)))
             if n == 0:
                 continue
             budget -= n

@@ -88,6 +88,15 @@ class Conversation:
         return Message(role="user", text=text, created_at=time.time(),
                        token_ids=tuple(render_turn(self.tokenizer, "user", body)))
 
+    def system_end(self, prompt: list[int]) -> int | None:
+        """Where the system prompt ends in ``prompt`` (every session with this system prompt shares the tokens
+        before it), or None. A recurrent model snapshots its state there."""
+        if not self.system:
+            return None
+        tok = self.tokenizer
+        head = [tok.bos_id, tok.start_of_turn_id, *tok.encode(f"user\n{self.system}\n\n")]
+        return len(head) if prompt[:len(head)] == head else None
+
     def prompt_for(self, user: Message) -> list[int]:
         """Token ids the model sees for the next reply."""
         return [*self.token_ids, *user.token_ids, *generation_prompt(self.tokenizer)]

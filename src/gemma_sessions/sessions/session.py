@@ -228,11 +228,13 @@ class TurnStream:
             user, max_tokens, dropped = conv.fit(user, params.max_tokens, session.max_context,
                                                  session.context_policy)
             prompt = conv.prompt_for(user)
+            system_end = conv.system_end(prompt)
         self.params = params.replace(max_tokens=max_tokens)
         self._user, self._dropped = user, dropped
         self._text = TextStream(conv.tokenizer, self.params.stop)
         self._tokens: list[int] = []
-        self._engine_stream = session.engine.submit(prompt, self.params, kv=session.kv)
+        self._engine_stream = session.engine.submit(prompt, self.params, kv=session.kv,
+                                                    checkpoints=() if system_end is None else (system_end,))
         self._iter = iter(self._engine_stream)
         self.reply: Reply | None = None
         self._done = False

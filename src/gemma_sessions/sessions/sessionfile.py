@@ -8,6 +8,9 @@ safetensors, metadata is JSON in the safetensors header.
     tensors   tokens int32 [T]; kv.g{g} [n, layers_per_group, 2, block_size, kv_heads, head_dim] per KV group
               (float32 / bfloat16, or int8 with kv.g{g}.scale float32 [n, layers_per_group, 2, block_size]);
               kv.g{g}.index int64 [n] block positions
+    (a RecurrentGemma session instead holds its fixed-size state: state.{name} per state tensor, in the model's
+    dtypes (conv.i, rnn.i float32, k.i / v.i attention ring, kpos), and layout {"kind": "recurrent"}; int8
+    quantization does not apply to it)
     metadata  format, format_version, model_fingerprint, tokenizer_fingerprint, kv_dtype, kv_quant, layout,
               session (JSON: messages, settings, stats), checksum (sha256 over tensors and metadata)
 
@@ -25,6 +28,7 @@ from typing import Any
 import torch
 
 from ..cache.kv import KVSnapshot
+from ..cache.state import StateSnapshot
 from ..errors import SessionFileError
 
 FORMAT = "gemma-sessions/session"
@@ -53,7 +57,7 @@ def _quantize(pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def encode_session(snapshot: KVSnapshot | None, *, model_fingerprint: str, tokenizer_fingerprint: str,
+def encode_session(snapshot: KVSnapshot | StateSnapshot | None, *, model_fingerprint: str, tokenizer_fingerprint: str,
                    session: dict[str, Any], kv_dtype: str | None = None, quantize: bool = False) -> bytes:
     """Serialise to safetensors bytes (see the module docstring)."""
     from safetensors.torch import save
@@ -61,7 +65,13 @@ def encode_session(snapshot: KVSnapshot | None, *, model_fingerprint: str, token
     tensors: dict[str, torch.Tensor] = {}
     layout: dict[str, Any] = {}
     dtype_name = "none"
-    if snapshot is not None:
+    if isinstance(snapshot, StateSnapshot):
+        tensors["tokens"] = torch.tensor(snapshot.tokens, dtype=torch.int32)
+        layout = {"kind": "recurrent"}
+        dtype_name, quantize = "native", False
+        for name, t in snapshot.state.items():
+            tensors[f"state.{name}"] = t.contiguous()
+    elif snapshot is not None:
         tensors["tokens"] = torch.tensor(snapshot.tokens, dtype=torch.int32)
         layout = {"block_size": snapshot.block_size, "group_kinds": list(snapshot.group_kinds)}
         for g, (pages, index) in enumerate(zip(snapshot.pages, snapshot.index)):
@@ -105,7 +115,7 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def read_session_file(path: str | Path, *, model_fingerprint: str | None, tokenizer_fingerprint: str | None,
-                      history_only: bool = False) -> tuple[dict[str, Any], KVSnapshot | None]:
+                      history_only: bool = False) -> tuple[dict[str, Any], KVSnapshot | StateSnapshot | None]:
     """Load and verify a session file: (session metadata dict, KV snapshot or None).
 
     Args:
@@ -121,7 +131,8 @@ def read_session_file(path: str | Path, *, model_fingerprint: str | None, tokeni
 
 
 def decode_session(data: bytes, *, model_fingerprint: str | None, tokenizer_fingerprint: str | None,
-                   history_only: bool = False, name: str = "session file") -> tuple[dict, KVSnapshot | None]:
+                   history_only: bool = False, name: str = "session file"
+                   ) -> tuple[dict, KVSnapshot | StateSnapshot | None]:
     from safetensors.torch import load
 
     if data[:4] == _ZSTD_MAGIC:
@@ -171,10 +182,14 @@ def _header_metadata(data: bytes, name: str) -> dict[str, str]:
     return meta
 
 
-def _snapshot(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> KVSnapshot | None:
+def _snapshot(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> KVSnapshot | StateSnapshot | None:
     if "tokens" not in tensors:
         return None
     layout = json.loads(meta["layout"])
+    tokens = tuple(int(t) for t in tensors["tokens"].tolist())
+    if layout.get("kind") == "recurrent":
+        state = {name[len("state."):]: t for name, t in tensors.items() if name.startswith("state.")}
+        return StateSnapshot(tokens=tokens, state=state)
     pages, index = [], []
     for g in range(len(layout["group_kinds"])):
         p = tensors[f"kv.g{g}"]
@@ -182,5 +197,5 @@ def _snapshot(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> KVSnaps
             p = p.float() * tensors[f"kv.g{g}.scale"][..., None, None]
         pages.append(p)
         index.append(tuple(int(i) for i in tensors[f"kv.g{g}.index"].tolist()))
-    return KVSnapshot(tokens=tuple(int(t) for t in tensors["tokens"].tolist()), block_size=layout["block_size"],
+    return KVSnapshot(tokens=tokens, block_size=layout["block_size"],
                       group_kinds=tuple(layout["group_kinds"]), pages=tuple(pages), index=tuple(index))

@@ -1,0 +1,292 @@
+"""A slot pool for fixed-size recurrent state (RecurrentGemma), with prefix sharing through state snapshots.
+
+Contract: ``StateCache`` offers the scheduler and the engine the same operations as ``PagedKVCache`` (start,
+rematch, allocate, commit, fork, free, export, import) for models whose per-sequence cache is a fixed-size state
+(:class:`~gemma_sessions.models.griffin.GriffinSlots`) instead of KV pages. Every slot of the pool is one of:
+
+    free      nothing in it
+    owned     the state of one sequence (running, or parked between a session's turns)
+    snapshot  the state after an exact token prefix, kept in an LRU: a system prompt (a ``checkpoint`` the
+              request names), a fork's parent at the fork, a sequence that was freed or evicted
+
+A state cannot be cut back to an earlier position (unlike KV pages), so prefix sharing is by snapshot: a new
+sequence starts from the longest snapshot whose tokens begin its own, copied into its own slot when it first
+computes. Unreferenced snapshots are dropped least recently used first when a slot is needed.
+
+NOTE: a snapshot is registered under its full token tuple (no hashing collisions to reason about); a lookup tries
+each distinct snapshot length once, longest first, which is cheap at the tens to thousands of slots a pool holds.
+
+Thread-compatibility: called only from the engine loop thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Iterable
+
+import torch
+
+from ..errors import CapacityError
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StateSnapshot:
+    """A copy (CPU) of one sequence's recurrent state after ``tokens``: what session files and the store save."""
+
+    tokens: tuple[int, ...]
+    state: dict[str, torch.Tensor]   # GriffinSlots.read(): conv.i, rnn.i, k.i, v.i, kpos
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state.values())
+
+
+class _Snapshot:
+    __slots__ = ("key", "slot", "refs")
+
+    def __init__(self, key: tuple[int, ...], slot: int):
+        self.key, self.slot, self.refs = key, slot, 0
+
+
+class SeqState:
+    """One sequence: its tokens, how many are in its state, and where that state is (a slot, or a snapshot to copy
+    from when it first computes)."""
+
+    __slots__ = ("tokens", "num_computed", "cached_at_start", "slot", "base", "checkpoints")
+
+    def __init__(self, tokens: list[int]):
+        self.tokens = tokens
+        self.num_computed = 0
+        self.cached_at_start = 0
+        self.slot: int | None = None
+        self.base: _Snapshot | None = None
+        self.checkpoints: tuple[int, ...] = ()
+
+
+class StateCache:
+    """The slot pool and its snapshot LRU (see the module docstring)."""
+
+    kind = "recurrent"
+
+    def __init__(self, net, num_slots: int, device: torch.device):
+        if num_slots < 2:
+            raise ValueError("a state cache needs at least 2 slots")
+        self.net = net
+        self.device = device
+        self.pool = net.new_slots(num_slots)
+        self.slot_bytes = self.pool.slot_bytes()
+        self.dtype = net.dtype
+        self._free = list(range(num_slots - 1, -1, -1))
+        self._snapshots: collections.OrderedDict[tuple[int, ...], _Snapshot] = collections.OrderedDict()  # LRU
+        self._lengths: collections.Counter[int] = collections.Counter()
+        self.prefix_queried_tokens = 0
+        self.prefix_hit_tokens = 0
+        self.evictions = 0
+        self.snapshots_taken = 0
+
+    # ------------------------------------------------------------------------------------------ capacity
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_slots
+
+    def could_ever_fit(self, num_tokens: int) -> bool:
+        return True  # one slot holds any length
+
+    def has_room(self, num_tokens: int) -> bool:
+        return bool(self._free) or any(s.refs == 0 for s in self._snapshots.values())
+
+    def describe(self) -> str:
+        return f"{self.pool.num_slots} state slots of {self.slot_bytes} bytes"
+
+    def chunk_limit(self, seq: SeqState, n: int) -> int:
+        """Cut a prefill chunk at the next checkpoint, so the state there can be snapshotted."""
+        for c in seq.checkpoints:
+            if seq.num_computed < c < seq.num_computed + n:
+                return c - seq.num_computed
+        return n
+
+    def bytes_held(self, seq: SeqState) -> int:
+        return self.slot_bytes if seq.slot is not None else 0
+
+    # ------------------------------------------------------------------------------------------ sequences
+    def start(self, tokens: list[int], checkpoints: Iterable[int] = ()) -> SeqState:
+        """A new sequence starting from the longest snapshot that is a proper prefix of ``tokens``."""
+        seq = SeqState(tokens)
+        seq.checkpoints = tuple(sorted(c for c in checkpoints if 0 < c < len(tokens)))
+        snap = self._match(tokens, len(tokens) - 1)
+        self.prefix_queried_tokens += len(tokens)
+        if snap is not None:
+            self._use(seq, snap)
+            self.prefix_hit_tokens += len(snap.key)
+        return seq
+
+    def rematch(self, seq: SeqState) -> int:
+        """Before a sequence computes anything: a longer snapshot may exist now. Returns the tokens gained."""
+        if seq.slot is not None:
+            return 0
+        snap = self._match(seq.tokens, len(seq.tokens) - 1)
+        if snap is None or len(snap.key) <= seq.num_computed:
+            return 0
+        gained = len(snap.key) - seq.num_computed
+        self._drop_base(seq)
+        self._use(seq, snap)
+        self.prefix_hit_tokens += gained
+        return gained
+
+    def allocate(self, seq: SeqState, n: int) -> None:
+        """Give ``seq`` its own slot (copying its snapshot in) before it computes. Raises CapacityError."""
+        if seq.slot is not None:
+            return
+        slot = self._take_slot()
+        if seq.base is not None:
+            self.pool.copy(seq.base.slot, slot)
+            self._drop_base(seq)
+        else:
+            self.pool.reset(slot)
+        seq.slot = slot
+
+    def commit(self, seq: SeqState, n: int) -> None:
+        seq.num_computed += n
+        if seq.num_computed in seq.checkpoints:
+            self._snapshot(seq)
+
+    def fork(self, seq: SeqState) -> SeqState:
+        """A new sequence with the same tokens, starting from a snapshot of ``seq``'s state (taken now)."""
+        child = SeqState(list(seq.tokens[:seq.num_computed]))
+        snap = seq.base if seq.slot is None else self._snapshot(seq)
+        if snap is not None:
+            self._use(child, snap)
+        return child
+
+    def free(self, seq: SeqState) -> None:
+        """Release a sequence; its state stays as a snapshot (reusable until its slot is needed)."""
+        self._drop_base(seq)
+        if seq.slot is None:
+            return
+        key = tuple(seq.tokens[:seq.num_computed])
+        if key and key not in self._snapshots:
+            self._register(key, seq.slot)
+        else:
+            self._free.append(seq.slot)
+        seq.slot = None
+
+    # ------------------------------------------------------------------------------------------ snapshots
+    def export(self, seq: SeqState) -> StateSnapshot | None:
+        if seq.slot is not None:
+            return StateSnapshot(tokens=tuple(seq.tokens[:seq.num_computed]), state=self.pool.read(seq.slot))
+        if seq.base is not None:
+            return StateSnapshot(tokens=seq.base.key, state=self.pool.read(seq.base.slot))
+        return None
+
+    def import_snapshot(self, snap: StateSnapshot) -> SeqState:
+        """A new sequence holding ``snap``'s state. Raises CapacityError (no slot) or ValueError (another model)."""
+        if not isinstance(snap, StateSnapshot):
+            raise ValueError("a KV snapshot cannot restore a recurrent model's state")
+        slot = self._take_slot()
+        try:
+            self.pool.write(slot, snap.state)
+        except ValueError:
+            self._free.append(slot)
+            raise
+        seq = SeqState(list(snap.tokens))
+        seq.slot, seq.num_computed = slot, snap.num_tokens
+        return seq
+
+    def stats(self) -> dict:
+        used = self.pool.num_slots - len(self._free) - len(self._snapshots)
+        return {
+            "cache_kind": self.kind, "state_slots_total": self.pool.num_slots, "state_slots_used": used,
+            "state_slots_snapshot": len(self._snapshots), "state_slots_free": len(self._free),
+            "state_slot_bytes": self.slot_bytes, "state_snapshots_taken": self.snapshots_taken,
+            "blocks_total": self.pool.num_slots, "blocks_used": used + len(self._snapshots),
+            "blocks_free": len(self._free), "blocks_cached": len(self._snapshots), "block_size": 0,
+            "kv_bytes_total": self.pool.num_slots * self.slot_bytes,
+            "kv_bytes_used": (self.pool.num_slots - len(self._free)) * self.slot_bytes,
+            "prefix_queried_tokens": self.prefix_queried_tokens, "prefix_hit_tokens": self.prefix_hit_tokens,
+            "cache_block_evictions": self.evictions,
+        }
+
+    # ------------------------------------------------------------------------------------------ internals
+    def _match(self, tokens: list[int], limit: int) -> _Snapshot | None:
+        for n in sorted(self._lengths, reverse=True):
+            if n <= limit:
+                snap = self._snapshots.get(tuple(tokens[:n]))
+                if snap is not None:
+                    self._snapshots.move_to_end(snap.key)
+                    return snap
+        return None
+
+    def _use(self, seq: SeqState, snap: _Snapshot) -> None:
+        snap.refs += 1
+        seq.base = snap
+        seq.num_computed = seq.cached_at_start = len(snap.key)
+
+    def _drop_base(self, seq: SeqState) -> None:
+        if seq.base is not None:
+            seq.base.refs -= 1
+            seq.base = None
+
+    def _snapshot(self, seq: SeqState) -> _Snapshot | None:
+        """Copy ``seq``'s current state into a snapshot slot (None when no slot can be had)."""
+        key = tuple(seq.tokens[:seq.num_computed])
+        snap = self._snapshots.get(key)
+        if snap is not None:
+            self._snapshots.move_to_end(key)
+            return snap
+        try:
+            slot = self._take_slot()
+        except CapacityError:
+            return None  # a snapshot is an optimisation: without room, later sequences recompute
+        self.pool.copy(seq.slot, slot)
+        self.snapshots_taken += 1
+        return self._register(key, slot)
+
+    def _register(self, key: tuple[int, ...], slot: int) -> _Snapshot:
+        snap = _Snapshot(key, slot)
+        self._snapshots[key] = snap
+        self._lengths[len(key)] += 1
+        return snap
+
+    def _take_slot(self) -> int:
+        if self._free:
+            return self._free.pop()
+        for key, snap in self._snapshots.items():  # least recently used first
+            if snap.refs == 0:
+                del self._snapshots[key]
+                self._lengths[len(key)] -= 1
+                if not self._lengths[len(key)]:
+                    del self._lengths[len(key)]
+                self.evictions += 1
+                return snap.slot
+        raise CapacityError(f"all {self.pool.num_slots} state slots are in use")
+
+
+def run_state_step(net, cache: StateCache, items: list) -> torch.Tensor:
+    """One engine step for a recurrent model: every single-token item (decode rows) in one batched forward over
+    their slots, each prefill chunk on its own. Returns logits [R, vocab] for the items with ``want_logits``."""
+    dev = cache.device
+    out: dict[int, torch.Tensor] = {}
+    decode = [i for i, it in enumerate(items) if it.num_tokens == 1]
+    if decode:
+        rows = [items[i] for i in decode]
+        ids = torch.tensor([[it.seq.tokens[it.seq.num_computed]] for it in rows], dtype=torch.long, device=dev)
+        slots = torch.tensor([it.seq.slot for it in rows], dtype=torch.long, device=dev)
+        start = torch.tensor([it.seq.num_computed for it in rows], dtype=torch.long, device=dev)
+        logits = net.forward_slots(ids, slots, start, cache.pool, last_only=True)[:, 0]
+        out.update({i: logits[j] for j, i in enumerate(decode) if items[i].want_logits})
+    for i, it in enumerate(items):
+        if it.num_tokens == 1:
+            continue
+        s = it.seq.num_computed
+        ids = torch.tensor([it.seq.tokens[s:s + it.num_tokens]], dtype=torch.long, device=dev)
+        slot = torch.tensor([it.seq.slot], dtype=torch.long, device=dev)
+        logits = net.forward_slots(ids, slot, slot * 0 + s, cache.pool, last_only=True)[0, 0]
+        if it.want_logits:
+            out[i] = logits
+    if not out:
+        return torch.empty(0, net.config.vocab_size)
+    return torch.stack([out[i] for i in sorted(out)])
