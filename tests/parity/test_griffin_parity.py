@@ -73,5 +73,12 @@ def test_load_model_from_hf_directory_and_generate(pair, tmp_path):
     _check(model.forward(ids), _reference(hf, ids))
     text = gs.generate(model, "hello", max_tokens=5, temperature=0)
     assert isinstance(text, str)
-    with pytest.raises(gs.UnsupportedModelError):
-        gs.Engine(model)
+    with gs.Engine(model, kv_cache_bytes=8 << 20) as engine:  # the loaded model serves sessions
+        prompt = model.tokenizer.encode("hello", add_bos=True)
+        out = engine.submit(prompt, gs.SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)).result()
+    expect, state = [], model.net.new_sequence(0)
+    logits = model.net.step(torch.tensor(prompt), state, last_only=True)
+    for _ in range(5):
+        expect.append(int(logits[-1].argmax()))
+        logits = model.net.step(torch.tensor(expect[-1:]), state, last_only=True)
+    assert out.token_ids == expect
