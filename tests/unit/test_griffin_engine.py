@@ -207,3 +207,12 @@ def test_state_slot_is_reset_between_sequences(model):
         a = e.submit(p1, P).result().token_ids
         b = e.submit(p2, P).result().token_ids
     assert a == _alone(model, p1, P.max_tokens) and b == _alone(model, p2, P.max_tokens)
+
+
+def test_bfloat16_model_serves_sessions():
+    m = tiny_griffin_model(seed=4, weight_format="bfloat16")
+    with _engine(m) as e:
+        s = gs.SessionManager(e).create(system=SYSTEM, sampling=P)
+        r1, r2 = s.send(QUESTIONS[0]), s.send(QUESTIONS[1])
+        assert len(r1.token_ids) == len(r2.token_ids) == P.max_tokens and r2.stats.cached_tokens > 0
+        assert e.cache.pool.k[2].dtype == torch.bfloat16 and e.cache.pool.rnn[0].dtype == torch.float32

@@ -193,10 +193,10 @@ class GriffinState:
 
 def _lin(w: Mapping[str, torch.Tensor], name: str, bias: bool = True) -> nn.Linear:
     weight = w[f"{name}.weight"]
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias)
-    layer.weight.data.copy_(weight)
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias, device="meta")  # no init: the weights follow
+    layer.weight = nn.Parameter(weight, requires_grad=False)  # the model's dtype (float32 or bfloat16), no copy
     if bias:
-        layer.bias.data.copy_(w[f"{name}.bias"])
+        layer.bias = nn.Parameter(w[f"{name}.bias"], requires_grad=False)
     return layer
 
 
