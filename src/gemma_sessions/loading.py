@@ -209,20 +209,34 @@ def _hf_config(path: Path) -> dict:
 
 
 def _load_griffin(path: Path, raw: dict, fmt: str, dev: torch.device, t0: float) -> Model:
-    """RecurrentGemma from an HF directory (CPU; float32 or bfloat16 weights). Engine support is not there yet."""
+    """RecurrentGemma from an HF directory (float32 or bfloat16 weights; an int8 request means bfloat16).
+
+    Strict like the Gemma loaders: a missing, unexpected or misshapen tensor is an error that names it."""
     from safetensors.torch import load_file
 
     from .models.griffin import GriffinConfig, GriffinModel
     from .models.weights import safetensors_files
 
-    if dev.type != "cpu":
-        raise ModelError("RecurrentGemma runs on the CPU only for now")
     config = GriffinConfig.from_hf_config(raw)
+    dtype = torch.float32 if fmt == "float32" else torch.bfloat16
     tensors: dict[str, torch.Tensor] = {}
     for f in safetensors_files(path):
-        tensors.update({k: v.float() for k, v in load_file(str(f)).items() if k != "lm_head.weight"})
-    try:
-        net = GriffinModel(config, tensors, torch.float32 if fmt == "float32" else torch.bfloat16).eval()
-    except KeyError as exc:
-        raise WeightsError(f"missing tensor: model.{exc.args[0]}") from exc
+        for k, v in load_file(str(f)).items():
+            if k != "lm_head.weight":  # tied to the embedding
+                tensors[k.removeprefix("model.")] = v.to(dtype)  # straight to the target dtype: no float32 copy
+    expected = config.tensor_shapes()
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise WeightsError(f"{path}: tensors missing: {_names(missing)}; unexpected: {_names(unexpected)}")
+    for k, shape in expected.items():
+        if tuple(tensors[k].shape) != shape:
+            raise WeightsError(f"{path}: tensor model.{k} has shape {tuple(tensors[k].shape)}, expected {shape}")
+    net = GriffinModel(config, tensors, dtype, dev).eval()
+    del tensors
     return Model(net, Tokenizer.from_hf_dir(path), path, time.perf_counter() - t0)
+
+
+def _names(names: list[str], n: int = 6) -> str:
+    if not names:
+        return "none"
+    return ", ".join(f"model.{x}" for x in names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")

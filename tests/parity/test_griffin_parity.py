@@ -82,3 +82,21 @@ def test_load_model_from_hf_directory_and_generate(pair, tmp_path):
         expect.append(int(logits[-1].argmax()))
         logits = model.net.step(torch.tensor(expect[-1:]), state, last_only=True)
     assert out.token_ids == expect
+
+
+def test_loading_is_strict(pair, tmp_path):
+    import safetensors.torch
+
+    import gemma_sessions as gs
+    from gemma_sessions.testing import tiny_tokenizer, write_sentencepiece_model
+
+    hf, _ = pair
+    hf.save_pretrained(tmp_path)
+    write_sentencepiece_model(tmp_path / "tokenizer.model", tiny_tokenizer(300))
+    f = tmp_path / "model.safetensors"
+    tensors = safetensors.torch.load_file(str(f))
+    tensors.pop("model.layers.1.temporal_block.conv_1d.bias")
+    tensors["model.layers.0.extra.weight"] = torch.zeros(2)
+    safetensors.torch.save_file(tensors, str(f))
+    with pytest.raises(gs.WeightsError, match=r"conv_1d\.bias.*unexpected: model\.layers\.0\.extra\.weight"):
+        gs.load_model(tmp_path, dtype="float32", progress=False)

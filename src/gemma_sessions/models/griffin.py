@@ -256,7 +256,8 @@ class LocalAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj = (_lin(w, n, bias=False) for n in ("q_proj", "k_proj", "v_proj"))
         self.o_proj = _lin(w, "o_proj")  # the output projection alone has a bias
         self.rot = int(c.head_dim * c.partial_rotary_factor)
-        self.inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, self.rot, 2, dtype=torch.int64).float() / self.rot))
+        inv = 1.0 / (c.rope_theta ** (torch.arange(0, self.rot, 2, dtype=torch.int64).float() / self.rot))
+        self.inv_freq = inv.to(self.q_proj.weight.device)
 
     def _rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # x: [B, T, heads, D]; pos: [B, T]
         freqs = pos.float()[..., None] * self.inv_freq
@@ -285,12 +286,13 @@ class LocalAttention(nn.Module):
 class GriffinModel(nn.Module):
     """The decoder. ``logits(ids, state)`` runs new tokens through the state and returns float32 logits."""
 
-    def __init__(self, config: GriffinConfig, tensors: Mapping[str, torch.Tensor], dtype=torch.float32):
+    def __init__(self, config: GriffinConfig, tensors: Mapping[str, torch.Tensor], dtype=torch.float32,
+                 device: str | torch.device | None = None):
         super().__init__()
         self.config, self.dtype = config, dtype
-        self.device = torch.device("cpu")
+        self.device = torch.device(device or "cpu")
         self.weight_format = "float32" if dtype == torch.float32 else "bfloat16"
-        w = {k.removeprefix("model."): v.to(dtype) for k, v in tensors.items()}
+        w = {k.removeprefix("model."): v.to(device=self.device, dtype=dtype) for k, v in tensors.items()}
         self.embed = w["embed_tokens.weight"]  # tied LM head
         self.blocks, self.mlps, self.norms = nn.ModuleList(), nn.ModuleList(), []
         for i, kind in enumerate(config.block_types):
@@ -305,7 +307,7 @@ class GriffinModel(nn.Module):
         self.final_norm = RMSNorm(w["final_norm.weight"], config.rms_norm_eps)
         # The embedding normalizer is sqrt(hidden) stored in bfloat16 (RecurrentGemmaModel.normalizer), so it is
         # rounded to bf16 precision even in a float32 model: 25.298 -> 25.25 for hidden 640.
-        self.normalizer = torch.tensor(math.sqrt(config.hidden_size), dtype=torch.bfloat16).to(dtype)
+        self.normalizer = torch.tensor(math.sqrt(config.hidden_size), dtype=torch.bfloat16).to(self.device, dtype)
 
     def new_sequence(self, max_len: int) -> GriffinState:
         return GriffinState(self)
