@@ -134,7 +134,7 @@ def tiny_griffin_config(num_kv_heads: int = 1, window: int = 8, vocab_size: int 
         max_position_embeddings=4096))
 
 
-def tiny_griffin_model(seed: int = 0, weight_format: str = "float32", **config):
+def tiny_griffin_model(seed: int = 0, weight_format: str = "float32", device: str = "cpu", **config):
     """A RecurrentGemma :class:`Model` with random weights and :func:`tiny_tokenizer` (engine and session tests)."""
     from pathlib import Path
 
@@ -150,7 +150,7 @@ def tiny_griffin_model(seed: int = 0, weight_format: str = "float32", **config):
             t = torch.rand(shape, generator=g) * 4 + 2  # decays in the trained range: a = sigmoid(p)^8c
         tensors[name] = t
     dtype = torch.float32 if weight_format == "float32" else torch.bfloat16
-    net = GriffinModel(cfg, tensors, dtype).eval()
+    net = GriffinModel(cfg, tensors, dtype, device).eval()
     model = Model(net, tiny_tokenizer(cfg.vocab_size), Path(f"tiny-griffin-{seed}"), 0.0)
     model._fingerprint = f"tiny-griffin:{cfg.fingerprint()}:{seed}:{weight_format}"
     return model
