@@ -1,0 +1,112 @@
+"""CPU kernels, JIT-compiled on first use: ``qmatmul`` (x @ W^T for a weight held as int8 codes + group scales).
+
+Contract: ``qmatmul(x, codes, scales, offsets, group)`` returns float32 ``[M, N]`` for float32 ``x [M, K]``, int8
+``codes [N, K]``, float32 ``scales [N, K/G]`` and optional float32 ``offsets [N, K/G]``, where the weight is
+
+    W[n, k] = scales[n, k // G] * codes[n, k] + offsets[n, k // G]
+
+exactly (the format ``models/quant.py`` makes from GGUF blocks). ``available()`` says whether the compiled kernel
+loads; when it does not (no compiler, an unsupported platform, ``GEMMA_SESSIONS_NO_KERNELS=1``), ``qmatmul`` runs
+:func:`qmatmul_reference` (the same math in torch, slower) and a warning is logged once.
+
+The extension is built with ``torch.utils.cpp_extension.load`` into ``<cache dir>/kernels/<key>``, where the key
+hashes the source, the compiler flags, the torch version and the CPU's feature flags, so a different CPU (or a
+new torch) rebuilds rather than loading a binary compiled for other instructions (``-march=native``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+
+import torch
+
+from ..paths import cache_dir
+
+log = logging.getLogger("gemma_sessions.kernels")
+
+SOURCE = Path(__file__).with_name("qmatmul.cpp")
+# -fopenmp: at::parallel_for is inlined into this extension; without it the loop runs on one thread. The .so then
+# needs libgomp.so.1, which the dynamic loader resolves to the copy torch has already loaded (same soname), so
+# torch.set_num_threads governs the kernel too.
+CFLAGS = ("-O3", "-march=native", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "op" -> the loaded op, or "error" -> why it is unavailable
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def build_key() -> str:
+    h = hashlib.sha256(SOURCE.read_bytes())
+    for part in (*CFLAGS, *LDFLAGS, torch.__version__, _cpu_flags(), platform.machine()):
+        h.update(part.encode())
+    return h.hexdigest()[:16]
+
+
+def _load():
+    """The compiled op (building it once per key), or raise."""
+    if os.environ.get("GEMMA_SESSIONS_NO_KERNELS"):
+        raise RuntimeError("disabled by GEMMA_SESSIONS_NO_KERNELS")
+    if platform.machine() not in ("x86_64", "AMD64", "aarch64", "arm64"):
+        raise RuntimeError(f"unsupported platform {platform.machine()}")
+    from torch.utils import cpp_extension
+
+    build = cache_dir() / "kernels" / f"qmatmul-{build_key()}"
+    build.mkdir(parents=True, exist_ok=True)
+    # is_python_module=False: the .so registers torch.ops.gemma_sessions.qmatmul itself (TORCH_LIBRARY), no pybind.
+    cpp_extension.load(name="gemma_sessions_qmatmul", sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
+                       extra_ldflags=list(LDFLAGS), build_directory=str(build), is_python_module=False, verbose=False)
+    return torch.ops.gemma_sessions.qmatmul
+
+
+def kernel():
+    """The compiled op, or None when it cannot be built (a warning is logged once)."""
+    if "op" not in _state and "error" not in _state:
+        with _lock:
+            if "op" not in _state and "error" not in _state:
+                try:
+                    _state["op"] = _load()
+                except Exception as exc:  # noqa: BLE001 - any build failure falls back to torch
+                    _state["error"] = f"{type(exc).__name__}: {exc}"
+                    log.warning("qmatmul kernel unavailable, using the slower torch path (%s)", _state["error"])
+    return _state.get("op")
+
+
+def available() -> bool:
+    return kernel() is not None
+
+
+def qmatmul_reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+                      group: int) -> torch.Tensor:
+    """The same product in plain torch: dequantize W in float32, then ``x @ W^T`` (the fallback and the tests'
+    reference)."""
+    return torch.nn.functional.linear(x.float(), dequantize(codes, scales, offsets, group))
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, group: int) -> torch.Tensor:
+    """float32 ``[N, K]``: ``codes * scale + offset`` per group (exact for the GGUF block types, see quant.py)."""
+    n, k = codes.shape
+    w = codes.view(n, k // group, group).float() * scales[:, :, None]
+    if offsets is not None:
+        w += offsets[:, :, None]
+    return w.view(n, k)
+
+
+def qmatmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+            group: int) -> torch.Tensor:
+    """float32 ``x [M, K] @ W^T -> [M, N]`` with W as above; the compiled kernel when available."""
+    op = kernel()
+    if op is None:
+        return qmatmul_reference(x, codes, scales, offsets, group)
+    return op(x.float(), codes, scales, offsets, group)
