@@ -273,13 +273,9 @@ def child_ours(fmt_name: str, w: dict) -> dict:
 
 
 def decode_weight_bytes(linear) -> int:
-    """Bytes one decode step reads from a Linear: its int8 weights + scales (per column group), else its weight
+    """Bytes one decode step reads from a Linear: its int8 codes + group scales (+ offsets), else its weight
     (the bf16 copy an int8 Linear may build for prefill-sized batches is not read when decoding)."""
-    if linear.int8:
-        tensors = [t for q, scale, *_ in linear.groups for t in (q, scale)]
-    else:
-        tensors = [linear.weight]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return linear.weight_bytes()
 
 
 def profile_decode(model, prompt: list[int], steps: int) -> dict:

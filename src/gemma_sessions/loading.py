@@ -6,8 +6,12 @@ safetensors + tokenizer). It never downloads anything. Weight formats:
 
 - ``"float32"``: the exact dequantization of the file (the parity tests use it);
 - ``"bfloat16"``: weights and activations in bfloat16 (norms and softmax in float32, as transformers does);
-- ``"int8"`` (alias ``"fast"``, the default on CPU): projection weights kept 8-bit in memory with per-row scales and
-  a weight-only int8 kernel; residual stream in float32. On CUDA the default is bfloat16.
+- ``"int8"`` (alias ``"fast"``, the default on CPU): every projection and the tied LM head kept as int8 codes with a
+  float32 scale (and offset) per group of 32 inputs (16 for Q6_K), read straight from the GGUF blocks, so the
+  weights are EXACTLY the float32 mode's (models/quant.py; float checkpoints and other block types are quantized
+  symmetric int8 per 32, lossy). Decode runs a compiled grouped-int8 kernel (kernels/, float32 activations);
+  prefill a bf16 GEMM on a bf16 copy of the layers (see models/gemma.py ``Linear``). Residual stream in float32.
+  On CUDA the default is bfloat16.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from .config import ModelConfig
 from .errors import ModelError, ModelNotFoundError, WeightsError
 from .models.gemma import GemmaModel
 from .models.weights import check_tensors, read_gguf, read_safetensors
+from .paths import cache_dir  # noqa: F401 - also this module's public name (assembled models live there)
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("gemma_sessions.loading")
@@ -33,16 +38,6 @@ log = logging.getLogger("gemma_sessions.loading")
 DEFAULT_MODEL = "gemma3-270m"
 _ALIASES = {"fast": "int8", "fp32": "float32", "f32": "float32", "bf16": "bfloat16", "q8": "int8"}
 WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
-
-
-def cache_dir() -> Path:
-    """Where assembled models live: $GEMMA_SESSIONS_CACHE, else the user cache directory."""
-    env = os.environ.get("GEMMA_SESSIONS_CACHE")
-    if env:
-        return Path(env)
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("gemma-sessions"))
 
 
 def resolve_model_path(name_or_path: str | os.PathLike, progress: bool = True) -> Path:
@@ -169,7 +164,7 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: str | tor
     fmt = normalize_dtype(dtype, dev)
     path = resolve_model_path(name_or_path, progress)
     if path.is_file() and path.suffix == ".gguf":
-        config, tensors, tokenizer = _from_gguf(path, progress)
+        config, tensors, tokenizer = _from_gguf(path, progress, quantized=fmt == "int8")
     elif path.is_dir():
         raw = _hf_config(path)
         if raw.get("model_type") == "recurrent_gemma":
@@ -190,13 +185,13 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: str | tor
     return model
 
 
-def _from_gguf(path: Path, progress: bool) -> tuple[ModelConfig, dict, Tokenizer]:
+def _from_gguf(path: Path, progress: bool, quantized: bool = False) -> tuple[ModelConfig, dict, Tokenizer]:
     from tqdm import tqdm
 
     def bar(items):
         return tqdm(items, desc=f"loading {path.name}", unit="tensor", disable=not progress or None, leave=False)
 
-    meta, tensors, reader = read_gguf(path, progress=bar)
+    meta, tensors, reader = read_gguf(path, progress=bar, quantized=quantized)
     config = ModelConfig.from_gguf_metadata(meta)
     return config, tensors, Tokenizer.from_gguf_metadata(meta)
 

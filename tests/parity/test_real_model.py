@@ -27,8 +27,6 @@ import torch
 
 import gemma_sessions as gs
 from gemma_sessions.generate import generate_tokens
-from gemma_sessions.models import gemma
-from gemma_sessions.models.gemma import DenseKV
 from gemma_sessions.sampling import GREEDY
 
 pytestmark = pytest.mark.slow
@@ -113,13 +111,12 @@ def int8_logits(real_model_fast, text_ids) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def int8_decode_logits(real_model_fast, text_ids) -> torch.Tensor:
-    """The fast model's logits through its decode-path LM head: a few rows at a time, as generation runs it
-    (``forward`` over the whole text takes the prefill path, which may use a different kernel)."""
+    """The fast model's logits the way generation computes them: one token per step through the KV cache, so every
+    product (layers and LM head) takes the decode path (``forward`` over the whole text takes the prefill path)."""
     net, n = real_model_fast.net, len(text_ids)
-    rows = min(8, getattr(gemma, "INT8_MAX_ROWS", 1))
+    kv = net.new_sequence(n)
     with torch.inference_mode():
-        h = net.hidden(torch.tensor(text_ids), torch.arange(n), DenseKV(net, max_len=n))
-        return torch.cat([net.logits(h[i:i + rows]) for i in range(0, n, rows)])
+        return torch.cat([net.step(torch.tensor([t]), kv) for t in text_ids])
 
 
 @pytest.fixture(scope="module")
@@ -162,17 +159,16 @@ def test_agreement_with_llama_cpp(f32_logits, llama_logits, hf_logits):
 
 def test_weight_formats_agreement(f32_logits, int8_logits, int8_decode_logits, bf16_logits):
     a8, a8d, a16 = (agreement(x, f32_logits) for x in (int8_logits, int8_decode_logits, bf16_logits))
-    print(f"\n[formats] top-1 agreement vs our float32: int8 (fast default) {a8:.4f} via forward, {a8d:.4f} via the "
-          f"decode-path LM head; bfloat16 {a16:.4f}")
-    # Regression floors under the values measured on this text (int8 0.972 / 0.967, bf16 0.977; transformers in
-    # bfloat16 on the same GGUF also gives 0.977). The 98 % target for int8 is the xfail below.
-    assert a8 >= 0.95 and a8d >= 0.95
+    print(f"\n[formats] top-1 agreement vs our float32: int8 (fast default) {a8:.4f} via forward (prefill path), "
+          f"{a8d:.4f} token by token (decode path); bfloat16 {a16:.4f}")
+    # Regression floor under the bf16 mode's measured value (0.977; transformers in bfloat16 on the same GGUF also
+    # gives 0.977). The fast mode's own target is the test below.
     assert a16 >= 0.95
 
 
-@pytest.mark.xfail(strict=True, reason="bf16 matrix products alone give 0.977 on this text (ours and transformers "
-                                       "alike); the fast mode (bf16 layers, int8 LM head) measures 0.972 / 0.967")
 def test_int8_agreement_target(f32_logits, int8_logits, int8_decode_logits):
+    """The fast mode's weights are exactly the float32 mode's (grouped int8 from the GGUF blocks); it loses only
+    bf16 rounding in prefill GEMMs and the bf16 KV cache (measured 0.991 / 0.992 on this text)."""
     assert min(agreement(int8_logits, f32_logits), agreement(int8_decode_logits, f32_logits)) >= 0.98
 
 

@@ -19,68 +19,103 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..config import SLIDING, ModelConfig
+from . import quant
 
 # ------------------------------------------------------------------------------------------------ linear layers
 
 
-def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: w ~= q * scale[:, None]. Returns (q [out, in] int8, scale [out] float32)."""
-    w = w.float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q.contiguous(), scale
-
-
-# Rows (tokens) up to which the int8 LM head uses the weight-only int8 kernel; larger batches use a GEMM on a
-# bf16 copy made on first need (measured on the 2-core CPU: int8 wins at a few rows, bf16 GEMM beyond).
-INT8_MAX_ROWS = 8
-# The int8 LM head is split along its input dimension into this many column groups, each with its own per-row
-# scales: finer scales (teacher-forced top-1 agreement with float32 rises) and, measured, a faster kernel
-# (262144 x 320 twice: 6.9 ms; 262144 x 640 once: 17 ms).
-INT8_K_GROUPS = 2
+# Rows (tokens) up to which an int8 Linear runs the grouped int8 kernel (kernels.qmatmul: exact weights, float32
+# activations); larger batches (prefill) run a bf16 GEMM on a bf16 copy of the layer made on first need (measured on
+# the 2-core CPU, bench/kernels.py: the kernel wins at a few rows, the bf16 GEMM beyond).
+QMATMUL_MAX_ROWS = 8
+# LM-head rows above which the head is computed in float32 from dequantized tiles of this many vocabulary rows (no
+# bf16 copy of the 262k x hidden head is kept: only Model.forward-style scoring of every position gets there).
+HEAD_TILE_ROWS = 16384
 
 
 class Linear(nn.Module):
-    """A bias-free projection whose weight is kept float32, bfloat16, or int8 in ``INT8_K_GROUPS`` column groups
-    with per-row scales (``aten._weight_int8pack_mm``: weight-only int8, bf16 activations).
+    """A bias-free projection whose weight is float32, bfloat16, or grouped int8 (``weight_format="int8"``).
 
-    NOTE: the fast default keeps only the tied LM head int8 (63% of Gemma 3 270M's parameters and of the bytes read
-    per decoded token); the layers stay bf16 because per-row int8 layers cost ~4 points of top-1 agreement with
-    float32 on the 270M model (measured: 95.8% vs 99.3%), below the 98% the fast mode owes.
+    Grouped int8 holds ``W[n, k] = scales[n, k // G] * codes[n, k] + offsets[n, k // G]`` (models/quant.py): int8
+    codes, float32 scales per group of G = 32 (16 for Q6_K) inputs, and float32 offsets for Q4_K/Q4_1/Q5_*. GGUF
+    block types are converted EXACTLY (the weight equals the float32 mode's dequantization); float weights are
+    quantized symmetric int8 per 32 (lossy). Paths:
+
+    - ``N <= QMATMUL_MAX_ROWS`` rows (decode): ``kernels.qmatmul``, float32 activations and accumulation;
+    - more rows (prefill): a bf16 GEMM on a bf16 copy of W made on first need (inputs, weights and outputs
+      rounded to bf16: torch has no bf16 x bf16 -> float32 GEMM on CPU); with ``split_activations`` the float32
+      input is split into ``hi + lo`` bf16 halves run as one GEMM over twice the rows, so the input keeps ~16 bits
+      (on the 270M, for ffn_down: top-1 agreement of the prefill path with float32 0.991 instead of 0.988, for
+      ~15% of prefill speed);
+    - ``head=True`` (the tied LM head) with more rows: float32 products over dequantized tiles (no bf16 copy).
+
+    NOTE: when the kernel cannot be built (no compiler), every path uses the bf16 copy: slower and less exact.
+
+    Example::
+
+        lin = Linear(quant.quantize_symmetric(w), "int8")   # or a QuantWeight from quant.from_gguf
+        y = lin(x)                                           # x: [N, in] float32 -> [N, out] float32
     """
 
-    def __init__(self, weight: torch.Tensor, weight_format: str):
+    def __init__(self, weight: torch.Tensor | quant.QuantWeight, weight_format: str, *,
+                 split_activations: bool = False, head: bool = False):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.int8 = weight_format == "int8"
+        self.split_activations, self.head = split_activations, head
         self.register_buffer("weight", None)
-        self.groups: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
         if self.int8:
-            k = self.in_features // INT8_K_GROUPS if self.in_features % INT8_K_GROUPS == 0 else self.in_features
-            for start in range(0, self.in_features, k):
-                q, scale = quantize_rows_int8(weight[:, start:start + k])
-                self.groups.append((q, scale.to(torch.bfloat16), start, k))
+            qw = weight if isinstance(weight, quant.QuantWeight) else quant.quantize_symmetric(weight)
+            self.register_buffer("codes", qw.codes)
+            self.register_buffer("scales", qw.scales)
+            self.register_buffer("offsets", qw.offsets)
+            self.group = qw.group
+            self.bf16: torch.Tensor | None = None  # the prefill copy, made on first need
         else:
+            if isinstance(weight, quant.QuantWeight):
+                weight = weight.dequantize()
             self.register_buffer("weight", weight.to(torch.bfloat16 if weight_format == "bfloat16" else torch.float32))
+
+    @property
+    def quant_weight(self) -> quant.QuantWeight:
+        return quant.QuantWeight(codes=self.codes, scales=self.scales, offsets=self.offsets, group=self.group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [N, in] -> [N, out], same dtype as x
         if not self.int8:
             return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
-        if x.shape[0] > INT8_MAX_ROWS:
-            if self.weight is None:
-                self.weight = self.dequantized().to(torch.bfloat16)
-            return F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
-        xb, out = x.to(torch.bfloat16), None
-        for q, scale, start, k in self.groups:
-            part = torch.ops.aten._weight_int8pack_mm(xb[:, start:start + k], q, scale)
-            out = part if out is None else out.add_(part)
-        return out.to(x.dtype)
+        kernel_ok = kernels.available()
+        if x.shape[0] <= QMATMUL_MAX_ROWS and kernel_ok:
+            return kernels.qmatmul(x.float(), self.codes, self.scales, self.offsets, self.group).to(x.dtype)
+        if self.head and kernel_ok:
+            return self._float32_tiles(x.float()).to(x.dtype)
+        if self.bf16 is None:
+            self.bf16 = self.quant_weight.dequantize().to(torch.bfloat16)
+        if not self.split_activations:
+            return F.linear(x.to(torch.bfloat16), self.bf16).to(x.dtype)
+        n, xf = x.shape[0], x.float()
+        hi = xf.to(torch.bfloat16)
+        y = F.linear(torch.cat([hi, (xf - hi.float()).to(torch.bfloat16)]), self.bf16).float()  # [2N, out]
+        return (y[:n] + y[n:]).to(x.dtype)
+
+    def _float32_tiles(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(x.shape[0], self.out_features, dtype=torch.float32, device=x.device)
+        qw = self.quant_weight
+        for start in range(0, self.out_features, HEAD_TILE_ROWS):
+            rows = slice(start, min(start + HEAD_TILE_ROWS, self.out_features))
+            out[:, rows] = F.linear(x, quant.dequantize_rows(qw, rows))
+        return out
 
     def dequantized(self) -> torch.Tensor:
-        if self.int8:
-            return torch.cat([q.float() * s.float()[:, None] for q, s, _, _ in self.groups], dim=1)
-        return self.weight.float()
+        return self.quant_weight.dequantize() if self.int8 else self.weight.float()
+
+    def weight_bytes(self) -> int:
+        """Bytes of weight read per product on the decode path."""
+        if not self.int8:
+            return self.weight.numel() * self.weight.element_size()
+        off = 0 if self.offsets is None else self.offsets.numel() * 4
+        return self.codes.numel() + self.scales.numel() * 4 + off
 
 
 class RMSNorm(nn.Module):
@@ -193,7 +228,7 @@ class Attention(nn.Module):
         self.layer = layer
         self.hq, self.hkv, self.d = config.num_heads, config.num_kv_heads, config.head_dim
         # q, k and v share one fused matrix product: one weight read, one kernel launch per layer.
-        self.qkv = Linear(torch.cat([w["q_proj"], w["k_proj"], w["v_proj"]]), fmt)
+        self.qkv = Linear(cat_rows([w["q_proj"], w["k_proj"], w["v_proj"]]), fmt)
         self.o_proj = Linear(w["o_proj"], fmt)
         self.q_norm = RMSNorm(w["q_norm"], config.rms_norm_eps) if config.has_qk_norm else None
         self.k_norm = RMSNorm(w["k_norm"], config.rms_norm_eps) if config.has_qk_norm else None
@@ -216,8 +251,10 @@ class MLP(nn.Module):
     def __init__(self, w: dict[str, torch.Tensor], fmt: str):
         super().__init__()
         self.inter = w["gate_proj"].shape[0]
-        self.gate_up = Linear(torch.cat([w["gate_proj"], w["up_proj"]]), fmt)  # fused, like qkv
-        self.down_proj = Linear(w["down_proj"], fmt)
+        self.gate_up = Linear(cat_rows([w["gate_proj"], w["up_proj"]]), fmt)  # fused, like qkv
+        # NOTE: the GeGLU product has the widest range of any projection input; its prefill GEMM keeps ~16 bits
+        # of it (hi + lo bf16 halves; measured in Linear's docstring).
+        self.down_proj = Linear(w["down_proj"], fmt, split_activations=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).split(self.inter, dim=-1)
@@ -270,13 +307,12 @@ class GemmaModel(nn.Module):
         self.config = config
         self.weight_format = weight_format
         # Compute dtype: bfloat16 in the bf16 mode; float32 otherwise (the int8 mode keeps the residual stream in
-        # float32 and casts to bf16 only at the matrix products).
+        # float32; its decode products take float32 input, its prefill GEMMs bf16, see Linear).
         self.dtype = torch.bfloat16 if weight_format == "bfloat16" else torch.float32
-        layer_format = "bfloat16" if weight_format == "int8" else weight_format  # see Linear's NOTE
         self.device = device
-        self.embed = Linear(tensors["embed_tokens"], weight_format)  # tied: also the LM head
+        self.embed = Linear(tensors["embed_tokens"], weight_format, head=True)  # tied: also the LM head
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, _layer_tensors(tensors, i), layer_format) for i in range(config.num_layers))
+            DecoderLayer(config, i, _layer_tensors(tensors, i), weight_format) for i in range(config.num_layers))
         self.norm = RMSNorm(tensors["norm"], config.rms_norm_eps)
         self.rope = Rope(config, device)
         # Embeddings are scaled by sqrt(hidden_size), the scale cast to the compute dtype first
@@ -285,10 +321,7 @@ class GemmaModel(nn.Module):
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:  # ids: [N] -> [N, hidden]
         e = self.embed
-        if e.int8:
-            rows = torch.cat([q[ids].to(self.dtype) * s[ids, None].to(self.dtype) for q, s, _, _ in e.groups], dim=1)
-        else:
-            rows = e.weight[ids]
+        rows = quant.dequantize_rows(e.quant_weight, ids) if e.int8 else e.weight[ids]
         return rows.to(self.dtype) * self.embed_scale
 
     def hidden(self, ids: torch.Tensor, positions: torch.Tensor, kv: KVBatch) -> torch.Tensor:
@@ -316,6 +349,13 @@ class GemmaModel(nn.Module):
         if cap is not None:  # Gemma 2: final logits soft-capped at 30 (Gemma2ForCausalLM.forward)
             out = torch.tanh(out / cap) * cap
         return out
+
+
+def cat_rows(ws: list) -> torch.Tensor | quant.QuantWeight:
+    """Stack projection weights along their output dimension (float tensors or grouped int8 alike)."""
+    if all(isinstance(w, quant.QuantWeight) for w in ws):
+        return quant.cat_rows(ws)
+    return torch.cat([w.dequantize() if isinstance(w, quant.QuantWeight) else w for w in ws])
 
 
 def _layer_tensors(t: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:

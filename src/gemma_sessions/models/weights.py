@@ -23,7 +23,9 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ModelError, UnsupportedModelError, WeightsError
+from . import quant
 from .gguf_file import GGUFFile
+from .quant import QuantWeight
 
 _GGUF_LAYER = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -97,11 +99,14 @@ def gguf_tensor_name(name: str, architecture: str) -> str:
     return f"layers.{m.group(1)}.{part}"
 
 
-def read_gguf(path: str | Path, progress: Callable[[Iterable], Iterable] | None = None
-              ) -> tuple[dict[str, Any], dict[str, torch.Tensor], GGUFFile]:
-    """Read a GGUF file: (metadata, canonical float32 tensors, the parsed file).
+def read_gguf(path: str | Path, progress: Callable[[Iterable], Iterable] | None = None, quantized: bool = False
+              ) -> tuple[dict[str, Any], dict[str, torch.Tensor | QuantWeight], GGUFFile]:
+    """Read a GGUF file: (metadata, canonical tensors, the parsed file).
 
     Every tensor type the ``gguf`` package can dequantize is accepted (F32, F16, BF16, Q8_0, Q5_0, Q4_K, Q6_K...).
+    Tensors are float32, except with ``quantized=True``: 2-D weights whose block type has an exact grouped int8 form
+    (models/quant.py: Q8_0, Q4_0/1, Q5_0/1, Q4_K, Q5_K, Q6_K) come as :class:`QuantWeight` straight from their
+    blocks, never expanded to float32.
     """
     reader = GGUFFile(path)
     meta = reader.metadata
@@ -111,6 +116,11 @@ def read_gguf(path: str | Path, progress: Callable[[Iterable], Iterable] | None 
     for t in items:
         name = gguf_tensor_name(t.name, arch)
         shape = tuple(int(x) for x in reversed(t.shape))  # ggml order [in, out] -> PyTorch [out, in]
+        if quantized and len(shape) == 2 and quant.supported(t.tensor_type):
+            qw = quant.from_gguf(t.data, t.tensor_type, shape)
+            if qw is not None:
+                tensors[name] = qw
+                continue
         tensor = dequantize_tensor(t.data, t.tensor_type, t.name).reshape(shape)
         if name.endswith("norm"):
             # llama.cpp's converter stores Gemma norm weights as (1 + w) ("norm_shift"); transformers' GGUF
@@ -118,10 +128,14 @@ def read_gguf(path: str | Path, progress: Callable[[Iterable], Iterable] | None 
             tensor = tensor - 1.0
         tensors[name] = tensor
     if "lm_head" in tensors:  # Gemma ties the LM head to the embedding; a separate one must be the same
-        lm = tensors.pop("lm_head")
-        if not torch.equal(lm, tensors.get("embed_tokens", lm)):
+        lm = _float(tensors.pop("lm_head"))
+        if not torch.equal(lm, _float(tensors.get("embed_tokens", lm))):
             raise WeightsError("output.weight differs from token_embd.weight; Gemma's LM head is tied")
     return meta, tensors, reader
+
+
+def _float(t: torch.Tensor | QuantWeight) -> torch.Tensor:
+    return t.dequantize() if isinstance(t, QuantWeight) else t
 
 
 def dequantize_tensor(data: np.ndarray, qtype: Any, name: str = "?") -> torch.Tensor:
