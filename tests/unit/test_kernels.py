@@ -116,3 +116,10 @@ def test_int8_linear_paths(op):
     head = gemma.Linear(w, "int8", head=True)
     assert rel_err(head(big), ref(big)) <= 1e-5 and head.bf16 is None  # float32 tiles
     assert torch.equal(gemma.Linear(w.dequantize(), "float32").weight, w.dequantize())
+
+
+def test_rms_norm_matches_torch(op):
+    x, scale = torch.randn(3, 4, 256) * 5, 1 + torch.randn(256) * 0.1
+    want = torch.nn.functional.rms_norm(x, (256,), scale, 1e-6)
+    assert rel_err(kernels.rms_norm(x, scale, 1e-6), want) <= 1e-6
+    assert rel_err(kernels.rms_norm(x[:, 1], scale, 1e-6), want[:, 1]) <= 1e-6  # non-contiguous input

@@ -1,4 +1,5 @@
-"""CPU kernels, JIT-compiled on first use: ``qmatmul`` (x @ W^T for a weight held as int8 codes + group scales).
+"""CPU kernels, JIT-compiled on first use: ``qmatmul`` (x @ W^T for a weight held as int8 codes + group scales)
+and ``rms_norm`` (Gemma's RMSNorm in one pass, for the fast mode's decode path).
 
 Contract: ``qmatmul(x, codes, scales, offsets, group)`` returns float32 ``[M, N]`` for float32 ``x [M, K]``, int8
 ``codes [N, K]``, float32 ``scales [N, K/G]`` and optional float32 ``offsets [N, K/G]``, where the weight is
@@ -101,6 +102,14 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor 
     if offsets is not None:
         w += offsets[:, :, None]
     return w.view(n, k)
+
+
+def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma RMSNorm of float32 ``x`` over its last dimension with the precomputed ``scale = 1 + w``, in one
+    compiled pass per row (``F.rms_norm`` when the kernel is unavailable)."""
+    if kernel() is None:
+        return torch.nn.functional.rms_norm(x, (x.shape[-1],), scale, eps)
+    return torch.ops.gemma_sessions.rms_norm(x, scale, eps)
 
 
 def qmatmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,

@@ -126,13 +126,18 @@ class RMSNorm(nn.Module):
     weights.py subtracts it on load so this module always sees the Hugging Face convention.
     """
 
-    def __init__(self, weight: torch.Tensor, eps: float):
+    def __init__(self, weight: torch.Tensor, eps: float, fused: bool = False):
         super().__init__()
         self.register_buffer("weight", weight.float())
         self.register_buffer("scale", 1.0 + weight.float())  # (1 + w), precomputed once
         self.eps = eps
+        # fused (the int8 mode): one compiled pass instead of ~6 torch ops (rounding may differ in the last bit,
+        # so the exact float32 and bfloat16 modes keep F.rms_norm)
+        self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and x.dtype == torch.float32 and x.device.type == "cpu":
+            return kernels.rms_norm(x, self.scale, self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), self.scale, self.eps).to(x.dtype)
 
 
@@ -230,8 +235,9 @@ class Attention(nn.Module):
         # q, k and v share one fused matrix product: one weight read, one kernel launch per layer.
         self.qkv = Linear(cat_rows([w["q_proj"], w["k_proj"], w["v_proj"]]), fmt)
         self.o_proj = Linear(w["o_proj"], fmt)
-        self.q_norm = RMSNorm(w["q_norm"], config.rms_norm_eps) if config.has_qk_norm else None
-        self.k_norm = RMSNorm(w["k_norm"], config.rms_norm_eps) if config.has_qk_norm else None
+        fused = fmt == "int8"
+        self.q_norm = RMSNorm(w["q_norm"], config.rms_norm_eps, fused) if config.has_qk_norm else None
+        self.k_norm = RMSNorm(w["k_norm"], config.rms_norm_eps, fused) if config.has_qk_norm else None
         # Scores are scaled by query_pre_attn_scalar ** -0.5, not head_dim ** -0.5 (Gemma 2/3 config); Gemma 1
         # uses head_dim ** -0.5 (config.py sets query_pre_attn_scalar = head_dim for it).
         self.scale = config.query_pre_attn_scalar ** -0.5
@@ -265,19 +271,19 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer: int, w: dict[str, torch.Tensor], fmt: str):
         super().__init__()
-        eps = config.rms_norm_eps
+        eps, fused = config.rms_norm_eps, fmt == "int8"
         self.attn = Attention(config, layer, w, fmt)
         self.mlp = MLP(w, fmt)
-        self.input_norm = RMSNorm(w["input_layernorm"], eps)
+        self.input_norm = RMSNorm(w["input_layernorm"], eps, fused)
         if config.has_post_norms:
             # Gemma 2/3: four norms per layer, "sandwiching" both attention and MLP (Gemma2DecoderLayer).
-            self.post_attn_norm = RMSNorm(w["post_attention_layernorm"], eps)
-            self.pre_mlp_norm = RMSNorm(w["pre_feedforward_layernorm"], eps)
-            self.post_mlp_norm = RMSNorm(w["post_feedforward_layernorm"], eps)
+            self.post_attn_norm = RMSNorm(w["post_attention_layernorm"], eps, fused)
+            self.pre_mlp_norm = RMSNorm(w["pre_feedforward_layernorm"], eps, fused)
+            self.post_mlp_norm = RMSNorm(w["post_feedforward_layernorm"], eps, fused)
         else:
             # Gemma 1: two norms; its pre-MLP norm is named post_attention_layernorm in transformers.
             self.post_attn_norm = None
-            self.pre_mlp_norm = RMSNorm(w["post_attention_layernorm"], eps)
+            self.pre_mlp_norm = RMSNorm(w["post_attention_layernorm"], eps, fused)
             self.post_mlp_norm = None
 
     def forward(self, x: torch.Tensor, rope: tuple, kv: KVBatch) -> torch.Tensor:
@@ -313,7 +319,7 @@ class GemmaModel(nn.Module):
         self.embed = Linear(tensors["embed_tokens"], weight_format, head=True)  # tied: also the LM head
         self.layers = nn.ModuleList(
             DecoderLayer(config, i, _layer_tensors(tensors, i), weight_format) for i in range(config.num_layers))
-        self.norm = RMSNorm(tensors["norm"], config.rms_norm_eps)
+        self.norm = RMSNorm(tensors["norm"], config.rms_norm_eps, weight_format == "int8")
         self.rope = Rope(config, device)
         # Embeddings are scaled by sqrt(hidden_size), the scale cast to the compute dtype first
         # (Gemma3TextScaledWordEmbedding: ``embed_scale.to(self.weight.dtype)``; gemma_pytorch "normalizer").
