@@ -114,7 +114,9 @@ def test_int8_linear_paths(op):
     split = gemma.Linear(w, "int8", split_activations=True)  # hi + lo bf16 halves of x (output still bf16)
     assert rel_err(split(big), ref(big)) <= 1e-2 and split.bf16 is not None
     head = gemma.Linear(w, "int8", head=True)
-    assert rel_err(head(big), ref(big)) <= 1e-5 and head.bf16 is None  # float32 tiles
+    bigger = torch.randn(gemma.HEAD_QMATMUL_MAX_ROWS + 1, 64)
+    assert rel_err(head(big), ref(big)) <= 1e-5 and head.bf16 is None  # the kernel
+    assert rel_err(head(bigger), ref(bigger)) <= 1e-5 and head.bf16 is None  # float32 tiles
     assert torch.equal(gemma.Linear(w.dequantize(), "float32").weight, w.dequantize())
 
 

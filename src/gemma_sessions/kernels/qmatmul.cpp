@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -23,7 +24,6 @@
 namespace {
 
 constexpr int64_t MB_MAX = 8;  // rows of x per block
-constexpr int64_t COLS_MAX_BYTES = 16 << 20;  // int8 weights up to this size take the 4-row M = 1 path
 
 
 #ifdef __AVX512F__
@@ -78,40 +78,6 @@ static inline void dot_rows(const float* x, int64_t K, const int8_t* c, const fl
   for (int m = 0; m < MB; ++m) dots[m] = hsum(acc[m]);
 }
 
-// One row of x times R consecutive weight rows (the decode case, M = 1): R independent accumulator chains share
-// each x load, so the FMA latency of one row's chain is hidden behind the others.
-template <int R, int G>
-static inline void dot_cols(const float* x, int64_t K, const int8_t* c, const float* sc,
-                            const float* off, const float* xs, float* dots) {
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  const int64_t ng = K / G;
-  for (int64_t g = 0; g < ng; ++g) {
-    const int64_t k0 = g * G;
-    __m512 part[R];
-    {
-      const __m512 xv = _mm512_loadu_ps(x + k0);
-      for (int r = 0; r < R; ++r) part[r] = _mm512_mul_ps(xv, load_codes16(c + r * K + k0));
-    }
-    for (int64_t k = k0 + 16; k < k0 + G; k += 16) {
-      const __m512 xv = _mm512_loadu_ps(x + k);
-      for (int r = 0; r < R; ++r) part[r] = _mm512_fmadd_ps(xv, load_codes16(c + r * K + k), part[r]);
-    }
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(part[r], _mm512_set1_ps(sc[r * ng + g]), acc[r]);
-  }
-  if (off != nullptr) {
-    for (int64_t g0 = 0; g0 < ng; g0 += 16) {
-      const __mmask16 mask = ng - g0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (ng - g0)) - 1);
-      const __m512 xsv = _mm512_maskz_loadu_ps(mask, xs + g0);
-      for (int r = 0; r < R; ++r)
-        acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, off + r * ng + g0), xsv, acc[r]);
-    }
-  }
-  static_assert(R == 4, "four sums are reduced together");
-  const __m128 s01 = _mm_hadd_ps(half4(acc[0]), half4(acc[1]));
-  const __m128 s23 = _mm_hadd_ps(half4(acc[2]), half4(acc[3]));
-  _mm_storeu_ps(dots, _mm_hadd_ps(s01, s23));
-}
 #endif
 
 // Portable: the same sums, scalar.
@@ -161,39 +127,31 @@ at::Tensor qmatmul(const at::Tensor& x_in, const at::Tensor& codes_in, const at:
   const int64_t ng = K / G;
   TORCH_CHECK(scales_in.size(0) == N && scales_in.size(1) == ng, "qmatmul: scales must be [N, K/G]");
   const at::Tensor x = x_in.contiguous(), codes = codes_in.contiguous(), scales = scales_in.contiguous();
-  at::Tensor offsets, xsum;
+  at::Tensor offsets;
+  const float* xp = x.data_ptr<float>();
   const bool has_off = offsets_in.has_value() && offsets_in->defined();
+  std::vector<float> xsum;  // [M, K/G]: per-group sums of x, once per call (for the offset term)
   if (has_off) {
     offsets = offsets_in->contiguous();
     TORCH_CHECK(offsets.scalar_type() == at::kFloat && offsets.size(0) == N && offsets.size(1) == ng,
                 "qmatmul: offsets must be float32 [N, K/G]");
-    xsum = x.view({M, ng, G}).sum(2).contiguous();  // [M, K/G]: per-group sums of x, once per call
+    xsum.assign(M * ng, 0.f);
+    for (int64_t i = 0; i < M * ng; ++i)
+      for (int64_t k = 0; k < G; ++k) xsum[i] += xp[i * G + k];
   }
   at::Tensor out = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
   const int8_t* cp = codes.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   const float* op = has_off ? offsets.data_ptr<float>() : nullptr;
-  const float* xs = has_off ? xsum.data_ptr<float>() : nullptr;
+  const float* xs = has_off ? xsum.data() : nullptr;
   float* outp = out.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K * ((M + MB_MAX - 1) / MB_MAX), 1));
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     float dots[MB_MAX];
-    int64_t n = begin;
-#ifdef __AVX512F__
-    // M = 1: four weight rows at a time, for weights that stay in cache (the layers; ~25% faster there). A weight
-    // streamed from memory (the 168 MB LM head) is read faster as one row after another (measured: four
-    // interleaved row streams are ~30% slower, with or without software prefetch).
-    if (M == 1 && G % 16 == 0 && N * K <= COLS_MAX_BYTES) {
-      for (; n + 4 <= end; n += 4) {
-        const float* o = has_off ? op + n * ng : nullptr;
-        if (G == 32) dot_cols<4, 32>(xp, K, cp + n * K, sp + n * ng, o, xs, outp + n);
-        else if (G == 16) dot_cols<4, 16>(xp, K, cp + n * K, sp + n * ng, o, xs, outp + n);
-        else break;
-      }
-    }
-#endif
-    for (; n < end; ++n) {  // n outer: a weight row stays in L1 across the row blocks
+    // NOTE: one weight row after another, even for M = 1. Interleaving four rows (four accumulator chains sharing
+    // each x load) is ~25% faster on a cache-resident weight but ~20-30% slower in real decoding, where every
+    // weight streams from memory once per token (measured: decode 32 vs 39 tok/s on the 270M).
+    for (int64_t n = begin; n < end; ++n) {  // n outer: a weight row stays in L1 across the row blocks
       for (int64_t m0 = 0; m0 < M; m0 += MB_MAX) {
         const int64_t mb = std::min(MB_MAX, M - m0);
         dot_block(xp + m0 * K, mb, K, cp + n * K, sp + n * ng, G, has_off ? op + n * ng : nullptr,

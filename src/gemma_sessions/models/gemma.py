@@ -27,9 +27,13 @@ from . import quant
 
 
 # Rows (tokens) up to which an int8 Linear runs the grouped int8 kernel (kernels.qmatmul: exact weights, float32
-# activations); larger batches (prefill) run a bf16 GEMM on a bf16 copy of the layer made on first need (measured on
-# the 2-core CPU, bench/kernels.py: the kernel wins at a few rows, the bf16 GEMM beyond).
+# activations); larger batches (prefill) run a bf16 GEMM on a bf16 copy of the layer made on first need. Measured on
+# the 2-core CPU with weights read from memory as decoding reads them (bench/kernels.py, bench/RESULTS.md): on the
+# layers the kernel is 3-4x faster than the bf16 GEMM at 1 row, 0.7-2.2x at 8, 0.5-1.2x at 16.
 QMATMUL_MAX_ROWS = 8
+# The LM head's alternative beyond that is float32 tiles (no bf16 copy of the head): ~160 ms at 16 rows, ~4x the
+# kernel's 68 ms, whose cost grows ~4 ms per row: the head keeps the kernel up to this many rows.
+HEAD_QMATMUL_MAX_ROWS = 32
 # LM-head rows above which the head is computed in float32 from dequantized tiles of this many vocabulary rows (no
 # bf16 copy of the 262k x hidden head is kept: only Model.forward-style scoring of every position gets there).
 HEAD_TILE_ROWS = 16384
@@ -43,7 +47,8 @@ class Linear(nn.Module):
     block types are converted EXACTLY (the weight equals the float32 mode's dequantization); float weights are
     quantized symmetric int8 per 32 (lossy). Paths:
 
-    - ``N <= QMATMUL_MAX_ROWS`` rows (decode): ``kernels.qmatmul``, float32 activations and accumulation;
+    - ``N <= QMATMUL_MAX_ROWS`` rows (decode; ``HEAD_QMATMUL_MAX_ROWS`` for the head): ``kernels.qmatmul``,
+      float32 activations and accumulation;
     - more rows (prefill): a bf16 GEMM on a bf16 copy of W made on first need (inputs, weights and outputs
       rounded to bf16: torch has no bf16 x bf16 -> float32 GEMM on CPU); with ``split_activations`` the float32
       input is split into ``hi + lo`` bf16 halves run as one GEMM over twice the rows, so the input keeps ~16 bits
@@ -86,7 +91,7 @@ class Linear(nn.Module):
         if not self.int8:
             return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
         kernel_ok = kernels.available()
-        if x.shape[0] <= QMATMUL_MAX_ROWS and kernel_ok:
+        if x.shape[0] <= (HEAD_QMATMUL_MAX_ROWS if self.head else QMATMUL_MAX_ROWS) and kernel_ok:
             return kernels.qmatmul(x.float(), self.codes, self.scales, self.offsets, self.group).to(x.dtype)
         if self.head and kernel_ok:
             return self._float32_tiles(x.float()).to(x.dtype)
