@@ -68,12 +68,15 @@ def _load():
     # is_python_module=False: the .so registers torch.ops.gemma_sessions.qmatmul itself (TORCH_LIBRARY), no pybind.
     cpp_extension.load(name="gemma_sessions_qmatmul", sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
                        extra_ldflags=list(LDFLAGS), build_directory=str(build), is_python_module=False, verbose=False)
-    return torch.ops.gemma_sessions.qmatmul
+    return torch.ops.gemma_sessions.qmatmul.default  # the overload itself: less dispatch per call than the packet
 
 
 def kernel():
-    """The compiled op, or None when it cannot be built (a warning is logged once)."""
-    if "op" not in _state and "error" not in _state:
+    """The compiled qmatmul op, or None when it cannot be built (a warning is logged once)."""
+    op = _state.get("op")
+    if op is not None:
+        return op
+    if "error" not in _state:
         with _lock:
             if "op" not in _state and "error" not in _state:
                 try:
@@ -109,7 +112,7 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     compiled pass per row (``F.rms_norm`` when the kernel is unavailable)."""
     if kernel() is None:
         return torch.nn.functional.rms_norm(x, (x.shape[-1],), scale, eps)
-    return torch.ops.gemma_sessions.rms_norm(x, scale, eps)
+    return torch.ops.gemma_sessions.rms_norm.default(x, scale, eps)
 
 
 def qmatmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,

@@ -70,6 +70,7 @@ class Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.int8 = weight_format == "int8"
         self.split_activations, self.head = split_activations, head
+        self.max_kernel_rows = HEAD_QMATMUL_MAX_ROWS if head else QMATMUL_MAX_ROWS
         self.register_buffer("weight", None)
         if self.int8:
             qw = weight if isinstance(weight, quant.QuantWeight) else quant.quantize_symmetric(weight)
@@ -90,10 +91,12 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [N, in] -> [N, out], same dtype as x
         if not self.int8:
             return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
-        kernel_ok = kernels.available()
-        if x.shape[0] <= (HEAD_QMATMUL_MAX_ROWS if self.head else QMATMUL_MAX_ROWS) and kernel_ok:
-            return kernels.qmatmul(x.float(), self.codes, self.scales, self.offsets, self.group).to(x.dtype)
-        if self.head and kernel_ok:
+        op = kernels.kernel()
+        if op is not None and x.shape[0] <= self.max_kernel_rows and x.dtype == torch.float32:
+            return op(x, self.codes, self.scales, self.offsets, self.group)  # decode: the one hot call, kept bare
+        if op is not None and x.shape[0] <= self.max_kernel_rows:
+            return op(x.float(), self.codes, self.scales, self.offsets, self.group).to(x.dtype)
+        if self.head and op is not None:
             return self._float32_tiles(x.float()).to(x.dtype)
         if self.bf16 is None:
             self.bf16 = self.quant_weight.dequantize().to(torch.bfloat16)
