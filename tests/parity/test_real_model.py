@@ -168,7 +168,7 @@ def test_weight_formats_agreement(f32_logits, int8_logits, int8_decode_logits, b
 
 def test_int8_agreement_target(f32_logits, int8_logits, int8_decode_logits):
     """The fast mode's weights are exactly the float32 mode's (grouped int8 from the GGUF blocks); it loses only
-    bf16 rounding in prefill GEMMs and the bf16 KV cache (measured 0.992 / 0.994 on this text)."""
+    bf16 rounding in prefill GEMMs and the bf16 KV cache (measured 0.988 / 0.994 on this text)."""
     assert min(agreement(int8_logits, f32_logits), agreement(int8_decode_logits, f32_logits)) >= 0.98
 
 

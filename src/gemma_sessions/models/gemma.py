@@ -50,13 +50,14 @@ class Linear(nn.Module):
     - ``N <= QMATMUL_MAX_ROWS`` rows (decode; ``HEAD_QMATMUL_MAX_ROWS`` for the head): ``kernels.qmatmul``,
       float32 activations and accumulation;
     - more rows (prefill): a bf16 GEMM on a bf16 copy of W made on first need (inputs, weights and outputs
-      rounded to bf16: torch has no bf16 x bf16 -> float32 GEMM on CPU); with ``split_activations`` the float32
-      input is split into ``hi + lo`` bf16 halves run as one GEMM over twice the rows, so the input keeps ~16 bits
-      (on the 270M, for ffn_down: top-1 agreement of the prefill path with float32 0.991 instead of 0.988, for
-      ~15% of prefill speed);
+      rounded to bf16: torch has no bf16 x bf16 -> float32 GEMM on CPU);
     - ``head=True`` (the tied LM head) with more rows: float32 products over dequantized tiles (no bf16 copy).
 
-    NOTE: when the kernel cannot be built (no compiler), every path uses the bf16 copy: slower and less exact.
+    NOTE: prefill measured on the 270M (top-1 agreement with float32 over 640 tokens / prefill speed): bf16 GEMM
+    0.988 / 1.0; the same with ffn_down's input split into hi + lo bf16 halves (one GEMM over twice the rows, ~16
+    bits of input kept) 0.991 / 0.8-0.88; a float32 GEMM would be exact but runs at ~0.45 (below llama.cpp). The plain bf16 GEMM
+    keeps the 98% agreement target with a margin and the 1.5x prefill target with one; the split did not.
+    When the kernel cannot be built (no compiler), every path uses the bf16 copy: slower and less exact.
 
     Example::
 
@@ -64,12 +65,11 @@ class Linear(nn.Module):
         y = lin(x)                                           # x: [N, in] float32 -> [N, out] float32
     """
 
-    def __init__(self, weight: torch.Tensor | quant.QuantWeight, weight_format: str, *,
-                 split_activations: bool = False, head: bool = False):
+    def __init__(self, weight: torch.Tensor | quant.QuantWeight, weight_format: str, *, head: bool = False):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.int8 = weight_format == "int8"
-        self.split_activations, self.head = split_activations, head
+        self.head = head
         self.max_kernel_rows = HEAD_QMATMUL_MAX_ROWS if head else QMATMUL_MAX_ROWS
         self.register_buffer("weight", None)
         if self.int8:
@@ -100,12 +100,7 @@ class Linear(nn.Module):
             return self._float32_tiles(x.float()).to(x.dtype)
         if self.bf16 is None:
             self.bf16 = self.quant_weight.dequantize().to(torch.bfloat16)
-        if not self.split_activations:
-            return F.linear(x.to(torch.bfloat16), self.bf16).to(x.dtype)
-        n, xf = x.shape[0], x.float()
-        hi = xf.to(torch.bfloat16)
-        y = F.linear(torch.cat([hi, (xf - hi.float()).to(torch.bfloat16)]), self.bf16).float()  # [2N, out]
-        return (y[:n] + y[n:]).to(x.dtype)
+        return F.linear(x.to(torch.bfloat16), self.bf16).to(x.dtype)
 
     def _float32_tiles(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty(x.shape[0], self.out_features, dtype=torch.float32, device=x.device)
@@ -126,6 +121,9 @@ class Linear(nn.Module):
         return self.codes.numel() + self.scales.numel() * 4 + off
 
 
+FUSED_NORM_MAX = 1 << 15  # elements up to which the fast mode's RMSNorm uses the compiled single pass
+
+
 class RMSNorm(nn.Module):
     """Gemma RMSNorm: ``x * rsqrt(mean(x^2) + eps) * (1 + w)``, computed in float32, cast back.
 
@@ -144,7 +142,8 @@ class RMSNorm(nn.Module):
         self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and x.dtype == torch.float32 and x.device.type == "cpu":
+        # the compiled pass is scalar per row: it wins on decode-sized inputs, F.rms_norm on prefill-sized ones
+        if self.fused and x.numel() <= FUSED_NORM_MAX and x.dtype == torch.float32 and x.device.type == "cpu":
             return kernels.rms_norm(x, self.scale, self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), self.scale, self.eps).to(x.dtype)
 
@@ -266,9 +265,7 @@ class MLP(nn.Module):
         super().__init__()
         self.inter = w["gate_proj"].shape[0]
         self.gate_up = Linear(cat_rows([w["gate_proj"], w["up_proj"]]), fmt)  # fused, like qkv
-        # NOTE: the GeGLU product has the widest range of any projection input; its prefill GEMM keeps ~16 bits
-        # of it (hi + lo bf16 halves; measured in Linear's docstring).
-        self.down_proj = Linear(w["down_proj"], fmt, split_activations=True)
+        self.down_proj = Linear(w["down_proj"], fmt)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).split(self.inter, dim=-1)
