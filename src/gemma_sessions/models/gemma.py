@@ -159,12 +159,13 @@ class KVBatch(Protocol):
         ...
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
               softcap: float | None) -> torch.Tensor:
     """Masked multi-query / grouped-query attention, eager (the transformers ``eager_attention_forward`` math).
 
     Args:
-        q: [B, Hq, T, D]; k, v: [B, Hkv, L, D]; mask: bool [B, T, L], True where a query may see a key.
+        q: [B, Hq, T, D]; k, v: [B, Hkv, L, D]; mask: bool [B, T, L], True where a query may see a key (None:
+        all may).
     Returns:
         [B, Hq, T, D]
     """
@@ -177,8 +178,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, Hkv, g*T, L]
     if softcap is not None:  # Gemma 2 attention logit soft-capping: cap * tanh(s / cap) (modeling_gemma2.py)
         scores = torch.tanh(scores / softcap) * softcap
-    m = mask[:, None, None].expand(b, 1, g, t, kv_len).reshape(b, 1, g * t, kv_len)
-    scores = scores.masked_fill(~m, float("-inf"))
+    if mask is not None:  # None: every key is visible to every query (a decode step of a dense cache)
+        m = mask[:, None, None].expand(b, 1, g, t, kv_len).reshape(b, 1, g * t, kv_len)
+        scores = scores.masked_fill(~m, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)  # softmax upcast to float32, as transformers does
     return torch.matmul(probs, v).reshape(b, hq, t, d)
 
@@ -218,17 +220,23 @@ class Rope:
             self.layer_key.append(key)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> dict:
-        """{key: (cos, sin)} with cos, sin: [N, 1, D], computed in float32 then cast (as transformers does)."""
+        """{key: (cos, signed sin)}, each [N, 1, D], computed in float32 then cast (as transformers does).
+
+        The sin table carries rotate_half's sign: ``rotate_half(x) * sin == roll(x, D/2) * cat(-sin1, sin2)`` bit
+        for bit (negation is exact), so :func:`apply_rope` needs one roll instead of chunk, neg and cat.
+        """
         out = {}
         for key, inv in self.inv_freq.items():
             freqs = positions.float()[:, None] * inv[None, :]
-            emb = torch.cat((freqs, freqs), dim=-1)
-            out[key] = (emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :])
+            sin = freqs.sin()
+            out[key] = (torch.cat((freqs, freqs), dim=-1).cos().to(dtype)[:, None, :],
+                        torch.cat((-sin, sin), dim=-1).to(dtype)[:, None, :])
         return out
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin  # x: [N, H, D]; cos, sin: [N, 1, D]
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    # x * cos + rotate_half(x) * sin, with rotate_half(x) = cat(-x2, x1) = roll(x, D/2) * (-1 | +1)
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin  # x: [N, H, D]; tables: [N, 1, D]
 
 
 # ------------------------------------------------------------------------------------------------ layers
@@ -411,9 +419,10 @@ class DenseKV:
         self.v[layer][:, start:end] = v.transpose(0, 1)
         window = self.windows[layer]
         lo = 0 if window is None else max(0, start - window + 1)  # keys no query of this step can see are skipped
-        mask = self._mask(start, end, lo, window)
+        # One query (a decode step) sees every key in [lo, end): causal, and lo is where its window starts.
+        mask = None if t == 1 else self._mask(start, end, lo, window)[None]
         keys, vals = self.k[layer][None, :, lo:end], self.v[layer][None, :, lo:end]
-        out = attention(q.transpose(0, 1)[None].to(keys.dtype), keys, vals, mask[None], *self.scale_softcap)
+        out = attention(q.transpose(0, 1)[None].to(keys.dtype), keys, vals, mask, *self.scale_softcap)
         return out[0].transpose(0, 1).to(q.dtype)  # [T, Hq, D]
 
     def _mask(self, start: int, end: int, lo: int, window: int | None) -> torch.Tensor:
