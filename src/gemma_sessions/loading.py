@@ -38,6 +38,7 @@ log = logging.getLogger("gemma_sessions.loading")
 DEFAULT_MODEL = "gemma3-270m"
 _ALIASES = {"fast": "int8", "fp32": "float32", "f32": "float32", "bf16": "bfloat16", "q8": "int8"}
 WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
+_FORMAT_REVISION = {"int8": "int8:grouped-exact-1"}  # bump when a format's numbers change
 
 
 def resolve_model_path(name_or_path: str | os.PathLike, progress: bool = True) -> Path:
@@ -129,7 +130,9 @@ class Model:
                     with f.open("rb") as fh:
                         while block := fh.read(1 << 24):
                             h.update(block)
-                h.update(self.weight_format.encode())
+                # The int8 format's numerics changed (per-row int8 head + bf16 layers -> exact grouped int8): its
+                # revision is part of the fingerprint, so KV saved by the old format is re-prefilled, not reused.
+                h.update(_FORMAT_REVISION.get(self.weight_format, self.weight_format).encode())
                 self._fingerprint = h.hexdigest()
             return self._fingerprint
 
