@@ -123,3 +123,12 @@ def test_rms_norm_matches_torch(op):
     want = torch.nn.functional.rms_norm(x, (256,), scale, 1e-6)
     assert rel_err(kernels.rms_norm(x, scale, 1e-6), want) <= 1e-6
     assert rel_err(kernels.rms_norm(x[:, 1], scale, 1e-6), want[:, 1]) <= 1e-6  # non-contiguous input
+
+
+def test_qmatmul_rows_do_not_depend_on_the_batch(op):
+    """Up to 8 rows, each output row is computed by the same instruction sequence whatever the batch: bit equal."""
+    w = weight(300, 640, 32, True)
+    x = torch.randn(8, 640)
+    full = kernels.qmatmul(x, w.codes, w.scales, w.offsets, 32)
+    assert all(torch.equal(kernels.qmatmul(x[i:i + 1], w.codes, w.scales, w.offsets, 32)[0], full[i]) for i in range(8))
+    assert torch.equal(kernels.qmatmul(x[2:5], w.codes, w.scales, w.offsets, 32), full[2:5])
