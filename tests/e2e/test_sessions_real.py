@@ -41,12 +41,6 @@ def test_batched_equals_alone_float32(real_model_f32):
     assert batched == alone
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "fast mode since the exact grouped int8 kernel: a decode row is exact (kernel, float32 activations) when its "
-    "step has <= 8 rows and bf16-rounded when it shares a step with prefill rows (bf16 GEMM), so greedy tokens now "
-    "depend on batch composition (4/6 identical here; 6/6 with the kernel for every row size, which makes prefill "
-    "2-2.7x slower for 64-128 token prompts). Fix: the engine runs decode rows and prefill chunks as separate "
-    "products (engine/runner.py)"))
 def test_fast_mode_batched_vs_alone_differences_are_rare(real_model_fast):
     """int8 weights: batch size may change rounding. Measure how often greedy tokens differ; keep it rare."""
     model = real_model_fast

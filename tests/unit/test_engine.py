@@ -177,3 +177,31 @@ def test_bad_requests_raise_clear_errors(model):
             e.submit([2] * 10_000, GREEDY)
     with pytest.raises(gs.EngineClosedError):
         e.submit([2, 3], GREEDY)
+
+
+def test_fast_mode_decode_rows_do_not_depend_on_prefill_in_their_step():
+    """int8 mode: few-row products run the exact kernel, many-row ones a bf16 GEMM. Decode rows sharing a step
+    with prefill chunks are run as their own forward, so their tokens equal decoding alone."""
+    import gemma_sessions.engine.runner as runner
+
+    model = tiny_model("gemma3", seed=5, weight_format="int8")
+    prompts = [_prompt(i, 20 + 5 * i) for i in range(4)]
+    refs = [_ref(model, p) for p in prompts]
+    forwards: list[list[int]] = []  # token counts of the items of each model forward
+    real = runner._forward
+
+    def spy(net, cache, items):
+        forwards.append([it.num_tokens for it in items])
+        return real(net, cache, items)
+
+    with Engine(model, kv_cache_bytes=4 << 20, block_size=4, max_batched_tokens=256) as e, \
+            pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner, "_forward", spy)
+        first = e.submit(prompts[0], GREEDY)
+        it = iter(first)
+        next(it)  # prompt 0 is decoding: the next prompts' prefills share its steps
+        rest = [e.submit(p, GREEDY) for p in prompts[1:]]
+        outs = [first.result().token_ids] + [s.result().token_ids for s in rest]
+    assert outs == refs
+    mixed = [f for f in forwards if 1 in f and max(f) > 1]
+    assert not mixed and any(f == [1] for f in forwards) and any(max(f) > 1 for f in forwards[1:])

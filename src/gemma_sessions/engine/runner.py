@@ -20,7 +20,7 @@ import dataclasses
 import torch
 
 from ..cache.kv import PagedKVCache, SeqKV
-from ..models.gemma import GemmaModel, attention, visibility_mask
+from ..models.gemma import QMATMUL_MAX_ROWS, GemmaModel, attention, visibility_mask
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -108,7 +108,21 @@ def run_step(net: GemmaModel, cache: PagedKVCache, items: list[WorkItem]) -> tor
 
     Single-token items (decode rows) should come first: the leading run of them is attended as one batch. The caller commits the
     tokens (``cache.commit``) after this returns.
+
+    NOTE: in the fast (int8) mode a product of a few rows runs the exact grouped-int8 kernel and a product of many
+    rows a bf16 GEMM. When decode rows that would fit the kernel share a step with prefill chunks, they are run
+    as their own forward: a session's decoded tokens then do not depend on what else is in the batch (greedy
+    batched == alone), for the cost of a second, small forward in mixed steps only.
     """
+    n_decode = 0
+    while n_decode < len(items) and items[n_decode].num_tokens == 1:
+        n_decode += 1
+    if net.weight_format == "int8" and 0 < n_decode < len(items) and n_decode <= QMATMUL_MAX_ROWS:
+        return torch.cat([_forward(net, cache, items[:n_decode]), _forward(net, cache, items[n_decode:])])
+    return _forward(net, cache, items)
+
+
+def _forward(net: GemmaModel, cache: PagedKVCache, items: list[WorkItem]) -> torch.Tensor:
     dev = cache.device
     ids, pos, rows = [], [], []
     row = 0
