@@ -42,7 +42,8 @@ def test_batched_equals_alone_float32(real_model_f32):
 
 
 def test_fast_mode_batched_vs_alone_differences_are_rare(real_model_fast):
-    """int8 weights: batch size may change rounding. Measure how often greedy tokens differ; keep it rare."""
+    """int8 weights: up to 8 decode rows run the exact kernel and each prefill chunk is its own forward, so a
+    session's greedy tokens do not depend on the batch (a bf16 GEMM's rounding depends on its row count)."""
     model = real_model_fast
     prompts = [model.tokenizer.encode(f"Question: {q}\nAnswer:", add_bos=True) for q in QUESTIONS]
     alone = [list(generate_tokens(model, p, GREEDY)) for p in prompts]
@@ -50,7 +51,7 @@ def test_fast_mode_batched_vs_alone_differences_are_rare(real_model_fast):
         batched = [st.result().token_ids for st in [engine.submit(p, GREEDY) for p in prompts]]
     same = sum(a == b for a, b in zip(alone, batched))
     print(f"\nfast mode: {same}/{len(prompts)} greedy continuations identical batched vs alone")
-    assert same >= len(prompts) - 1
+    assert same == len(prompts)
 
 
 def test_32_threads_drive_64_sessions(real_model_fast):

@@ -20,7 +20,7 @@ import dataclasses
 import torch
 
 from ..cache.kv import PagedKVCache, SeqKV
-from ..models.gemma import QMATMUL_MAX_ROWS, GemmaModel, attention, visibility_mask
+from ..models.gemma import GemmaModel, attention, visibility_mask
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -110,15 +110,19 @@ def run_step(net: GemmaModel, cache: PagedKVCache, items: list[WorkItem]) -> tor
     tokens (``cache.commit``) after this returns.
 
     NOTE: in the fast (int8) mode a product of a few rows runs the exact grouped-int8 kernel and a product of many
-    rows a bf16 GEMM. When decode rows that would fit the kernel share a step with prefill chunks, they are run
-    as their own forward: a session's decoded tokens then do not depend on what else is in the batch (greedy
-    batched == alone), for the cost of a second, small forward in mixed steps only.
+    rows a bf16 GEMM, whose rounding depends on how many rows it has. So the decode rows of a step run as one
+    forward and every prefill chunk as its own: a session's tokens then do not depend on what else is in the
+    batch (greedy batched == alone while at most 8 sessions decode together), for a few extra small forwards
+    in steps that prefill several prompts.
     """
     n_decode = 0
     while n_decode < len(items) and items[n_decode].num_tokens == 1:
         n_decode += 1
-    if net.weight_format == "int8" and 0 < n_decode < len(items) and n_decode <= QMATMUL_MAX_ROWS:
-        return torch.cat([_forward(net, cache, items[:n_decode]), _forward(net, cache, items[n_decode:])])
+    if net.weight_format == "int8" and n_decode < len(items):
+        parts = [items[:n_decode]] if n_decode else []
+        parts += [[it] for it in items[n_decode:]]  # each prefill chunk alone: its GEMM has the rows it has alone
+        if len(parts) > 1:
+            return torch.cat([_forward(net, cache, part) for part in parts])
     return _forward(net, cache, items)
 
 
@@ -137,4 +141,4 @@ def _forward(net: GemmaModel, cache: PagedKVCache, items: list[WorkItem]) -> tor
     h = net.hidden(torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, device=dev), batch)
     if not rows:
         return torch.empty(0, net.config.vocab_size)
-    return net.logits(h[torch.tensor(rows, device=dev)])
+    return net.logits(h[torch.tensor(rows, device=dev)], batch=True)
