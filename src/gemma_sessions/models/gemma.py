@@ -436,7 +436,8 @@ class DenseKV:
         # One query (a decode step) sees every key in [lo, end): causal, and lo is where its window starts.
         mask = None if t == 1 else self._mask(start, end, lo, window)[None]
         keys, vals = self.k[layer][None, :, lo:end], self.v[layer][None, :, lo:end]
-        out = attention(q.transpose(0, 1)[None].to(keys.dtype), keys, vals, mask, *self.scale_softcap)
+        dt = q.dtype if t == 1 else keys.dtype  # a decode step in the query's dtype, as the engine's decode rows
+        out = attention(q.transpose(0, 1)[None].to(dt), keys.to(dt), vals.to(dt), mask, *self.scale_softcap)
         return out[0].transpose(0, 1).to(q.dtype)  # [T, Hq, D]
 
     def _mask(self, start: int, end: int, lo: int, window: int | None) -> torch.Tensor:
