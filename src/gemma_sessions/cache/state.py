@@ -264,29 +264,3 @@ class StateCache:
                 return snap.slot
         raise CapacityError(f"all {self.pool.num_slots} state slots are in use")
 
-
-def run_state_step(net, cache: StateCache, items: list) -> torch.Tensor:
-    """One engine step for a recurrent model: every single-token item (decode rows) in one batched forward over
-    their slots, each prefill chunk on its own. Returns logits [R, vocab] for the items with ``want_logits``."""
-    dev = cache.device
-    out: dict[int, torch.Tensor] = {}
-    decode = [i for i, it in enumerate(items) if it.num_tokens == 1]
-    if decode:
-        rows = [items[i] for i in decode]
-        ids = torch.tensor([[it.seq.tokens[it.seq.num_computed]] for it in rows], dtype=torch.long, device=dev)
-        slots = torch.tensor([it.seq.slot for it in rows], dtype=torch.long, device=dev)
-        start = torch.tensor([it.seq.num_computed for it in rows], dtype=torch.long, device=dev)
-        logits = net.forward_slots(ids, slots, start, cache.pool, last_only=True)[:, 0]
-        out.update({i: logits[j] for j, i in enumerate(decode) if items[i].want_logits})
-    for i, it in enumerate(items):
-        if it.num_tokens == 1:
-            continue
-        s = it.seq.num_computed
-        ids = torch.tensor([it.seq.tokens[s:s + it.num_tokens]], dtype=torch.long, device=dev)
-        slot = torch.tensor([it.seq.slot], dtype=torch.long, device=dev)
-        logits = net.forward_slots(ids, slot, slot * 0 + s, cache.pool, last_only=True)[0, 0]
-        if it.want_logits:
-            out[i] = logits
-    if not out:
-        return torch.empty(0, net.config.vocab_size)
-    return torch.stack([out[i] for i in sorted(out)])

@@ -26,13 +26,13 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..cache.kv import KVLayout, KVSnapshot, PagedKVCache
-from ..cache.state import StateCache, run_state_step
+from ..cache.state import StateCache
 from ..errors import (CapacityError, ContextLengthError, EngineClosedError, InvalidRequestError,
                       UnsupportedModelError)
 from ..generate import stop_token_ids
 from ..sampling import SamplingParams
 from .request import GenerationOutput, GenerationStream, KVHandle, Request, State
-from .runner import run_step
+from .runner import run_state_step, run_step
 from .scheduler import Scheduler
 
 log = logging.getLogger("gemma_sessions.engine")

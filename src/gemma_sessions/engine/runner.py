@@ -9,6 +9,8 @@ sequences are flattened into one ``[N]`` batch so every projection is one matrix
     decode rows   -> one padded, masked attention over each row's visible keys (gathered from pages)
     prefill chunk -> its own causal (and windowed) attention
 
+``run_state_step`` is the same contract for RecurrentGemma's state slots (``cache/state.py``).
+
 NOTE: decode rows come first so they share one batched attention; a prefill chunk is attended on its own because
 its queries see different key ranges.
 """
@@ -20,6 +22,7 @@ import dataclasses
 import torch
 
 from ..cache.kv import PagedKVCache, SeqKV
+from ..cache.state import StateCache
 from ..models.gemma import QMATMUL_MAX_ROWS, GemmaModel, attention, visibility_mask
 
 
@@ -30,6 +33,14 @@ class WorkItem:
     want_logits: bool
 
 
+def leading_decode_rows(items: list[WorkItem]) -> int:
+    """How many items at the front are single-token (decode) rows (the scheduler puts them first)."""
+    n = 0
+    while n < len(items) and items[n].num_tokens == 1:
+        n += 1
+    return n
+
+
 class PagedBatch:
     """The ``KVBatch`` the model's layers call for one step: writes new K/V to pages, attends over pages."""
 
@@ -37,9 +48,7 @@ class PagedBatch:
         self.cache, self.scale, self.softcap = cache, scale, softcap
         lay = cache.layout
         dev = cache.device
-        self.n_decode = 0  # leading single-token items share one batched attention
-        while self.n_decode < len(items) and items[self.n_decode].num_tokens == 1:
-            self.n_decode += 1
+        self.n_decode = leading_decode_rows(items)  # they share one batched attention
         self.write = []   # per group: LongTensor [N]
         self.decode = []  # per group: (index [B, L], mask [B, 1, L]) or None
         self.prefill = []  # per group: list of (row start, row end, index [L], mask [T, L])
@@ -118,9 +127,7 @@ def run_step(net: GemmaModel, cache: PagedKVCache, items: list[WorkItem]) -> tor
     differ in the last bf16 bit with its company. (One forward per chunk made prefills exact too, but
     bench/concurrency.py then gave 85 tok/s at 64 sessions where the run before these changes gave 120.)
     """
-    n_decode = 0
-    while n_decode < len(items) and items[n_decode].num_tokens == 1:
-        n_decode += 1
+    n_decode = leading_decode_rows(items)
     if net.weight_format == "int8" and 0 < n_decode < len(items) and n_decode <= QMATMUL_MAX_ROWS:
         return torch.cat([_forward(net, cache, items[:n_decode]), _forward(net, cache, items[n_decode:])])
     return _forward(net, cache, items)
@@ -142,3 +149,32 @@ def _forward(net: GemmaModel, cache: PagedKVCache, items: list[WorkItem]) -> tor
     if not rows:
         return torch.empty(0, net.config.vocab_size)
     return net.logits(h[torch.tensor(rows, device=dev)], batch=True)
+
+
+@torch.inference_mode()
+def run_state_step(net, cache: StateCache, items: list[WorkItem]) -> torch.Tensor:
+    """One engine step for a recurrent model: every single-token item (decode rows) in one batched forward over
+    their slots, each prefill chunk on its own. Returns logits [R, vocab] for the items with ``want_logits``."""
+    dev = cache.device
+    out: dict[int, torch.Tensor] = {}
+    decode = [i for i, it in enumerate(items) if it.num_tokens == 1]
+    if decode:
+        rows = [items[i] for i in decode]
+        ids = torch.tensor([[it.seq.tokens[it.seq.num_computed]] for it in rows], dtype=torch.long, device=dev)
+        slots = torch.tensor([it.seq.slot for it in rows], dtype=torch.long, device=dev)
+        start = torch.tensor([it.seq.num_computed for it in rows], dtype=torch.long, device=dev)
+        logits = net.forward_slots(ids, slots, start, cache.pool, last_only=True)[:, 0]
+        out.update({i: logits[j] for j, i in enumerate(decode) if items[i].want_logits})
+    for i, it in enumerate(items):
+        if it.num_tokens == 1:
+            continue
+        s = it.seq.num_computed
+        ids = torch.tensor([it.seq.tokens[s:s + it.num_tokens]], dtype=torch.long, device=dev)
+        slot = torch.tensor([it.seq.slot], dtype=torch.long, device=dev)
+        start = torch.tensor([s], dtype=torch.long, device=dev)
+        logits = net.forward_slots(ids, slot, start, cache.pool, last_only=True)[0, 0]
+        if it.want_logits:
+            out[i] = logits
+    if not out:
+        return torch.empty(0, net.config.vocab_size)
+    return torch.stack([out[i] for i in sorted(out)])

@@ -100,9 +100,7 @@ class Linear(nn.Module):
             return op(x.float(), self.codes, self.scales, self.offsets, self.group).to(x.dtype)
         if self.head and op is not None:
             return self._float32_tiles(x.float()).to(x.dtype)
-        if self.bf16 is None:
-            self.bf16 = self.quant_weight.dequantize().to(torch.bfloat16)
-        return F.linear(x.to(torch.bfloat16), self.bf16).to(x.dtype)
+        return self._bf16_gemm(x)
 
     def forward_batch(self, x: torch.Tensor) -> torch.Tensor:
         """The engine's batched decode: above ``QMATMUL_MAX_ROWS`` rows a bf16 GEMM (for the LM head too: ~3x faster
@@ -111,6 +109,10 @@ class Linear(nn.Module):
         exact as alone."""
         if not self.int8 or x.shape[0] <= QMATMUL_MAX_ROWS:
             return self(x)
+        return self._bf16_gemm(x)
+
+    def _bf16_gemm(self, x: torch.Tensor) -> torch.Tensor:
+        """Many rows: a bf16 GEMM on a bf16 copy of W, made on first need."""
         if self.bf16 is None:
             self.bf16 = self.quant_weight.dequantize().to(torch.bfloat16)
         return F.linear(x.to(torch.bfloat16), self.bf16).to(x.dtype)
