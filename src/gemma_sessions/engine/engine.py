@@ -277,19 +277,20 @@ class Engine:
             return
         t0 = time.perf_counter()
         logits = self._run(self.model.net, self.cache, [item for _, item in work])
+        # greedy rows: one argmax over the step's logits (one call instead of one per row)
+        greedy = logits.argmax(dim=-1).tolist() if any(req.params.greedy for req, it in work if it.want_logits) else None
         row = 0
         for req, item in work:
             self.cache.commit(item.seq, item.num_tokens)
             req.computed += item.num_tokens
             self._counters["prefill_tokens"] += item.num_tokens if item.num_tokens > 1 else 0
             if item.want_logits:
-                self._sample(req, logits[row])
+                self._sample(req, greedy[row] if req.params.greedy else req.sampler(logits[row]))
                 row += 1
         self._counters["steps"] += 1
         self._counters["busy_s"] += time.perf_counter() - t0
 
-    def _sample(self, req: Request, logits: torch.Tensor) -> None:
-        token = req.sampler(logits)
+    def _sample(self, req: Request, token: int) -> None:
         now = time.perf_counter()
         if not req.t_first:
             req.t_first = now
