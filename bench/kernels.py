@@ -26,7 +26,7 @@ NAME = "kernels"
 SHAPES = [("q+k+v 640->1536", 1536, 640, False), ("k or v 640->256", 256, 640, False),
           ("attn_output 1024->640", 640, 1024, True), ("gate+up 640->4096", 4096, 640, False),
           ("ffn_down 2048->640", 640, 2048, True), ("LM head 640->262144", 262144, 640, False)]
-ROWS = (1, 4, 8, 16)
+ROWS = (1, 4, 8, 16, 32, 64)
 COLD_BYTES = 96 << 20  # int8 codes cycled through per shape: 3x the L3, as in decoding
 
 

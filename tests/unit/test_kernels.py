@@ -109,12 +109,39 @@ def test_int8_linear_paths(op):
     ref = lambda x: x @ w.dequantize().T  # noqa: E731
     lin = gemma.Linear(w, "int8")
     small, big = torch.randn(gemma.QMATMUL_MAX_ROWS, 64), torch.randn(gemma.QMATMUL_MAX_ROWS + 5, 64)
+    many = torch.randn(gemma.BF16_DOT_MAX_ROWS + 1, 64)
     assert rel_err(lin(small), ref(small)) <= 1e-5 and lin.bf16 is None  # the kernel, no copy made
-    assert rel_err(lin(big), ref(big)) <= 1e-2 and lin.bf16 is not None  # bf16 GEMM
+    if kernels.bf16_dot_available():  # bf16 inputs and weights, float32 sums: no copy made either
+        bf16_ref = big.bfloat16().float() @ w.dequantize().bfloat16().float().T
+        assert rel_err(lin(big), bf16_ref) <= 1e-6 and lin.bf16 is None
+    assert rel_err(lin(big), ref(big)) <= 1e-2
+    assert rel_err(lin(many), ref(many)) <= 1e-2 and lin.bf16 is not None  # bf16 GEMM
     head = gemma.Linear(w, "int8", head=True)
     bigger = torch.randn(gemma.HEAD_QMATMUL_MAX_ROWS + 1, 64)
     assert rel_err(head(big), ref(big)) <= 1e-5 and head.bf16 is None  # the kernel
     assert rel_err(head(bigger), ref(bigger)) <= 1e-5 and head.bf16 is None  # float32 tiles
+    # the engine's batched decode of the head: the kernel, then bf16 products, then the bf16 GEMM
+    assert torch.equal(head.forward_batch(small), head(small))
+    assert rel_err(head.forward_batch(big), ref(big)) <= 1e-2 and (head.bf16 is None) == kernels.bf16_dot_available()
+    assert rel_err(head.forward_batch(many), ref(many)) <= 1e-2 and head.bf16 is not None
+
+
+@pytest.mark.parametrize("m", [9, 16, 21])
+@pytest.mark.parametrize("group,offsets", [(32, False), (16, True)])
+def test_qmatmul_bf16_is_the_bf16_product(op, m, group, offsets):
+    if not kernels.bf16_dot_available():
+        pytest.skip("no AVX512-BF16 on this CPU")
+    w = weight(301, 2048, group, offsets)  # K = 2048: several row blocks of 6
+    x = torch.randn(m, 2048)
+    want = x.bfloat16().float() @ w.dequantize().bfloat16().float().T  # what a bf16 GEMM multiplies, in float32
+    out = kernels.qmatmul_bf16(x, w.codes, w.scales, w.offsets, group)
+    # float32 sums: 2e-7 here without offsets; with offsets (large partial sums that cancel) this CPU's vdpbf16ps
+    # accumulation drifts to ~1e-4, still ~30x finer than the bf16 GEMM it replaces, which rounds its output
+    gemm = torch.nn.functional.linear(x.bfloat16(), w.dequantize().bfloat16()).float()
+    assert out.dtype == torch.float32 and rel_err(out, want) <= (3e-4 if offsets else 1e-6)
+    assert rel_err(out, want) * 10 < rel_err(gemm, want)
+    alone = kernels.qmatmul_bf16(x[3:4], w.codes, w.scales, w.offsets, group)
+    assert torch.equal(alone[0], out[3])  # a row's result does not depend on the others
     assert torch.equal(gemma.Linear(w.dequantize(), "float32").weight, w.dequantize())
 
 
@@ -132,3 +159,58 @@ def test_qmatmul_rows_do_not_depend_on_the_batch(op):
     full = kernels.qmatmul(x, w.codes, w.scales, w.offsets, 32)
     assert all(torch.equal(kernels.qmatmul(x[i:i + 1], w.codes, w.scales, w.offsets, 32)[0], full[i]) for i in range(8))
     assert torch.equal(kernels.qmatmul(x[2:5], w.codes, w.scales, w.offsets, 32), full[2:5])
+
+
+def reference_decode_attention(q, k, v, index, lengths, scale, softcap):
+    """Gather each row's visible keys and run the model's eager attention in float32."""
+    outs = []
+    for b in range(q.shape[0]):
+        rows = index[b, :lengths[b]]
+        keys, vals = k[rows].float().transpose(0, 1)[None], v[rows].float().transpose(0, 1)[None]
+        outs.append(gemma.attention(q[b:b + 1, :, None].float(), keys, vals, None, scale, softcap)[0, :, 0])
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,d", [((4, 1), 256), ((8, 4), 128), ((4, 2), 16), ((2, 2), 24)])
+@pytest.mark.parametrize("softcap", [None, 50.0])
+def test_decode_attention_matches_eager(op, dtype, heads, d, softcap):
+    hq, hkv = heads
+    g = torch.Generator().manual_seed(hq * d)
+    pool = torch.randn(300, hkv, d, generator=g).to(dtype)
+    lengths = torch.tensor([1, 37, 0, 250])  # a row with no key gets zeros
+    index = torch.randint(0, 150, (4, 250), generator=g)
+    q = torch.randn(4, hq, d, generator=g)
+    # K and V as two views into one pool, as the paged cache passes them (V at an offset)
+    out = kernels.decode_attention(q, pool, pool[150:], index, lengths, 0.0625, softcap)
+    ref = reference_decode_attention(q, pool, pool[150:], index, lengths.clamp(min=1), 0.0625, softcap)
+    assert out.shape == q.shape and out.dtype == torch.float32
+    assert torch.equal(out[2], torch.zeros(hq, d))
+    keep = [0, 1, 3]
+    assert (out[keep] - ref[keep]).abs().max().item() <= 1e-5
+
+
+def test_decode_attention_strided_and_batch_independent(op):
+    # a dense cache [Hkv, T, D] seen as [T, Hkv, D]: rows are strided; and a row's output does not depend on the
+    # other rows of the call (the engine's batched-equals-alone rests on it)
+    k = torch.randn(2, 64, 32).to(torch.bfloat16)
+    v = torch.randn(2, 64, 32).to(torch.bfloat16)
+    q = torch.randn(3, 4, 32)
+    index = torch.arange(64).repeat(3, 1)
+    lengths = torch.tensor([64, 10, 33])
+    both = kernels.decode_attention(q, k.transpose(0, 1), v.transpose(0, 1), index, lengths, 0.2, None)
+    for b in range(3):
+        alone = kernels.decode_attention(q[b:b + 1], k.transpose(0, 1), v.transpose(0, 1), index[b:b + 1],
+                                         lengths[b:b + 1], 0.2, None)
+        assert torch.equal(both[b], alone[0])
+    ref = reference_decode_attention(q, k.transpose(0, 1), v.transpose(0, 1), index, lengths, 0.2, None)
+    assert (both - ref).abs().max().item() <= 1e-5
+
+
+def test_decode_attention_refuses_out_of_range_slots(op):
+    k = torch.randn(10, 1, 16)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.decode_attention(torch.randn(1, 2, 16), k, k, torch.tensor([[3, 10]]), torch.tensor([2]), 1.0, None)
+    # padding past a row's length is never read, whatever it holds
+    out = kernels.decode_attention(torch.randn(1, 2, 16), k, k, torch.tensor([[3, 99]]), torch.tensor([1]), 1.0, None)
+    assert torch.isfinite(out).all()

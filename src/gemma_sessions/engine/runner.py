@@ -6,7 +6,7 @@ sequences are flattened into one ``[N]`` batch so every projection is one matrix
 :class:`PagedBatch`:
 
     flattened tokens:  [ d0 d1 d2 ... (one per decoding sequence) | p0 p0 p0 p0 | p1 p1 ... (prefill chunks) ]
-    decode rows   -> one padded, masked attention over each row's visible keys (gathered from pages)
+    decode rows   -> one attention over each row's visible keys, read in place from the pages
     prefill chunk -> its own causal (and windowed) attention
 
 ``run_state_step`` is the same contract for RecurrentGemma's state slots (``cache/state.py``).
@@ -21,6 +21,7 @@ import dataclasses
 
 import torch
 
+from .. import kernels
 from ..cache.kv import PagedKVCache, SeqKV
 from ..cache.state import StateCache
 from ..models.gemma import QMATMUL_MAX_ROWS, GemmaModel, attention, visibility_mask
@@ -69,8 +70,7 @@ class PagedBatch:
             rows.append(cache.slot_base(it.seq, lay.first_visible(g, pos), pos + 1, g))
         lengths = torch.tensor([len(r) for r in rows])
         index = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # padded with slot 0, masked out
-        mask = (torch.arange(index.shape[1])[None, :] < lengths[:, None])[:, None, :]
-        return index.to(cache.device), mask.to(cache.device)
+        return index.to(cache.device), lengths.to(cache.device)
 
     def _prefill_index(self, items: list[WorkItem], g: int):
         cache, lay = self.cache, self.cache.layout
@@ -96,14 +96,18 @@ class PagedBatch:
         outs = []
         hkv, d = flat.shape[1], flat.shape[2]
         if self.decode[g] is not None:
-            index, mask = self.decode[g]
+            index, lengths = self.decode[g]
             b, width = index.shape
-            keys = flat.index_select(0, (index + off_k).view(-1)).view(b, width, hkv, d).transpose(1, 2)
-            vals = flat.index_select(0, (index + off_v).view(-1)).view(b, width, hkv, d).transpose(1, 2)
-            # one query per row: computed in the query's dtype (float32 in the fast mode): small bf16 products are
-            # slower than float32 ones on CPU (~1.5x), and the query is not rounded (DenseKV does the same)
-            out = attention(q[:b, :, None], keys.to(q.dtype), vals.to(q.dtype), mask, self.scale, self.softcap)
-            outs.append(out[:, :, 0])
+            # one query per row, keys read in place from the pages (kernels.decode_attention), in float32
+            out = kernels.decode_attention(q[:b].float(), flat[off_k:], flat[off_v:], index, lengths, self.scale,
+                                           self.softcap)
+            if out is None:  # no compiled kernel (or not on the CPU): gather, convert, attend
+                keys = flat.index_select(0, (index + off_k).view(-1)).view(b, width, hkv, d).transpose(1, 2)
+                vals = flat.index_select(0, (index + off_v).view(-1)).view(b, width, hkv, d).transpose(1, 2)
+                mask = (torch.arange(width, device=index.device)[None, :] < lengths[:, None])[:, None, :]
+                dt = torch.float32 if q.device.type == "cpu" else q.dtype
+                out = attention(q[:b, :, None].to(dt), keys.to(dt), vals.to(dt), mask, self.scale, self.softcap)[:, :, 0]
+            outs.append(out)
         for start, end, index, mask in self.prefill[g]:
             keys = flat.index_select(0, index + off_k).transpose(0, 1)[None]
             vals = flat.index_select(0, index + off_v).transpose(0, 1)[None]

@@ -115,6 +115,35 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.ops.gemma_sessions.rms_norm.default(x, scale, eps)
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, lengths: torch.Tensor,
+                     scale: float, softcap: float | None) -> torch.Tensor | None:
+    """One query per row over keys read in place: float32 ``q [B, Hq, D]``; ``k, v [S, Hkv, D]`` (float32 or
+    bfloat16, rows contiguous); row b attends to slots ``index[b, :lengths[b]]``. Returns float32 ``[B, Hq, D]``,
+    or None when the compiled kernel is unavailable or the tensors are not on the CPU (the caller then gathers and
+    runs :func:`gemma_sessions.models.gemma.attention`)."""
+    if q.device.type != "cpu" or kernel() is None:
+        return None
+    return torch.ops.gemma_sessions.decode_attention.default(q, k, v, index, lengths, scale, softcap or 0.0)
+
+
+def bf16_dot_available() -> bool:
+    """Whether :func:`qmatmul_bf16` runs (a compiled kernel with AVX512-BF16)."""
+    if kernel() is None:
+        return False
+    if "bf16" not in _state:
+        _state["bf16"] = bool(torch.ops.gemma_sessions.bf16_dot_available())
+    return bool(_state["bf16"])
+
+
+def qmatmul_bf16(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+                 group: int) -> torch.Tensor:
+    """``x @ W^T`` for many rows at the bf16 rate: x and W rounded to bf16 (W exactly as its bf16 copy would be),
+    float32 sums and output. Requires :func:`bf16_dot_available`; K a multiple of 32 and group of 16."""
+    if not bf16_dot_available():
+        raise RuntimeError("qmatmul_bf16 needs the compiled kernel with AVX512-BF16")
+    return torch.ops.gemma_sessions.qmatmul_bf16.default(x.float(), codes, scales, offsets, group)
+
+
 def qmatmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
             group: int) -> torch.Tensor:
     """float32 ``x [M, K] @ W^T -> [M, N]`` with W as above; the compiled kernel when available."""

@@ -1,11 +1,12 @@
 // qmatmul: x @ W^T for a weight held EXACTLY as int8 codes with per-group float32 scales (and offsets).
 //
 //   W[n, k] = scales[n, g] * codes[n, k] + offsets[n, g],   g = k / G
-//   out[m, n] = sum_g scales[n, g] * (sum_{k in g} x[m, k] * codes[n, k]) + offsets[n, g] * xsum[m, g]
+//   out[m, n] = sum_k x[m, k] * W[n, k]
 //
-// where xsum[m, g] = sum_{k in g} x[m, k] is computed once per call. Float32 accumulation throughout; parallel
-// over N with at::parallel_for (torch's intra-op threads). Rows of x are processed in blocks of up to 8 so each
-// converted code vector is reused across the block. AVX-512 path under __AVX512F__, a portable loop otherwise.
+// W is dequantized 16 values at a time in registers, with the float32 roundings of models/quant.py's dequantize
+// (the float32 mode's weight, bit for bit), and each such vector is reused by a block of up to 16 rows of x. Float32
+// accumulation throughout; parallel over N with at::parallel_for (torch's intra-op threads). AVX-512 path under
+// __AVX512F__, a portable loop otherwise.
 // Registered as torch.ops.gemma_sessions.qmatmul (no pybind11: faster to JIT-compile).
 
 #include <ATen/ATen.h>
@@ -23,7 +24,7 @@
 
 namespace {
 
-constexpr int64_t MB_MAX = 8;  // rows of x per block
+constexpr int64_t MB_MAX = 16;  // rows of x per block (16 accumulators + the weight vector fit 32 registers)
 
 
 #ifdef __AVX512F__
@@ -46,73 +47,99 @@ static inline float hsum(__m512 v) {
   return _mm_cvtss_f32(b);
 }
 
-// MB rows of x (stride K) times one weight row n; writes MB dot products to dots. With offsets (off != nullptr),
-// the term sum_g off[g] * xs[m, g] (xs: per-group sums of x, stride ng) is added in the same vector accumulators.
-template <int MB>
+// MB rows of x (stride K) times one weight row n; writes MB dot products to dots. Each vector of 16 weights is
+// dequantized once, exactly as models/quant.py's dequantize does it (code * scale, then + offset, float32 roundings
+// in that order), and reused across the MB rows: the product is x @ W^T for the float32 mode's very weight, only
+// summed in another order. A row's result does not depend on MB or on the other rows.
+template <int MB, bool OFF>
 static inline void dot_rows(const float* x, int64_t K, const int8_t* c, const float* sc, int64_t G,
-                            const float* off, const float* xs, float* dots) {
+                            const float* off, float* dots) {
   __m512 acc[MB];
   for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
   const int64_t ng = K / G;
   for (int64_t g = 0; g < ng; ++g) {
-    const int64_t k0 = g * G;
-    __m512 part[MB];
-    {
-      const __m512 w = load_codes16(c + k0);
-      for (int m = 0; m < MB; ++m) part[m] = _mm512_mul_ps(_mm512_loadu_ps(x + m * K + k0), w);
-    }
-    for (int64_t k = k0 + 16; k < k0 + G; k += 16) {
-      const __m512 w = load_codes16(c + k);
-      for (int m = 0; m < MB; ++m) part[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k), w, part[m]);
-    }
     const __m512 s = _mm512_set1_ps(sc[g]);
-    for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(part[m], s, acc[m]);
-  }
-  if (off != nullptr) {
-    for (int64_t g0 = 0; g0 < ng; g0 += 16) {
-      const __mmask16 mask = ng - g0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (ng - g0)) - 1);
-      const __m512 o = _mm512_maskz_loadu_ps(mask, off + g0);
-      for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(o, _mm512_maskz_loadu_ps(mask, xs + m * ng + g0), acc[m]);
+    const __m512 o = OFF ? _mm512_set1_ps(off[g]) : _mm512_setzero_ps();
+    for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
+      __m512 w = _mm512_mul_ps(load_codes16(c + k), s);
+      if (OFF) w = _mm512_add_ps(w, o);
+      for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k), w, acc[m]);
     }
   }
   for (int m = 0; m < MB; ++m) dots[m] = hsum(acc[m]);
 }
 
+template <int MB>
+static inline void dot_rows_any(const float* x, int64_t K, const int8_t* c, const float* sc, int64_t G,
+                                const float* off, float* dots) {
+  if (off != nullptr) return dot_rows<MB, true>(x, K, c, sc, G, off, dots);
+  return dot_rows<MB, false>(x, K, c, sc, G, off, dots);
+}
+
 #endif
 
-// Portable: the same sums, scalar.
+// Portable: the same weights (code * scale + offset), scalar.
 static inline void dot_rows_scalar(const float* x, int64_t mb, int64_t K, const int8_t* c, const float* sc,
-                                   int64_t G, const float* off, const float* xs, float* dots) {
+                                   int64_t G, const float* off, float* dots) {
   for (int64_t m = 0; m < mb; ++m) {
     float acc = 0.f;
-    for (int64_t g = 0; g < K / G; ++g) {
-      float part = 0.f;
-      for (int64_t k = g * G; k < (g + 1) * G; ++k) part += x[m * K + k] * static_cast<float>(c[k]);
-      acc += part * sc[g];
+    for (int64_t k = 0; k < K; ++k) {
+      float w = static_cast<float>(c[k]) * sc[k / G];
+      if (off != nullptr) w += off[k / G];
+      acc += x[m * K + k] * w;
     }
-    if (off != nullptr)
-      for (int64_t g = 0; g < K / G; ++g) acc += off[g] * xs[m * (K / G) + g];
     dots[m] = acc;
   }
 }
 
 static inline void dot_block(const float* x, int64_t mb, int64_t K, const int8_t* c, const float* sc, int64_t G,
-                             const float* off, const float* xs, float* dots) {
+                             const float* off, float* dots) {
 #ifdef __AVX512F__
   if (G % 16 == 0) {
     switch (mb) {
-      case 1: return dot_rows<1>(x, K, c, sc, G, off, xs, dots);
-      case 2: return dot_rows<2>(x, K, c, sc, G, off, xs, dots);
-      case 3: return dot_rows<3>(x, K, c, sc, G, off, xs, dots);
-      case 4: return dot_rows<4>(x, K, c, sc, G, off, xs, dots);
-      case 5: return dot_rows<5>(x, K, c, sc, G, off, xs, dots);
-      case 6: return dot_rows<6>(x, K, c, sc, G, off, xs, dots);
-      case 7: return dot_rows<7>(x, K, c, sc, G, off, xs, dots);
-      default: return dot_rows<8>(x, K, c, sc, G, off, xs, dots);
+      case 1: return dot_rows_any<1>(x, K, c, sc, G, off, dots);
+      case 2: return dot_rows_any<2>(x, K, c, sc, G, off, dots);
+      case 3: return dot_rows_any<3>(x, K, c, sc, G, off, dots);
+      case 4: return dot_rows_any<4>(x, K, c, sc, G, off, dots);
+      case 5: return dot_rows_any<5>(x, K, c, sc, G, off, dots);
+      case 6: return dot_rows_any<6>(x, K, c, sc, G, off, dots);
+      case 7: return dot_rows_any<7>(x, K, c, sc, G, off, dots);
+      case 8: return dot_rows_any<8>(x, K, c, sc, G, off, dots);
+      case 9: return dot_rows_any<9>(x, K, c, sc, G, off, dots);
+      case 10: return dot_rows_any<10>(x, K, c, sc, G, off, dots);
+      case 11: return dot_rows_any<11>(x, K, c, sc, G, off, dots);
+      case 12: return dot_rows_any<12>(x, K, c, sc, G, off, dots);
+      case 13: return dot_rows_any<13>(x, K, c, sc, G, off, dots);
+      case 14: return dot_rows_any<14>(x, K, c, sc, G, off, dots);
+      case 15: return dot_rows_any<15>(x, K, c, sc, G, off, dots);
+      default: return dot_rows_any<16>(x, K, c, sc, G, off, dots);
     }
   }
 #endif
-  dot_rows_scalar(x, mb, K, c, sc, G, off, xs, dots);
+  dot_rows_scalar(x, mb, K, c, sc, G, off, dots);
+}
+
+// Runs dot(n, m0, mb, dots) for n in [begin, end) (outer: a weight row stays in L1 across the row blocks) and row
+// blocks of up to MB_MAX, and writes out [M, N] a tile of NT outputs at a time. Rows of out lie N floats apart (1 MiB
+// on the LM head, a power of two): storing each dot straight to out would put every row's line in one L1 set.
+constexpr int64_t NT = 64;
+
+template <typename Dot>
+static inline void tiled(int64_t M, int64_t N, int64_t begin, int64_t end, float* outp, Dot dot,
+                         int64_t block = MB_MAX) {
+  std::vector<float> tile(M * NT);
+  float dots[MB_MAX];
+  for (int64_t n0 = begin; n0 < end; n0 += NT) {
+    const int64_t nt = std::min(NT, end - n0);
+    for (int64_t j = 0; j < nt; ++j) {
+      for (int64_t m0 = 0; m0 < M; m0 += block) {
+        const int64_t mb = std::min(block, M - m0);
+        dot(n0 + j, m0, mb, dots);
+        for (int64_t m = 0; m < mb; ++m) tile[(m0 + m) * NT + j] = dots[m];
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) std::copy(tile.data() + m * NT, tile.data() + m * NT + nt, outp + m * N + n0);
+  }
 }
 
 at::Tensor qmatmul(const at::Tensor& x_in, const at::Tensor& codes_in, const at::Tensor& scales_in,
@@ -130,36 +157,127 @@ at::Tensor qmatmul(const at::Tensor& x_in, const at::Tensor& codes_in, const at:
   at::Tensor offsets;
   const float* xp = x.data_ptr<float>();
   const bool has_off = offsets_in.has_value() && offsets_in->defined();
-  std::vector<float> xsum;  // [M, K/G]: per-group sums of x, once per call (for the offset term)
   if (has_off) {
     offsets = offsets_in->contiguous();
     TORCH_CHECK(offsets.scalar_type() == at::kFloat && offsets.size(0) == N && offsets.size(1) == ng,
                 "qmatmul: offsets must be float32 [N, K/G]");
-    xsum.assign(M * ng, 0.f);
-    for (int64_t i = 0; i < M * ng; ++i)
-      for (int64_t k = 0; k < G; ++k) xsum[i] += xp[i * G + k];
   }
   at::Tensor out = at::empty({M, N}, x.options());
   const int8_t* cp = codes.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   const float* op = has_off ? offsets.data_ptr<float>() : nullptr;
-  const float* xs = has_off ? xsum.data() : nullptr;
   float* outp = out.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K * ((M + MB_MAX - 1) / MB_MAX), 1));
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    float dots[MB_MAX];
     // NOTE: one weight row after another, even for M = 1. Interleaving four rows (four accumulator chains sharing
     // each x load) is ~25% faster on a cache-resident weight but ~20-30% slower in real decoding, where every
     // weight streams from memory once per token (measured: decode 32 vs 39 tok/s on the 270M).
-    for (int64_t n = begin; n < end; ++n) {  // n outer: a weight row stays in L1 across the row blocks
-      for (int64_t m0 = 0; m0 < M; m0 += MB_MAX) {
-        const int64_t mb = std::min(MB_MAX, M - m0);
-        dot_block(xp + m0 * K, mb, K, cp + n * K, sp + n * ng, G, has_off ? op + n * ng : nullptr,
-                  has_off ? xs + m0 * ng : nullptr, dots);
-        for (int64_t m = 0; m < mb; ++m) outp[(m0 + m) * N + n] = dots[m];
-      }
-    }
+    tiled(M, N, begin, end, outp, [&](int64_t n, int64_t m0, int64_t mb, float* dots) {
+      dot_block(xp + m0 * K, mb, K, cp + n * K, sp + n * ng, G, has_off ? op + n * ng : nullptr, dots);
+    });
   });
+  return out;
+}
+
+// qmatmul_bf16: the same product for MANY rows (the engine's batched decode), at twice the float32 rate: x and W
+// rounded to bf16 (W as models/quant.py dequantizes it, then rounded: the very bf16 copy a bf16 GEMM would use, but
+// never stored: the int8 codes are read), products summed in float32 by vdpbf16ps, float32 out (a bf16 GEMM would
+// round the output too). Needs AVX512-BF16 and K % 32 == 0; bf16_dot_available() says whether this build has it.
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+constexpr bool kBf16Dot = true;
+
+static inline __m512 deq16(const int8_t* c, float s, float o, bool off) {
+  __m512 w = _mm512_mul_ps(load_codes16(c), _mm512_set1_ps(s));
+  return off ? _mm512_add_ps(w, _mm512_set1_ps(o)) : w;
+}
+
+template <int MB, bool OFF>
+static inline void dot_rows_bf16(const at::BFloat16* xb, int64_t K, const int8_t* c, const float* sc, int64_t G,
+                                 const float* off, float* dots) {
+  __m512 acc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    const int64_t g0 = k / G, g1 = (k + 16) / G;
+    const __m512 lo = deq16(c + k, sc[g0], OFF ? off[g0] : 0.f, OFF);
+    const __m512 hi = deq16(c + k + 16, sc[g1], OFF ? off[g1] : 0.f, OFF);
+    const __m512bh w = _mm512_cvtne2ps_pbh(hi, lo);  // k order: lo half from `lo`, as x below
+    for (int m = 0; m < MB; ++m)
+      acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_loadu_si512(xb + m * K + k), w);
+  }
+  for (int m = 0; m < MB; ++m) dots[m] = hsum(acc[m]);
+}
+
+template <int MB>
+static inline void dot_bf16_any(const at::BFloat16* xb, int64_t K, const int8_t* c, const float* sc, int64_t G,
+                                const float* off, float* dots) {
+  if (off != nullptr) return dot_rows_bf16<MB, true>(xb, K, c, sc, G, off, dots);
+  return dot_rows_bf16<MB, false>(xb, K, c, sc, G, off, dots);
+}
+
+static inline void dot_block_bf16(const at::BFloat16* xb, int64_t mb, int64_t K, const int8_t* c, const float* sc,
+                                  int64_t G, const float* off, float* dots) {
+  switch (mb) {
+    case 1: return dot_bf16_any<1>(xb, K, c, sc, G, off, dots);
+    case 2: return dot_bf16_any<2>(xb, K, c, sc, G, off, dots);
+    case 3: return dot_bf16_any<3>(xb, K, c, sc, G, off, dots);
+    case 4: return dot_bf16_any<4>(xb, K, c, sc, G, off, dots);
+    case 5: return dot_bf16_any<5>(xb, K, c, sc, G, off, dots);
+    case 6: return dot_bf16_any<6>(xb, K, c, sc, G, off, dots);
+    case 7: return dot_bf16_any<7>(xb, K, c, sc, G, off, dots);
+    case 8: return dot_bf16_any<8>(xb, K, c, sc, G, off, dots);
+    case 9: return dot_bf16_any<9>(xb, K, c, sc, G, off, dots);
+    case 10: return dot_bf16_any<10>(xb, K, c, sc, G, off, dots);
+    case 11: return dot_bf16_any<11>(xb, K, c, sc, G, off, dots);
+    case 12: return dot_bf16_any<12>(xb, K, c, sc, G, off, dots);
+    case 13: return dot_bf16_any<13>(xb, K, c, sc, G, off, dots);
+    case 14: return dot_bf16_any<14>(xb, K, c, sc, G, off, dots);
+    case 15: return dot_bf16_any<15>(xb, K, c, sc, G, off, dots);
+    default: return dot_bf16_any<16>(xb, K, c, sc, G, off, dots);
+  }
+}
+#else
+constexpr bool kBf16Dot = false;
+#endif
+
+bool bf16_dot_available() { return kBf16Dot; }
+
+at::Tensor qmatmul_bf16(const at::Tensor& x_in, const at::Tensor& codes_in, const at::Tensor& scales_in,
+                        const c10::optional<at::Tensor>& offsets_in, int64_t G) {
+  TORCH_CHECK(kBf16Dot, "qmatmul_bf16: this build has no AVX512-BF16");
+  TORCH_CHECK(x_in.dim() == 2 && codes_in.dim() == 2, "qmatmul_bf16: x [M, K] and codes [N, K] must be 2-D");
+  TORCH_CHECK(codes_in.scalar_type() == at::kChar && scales_in.scalar_type() == at::kFloat,
+              "qmatmul_bf16: int8 codes and float32 scales");
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = codes_in.size(0);
+  TORCH_CHECK(codes_in.size(1) == K, "qmatmul_bf16: x has K=", K, ", codes K=", codes_in.size(1));
+  TORCH_CHECK(G > 0 && G % 16 == 0 && K % G == 0 && K % 32 == 0, "qmatmul_bf16: group size ", G, " and K=", K,
+              " must be multiples of 16 and 32");
+  const int64_t ng = K / G;
+  TORCH_CHECK(scales_in.size(0) == N && scales_in.size(1) == ng, "qmatmul_bf16: scales must be [N, K/G]");
+  const at::Tensor xb = x_in.to(at::kBFloat16).contiguous();  // round to nearest even, as a bf16 GEMM's input
+  const at::Tensor codes = codes_in.contiguous(), scales = scales_in.contiguous();
+  at::Tensor offsets;
+  const bool has_off = offsets_in.has_value() && offsets_in->defined();
+  if (has_off) {
+    offsets = offsets_in->contiguous();
+    TORCH_CHECK(offsets.scalar_type() == at::kFloat && offsets.size(0) == N && offsets.size(1) == ng,
+                "qmatmul_bf16: offsets must be float32 [N, K/G]");
+  }
+  at::Tensor out = at::empty({M, N}, x_in.options().dtype(at::kFloat));
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+  const at::BFloat16* xp = xb.data_ptr<at::BFloat16>();
+  const int8_t* cp = codes.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const float* op = has_off ? offsets.data_ptr<float>() : nullptr;
+  float* outp = out.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K * ((M + MB_MAX - 1) / MB_MAX), 1));
+  // rows per block: their bf16 inputs (block x K x 2 bytes) stay within ~24 KiB of L1 (16 rows at K = 640, 6 at 2048)
+  const int64_t block = std::clamp<int64_t>(24576 / (2 * K), 4, MB_MAX);
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    tiled(M, N, begin, end, outp, [&](int64_t n, int64_t m0, int64_t mb, float* dots) {
+      dot_block_bf16(xp + m0 * K, mb, K, cp + n * K, sp + n * ng, G, has_off ? op + n * ng : nullptr, dots);
+    }, block);
+  });
+#endif
   return out;
 }
 
@@ -188,14 +306,215 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& scale_in, double e
   return out;
 }
 
+// decode_attention: one query token per row attending over keys it reads IN PLACE through a slot index (the paged
+// cache's pages, or a dense cache's rows), for the decode steps of the engine and of generate():
+//
+//   q      [B, Hq, D] float32                 one query per row, after RoPE
+//   k, v   [S, Hkv, D] float32 or bfloat16     any strides on the first two dims, D contiguous
+//   index  [B, L] int64, lengths [B] int64    row b sees slots index[b, :lengths[b]] (the rest is padding)
+//   out    [B, Hq, D] float32
+//
+// Query head h uses kv head h / (Hq / Hkv) (GQA, as transformers' repeat_kv). Scores are float32 dot products
+// times scale, soft-capped (cap * tanh(s / cap)) when softcap > 0, softmax in float32 (max subtracted), then the
+// probability-weighted sum of values. No gather, no converted copy of K/V: each key row is read once per kv head.
+// Parallel over (row, kv head).
+
+#ifdef __AVX512F__
+static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16(const at::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
+
+#ifdef __AVX512F__
+// The same attention with GH query heads per kv head known at compile time and D % 64 == 0: each key and value
+// vector is loaded and converted once for all GH heads, and the output is accumulated in registers 64 dims at a time.
+template <int GH, typename T>
+static void attend_row_fast(const float* q, int64_t D, const T* kb, const T* vb, int64_t ks, int64_t vs,
+                            const int64_t* idx, int64_t len, float scale, float softcap, float* scores, float* out) {
+  for (int64_t j = 0; j < len; ++j) {
+    const T* kr = kb + idx[j] * ks;
+    __m512 acc[GH];
+    for (int h = 0; h < GH; ++h) acc[h] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512 kv = load16(kr + d);
+      for (int h = 0; h < GH; ++h) acc[h] = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * D + d), kv, acc[h]);
+    }
+    for (int h = 0; h < GH; ++h) {
+      float s = hsum(acc[h]) * scale;
+      if (softcap > 0.f) s = std::tanh(s / softcap) * softcap;
+      scores[h * len + j] = s;
+    }
+  }
+  for (int h = 0; h < GH; ++h) {  // softmax in float32
+    float* sc = scores + h * len;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < len; ++j) mx = std::max(mx, sc[j]);
+    float sum = 0.f;
+    for (int64_t j = 0; j < len; ++j) {
+      sc[j] = std::exp(sc[j] - mx);
+      sum += sc[j];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t j = 0; j < len; ++j) sc[j] *= inv;
+  }
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {  // out[h, d0:d0+64] in 4 x GH registers over all keys
+    __m512 o[GH][4];
+    for (int h = 0; h < GH; ++h)
+      for (int i = 0; i < 4; ++i) o[h][i] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < len; ++j) {
+      const T* vr = vb + idx[j] * vs + d0;
+      const __m512 v0 = load16(vr), v1 = load16(vr + 16), v2 = load16(vr + 32), v3 = load16(vr + 48);
+      for (int h = 0; h < GH; ++h) {
+        const __m512 p = _mm512_set1_ps(scores[h * len + j]);
+        o[h][0] = _mm512_fmadd_ps(p, v0, o[h][0]);
+        o[h][1] = _mm512_fmadd_ps(p, v1, o[h][1]);
+        o[h][2] = _mm512_fmadd_ps(p, v2, o[h][2]);
+        o[h][3] = _mm512_fmadd_ps(p, v3, o[h][3]);
+      }
+    }
+    for (int h = 0; h < GH; ++h)
+      for (int i = 0; i < 4; ++i) _mm512_storeu_ps(out + h * D + d0 + 16 * i, o[h][i]);
+  }
+}
+#endif
+
+template <typename T>
+static void attend_row(const float* q, int64_t g, int64_t D, const T* kb, const T* vb, int64_t ks, int64_t vs,
+                       const int64_t* idx, int64_t len, float scale, float softcap, float* scores, float* out) {
+  // scores[h, j] = scale * q[h] . k[idx[j]]
+  for (int64_t j = 0; j < len; ++j) {
+    const T* kr = kb + idx[j] * ks;
+    for (int64_t h = 0; h < g; ++h) {
+      const float* qh = q + h * D;
+      float s;
+#ifdef __AVX512F__
+      if (D % 16 == 0) {
+        __m512 acc = _mm512_mul_ps(load16(qh), load16(kr));
+        for (int64_t d = 16; d < D; d += 16) acc = _mm512_fmadd_ps(load16(qh + d), load16(kr + d), acc);
+        s = hsum(acc);
+      } else
+#endif
+      {
+        s = 0.f;
+        for (int64_t d = 0; d < D; ++d) s += qh[d] * static_cast<float>(kr[d]);
+      }
+      s *= scale;
+      if (softcap > 0.f) s = std::tanh(s / softcap) * softcap;
+      scores[h * len + j] = s;
+    }
+  }
+  for (int64_t h = 0; h < g; ++h) {  // softmax in float32
+    float* sc = scores + h * len;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < len; ++j) mx = std::max(mx, sc[j]);
+    float sum = 0.f;
+    for (int64_t j = 0; j < len; ++j) {
+      sc[j] = std::exp(sc[j] - mx);
+      sum += sc[j];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t j = 0; j < len; ++j) sc[j] *= inv;
+  }
+  std::fill(out, out + g * D, 0.f);
+  for (int64_t j = 0; j < len; ++j) {  // out[h] = sum_j p[h, j] * v[idx[j]]
+    const T* vr = vb + idx[j] * vs;
+    for (int64_t h = 0; h < g; ++h) {
+      const float p = scores[h * len + j];
+      float* oh = out + h * D;
+#ifdef __AVX512F__
+      if (D % 16 == 0) {
+        const __m512 pv = _mm512_set1_ps(p);
+        for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(oh + d, _mm512_fmadd_ps(pv, load16(vr + d), _mm512_loadu_ps(oh + d)));
+        continue;
+      }
+#endif
+      for (int64_t d = 0; d < D; ++d) oh[d] += p * static_cast<float>(vr[d]);
+    }
+  }
+}
+
+template <typename T>
+static void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& index,
+                                  const at::Tensor& lengths, float scale, float softcap, at::Tensor& out) {
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1), L = index.size(1);
+  const int64_t g = Hq / Hkv;
+  const float* qp = q.data_ptr<float>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  const int64_t* ip = index.data_ptr<int64_t>();
+  const int64_t* lp = lengths.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t ks = k.stride(0), kh = k.stride(1), vs = v.stride(0), vh = v.stride(1);
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(g * std::max<int64_t>(L, 1));
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / Hkv, h = t % Hkv;
+      const int64_t len = std::min(lp[b], L);
+      const int64_t off = (b * Hq + h * g) * D;
+      if (len <= 0) {
+        std::fill(op + off, op + off + g * D, 0.f);
+        continue;
+      }
+      const T* kr = kp + h * kh;
+      const T* vr = vp + h * vh;
+      const int64_t* ir = ip + b * L;
+#ifdef __AVX512F__
+      if (D % 64 == 0 && (g == 1 || g == 2 || g == 4)) {
+        if (g == 1) attend_row_fast<1, T>(qp + off, D, kr, vr, ks, vs, ir, len, scale, softcap, scores.data(), op + off);
+        if (g == 2) attend_row_fast<2, T>(qp + off, D, kr, vr, ks, vs, ir, len, scale, softcap, scores.data(), op + off);
+        if (g == 4) attend_row_fast<4, T>(qp + off, D, kr, vr, ks, vs, ir, len, scale, softcap, scores.data(), op + off);
+        continue;
+      }
+#endif
+      attend_row<T>(qp + off, g, D, kr, vr, ks, vs, ir, len, scale, softcap, scores.data(), op + off);
+    }
+  });
+}
+
+at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v, const at::Tensor& index_in,
+                            const at::Tensor& lengths_in, double scale, double softcap) {
+  TORCH_CHECK(q_in.dim() == 3 && k.dim() == 3 && v.dim() == 3, "decode_attention: q [B, Hq, D], k/v [S, Hkv, D]");
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat, "decode_attention: q must be float32");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() && (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
+              "decode_attention: k and v must both be float32 or both bfloat16");
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1 && k.size(2) == q_in.size(2) && v.size(2) == q_in.size(2),
+              "decode_attention: k/v rows must be contiguous with q's head_dim");
+  TORCH_CHECK(k.size(1) == v.size(1) && k.size(1) > 0 && q_in.size(1) % k.size(1) == 0,
+              "decode_attention: query heads must be a multiple of kv heads");
+  const at::Tensor q = q_in.contiguous(), index = index_in.contiguous(), lengths = lengths_in.contiguous();
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 2 && index.size(0) == q.size(0),
+              "decode_attention: index must be int64 [B, L]");
+  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.numel() == q.size(0), "decode_attention: lengths int64 [B]");
+  // bounds: every visible slot must lie inside k and v (a bad index must not read foreign memory)
+  const int64_t L = index.size(1);
+  const int64_t* ip = index.data_ptr<int64_t>();
+  const int64_t* lp = lengths.data_ptr<int64_t>();
+  for (int64_t b = 0; b < q.size(0); ++b)
+    for (int64_t j = 0; j < std::min(lp[b], L); ++j)
+      TORCH_CHECK(ip[b * L + j] >= 0 && ip[b * L + j] < std::min(k.size(0), v.size(0)), "decode_attention: slot out of range");
+  at::Tensor out = at::empty_like(q);
+  if (k.scalar_type() == at::kFloat)
+    decode_attention_impl<float>(q, k, v, index, lengths, static_cast<float>(scale), static_cast<float>(softcap), out);
+  else
+    decode_attention_impl<at::BFloat16>(q, k, v, index, lengths, static_cast<float>(scale), static_cast<float>(softcap), out);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gemma_sessions, m) {
   m.def("qmatmul(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, int group) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor scale, float eps) -> Tensor");
+  m.def("qmatmul_bf16(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, int group) -> Tensor");
+  m.def("bf16_dot_available() -> bool", &bf16_dot_available);
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor index, Tensor lengths, float scale, float softcap) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gemma_sessions, CPU, m) {
   m.impl("qmatmul", &qmatmul);
   m.impl("rms_norm", &rms_norm);
+  m.impl("decode_attention", &decode_attention);
+  m.impl("qmatmul_bf16", &qmatmul_bf16);
 }

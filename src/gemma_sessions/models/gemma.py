@@ -34,6 +34,12 @@ QMATMUL_MAX_ROWS = 8
 # The LM head's alternative beyond that is float32 tiles (no bf16 copy of the head): ~160 ms at 16 rows, ~4x the
 # kernel's 68 ms, whose cost grows ~4 ms per row: the head keeps the kernel up to this many rows.
 HEAD_QMATMUL_MAX_ROWS = 32
+# From QMATMUL_MAX_ROWS to this many rows (the engine's batched decode, short prefill chunks), int8 products run
+# kernels.qmatmul_bf16: the int8 codes are read and dequantized and rounded to bf16 in registers, with float32 sums
+# (what the bf16 GEMM computes, without its bf16 copy of W and without rounding the output). Measured on the 270M with
+# weights read from memory (2 cores): LM head 35 ms at 16 rows against 49 ms for the bf16 GEMM and 62 ms for the
+# float32 kernel; a layer's four products 1.45 ms against 1.8 ms; at 32 rows the GEMM wins (head 60 vs 91 ms).
+BF16_DOT_MAX_ROWS = 24
 # LM-head rows above which the head is computed in float32 from dequantized tiles of this many vocabulary rows (no
 # bf16 copy of the 262k x hidden head is kept: only Model.forward-style scoring of every position gets there).
 HEAD_TILE_ROWS = 16384
@@ -49,11 +55,13 @@ class Linear(nn.Module):
 
     - ``N <= QMATMUL_MAX_ROWS`` rows (decode; ``HEAD_QMATMUL_MAX_ROWS`` for the head): ``kernels.qmatmul``,
       float32 activations and accumulation;
+    - up to ``BF16_DOT_MAX_ROWS`` rows (batched decode, short chunks): ``kernels.qmatmul_bf16``, inputs and
+      weights rounded to bf16, float32 sums and output, reading the int8 codes;
     - more rows (prefill): a bf16 GEMM on a bf16 copy of W made on first need (inputs, weights and outputs
       rounded to bf16: torch has no bf16 x bf16 -> float32 GEMM on CPU);
     - ``head=True`` (the tied LM head) with more rows: float32 products over dequantized tiles (no bf16 copy);
-    - the engine's batched decode (``forward_batch``, also for the head) above ``QMATMUL_MAX_ROWS`` rows: the
-      bf16 GEMM, for throughput at many concurrent sessions.
+    - the engine's batched decode of the head (``forward_batch``) above ``QMATMUL_MAX_ROWS`` rows: as the layers
+      (``qmatmul_bf16``, then the bf16 GEMM), for throughput at many concurrent sessions.
 
     NOTE: prefill measured on the 270M (top-1 agreement with float32 over 640 tokens / prefill speed): bf16 GEMM
     0.988 / 1.0; the same with ffn_down's input split into hi + lo bf16 halves (one GEMM over twice the rows, ~16
@@ -98,18 +106,25 @@ class Linear(nn.Module):
             return op(x, self.codes, self.scales, self.offsets, self.group)  # decode: the one hot call, kept bare
         if op is not None and x.shape[0] <= self.max_kernel_rows:
             return op(x.float(), self.codes, self.scales, self.offsets, self.group).to(x.dtype)
+        if not self.head and x.shape[0] <= BF16_DOT_MAX_ROWS and self._bf16_dot():
+            return kernels.qmatmul_bf16(x, self.codes, self.scales, self.offsets, self.group).to(x.dtype)
         if self.head and op is not None:
             return self._float32_tiles(x.float()).to(x.dtype)
         return self._bf16_gemm(x)
 
     def forward_batch(self, x: torch.Tensor) -> torch.Tensor:
-        """The engine's batched decode: above ``QMATMUL_MAX_ROWS`` rows a bf16 GEMM (for the LM head too: ~3x faster
-        than the kernel at 16 rows, whose cost grows ~4 ms per row; the head's bf16 copy, 335 MB on the 270M, is
-        made on the first such batch). Up to that many rows, the exact kernel, so a step of a few decode rows is
-        exact as alone."""
+        """The engine's batched decode (the LM head). Up to ``QMATMUL_MAX_ROWS`` rows the exact kernel, so a step of
+        a few decode rows is exact as alone; up to ``BF16_DOT_MAX_ROWS`` ``kernels.qmatmul_bf16`` (bf16 inputs and
+        weights, float32 sums and output, reading the int8 codes); beyond, a bf16 GEMM on a bf16 copy of the weight
+        (335 MB for the 270M's head, made on the first such batch)."""
         if not self.int8 or x.shape[0] <= QMATMUL_MAX_ROWS:
             return self(x)
+        if x.shape[0] <= BF16_DOT_MAX_ROWS and self._bf16_dot():
+            return kernels.qmatmul_bf16(x, self.codes, self.scales, self.offsets, self.group)
         return self._bf16_gemm(x)
+
+    def _bf16_dot(self) -> bool:
+        return kernels.bf16_dot_available() and self.in_features % 32 == 0 and self.group % 16 == 0
 
     def _bf16_gemm(self, x: torch.Tensor) -> torch.Tensor:
         """Many rows: a bf16 GEMM on a bf16 copy of W, made on first need."""
@@ -425,6 +440,7 @@ class DenseKV:
         self.length = 0
         self.max_len = max_len
         self._masks: dict[tuple, torch.Tensor] = {}
+        self._arange: torch.Tensor | None = None
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         t = q.shape[0]
@@ -435,12 +451,25 @@ class DenseKV:
         self.v[layer][:, start:end] = v.transpose(0, 1)
         window = self.windows[layer]
         lo = 0 if window is None else max(0, start - window + 1)  # keys no query of this step can see are skipped
+        if t == 1:  # a decode step: the same kernel as the engine's decode rows (keys read in place, float32)
+            out = kernels.decode_attention(q.float(), self.k[layer].transpose(0, 1), self.v[layer].transpose(0, 1),
+                                           self._range(lo, end), self._len(end - lo), *self.scale_softcap)
+            if out is not None:
+                return out.to(q.dtype)
         # One query (a decode step) sees every key in [lo, end): causal, and lo is where its window starts.
         mask = None if t == 1 else self._mask(start, end, lo, window)[None]
         keys, vals = self.k[layer][None, :, lo:end], self.v[layer][None, :, lo:end]
         dt = q.dtype if t == 1 else keys.dtype  # a decode step in the query's dtype, as the engine's decode rows
         out = attention(q.transpose(0, 1)[None].to(dt), keys.to(dt), vals.to(dt), mask, *self.scale_softcap)
         return out[0].transpose(0, 1).to(q.dtype)  # [T, Hq, D]
+
+    def _range(self, lo: int, end: int) -> torch.Tensor:  # [1, end - lo] slot index of one decode step
+        if self._arange is None or self._arange.shape[1] < self.max_len:
+            self._arange = torch.arange(self.max_len, device=self.k[0].device)[None]
+        return self._arange[:, lo:end]
+
+    def _len(self, n: int) -> torch.Tensor:
+        return torch.tensor([n], dtype=torch.long)
 
     def _mask(self, start: int, end: int, lo: int, window: int | None) -> torch.Tensor:
         key = (start, end, lo, window)
