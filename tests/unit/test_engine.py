@@ -42,6 +42,19 @@ def test_batched_equals_alone(model):
     assert outs == refs
 
 
+def test_batched_equals_alone_without_compiled_kernels(model, monkeypatch):
+    """Where the kernels cannot be built, decode rows gather their keys from the pages and run eager attention:
+    the same tokens (generate's reference takes the same fallback)."""
+    from gemma_sessions import kernels
+
+    monkeypatch.setattr(kernels, "_state", {"error": "disabled for the test"})
+    prompts = [_prompt(i, 10 + 9 * i) for i in range(4)]
+    refs = [_ref(model, p) for p in prompts]
+    with Engine(model, kv_cache_bytes=4 << 20, block_size=4, max_batched_tokens=12) as e:
+        outs = [s.result().token_ids for s in [e.submit(p, GREEDY) for p in prompts]]
+    assert outs == refs
+
+
 def test_reuse_equals_recompute_across_turns(model):
     """A KV handle reused over turns gives the tokens of a fresh computation of the whole history."""
     with Engine(model, kv_cache_bytes=4 << 20, block_size=4) as e:

@@ -182,7 +182,8 @@ def test_decode_attention_matches_eager(op, dtype, heads, d, softcap):
     index = torch.randint(0, 150, (4, 250), generator=g)
     q = torch.randn(4, hq, d, generator=g)
     # K and V as two views into one pool, as the paged cache passes them (V at an offset)
-    out = kernels.decode_attention(q, pool, pool[150:], index, lengths, 0.0625, softcap)
+    out = kernels.decode_attention(q, pool, pool[150:], index, torch.zeros(4, dtype=torch.long), lengths, 1, 1, 0.0625,
+                                   softcap)
     ref = reference_decode_attention(q, pool, pool[150:], index, lengths.clamp(min=1), 0.0625, softcap)
     assert out.shape == q.shape and out.dtype == torch.float32
     assert torch.equal(out[2], torch.zeros(hq, d))
@@ -198,10 +199,11 @@ def test_decode_attention_strided_and_batch_independent(op):
     q = torch.randn(3, 4, 32)
     index = torch.arange(64).repeat(3, 1)
     lengths = torch.tensor([64, 10, 33])
-    both = kernels.decode_attention(q, k.transpose(0, 1), v.transpose(0, 1), index, lengths, 0.2, None)
+    zeros = torch.zeros(3, dtype=torch.long)
+    both = kernels.decode_attention(q, k.transpose(0, 1), v.transpose(0, 1), index, zeros, lengths, 1, 1, 0.2, None)
     for b in range(3):
         alone = kernels.decode_attention(q[b:b + 1], k.transpose(0, 1), v.transpose(0, 1), index[b:b + 1],
-                                         lengths[b:b + 1], 0.2, None)
+                                         zeros[b:b + 1], lengths[b:b + 1], 1, 1, 0.2, None)
         assert torch.equal(both[b], alone[0])
     ref = reference_decode_attention(q, k.transpose(0, 1), v.transpose(0, 1), index, lengths, 0.2, None)
     assert (both - ref).abs().max().item() <= 1e-5
@@ -209,8 +211,55 @@ def test_decode_attention_strided_and_batch_independent(op):
 
 def test_decode_attention_refuses_out_of_range_slots(op):
     k = torch.randn(10, 1, 16)
+    one, zero = torch.tensor([1]), torch.tensor([0])
     with pytest.raises(RuntimeError, match="out of range"):
-        kernels.decode_attention(torch.randn(1, 2, 16), k, k, torch.tensor([[3, 10]]), torch.tensor([2]), 1.0, None)
+        kernels.decode_attention(torch.randn(1, 2, 16), k, k, torch.tensor([[3, 10]]), zero, torch.tensor([2]), 1, 1,
+                                 1.0, None)
+    with pytest.raises(RuntimeError, match="needs page"):  # a table too short for the row's keys
+        kernels.decode_attention(torch.randn(1, 2, 16), k, k, torch.tensor([[0]]), zero, torch.tensor([5]), 4, 4, 1.0,
+                                 None)
     # padding past a row's length is never read, whatever it holds
-    out = kernels.decode_attention(torch.randn(1, 2, 16), k, k, torch.tensor([[3, 99]]), torch.tensor([1]), 1.0, None)
+    out = kernels.decode_attention(torch.randn(1, 2, 16), k, k, torch.tensor([[3, 99]]), zero, one, 1, 1, 1.0, None)
     assert torch.isfinite(out).all()
+
+
+def test_decode_attention_through_block_tables(op):
+    # pages of 4 slots spaced 12 apart (another layer's slots in between), rows starting mid-page
+    block, stride = 4, 12
+    flat = torch.randn(20 * stride, 1, 64).to(torch.bfloat16)
+    table = torch.tensor([[7, 2, 9, 0], [5, 11, 3, 0]])
+    start, lengths = torch.tensor([1, 3]), torch.tensor([10, 5])
+    q = torch.randn(2, 4, 64)
+    out = kernels.decode_attention(q, flat, flat[4:], table, start, lengths, block, stride, 0.1, None)
+    # the same keys as a plain slot list
+    slots = [[table[b, p // block] * stride + p % block for p in range(start[b], start[b] + lengths[b])]
+             for b in range(2)]
+    index = torch.tensor([s + [0] * (10 - len(s)) for s in slots])
+    ref = reference_decode_attention(q, flat, flat[4:], index, lengths, 0.1, None)
+    assert (out - ref).abs().max().item() <= 1e-5
+
+
+def test_rms_norm_any_width(op):
+    x = torch.randn(5, 70)  # 70: four 16-wide vectors and a scalar tail
+    scale = 1 + torch.randn(70) * 0.1
+    assert rel_err(kernels.rms_norm(x, scale, 1e-6), torch.nn.functional.rms_norm(x, (70,), scale, 1e-6)) <= 1e-6
+
+
+@pytest.mark.parametrize("width", [4096, 40])  # 40: a scalar tail after the 16-wide vectors
+def test_geglu_matches_torch(op, width):
+    gu = torch.randn(33, width) * 3
+    gu[0, :6] = torch.tensor([0.0, 60.0, -60.0, 1e-4, -1e-4, 1e-30])
+    gate, up = gu.chunk(2, dim=-1)
+    want = torch.nn.functional.gelu(gate.double(), approximate="tanh") * up.double()
+    out = kernels.geglu(gu)
+    # x / (1 + exp(-2u)): within 1e-5 relative everywhere (where 1 + tanh(u) cancels, torch f32 is worse)
+    assert out.dtype == torch.float32 and ((out.double() - want).abs() <= 1e-5 * want.abs() + 1e-12).all()
+    # bf16 in and out: the float32 result rounded once (to nearest even), whatever the path
+    assert torch.equal(kernels.geglu(gu.bfloat16()), kernels.geglu(gu.bfloat16().float()).bfloat16())
+
+
+def test_geglu_fallback(monkeypatch):
+    monkeypatch.setattr(kernels, "_state", {"error": "disabled for the test"})
+    gu = torch.randn(3, 8)
+    gate, up = gu.chunk(2, dim=-1)
+    assert torch.equal(kernels.geglu(gu), torch.nn.functional.gelu(gate, approximate="tanh") * up)

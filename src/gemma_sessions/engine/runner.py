@@ -53,24 +53,36 @@ class PagedBatch:
         self.write = []   # per group: LongTensor [N]
         self.decode = []  # per group: (index [B, L], mask [B, 1, L]) or None
         self.prefill = []  # per group: list of (row start, row end, index [L], mask [T, L])
+        bs, stride = lay.block_size, cache.page_stride
+        decode = items[:self.n_decode]
         for g in range(lay.num_groups):
-            write = [cache.slot_base(it.seq, it.seq.num_computed, it.seq.num_computed + it.num_tokens, g)
-                     for it in items]
-            self.write.append(torch.cat(write).to(dev))
-            self.decode.append(self._decode_index(items[:self.n_decode], g))
+            # decode rows: their new token's slot, from Python ints (no tensor per row)
+            write = [torch.tensor([seq.tables[g][p // bs] * stride + p % bs
+                                   for seq, p in ((it.seq, it.seq.num_computed) for it in decode)], dtype=torch.long)]
+            write += [cache.slot_base(it.seq, it.seq.num_computed, it.seq.num_computed + it.num_tokens, g)
+                      for it in items[self.n_decode:]]
+            self.write.append((torch.cat(write) if len(write) > 1 else write[0]).to(dev))
+            self.decode.append(self._decode_tables(decode, g))
             self.prefill.append(self._prefill_index(items, g))
 
-    def _decode_index(self, items: list[WorkItem], g: int):
+    def _decode_tables(self, items: list[WorkItem], g: int):
+        """(block table [B, P], first visible position within the first page [B], visible keys [B]) of the decode
+        rows: what kernels.decode_attention reads the pages through."""
         if not items:
             return None
-        cache, lay = self.cache, self.cache.layout
-        rows = []
+        lay = self.cache.layout
+        bs = lay.block_size
+        pages, start, lengths = [], [], []
         for it in items:
             pos = it.seq.num_computed  # the new token's position
-            rows.append(cache.slot_base(it.seq, lay.first_visible(g, pos), pos + 1, g))
-        lengths = torch.tensor([len(r) for r in rows])
-        index = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # padded with slot 0, masked out
-        return index.to(cache.device), lengths.to(cache.device)
+            lo = lay.first_visible(g, pos)
+            pages.append(it.seq.tables[g][lo // bs:pos // bs + 1])
+            start.append(lo % bs)
+            lengths.append(pos + 1 - lo)
+        width = max(len(p) for p in pages)
+        table = torch.tensor([p + [0] * (width - len(p)) for p in pages], dtype=torch.long)
+        dev = self.cache.device
+        return table.to(dev), torch.tensor(start).to(dev), torch.tensor(lengths).to(dev)
 
     def _prefill_index(self, items: list[WorkItem], g: int):
         cache, lay = self.cache, self.cache.layout
@@ -96,12 +108,15 @@ class PagedBatch:
         outs = []
         hkv, d = flat.shape[1], flat.shape[2]
         if self.decode[g] is not None:
-            index, lengths = self.decode[g]
-            b, width = index.shape
+            table, start, lengths = self.decode[g]
+            b, bs = table.shape[0], cache.layout.block_size
             # one query per row, keys read in place from the pages (kernels.decode_attention), in float32
-            out = kernels.decode_attention(q[:b].float(), flat[off_k:], flat[off_v:], index, lengths, self.scale,
-                                           self.softcap)
+            out = kernels.decode_attention(q[:b].float(), flat[off_k:], flat[off_v:], table, start, lengths, bs,
+                                           cache.page_stride, self.scale, self.softcap)
             if out is None:  # no compiled kernel (or not on the CPU): gather, convert, attend
+                width = int(lengths.max())
+                pos = start[:, None] + torch.arange(width, device=table.device)[None, :]
+                index = table.gather(1, (pos // bs).clamp(max=table.shape[1] - 1)) * cache.page_stride + pos % bs
                 keys = flat.index_select(0, (index + off_k).view(-1)).view(b, width, hkv, d).transpose(1, 2)
                 vals = flat.index_select(0, (index + off_v).view(-1)).view(b, width, hkv, d).transpose(1, 2)
                 mask = (torch.arange(width, device=index.device)[None, :] < lengths[:, None])[:, None, :]

@@ -115,15 +115,19 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.ops.gemma_sessions.rms_norm.default(x, scale, eps)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, lengths: torch.Tensor,
-                     scale: float, softcap: float | None) -> torch.Tensor | None:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, start: torch.Tensor,
+                     lengths: torch.Tensor, block: int, page_stride: int, scale: float,
+                     softcap: float | None) -> torch.Tensor | None:
     """One query per row over keys read in place: float32 ``q [B, Hq, D]``; ``k, v [S, Hkv, D]`` (float32 or
-    bfloat16, rows contiguous); row b attends to slots ``index[b, :lengths[b]]``. Returns float32 ``[B, Hq, D]``,
-    or None when the compiled kernel is unavailable or the tensors are not on the CPU (the caller then gathers and
-    runs :func:`gemma_sessions.models.gemma.attention`)."""
+    bfloat16, rows contiguous). Row b attends to ``lengths[b]`` keys at positions ``start[b] + j``, whose slots are
+    ``table[b, pos // block] * page_stride + pos % block`` (a paged cache's block table; ``block = page_stride = 1``
+    and a table of slots for a plain list). Returns float32 ``[B, Hq, D]``, or None when the compiled kernel is
+    unavailable or the tensors are not on the CPU (the caller then gathers and runs
+    :func:`gemma_sessions.models.gemma.attention`)."""
     if q.device.type != "cpu" or kernel() is None:
         return None
-    return torch.ops.gemma_sessions.decode_attention.default(q, k, v, index, lengths, scale, softcap or 0.0)
+    return torch.ops.gemma_sessions.decode_attention.default(q, k, v, table, start, lengths, block, page_stride,
+                                                             scale, softcap or 0.0)
 
 
 def bf16_dot_available() -> bool:
@@ -151,3 +155,12 @@ def qmatmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets:
     if op is None:
         return qmatmul_reference(x, codes, scales, offsets, group)
     return op(x.float(), codes, scales, offsets, group)
+
+
+def geglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """``gelu_tanh(gate) * up`` for ``gate_up = [gate | up]`` ([N, 2I], bf16 or float32) in one compiled pass, in
+    the input's dtype (computed in float32, rounded once); torch ops when the kernel is unavailable."""
+    if gate_up.device.type != "cpu" or kernel() is None:
+        gate, up = gate_up.float().chunk(2, dim=-1)
+        return (torch.nn.functional.gelu(gate, approximate="tanh") * up).to(gate_up.dtype)
+    return torch.ops.gemma_sessions.geglu.default(gate_up)

@@ -282,7 +282,7 @@ at::Tensor qmatmul_bf16(const at::Tensor& x_in, const at::Tensor& codes_in, cons
 }
 
 // Gemma RMSNorm over the last dimension in one pass per row: out = x * rsqrt(mean(x^2) + eps) * scale, where
-// scale is the precomputed (1 + w). Float32 in and out; replaces ~6 small torch ops per call on the decode path.
+// scale is the precomputed (1 + w). Float32 in and out; replaces ~6 torch ops (and their temporaries) per call.
 at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& scale_in, double eps) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && scale_in.scalar_type() == at::kFloat, "rms_norm: float32 only");
   const int64_t D = x_in.size(-1);
@@ -296,11 +296,98 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& scale_in, double e
   at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(D, 1)), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const float* xr = xp + r * D;
-      float ss = 0.f;
-      for (int64_t i = 0; i < D; ++i) ss += xr[i] * xr[i];
-      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
       float* orow = op + r * D;
-      for (int64_t i = 0; i < D; ++i) orow[i] = xr[i] * inv * sp[i];
+      int64_t i = 0;
+      float ss = 0.f;
+#ifdef __AVX512F__
+      __m512 acc = _mm512_setzero_ps();
+      for (; i + 16 <= D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(xr + i), _mm512_loadu_ps(xr + i), acc);
+      ss = hsum(acc);
+#endif
+      for (; i < D; ++i) ss += xr[i] * xr[i];
+      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+      i = 0;
+#ifdef __AVX512F__
+      const __m512 vinv = _mm512_set1_ps(inv);
+      for (; i + 16 <= D; i += 16)
+        _mm512_storeu_ps(orow + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(xr + i), vinv), _mm512_loadu_ps(sp + i)));
+#endif
+      for (; i < D; ++i) orow[i] = xr[i] * inv * sp[i];
+    }
+  });
+  return out;
+}
+
+// geglu: Gemma's MLP activation gelu_tanh(gate) * up for the GEMM path, reading the bf16 [N, 2I] output of the
+// fused gate+up product and writing the bf16 [N, I] input of the down product. Computed in float32 and rounded once
+// (round to nearest even), as converting to float32, applying F.gelu and the product, and converting back does;
+// replaces three [N, I] float32 temporaries per layer on prefill.
+// gelu_tanh(x) = 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3); as 1 + tanh(u) = 2 / (1 + exp(-2u)), it is
+// x / (1 + exp(-2u)): one exp, no cancellation near 0 (float32 within a few ulps of torch's; one bf16 rounding after).
+static inline float gelu_tanh(float x) {
+  const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+  return x / (1.0f + std::exp(-2.0f * u));
+}
+
+#ifdef __AVX512F__
+// exp for 16 floats: n = round(x / ln2), r = x - n ln2 (two-part ln2), Cephes' degree-5 polynomial, times 2^n
+// (scalef handles overflow to inf and underflow to 0). Max error ~1-2 ulp.
+static inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-103.9f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 gelu16(__m512 x) {
+  const __m512 x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+  const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f), _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), x3, x));
+  return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_mul_ps(_mm512_set1_ps(-2.0f), u))));
+}
+
+static inline __m512 load_bf16x16(const at::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+#endif
+
+at::Tensor geglu(const at::Tensor& gu_in) {
+  TORCH_CHECK(gu_in.dim() == 2 && gu_in.size(1) % 2 == 0, "geglu: input must be [N, 2I]");
+  TORCH_CHECK(gu_in.scalar_type() == at::kBFloat16 || gu_in.scalar_type() == at::kFloat, "geglu: bf16 or float32");
+  const at::Tensor gu = gu_in.contiguous();
+  const int64_t N = gu.size(0), I = gu.size(1) / 2;
+  at::Tensor out = at::empty({N, I}, gu.options());
+  const bool bf = gu.scalar_type() == at::kBFloat16;
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(I, 1)), [&](int64_t b, int64_t e) {
+    std::vector<float> tmp(I);
+    for (int64_t r = b; r < e; ++r) {
+      float* o = bf ? tmp.data() : out.data_ptr<float>() + r * I;
+      int64_t i = 0;
+      if (bf) {
+        const at::BFloat16* g = gu.data_ptr<at::BFloat16>() + r * 2 * I;
+#ifdef __AVX512F__
+        for (; i + 16 <= I; i += 16)
+          _mm512_storeu_ps(o + i, _mm512_mul_ps(gelu16(load_bf16x16(g + i)), load_bf16x16(g + I + i)));
+#endif
+        for (; i < I; ++i) o[i] = gelu_tanh(static_cast<float>(g[i])) * static_cast<float>(g[I + i]);
+        at::BFloat16* ob = out.data_ptr<at::BFloat16>() + r * I;
+        for (int64_t j = 0; j < I; ++j) ob[j] = at::BFloat16(o[j]);  // round to nearest even
+      } else {
+        const float* g = gu.data_ptr<float>() + r * 2 * I;
+#ifdef __AVX512F__
+        for (; i + 16 <= I; i += 16)
+          _mm512_storeu_ps(o + i, _mm512_mul_ps(gelu16(_mm512_loadu_ps(g + i)), _mm512_loadu_ps(g + I + i)));
+#endif
+        for (; i < I; ++i) o[i] = gelu_tanh(g[i]) * g[I + i];
+      }
     }
   });
   return out;
@@ -311,7 +398,8 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& scale_in, double e
 //
 //   q      [B, Hq, D] float32                 one query per row, after RoPE
 //   k, v   [S, Hkv, D] float32 or bfloat16     any strides on the first two dims, D contiguous
-//   index  [B, L] int64, lengths [B] int64    row b sees slots index[b, :lengths[b]] (the rest is padding)
+//   table  [B, P] int64, start, lengths [B]   row b sees lengths[b] keys from position start[b] of its block
+//                                            table (see decode_attention below)
 //   out    [B, Hq, D] float32
 //
 // Query head h uses kv head h / (Hq / Hkv) (GQA, as transformers' repeat_kv). Scores are float32 dot products
@@ -436,22 +524,21 @@ static void attend_row(const float* q, int64_t g, int64_t D, const T* kb, const 
 }
 
 template <typename T>
-static void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& index,
-                                  const at::Tensor& lengths, float scale, float softcap, at::Tensor& out) {
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1), L = index.size(1);
+static void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const std::vector<int64_t>& slots, int64_t L, const int64_t* lp, float scale,
+                                  float softcap, at::Tensor& out) {
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1);
   const int64_t g = Hq / Hkv;
   const float* qp = q.data_ptr<float>();
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
-  const int64_t* ip = index.data_ptr<int64_t>();
-  const int64_t* lp = lengths.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   const int64_t ks = k.stride(0), kh = k.stride(1), vs = v.stride(0), vh = v.stride(1);
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(g * std::max<int64_t>(L, 1));
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / Hkv, h = t % Hkv;
-      const int64_t len = std::min(lp[b], L);
+      const int64_t len = lp[b];
       const int64_t off = (b * Hq + h * g) * D;
       if (len <= 0) {
         std::fill(op + off, op + off + g * D, 0.f);
@@ -459,7 +546,7 @@ static void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, cons
       }
       const T* kr = kp + h * kh;
       const T* vr = vp + h * vh;
-      const int64_t* ir = ip + b * L;
+      const int64_t* ir = slots.data() + b * L;
 #ifdef __AVX512F__
       if (D % 64 == 0 && (g == 1 || g == 2 || g == 4)) {
         if (g == 1) attend_row_fast<1, T>(qp + off, D, kr, vr, ks, vs, ir, len, scale, softcap, scores.data(), op + off);
@@ -473,8 +560,12 @@ static void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, cons
   });
 }
 
-at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v, const at::Tensor& index_in,
-                            const at::Tensor& lengths_in, double scale, double softcap) {
+// Row b's j-th visible key lives at slot table[b, (start[b] + j) / block] * page_stride + (start[b] + j) % block: a
+// block table straight from the paged cache (block = tokens per page), or block = page_stride = 1 for a plain slot
+// list (a dense cache passes its positions).
+at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v, const at::Tensor& table_in,
+                            const at::Tensor& start_in, const at::Tensor& lengths_in, int64_t block, int64_t page_stride,
+                            double scale, double softcap) {
   TORCH_CHECK(q_in.dim() == 3 && k.dim() == 3 && v.dim() == 3, "decode_attention: q [B, Hq, D], k/v [S, Hkv, D]");
   TORCH_CHECK(q_in.scalar_type() == at::kFloat, "decode_attention: q must be float32");
   TORCH_CHECK(k.scalar_type() == v.scalar_type() && (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
@@ -483,22 +574,37 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
               "decode_attention: k/v rows must be contiguous with q's head_dim");
   TORCH_CHECK(k.size(1) == v.size(1) && k.size(1) > 0 && q_in.size(1) % k.size(1) == 0,
               "decode_attention: query heads must be a multiple of kv heads");
-  const at::Tensor q = q_in.contiguous(), index = index_in.contiguous(), lengths = lengths_in.contiguous();
-  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 2 && index.size(0) == q.size(0),
-              "decode_attention: index must be int64 [B, L]");
-  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.numel() == q.size(0), "decode_attention: lengths int64 [B]");
-  // bounds: every visible slot must lie inside k and v (a bad index must not read foreign memory)
-  const int64_t L = index.size(1);
-  const int64_t* ip = index.data_ptr<int64_t>();
+  TORCH_CHECK(block > 0 && page_stride > 0, "decode_attention: block and page_stride must be positive");
+  const at::Tensor q = q_in.contiguous(), table = table_in.contiguous(), start = start_in.contiguous(),
+                   lengths = lengths_in.contiguous();
+  const int64_t B = q.size(0);
+  TORCH_CHECK(table.scalar_type() == at::kLong && table.dim() == 2 && table.size(0) == B,
+              "decode_attention: table must be int64 [B, P]");
+  TORCH_CHECK(start.scalar_type() == at::kLong && start.numel() == B && lengths.scalar_type() == at::kLong &&
+              lengths.numel() == B, "decode_attention: start and lengths must be int64 [B]");
+  const int64_t P = table.size(1), S = std::min(k.size(0), v.size(0));
+  const int64_t* tp = table.data_ptr<int64_t>();
+  const int64_t* sp = start.data_ptr<int64_t>();
   const int64_t* lp = lengths.data_ptr<int64_t>();
-  for (int64_t b = 0; b < q.size(0); ++b)
-    for (int64_t j = 0; j < std::min(lp[b], L); ++j)
-      TORCH_CHECK(ip[b * L + j] >= 0 && ip[b * L + j] < std::min(k.size(0), v.size(0)), "decode_attention: slot out of range");
+  int64_t L = 0;
+  for (int64_t b = 0; b < B; ++b) L = std::max(L, lp[b]);
+  // every slot a row reads, computed and bounds-checked once (a bad table must not read foreign memory)
+  std::vector<int64_t> slots(B * std::max<int64_t>(L, 1));
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(sp[b] >= 0, "decode_attention: negative start");
+    for (int64_t j = 0; j < lp[b]; ++j) {
+      const int64_t pos = sp[b] + j, page = pos / block;
+      TORCH_CHECK(page < P, "decode_attention: row ", b, " needs page ", page, " of a table of ", P);
+      const int64_t slot = tp[b * P + page] * page_stride + pos % block;
+      TORCH_CHECK(slot >= 0 && slot < S, "decode_attention: slot out of range");
+      slots[b * L + j] = slot;
+    }
+  }
   at::Tensor out = at::empty_like(q);
   if (k.scalar_type() == at::kFloat)
-    decode_attention_impl<float>(q, k, v, index, lengths, static_cast<float>(scale), static_cast<float>(softcap), out);
+    decode_attention_impl<float>(q, k, v, slots, L, lp, static_cast<float>(scale), static_cast<float>(softcap), out);
   else
-    decode_attention_impl<at::BFloat16>(q, k, v, index, lengths, static_cast<float>(scale), static_cast<float>(softcap), out);
+    decode_attention_impl<at::BFloat16>(q, k, v, slots, L, lp, static_cast<float>(scale), static_cast<float>(softcap), out);
   return out;
 }
 
@@ -509,7 +615,9 @@ TORCH_LIBRARY(gemma_sessions, m) {
   m.def("rms_norm(Tensor x, Tensor scale, float eps) -> Tensor");
   m.def("qmatmul_bf16(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, int group) -> Tensor");
   m.def("bf16_dot_available() -> bool", &bf16_dot_available);
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor index, Tensor lengths, float scale, float softcap) -> Tensor");
+  m.def("geglu(Tensor gate_up) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor table, Tensor start, Tensor lengths, int block, "
+        "int page_stride, float scale, float softcap) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gemma_sessions, CPU, m) {
@@ -517,4 +625,5 @@ TORCH_LIBRARY_IMPL(gemma_sessions, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("decode_attention", &decode_attention);
   m.impl("qmatmul_bf16", &qmatmul_bf16);
+  m.impl("geglu", &geglu);
 }

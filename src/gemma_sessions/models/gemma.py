@@ -127,10 +127,21 @@ class Linear(nn.Module):
         return kernels.bf16_dot_available() and self.in_features % 32 == 0 and self.group % 16 == 0
 
     def _bf16_gemm(self, x: torch.Tensor) -> torch.Tensor:
-        """Many rows: a bf16 GEMM on a bf16 copy of W, made on first need."""
+        return self.bf16_gemm(x).to(x.dtype)
+
+    def bf16_gemm(self, x: torch.Tensor) -> torch.Tensor:
+        """Many rows: a bf16 GEMM on a bf16 copy of W, made on first need; bf16 out."""
         if self.bf16 is None:
             self.bf16 = self.quant_weight.dequantize().to(torch.bfloat16)
-        return F.linear(x.to(torch.bfloat16), self.bf16).to(x.dtype)
+        return F.linear(x.to(torch.bfloat16), self.bf16)
+
+    def uses_bf16_gemm(self, rows: int) -> bool:
+        """Whether ``forward`` of this many rows runs the bf16 GEMM (an int8 layer's prefill path)."""
+        if not self.int8 or self.head:
+            return False
+        if kernels.kernel() is None:
+            return True
+        return rows > self.max_kernel_rows and not (rows <= BF16_DOT_MAX_ROWS and self._bf16_dot())
 
     def _float32_tiles(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty(x.shape[0], self.out_features, dtype=torch.float32, device=x.device)
@@ -151,9 +162,6 @@ class Linear(nn.Module):
         return self.codes.numel() + self.scales.numel() * 4 + off
 
 
-FUSED_NORM_MAX = 1 << 15  # elements up to which the fast mode's RMSNorm uses the compiled single pass
-
-
 class RMSNorm(nn.Module):
     """Gemma RMSNorm: ``x * rsqrt(mean(x^2) + eps) * (1 + w)``, computed in float32, cast back.
 
@@ -172,8 +180,8 @@ class RMSNorm(nn.Module):
         self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the compiled pass is scalar per row: it wins on decode-sized inputs, F.rms_norm on prefill-sized ones
-        if self.fused and x.numel() <= FUSED_NORM_MAX and x.dtype == torch.float32 and x.device.type == "cpu":
+        # the compiled pass (AVX-512) wins at every size: 55 us vs 1.1 ms for F.rms_norm on [510, 640]
+        if self.fused and x.dtype == torch.float32 and x.device.type == "cpu":
             return kernels.rms_norm(x, self.scale, self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), self.scale, self.eps).to(x.dtype)
 
@@ -306,8 +314,13 @@ class MLP(nn.Module):
         self.down_proj = Linear(w["down_proj"], fmt)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split(self.inter, dim=-1)
         # GeGLU with the tanh approximation of GELU (hidden_activation="gelu_pytorch_tanh" in every Gemma).
+        if self.gate_up.uses_bf16_gemm(x.shape[0]) and kernels.available():
+            # prefill in the fast mode: both products are bf16 GEMMs; the activation reads the first's bf16 output
+            # and writes the second's bf16 input in one compiled pass (values as converting to float32, F.gelu and
+            # the product, then rounding once; no [N, inter] float32 temporaries)
+            return self.down_proj.bf16_gemm(kernels.geglu(self.gate_up.bf16_gemm(x))).to(x.dtype)
+        gate, up = self.gate_up(x).split(self.inter, dim=-1)
         return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
@@ -452,8 +465,9 @@ class DenseKV:
         window = self.windows[layer]
         lo = 0 if window is None else max(0, start - window + 1)  # keys no query of this step can see are skipped
         if t == 1:  # a decode step: the same kernel as the engine's decode rows (keys read in place, float32)
+            start_len = torch.tensor([lo, end - lo])
             out = kernels.decode_attention(q.float(), self.k[layer].transpose(0, 1), self.v[layer].transpose(0, 1),
-                                           self._range(lo, end), self._len(end - lo), *self.scale_softcap)
+                                           self._positions(), start_len[:1], start_len[1:], 1, 1, *self.scale_softcap)
             if out is not None:
                 return out.to(q.dtype)
         # One query (a decode step) sees every key in [lo, end): causal, and lo is where its window starts.
@@ -463,13 +477,10 @@ class DenseKV:
         out = attention(q.transpose(0, 1)[None].to(dt), keys.to(dt), vals.to(dt), mask, *self.scale_softcap)
         return out[0].transpose(0, 1).to(q.dtype)  # [T, Hq, D]
 
-    def _range(self, lo: int, end: int) -> torch.Tensor:  # [1, end - lo] slot index of one decode step
-        if self._arange is None or self._arange.shape[1] < self.max_len:
-            self._arange = torch.arange(self.max_len, device=self.k[0].device)[None]
-        return self._arange[:, lo:end]
-
-    def _len(self, n: int) -> torch.Tensor:
-        return torch.tensor([n], dtype=torch.long)
+    def _positions(self) -> torch.Tensor:  # [1, max_len]: the slot of each position (a one-row "block table")
+        if self._arange is None:
+            self._arange = torch.arange(self.max_len)[None]
+        return self._arange
 
     def _mask(self, start: int, end: int, lo: int, window: int | None) -> torch.Tensor:
         key = (start, end, lo, window)
