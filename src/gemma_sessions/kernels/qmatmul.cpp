@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -393,6 +394,96 @@ at::Tensor geglu(const at::Tensor& gu_in) {
   return out;
 }
 
+// Gemma's per-row normalisation with scale (1 + w), over D floats: out = x * rsqrt(mean(x^2) + eps) * scale.
+static inline void norm_row(const float* x, const float* scale, int64_t D, float eps, float* out) {
+  int64_t i = 0;
+  float ss = 0.f;
+#ifdef __AVX512F__
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x + i), acc);
+  ss = hsum(acc);
+#endif
+  for (; i < D; ++i) ss += x[i] * x[i];
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
+  for (i = 0; i < D; ++i) out[i] = x[i] * inv * scale[i];
+}
+
+// add_rms_norm: the residual step between two products of a decoder layer, in one pass per row:
+//   x' = x + norm(y) * s1   (s1 undefined: x + y, Gemma 1 has no post-norms)
+//   h  = norm(x') * s2      (s2 undefined: h is not computed)
+// float32 [N, D]; returns (x', h). Replaces three to five torch ops and their temporaries per call.
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x_in, const at::Tensor& y_in,
+                                                const c10::optional<at::Tensor>& s1_in,
+                                                const c10::optional<at::Tensor>& s2_in, double eps) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && y_in.scalar_type() == at::kFloat && x_in.sizes() == y_in.sizes(),
+              "add_rms_norm: x and y must be float32 of one shape");
+  const int64_t D = x_in.size(-1), rows = D ? x_in.numel() / D : 0;
+  const at::Tensor x = x_in.contiguous(), y = y_in.contiguous();
+  const bool has1 = s1_in.has_value() && s1_in->defined(), has2 = s2_in.has_value() && s2_in->defined();
+  const at::Tensor s1 = has1 ? s1_in->contiguous() : at::Tensor(), s2 = has2 ? s2_in->contiguous() : at::Tensor();
+  TORCH_CHECK((!has1 || s1.numel() == D) && (!has2 || s2.numel() == D), "add_rms_norm: scales must have ", D, " elements");
+  at::Tensor xo = at::empty_like(x), ho = has2 ? at::empty_like(x) : at::Tensor();
+  const float* xp = x.data_ptr<float>();
+  const float* yp = y.data_ptr<float>();
+  float* xop = xo.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(D, 1)), [&](int64_t b, int64_t e) {
+    std::vector<float> tmp(D);
+    for (int64_t r = b; r < e; ++r) {
+      const float* xr = xp + r * D;
+      const float* yr = yp + r * D;
+      float* xo_r = xop + r * D;
+      if (has1) {
+        norm_row(yr, s1.data_ptr<float>(), D, static_cast<float>(eps), tmp.data());
+        for (int64_t i = 0; i < D; ++i) xo_r[i] = xr[i] + tmp[i];
+      } else {
+        for (int64_t i = 0; i < D; ++i) xo_r[i] = xr[i] + yr[i];
+      }
+      if (has2) norm_row(xo_r, s2.data_ptr<float>(), D, static_cast<float>(eps), ho.data_ptr<float>() + r * D);
+    }
+  });
+  return {xo, ho};
+}
+
+// qk_norm_rope: split a fused q|k|v projection [N, (Hq + 2 Hkv) D], apply the per-head q and k norms (Gemma 3;
+// undefined scales: none) and RoPE in the rotate-half layout (x cos + roll(x, D/2) signed_sin, tables [N, D]) to q
+// and k. Returns q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, D], float32, in one pass instead of ~16 torch ops.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope(const at::Tensor& qkv_in,
+                                                            const c10::optional<at::Tensor>& qs_in,
+                                                            const c10::optional<at::Tensor>& ks_in,
+                                                            const at::Tensor& cos_in, const at::Tensor& sin_in,
+                                                            int64_t Hq, int64_t Hkv, double eps) {
+  TORCH_CHECK(qkv_in.dim() == 2 && qkv_in.scalar_type() == at::kFloat, "qk_norm_rope: qkv must be float32 [N, F]");
+  const int64_t N = qkv_in.size(0), F = qkv_in.size(1);
+  TORCH_CHECK(Hq > 0 && Hkv > 0 && F % (Hq + 2 * Hkv) == 0, "qk_norm_rope: width ", F, " is not (Hq + 2 Hkv) D");
+  const int64_t D = F / (Hq + 2 * Hkv);
+  TORCH_CHECK(D % 2 == 0, "qk_norm_rope: head_dim must be even");
+  const at::Tensor qkv = qkv_in.contiguous(), cs = cos_in.contiguous(), sn = sin_in.contiguous();
+  TORCH_CHECK(cs.scalar_type() == at::kFloat && sn.scalar_type() == at::kFloat && cs.numel() == N * D &&
+              sn.numel() == N * D, "qk_norm_rope: cos and sin must be float32 [N, D]");
+  const bool norm = qs_in.has_value() && qs_in->defined();
+  const at::Tensor qs = norm ? qs_in->contiguous() : at::Tensor(), ks = norm ? ks_in->contiguous() : at::Tensor();
+  TORCH_CHECK(!norm || (qs.numel() == D && ks.numel() == D), "qk_norm_rope: norm scales must have head_dim elements");
+  at::Tensor q = at::empty({N, Hq, D}, qkv.options()), k = at::empty({N, Hkv, D}, qkv.options());
+  at::Tensor v = qkv.narrow(1, (Hq + Hkv) * D, Hkv * D).reshape({N, Hkv, D}).contiguous();
+  const float* src = qkv.data_ptr<float>();
+  const int64_t half = D / 2;
+  at::parallel_for(0, N * (Hq + Hkv), std::max<int64_t>(1, 8192 / D), [&](int64_t b, int64_t e) {
+    std::vector<float> t(D);
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t n = i / (Hq + Hkv), h = i % (Hq + Hkv);
+      const bool is_q = h < Hq;
+      const float* x = src + n * F + h * D;  // q heads, then k heads: contiguous in the fused row
+      if (norm) norm_row(x, (is_q ? qs : ks).data_ptr<float>(), D, static_cast<float>(eps), t.data());
+      else std::copy(x, x + D, t.data());
+      float* out = is_q ? q.data_ptr<float>() + (n * Hq + h) * D : k.data_ptr<float>() + (n * Hkv + h - Hq) * D;
+      const float* c = cs.data_ptr<float>() + n * D;
+      const float* si = sn.data_ptr<float>() + n * D;
+      for (int64_t j = 0; j < D; ++j) out[j] = t[j] * c[j] + t[j < half ? j + half : j - half] * si[j];
+    }
+  });
+  return {q, k, v};
+}
+
 // decode_attention: one query token per row attending over keys it reads IN PLACE through a slot index (the paged
 // cache's pages, or a dense cache's rows), for the decode steps of the engine and of generate():
 //
@@ -616,6 +707,9 @@ TORCH_LIBRARY(gemma_sessions, m) {
   m.def("qmatmul_bf16(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, int group) -> Tensor");
   m.def("bf16_dot_available() -> bool", &bf16_dot_available);
   m.def("geglu(Tensor gate_up) -> Tensor");
+  m.def("add_rms_norm(Tensor x, Tensor y, Tensor? s1, Tensor? s2, float eps) -> (Tensor, Tensor)");
+  m.def("qk_norm_rope(Tensor qkv, Tensor? q_scale, Tensor? k_scale, Tensor cos, Tensor sin, int hq, int hkv, "
+        "float eps) -> (Tensor, Tensor, Tensor)");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor table, Tensor start, Tensor lengths, int block, "
         "int page_stride, float scale, float softcap) -> Tensor");
 }
@@ -626,4 +720,6 @@ TORCH_LIBRARY_IMPL(gemma_sessions, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("qmatmul_bf16", &qmatmul_bf16);
   m.impl("geglu", &geglu);
+  m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("qk_norm_rope", &qk_norm_rope);
 }
