@@ -109,7 +109,7 @@ def test_int8_linear_paths(op):
     ref = lambda x: x @ w.dequantize().T  # noqa: E731
     lin = gemma.Linear(w, "int8")
     small, big = torch.randn(gemma.QMATMUL_MAX_ROWS, 64), torch.randn(gemma.QMATMUL_MAX_ROWS + 5, 64)
-    many = torch.randn(gemma.BF16_DOT_MAX_ROWS + 1, 64)
+    many = torch.randn(gemma.BF16_DOT_MAX_ELEMENTS // 64 + 1, 64)
     assert rel_err(lin(small), ref(small)) <= 1e-5 and lin.bf16 is None  # the kernel, no copy made
     if kernels.bf16_dot_available():  # bf16 inputs and weights, float32 sums: no copy made either
         bf16_ref = big.bfloat16().float() @ w.dequantize().bfloat16().float().T

@@ -278,7 +278,8 @@ class Engine:
         t0 = time.perf_counter()
         logits = self._run(self.model.net, self.cache, [item for _, item in work])
         # greedy rows: one argmax over the step's logits (one call instead of one per row)
-        greedy = logits.argmax(dim=-1).tolist() if any(req.params.greedy for req, it in work if it.want_logits) else None
+        any_greedy = any(req.params.greedy for req, it in work if it.want_logits)
+        greedy = logits.argmax(dim=-1).tolist() if any_greedy else None
         row = 0
         for req, item in work:
             self.cache.commit(item.seq, item.num_tokens)

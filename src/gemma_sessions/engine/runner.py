@@ -121,7 +121,8 @@ class PagedBatch:
                 vals = flat.index_select(0, (index + off_v).view(-1)).view(b, width, hkv, d).transpose(1, 2)
                 mask = (torch.arange(width, device=index.device)[None, :] < lengths[:, None])[:, None, :]
                 dt = torch.float32 if q.device.type == "cpu" else q.dtype
-                out = attention(q[:b, :, None].to(dt), keys.to(dt), vals.to(dt), mask, self.scale, self.softcap)[:, :, 0]
+                out = attention(q[:b, :, None].to(dt), keys.to(dt), vals.to(dt), mask, self.scale, self.softcap)
+                out = out[:, :, 0]
             outs.append(out)
         for start, end, index, mask in self.prefill[g]:
             keys = flat.index_select(0, index + off_k).transpose(0, 1)[None]
@@ -136,8 +137,8 @@ class PagedBatch:
 def run_step(net: GemmaModel, cache: PagedKVCache, items: list[WorkItem]) -> torch.Tensor:
     """Compute one step; returns logits [R, vocab] for the items with ``want_logits`` (in order).
 
-    Single-token items (decode rows) should come first: the leading run of them is attended as one batch. The caller commits the
-    tokens (``cache.commit``) after this returns.
+    Single-token items (decode rows) should come first: the leading run of them is attended as one batch. The caller
+    commits the tokens (``cache.commit``) after this returns.
 
     NOTE: in the fast (int8) mode a product of a few rows runs the exact grouped-int8 kernel and a product of many
     rows a bf16 GEMM. When up to 8 decode rows share a step with prefill chunks they run as their own forward, so

@@ -34,12 +34,13 @@ QMATMUL_MAX_ROWS = 8
 # The LM head's alternative beyond that is float32 tiles (no bf16 copy of the head): ~160 ms at 16 rows, ~4x the
 # kernel's 68 ms, whose cost grows ~4 ms per row: the head keeps the kernel up to this many rows.
 HEAD_QMATMUL_MAX_ROWS = 32
-# From QMATMUL_MAX_ROWS to this many rows (the engine's batched decode, short prefill chunks), int8 products run
-# kernels.qmatmul_bf16: the int8 codes are read and dequantized and rounded to bf16 in registers, with float32 sums
-# (what the bf16 GEMM computes, without its bf16 copy of W and without rounding the output). Measured on the 270M with
-# weights read from memory (2 cores): LM head 35 ms at 16 rows against 49 ms for the bf16 GEMM and 62 ms for the
-# float32 kernel; a layer's four products 1.45 ms against 1.8 ms; at 32 rows the GEMM wins (head 60 vs 91 ms).
-BF16_DOT_MAX_ROWS = 24
+# Above QMATMUL_MAX_ROWS, while rows x in_features stays within this many inputs (their bf16 copy fits L1: 25 rows at
+# K = 640, 16 at 1024, none beyond 8 at 2048), int8 products run kernels.qmatmul_bf16: the int8 codes are read,
+# dequantized and rounded to bf16 in registers, with float32 sums (what the bf16 GEMM computes, without its bf16 copy
+# of W and without rounding the output); beyond, the bf16 GEMM. Measured on the 270M with weights read from memory
+# (bench/kernels.py, bench/RESULTS.md), bf16 GEMM time / qmatmul_bf16 time at 16 rows: LM head 1.35x, q+k+v 1.34x,
+# gate+up 1.16x, attn_output 0.95x, ffn_down 0.77x; at 32 rows the GEMM wins but for k/v.
+BF16_DOT_MAX_ELEMENTS = 16384
 # LM-head rows above which the head is computed in float32 from dequantized tiles of this many vocabulary rows (no
 # bf16 copy of the 262k x hidden head is kept: only Model.forward-style scoring of every position gets there).
 HEAD_TILE_ROWS = 16384
@@ -55,7 +56,7 @@ class Linear(nn.Module):
 
     - ``N <= QMATMUL_MAX_ROWS`` rows (decode; ``HEAD_QMATMUL_MAX_ROWS`` for the head): ``kernels.qmatmul``,
       float32 activations and accumulation;
-    - up to ``BF16_DOT_MAX_ROWS`` rows (batched decode, short chunks): ``kernels.qmatmul_bf16``, inputs and
+    - up to ``BF16_DOT_MAX_ELEMENTS`` inputs (batched decode, short chunks): ``kernels.qmatmul_bf16``, inputs and
       weights rounded to bf16, float32 sums and output, reading the int8 codes;
     - more rows (prefill): a bf16 GEMM on a bf16 copy of W made on first need (inputs, weights and outputs
       rounded to bf16: torch has no bf16 x bf16 -> float32 GEMM on CPU);
@@ -65,8 +66,8 @@ class Linear(nn.Module):
 
     NOTE: prefill measured on the 270M (top-1 agreement with float32 over 640 tokens / prefill speed): bf16 GEMM
     0.988 / 1.0; the same with ffn_down's input split into hi + lo bf16 halves (one GEMM over twice the rows, ~16
-    bits of input kept) 0.991 / 0.8-0.88; a float32 GEMM would be exact but runs at ~0.45 (below llama.cpp). The plain bf16 GEMM
-    keeps the 98% agreement target with a margin and the 1.5x prefill target with one; the split did not.
+    bits of input kept) 0.991 / 0.8-0.88; a float32 GEMM would be exact but runs at ~0.45 (below llama.cpp). The plain
+    bf16 GEMM keeps the 98% agreement target with a margin and the 1.5x prefill target with one; the split did not.
     When the kernel cannot be built (no compiler), every path uses the bf16 copy: slower and less exact.
 
     Example::
@@ -106,7 +107,7 @@ class Linear(nn.Module):
             return op(x, self.codes, self.scales, self.offsets, self.group)  # decode: the one hot call, kept bare
         if op is not None and x.shape[0] <= self.max_kernel_rows:
             return op(x.float(), self.codes, self.scales, self.offsets, self.group).to(x.dtype)
-        if not self.head and x.shape[0] <= BF16_DOT_MAX_ROWS and self._bf16_dot():
+        if not self.head and x.numel() <= BF16_DOT_MAX_ELEMENTS and self._bf16_dot():
             return kernels.qmatmul_bf16(x, self.codes, self.scales, self.offsets, self.group).to(x.dtype)
         if self.head and op is not None:
             return self._float32_tiles(x.float()).to(x.dtype)
@@ -114,12 +115,12 @@ class Linear(nn.Module):
 
     def forward_batch(self, x: torch.Tensor) -> torch.Tensor:
         """The engine's batched decode (the LM head). Up to ``QMATMUL_MAX_ROWS`` rows the exact kernel, so a step of
-        a few decode rows is exact as alone; up to ``BF16_DOT_MAX_ROWS`` ``kernels.qmatmul_bf16`` (bf16 inputs and
-        weights, float32 sums and output, reading the int8 codes); beyond, a bf16 GEMM on a bf16 copy of the weight
-        (335 MB for the 270M's head, made on the first such batch)."""
+        a few decode rows is exact as alone; up to ``BF16_DOT_MAX_ELEMENTS`` inputs ``kernels.qmatmul_bf16`` (bf16
+        inputs and weights, float32 sums and output, reading the int8 codes); beyond, a bf16 GEMM on a bf16 copy of
+        the weight (335 MB for the 270M's head, made on the first such batch)."""
         if not self.int8 or x.shape[0] <= QMATMUL_MAX_ROWS:
             return self(x)
-        if x.shape[0] <= BF16_DOT_MAX_ROWS and self._bf16_dot():
+        if x.numel() <= BF16_DOT_MAX_ELEMENTS and self._bf16_dot():
             return kernels.qmatmul_bf16(x, self.codes, self.scales, self.offsets, self.group)
         return self._bf16_gemm(x)
 
@@ -141,7 +142,8 @@ class Linear(nn.Module):
             return False
         if kernels.kernel() is None:
             return True
-        return rows > self.max_kernel_rows and not (rows <= BF16_DOT_MAX_ROWS and self._bf16_dot())
+        dot = rows * self.in_features <= BF16_DOT_MAX_ELEMENTS and self._bf16_dot()
+        return rows > self.max_kernel_rows and not dot
 
     def _float32_tiles(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty(x.shape[0], self.out_features, dtype=torch.float32, device=x.device)
