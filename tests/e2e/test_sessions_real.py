@@ -50,6 +50,11 @@ def test_fast_mode_decode_batches_equal_alone(real_model_fast):
     params = GREEDY.replace(ignore_eos=True)
     prompts = [model.tokenizer.encode(f"Question: {q}\nAnswer:", add_bos=True) for q in QUESTIONS]
     alone = [list(generate_tokens(model, p, params)) for p in prompts]
+    assert decode_together(model, prompts, params) == alone
+
+
+def decode_together(model, prompts: list[list[int]], params: gs.SamplingParams) -> list[list[int]]:
+    """Each prompt prefilled alone (its first token), then all decoding together in one engine."""
     with gs.Engine(model, kv_cache_bytes=64 << 20) as engine:
         handles = [engine.new_kv() for _ in prompts]
         firsts = [engine.submit(p, params.replace(max_tokens=1), kv=h).result().token_ids
@@ -58,7 +63,7 @@ def test_fast_mode_decode_batches_equal_alone(real_model_fast):
         streams = [engine.submit(p + f, rest, kv=h) for p, f, h in zip(prompts, firsts, handles)]
         batched = [f + st.result().token_ids for f, st in zip(firsts, streams)]
         assert engine.stats()["steps"] < len(prompts) * params.max_tokens  # they decoded together
-    assert batched == alone
+    return batched
 
 
 TOPICS = ["the capital of France", "three colours", "counting to five", "what cats eat", "hello in Spanish",
@@ -77,13 +82,7 @@ def test_fast_mode_16_decode_rows_rarely_differ_from_alone(real_model_fast):
     params = gs.SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     prompts = [model.tokenizer.encode(f"Question: Tell me about {t}.\nAnswer:", add_bos=True) for t in TOPICS]
     alone = [list(generate_tokens(model, p, params)) for p in prompts]
-    with gs.Engine(model, kv_cache_bytes=64 << 20) as engine:
-        handles = [engine.new_kv() for _ in prompts]
-        firsts = [engine.submit(p, params.replace(max_tokens=1), kv=h).result().token_ids
-                  for p, h in zip(prompts, handles)]
-        rest = params.replace(max_tokens=params.max_tokens - 1)
-        streams = [engine.submit(p + f, rest, kv=h) for p, f, h in zip(prompts, firsts, handles)]
-        batched = [f + st.result().token_ids for f, st in zip(firsts, streams)]
+    batched = decode_together(model, prompts, params)
     first_diff = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(alone, batched)]
     flips = sum(d is not None for d in first_diff)
     decoded = sum(len(a) if d is None else d + 1 for a, d in zip(alone, first_diff))

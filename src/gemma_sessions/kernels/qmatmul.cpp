@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -27,6 +28,30 @@ namespace {
 
 constexpr int64_t MB_MAX = 16;  // rows of x per block (16 accumulators + the weight vector fit 32 registers)
 
+
+// Calls f(std::integral_constant<int, mb>) for mb in 1..MB_MAX (above: MB_MAX): the row count of a block as a
+// compile-time constant, so each block size gets its own register-resident accumulators.
+template <typename F>
+static inline void with_rows(int64_t mb, F&& f) {
+  switch (mb) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    case 8: return f(std::integral_constant<int, 8>{});
+    case 9: return f(std::integral_constant<int, 9>{});
+    case 10: return f(std::integral_constant<int, 10>{});
+    case 11: return f(std::integral_constant<int, 11>{});
+    case 12: return f(std::integral_constant<int, 12>{});
+    case 13: return f(std::integral_constant<int, 13>{});
+    case 14: return f(std::integral_constant<int, 14>{});
+    case 15: return f(std::integral_constant<int, 15>{});
+    default: return f(std::integral_constant<int, 16>{});
+  }
+}
 
 #ifdef __AVX512F__
 static inline __m512 load_codes16(const int8_t* p) {
@@ -97,24 +122,7 @@ static inline void dot_block(const float* x, int64_t mb, int64_t K, const int8_t
                              const float* off, float* dots) {
 #ifdef __AVX512F__
   if (G % 16 == 0) {
-    switch (mb) {
-      case 1: return dot_rows_any<1>(x, K, c, sc, G, off, dots);
-      case 2: return dot_rows_any<2>(x, K, c, sc, G, off, dots);
-      case 3: return dot_rows_any<3>(x, K, c, sc, G, off, dots);
-      case 4: return dot_rows_any<4>(x, K, c, sc, G, off, dots);
-      case 5: return dot_rows_any<5>(x, K, c, sc, G, off, dots);
-      case 6: return dot_rows_any<6>(x, K, c, sc, G, off, dots);
-      case 7: return dot_rows_any<7>(x, K, c, sc, G, off, dots);
-      case 8: return dot_rows_any<8>(x, K, c, sc, G, off, dots);
-      case 9: return dot_rows_any<9>(x, K, c, sc, G, off, dots);
-      case 10: return dot_rows_any<10>(x, K, c, sc, G, off, dots);
-      case 11: return dot_rows_any<11>(x, K, c, sc, G, off, dots);
-      case 12: return dot_rows_any<12>(x, K, c, sc, G, off, dots);
-      case 13: return dot_rows_any<13>(x, K, c, sc, G, off, dots);
-      case 14: return dot_rows_any<14>(x, K, c, sc, G, off, dots);
-      case 15: return dot_rows_any<15>(x, K, c, sc, G, off, dots);
-      default: return dot_rows_any<16>(x, K, c, sc, G, off, dots);
-    }
+    return with_rows(mb, [&](auto rows) { dot_rows_any<decltype(rows)::value>(x, K, c, sc, G, off, dots); });
   }
 #endif
   dot_rows_scalar(x, mb, K, c, sc, G, off, dots);
@@ -217,24 +225,7 @@ static inline void dot_bf16_any(const at::BFloat16* xb, int64_t K, const int8_t*
 
 static inline void dot_block_bf16(const at::BFloat16* xb, int64_t mb, int64_t K, const int8_t* c, const float* sc,
                                   int64_t G, const float* off, float* dots) {
-  switch (mb) {
-    case 1: return dot_bf16_any<1>(xb, K, c, sc, G, off, dots);
-    case 2: return dot_bf16_any<2>(xb, K, c, sc, G, off, dots);
-    case 3: return dot_bf16_any<3>(xb, K, c, sc, G, off, dots);
-    case 4: return dot_bf16_any<4>(xb, K, c, sc, G, off, dots);
-    case 5: return dot_bf16_any<5>(xb, K, c, sc, G, off, dots);
-    case 6: return dot_bf16_any<6>(xb, K, c, sc, G, off, dots);
-    case 7: return dot_bf16_any<7>(xb, K, c, sc, G, off, dots);
-    case 8: return dot_bf16_any<8>(xb, K, c, sc, G, off, dots);
-    case 9: return dot_bf16_any<9>(xb, K, c, sc, G, off, dots);
-    case 10: return dot_bf16_any<10>(xb, K, c, sc, G, off, dots);
-    case 11: return dot_bf16_any<11>(xb, K, c, sc, G, off, dots);
-    case 12: return dot_bf16_any<12>(xb, K, c, sc, G, off, dots);
-    case 13: return dot_bf16_any<13>(xb, K, c, sc, G, off, dots);
-    case 14: return dot_bf16_any<14>(xb, K, c, sc, G, off, dots);
-    case 15: return dot_bf16_any<15>(xb, K, c, sc, G, off, dots);
-    default: return dot_bf16_any<16>(xb, K, c, sc, G, off, dots);
-  }
+  with_rows(mb, [&](auto rows) { dot_bf16_any<decltype(rows)::value>(xb, K, c, sc, G, off, dots); });
 }
 #else
 constexpr bool kBf16Dot = false;
@@ -282,6 +273,20 @@ at::Tensor qmatmul_bf16(const at::Tensor& x_in, const at::Tensor& codes_in, cons
   return out;
 }
 
+// Gemma's per-row normalisation with scale (1 + w), over D floats: out = x * rsqrt(mean(x^2) + eps) * scale.
+static inline void norm_row(const float* x, const float* scale, int64_t D, float eps, float* out) {
+  int64_t i = 0;
+  float ss = 0.f;
+#ifdef __AVX512F__
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x + i), acc);
+  ss = hsum(acc);
+#endif
+  for (; i < D; ++i) ss += x[i] * x[i];
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
+  for (i = 0; i < D; ++i) out[i] = x[i] * inv * scale[i];
+}
+
 // Gemma RMSNorm over the last dimension in one pass per row: out = x * rsqrt(mean(x^2) + eps) * scale, where
 // scale is the precomputed (1 + w). Float32 in and out; replaces ~6 torch ops (and their temporaries) per call.
 at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& scale_in, double eps) {
@@ -295,26 +300,7 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& scale_in, double e
   const float* sp = scale.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(D, 1)), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const float* xr = xp + r * D;
-      float* orow = op + r * D;
-      int64_t i = 0;
-      float ss = 0.f;
-#ifdef __AVX512F__
-      __m512 acc = _mm512_setzero_ps();
-      for (; i + 16 <= D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(xr + i), _mm512_loadu_ps(xr + i), acc);
-      ss = hsum(acc);
-#endif
-      for (; i < D; ++i) ss += xr[i] * xr[i];
-      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
-      i = 0;
-#ifdef __AVX512F__
-      const __m512 vinv = _mm512_set1_ps(inv);
-      for (; i + 16 <= D; i += 16)
-        _mm512_storeu_ps(orow + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(xr + i), vinv), _mm512_loadu_ps(sp + i)));
-#endif
-      for (; i < D; ++i) orow[i] = xr[i] * inv * sp[i];
-    }
+    for (int64_t r = b; r < e; ++r) norm_row(xp + r * D, sp, D, static_cast<float>(eps), op + r * D);
   });
   return out;
 }
@@ -394,19 +380,6 @@ at::Tensor geglu(const at::Tensor& gu_in) {
   return out;
 }
 
-// Gemma's per-row normalisation with scale (1 + w), over D floats: out = x * rsqrt(mean(x^2) + eps) * scale.
-static inline void norm_row(const float* x, const float* scale, int64_t D, float eps, float* out) {
-  int64_t i = 0;
-  float ss = 0.f;
-#ifdef __AVX512F__
-  __m512 acc = _mm512_setzero_ps();
-  for (; i + 16 <= D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x + i), acc);
-  ss = hsum(acc);
-#endif
-  for (; i < D; ++i) ss += x[i] * x[i];
-  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
-  for (i = 0; i < D; ++i) out[i] = x[i] * inv * scale[i];
-}
 
 // add_rms_norm: the residual step between two products of a decoder layer, in one pass per row:
 //   x' = x + norm(y) * s1   (s1 undefined: x + y, Gemma 1 has no post-norms)
@@ -506,6 +479,28 @@ static inline __m512 load16(const at::BFloat16* p) {
 }
 #endif
 
+// A raw dot product as an attention score: times scale, then soft-capped (cap * tanh(s / cap)) when softcap > 0.
+static inline float capped(float s, float scale, float softcap) {
+  s *= scale;
+  return softcap > 0.f ? std::tanh(s / softcap) * softcap : s;
+}
+
+// Softmax in float32 over each of g rows of len scores (max subtracted), in place.
+static void softmax_rows(float* scores, int64_t g, int64_t len) {
+  for (int64_t h = 0; h < g; ++h) {
+    float* sc = scores + h * len;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < len; ++j) mx = std::max(mx, sc[j]);
+    float sum = 0.f;
+    for (int64_t j = 0; j < len; ++j) {
+      sc[j] = std::exp(sc[j] - mx);
+      sum += sc[j];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t j = 0; j < len; ++j) sc[j] *= inv;
+  }
+}
+
 #ifdef __AVX512F__
 // The same attention with GH query heads per kv head known at compile time and D % 64 == 0: each key and value
 // vector is loaded and converted once for all GH heads, and the output is accumulated in registers 64 dims at a time.
@@ -520,24 +515,9 @@ static void attend_row_fast(const float* q, int64_t D, const T* kb, const T* vb,
       const __m512 kv = load16(kr + d);
       for (int h = 0; h < GH; ++h) acc[h] = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * D + d), kv, acc[h]);
     }
-    for (int h = 0; h < GH; ++h) {
-      float s = hsum(acc[h]) * scale;
-      if (softcap > 0.f) s = std::tanh(s / softcap) * softcap;
-      scores[h * len + j] = s;
-    }
+    for (int h = 0; h < GH; ++h) scores[h * len + j] = capped(hsum(acc[h]), scale, softcap);
   }
-  for (int h = 0; h < GH; ++h) {  // softmax in float32
-    float* sc = scores + h * len;
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < len; ++j) mx = std::max(mx, sc[j]);
-    float sum = 0.f;
-    for (int64_t j = 0; j < len; ++j) {
-      sc[j] = std::exp(sc[j] - mx);
-      sum += sc[j];
-    }
-    const float inv = 1.0f / sum;
-    for (int64_t j = 0; j < len; ++j) sc[j] *= inv;
-  }
+  softmax_rows(scores, GH, len);
   for (int64_t d0 = 0; d0 < D; d0 += 64) {  // out[h, d0:d0+64] in 4 x GH registers over all keys
     __m512 o[GH][4];
     for (int h = 0; h < GH; ++h)
@@ -579,23 +559,10 @@ static void attend_row(const float* q, int64_t g, int64_t D, const T* kb, const 
         s = 0.f;
         for (int64_t d = 0; d < D; ++d) s += qh[d] * static_cast<float>(kr[d]);
       }
-      s *= scale;
-      if (softcap > 0.f) s = std::tanh(s / softcap) * softcap;
-      scores[h * len + j] = s;
+      scores[h * len + j] = capped(s, scale, softcap);
     }
   }
-  for (int64_t h = 0; h < g; ++h) {  // softmax in float32
-    float* sc = scores + h * len;
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < len; ++j) mx = std::max(mx, sc[j]);
-    float sum = 0.f;
-    for (int64_t j = 0; j < len; ++j) {
-      sc[j] = std::exp(sc[j] - mx);
-      sum += sc[j];
-    }
-    const float inv = 1.0f / sum;
-    for (int64_t j = 0; j < len; ++j) sc[j] *= inv;
-  }
+  softmax_rows(scores, g, len);
   std::fill(out, out + g * D, 0.f);
   for (int64_t j = 0; j < len; ++j) {  // out[h] = sum_j p[h, j] * v[idx[j]]
     const T* vr = vb + idx[j] * vs;
