@@ -51,7 +51,7 @@ class PagedBatch:
         dev = cache.device
         self.n_decode = leading_decode_rows(items)  # they share one batched attention
         self.write = []   # per group: LongTensor [N]
-        self.decode = []  # per group: (index [B, L], mask [B, 1, L]) or None
+        self.decode = []  # per group: (block table [B, P], start [B], lengths [B]) of the decode rows, or None
         self.prefill = []  # per group: list of (row start, row end, index [L], mask [T, L])
         bs, stride = lay.block_size, cache.page_stride
         decode = items[:self.n_decode]

@@ -410,7 +410,7 @@ class GemmaModel(nn.Module):
     def _hidden_fused(self, x: torch.Tensor, tables: dict, kv: KVBatch) -> torch.Tensor:
         """The fast mode's layer loop: each residual step (add the normed branch, then the next norm, which is the
         next layer's input norm or the final norm) is one compiled pass (``kernels.add_rms_norm``). The same math as
-        ``DecoderLayer.forward``, in ~8 ops per layer instead of ~35 (the decode step is dispatch-bound)."""
+        ``DecoderLayer.forward``, in ~8 ops per layer instead of ~35 (fewer dispatches and temporaries per step)."""
         eps, layers = self.config.rms_norm_eps, self.layers
         h = layers[0].input_norm(x)
         for i, layer in enumerate(layers):
