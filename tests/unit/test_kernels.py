@@ -263,3 +263,21 @@ def test_geglu_fallback(monkeypatch):
     gu = torch.randn(3, 8)
     gate, up = gu.chunk(2, dim=-1)
     assert torch.equal(kernels.geglu(gu), torch.nn.functional.gelu(gate, approximate="tanh") * up)
+
+
+def test_prune_builds_keeps_recent_and_current(tmp_path):
+    import os
+    import time
+
+    root = tmp_path / "kernels"
+    current, recent, stale, other = (root / n for n in ("qmatmul-a", "qmatmul-b", "qmatmul-c", "unrelated"))
+    for d in (current, recent, stale, other):
+        d.mkdir(parents=True)
+        (d / "x.so").write_bytes(b"0")
+    old = time.time() - 40 * 86400
+    for d in (current, stale, other):
+        os.utime(d, (old, old))
+    removed = kernels.prune_builds(current)
+    assert removed == [stale]
+    assert current.exists() and recent.exists() and other.exists() and not stale.exists()
+    assert current.stat().st_mtime > old  # touched: the build in use is never the stale one

@@ -21,7 +21,9 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -36,6 +38,7 @@ SOURCE = Path(__file__).with_name("qmatmul.cpp")
 # torch.set_num_threads governs the kernel too.
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
+STALE_BUILD_S = 30 * 86400  # builds of other keys unused this long are deleted after a load (prune_builds)
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "op" -> the loaded op, or "error" -> why it is unavailable
 
@@ -68,7 +71,30 @@ def _load():
     # is_python_module=False: the .so registers torch.ops.gemma_sessions.qmatmul itself (TORCH_LIBRARY), no pybind.
     cpp_extension.load(name="gemma_sessions_qmatmul", sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
                        extra_ldflags=list(LDFLAGS), build_directory=str(build), is_python_module=False, verbose=False)
+    prune_builds(build)
     return torch.ops.gemma_sessions.qmatmul.default  # the overload itself: less dispatch per call than the packet
+
+
+def prune_builds(current: Path, max_age_s: float = STALE_BUILD_S) -> list[Path]:
+    """Mark ``current`` as used now and delete sibling ``qmatmul-*`` builds unused for ``max_age_s`` (other source
+    versions, torch versions or CPUs: each load touches its own folder, so a build another install still loads
+    stays). Returns what was removed; a folder that cannot be removed is left alone."""
+    try:
+        os.utime(current)
+    except OSError:  # a read-only cache: nothing to mark, nothing to prune
+        return []
+    removed = []
+    cutoff = time.time() - max_age_s
+    for other in current.parent.glob("qmatmul-*"):
+        try:
+            if other != current and other.is_dir() and other.stat().st_mtime < cutoff:
+                shutil.rmtree(other)
+                removed.append(other)
+        except OSError:
+            continue
+    if removed:
+        log.info("removed %d stale kernel build(s) from %s", len(removed), current.parent)
+    return removed
 
 
 def kernel():
