@@ -281,3 +281,22 @@ def test_prune_builds_keeps_recent_and_current(tmp_path):
     assert removed == [stale]
     assert current.exists() and recent.exists() and other.exists() and not stale.exists()
     assert current.stat().st_mtime > old  # touched: the build in use is never the stale one
+
+
+def test_load_ignores_a_build_lock_left_behind(op, monkeypatch):
+    """A process killed while holding cpp_extension's lock file leaves it behind; a built library must still load
+    (before, every later load waited on the lock forever: a killed server hung the next ones)."""
+    from gemma_sessions.paths import cache_dir
+
+    build = cache_dir() / "kernels" / f"qmatmul-{kernels.build_key()}"
+    assert (build / "gemma_sessions_qmatmul.so").exists()
+    lock = build / "lock"
+    lock.touch()
+    try:
+        monkeypatch.setattr(kernels, "_state", {})
+        loader = threading.Thread(target=kernels.kernel, daemon=True)
+        loader.start()
+        loader.join(60)
+        assert not loader.is_alive() and kernels.available()
+    finally:
+        lock.unlink(missing_ok=True)

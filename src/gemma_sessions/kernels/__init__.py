@@ -38,6 +38,7 @@ SOURCE = Path(__file__).with_name("qmatmul.cpp")
 # torch.set_num_threads governs the kernel too.
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
+STALE_LOCK_S = 600  # a build lock older than this was left by a process that died mid-build (a build takes ~30 s)
 STALE_BUILD_S = 30 * 86400  # builds of other keys unused this long are deleted after a load (prune_builds)
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "op" -> the loaded op, or "error" -> why it is unavailable
@@ -68,9 +69,26 @@ def _load():
 
     build = cache_dir() / "kernels" / f"qmatmul-{build_key()}"
     build.mkdir(parents=True, exist_ok=True)
-    # is_python_module=False: the .so registers torch.ops.gemma_sessions.qmatmul itself (TORCH_LIBRARY), no pybind.
-    cpp_extension.load(name="gemma_sessions_qmatmul", sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
-                       extra_ldflags=list(LDFLAGS), build_directory=str(build), is_python_module=False, verbose=False)
+    so = build / "gemma_sessions_qmatmul.so"
+    loaded = False
+    if so.exists():
+        # The key covers the source, flags, torch and CPU, so a built library is the right one: load it directly,
+        # without cpp_extension's lock file (a process killed while holding it leaves it behind, and every later
+        # load would wait on it forever) and without ninja (a checkout elsewhere would rebuild for the new path).
+        try:
+            torch.ops.load_library(str(so))
+            loaded = True
+        except (OSError, RuntimeError) as exc:  # a truncated library from a killed build: build it again
+            log.warning("rebuilding the kernel library (%s)", exc)
+            so.unlink(missing_ok=True)
+    if not loaded:
+        lock = build / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink(missing_ok=True)  # left by a process that died while building
+        # is_python_module=False: the .so registers torch.ops.gemma_sessions.* itself (TORCH_LIBRARY), no pybind.
+        cpp_extension.load(name="gemma_sessions_qmatmul", sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
+                           extra_ldflags=list(LDFLAGS), build_directory=str(build), is_python_module=False,
+                           verbose=False)
     prune_builds(build)
     return torch.ops.gemma_sessions.qmatmul.default  # the overload itself: less dispatch per call than the packet
 
