@@ -258,13 +258,6 @@ def test_geglu_matches_torch(op, width):
     assert torch.equal(kernels.geglu(gu.bfloat16()), kernels.geglu(gu.bfloat16().float()).bfloat16())
 
 
-def test_geglu_fallback(monkeypatch):
-    monkeypatch.setattr(kernels, "_state", {"error": "disabled for the test"})
-    gu = torch.randn(3, 8)
-    gate, up = gu.chunk(2, dim=-1)
-    assert torch.equal(kernels.geglu(gu), torch.nn.functional.gelu(gate, approximate="tanh") * up)
-
-
 def test_prune_builds_keeps_recent_and_current(tmp_path):
     import os
     import time
@@ -300,3 +293,45 @@ def test_load_ignores_a_build_lock_left_behind(op, monkeypatch):
         assert not loader.is_alive() and kernels.available()
     finally:
         lock.unlink(missing_ok=True)
+
+
+def test_add_rms_norm_matches_torch(op):
+    x, y = torch.randn(5, 640), torch.randn(5, 640) * 3
+    s1, s2 = 1 + torch.randn(640) * 0.1, 1 + torch.randn(640) * 0.1
+    xo, h = kernels.add_rms_norm(x, y, s1, s2, 1e-6)
+    want = x + torch.nn.functional.rms_norm(y, (640,), s1, 1e-6)
+    assert rel_err(xo, want) <= 1e-6 and rel_err(h, torch.nn.functional.rms_norm(want, (640,), s2, 1e-6)) <= 1e-6
+    xo, h = kernels.add_rms_norm(x, y, None, None, 1e-6)  # Gemma 1: no post-norm, no next norm wanted
+    assert torch.equal(xo, x + y) and h is None
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_qk_norm_rope_matches_the_model_torch_path(op, norm):
+    n, hq, hkv, d = 3, 4, 1, 256
+    qkv = torch.randn(n, (hq + 2 * hkv) * d)
+    qs, ks = (1 + torch.randn(d) * 0.1, 1 + torch.randn(d) * 0.1) if norm else (None, None)
+    freqs = torch.arange(n).float()[:, None] * torch.rand(d // 2)[None]
+    cos = torch.cat((freqs, freqs), -1).cos()
+    sin = torch.cat((-freqs.sin(), freqs.sin()), -1)
+    q, k, v = kernels.qk_norm_rope(qkv, qs, ks, cos, sin, hq, hkv, 1e-6)
+    wq, wk, wv = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    wq, wk, wv = wq.view(n, hq, d), wk.view(n, hkv, d), wv.view(n, hkv, d)
+    if norm:
+        wq, wk = (torch.nn.functional.rms_norm(wq, (d,), qs, 1e-6), torch.nn.functional.rms_norm(wk, (d,), ks, 1e-6))
+    wq, wk = gemma.apply_rope(wq, cos[:, None], sin[:, None]), gemma.apply_rope(wk, cos[:, None], sin[:, None])
+    assert rel_err(q, wq) <= 1e-6 and rel_err(k, wk) <= 1e-6 and torch.equal(v, wv)
+
+
+@pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3"])
+def test_fast_mode_fused_layers_equal_the_torch_layers(op, arch, monkeypatch):
+    """The fast mode's fused passes (norms + RoPE, residual steps, GeGLU) compute DecoderLayer.forward's math: the
+    same int8 model gives the same logits through them and through the torch layers (the products stay on the same
+    kernels: only the fused branches, which ask kernels.available(), are turned off), up to float32 rounding."""
+    from gemma_sessions.testing import tiny_model
+
+    model = tiny_model(arch, seed=3, weight_format="int8")
+    ids = [2] + list(range(10, 30))
+    fused = model.forward(ids)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    plain = model.forward(ids)
+    assert rel_err(fused, plain) <= 1e-4

@@ -202,22 +202,16 @@ def qmatmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets:
 
 
 def geglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """``gelu_tanh(gate) * up`` for ``gate_up = [gate | up]`` ([N, 2I], bf16 or float32) in one compiled pass, in
-    the input's dtype (computed in float32, rounded once); torch ops when the kernel is unavailable."""
-    if gate_up.device.type != "cpu" or kernel() is None:
-        gate, up = gate_up.float().chunk(2, dim=-1)
-        return (torch.nn.functional.gelu(gate, approximate="tanh") * up).to(gate_up.dtype)
+    """``gelu_tanh(gate) * up`` for ``gate_up = [gate | up]`` ([N, 2I], bf16 or float32, CPU) in one compiled pass,
+    in the input's dtype (computed in float32, rounded once). Requires the compiled kernel (callers check
+    :func:`available`; without it the model runs its torch ops)."""
     return torch.ops.gemma_sessions.geglu.default(gate_up)
 
 
 def add_rms_norm(x: torch.Tensor, y: torch.Tensor, s1: torch.Tensor | None, s2: torch.Tensor | None,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A decoder layer's residual step: ``x' = x + rms_norm(y) * s1`` (``x + y`` when s1 is None), and
-    ``h = rms_norm(x') * s2`` (None when s2 is None); float32, one compiled pass (torch ops without the kernel)."""
-    if kernel() is None or x.device.type != "cpu":
-        d = (x.shape[-1],)
-        xo = x + (torch.nn.functional.rms_norm(y, d, s1, eps) if s1 is not None else y)
-        return xo, (torch.nn.functional.rms_norm(xo, d, s2, eps) if s2 is not None else None)
+    ``h = rms_norm(x') * s2`` (None when s2 is None); float32 on the CPU, one compiled pass. Requires the kernel."""
     xo, h = torch.ops.gemma_sessions.add_rms_norm.default(x, y, s1, s2, eps)
     return xo, (h if s2 is not None else None)
 
@@ -226,14 +220,6 @@ def qk_norm_rope(qkv: torch.Tensor, q_scale: torch.Tensor | None, k_scale: torch
                  sin: torch.Tensor, hq: int, hkv: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split ``qkv [N, (hq + 2 hkv) D]`` into q, k, v (``[N, H, D]``), RMS-normalise q and k per head (Gemma 3;
     skipped when the scales are None) and apply RoPE (``x cos + roll(x, D/2) sin`` with ``sin`` carrying
-    rotate_half's signs; tables ``[N, D]``) to q and k; float32, one compiled pass (torch ops without the kernel)."""
-    if kernel() is None or qkv.device.type != "cpu":
-        n, d = qkv.shape[0], qkv.shape[1] // (hq + 2 * hkv)
-        q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
-        q, k, v = q.reshape(n, hq, d), k.reshape(n, hkv, d), v.reshape(n, hkv, d)
-        if q_scale is not None:
-            q = torch.nn.functional.rms_norm(q, (d,), q_scale, eps)
-            k = torch.nn.functional.rms_norm(k, (d,), k_scale, eps)
-        c, s = cos.reshape(n, 1, d), sin.reshape(n, 1, d)
-        return q * c + q.roll(d // 2, dims=-1) * s, k * c + k.roll(d // 2, dims=-1) * s, v
+    rotate_half's signs; tables ``[N, D]``) to q and k; float32 on the CPU, one compiled pass. Requires the kernel
+    (the model's torch path, ``Attention.forward``, is the same math)."""
     return torch.ops.gemma_sessions.qk_norm_rope.default(qkv, q_scale, k_scale, cos, sin, hq, hkv, eps)

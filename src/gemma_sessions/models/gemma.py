@@ -300,7 +300,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv: KVBatch) -> torch.Tensor:
         n = x.shape[0]  # x: [N, hidden]
-        if self.fused and x.device.type == "cpu":  # the fast mode: split, q/k norms and RoPE in one compiled pass
+        if self.fused and x.device.type == "cpu" and kernels.available():  # split, q/k norms, RoPE in one pass
             qs, ks = (self.q_norm.scale, self.k_norm.scale) if self.q_norm is not None else (None, None)
             q, k, v = kernels.qk_norm_rope(self.qkv(x), qs, ks, rope[0].view(n, self.d), rope[1].view(n, self.d),
                                            self.hq, self.hkv, self.eps)
@@ -329,7 +329,7 @@ class MLP(nn.Module):
             # and writes the second's bf16 input in one compiled pass (values as converting to float32, F.gelu and
             # the product, then rounding once; no [N, inter] float32 temporaries)
             return self.down_proj.bf16_gemm(kernels.geglu(self.gate_up.bf16_gemm(x))).to(x.dtype)
-        if self.fused and x.device.type == "cpu":  # the fast mode's float32 path: the activation in one pass too
+        if self.fused and x.device.type == "cpu" and kernels.available():  # the activation in one pass too
             return self.down_proj(kernels.geglu(self.gate_up(x)))
         gate, up = self.gate_up(x).split(self.inter, dim=-1)
         return self.down_proj(F.gelu(gate, approximate="tanh") * up)
@@ -401,7 +401,7 @@ class GemmaModel(nn.Module):
         """Final-normed hidden states [N, hidden] for N flattened tokens at the given absolute positions."""
         x = self.embed_tokens(ids)
         tables = self.rope.tables(positions, self.dtype)
-        if self.weight_format == "int8" and x.device.type == "cpu":
+        if self.weight_format == "int8" and x.device.type == "cpu" and kernels.available():
             return self._hidden_fused(x, tables, kv)
         for layer in self.layers:
             x = layer(x, tables[self.rope.layer_key[layer.attn.layer]], kv)
