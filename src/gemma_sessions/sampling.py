@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import kernels
 from .errors import InvalidRequestError
 
 
@@ -85,7 +86,7 @@ class Sampler:
         """logits: [vocab] float -> token id."""
         p = self.params
         if p.greedy:
-            return int(torch.argmax(logits))
+            return int(kernels.argmax(logits))
         logits = logits.float().cpu() / p.temperature
         if p.top_k and p.top_k < logits.numel():
             values, indices = torch.topk(logits, p.top_k)

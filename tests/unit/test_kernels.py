@@ -335,3 +335,90 @@ def test_fast_mode_fused_layers_equal_the_torch_layers(op, arch, monkeypatch):
     monkeypatch.setattr(kernels, "available", lambda: False)
     plain = model.forward(ids)
     assert rel_err(fused, plain) <= 1e-4
+
+
+def test_argmax_is_torch_argmax(op):
+    g = torch.Generator().manual_seed(3)
+    for r, v in [(1, 262144), (5, 70001), (3, 17), (2, 1)]:
+        x = torch.randn(r, v, generator=g)
+        assert torch.equal(kernels.argmax(x), x.argmax(dim=-1))
+    x = torch.randn(6, 100000, generator=g)
+    x[0, 7] = x[0, 99999] = float("nan")  # the first NaN wins
+    x[1] = float("-inf")  # all equal: the first index
+    x[2, 40000] = x[2, 90000] = x[2].max() + 1  # a tie across chunks: the first
+    x[3, 5] = x[3, 6] = x[3].max() + 1  # a tie within a vector
+    x[4, 99999] = float("inf")
+    x[5, 65536] = float("nan")  # a NaN after a larger value
+    x[5, 3] = float("inf")
+    assert kernels.argmax(x).tolist() == x.argmax(dim=-1).tolist() == [7, 0, 40000, 5, 99999, 65536]
+    assert int(kernels.argmax(x[2])) == 40000  # a single row
+    assert torch.equal(kernels.argmax(x.t().contiguous().t()), x.argmax(dim=-1))  # non-contiguous
+    assert torch.equal(kernels.argmax(x.double()), x.double().argmax(dim=-1))  # other dtypes: torch
+
+
+def test_kernel_pool_from_many_threads_and_thread_counts(op):
+    """The kernels' own thread pool: many threads at once (one runs on the pool, the others inline) and any
+    torch.set_num_threads give the same results as one thread alone."""
+    w = weight(1536, 640, 32, False)
+    xs = [torch.randn(1 + i % 3, 640, generator=torch.Generator().manual_seed(i)) for i in range(16)]
+    logits = torch.randn(4, 262144, generator=torch.Generator().manual_seed(1))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = [kernels.qmatmul(x, w.codes, w.scales, None, 32) for x in xs]
+        want_argmax = kernels.argmax(logits)
+        torch.set_num_threads(max(before, 2))
+        got: dict[int, list] = {i: [] for i in range(16)}
+
+        def run(i: int) -> None:
+            for _ in range(20):
+                got[i].append((kernels.qmatmul(xs[i], w.codes, w.scales, None, 32), kernels.argmax(logits)))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        torch.set_num_threads(before)
+    for i in range(16):
+        assert len(got[i]) == 20
+        assert all(torch.equal(a, want[i]) and torch.equal(b, want_argmax) for a, b in got[i])
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork on this platform")
+def test_kernels_work_in_a_forked_child(op):
+    """A forked child has none of the parent's pool workers; it must start its own rather than wait on them."""
+    import os
+
+    w = weight(2048, 640, 32, False)
+    x = torch.randn(2, 640)
+    want = kernels.qmatmul(x, w.codes, w.scales, None, 32)  # the parent's pool is up
+    pid = os.fork()
+    if pid == 0:  # child: exit 0 only if the kernel runs and agrees
+        ok = False
+        try:
+            ok = torch.equal(kernels.qmatmul(x, w.codes, w.scales, None, 32), want)
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+
+
+def test_rope_tables_do_not_depend_on_the_step():
+    """RoPE tables come from per-position blocks: a position's cos/sin are the same whether a decode step asks for
+    it alone or a prefill chunk asks for a range, and equal the formula (float32 position x inv_freq)."""
+    from gemma_sessions.testing import tiny_config
+
+    rope = gemma.Rope(tiny_config("gemma3"), torch.device("cpu"))
+    wide = rope.tables(torch.arange(0, 1000), torch.float32)
+    for p in (0, 1, 255, 256, 257, 999):
+        one = rope.tables(torch.tensor([p]), torch.float32)
+        for key in wide:
+            assert torch.equal(one[key][0][0], wide[key][0][p]) and torch.equal(one[key][1][0], wide[key][1][p])
+    mixed = rope.tables(torch.tensor([999, 3, 512]), torch.float32)
+    for key, inv in rope.inv_freq.items():
+        assert torch.equal(mixed[key][0][:, 0], wide[key][0][[999, 3, 512], 0])
+        freqs = torch.tensor([999.0])[:, None] * inv[None, :]
+        assert torch.allclose(mixed[key][0][0, 0], torch.cat((freqs, freqs), -1).cos()[0], atol=1e-6)
+        assert torch.allclose(mixed[key][1][0, 0], torch.cat((-freqs.sin(), freqs.sin()), -1)[0], atol=1e-6)

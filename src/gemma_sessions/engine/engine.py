@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .. import kernels
 from ..cache.kv import KVLayout, KVSnapshot, PagedKVCache
 from ..cache.state import StateCache
 from ..errors import (CapacityError, ContextLengthError, EngineClosedError, InvalidRequestError,
@@ -279,7 +280,7 @@ class Engine:
         logits = self._run(self.model.net, self.cache, [item for _, item in work])
         # greedy rows: one argmax over the step's logits (one call instead of one per row)
         any_greedy = any(req.params.greedy for req, it in work if it.want_logits)
-        greedy = logits.argmax(dim=-1).tolist() if any_greedy else None
+        greedy = kernels.argmax(logits).tolist() if any_greedy else None
         row = 0
         for req, item in work:
             self.cache.commit(item.seq, item.num_tokens)

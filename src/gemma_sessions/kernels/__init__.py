@@ -33,11 +33,9 @@ from ..paths import cache_dir
 log = logging.getLogger("gemma_sessions.kernels")
 
 SOURCE = Path(__file__).with_name("qmatmul.cpp")
-# -fopenmp: at::parallel_for is inlined into this extension; without it the loop runs on one thread. The .so then
-# needs libgomp.so.1, which the dynamic loader resolves to the copy torch has already loaded (same soname), so
-# torch.set_num_threads governs the kernel too.
-CFLAGS = ("-O3", "-march=native", "-fopenmp")
-LDFLAGS = ("-fopenmp",)
+# No OpenMP: the kernels' loops run on their own thread pool (qmatmul.cpp, par_for), sized by torch.set_num_threads.
+CFLAGS = ("-O3", "-march=native", "-pthread")
+LDFLAGS = ("-pthread",)
 STALE_LOCK_S = 600  # a build lock older than this was left by a process that died mid-build (a build takes ~30 s)
 STALE_BUILD_S = 30 * 86400  # builds of other keys unused this long are deleted after a load (prune_builds)
 _lock = threading.Lock()
@@ -199,6 +197,16 @@ def qmatmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets:
     if op is None:
         return qmatmul_reference(x, codes, scales, offsets, group)
     return op(x.float(), codes, scales, offsets, group)
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(dim=-1)`` for ``[R, V]`` (or ``[V]``) logits, as torch computes it (the first maximal index; a
+    NaN counts as the maximum): the compiled kernel for float32 CPU logits, torch otherwise."""
+    if logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.dim() not in (1, 2) or kernel() is None:
+        return logits.argmax(dim=-1)
+    if logits.dim() == 1:
+        return torch.ops.gemma_sessions.argmax.default(logits[None])[0]
+    return torch.ops.gemma_sessions.argmax.default(logits)
 
 
 def geglu(gate_up: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@
 //
 // W is dequantized 16 values at a time in registers, with the float32 roundings of models/quant.py's dequantize
 // (the float32 mode's weight, bit for bit), and each such vector is reused by a block of up to 16 rows of x. Float32
-// accumulation throughout; parallel over N with at::parallel_for (torch's intra-op threads). AVX-512 path under
+// accumulation throughout; parallel over N on the kernels' own thread pool (par_for; torch.set_num_threads sets its size). AVX-512 path under
 // __AVX512F__, a portable loop otherwise.
 // Registered as torch.ops.gemma_sessions.qmatmul (no pybind11: faster to JIT-compile).
 
@@ -13,9 +13,20 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <pthread.h>
+#include <sched.h>
+
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <thread>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -51,6 +62,145 @@ static inline void with_rows(int64_t mb, F&& f) {
     case 15: return f(std::integral_constant<int, 15>{});
     default: return f(std::integral_constant<int, 16>{});
   }
+}
+
+
+// ---------------------------------------------------------------------------------------------------- thread pool
+// The kernels' parallel loops run on this pool, not at::parallel_for (OpenMP). libgomp keeps one team of workers per
+// thread that starts parallel regions, and once it manages more threads than there are CPUs (the main thread's team,
+// made while the model loaded, plus the engine loop thread's team) it cuts its workers' spinning to ~100 iterations:
+// every region then wakes them from a futex. A decode step is ~150 regions; on the 270M with 2 cores that made a
+// step 31-33 ms on the engine's thread against 21 ms on the main thread. This pool's workers spin for SPIN_US after
+// each job (a step's next kernel comes within that), then sleep. One job runs at a time; a caller that finds the pool
+// busy (another thread's kernel) runs its loop on its own thread. Chunks as at::parallel_for makes them:
+// min(threads, ceil(n / grain)) contiguous ranges; torch.set_num_threads sets the thread count.
+constexpr int64_t SPIN_US = 300;
+
+class Pool {
+ public:
+  // Runs task(i) for i in [0, ntasks), task(0) on the caller; returns when all are done (rethrows the first error).
+  void run(const std::function<void(int)>& task, int ntasks) {
+    ensure(ntasks - 1);
+    job_ = &task;
+    error_ = nullptr;
+    remaining_.store(ntasks - 1, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lk(sleep_mu_);
+      state_.store(((state_.load(std::memory_order_relaxed) >> 16) + 1) << 16 | static_cast<uint64_t>(ntasks),
+                   std::memory_order_release);
+      if (sleepers_ > 0) cv_.notify_all();
+    }
+    try {
+      task(0);
+    } catch (...) {
+      record(std::current_exception());
+    }
+    while (remaining_.load(std::memory_order_acquire) != 0) pause();
+    if (error_) std::rethrow_exception(error_);
+  }
+
+  std::mutex busy;  // held by the caller whose job runs
+
+ private:
+  static inline void pause() {
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#endif
+  }
+
+  void ensure(int n) {
+    while (workers_ < n) {
+      ++workers_;
+      std::thread(&Pool::work, this, workers_, state_.load(std::memory_order_relaxed)).detach();
+    }
+  }
+
+  void record(std::exception_ptr e) {
+    std::lock_guard<std::mutex> lk(error_mu_);
+    if (!error_) error_ = e;
+  }
+
+  // state_ = (epoch << 16) | ntasks, one word, so a worker never pairs one job's epoch with another's task count.
+  void work(int idx, uint64_t seen) {
+    using clock = std::chrono::steady_clock;
+    for (;;) {
+      uint64_t s = state_.load(std::memory_order_acquire);
+      if (s >> 16 == seen >> 16) {
+        const auto t0 = clock::now();
+        for (int spins = 0; (s = state_.load(std::memory_order_acquire)) >> 16 == seen >> 16; ++spins) {
+          pause();
+          if ((spins & 255) == 255 && clock::now() - t0 > std::chrono::microseconds(SPIN_US)) {
+            std::unique_lock<std::mutex> lk(sleep_mu_);
+            ++sleepers_;
+            cv_.wait(lk, [&] { return state_.load(std::memory_order_acquire) >> 16 != seen >> 16; });
+            --sleepers_;
+            spins = 0;
+          }
+        }
+      }
+      seen = s;
+      if (idx < static_cast<int>(s & 0xffff)) {
+        try {
+          (*job_)(idx);
+        } catch (...) {
+          record(std::current_exception());
+        }
+        remaining_.fetch_sub(1, std::memory_order_acq_rel);
+      }
+    }
+  }
+
+  int workers_ = 0;  // guarded by busy
+  const std::function<void(int)>* job_ = nullptr;
+  std::atomic<uint64_t> state_{0};
+  std::atomic<int> remaining_{0};
+  std::mutex sleep_mu_, error_mu_;
+  std::condition_variable cv_;
+  int sleepers_ = 0;  // guarded by sleep_mu_
+  std::exception_ptr error_;
+};
+
+// One pool per process, never destroyed (its detached workers may outlive static destructors). A forked child has
+// none of its parent's threads: it starts a new pool (the parent's is leaked in the child).
+static std::atomic<Pool*> g_pool{nullptr};
+static std::once_flag g_atfork;
+
+static Pool& pool() {
+  std::call_once(g_atfork, [] { pthread_atfork(nullptr, nullptr, [] { g_pool.store(nullptr); }); });
+  Pool* p = g_pool.load(std::memory_order_acquire);
+  if (p == nullptr) {
+    Pool* fresh = new Pool();
+    if (g_pool.compare_exchange_strong(p, fresh)) return *fresh;
+    delete fresh;
+  }
+  return *p;
+}
+
+thread_local bool t_in_job = false;
+
+// f(b, e) over [begin, end) in chunks, as par_for(begin, end, grain, f).
+template <typename F>
+static void par_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  if (begin >= end) return;
+  const int64_t n = end - begin;
+  const int64_t threads = std::min<int64_t>({at::get_num_threads(), (n + std::max<int64_t>(grain, 1) - 1) /
+                                             std::max<int64_t>(grain, 1), 0xffff});
+  if (threads <= 1 || t_in_job) return f(begin, end);
+  Pool& p = pool();
+  std::unique_lock<std::mutex> lk(p.busy, std::try_to_lock);
+  if (!lk.owns_lock()) return f(begin, end);
+  const int64_t chunk = (n + threads - 1) / threads;
+  const int ntasks = static_cast<int>((n + chunk - 1) / chunk);
+  const std::function<void(int)> task = [&](int i) {
+    struct InJob {  // a loop inside the job (none today) runs inline, even if the job throws
+      bool outer = t_in_job;
+      InJob() { t_in_job = true; }
+      ~InJob() { t_in_job = outer; }
+    } in_job;
+    const int64_t b = begin + i * chunk;
+    f(b, std::min(end, b + chunk));
+  };
+  p.run(task, ntasks);
 }
 
 #ifdef __AVX512F__
@@ -177,7 +327,7 @@ at::Tensor qmatmul(const at::Tensor& x_in, const at::Tensor& codes_in, const at:
   const float* op = has_off ? offsets.data_ptr<float>() : nullptr;
   float* outp = out.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K * ((M + MB_MAX - 1) / MB_MAX), 1));
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+  par_for(0, N, grain, [&](int64_t begin, int64_t end) {
     // NOTE: one weight row after another, even for M = 1. Interleaving four rows (four accumulator chains sharing
     // each x load) is ~25% faster on a cache-resident weight but ~20-30% slower in real decoding, where every
     // weight streams from memory once per token (measured: decode 32 vs 39 tok/s on the 270M).
@@ -264,7 +414,7 @@ at::Tensor qmatmul_bf16(const at::Tensor& x_in, const at::Tensor& codes_in, cons
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K * ((M + MB_MAX - 1) / MB_MAX), 1));
   // rows per block: their bf16 inputs (block x K x 2 bytes) stay within ~24 KiB of L1 (16 rows at K = 640, 6 at 2048)
   const int64_t block = std::clamp<int64_t>(24576 / (2 * K), 4, MB_MAX);
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+  par_for(0, N, grain, [&](int64_t begin, int64_t end) {
     tiled(M, N, begin, end, outp, [&](int64_t n, int64_t m0, int64_t mb, float* dots) {
       dot_block_bf16(xp + m0 * K, mb, K, cp + n * K, sp + n * ng, G, has_off ? op + n * ng : nullptr, dots);
     }, block);
@@ -299,7 +449,7 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& scale_in, double e
   const float* xp = x.data_ptr<float>();
   const float* sp = scale.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(D, 1)), [&](int64_t b, int64_t e) {
+  par_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(D, 1)), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) norm_row(xp + r * D, sp, D, static_cast<float>(eps), op + r * D);
   });
   return out;
@@ -353,7 +503,7 @@ at::Tensor geglu(const at::Tensor& gu_in) {
   const int64_t N = gu.size(0), I = gu.size(1) / 2;
   at::Tensor out = at::empty({N, I}, gu.options());
   const bool bf = gu.scalar_type() == at::kBFloat16;
-  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(I, 1)), [&](int64_t b, int64_t e) {
+  par_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(I, 1)), [&](int64_t b, int64_t e) {
     std::vector<float> tmp(I);
     for (int64_t r = b; r < e; ++r) {
       float* o = bf ? tmp.data() : out.data_ptr<float>() + r * I;
@@ -399,7 +549,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x_in, const at
   const float* xp = x.data_ptr<float>();
   const float* yp = y.data_ptr<float>();
   float* xop = xo.data_ptr<float>();
-  at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(D, 1)), [&](int64_t b, int64_t e) {
+  par_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(D, 1)), [&](int64_t b, int64_t e) {
     std::vector<float> tmp(D);
     for (int64_t r = b; r < e; ++r) {
       const float* xr = xp + r * D;
@@ -440,7 +590,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope(const at::Tensor& qk
   at::Tensor v = qkv.narrow(1, (Hq + Hkv) * D, Hkv * D).reshape({N, Hkv, D}).contiguous();
   const float* src = qkv.data_ptr<float>();
   const int64_t half = D / 2;
-  at::parallel_for(0, N * (Hq + Hkv), std::max<int64_t>(1, 8192 / D), [&](int64_t b, int64_t e) {
+  par_for(0, N * (Hq + Hkv), std::max<int64_t>(1, 8192 / D), [&](int64_t b, int64_t e) {
     std::vector<float> t(D);
     for (int64_t i = b; i < e; ++i) {
       const int64_t n = i / (Hq + Hkv), h = i % (Hq + Hkv);
@@ -602,7 +752,7 @@ static void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, cons
   const T* vp = v.data_ptr<T>();
   float* op = out.data_ptr<float>();
   const int64_t ks = k.stride(0), kh = k.stride(1), vs = v.stride(0), vh = v.stride(1);
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+  par_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(g * std::max<int64_t>(L, 1));
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / Hkv, h = t % Hkv;
@@ -676,11 +826,86 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
   return out;
 }
 
+// argmax over the last dimension of float32 [R, V] -> int64 [R], as torch.argmax: the first maximal index, and a NaN
+// counts as the maximum (the first NaN wins). Each row is split into chunks scanned in parallel (a vocabulary row of
+// 262144 logits: ~30 us against ~500 us for torch.argmax, whose OpenMP region also left a worker spinning into the
+// next step's kernels).
+constexpr int64_t ARGMAX_CHUNK = 32768;
+
+static std::pair<float, int64_t> argmax_range(const float* x, int64_t b, int64_t e) {
+  int64_t i = b, best_i = b;
+  float best = x[b];
+  if (std::isnan(best)) return {best, b};
+#ifdef __AVX512F__
+  if (e - b >= 32) {
+    __m512 bv = _mm512_loadu_ps(x + b);
+    __m512i bi = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(b)),
+                                  _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    __m512i idx = bi;
+    const __m512i step = _mm512_set1_epi32(16);
+    __mmask16 nan = _mm512_cmp_ps_mask(bv, bv, _CMP_UNORD_Q);
+    for (i = b + 16; i + 16 <= e; i += 16) {
+      idx = _mm512_add_epi32(idx, step);
+      const __m512 v = _mm512_loadu_ps(x + i);
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      const __mmask16 gt = _mm512_cmp_ps_mask(v, bv, _CMP_GT_OQ);  // strictly greater: a lane keeps its first max
+      bv = _mm512_mask_mov_ps(bv, gt, v);
+      bi = _mm512_mask_mov_epi32(bi, gt, idx);
+    }
+    if (nan) {
+      for (int64_t j = b; j < e; ++j)
+        if (std::isnan(x[j])) return {x[j], j};
+    }
+    alignas(64) float vals[16];
+    alignas(64) int32_t ids[16];
+    _mm512_store_ps(vals, bv);
+    _mm512_store_si512(ids, bi);
+    best = vals[0];
+    best_i = ids[0];
+    for (int l = 1; l < 16; ++l)
+      if (vals[l] > best || (vals[l] == best && ids[l] < best_i)) best = vals[l], best_i = ids[l];
+  }
+#endif
+  for (; i < e; ++i) {
+    if (std::isnan(x[i])) return {x[i], i};
+    if (x[i] > best) best = x[i], best_i = i;
+  }
+  return {best, best_i};
+}
+
+at::Tensor argmax_rows(const at::Tensor& x_in) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "argmax: x must be float32 [R, V]");
+  const int64_t R = x_in.size(0), V = x_in.size(1);
+  TORCH_CHECK(V > 0 && V < (int64_t{1} << 31), "argmax: V must be in [1, 2^31)");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t C = (V + ARGMAX_CHUNK - 1) / ARGMAX_CHUNK;
+  std::vector<std::pair<float, int64_t>> part(R * C);
+  const float* xp = x.data_ptr<float>();
+  par_for(0, R * C, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t r = t / C, c = t % C;
+      part[t] = argmax_range(xp + r * V, c * ARGMAX_CHUNK, std::min(V, (c + 1) * ARGMAX_CHUNK));
+    }
+  });
+  at::Tensor out = at::empty({R}, x.options().dtype(at::kLong));
+  int64_t* op = out.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r) {
+    auto best = part[r * C];  // chunks in order: a later chunk wins only if strictly greater, or the first NaN
+    for (int64_t c = 1; c < C && !std::isnan(best.first); ++c) {
+      const auto& p = part[r * C + c];
+      if (std::isnan(p.first) || p.first > best.first) best = p;
+    }
+    op[r] = best.second;
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gemma_sessions, m) {
   m.def("qmatmul(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, int group) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor scale, float eps) -> Tensor");
+  m.def("argmax(Tensor x) -> Tensor");
   m.def("qmatmul_bf16(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, int group) -> Tensor");
   m.def("bf16_dot_available() -> bool", &bf16_dot_available);
   m.def("geglu(Tensor gate_up) -> Tensor");
@@ -694,6 +919,7 @@ TORCH_LIBRARY(gemma_sessions, m) {
 TORCH_LIBRARY_IMPL(gemma_sessions, CPU, m) {
   m.impl("qmatmul", &qmatmul);
   m.impl("rms_norm", &rms_norm);
+  m.impl("argmax", &argmax_rows);
   m.impl("decode_attention", &decode_attention);
   m.impl("qmatmul_bf16", &qmatmul_bf16);
   m.impl("geglu", &geglu);

@@ -13,6 +13,7 @@ Every numerical quirk is commented where it happens, with the transformers modul
 from __future__ import annotations
 
 import math
+import threading
 from typing import Protocol
 
 import torch
@@ -243,6 +244,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+ROPE_BLOCK = 256  # positions per computed block of the RoPE tables (Rope._half_tables)
+
+
 class Rope:
     """Cos/sin tables per layer kind. Gemma 3: base 10k on sliding layers, 1M on global ones, and linear scaling
     (x8) on global layers of 4B and up (``Gemma3RotaryEmbedding`` with per-layer-type ``rope_parameters``)."""
@@ -258,6 +262,8 @@ class Rope:
                 inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
                 self.inv_freq[key] = (inv / factor).to(device)  # linear scaling divides the frequencies
             self.layer_key.append(key)
+        self._tables: dict[tuple[float, float], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._grow = threading.Lock()
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> dict:
         """{key: (cos, signed sin)}, each [N, 1, D], computed in float32 then cast (as transformers does).
@@ -265,13 +271,41 @@ class Rope:
         The sin table carries rotate_half's sign: ``rotate_half(x) * sin == roll(x, D/2) * cat(-sin1, sin2)`` bit
         for bit (negation is exact), so :func:`apply_rope` needs one roll instead of chunk, neg and cat.
         """
+        top = int(positions.max()) + 1 if positions.numel() else 0
         out = {}
-        for key, inv in self.inv_freq.items():
-            freqs = positions.float()[:, None] * inv[None, :]
-            sin = freqs.sin()
-            out[key] = (torch.cat((freqs, freqs), dim=-1).cos().to(dtype)[:, None, :],
+        for key in self.inv_freq:
+            cos_half, sin_half = self._half_tables(key, top)
+            cos, sin = cos_half[positions], sin_half[positions]
+            out[key] = (torch.cat((cos, cos), dim=-1).to(dtype)[:, None, :],
                         torch.cat((-sin, sin), dim=-1).to(dtype)[:, None, :])
         return out
+
+    def _half_tables(self, key, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of ``position * inv_freq`` ([P, D/2] float32) for positions [0, P), P >= top.
+
+        Kept and grown ROPE_BLOCK positions at a time, each block by one call: a position's value never depends on
+        which step asked for it, and a decode step does no trig. (torch's float32 sin/cos go to MKL's vector math,
+        which starts an OpenMP region even for one position; its worker then spins ~5 ms into the step's kernels.)
+        Memory: D x 4 bytes per position per key (64 MB for the 270M's 32k context with both kinds).
+        """
+        tabs = self._tables.get(key)
+        if tabs is not None and tabs[0].shape[0] >= top:
+            return tabs
+        with self._grow:
+            tabs = self._tables.get(key)
+            have = 0 if tabs is None else tabs[0].shape[0]
+            if have >= top:
+                return tabs
+            want = max(top, 2 * have)
+            blocks = []
+            for start in range(have, want, ROPE_BLOCK):
+                freqs = torch.arange(start, start + ROPE_BLOCK, device=self.inv_freq[key].device).float()[:, None] \
+                    * self.inv_freq[key][None, :]
+                blocks.append((freqs.cos(), freqs.sin()))
+            new = (torch.cat(([tabs[0]] if tabs else []) + [c for c, _ in blocks]),
+                   torch.cat(([tabs[1]] if tabs else []) + [s for _, s in blocks]))
+            self._tables[key] = new
+            return new
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
