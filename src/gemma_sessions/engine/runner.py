@@ -98,6 +98,17 @@ class PagedBatch:
             row += it.num_tokens
         return out
 
+    def stack_args(self) -> dict:
+        """The cache's part of ``kernels.decode_stack`` for a step of decode rows only: what :meth:`attend` uses,
+        for every layer at once."""
+        cache, lay = self.cache, self.cache.layout
+        n = len(lay.layer_group)
+        return dict(flat=cache.flat, off_k=[cache.layer_offset(i, 0) for i in range(n)],
+                    off_v=[cache.layer_offset(i, 1) for i in range(n)], layer_group=list(lay.layer_group),
+                    write=self.write, table=[d[0] for d in self.decode], start=[d[1] for d in self.decode],
+                    lengths=[d[2] for d in self.decode], block=lay.block_size, page_stride=cache.page_stride,
+                    scale=self.scale, softcap=self.softcap)
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         cache = self.cache
         g = cache.layout.layer_group[layer]
@@ -165,7 +176,11 @@ def _forward(net: GemmaModel, cache: PagedKVCache, items: list[WorkItem]) -> tor
         if it.want_logits:
             rows.append(row - 1)
     batch = PagedBatch(cache, items, net.layers[0].attn.scale, net.config.attn_logit_softcapping)
-    h = net.hidden(torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, device=dev), batch)
+    ids_t, pos_t = torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, device=dev)
+    if batch.n_decode == len(items) <= QMATMUL_MAX_ROWS and net.can_decode_stack() and cache.device.type == "cpu":
+        h = net.hidden_decode_stack(ids_t, pos_t, batch.stack_args())  # every layer in one compiled call
+    else:
+        h = net.hidden(ids_t, pos_t, batch)
     if not rows:
         return torch.empty(0, net.config.vocab_size)
     return net.logits(h[torch.tensor(rows, device=dev)], batch=True)
