@@ -422,3 +422,22 @@ def test_rope_tables_do_not_depend_on_the_step():
         freqs = torch.tensor([999.0])[:, None] * inv[None, :]
         assert torch.allclose(mixed[key][0][0, 0], torch.cat((freqs, freqs), -1).cos()[0], atol=1e-6)
         assert torch.allclose(mixed[key][1][0, 0], torch.cat((-freqs.sin(), freqs.sin()), -1)[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_long_rows_split_in_segments(op, dtype):
+    """Rows longer than 128 keys are attended in segments in parallel and merged: the result matches eager attention,
+    and a row's output is the same alone or batched (the split depends only on its length)."""
+    g = torch.Generator().manual_seed(5)
+    pool = torch.randn(2400, 1, 256, generator=g).to(dtype)
+    lengths = torch.tensor([1000, 129, 128, 5, 1200])
+    index = torch.randint(0, 1200, (5, 1200), generator=g)
+    q = torch.randn(5, 4, 256, generator=g)
+    zeros = torch.zeros(5, dtype=torch.long)
+    both = kernels.decode_attention(q, pool, pool[1200:], index, zeros, lengths, 1, 1, 0.0625, 50.0)
+    ref = reference_decode_attention(q, pool, pool[1200:], index, lengths, 0.0625, 50.0)
+    assert (both - ref).abs().max().item() <= 1e-5
+    for b in range(5):
+        alone = kernels.decode_attention(q[b:b + 1], pool, pool[1200:], index[b:b + 1], zeros[b:b + 1],
+                                         lengths[b:b + 1], 1, 1, 0.0625, 50.0)
+        assert torch.equal(both[b], alone[0])

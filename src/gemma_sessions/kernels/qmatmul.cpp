@@ -660,7 +660,8 @@ static inline float capped(float s, float scale, float softcap) {
 }
 
 // Softmax in float32 over each of g rows of len scores (max subtracted), in place; exp16 (~1-2 ulp) 16 at a time.
-static void softmax_rows(float* scores, int64_t g, int64_t len) {
+// With stats (a segment of a longer row): leaves exp(s - max) unnormalised and writes (max, sum) per row to stats.
+static void softmax_rows(float* scores, int64_t g, int64_t len, float* stats = nullptr) {
   for (int64_t h = 0; h < g; ++h) {
     float* sc = scores + h * len;
     float mx = -INFINITY;
@@ -680,6 +681,11 @@ static void softmax_rows(float* scores, int64_t g, int64_t len) {
       sc[j] = std::exp(sc[j] - mx);
       sum += sc[j];
     }
+    if (stats != nullptr) {
+      stats[2 * h] = mx;
+      stats[2 * h + 1] = sum;
+      continue;
+    }
     const float inv = 1.0f / sum;
     for (int64_t j = 0; j < len; ++j) sc[j] *= inv;
   }
@@ -690,7 +696,8 @@ static void softmax_rows(float* scores, int64_t g, int64_t len) {
 // vector is loaded and converted once for all GH heads, and the output is accumulated in registers 64 dims at a time.
 template <int GH, typename T>
 static void attend_row_fast(const float* q, int64_t D, const T* kb, const T* vb, int64_t ks, int64_t vs,
-                            const int64_t* idx, int64_t len, float scale, float softcap, float* scores, float* out) {
+                            const int64_t* idx, int64_t len, float scale, float softcap, float* scores, float* out,
+                            float* stats) {
   for (int64_t j = 0; j < len; ++j) {
     const T* kr = kb + idx[j] * ks;
     __m512 acc[GH];
@@ -701,7 +708,7 @@ static void attend_row_fast(const float* q, int64_t D, const T* kb, const T* vb,
     }
     for (int h = 0; h < GH; ++h) scores[h * len + j] = capped(hsum(acc[h]), scale, softcap);
   }
-  softmax_rows(scores, GH, len);
+  softmax_rows(scores, GH, len, stats);
   for (int64_t d0 = 0; d0 < D; d0 += 64) {  // out[h, d0:d0+64] in 4 x GH registers over all keys
     __m512 o[GH][4];
     for (int h = 0; h < GH; ++h)
@@ -725,7 +732,8 @@ static void attend_row_fast(const float* q, int64_t D, const T* kb, const T* vb,
 
 template <typename T>
 static void attend_row(const float* q, int64_t g, int64_t D, const T* kb, const T* vb, int64_t ks, int64_t vs,
-                       const int64_t* idx, int64_t len, float scale, float softcap, float* scores, float* out) {
+                       const int64_t* idx, int64_t len, float scale, float softcap, float* scores, float* out,
+                       float* stats) {
   // scores[h, j] = scale * q[h] . k[idx[j]]
   for (int64_t j = 0; j < len; ++j) {
     const T* kr = kb + idx[j] * ks;
@@ -746,7 +754,7 @@ static void attend_row(const float* q, int64_t g, int64_t D, const T* kb, const 
       scores[h * len + j] = capped(s, scale, softcap);
     }
   }
-  softmax_rows(scores, g, len);
+  softmax_rows(scores, g, len, stats);
   std::fill(out, out + g * D, 0.f);
   for (int64_t j = 0; j < len; ++j) {  // out[h] = sum_j p[h, j] * v[idx[j]]
     const T* vr = vb + idx[j] * vs;
@@ -765,6 +773,26 @@ static void attend_row(const float* q, int64_t g, int64_t D, const T* kb, const 
   }
 }
 
+// A row's keys are attended in segments of ATTN_SEG, each segment a parallel task (flash-decoding): a single decode
+// row (one kv head on the 270M) then uses every thread. Each segment leaves its unnormalised softmax (max, sum) and
+// PV; they merge in order. The split depends only on the row's length, never on the batch, so a row's result is the
+// same alone or batched; a row of at most ATTN_SEG keys is one segment, normalised directly as before.
+constexpr int64_t ATTN_SEG = 128;
+
+template <typename T>
+static void attend_any(const float* q, int64_t g, int64_t D, const T* kr, const T* vr, int64_t ks, int64_t vs,
+                       const int64_t* idx, int64_t len, float scale, float softcap, float* scores, float* out,
+                       float* stats) {
+#ifdef __AVX512F__
+  if (D % 64 == 0 && (g == 1 || g == 2 || g == 4)) {
+    if (g == 1) return attend_row_fast<1, T>(q, D, kr, vr, ks, vs, idx, len, scale, softcap, scores, out, stats);
+    if (g == 2) return attend_row_fast<2, T>(q, D, kr, vr, ks, vs, idx, len, scale, softcap, scores, out, stats);
+    return attend_row_fast<4, T>(q, D, kr, vr, ks, vs, idx, len, scale, softcap, scores, out, stats);
+  }
+#endif
+  attend_row<T>(q, g, D, kr, vr, ks, vs, idx, len, scale, softcap, scores, out, stats);
+}
+
 template <typename T>
 static void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   const std::vector<int64_t>& slots, int64_t L, const int64_t* lp, float scale,
@@ -776,28 +804,57 @@ static void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, cons
   const T* vp = v.data_ptr<T>();
   float* op = out.data_ptr<float>();
   const int64_t ks = k.stride(0), kh = k.stride(1), vs = v.stride(0), vh = v.stride(1);
-  par_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(g * std::max<int64_t>(L, 1));
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / Hkv, h = t % Hkv;
-      const int64_t len = lp[b];
+  // tasks: (row, kv head, segment); first[t] = the first task of (row, head) t
+  std::vector<int64_t> first(B * Hkv + 1, 0);
+  for (int64_t t = 0; t < B * Hkv; ++t) {
+    const int64_t len = lp[t / Hkv];
+    first[t + 1] = first[t] + (len <= ATTN_SEG ? 1 : (len + ATTN_SEG - 1) / ATTN_SEG);
+  }
+  const int64_t ntasks = first.back(), part_size = g * (D + 2);  // a segment's PV [g, D], then (max, sum) x g
+  std::vector<float> part(ntasks > B * Hkv ? ntasks * part_size : 0);
+  par_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(g * std::min<int64_t>(std::max<int64_t>(L, 1), ATTN_SEG));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t t = std::upper_bound(first.begin(), first.end(), task) - first.begin() - 1;
+      const int64_t b = t / Hkv, h = t % Hkv, len = lp[b], seg = task - first[t];
       const int64_t off = (b * Hq + h * g) * D;
       if (len <= 0) {
         std::fill(op + off, op + off + g * D, 0.f);
         continue;
       }
-      const T* kr = kp + h * kh;
-      const T* vr = vp + h * vh;
       const int64_t* ir = slots.data() + b * L;
-#ifdef __AVX512F__
-      if (D % 64 == 0 && (g == 1 || g == 2 || g == 4)) {
-        if (g == 1) attend_row_fast<1, T>(qp + off, D, kr, vr, ks, vs, ir, len, scale, softcap, scores.data(), op + off);
-        if (g == 2) attend_row_fast<2, T>(qp + off, D, kr, vr, ks, vs, ir, len, scale, softcap, scores.data(), op + off);
-        if (g == 4) attend_row_fast<4, T>(qp + off, D, kr, vr, ks, vs, ir, len, scale, softcap, scores.data(), op + off);
+      if (len <= ATTN_SEG) {
+        attend_any<T>(qp + off, g, D, kp + h * kh, vp + h * vh, ks, vs, ir, len, scale, softcap, scores.data(),
+                      op + off, nullptr);
         continue;
       }
-#endif
-      attend_row<T>(qp + off, g, D, kr, vr, ks, vs, ir, len, scale, softcap, scores.data(), op + off);
+      float* pt = part.data() + task * part_size;
+      const int64_t j0 = seg * ATTN_SEG;
+      attend_any<T>(qp + off, g, D, kp + h * kh, vp + h * vh, ks, vs, ir + j0, std::min(ATTN_SEG, len - j0), scale,
+                    softcap, scores.data(), pt, pt + g * D);
+    }
+  });
+  if (part.empty()) return;
+  par_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {  // merge the segments of split rows, in order
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = first[t + 1] - first[t];
+      if (n == 1) continue;
+      const int64_t b = t / Hkv, h = t % Hkv;
+      float* o = op + (b * Hq + h * g) * D;
+      for (int64_t hh = 0; hh < g; ++hh) {
+        float mx = -INFINITY;
+        for (int64_t s = 0; s < n; ++s) mx = std::max(mx, part[(first[t] + s) * part_size + g * D + 2 * hh]);
+        float sum = 0.f;
+        std::fill(o + hh * D, o + (hh + 1) * D, 0.f);
+        for (int64_t s = 0; s < n; ++s) {
+          const float* pt = part.data() + (first[t] + s) * part_size;
+          const float w = std::exp(pt[g * D + 2 * hh] - mx);
+          sum += pt[g * D + 2 * hh + 1] * w;
+          for (int64_t d = 0; d < D; ++d) o[hh * D + d] += pt[hh * D + d] * w;
+        }
+        const float inv = 1.0f / sum;
+        for (int64_t d = 0; d < D; ++d) o[hh * D + d] *= inv;
+      }
     }
   });
 }
