@@ -220,11 +220,12 @@ def test_fast_mode_decode_rows_do_not_depend_on_prefill_in_their_step():
     assert not mixed and any(f == [1] for f in forwards) and any(max(f) > 1 for f in forwards[1:])
 
 
+@pytest.mark.parametrize("rows", [5, 12])
 @pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3"])
-def test_fast_mode_decode_stack_equals_the_layer_loop(arch, monkeypatch):
-    """A decode step of up to 8 rows runs every layer in one compiled call (kernels.decode_stack). Its logits and the
-    K/V it writes equal the Python layer loop's bit for bit, for Gemma 1, 2 (softcaps) and 3 (q/k norms), over
-    pages (block size 4, sliding windows of the tiny configs)."""
+def test_fast_mode_decode_stack_equals_the_layer_loop(arch, rows, monkeypatch):
+    """A decode step runs every layer in one compiled call (kernels.decode_stack): up to 8 rows with the exact kernel,
+    up to 16 with qmatmul_bf16. Its logits and the K/V it writes equal the Python layer loop's bit for bit, for
+    Gemma 1, 2 (softcaps) and 3 (q/k norms), over pages (block size 4, sliding windows of the tiny configs)."""
     from gemma_sessions import kernels
     from gemma_sessions.cache.kv import PagedKVCache
     from gemma_sessions.engine import runner
@@ -233,22 +234,24 @@ def test_fast_mode_decode_stack_equals_the_layer_loop(arch, monkeypatch):
         pytest.skip(f"kernel not built here: {kernels._state.get('error')}")
     model = tiny_model(arch, seed=11, weight_format="int8")
     net = model.net
+    if not net.can_decode_stack(rows):
+        pytest.skip(f"no decode stack for {rows} rows here (qmatmul_bf16 needs AVX512-BF16)")
     calls = []
     real = net.hidden_decode_stack
     monkeypatch.setattr(net, "hidden_decode_stack", lambda *a: calls.append(1) or real(*a))
 
     def run(use_stack: bool):
-        monkeypatch.setattr(net, "can_decode_stack", lambda: use_stack)
-        cache = PagedKVCache(KVLayout.for_config(model.config, 4), 256, torch.bfloat16, model.device)
+        monkeypatch.setattr(net, "can_decode_stack", lambda n: use_stack)
+        cache = PagedKVCache(KVLayout.for_config(model.config, 4), 2048, torch.bfloat16, model.device)
         cache.flat.zero_()  # pages start uninitialised; compare only what the steps wrote
-        seqs = [cache.start(_prompt(i, 5 + 6 * i)) for i in range(5)]
+        seqs = [cache.start(_prompt(i, 5 + 6 * i)) for i in range(rows)]
         for s in seqs:  # prefill each alone
             n = len(s.tokens)
             cache.allocate(s, n)
             runner.run_step(net, cache, [runner.WorkItem(seq=s, num_tokens=n, want_logits=True)])
             cache.commit(s, n)
         logits = []
-        for step in range(12):  # decode all five together, feeding fixed tokens
+        for step in range(12):  # decode all rows together, feeding fixed tokens
             items = []
             for i, s in enumerate(seqs):
                 s.tokens.append(7 + (13 * step + 5 * i) % 300)

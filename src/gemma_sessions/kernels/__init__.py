@@ -212,14 +212,15 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 def decode_stack(x: torch.Tensor, lin: list, groups: list, norms: list, final_norm: torch.Tensor, cos: list,
                  sin: list, flat: torch.Tensor, off_k: list, off_v: list, layer_group: list, write: list, table: list,
                  start: list, lengths: list, block: int, page_stride: int, scale: float, softcap: float | None,
-                 hq: int, hkv: int, eps: float) -> torch.Tensor:
-    """All decoder layers of a decode step of at most 8 rows over the paged KV cache in one compiled call (the fast
-    mode's kernels in the order ``GemmaModel._hidden_fused`` runs them with ``PagedBatch.attend``; same bits).
+                 hq: int, hkv: int, eps: float, exact_rows: int) -> torch.Tensor:
+    """All decoder layers of a decode step over the paged KV cache in one compiled call (the fast mode's kernels in
+    the order ``GemmaModel._hidden_fused`` runs them with ``PagedBatch.attend``; same bits): products run ``qmatmul``
+    up to ``exact_rows`` rows, ``qmatmul_bf16`` beyond.
     Writes the step's K/V into ``flat``; returns the final-normed hidden ``[M, hidden]``. Absent tensors (offsets,
     norms) are empty tensors. Requires the kernel (callers check :func:`available`)."""
     return torch.ops.gemma_sessions.decode_stack.default(
         x, lin, groups, norms, final_norm, cos, sin, flat, off_k, off_v, layer_group, write, table, start, lengths,
-        block, page_stride, scale, softcap or 0.0, hq, hkv, eps)
+        block, page_stride, scale, softcap or 0.0, hq, hkv, eps, exact_rows)
 
 
 def geglu(gate_up: torch.Tensor) -> torch.Tensor:

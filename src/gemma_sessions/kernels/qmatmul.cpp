@@ -1001,8 +1001,9 @@ at::Tensor argmax_rows(const at::Tensor& x_in) {
   return out;
 }
 
-// decode_stack: every decoder layer of a decode step (M <= 8 rows, one new token each, the paged KV cache) in one
-// call: the same kernels, in the same order, as GemmaModel._hidden_fused with PagedBatch.attend (so the same bits),
+// decode_stack: every decoder layer of a decode step (one new token per row, the paged KV cache) in one call: the
+// same kernels, in the same order, as GemmaModel._hidden_fused with PagedBatch.attend (so the same bits): products
+// of up to 8 rows run qmatmul, larger ones qmatmul_bf16 (the caller checks that Linear.forward chooses them too),
 // without ~200 Python-level calls per step. Absent tensors (no offsets, no post norms, no q/k norms) are passed as
 // empty tensors. Per layer l (lin: 12 tensors, codes/scales/offsets of qkv, o, gate_up, down; groups: 4 ints;
 // norms: 6 tensors, input/post_attn/pre_mlp/post_mlp/q/k): h = in_norm(x) ... returns the final-normed hidden.
@@ -1015,7 +1016,7 @@ at::Tensor decode_stack(const at::Tensor& x_in, at::TensorList lin, at::IntArray
                         at::IntArrayRef off_k, at::IntArrayRef off_v, at::IntArrayRef layer_group,
                         at::TensorList write, at::TensorList table, at::TensorList start, at::TensorList lengths,
                         int64_t block, int64_t page_stride, double scale, double softcap, int64_t hq, int64_t hkv,
-                        double eps) {
+                        double eps, int64_t exact_rows) {
   const int64_t L = static_cast<int64_t>(groups.size()) / 4;
   TORCH_CHECK(L > 0 && static_cast<int64_t>(lin.size()) == 12 * L && static_cast<int64_t>(norms.size()) == 6 * L &&
                   static_cast<int64_t>(cos.size()) == L && static_cast<int64_t>(sin.size()) == L &&
@@ -1023,6 +1024,12 @@ at::Tensor decode_stack(const at::Tensor& x_in, at::TensorList lin, at::IntArray
                   static_cast<int64_t>(layer_group.size()) == L,
               "decode_stack: per-layer lists of inconsistent lengths");
   const int64_t M = x_in.size(0), S = flat.size(0);
+  TORCH_CHECK(M <= exact_rows || kBf16Dot, "decode_stack: ", M, " rows need qmatmul_bf16, which this build lacks");
+  // a product of this step: qmatmul (exact) up to exact_rows rows, qmatmul_bf16 beyond
+  const auto product = [&](const at::Tensor& x, const at::Tensor& c, const at::Tensor& s, const at::Tensor& o,
+                           int64_t G) {
+    return M <= exact_rows ? qmatmul(x, c, s, opt(o), G) : qmatmul_bf16(x, c, s, opt(o), G);
+  };
   at::Tensor x = x_in.contiguous();
   at::Tensor h = rms_norm(x, norms[0], eps);
   for (int64_t l = 0; l < L; ++l) {
@@ -1031,18 +1038,18 @@ at::Tensor decode_stack(const at::Tensor& x_in, at::TensorList lin, at::IntArray
     const int64_t g = layer_group[l];
     TORCH_CHECK(g >= 0 && g < static_cast<int64_t>(write.size()) && g < static_cast<int64_t>(table.size()),
                 "decode_stack: bad layer group");
-    at::Tensor qkv = qmatmul(h, w[0], w[1], opt(w[2]), groups[4 * l]);
+    at::Tensor qkv = product(h, w[0], w[1], w[2], groups[4 * l]);
     auto qkv_split = qk_norm_rope(qkv, opt(nm[4]), opt(nm[5]), cos[l], sin[l], hq, hkv, eps);
     const at::Tensor& q = std::get<0>(qkv_split);
     flat.index_copy_(0, write[g] + off_k[l], std::get<1>(qkv_split).to(flat.scalar_type()));
     flat.index_copy_(0, write[g] + off_v[l], std::get<2>(qkv_split).to(flat.scalar_type()));
     at::Tensor att = decode_attention(q, flat.narrow(0, off_k[l], S - off_k[l]), flat.narrow(0, off_v[l], S - off_v[l]),
                                       table[g], start[g], lengths[g], block, page_stride, scale, softcap);
-    at::Tensor a = qmatmul(att.reshape({M, -1}), w[3], w[4], opt(w[5]), groups[4 * l + 1]);
+    at::Tensor a = product(att.reshape({M, -1}), w[3], w[4], w[5], groups[4 * l + 1]);
     auto r1 = add_rms_norm(x, a, opt(nm[1]), opt(nm[2]), eps);
     x = std::get<0>(r1);
-    at::Tensor gu = qmatmul(std::get<1>(r1), w[6], w[7], opt(w[8]), groups[4 * l + 2]);
-    at::Tensor m = qmatmul(geglu(gu), w[9], w[10], opt(w[11]), groups[4 * l + 3]);
+    at::Tensor gu = product(std::get<1>(r1), w[6], w[7], w[8], groups[4 * l + 2]);
+    at::Tensor m = product(geglu(gu), w[9], w[10], w[11], groups[4 * l + 3]);
     const at::Tensor& next = l + 1 < L ? norms[6 * (l + 1)] : final_norm;
     auto r2 = add_rms_norm(x, m, opt(nm[3]), next, eps);
     x = std::get<0>(r2);
@@ -1060,7 +1067,7 @@ TORCH_LIBRARY(gemma_sessions, m) {
   m.def("decode_stack(Tensor x, Tensor[] lin, int[] groups, Tensor[] norms, Tensor final_norm, Tensor[] cos, "
         "Tensor[] sin, Tensor(a!) flat, int[] off_k, int[] off_v, int[] layer_group, Tensor[] write, Tensor[] table, "
         "Tensor[] start, Tensor[] lengths, int block, int page_stride, float scale, float softcap, int hq, int hkv, "
-        "float eps) -> Tensor");
+        "float eps, int exact_rows) -> Tensor");
   m.def("qmatmul_bf16(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, int group) -> Tensor");
   m.def("bf16_dot_available() -> bool", &bf16_dot_available);
   m.def("geglu(Tensor gate_up) -> Tensor");

@@ -42,6 +42,10 @@ HEAD_QMATMUL_MAX_ROWS = 32
 # (bench/kernels.py, bench/RESULTS.md), bf16 GEMM time / qmatmul_bf16 time at 16 rows: LM head 1.35x, q+k+v 1.34x,
 # gate+up 1.16x, attn_output 0.95x, ffn_down 0.77x; at 32 rows the GEMM wins but for k/v.
 BF16_DOT_MAX_ELEMENTS = 16384
+# ... and every product of at most this many rows (the engine's batched decode), whatever its width: in the engine
+# (kernels on their own thread pool, torch's GEMMs on OpenMP) ffn_down at 16 rows measured ~5% faster per decode step
+# than the bf16 GEMM, and the whole step can then run as one compiled call (GemmaModel.hidden_decode_stack).
+BF16_DOT_MAX_ROWS = 16
 # LM-head rows above which the head is computed in float32 from dequantized tiles of this many vocabulary rows (no
 # bf16 copy of the 262k x hidden head is kept: only Model.forward-style scoring of every position gets there).
 HEAD_TILE_ROWS = 16384
@@ -108,7 +112,7 @@ class Linear(nn.Module):
             return op(x, self.codes, self.scales, self.offsets, self.group)  # decode: the one hot call, kept bare
         if op is not None and x.shape[0] <= self.max_kernel_rows:
             return op(x.float(), self.codes, self.scales, self.offsets, self.group).to(x.dtype)
-        if not self.head and x.numel() <= BF16_DOT_MAX_ELEMENTS and self._bf16_dot():
+        if not self.head and self._bf16_dot_rows(x.shape[0]):
             return kernels.qmatmul_bf16(x, self.codes, self.scales, self.offsets, self.group).to(x.dtype)
         if self.head and op is not None:
             return self._float32_tiles(x.float()).to(x.dtype)
@@ -128,6 +132,11 @@ class Linear(nn.Module):
     def _bf16_dot(self) -> bool:
         return kernels.bf16_dot_available() and self.in_features % 32 == 0 and self.group % 16 == 0
 
+    def _bf16_dot_rows(self, rows: int) -> bool:
+        """Whether a product of this many rows (above the exact kernel's) runs kernels.qmatmul_bf16."""
+        small = rows * self.in_features <= BF16_DOT_MAX_ELEMENTS or rows <= BF16_DOT_MAX_ROWS
+        return small and self._bf16_dot()
+
     def _bf16_gemm(self, x: torch.Tensor) -> torch.Tensor:
         return self.bf16_gemm(x).to(x.dtype)
 
@@ -143,8 +152,7 @@ class Linear(nn.Module):
             return False
         if kernels.kernel() is None:
             return True
-        dot = rows * self.in_features <= BF16_DOT_MAX_ELEMENTS and self._bf16_dot()
-        return rows > self.max_kernel_rows and not dot
+        return rows > self.max_kernel_rows and not self._bf16_dot_rows(rows)
 
     def _float32_tiles(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty(x.shape[0], self.out_features, dtype=torch.float32, device=x.device)
@@ -458,12 +466,21 @@ class GemmaModel(nn.Module):
             x, h = kernels.add_rms_norm(x, m, post, nxt, eps)
         return h
 
-    def can_decode_stack(self) -> bool:
-        """Whether :meth:`hidden_decode_stack` applies: the fast mode on the CPU with the compiled kernels."""
-        return self.weight_format == "int8" and self.device.type == "cpu" and kernels.available()
+    def can_decode_stack(self, rows: int) -> bool:
+        """Whether :meth:`hidden_decode_stack` applies to a decode step of this many rows: the fast mode on the CPU
+        with the compiled kernels, and every product of the step one of the stack's two kernels (``qmatmul`` up to
+        ``QMATMUL_MAX_ROWS`` rows, ``qmatmul_bf16`` up to ``BF16_DOT_MAX_ROWS``, as ``Linear.forward`` chooses)."""
+        if not (self.weight_format == "int8" and self.device.type == "cpu" and kernels.available()):
+            return False
+        if rows <= QMATMUL_MAX_ROWS:
+            return True
+        layer = self.layers[0]
+        return rows <= BF16_DOT_MAX_ROWS and all(
+            li._bf16_dot_rows(rows) for li in (layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up,
+                                                 layer.mlp.down_proj))
 
     def hidden_decode_stack(self, ids: torch.Tensor, positions: torch.Tensor, stack_args: dict) -> torch.Tensor:
-        """:meth:`hidden` for a decode step of at most ``QMATMUL_MAX_ROWS`` rows over the paged cache, every layer in
+        """:meth:`hidden` for a decode step (see :meth:`can_decode_stack`) over the paged cache, every layer in
         one compiled call (``kernels.decode_stack``; the engine's ``PagedBatch.stack_args`` gives the cache's part).
         The same kernels in the same order as :meth:`_hidden_fused`, so the same bits, without ~200 Python-level
         calls per step (~3 ms of a ~22 ms single-stream step on the 270M)."""
@@ -486,7 +503,7 @@ class GemmaModel(nn.Module):
         lin, groups, norms = self._stack
         a = self.layers[0].attn
         return kernels.decode_stack(x, lin, groups, norms, self.norm.scale, cos, sin, hq=a.hq, hkv=a.hkv,
-                                    eps=self.config.rms_norm_eps, **stack_args)
+                                    eps=self.config.rms_norm_eps, exact_rows=QMATMUL_MAX_ROWS, **stack_args)
 
     def new_sequence(self, max_len: int) -> DenseKV:
         """The state one sequence needs for :meth:`step` (a dense KV cache of ``max_len`` tokens)."""
