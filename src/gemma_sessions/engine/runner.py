@@ -177,7 +177,7 @@ def _forward(net: GemmaModel, cache: PagedKVCache, items: list[WorkItem]) -> tor
             rows.append(row - 1)
     batch = PagedBatch(cache, items, net.layers[0].attn.scale, net.config.attn_logit_softcapping)
     ids_t, pos_t = torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, device=dev)
-    if batch.n_decode == len(items) and net.can_decode_stack(len(items)) and cache.device.type == "cpu":
+    if batch.n_decode == len(items) and net.can_decode_stack(len(items)):  # the model's device is the cache's
         h = net.hidden_decode_stack(ids_t, pos_t, batch.stack_args())  # every layer in one compiled call
     else:
         h = net.hidden(ids_t, pos_t, batch)
