@@ -15,7 +15,6 @@
 #include <torch/library.h>
 
 #include <pthread.h>
-#include <sched.h>
 
 #include <algorithm>
 #include <atomic>
@@ -180,7 +179,7 @@ static Pool& pool() {
 
 thread_local bool t_in_job = false;
 
-// f(b, e) over [begin, end) in chunks, as par_for(begin, end, grain, f).
+// f(b, e) over [begin, end) in chunks, as at::parallel_for(begin, end, grain, f) would split it.
 template <typename F>
 static void par_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   if (begin >= end) return;
@@ -374,17 +373,14 @@ static inline __m512 deq16(const int8_t* c, float s, float o, bool off) {
   return off ? _mm512_add_ps(w, _mm512_set1_ps(o)) : w;
 }
 
-// GC: the group size when known at compile time (16 or 32: k / G is a shift, not a division per 32 weights, which
-// cost ~25% of this kernel's time), 0 for any other G.
-template <int MB, bool OFF, int GC>
+template <int MB, bool OFF>
 static inline void dot_rows_bf16(const at::BFloat16* xb, int64_t K, const int8_t* c, const float* sc, int64_t G,
                                  const float* off, float* dots) {
   __m512 acc[MB];
   for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
-  const int64_t gs = GC ? GC : G;
   const at::BFloat16* xk = xb;  // x interleaved by 32 columns: [K/32][MB][32], one base pointer for all rows
   for (int64_t k = 0; k < K; k += 32, xk += MB * 32) {
-    const int64_t g0 = k / gs, g1 = (k + 16) / gs;
+    const int64_t g0 = k / G, g1 = (k + 16) / G;
     const __m512 lo = deq16(c + k, sc[g0], OFF ? off[g0] : 0.f, OFF);
     const __m512 hi = deq16(c + k + 16, sc[g1], OFF ? off[g1] : 0.f, OFF);
     const __m512bh w = _mm512_cvtne2ps_pbh(hi, lo);  // k order: lo half from `lo`, as x below
@@ -397,14 +393,8 @@ static inline void dot_rows_bf16(const at::BFloat16* xb, int64_t K, const int8_t
 template <int MB>
 static inline void dot_bf16_any(const at::BFloat16* xb, int64_t K, const int8_t* c, const float* sc, int64_t G,
                                 const float* off, float* dots) {
-  if (off != nullptr) {
-    if (G == 32) return dot_rows_bf16<MB, true, 32>(xb, K, c, sc, G, off, dots);
-    if (G == 16) return dot_rows_bf16<MB, true, 16>(xb, K, c, sc, G, off, dots);
-    return dot_rows_bf16<MB, true, 0>(xb, K, c, sc, G, off, dots);
-  }
-  if (G == 32) return dot_rows_bf16<MB, false, 32>(xb, K, c, sc, G, off, dots);
-  if (G == 16) return dot_rows_bf16<MB, false, 16>(xb, K, c, sc, G, off, dots);
-  return dot_rows_bf16<MB, false, 0>(xb, K, c, sc, G, off, dots);
+  if (off != nullptr) return dot_rows_bf16<MB, true>(xb, K, c, sc, G, off, dots);
+  return dot_rows_bf16<MB, false>(xb, K, c, sc, G, off, dots);
 }
 
 static inline void dot_block_bf16(const at::BFloat16* xb, int64_t mb, int64_t K, const int8_t* c, const float* sc,
