@@ -201,7 +201,7 @@ def test_fast_mode_decode_rows_do_not_depend_on_prefill_in_their_step():
     prompts = [_prompt(i, 20 + 5 * i) for i in range(4)]
     refs = [_ref(model, p) for p in prompts]
     forwards: list[list[int]] = []  # token counts of the items of each model forward
-    real = runner._forward
+    real = runner._hidden_rows
 
     def spy(net, cache, items):
         forwards.append([it.num_tokens for it in items])
@@ -209,7 +209,7 @@ def test_fast_mode_decode_rows_do_not_depend_on_prefill_in_their_step():
 
     with Engine(model, kv_cache_bytes=4 << 20, block_size=4, max_batched_tokens=256) as e, \
             pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runner, "_forward", spy)
+        mp.setattr(runner, "_hidden_rows", spy)
         first = e.submit(prompts[0], GREEDY)
         it = iter(first)
         next(it)  # prompt 0 is decoding: the next prompts' prefills share its steps

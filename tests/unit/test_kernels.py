@@ -441,3 +441,84 @@ def test_decode_attention_long_rows_split_in_segments(op, dtype):
         alone = kernels.decode_attention(q[b:b + 1], pool, pool[1200:], index[b:b + 1], zeros[b:b + 1],
                                          lengths[b:b + 1], 1, 1, 0.0625, 50.0)
         assert torch.equal(both[b], alone[0])
+
+
+@pytest.fixture(scope="module")
+def q8(op):
+    if not kernels.q8_head_available():
+        pytest.skip("q8_head needs AVX512-VNNI")
+    return kernels.q8_head
+
+
+def _exact_tokens(x: torch.Tensor, w: quant.QuantWeight) -> list[int]:
+    """The exact kernel's greedy token of each row, computed alone (what a decode row alone gets)."""
+    return [int(kernels.qmatmul(x[i:i + 1], w.codes, w.scales, None, w.group).argmax()) for i in range(len(x))]
+
+
+def test_q8_head_gives_the_exact_greedy_token(q8):
+    """Tokens from the int8-activation head equal the exact kernel's argmax row by row, for every row count, on
+    hidden-state-like inputs (a few outlier channels) and on adversarial near-ties: duplicated weight rows (exact ties:
+    the lower index wins, as torch.argmax) and rows one code apart."""
+    torch.manual_seed(3)
+    w = weight(4096, 640, 32, False, seed=5)
+    codes = w.codes.clone()
+    codes[1000] = codes[7]          # an exact tie between 7 and 1000
+    codes[2001] = codes[2000]
+    codes[2001, 17] += 1 if codes[2001, 17] < 127 else -1  # one code apart
+    scales = w.scales.clone()
+    scales[1000], scales[2001] = scales[7], scales[2000]
+    w = quant.QuantWeight(codes=codes, scales=scales, offsets=None, group=32)
+    packed = kernels.q8_head_pack(w.codes, w.scales)
+    x = torch.randn(20, 640)
+    x[:, 5] *= 40  # outlier channels, as real hidden states have
+    x[:, 300] *= -25
+    x[3] = 0.0  # an all-zero row: every logit ties at 0 -> token 0
+    dense = w.dequantize()
+    x[4] = dense[7] * 50  # aims at the tie 7 / 1000
+    x[5] = dense[2000] * 50 + dense[2001] * 50  # aims at the pair one code apart
+    want = _exact_tokens(x, w)
+    for m in (1, 2, 7, 8, 9, 16, 20):
+        tokens, cands, logits = q8(x[:m], packed, w.codes, w.scales, True)
+        assert tokens.tolist() == want[:m], m
+        assert bool((cands >= 1).all())
+        # the approximation is the product with x rounded to int8 per group of 32
+        xg = x[:m].view(m, 20, 32)
+        s = xg.abs().amax(-1, keepdim=True) / 127
+        xhat = (torch.round(xg / torch.where(s > 0, s, 1)) * s).view(m, 640)
+        ref = xhat.double() @ dense.double().T
+        assert ((logits.double() - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+    assert want[3] == 0 and want[4] == 7
+
+
+def test_q8_head_refuses_non_finite_rows_and_bad_packing(q8):
+    w = weight(64, 64, 32, False)
+    packed = kernels.q8_head_pack(w.codes, w.scales)
+    x = torch.randn(3, 64)
+    x[1, 3] = float("nan")
+    tokens, _, logits = q8(x, packed, w.codes, w.scales, False)
+    assert logits is None
+    assert tokens.tolist() == [_exact_tokens(x[:1], w)[0], -1, _exact_tokens(x[2:], w)[0]]
+    other = kernels.q8_head_pack(weight(32, 64, 32, False).codes, weight(32, 64, 32, False).scales)
+    with pytest.raises(RuntimeError, match="packed weights"):
+        q8(x, other, w.codes, w.scales, False)
+    with pytest.raises(RuntimeError, match="N % 16"):
+        kernels.q8_head_pack(weight(8, 64, 32, False).codes, weight(8, 64, 32, False).scales)
+
+
+def test_q8_head_from_many_threads(q8):
+    w = weight(2048, 128, 32, False, seed=9)
+    packed = kernels.q8_head_pack(w.codes, w.scales)
+    xs = [torch.randn(1 + i % 12, 128) for i in range(24)]
+    want = [_exact_tokens(x, w) for x in xs]
+    got: dict[int, list[int]] = {}
+
+    def run(i: int) -> None:
+        for _ in range(5):
+            got[i] = q8(xs[i], packed, w.codes, w.scales, False)[0].tolist()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [got[i] for i in range(24)] == want

@@ -33,7 +33,7 @@ from ..errors import (CapacityError, ContextLengthError, EngineClosedError, Inva
 from ..generate import stop_token_ids
 from ..sampling import SamplingParams
 from .request import GenerationOutput, GenerationStream, KVHandle, Request, State
-from .runner import run_state_step, run_step
+from .runner import run_state_step_greedy, run_step_greedy
 from .scheduler import Scheduler
 
 log = logging.getLogger("gemma_sessions.engine")
@@ -85,7 +85,7 @@ class Engine:
             if budget // slot_bytes < 2:
                 raise InvalidRequestError(f"kv_cache_bytes={budget} holds fewer than 2 state slots of {slot_bytes} B")
             self.cache = StateCache(model.net, budget // slot_bytes, model.device)
-            self._run = run_state_step
+            self._run = run_state_step_greedy
         elif isinstance(model.net, GemmaModel):
             layout = KVLayout.for_config(model.config, block_size)
             # KV in bf16 unless the model runs in exact float32 (halves memory, bandwidth and snapshot size).
@@ -94,7 +94,9 @@ class Engine:
             if num_blocks < layout.num_groups * 2:
                 raise InvalidRequestError(f"kv_cache_bytes={budget} holds only {num_blocks} pages")
             self.cache = PagedKVCache(layout, num_blocks, dtype, model.device)
-            self._run = run_step
+            self._run = run_step_greedy
+            if model.net.can_greedy_head():  # the greedy head's re-laid weights now, not in a first request's TTFT
+                model.net.embed.prepare_greedy()
         else:
             raise UnsupportedModelError(f"the engine cannot serve {model.config.architecture}")
         self.on_spill = on_spill
@@ -277,17 +279,22 @@ class Engine:
         if not work:
             return
         t0 = time.perf_counter()
-        logits = self._run(self.model.net, self.cache, [item for _, item in work])
-        # greedy rows: one argmax over the step's logits (one call instead of one per row)
-        any_greedy = any(req.params.greedy for req, it in work if it.want_logits)
-        greedy = kernels.argmax(logits).tolist() if any_greedy else None
+        greedy = [req.params.greedy for req, it in work if it.want_logits]
+        logits, tokens = self._run(self.model.net, self.cache, [item for _, item in work], greedy)
+        # greedy rows the head did not decide: one argmax over their logits (one call instead of one per row)
+        missing = [i for i, (g, t) in enumerate(zip(greedy, tokens)) if g and t is None]
+        if missing:
+            found = kernels.argmax(torch.stack([logits[i] for i in missing])).tolist()
+            tokens = list(tokens)
+            for i, t in zip(missing, found):
+                tokens[i] = t
         row = 0
         for req, item in work:
             self.cache.commit(item.seq, item.num_tokens)
             req.computed += item.num_tokens
             self._counters["prefill_tokens"] += item.num_tokens if item.num_tokens > 1 else 0
             if item.want_logits:
-                self._sample(req, greedy[row] if req.params.greedy else req.sampler(logits[row]))
+                self._sample(req, tokens[row] if req.params.greedy else req.sampler(logits[row]))
                 row += 1
         self._counters["steps"] += 1
         self._counters["busy_s"] += time.perf_counter() - t0

@@ -150,21 +150,61 @@ def run_step(net: GemmaModel, cache: PagedKVCache, items: list[WorkItem]) -> tor
 
     Single-token items (decode rows) should come first: the leading run of them is attended as one batch. The caller
     commits the tokens (``cache.commit``) after this returns.
+    """
+    logits, _ = run_step_greedy(net, cache, items, None)
+    return torch.stack(logits) if logits else torch.empty(0, net.config.vocab_size)
+
+
+@torch.inference_mode()
+def run_step_greedy(net: GemmaModel, cache: PagedKVCache, items: list[WorkItem],
+                    greedy: list[bool] | None) -> tuple[list[torch.Tensor | None], list[int | None]]:
+    """The engine's step: like :func:`run_step`, but rows marked in ``greedy`` (one flag per row that wants logits)
+    may come back as their exact greedy token instead of logits (``GemmaModel.greedy_head``: int8-activation products
+    with an error bound, then exact logits for the few outputs it cannot rule out). Returns (logits: a float32
+    [vocab] tensor per row, None where the row's token is given; tokens: int or None per row).
 
     NOTE: in the fast (int8) mode a product of a few rows runs the exact grouped-int8 kernel and a product of many
     rows a bf16 GEMM. When up to 8 decode rows share a step with prefill chunks they run as their own forward, so
     they stay exact: a session's decoded tokens do not depend on what else is in the batch. Prefill chunks of
     several prompts share one bf16 GEMM, whose rounding depends on its row count, so a prompt's prefill logits may
     differ in the last bf16 bit with its company. (One forward per chunk made prefills exact too, but
-    bench/concurrency.py then gave 85 tok/s at 64 sessions where the run before these changes gave 120.)
+    bench/concurrency.py then gave 85 tok/s at 64 sessions where the run before these changes gave 120.) A greedy
+    row's token is the exact head's argmax over its hidden state whatever the row count; a sampled row among more
+    than 8 gets the head's int8-activation approximation (as it got bf16 products before).
     """
     n_decode = leading_decode_rows(items)
+    parts = [items]
     if net.weight_format == "int8" and 0 < n_decode < len(items) and n_decode <= QMATMUL_MAX_ROWS:
-        return torch.cat([_forward(net, cache, items[:n_decode]), _forward(net, cache, items[n_decode:])])
-    return _forward(net, cache, items)
+        parts = [items[:n_decode], items[n_decode:]]
+    logits: list[torch.Tensor | None] = []
+    tokens: list[int | None] = []
+    for part in parts:
+        h = _hidden_rows(net, cache, part)
+        flags = None if greedy is None else greedy[len(tokens):len(tokens) + h.shape[0]]
+        part_logits, part_tokens = _head(net, h, flags)
+        logits += part_logits
+        tokens += part_tokens
+    return logits, tokens
 
 
-def _forward(net: GemmaModel, cache: PagedKVCache, items: list[WorkItem]) -> torch.Tensor:
+def _head(net: GemmaModel, h: torch.Tensor, greedy: list[bool] | None):
+    n = h.shape[0]
+    if n == 0:
+        return [], []
+    # the exact greedy token from the fast head: when every row is greedy, or when the rows are too many for the
+    # exact kernel anyway (sampled rows then take the approximate logits)
+    if greedy is not None and any(greedy) and (all(greedy) or n > QMATMUL_MAX_ROWS) and net.can_greedy_head():
+        found, approx = net.greedy_head(h, want_logits=not all(greedy))
+        found = found.tolist()
+        if all(t >= 0 for t, g in zip(found, greedy) if g):
+            return ([None if g else approx[i] for i, g in enumerate(greedy)],
+                    [t if g else None for t, g in zip(found, greedy)])
+    out = net.logits(h, batch=True)  # (a row with non-finite values: argmax of the plain logits, as before)
+    return list(out), [None] * n
+
+
+def _hidden_rows(net: GemmaModel, cache: PagedKVCache, items: list[WorkItem]) -> torch.Tensor:
+    """The final hidden states [R, hidden] of the items that want logits."""
     dev = cache.device
     ids, pos, rows = [], [], []
     row = 0
@@ -182,8 +222,8 @@ def _forward(net: GemmaModel, cache: PagedKVCache, items: list[WorkItem]) -> tor
     else:
         h = net.hidden(ids_t, pos_t, batch)
     if not rows:
-        return torch.empty(0, net.config.vocab_size)
-    return net.logits(h[torch.tensor(rows, device=dev)], batch=True)
+        return h[:0]
+    return h[torch.tensor(rows, device=dev)]
 
 
 @torch.inference_mode()
@@ -213,3 +253,10 @@ def run_state_step(net, cache: StateCache, items: list[WorkItem]) -> torch.Tenso
     if not out:
         return torch.empty(0, net.config.vocab_size)
     return torch.stack([out[i] for i in sorted(out)])
+
+
+def run_state_step_greedy(net, cache: StateCache, items: list[WorkItem],
+                          greedy: list[bool] | None) -> tuple[list[torch.Tensor], list[int | None]]:
+    """:func:`run_state_step` in :func:`run_step_greedy`'s shape (every row's logits; the engine takes the argmax)."""
+    logits = run_state_step(net, cache, items)
+    return list(logits), [None] * logits.shape[0]

@@ -245,3 +245,30 @@ def qk_norm_rope(qkv: torch.Tensor, q_scale: torch.Tensor | None, k_scale: torch
     rotate_half's signs; tables ``[N, D]``) to q and k; float32 on the CPU, one compiled pass. Requires the kernel
     (the model's torch path, ``Attention.forward``, is the same math)."""
     return torch.ops.gemma_sessions.qk_norm_rope.default(qkv, q_scale, k_scale, cos, sin, hq, hkv, eps)
+
+
+def q8_head_available() -> bool:
+    """Whether :func:`q8_head` runs (a compiled kernel with AVX512-VNNI)."""
+    if kernel() is None:
+        return False
+    if "q8" not in _state:
+        _state["q8"] = bool(torch.ops.gemma_sessions.q8_head_available())
+    return bool(_state["q8"])
+
+
+def q8_head_pack(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The LM head's weights re-laid for :func:`q8_head` (uint8 codes + 128 as ``[N/16, K/4, 16, 4]``, scales and
+    per-group sums of ``|W|`` as ``[N/16, K/32, 16]``). Codes int8 ``[N, K]``, float32 scales per group of 32."""
+    if not q8_head_available():
+        raise RuntimeError("q8_head needs the compiled kernel with AVX512-VNNI")
+    return torch.ops.gemma_sessions.q8_head_pack.default(codes, scales)
+
+
+def q8_head(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor], codes: torch.Tensor,
+            scales: torch.Tensor, want_logits: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The exact greedy token of ``x @ W^T`` (W = codes * scales, groups of 32) for each row of float32 ``x``,
+    found through an int8-activation approximation with a per-output error bound (see qmatmul.cpp). Returns
+    (tokens [M] int64, -1 for a row with non-finite values; candidates [M]: exact logits computed per row;
+    the approximate logits [M, N] when ``want_logits``, else None)."""
+    tokens, cands, logits = torch.ops.gemma_sessions.q8_head.default(x.float(), *packed, codes, scales, want_logits)
+    return tokens, cands, (logits if want_logits else None)

@@ -29,6 +29,7 @@
 #include <utility>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #ifdef __AVX512F__
@@ -991,6 +992,231 @@ at::Tensor argmax_rows(const at::Tensor& x_in) {
   return out;
 }
 
+// q8_head: the greedy token of the LM head, EXACT, from a fast approximation with int8 activations.
+//
+// The head is the largest product of a decode step (262144 x 640 on the 270M). Its codes are int8 already; x is
+// quantized per group of 32 to int8 (q = round(x / s), s = max|x| / 127, as llama.cpp's Q8_0 activations), so each
+// group's product is an exact integer sum of int8 x int8 computed by AVX512-VNNI (vpdpbusd: 64 products per
+// instruction, against 32 for the bf16 kernel, and no conversion of the weights). That approximation is not the
+// exact head, but its error is bounded per output: with e = x - s q (|e| <= emax per group),
+//
+//   |exact[n] - approx[n]| <= bound[n] = sum_g emax_g * A[n, g],   A[n, g] = sum_{k in g} |W[n, k]|
+//
+// (plus a margin for float32 rounding of both sides: bx below). With T = max_n (approx - bound), the exact maximum
+// is among the candidates {n : approx[n] + bound[n] >= T}: their exact logits (dot_block, the very arithmetic of
+// qmatmul, hence of a decode row alone) decide, ties to the lowest index as torch.argmax. So the token is the
+// exact head's greedy token, bit for bit, whatever the row count. Candidates are found in one pass: each thread
+// keeps a running max of approx - bound per row and records outputs whose approx + bound reaches it; the final
+// threshold (the max over threads) filters the records.
+//
+// Weights are re-laid once (q8_head_pack): codes + 128 as uint8 [N/16][K/4][16][4] (16 outputs per vector, 4
+// inputs per lane: vpdpbusd's layout), scales and A as [N/16][K/32][16]. Needs AVX512-VNNI, G = 32, no offsets
+// (a Q8_0 or symmetric head), N % 16 == 0.
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+constexpr bool kQ8Head = true;
+#else
+constexpr bool kQ8Head = false;
+#endif
+
+bool q8_head_available() { return kQ8Head; }
+
+constexpr int64_t Q8_MB = 8;  // rows per block: 8 value + 8 bound accumulators + 8 weight vectors in registers
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> q8_head_pack(const at::Tensor& codes_in, const at::Tensor& scales_in) {
+  TORCH_CHECK(codes_in.dim() == 2 && codes_in.scalar_type() == at::kChar, "q8_head_pack: codes must be int8 [N, K]");
+  const int64_t N = codes_in.size(0), K = codes_in.size(1);
+  TORCH_CHECK(N % 16 == 0 && K % 32 == 0, "q8_head_pack: N % 16 and K % 32 must be 0");
+  const int64_t ng = K / 32;
+  TORCH_CHECK(scales_in.scalar_type() == at::kFloat && scales_in.dim() == 2 && scales_in.size(0) == N &&
+              scales_in.size(1) == ng, "q8_head_pack: scales must be float32 [N, K/32]");
+  const at::Tensor codes = codes_in.contiguous(), scales = scales_in.contiguous();
+  at::Tensor wq = at::empty({N / 16, K / 4, 16, 4}, codes.options().dtype(at::kByte));
+  at::Tensor sw = at::empty({N / 16, ng, 16}, scales.options());
+  at::Tensor aw = at::empty({N / 16, ng, 16}, scales.options());
+  const int8_t* cp = codes.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  uint8_t* wp = wq.data_ptr<uint8_t>();
+  float* swp = sw.data_ptr<float>();
+  float* awp = aw.data_ptr<float>();
+  par_for(0, N / 16, 16, [&](int64_t b, int64_t e) {
+    for (int64_t nb = b; nb < e; ++nb) {
+      for (int64_t j = 0; j < 16; ++j) {
+        const int64_t n = nb * 16 + j;
+        const int8_t* c = cp + n * K;
+        for (int64_t k = 0; k < K; ++k)
+          wp[((nb * (K / 4) + k / 4) * 16 + j) * 4 + k % 4] = static_cast<uint8_t>(static_cast<int>(c[k]) + 128);
+        for (int64_t g = 0; g < ng; ++g) {
+          int64_t a = 0;
+          for (int64_t k = g * 32; k < g * 32 + 32; ++k) a += std::abs(static_cast<int>(c[k]));
+          const float s = sp[n * ng + g];
+          swp[(nb * ng + g) * 16 + j] = s;
+          // rounded up: the bound must not be smaller than the real sum of |W|
+          awp[(nb * ng + g) * 16 + j] = static_cast<float>(static_cast<double>(std::abs(s)) * a * (1.0 + 1e-6));
+        }
+      }
+    }
+  });
+  return {wq, sw, aw};
+}
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+struct Q8Cand {
+  int64_t row, n;
+  float hi;
+};
+
+// MB rows (int8 x [MB][K], per-row group data [MB][ng]) against one block of 16 outputs: approx and bound vectors.
+template <int MB>
+static inline void q8_block(const uint8_t* wb, const float* swb, const float* awb, const int8_t* xq, int64_t K,
+                            const float* sx, const int32_t* corr, const float* bx, int64_t ng, __m512* val,
+                            __m512* bnd) {
+  __m512 accf[MB], accb[MB];
+  for (int r = 0; r < MB; ++r) accf[r] = accb[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    const __m512i* wg = reinterpret_cast<const __m512i*>(wb + g * 8 * 64);
+    __m512i w[8];
+    for (int j = 0; j < 8; ++j) w[j] = _mm512_loadu_si512(wg + j);
+    const __m512 s = _mm512_loadu_ps(swb + g * 16), a = _mm512_loadu_ps(awb + g * 16);
+    for (int r = 0; r < MB; ++r) {
+      const int8_t* xr = xq + r * K + g * 32;
+      __m512i acc = _mm512_set1_epi32(corr[r * ng + g]);  // -128 * sum(q): the +128 of the unsigned weights
+      for (int j = 0; j < 8; ++j) {
+        int32_t quad;
+        std::memcpy(&quad, xr + 4 * j, 4);
+        acc = _mm512_dpbusd_epi32(acc, w[j], _mm512_set1_epi32(quad));
+      }
+      const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(sx[r * ng + g]));
+      accf[r] = _mm512_fmadd_ps(f, s, accf[r]);
+      accb[r] = _mm512_fmadd_ps(_mm512_set1_ps(bx[r * ng + g]), a, accb[r]);
+    }
+  }
+  for (int r = 0; r < MB; ++r) {
+    val[r] = accf[r];
+    bnd[r] = accb[r];
+  }
+}
+
+static inline float hmax(__m512 v) { return _mm512_reduce_max_ps(v); }
+#endif
+
+// x [M, K] float32 -> (token [M] int64: the exact greedy token, or -1 where x is not finite (the caller computes
+// that row exactly); candidates [M] int64: how many exact logits decided it; logits [M, N]: the approximation, when
+// want_logits, else empty).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> q8_head(const at::Tensor& x_in, const at::Tensor& wq,
+                                                       const at::Tensor& sw, const at::Tensor& aw,
+                                                       const at::Tensor& codes_in, const at::Tensor& scales_in,
+                                                       bool want_logits) {
+  TORCH_CHECK(kQ8Head, "q8_head: this build has no AVX512-VNNI");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "q8_head: x must be float32 [M, K]");
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = codes_in.size(0), ng = K / 32;
+  TORCH_CHECK(codes_in.dim() == 2 && codes_in.size(1) == K && K % 32 == 0 && N % 16 == 0,
+              "q8_head: codes must be [N, K] with N % 16 == 0 and K % 32 == 0");
+  TORCH_CHECK(wq.scalar_type() == at::kByte && wq.numel() == N * K && wq.is_contiguous() &&
+              sw.numel() == N * ng && aw.numel() == N * ng && sw.is_contiguous() && aw.is_contiguous(),
+              "q8_head: packed weights do not match the codes (q8_head_pack)");
+  const at::Tensor x = x_in.contiguous(), codes = codes_in.contiguous(), scales = scales_in.contiguous();
+  at::Tensor token = at::full({M}, -1, x.options().dtype(at::kLong));
+  at::Tensor ncand = at::zeros({M}, x.options().dtype(at::kLong));
+  at::Tensor logits = want_logits ? at::empty({M, N}, x.options()) : at::empty({0}, x.options());
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+  const float* xp = x.data_ptr<float>();
+  // quantize x: per row and group, s = max|x| / 127, q = round(x / s) (nearest even), emax = max |x - s q|
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> sx(M * ng), bx(M * ng);
+  std::vector<int32_t> corr(M * ng);
+  std::vector<char> finite(M, 1);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < ng; ++g) {
+      const float* xg = xp + m * K + g * 32;
+      float amax = 0.f;
+      for (int k = 0; k < 32; ++k) amax = std::max(amax, std::abs(xg[k]));
+      if (!std::isfinite(amax)) {
+        finite[m] = 0;
+        amax = 0.f;
+      }
+      const float s = amax / 127.f, inv = s > 0.f ? 127.f / amax : 0.f;
+      float emax = 0.f;
+      int32_t qsum = 0;
+      for (int k = 0; k < 32; ++k) {
+        const int q = std::clamp(static_cast<int>(std::nearbyint(xg[k] * inv)), -127, 127);
+        xq[m * K + g * 32 + k] = static_cast<int8_t>(q);
+        qsum += q;
+        emax = std::max(emax, std::abs(xg[k] - s * static_cast<float>(q)));
+      }
+      sx[m * ng + g] = s;
+      corr[m * ng + g] = -128 * qsum;
+      // the float32 rounding of the approximation and of the exact product: well within 1e-3 s (see above)
+      bx[m * ng + g] = emax * (1.f + 1e-6f) + 1e-3f * s;
+    }
+  }
+  const uint8_t* wp = wq.data_ptr<uint8_t>();
+  const float* swp = sw.data_ptr<float>();
+  const float* awp = aw.data_ptr<float>();
+  float* lp = want_logits ? logits.data_ptr<float>() : nullptr;
+  std::mutex mu;
+  std::vector<float> thr_all(M, -INFINITY);
+  std::vector<Q8Cand> cands;
+  par_for(0, N / 16, 64, [&](int64_t begin, int64_t end) {
+    std::vector<__m512> tv(M, _mm512_set1_ps(-INFINITY));
+    std::vector<float> thr(M, -INFINITY);
+    std::vector<Q8Cand> mine;
+    __m512 val[Q8_MB], bnd[Q8_MB];
+    for (int64_t nb = begin; nb < end; ++nb) {
+      const uint8_t* wb = wp + nb * 16 * K;
+      for (int64_t m0 = 0; m0 < M; m0 += Q8_MB) {
+        const int64_t mb = std::min(Q8_MB, M - m0);
+        with_rows(mb, [&](auto rows) {
+          constexpr int R = decltype(rows)::value;
+          if constexpr (R <= Q8_MB)
+            q8_block<R>(wb, swp + nb * ng * 16, awp + nb * ng * 16, xq.data() + m0 * K, K, sx.data() + m0 * ng,
+                        corr.data() + m0 * ng, bx.data() + m0 * ng, ng, val, bnd);
+        });
+        for (int64_t r = 0; r < mb; ++r) {
+          const int64_t m = m0 + r;
+          if (lp != nullptr) _mm512_storeu_ps(lp + m * N + nb * 16, val[r]);
+          const __m512 lo = _mm512_sub_ps(val[r], bnd[r]), hi = _mm512_add_ps(val[r], bnd[r]);
+          tv[m] = _mm512_max_ps(tv[m], lo);
+          __mmask16 k = _mm512_cmp_ps_mask(hi, _mm512_set1_ps(thr[m]), _CMP_GE_OQ);
+          if (k == 0) continue;
+          thr[m] = std::max(thr[m], hmax(tv[m]));
+          k = _mm512_cmp_ps_mask(hi, _mm512_set1_ps(thr[m]), _CMP_GE_OQ);
+          alignas(64) float h[16];
+          _mm512_store_ps(h, hi);
+          for (int j = 0; j < 16; ++j)
+            if (k & (1u << j)) mine.push_back({m, nb * 16 + j, h[j]});
+        }
+      }
+    }
+    std::lock_guard<std::mutex> lock(mu);
+    for (int64_t m = 0; m < M; ++m) thr_all[m] = std::max(thr_all[m], hmax(tv[m]));
+    cands.insert(cands.end(), mine.begin(), mine.end());
+  });
+  // the exact logits of the candidates decide (in order of n: ties go to the lowest index)
+  std::sort(cands.begin(), cands.end(), [](const Q8Cand& a, const Q8Cand& b) {
+    return a.row != b.row ? a.row < b.row : a.n < b.n;
+  });
+  const int8_t* cp = codes.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  std::vector<float> best(M, -INFINITY);
+  int64_t* tp = token.data_ptr<int64_t>();
+  int64_t* np = ncand.data_ptr<int64_t>();
+  for (const Q8Cand& c : cands) {
+    if (!finite[c.row] || c.hi < thr_all[c.row]) continue;
+    float v;
+    dot_block(xp + c.row * K, 1, K, cp + c.n * K, sp + c.n * ng, 32, nullptr, nullptr, &v);
+    np[c.row] += 1;
+    if (std::isnan(v)) finite[c.row] = 0;  // (overflow): the caller's exact path decides as torch.argmax would
+    if (tp[c.row] < 0 || v > best[c.row]) {  // in order of n: a tie keeps the lower index
+      best[c.row] = v;
+      tp[c.row] = c.n;
+    }
+  }
+  for (int64_t m = 0; m < M; ++m)
+    if (!finite[m]) tp[m] = -1;
+#endif
+  return {token, ncand, logits};
+}
+
 // decode_stack: every decoder layer of a decode step (one new token per row, the paged KV cache) in one call: the
 // same kernels, in the same order, as GemmaModel._hidden_fused with PagedBatch.attend (so the same bits): products
 // of up to 8 rows run qmatmul, larger ones qmatmul_bf16 (the caller checks that Linear.forward chooses them too),
@@ -1064,6 +1290,10 @@ TORCH_LIBRARY(gemma_sessions, m) {
   m.def("add_rms_norm(Tensor x, Tensor y, Tensor? s1, Tensor? s2, float eps) -> (Tensor, Tensor)");
   m.def("qk_norm_rope(Tensor qkv, Tensor? q_scale, Tensor? k_scale, Tensor cos, Tensor sin, int hq, int hkv, "
         "float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("q8_head_available() -> bool", &q8_head_available);
+  m.def("q8_head_pack(Tensor codes, Tensor scales) -> (Tensor, Tensor, Tensor)");
+  m.def("q8_head(Tensor x, Tensor wq, Tensor sw, Tensor aw, Tensor codes, Tensor scales, bool want_logits) -> "
+        "(Tensor, Tensor, Tensor)");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor table, Tensor start, Tensor lengths, int block, "
         "int page_stride, float scale, float softcap) -> Tensor");
 }
@@ -1078,4 +1308,6 @@ TORCH_LIBRARY_IMPL(gemma_sessions, CPU, m) {
   m.impl("geglu", &geglu);
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("qk_norm_rope", &qk_norm_rope);
+  m.impl("q8_head_pack", &q8_head_pack);
+  m.impl("q8_head", &q8_head);
 }

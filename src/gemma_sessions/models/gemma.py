@@ -49,6 +49,7 @@ BF16_DOT_MAX_ROWS = 16
 # LM-head rows above which the head is computed in float32 from dequantized tiles of this many vocabulary rows (no
 # bf16 copy of the 262k x hidden head is kept: only Model.forward-style scoring of every position gets there).
 HEAD_TILE_ROWS = 16384
+_PACK_LOCK = threading.Lock()  # Linear.prepare_greedy: one packing per head, whichever thread asks first
 
 
 class Linear(nn.Module):
@@ -95,6 +96,7 @@ class Linear(nn.Module):
             self.register_buffer("offsets", qw.offsets)
             self.group = qw.group
             self.bf16: torch.Tensor | None = None  # the prefill copy, made on first need
+            self._q8: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # greedy()'s layout, on first need
         else:
             if isinstance(weight, quant.QuantWeight):
                 weight = weight.dequantize()
@@ -131,6 +133,30 @@ class Linear(nn.Module):
 
     def _bf16_dot(self) -> bool:
         return kernels.bf16_dot_available() and self.in_features % 32 == 0 and self.group % 16 == 0
+
+    def greedy_ready(self) -> bool:
+        """Whether :meth:`greedy` runs: an int8 head with groups of 32 and no offsets (Q8_0 or symmetric), and the
+        compiled kernel with AVX512-VNNI."""
+        return (self.int8 and self.head and self.group == 32 and self.offsets is None and self.out_features % 16 == 0
+                and self.in_features % 32 == 0 and kernels.q8_head_available())
+
+    def greedy(self, x: torch.Tensor, want_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The EXACT greedy token of each row of ``x @ W^T`` (the exact kernel's argmax, bit for bit), through
+        ``kernels.q8_head``: int8 activations, VNNI products, then exact logits for the few outputs the error bound
+        cannot rule out. Returns (tokens [M] int64, -1 for a row with non-finite values; the approximate float32
+        logits [M, vocab] when ``want_logits``, else None). The re-laid weights (~1.25x the codes) are made on first
+        use (:meth:`prepare_greedy`)."""
+        tokens, _, logits = kernels.q8_head(x, self.prepare_greedy(), self.codes, self.scales, want_logits)
+        return tokens, logits
+
+    def prepare_greedy(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        packed = self._q8
+        if packed is None:
+            with _PACK_LOCK:
+                if self._q8 is None:
+                    self._q8 = kernels.q8_head_pack(self.codes, self.scales)
+                packed = self._q8
+        return packed
 
     def _bf16_dot_rows(self, rows: int) -> bool:
         """Whether a product of this many rows (above the exact kernel's) runs kernels.qmatmul_bf16."""
@@ -514,6 +540,16 @@ class GemmaModel(nn.Module):
         h = self.hidden(ids, torch.arange(kv.length, kv.length + ids.numel(), device=ids.device), kv)
         kv.advance(ids.numel())
         return self.logits(h[-1:] if last_only else h)
+
+    def can_greedy_head(self) -> bool:
+        """Whether :meth:`greedy_head` runs (the int8 head on a CPU with AVX512-VNNI; not under a final soft-cap,
+        whose float32 tanh can tie logits that differ before it)."""
+        return self.config.final_logit_softcapping is None and self.embed.greedy_ready()
+
+    def greedy_head(self, h: torch.Tensor, want_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[N, hidden] -> (the exact greedy token per row, as ``logits(h[i:i+1]).argmax()`` gives it; -1 where h is
+        not finite; approximate logits [N, vocab] when ``want_logits``). See ``Linear.greedy``."""
+        return self.embed.greedy(h.float(), want_logits)
 
     def logits(self, h: torch.Tensor, batch: bool = False) -> torch.Tensor:
         """[N, hidden] -> float32 logits [N, vocab], through the tied embedding. ``batch``: the engine's decode rows
