@@ -268,3 +268,50 @@ def test_fast_mode_decode_stack_equals_the_layer_loop(arch, rows, monkeypatch):
     assert len(calls) == 12
     assert torch.equal(stack_logits, loop_logits)
     assert torch.equal(stack_kv, loop_kv)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_packed_prefill_attention_equals_one_attention_per_chunk(arch):
+    """The fast mode attends a step's prefill chunks as one padded batch: the same result, bit for bit, as one
+    attention per chunk, with chunks of different lengths and contexts (padded keys and query rows), sliding and
+    full groups, Gemma 2's soft-cap; a step whose padding would more than double the work is not packed."""
+    from gemma_sessions.cache.kv import PagedKVCache
+    from gemma_sessions.engine import runner
+
+    model = tiny_model(arch, seed=2, weight_format="int8")
+    cfg = model.config
+    cache = PagedKVCache(KVLayout.for_config(cfg, 4), 1024, torch.bfloat16, model.device)
+    cache.flat.copy_(torch.randn(cache.flat.shape))
+    items = []
+    for i in range(6):
+        done, new = 20 + 3 * i, 6 + i
+        s = cache.start(_prompt(i, done + new))
+        cache.allocate(s, done)
+        cache.commit(s, done)
+        cache.allocate(s, new)
+        items.append(runner.WorkItem(seq=s, num_tokens=new, want_logits=True))
+    decode = cache.start(_prompt(9, 8))
+    cache.allocate(decode, 7)
+    cache.commit(decode, 7)
+    cache.allocate(decode, 1)
+    items.insert(0, runner.WorkItem(seq=decode, num_tokens=1, want_logits=True))
+    n = sum(it.num_tokens for it in items)
+    torch.manual_seed(0)
+    q = torch.randn(n, cfg.num_heads, cfg.head_dim)
+    k, v = torch.randn(n, cfg.num_kv_heads, cfg.head_dim), torch.randn(n, cfg.num_kv_heads, cfg.head_dim)
+    args = (cache, items, model.net.layers[0].attn.scale, cfg.attn_logit_softcapping,
+            (cfg.num_heads, cfg.num_kv_heads))
+    packed = runner.PagedBatch(*args)
+    assert all(p is not None for p in packed.packed)
+    per_chunk = runner.PagedBatch(*args)
+    per_chunk.packed = [None] * len(per_chunk.packed)
+    for layer in range(cfg.num_layers):
+        assert torch.equal(packed.attend(layer, q, k, v), per_chunk.attend(layer, q, k, v))
+    lopsided = []
+    for i, (done, new) in enumerate([(5, 2), (6, 2), (7, 2), (40, 30)]):
+        s = cache.start(_prompt(20 + i, done + new))
+        cache.allocate(s, done)
+        cache.commit(s, done)
+        cache.allocate(s, new)
+        lopsided.append(runner.WorkItem(seq=s, num_tokens=new, want_logits=True))
+    assert all(p is None for p in runner.PagedBatch(cache, lopsided, *args[2:]).packed)

@@ -7,7 +7,8 @@ sequences are flattened into one ``[N]`` batch so every projection is one matrix
 
     flattened tokens:  [ d0 d1 d2 ... (one per decoding sequence) | p0 p0 p0 p0 | p1 p1 ... (prefill chunks) ]
     decode rows   -> one attention over each row's visible keys, read in place from the pages
-    prefill chunk -> its own causal (and windowed) attention
+    prefill chunk -> its own causal (and windowed) attention; in the fast mode (bf16 KV) the step's chunks are
+                     padded into one batched attention (same bits, far fewer torch calls)
 
 ``run_state_step`` is the same contract for RecurrentGemma's state slots (``cache/state.py``).
 
@@ -45,8 +46,9 @@ def leading_decode_rows(items: list[WorkItem]) -> int:
 class PagedBatch:
     """The ``KVBatch`` the model's layers call for one step: writes new K/V to pages, attends over pages."""
 
-    def __init__(self, cache: PagedKVCache, items: list[WorkItem], scale: float, softcap: float | None):
-        self.cache, self.scale, self.softcap = cache, scale, softcap
+    def __init__(self, cache: PagedKVCache, items: list[WorkItem], scale: float, softcap: float | None,
+                 heads: tuple[int, int]):
+        self.cache, self.scale, self.softcap, self.heads = cache, scale, softcap, heads  # heads: (query, kv)
         lay = cache.layout
         dev = cache.device
         self.n_decode = leading_decode_rows(items)  # they share one batched attention
@@ -64,6 +66,9 @@ class PagedBatch:
             self.write.append((torch.cat(write) if len(write) > 1 else write[0]).to(dev))
             self.decode.append(self._decode_tables(decode, g))
             self.prefill.append(self._prefill_index(items, g))
+        # the fast mode's prefill chunks: one padded attention per layer instead of one per chunk (see _packed)
+        self.packed = [self._packed(p, g) if cache.dtype == torch.bfloat16 else None
+                       for g, p in enumerate(self.prefill)]
 
     def _decode_tables(self, items: list[WorkItem], g: int):
         """(block table [B, P], first visible position within the first page [B], visible keys [B]) of the decode
@@ -97,6 +102,54 @@ class PagedBatch:
                 out.append((row, row + t, index.to(cache.device), mask.to(cache.device)))
             row += it.num_tokens
         return out
+
+    def _packed(self, chunks: list, g: int):
+        """Several prefill chunks of a step as one padded batch: (query rows [B * Tmax], key slots [B * Lmax],
+        ~mask [B, 1, g * Tmax, Lmax] for masked_fill, the real rows' places [n] in the padded output, B, Tmax,
+        Lmax), or None for fewer than 2 chunks or when padding would more than double the work. Same operations as
+        :func:`attention` per chunk, ~10 torch calls per layer instead of ~8 per chunk (16 chunks of 50 tokens: ~8
+        ms per layer was mostly those calls). Padded query rows see key 0 (no empty softmax) and are dropped; padded
+        keys are masked. Only for the bf16 KV of the fast mode, whose prefill rounding already depends on the
+        step's company (bf16 GEMMs); the float32 mode keeps one exact attention per chunk."""
+        if len(chunks) < 2:
+            return None
+        sizes = [(end - start, index.numel()) for start, end, index, _ in chunks]
+        b, tmax, lmax = len(chunks), max(t for t, _ in sizes), max(n for _, n in sizes)
+        if 2 * sum(t * n for t, n in sizes) < b * tmax * lmax:
+            return None
+        dev = self.cache.device
+        qidx = torch.zeros(b, tmax, dtype=torch.long)
+        slots = torch.zeros(b, lmax, dtype=torch.long)
+        mask = torch.zeros(b, tmax, lmax, dtype=torch.bool)
+        mask[:, :, 0] = True
+        valid = []
+        for i, ((start, end, index, m), (t, n)) in enumerate(zip(chunks, sizes)):
+            qidx[i, :t] = torch.arange(start, end)
+            slots[i, :n] = index.cpu()
+            slots[i, n:] = index[0].item()
+            mask[i, :t, :n] = m.cpu()
+            valid.append(torch.arange(i * tmax, i * tmax + t))
+        hq, hkv = self.heads
+        notm = ~mask[:, None, None].expand(b, 1, hq // hkv, tmax, lmax).reshape(b, 1, hq // hkv * tmax, lmax)
+        return (qidx.view(-1).to(dev), slots.view(-1).to(dev), notm.to(dev), torch.cat(valid).to(dev), b, tmax,
+                lmax)
+
+    def _attend_packed(self, packed, q: torch.Tensor, off_k: int, off_v: int) -> torch.Tensor:
+        qidx, slots, notm, valid, b, tmax, lmax = packed
+        flat = self.cache.flat
+        hkv, d = flat.shape[1], flat.shape[2]
+        hq = q.shape[1]
+        keys = flat.index_select(0, slots + off_k).view(b, lmax, hkv, d).transpose(1, 2)
+        vals = flat.index_select(0, slots + off_v).view(b, lmax, hkv, d).transpose(1, 2)
+        qp = q.index_select(0, qidx).to(keys.dtype).view(b, tmax, hq, d).transpose(1, 2)
+        qp = qp.reshape(b, hkv, hq // hkv * tmax, d)
+        scores = torch.matmul(qp, keys.transpose(-1, -2)) * self.scale  # as attention(), step by step
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        scores = scores.masked_fill(notm, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(vals.dtype)
+        out = torch.matmul(probs, vals).reshape(b, hq, tmax, d).transpose(1, 2).reshape(b * tmax, hq, d)
+        return out.index_select(0, valid)
 
     def stack_args(self) -> dict:
         """The cache's part of ``kernels.decode_stack`` for a step of decode rows only: what :meth:`attend` uses,
@@ -135,7 +188,9 @@ class PagedBatch:
                 out = attention(q[:b, :, None].to(dt), keys.to(dt), vals.to(dt), mask, self.scale, self.softcap)
                 out = out[:, :, 0]
             outs.append(out)
-        for start, end, index, mask in self.prefill[g]:
+        if self.packed[g] is not None:
+            outs.append(self._attend_packed(self.packed[g], q, off_k, off_v))
+        for start, end, index, mask in [] if self.packed[g] is not None else self.prefill[g]:
             keys = flat.index_select(0, index + off_k).transpose(0, 1)[None]
             vals = flat.index_select(0, index + off_v).transpose(0, 1)[None]
             out = attention(q[start:end].transpose(0, 1)[None].to(keys.dtype), keys, vals, mask[None],
@@ -215,7 +270,8 @@ def _hidden_rows(net: GemmaModel, cache: PagedKVCache, items: list[WorkItem]) ->
         row += it.num_tokens
         if it.want_logits:
             rows.append(row - 1)
-    batch = PagedBatch(cache, items, net.layers[0].attn.scale, net.config.attn_logit_softcapping)
+    batch = PagedBatch(cache, items, net.layers[0].attn.scale, net.config.attn_logit_softcapping,
+                       (net.config.num_heads, net.config.num_kv_heads))
     ids_t, pos_t = torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, device=dev)
     if batch.n_decode == len(items) and net.can_decode_stack(len(items)):  # the model's device is the cache's
         h = net.hidden_decode_stack(ids_t, pos_t, batch.stack_args())  # every layer in one compiled call
