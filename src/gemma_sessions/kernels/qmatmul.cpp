@@ -380,8 +380,11 @@ static inline void dot_rows_bf16(const at::BFloat16* xb, int64_t K, const int8_t
   __m512 acc[MB];
   for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
   const at::BFloat16* xk = xb;  // x interleaved by 32 columns: [K/32][MB][32], one base pointer for all rows
+  // group of column k: a shift for the power-of-two sizes of every GGUF type (an idiv per 32 columns was ~5% of
+  // the time), a division otherwise
+  const int sh = (G & (G - 1)) == 0 ? __builtin_ctzll(static_cast<unsigned long long>(G)) : -1;
   for (int64_t k = 0; k < K; k += 32, xk += MB * 32) {
-    const int64_t g0 = k / G, g1 = (k + 16) / G;
+    const int64_t g0 = sh >= 0 ? k >> sh : k / G, g1 = sh >= 0 ? (k + 16) >> sh : (k + 16) / G;
     const __m512 lo = deq16(c + k, sc[g0], OFF ? off[g0] : 0.f, OFF);
     const __m512 hi = deq16(c + k + 16, sc[g1], OFF ? off[g1] : 0.f, OFF);
     const __m512bh w = _mm512_cvtne2ps_pbh(hi, lo);  // k order: lo half from `lo`, as x below
