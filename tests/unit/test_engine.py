@@ -315,3 +315,45 @@ def test_packed_prefill_attention_equals_one_attention_per_chunk(arch):
         cache.allocate(s, new)
         lopsided.append(runner.WorkItem(seq=s, num_tokens=new, want_logits=True))
     assert all(p is None for p in runner.PagedBatch(cache, lopsided, *args[2:]).packed)
+
+
+def test_greedy_head_tokens_equal_the_exact_logits_argmax():
+    """The engine's step returns greedy rows' tokens from the int8-activation head (no logits) from
+    GREEDY_HEAD_MIN_ROWS rows, equal to the argmax of the exact logits; fewer rows, or a sampled row among at most
+    QMATMUL_MAX_ROWS, get exact logits for every row; a sampled row among more gets the approximate logits."""
+    from gemma_sessions import kernels
+    from gemma_sessions.cache.kv import PagedKVCache
+    from gemma_sessions.engine import runner
+    from gemma_sessions.models.gemma import GREEDY_HEAD_MIN_ROWS, QMATMUL_MAX_ROWS
+
+    model = tiny_model("gemma3", seed=4, weight_format="int8")
+    net = model.net
+    if not net.can_greedy_head():
+        pytest.skip("no greedy head here (it needs the compiled kernel with AVX512-VNNI)")
+
+    def step(rows: int, greedy: list[bool]):
+        cache = PagedKVCache(KVLayout.for_config(model.config, 4), 512, torch.bfloat16, model.device)
+        seqs = [cache.start(_prompt(i, 6 + i)) for i in range(rows)]
+        items = []
+        for s in seqs:
+            cache.allocate(s, len(s.tokens))
+            items.append(runner.WorkItem(seq=s, num_tokens=len(s.tokens), want_logits=True))
+        return runner.run_step_greedy(net, cache, items, greedy), runner.run_step(net, cache, items)
+
+    for rows in (GREEDY_HEAD_MIN_ROWS - 1, GREEDY_HEAD_MIN_ROWS, QMATMUL_MAX_ROWS + 4):
+        (logits, tokens), exact = step(rows, [True] * rows)
+        want = kernels.argmax(exact).tolist()
+        if rows < GREEDY_HEAD_MIN_ROWS:
+            assert tokens == [None] * rows and all(torch.equal(a, b) for a, b in zip(logits, exact))
+        else:
+            assert tokens == want and logits == [None] * rows
+    mixed = [i % 3 != 0 for i in range(QMATMUL_MAX_ROWS)]
+    (logits, tokens), exact = step(QMATMUL_MAX_ROWS, mixed)
+    assert tokens == [None] * QMATMUL_MAX_ROWS and all(torch.equal(a, b) for a, b in zip(logits, exact))
+    rows = QMATMUL_MAX_ROWS + 4
+    mixed = [i % 3 != 0 for i in range(rows)]
+    (logits, tokens), exact = step(rows, mixed)
+    want = kernels.argmax(exact).tolist()
+    assert [t for t, g in zip(tokens, mixed) if g] == [t for t, g in zip(want, mixed) if g]
+    assert all(t is None and lg.shape == (model.config.vocab_size,) for t, lg, g in zip(tokens, logits, mixed)
+               if not g)

@@ -25,7 +25,7 @@ import torch
 from .. import kernels
 from ..cache.kv import PagedKVCache, SeqKV
 from ..cache.state import StateCache
-from ..models.gemma import QMATMUL_MAX_ROWS, GemmaModel, attention, visibility_mask
+from ..models.gemma import GREEDY_HEAD_MIN_ROWS, QMATMUL_MAX_ROWS, GemmaModel, attention, visibility_mask
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -247,8 +247,10 @@ def _head(net: GemmaModel, h: torch.Tensor, greedy: list[bool] | None):
     if n == 0:
         return [], []
     # the exact greedy token from the fast head: when every row is greedy, or when the rows are too many for the
-    # exact kernel anyway (sampled rows then take the approximate logits)
-    if greedy is not None and any(greedy) and (all(greedy) or n > QMATMUL_MAX_ROWS) and net.can_greedy_head():
+    # exact kernel anyway (sampled rows then take the approximate logits); not for a few rows, where the exact
+    # kernel's logits are as fast (the same tokens either way)
+    if (greedy is not None and any(greedy) and n >= GREEDY_HEAD_MIN_ROWS and (all(greedy) or n > QMATMUL_MAX_ROWS)
+            and net.can_greedy_head()):
         found, approx = net.greedy_head(h, want_logits=not all(greedy))
         found = found.tolist()
         if all(t >= 0 for t, g in zip(found, greedy) if g):

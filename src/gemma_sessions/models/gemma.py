@@ -49,6 +49,11 @@ BF16_DOT_MAX_ROWS = 16
 # LM-head rows above which the head is computed in float32 from dequantized tiles of this many vocabulary rows (no
 # bf16 copy of the 262k x hidden head is kept: only Model.forward-style scoring of every position gets there).
 HEAD_TILE_ROWS = 16384
+# Rows from which the engine finds greedy tokens with Linear.greedy (int8 activations, exact tokens) rather than the
+# exact kernel's logits (the same tokens): bench/head.py on the 270M, q8_head time / qmatmul time at 1, 2, 4, 5, 6
+# and 8 rows: ~1.2-1.5x, ~1.5x, ~0.9-1.3x, ~0.85x, ~0.65x, ~0.5x (the head streams its codes either way; below ~5
+# rows the exact kernel's simpler loop streams them faster).
+GREEDY_HEAD_MIN_ROWS = 5
 _PACK_LOCK = threading.Lock()  # Linear.prepare_greedy: one packing per head, whichever thread asks first
 
 
