@@ -73,7 +73,9 @@ class Linear(nn.Module):
       rounded to bf16: torch has no bf16 x bf16 -> float32 GEMM on CPU);
     - ``head=True`` (the tied LM head) with more rows: float32 products over dequantized tiles (no bf16 copy);
     - the engine's batched decode of the head (``forward_batch``) above ``QMATMUL_MAX_ROWS`` rows: as the layers
-      (``qmatmul_bf16``, then the bf16 GEMM), for throughput at many concurrent sessions.
+      (``qmatmul_bf16``, then the bf16 GEMM), for throughput at many concurrent sessions;
+    - the engine's greedy rows from ``GREEDY_HEAD_MIN_ROWS`` rows (``greedy``): the exact argmax through int8
+      activations and an error bound (``kernels.q8_head``), no logits.
 
     NOTE: prefill measured on the 270M (top-1 agreement with float32 over 640 tokens / prefill speed): bf16 GEMM
     0.988 / 1.0; the same with ffn_down's input split into hi + lo bf16 halves (one GEMM over twice the rows, ~16
