@@ -142,10 +142,10 @@ class Linear(nn.Module):
         return kernels.bf16_dot_available() and self.in_features % 32 == 0 and self.group % 16 == 0
 
     def greedy_ready(self) -> bool:
-        """Whether :meth:`greedy` runs: an int8 head with groups of 32 and no offsets (Q8_0 or symmetric), and the
-        compiled kernel with AVX512-VNNI."""
+        """Whether :meth:`greedy` runs: an int8 head on the CPU with groups of 32 and no offsets (Q8_0 or
+        symmetric), a vocabulary that is a multiple of 16, and the compiled kernel with AVX512-VNNI."""
         return (self.int8 and self.head and self.group == 32 and self.offsets is None and self.out_features % 16 == 0
-                and self.in_features % 32 == 0 and kernels.q8_head_available())
+                and self.in_features % 32 == 0 and self.codes.device.type == "cpu" and kernels.q8_head_available())
 
     def greedy(self, x: torch.Tensor, want_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The EXACT greedy token of each row of ``x @ W^T`` (the exact kernel's argmax, bit for bit), through
