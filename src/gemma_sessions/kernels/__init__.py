@@ -172,13 +172,18 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: t
                                                              scale, softcap or 0.0)
 
 
-def bf16_dot_available() -> bool:
-    """Whether :func:`qmatmul_bf16` runs (a compiled kernel with AVX512-BF16)."""
+def _built_with(key: str, probe: str) -> bool:
+    """Whether the compiled kernel exists and its build has a CPU feature (asked once, through op ``probe``)."""
     if kernel() is None:
         return False
-    if "bf16" not in _state:
-        _state["bf16"] = bool(torch.ops.gemma_sessions.bf16_dot_available())
-    return bool(_state["bf16"])
+    if key not in _state:
+        _state[key] = bool(getattr(torch.ops.gemma_sessions, probe)())
+    return bool(_state[key])
+
+
+def bf16_dot_available() -> bool:
+    """Whether :func:`qmatmul_bf16` runs (a compiled kernel with AVX512-BF16)."""
+    return _built_with("bf16", "bf16_dot_available")
 
 
 def qmatmul_bf16(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
@@ -249,11 +254,7 @@ def qk_norm_rope(qkv: torch.Tensor, q_scale: torch.Tensor | None, k_scale: torch
 
 def q8_head_available() -> bool:
     """Whether :func:`q8_head` runs (a compiled kernel with AVX512-VNNI)."""
-    if kernel() is None:
-        return False
-    if "q8" not in _state:
-        _state["q8"] = bool(torch.ops.gemma_sessions.q8_head_available())
-    return bool(_state["q8"])
+    return _built_with("q8", "q8_head_available")
 
 
 def q8_head_pack(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
