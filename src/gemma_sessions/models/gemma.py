@@ -50,9 +50,9 @@ BF16_DOT_MAX_ROWS = 16
 # bf16 copy of the 262k x hidden head is kept: only Model.forward-style scoring of every position gets there).
 HEAD_TILE_ROWS = 16384
 # Rows from which the engine finds greedy tokens with Linear.greedy (int8 activations, exact tokens) rather than the
-# exact kernel's logits (the same tokens): bench/head.py on the 270M, q8_head time / qmatmul time at 1, 2, 4, 5, 6
-# and 8 rows: ~1.2-1.5x, ~1.5x, ~0.9-1.3x, ~0.85x, ~0.65x, ~0.5x (the head streams its codes either way; below ~5
-# rows the exact kernel's simpler loop streams them faster).
+# exact kernel's logits (the same tokens): bench/head.py on the 270M, q8_head time / qmatmul time over four runs at
+# 1, 2, 4, 5, 6 and 8 rows: 1.0-1.8x, 1.5x, 0.8-1.3x, 0.85-1.0x, 0.6x, 0.5-0.7x (the head streams its codes either
+# way; below ~5 rows the exact kernel's simpler loop streams them as fast or faster).
 GREEDY_HEAD_MIN_ROWS = 5
 _PACK_LOCK = threading.Lock()  # Linear.prepare_greedy: one packing per head, whichever thread asks first
 
