@@ -128,9 +128,13 @@ def summary_text(s: dict) -> str:
     lines = []
     if "target_ours16_over_ours1_6x" in s:
         t1, t2 = s["target_ours16_over_ours1_6x"], s["target_ours16_over_llama16_2x"]
-        sc, v = s["ours_scaling"].get(16), s["ours_over_llama"].get(16)
-        lines.append(f"ours(16) / ours(1) = {C.fmt(sc, 2)}x (target >= 6x: {'ok' if t1 else 'MISS'})")
-        lines.append(f"ours(16) / llama.cpp(16) = {C.fmt(v, 2)}x (target >= 2x: {'ok' if t2 else 'MISS'})")
+        sc, v = s.get("ours_scaling", {}).get(16), s["ours_over_llama"].get(16)
+
+        def verdict(t):  # None: a side of the ratio was not run (N=1, or an engine)
+            return "not judged" if t is None else "ok" if t else "MISS"
+
+        lines.append(f"ours(16) / ours(1) = {C.fmt(sc, 2)}x (target >= 6x: {verdict(t1)})")
+        lines.append(f"ours(16) / llama.cpp(16) = {C.fmt(v, 2)}x (target >= 2x: {verdict(t2)})")
     else:
         lines.append("targets are judged at N=16 (not run in this mode): "
                      + ", ".join(f"ours/llama.cpp at N={n}: {C.fmt(v, 2)}x" for n, v in s["ours_over_llama"].items()))
