@@ -183,7 +183,8 @@ def child_ours(w: dict) -> dict:
     rss_end = C.current_rss_mb()
     engine.close()
     out = aggregate(runs)
-    out.update(rss_after_load_mb=rss_loaded, rss_end_mb=rss_end, kv_budget_mb=budget / 2**20, engine_steps=stats["steps"], preemptions=runs[-1]["preemptions"])
+    out.update(rss_after_load_mb=rss_loaded, rss_end_mb=rss_end, kv_budget_mb=budget / 2**20,
+               engine_steps=stats["steps"], preemptions=runs[-1]["preemptions"])
     return out
 
 
