@@ -501,6 +501,8 @@ def test_q8_head_refuses_non_finite_rows_and_bad_packing(q8):
     other = kernels.q8_head_pack(weight(32, 64, 32, False).codes, weight(32, 64, 32, False).scales)
     with pytest.raises(RuntimeError, match="packed weights"):
         q8(x, other, w.codes, w.scales, False)
+    with pytest.raises(RuntimeError, match="scales must be"):
+        q8(x, packed, w.codes, w.scales[:, :1].contiguous(), False)
     with pytest.raises(RuntimeError, match="N % 16"):
         kernels.q8_head_pack(weight(8, 64, 32, False).codes, weight(8, 64, 32, False).scales)
 

@@ -1106,7 +1106,7 @@ struct Q8Cand {
 template <int MB>
 static inline void q8_block(const uint8_t* wb, const float* swb, const float* awb, const int8_t* xq, int64_t K,
                             const float* sx, const int32_t* corr, const float* bx, int64_t ng, __m512* val,
-                            __m512* bnd, const uint8_t* pw, const float* ps, const float* pa) {
+                            __m512* bnd, bool prefetch) {
   __m512 accf[MB], accb[MB];
   for (int r = 0; r < MB; ++r) accf[r] = accb[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
@@ -1114,10 +1114,11 @@ static inline void q8_block(const uint8_t* wb, const float* swb, const float* aw
     __m512i w[8];
     for (int j = 0; j < 8; ++j) w[j] = _mm512_loadu_si512(wg + j);
     const __m512 s = _mm512_loadu_ps(swb + g * 16), a = _mm512_loadu_ps(awb + g * 16);
-    if (pw != nullptr) {  // a later block's weights into L2 (see Q8_PREFETCH)
-      for (int j = 0; j < 8; ++j) _mm_prefetch(reinterpret_cast<const char*>(pw + g * 512 + 64 * j), _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(ps + g * 16), _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(pa + g * 16), _MM_HINT_T1);
+    if (prefetch) {  // the block Q8_PREFETCH ahead: its weights, scales and |W| sums into L2
+      const uint8_t* pw = wb + Q8_PREFETCH * 16 * K + g * 512;
+      for (int j = 0; j < 8; ++j) _mm_prefetch(reinterpret_cast<const char*>(pw + 64 * j), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(swb + (Q8_PREFETCH * ng + g) * 16), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(awb + (Q8_PREFETCH * ng + g) * 16), _MM_HINT_T1);
     }
     __m512i a0[MB], a1[MB];
     for (int r = 0; r < MB; ++r) {
@@ -1162,6 +1163,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q8_head(const at::Tensor& x_in, c
   const int64_t M = x_in.size(0), K = x_in.size(1), N = codes_in.size(0), ng = K / 32;
   TORCH_CHECK(codes_in.dim() == 2 && codes_in.size(1) == K && K % 32 == 0 && N % 16 == 0,
               "q8_head: codes must be [N, K] with N % 16 == 0 and K % 32 == 0");
+  TORCH_CHECK(scales_in.scalar_type() == at::kFloat && scales_in.dim() == 2 && scales_in.size(0) == N &&
+              scales_in.size(1) == ng, "q8_head: scales must be float32 [N, K/32]");
   TORCH_CHECK(wq.scalar_type() == at::kByte && wq.numel() == N * K && wq.is_contiguous() &&
               sw.numel() == N * ng && aw.numel() == N * ng && sw.is_contiguous() && aw.is_contiguous(),
               "q8_head: packed weights do not match the codes (q8_head_pack)");
@@ -1221,8 +1224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q8_head(const at::Tensor& x_in, c
           if constexpr (R <= Q8_MB)
             q8_block<R>(wb, swp + nb * ng * 16, awp + nb * ng * 16, xq.data() + m0 * K, K, sx.data() + m0 * ng,
                         corr.data() + m0 * ng, bx.data() + m0 * ng, ng, val, bnd,
-                        m0 == 0 && M >= 4 && nb + Q8_PREFETCH < end ? wb + Q8_PREFETCH * 16 * K : nullptr,
-                        swp + (nb + Q8_PREFETCH) * ng * 16, awp + (nb + Q8_PREFETCH) * ng * 16);
+                        m0 == 0 && M >= 4 && nb + Q8_PREFETCH < end);
         });
         for (int64_t r = 0; r < mb; ++r) {
           const int64_t m = m0 + r;
