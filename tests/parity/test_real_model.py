@@ -57,7 +57,7 @@ GOLDEN_WORDS = {
 def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     """Fraction of positions where two [T, vocab] logit matrices have the same argmax."""
     assert a.shape == b.shape, (a.shape, b.shape)
-    return (a.argmax(-1) == b.argmax(-1)).double().mean().item()
+    return (a.argmax(-1).cpu() == b.argmax(-1).cpu()).double().mean().item()  # the model may be on cuda
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -116,12 +116,12 @@ def int8_decode_logits(real_model_fast, text_ids) -> torch.Tensor:
     net, n = real_model_fast.net, len(text_ids)
     kv = net.new_sequence(n)
     with torch.inference_mode():
-        return torch.cat([net.step(torch.tensor([t]), kv) for t in text_ids])
+        return torch.cat([net.step(torch.tensor([t], device=real_model_fast.device), kv) for t in text_ids])
 
 
 @pytest.fixture(scope="module")
-def bf16_logits(real_model_path, text_ids) -> torch.Tensor:
-    model = gs.load_model(real_model_path, dtype="bfloat16", progress=False)
+def bf16_logits(real_model_path, real_model_f32, text_ids) -> torch.Tensor:
+    model = gs.load_model(real_model_path, dtype="bfloat16", device=real_model_f32.device, progress=False)
     logits = model.forward(text_ids)
     del model
     gc.collect()

