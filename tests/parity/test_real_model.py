@@ -139,7 +139,7 @@ def test_text_is_long_real_prose(text_ids, real_model_f32):
 
 def test_agreement_with_transformers(f32_logits, hf_logits):
     a = agreement(f32_logits, hf_logits)
-    diff = (f32_logits - hf_logits).abs().max().item()
+    diff = (f32_logits.cpu() - hf_logits).abs().max().item()
     scale = hf_logits.abs().max().item()
     print(f"\n[parity] top-1 agreement, ours float32 vs transformers float32: {a:.4f} over {len(f32_logits)} tokens"
           f" (max |logit diff| {diff:.3e}, logit scale {scale:.1f})")
