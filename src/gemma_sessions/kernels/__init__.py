@@ -258,8 +258,9 @@ def q8_head_available() -> bool:
 
 
 def q8_head_pack(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The LM head's weights re-laid for :func:`q8_head` (uint8 codes + 128 as ``[N/16, K/4, 16, 4]``, scales and
-    per-group sums of ``|W|`` as ``[N/16, K/32, 16]``). Codes int8 ``[N, K]``, float32 scales per group of 32."""
+    """The LM head's weights re-laid for :func:`q8_head` (uint8 codes + 128 as ``[N/16, K/4, 16, 4]``, scales as
+    ``[N/16, K/32, 16]``, and each group's largest sum of ``|W|`` over the outputs as ``[K/32]``). Codes int8
+    ``[N, K]``, float32 scales per group of 32."""
     if not q8_head_available():
         raise RuntimeError("q8_head needs the compiled kernel with AVX512-VNNI")
     return torch.ops.gemma_sessions.q8_head_pack.default(codes, scales)
@@ -268,7 +269,7 @@ def q8_head_pack(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tenso
 def q8_head(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor], codes: torch.Tensor,
             scales: torch.Tensor, want_logits: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The exact greedy token of ``x @ W^T`` (W = codes * scales, groups of 32) for each row of float32 ``x``,
-    found through an int8-activation approximation with a per-output error bound (see qmatmul.cpp). Returns
+    found through an int8-activation approximation with an error bound per row (see qmatmul.cpp). Returns
     (tokens [M] int64, -1 for a row with non-finite values; candidates [M]: exact logits computed per row;
     the approximate logits [M, N] when ``want_logits``, else None)."""
     tokens, cands, logits = torch.ops.gemma_sessions.q8_head.default(x.float(), *packed, codes, scales, want_logits)

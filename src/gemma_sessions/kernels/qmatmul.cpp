@@ -1027,20 +1027,27 @@ at::Tensor argmax_rows(const at::Tensor& x_in) {
 // quantized per group of 32 to int8 (q = round(x / s), s = max|x| / 127, as llama.cpp's Q8_0 activations), so each
 // group's product is an exact integer sum of int8 x int8 computed by AVX512-VNNI (vpdpbusd: 64 products per
 // instruction, against 32 for the bf16 kernel, and no conversion of the weights). That approximation is not the
-// exact head, but its error is bounded per output: with e = x - s q (|e| <= emax per group),
+// exact head, but its error is bounded, by one number per row for every output: with e = x - s q (|e| <= emax per
+// group),
 //
-//   |exact[n] - approx[n]| <= bound[n] = sum_g emax_g * A[n, g],   A[n, g] = sum_{k in g} |W[n, k]|
+//   |exact[n] - approx[n]| <= sum_g emax_g * A[n, g] <= bound = sum_g emax_g * max_n' A[n', g],
+//   A[n, g] = sum_{k in g} |W[n, k]|
 //
-// (plus a margin for float32 rounding of both sides: bx below). With T = max_n (approx - bound), the exact maximum
-// is among the candidates {n : approx[n] + bound[n] >= T}: their exact logits (dot_block, the very arithmetic of
+// (plus a margin for float32 rounding of both sides: bx below). With T = max_n approx[n] - bound, the exact maximum
+// is among the candidates {n : approx[n] + bound >= T}: their exact logits (dot_block, the very arithmetic of
 // qmatmul, hence of a decode row alone) decide, ties to the lowest index as torch.argmax. So the token is the
 // exact head's greedy token, bit for bit, whatever the row count. Candidates are found in one pass: each thread
 // keeps a running max of approx - bound per row and records outputs whose approx + bound reaches it; the final
 // threshold (the max over threads) filters the records.
 //
+// The bound per output (A[n, g] in place of its max over n) is tighter, ~4 candidates per row on the 270M's real
+// hidden states against ~9, but it cost a multiply-add per row, group and 16 outputs in the loop: ~13 vector
+// instructions per 8 vpdpbusd where there are now 10. One bound per row made the 16-row head ~15% faster
+// (bench/head.py); the extra exact logits cost microseconds.
+//
 // Weights are re-laid once (q8_head_pack): codes + 128 as uint8 [N/16][K/4][16][4] (16 outputs per vector, 4
-// inputs per lane: vpdpbusd's layout), scales and A as [N/16][K/32][16]. Needs AVX512-VNNI, G = 32, no offsets
-// (a Q8_0 or symmetric head), N % 16 == 0.
+// inputs per lane: vpdpbusd's layout), scales as [N/16][K/32][16], and max_n A[n, g] as [K/32]. Needs AVX512-VNNI,
+// G = 32, no offsets (a Q8_0 or symmetric head), N % 16 == 0.
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
 constexpr bool kQ8Head = true;
 #else
@@ -1055,7 +1062,7 @@ bool q8_head_available() { return kQ8Head; }
 // thread for the 270M's head at 16 rows (distances 1-16 blocks within noise; the L1 hint gained nothing). Below 4
 // rows the call is bound by memory alone and the hardware prefetcher does better by itself (1 row: ~5 vs ~8 ms).
 constexpr int64_t Q8_PREFETCH = 8;
-constexpr int64_t Q8_MB = 4;  // rows per block: 2 x 4 chains + 4 value + 4 bound accumulators + 8 weight vectors
+constexpr int64_t Q8_MB = 8;  // rows per block: 8 chains + 8 value accumulators + 8 weight vectors
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> q8_head_pack(const at::Tensor& codes_in, const at::Tensor& scales_in) {
   TORCH_CHECK(codes_in.dim() == 2 && codes_in.scalar_type() == at::kChar, "q8_head_pack: codes must be int8 [N, K]");
@@ -1067,12 +1074,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q8_head_pack(const at::Tensor& co
   const at::Tensor codes = codes_in.contiguous(), scales = scales_in.contiguous();
   at::Tensor wq = at::empty({N / 16, K / 4, 16, 4}, codes.options().dtype(at::kByte));
   at::Tensor sw = at::empty({N / 16, ng, 16}, scales.options());
-  at::Tensor aw = at::empty({N / 16, ng, 16}, scales.options());
+  at::Tensor a_all = at::empty({N, ng}, scales.options());  // sum |W| per output and group
   const int8_t* cp = codes.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   uint8_t* wp = wq.data_ptr<uint8_t>();
   float* swp = sw.data_ptr<float>();
-  float* awp = aw.data_ptr<float>();
+  float* awp = a_all.data_ptr<float>();
   par_for(0, N / 16, 16, [&](int64_t b, int64_t e) {
     for (int64_t nb = b; nb < e; ++nb) {
       for (int64_t j = 0; j < 16; ++j) {
@@ -1086,12 +1093,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q8_head_pack(const at::Tensor& co
           const float s = sp[n * ng + g];
           swp[(nb * ng + g) * 16 + j] = s;
           // rounded up: the bound must not be smaller than the real sum of |W|
-          awp[(nb * ng + g) * 16 + j] = static_cast<float>(static_cast<double>(std::abs(s)) * a * (1.0 + 1e-6));
+          awp[n * ng + g] = static_cast<float>(static_cast<double>(std::abs(s)) * a * (1.0 + 1e-6));
         }
       }
     }
   });
-  return {wq, sw, aw};
+  return {wq, sw, std::get<0>(a_all.max(0))};  // aw: the largest sum |W| of each group over the outputs
 }
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
@@ -1100,52 +1107,39 @@ struct Q8Cand {
   float hi;
 };
 
-// MB rows (int8 x [MB][K], per-row group data [MB][ng]) against one block of 16 outputs: approx and bound vectors.
-// Each row's group sum runs as two chains of 4 vpdpbusd (even and odd quads), the rows' chains interleaved: one
-// chain of 8 per row left the VNNI unit waiting on its latency (~35% slower).
+// MB rows (int8 x [MB][K], per-row group data [MB][ng]) against one block of 16 outputs: the approximate logits.
+// Each row's group sum is one chain of 8 vpdpbusd, the rows' chains interleaved (up to 8 rows: 8 chains in flight
+// cover the instruction's latency; with 4 rows, two chains per row were needed, and merging them cost an add).
 template <int MB>
-static inline void q8_block(const uint8_t* wb, const float* swb, const float* awb, const int8_t* xq, int64_t K,
-                            const float* sx, const int32_t* corr, const float* bx, int64_t ng, __m512* val,
-                            __m512* bnd, bool prefetch) {
-  __m512 accf[MB], accb[MB];
-  for (int r = 0; r < MB; ++r) accf[r] = accb[r] = _mm512_setzero_ps();
+static inline void q8_block(const uint8_t* wb, const float* swb, const int8_t* xq, int64_t K, const float* sx,
+                            const int32_t* corr, int64_t ng, __m512* val, bool prefetch) {
+  __m512 accf[MB];
+  for (int r = 0; r < MB; ++r) accf[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
     const __m512i* wg = reinterpret_cast<const __m512i*>(wb + g * 8 * 64);
     __m512i w[8];
     for (int j = 0; j < 8; ++j) w[j] = _mm512_loadu_si512(wg + j);
-    const __m512 s = _mm512_loadu_ps(swb + g * 16), a = _mm512_loadu_ps(awb + g * 16);
-    if (prefetch) {  // the block Q8_PREFETCH ahead: its weights, scales and |W| sums into L2
+    const __m512 s = _mm512_loadu_ps(swb + g * 16);
+    if (prefetch) {  // the block Q8_PREFETCH ahead: its weights and scales into L2
       const uint8_t* pw = wb + Q8_PREFETCH * 16 * K + g * 512;
       for (int j = 0; j < 8; ++j) _mm_prefetch(reinterpret_cast<const char*>(pw + 64 * j), _MM_HINT_T1);
       _mm_prefetch(reinterpret_cast<const char*>(swb + (Q8_PREFETCH * ng + g) * 16), _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(awb + (Q8_PREFETCH * ng + g) * 16), _MM_HINT_T1);
     }
-    __m512i a0[MB], a1[MB];
-    for (int r = 0; r < MB; ++r) {
-      a0[r] = _mm512_set1_epi32(corr[r * ng + g]);  // -128 * sum(q): the +128 of the unsigned weights
-      a1[r] = _mm512_setzero_si512();
-    }
-    for (int j = 0; j < 8; j += 2) {
+    __m512i a0[MB];
+    for (int r = 0; r < MB; ++r) a0[r] = _mm512_set1_epi32(corr[r * ng + g]);  // -128 * sum(q): the +128 of the weights
+    for (int j = 0; j < 8; ++j) {
       for (int r = 0; r < MB; ++r) {
-        const int8_t* xr = xq + r * K + g * 32 + 4 * j;
-        int32_t q0, q1;
-        std::memcpy(&q0, xr, 4);
-        std::memcpy(&q1, xr + 4, 4);
+        int32_t q0;
+        std::memcpy(&q0, xq + r * K + g * 32 + 4 * j, 4);
         a0[r] = _mm512_dpbusd_epi32(a0[r], w[j], _mm512_set1_epi32(q0));
-        a1[r] = _mm512_dpbusd_epi32(a1[r], w[j + 1], _mm512_set1_epi32(q1));
       }
     }
     for (int r = 0; r < MB; ++r) {
-      const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0[r], a1[r])),
-                                     _mm512_set1_ps(sx[r * ng + g]));
+      const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(a0[r]), _mm512_set1_ps(sx[r * ng + g]));
       accf[r] = _mm512_fmadd_ps(f, s, accf[r]);
-      accb[r] = _mm512_fmadd_ps(_mm512_set1_ps(bx[r * ng + g]), a, accb[r]);
     }
   }
-  for (int r = 0; r < MB; ++r) {
-    val[r] = accf[r];
-    bnd[r] = accb[r];
-  }
+  for (int r = 0; r < MB; ++r) val[r] = accf[r];
 }
 
 static inline float hmax(__m512 v) { return _mm512_reduce_max_ps(v); }
@@ -1166,7 +1160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q8_head(const at::Tensor& x_in, c
   TORCH_CHECK(scales_in.scalar_type() == at::kFloat && scales_in.dim() == 2 && scales_in.size(0) == N &&
               scales_in.size(1) == ng, "q8_head: scales must be float32 [N, K/32]");
   TORCH_CHECK(wq.scalar_type() == at::kByte && wq.numel() == N * K && wq.is_contiguous() &&
-              sw.numel() == N * ng && aw.numel() == N * ng && sw.is_contiguous() && aw.is_contiguous(),
+              sw.numel() == N * ng && aw.numel() == ng && sw.is_contiguous() && aw.is_contiguous(),
               "q8_head: packed weights do not match the codes (q8_head_pack)");
   const at::Tensor x = x_in.contiguous(), codes = codes_in.contiguous(), scales = scales_in.contiguous();
   at::Tensor token = at::full({M}, -1, x.options().dtype(at::kLong));
@@ -1203,9 +1197,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q8_head(const at::Tensor& x_in, c
       bx[m * ng + g] = emax * (1.f + 1e-6f) + 1e-3f * s;
     }
   }
+  // one bound per row for every output: sum_g bx_g * (the largest sum |W| of group g), rounded up
+  const float* awp = aw.data_ptr<float>();
+  std::vector<float> brow(M, 0.f);
+  for (int64_t m = 0; m < M; ++m) {
+    double b = 0.0;
+    for (int64_t g = 0; g < ng; ++g) b += static_cast<double>(bx[m * ng + g]) * awp[g];
+    brow[m] = static_cast<float>(b * (1.0 + 1e-6));
+  }
   const uint8_t* wp = wq.data_ptr<uint8_t>();
   const float* swp = sw.data_ptr<float>();
-  const float* awp = aw.data_ptr<float>();
   float* lp = want_logits ? logits.data_ptr<float>() : nullptr;
   std::mutex mu;
   std::vector<float> thr_all(M, -INFINITY);
@@ -1214,7 +1215,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q8_head(const at::Tensor& x_in, c
     std::vector<__m512> tv(M, _mm512_set1_ps(-INFINITY));
     std::vector<float> thr(M, -INFINITY);
     std::vector<Q8Cand> mine;
-    __m512 val[Q8_MB], bnd[Q8_MB];
+    __m512 val[Q8_MB];
     for (int64_t nb = begin; nb < end; ++nb) {
       const uint8_t* wb = wp + nb * 16 * K;
       for (int64_t m0 = 0; m0 < M; m0 += Q8_MB) {
@@ -1222,14 +1223,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q8_head(const at::Tensor& x_in, c
         with_rows(mb, [&](auto rows) {
           constexpr int R = decltype(rows)::value;
           if constexpr (R <= Q8_MB)
-            q8_block<R>(wb, swp + nb * ng * 16, awp + nb * ng * 16, xq.data() + m0 * K, K, sx.data() + m0 * ng,
-                        corr.data() + m0 * ng, bx.data() + m0 * ng, ng, val, bnd,
-                        m0 == 0 && M >= 4 && nb + Q8_PREFETCH < end);
+            q8_block<R>(wb, swp + nb * ng * 16, xq.data() + m0 * K, K, sx.data() + m0 * ng, corr.data() + m0 * ng,
+                        ng, val, m0 == 0 && M >= 4 && nb + Q8_PREFETCH < end);
         });
         for (int64_t r = 0; r < mb; ++r) {
           const int64_t m = m0 + r;
           if (lp != nullptr) _mm512_storeu_ps(lp + m * N + nb * 16, val[r]);
-          const __m512 lo = _mm512_sub_ps(val[r], bnd[r]), hi = _mm512_add_ps(val[r], bnd[r]);
+          const __m512 bnd = _mm512_set1_ps(brow[m]);
+          const __m512 lo = _mm512_sub_ps(val[r], bnd), hi = _mm512_add_ps(val[r], bnd);
           tv[m] = _mm512_max_ps(tv[m], lo);
           __mmask16 k = _mm512_cmp_ps_mask(hi, _mm512_set1_ps(thr[m]), _CMP_GE_OQ);
           if (k == 0) continue;

@@ -151,7 +151,7 @@ class Linear(nn.Module):
         """The EXACT greedy token of each row of ``x @ W^T`` (the exact kernel's argmax, bit for bit), through
         ``kernels.q8_head``: int8 activations, VNNI products, then exact logits for the few outputs the error bound
         cannot rule out. Returns (tokens [M] int64, -1 for a row with non-finite values; the approximate float32
-        logits [M, vocab] when ``want_logits``, else None). The re-laid weights (~1.25x the codes) are made on first
+        logits [M, vocab] when ``want_logits``, else None). The re-laid weights (~1.125x the codes) are made on first
         use (:meth:`prepare_greedy`)."""
         tokens, _, logits = kernels.q8_head(x, self.prepare_greedy(), self.codes, self.scales, want_logits)
         return tokens, logits
