@@ -220,12 +220,13 @@ def test_fast_mode_decode_rows_do_not_depend_on_prefill_in_their_step():
     assert not mixed and any(f == [1] for f in forwards) and any(max(f) > 1 for f in forwards[1:])
 
 
-@pytest.mark.parametrize("rows", [5, 12])
+@pytest.mark.parametrize("rows", [5, 12, 40])
 @pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3"])
 def test_fast_mode_decode_stack_equals_the_layer_loop(arch, rows, monkeypatch):
     """A decode step runs every layer in one compiled call (kernels.decode_stack): up to 8 rows with the exact kernel,
-    up to 16 with qmatmul_bf16. Its logits and the K/V it writes equal the Python layer loop's bit for bit, for
-    Gemma 1, 2 (softcaps) and 3 (q/k norms), over pages (block size 4, sliding windows of the tiny configs)."""
+    then qmatmul_i16 (up to 64 rows) or, without it, qmatmul_bf16 (up to 16). Its logits and the K/V it writes
+    equal the Python layer loop's bit for bit, for Gemma 1, 2 (softcaps) and 3 (q/k norms), over pages (block size
+    4, sliding windows of the tiny configs)."""
     from gemma_sessions import kernels
     from gemma_sessions.cache.kv import PagedKVCache
     from gemma_sessions.engine import runner
@@ -235,14 +236,14 @@ def test_fast_mode_decode_stack_equals_the_layer_loop(arch, rows, monkeypatch):
     model = tiny_model(arch, seed=11, weight_format="int8")
     net = model.net
     if not net.can_decode_stack(rows):
-        pytest.skip(f"no decode stack for {rows} rows here (qmatmul_bf16 needs AVX512-BF16)")
+        pytest.skip(f"no decode stack for {rows} rows here (qmatmul_i16 needs AVX512-VNNI, qmatmul_bf16 AVX512-BF16)")
     calls = []
     real = net.hidden_decode_stack
     monkeypatch.setattr(net, "hidden_decode_stack", lambda *a: calls.append(1) or real(*a))
 
     def run(use_stack: bool):
         monkeypatch.setattr(net, "can_decode_stack", lambda n: use_stack)
-        cache = PagedKVCache(KVLayout.for_config(model.config, 4), 2048, torch.bfloat16, model.device)
+        cache = PagedKVCache(KVLayout.for_config(model.config, 4), 8192, torch.bfloat16, model.device)
         cache.flat.zero_()  # pages start uninitialised; compare only what the steps wrote
         seqs = [cache.start(_prompt(i, 5 + 6 * i)) for i in range(rows)]
         for s in seqs:  # prefill each alone

@@ -97,6 +97,7 @@ class Engine:
             self._run = run_step_greedy
             if model.net.can_greedy_head():  # the greedy head's re-laid weights now, not in a first request's TTFT
                 model.net.embed.prepare_greedy()
+            model.net.prepare_i16()  # likewise the layers' layout for batched steps (where qmatmul_i16 runs)
         else:
             raise UnsupportedModelError(f"the engine cannot serve {model.config.architecture}")
         self.on_spill = on_spill

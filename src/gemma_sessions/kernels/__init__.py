@@ -214,18 +214,19 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.ops.gemma_sessions.argmax.default(logits)
 
 
-def decode_stack(x: torch.Tensor, lin: list, groups: list, norms: list, final_norm: torch.Tensor, cos: list,
-                 sin: list, flat: torch.Tensor, off_k: list, off_v: list, layer_group: list, write: list, table: list,
-                 start: list, lengths: list, block: int, page_stride: int, scale: float, softcap: float | None,
-                 hq: int, hkv: int, eps: float, exact_rows: int) -> torch.Tensor:
+def decode_stack(x: torch.Tensor, lin: list, wide: list, groups: list, norms: list, final_norm: torch.Tensor,
+                 cos: list, sin: list, flat: torch.Tensor, off_k: list, off_v: list, layer_group: list, write: list,
+                 table: list, start: list, lengths: list, block: int, page_stride: int, scale: float,
+                 softcap: float | None, hq: int, hkv: int, eps: float, exact_rows: int) -> torch.Tensor:
     """All decoder layers of a decode step over the paged KV cache in one compiled call (the fast mode's kernels in
     the order ``GemmaModel._hidden_fused`` runs them with ``PagedBatch.attend``; same bits): products run ``qmatmul``
-    up to ``exact_rows`` rows, ``qmatmul_bf16`` beyond.
+    up to ``exact_rows`` rows, beyond ``qmatmul_i16`` on ``wide`` (the products' :func:`i16_pack` layouts, 12
+    tensors per layer) or, with ``wide`` empty, ``qmatmul_bf16``.
     Writes the step's K/V into ``flat``; returns the final-normed hidden ``[M, hidden]``. Absent tensors (offsets,
     norms) are empty tensors. Requires the kernel (callers check :func:`available`)."""
     return torch.ops.gemma_sessions.decode_stack.default(
-        x, lin, groups, norms, final_norm, cos, sin, flat, off_k, off_v, layer_group, write, table, start, lengths,
-        block, page_stride, scale, softcap or 0.0, hq, hkv, eps, exact_rows)
+        x, lin, wide, groups, norms, final_norm, cos, sin, flat, off_k, off_v, layer_group, write, table, start,
+        lengths, block, page_stride, scale, softcap or 0.0, hq, hkv, eps, exact_rows)
 
 
 def geglu(gate_up: torch.Tensor) -> torch.Tensor:
@@ -250,6 +251,28 @@ def qk_norm_rope(qkv: torch.Tensor, q_scale: torch.Tensor | None, k_scale: torch
     rotate_half's signs; tables ``[N, D]``) to q and k; float32 on the CPU, one compiled pass. Requires the kernel
     (the model's torch path, ``Attention.forward``, is the same math)."""
     return torch.ops.gemma_sessions.qk_norm_rope.default(qkv, q_scale, k_scale, cos, sin, hq, hkv, eps)
+
+
+def i16_available() -> bool:
+    """Whether :func:`qmatmul_i16` runs (a compiled kernel with AVX512-VNNI and AVX512-BW)."""
+    return _built_with("i16", "i16_available")
+
+
+def i16_pack(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+             group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Grouped int8 weights re-laid for :func:`qmatmul_i16`: codes as ``[N/16, K/2, 16, 2]`` (16 outputs across a
+    vector's lanes, 2 inputs per lane), scales and offsets (empty without) as ``[N/16, K/G, 16]``. N % 16 == 0 and
+    an even group of at most 512."""
+    if not i16_available():
+        raise RuntimeError("qmatmul_i16 needs the compiled kernel with AVX512-VNNI")
+    return torch.ops.gemma_sessions.i16_pack.default(codes, scales, offsets, group)
+
+
+def qmatmul_i16(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor], group: int) -> torch.Tensor:
+    """float32 ``x [M, K] @ W^T -> [M, N]`` with x rounded to int16 (one scale per row: an error of at most
+    max|x| / 65534 per element) and W's own codes, group sums exact in int32 (see qmatmul.cpp). A row with a
+    non-finite value gives NaN. ``packed`` is :func:`i16_pack`'s."""
+    return torch.ops.gemma_sessions.qmatmul_i16.default(x.float(), *packed, group)
 
 
 def q8_head_available() -> bool:

@@ -474,6 +474,172 @@ at::Tensor qmatmul_bf16(const at::Tensor& x_in, const at::Tensor& codes_in, cons
   return out;
 }
 
+// qmatmul_i16: products of more rows than the exact kernel takes (the engine's batched decode, short prefill
+// chunks; up to ~64 rows, where torch's bf16 GEMM starts to win) with int16 activations
+// and the weights' own integer codes. x is rounded to int16 with one scale per row (s = max|x| / 32767: an error of
+// at most max|x| / 65534 per element, where bf16 rounding errs by up to |x| / 512 per element), the codes are used
+// as they are (bf16 rounding of the dequantized weights is gone), and AVX512-VNNI's vpdpwssd sums each group's
+// int16 x int16 products exactly in int32 (32 products per instruction, as vdpbf16ps); per group, the sum times
+// the group's scale is added in float32 (and offset * sum(x) for the types with offsets). Weights are re-laid once
+// (i16_pack) with 16 outputs across a vector's lanes and 2 inputs per lane, vpdpwssd's layout, so no row sum across
+// lanes is needed at the end (the bf16 kernel's per-output horizontal sums were a fifth of its instructions).
+// Needs N % 16 == 0 and an even group size of at most 512 dividing K (so a lane's int32 sum of G products of
+// |x| <= 32767 and |code| <= 128 cannot overflow).
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+constexpr bool kI16 = true;
+#else
+constexpr bool kI16 = false;
+#endif
+
+bool i16_available() { return kI16; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> i16_pack(const at::Tensor& codes_in, const at::Tensor& scales_in,
+                                                        const c10::optional<at::Tensor>& offsets_in, int64_t G) {
+  TORCH_CHECK(codes_in.dim() == 2 && codes_in.scalar_type() == at::kChar, "i16_pack: codes must be int8 [N, K]");
+  const int64_t N = codes_in.size(0), K = codes_in.size(1);
+  TORCH_CHECK(N % 16 == 0 && G > 0 && G <= 512 && G % 2 == 0 && K % G == 0, "i16_pack: N % 16 must be 0 and the ",
+              "group size ", G, " even, at most 512 and a divisor of K=", K);
+  const int64_t ng = K / G;
+  TORCH_CHECK(scales_in.scalar_type() == at::kFloat && scales_in.dim() == 2 && scales_in.size(0) == N &&
+              scales_in.size(1) == ng, "i16_pack: scales must be float32 [N, K/G]");
+  const bool has_off = offsets_in.has_value() && offsets_in->defined() && offsets_in->numel() > 0;
+  if (has_off)
+    TORCH_CHECK(offsets_in->scalar_type() == at::kFloat && offsets_in->sizes() == scales_in.sizes(),
+                "i16_pack: offsets must be float32 [N, K/G]");
+  const at::Tensor codes = codes_in.contiguous(), scales = scales_in.contiguous();
+  const at::Tensor offsets = has_off ? offsets_in->contiguous() : at::Tensor();
+  at::Tensor wq = at::empty({N / 16, K / 2, 16, 2}, codes.options());
+  at::Tensor sw = at::empty({N / 16, ng, 16}, scales.options());
+  at::Tensor ow = has_off ? at::empty({N / 16, ng, 16}, scales.options()) : at::empty({0}, scales.options());
+  const int8_t* cp = codes.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const float* op = has_off ? offsets.data_ptr<float>() : nullptr;
+  int8_t* wp = wq.data_ptr<int8_t>();
+  float* swp = sw.data_ptr<float>();
+  float* owp = has_off ? ow.data_ptr<float>() : nullptr;
+  par_for(0, N / 16, 16, [&](int64_t b, int64_t e) {
+    for (int64_t nb = b; nb < e; ++nb)
+      for (int64_t j = 0; j < 16; ++j) {
+        const int64_t n = nb * 16 + j;
+        for (int64_t k = 0; k < K; ++k) wp[((nb * (K / 2) + k / 2) * 16 + j) * 2 + k % 2] = cp[n * K + k];
+        for (int64_t g = 0; g < ng; ++g) {
+          swp[(nb * ng + g) * 16 + j] = sp[n * ng + g];
+          if (has_off) owp[(nb * ng + g) * 16 + j] = op[n * ng + g];
+        }
+      }
+  });
+  return {wq, sw, ow};
+}
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+constexpr int64_t I16_MB = 8;  // rows per pass: 8 int32 chains + 8 float accumulators + the weight vector
+
+// MB rows of int16 x ([MB][K], one scale per row applied by the caller) against one block of 16 outputs.
+template <int MB, bool OFF>
+static inline void i16_block(const int8_t* wb, const float* sb, const float* ob, const int16_t* xq, int64_t K,
+                             int64_t G, int64_t ng, const float* xs, __m512* out) {
+  __m512 facc[MB];
+  for (int r = 0; r < MB; ++r) facc[r] = _mm512_setzero_ps();
+  const int64_t P = G / 2;
+  for (int64_t g = 0; g < ng; ++g) {
+    __m512i iacc[MB];
+    for (int r = 0; r < MB; ++r) iacc[r] = _mm512_setzero_si512();
+    const int8_t* wg = wb + g * P * 32;
+    const int16_t* xg = xq + g * G;
+    for (int64_t p = 0; p < P; ++p) {
+      const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + p * 32)));
+      for (int r = 0; r < MB; ++r) {
+        int32_t xx;
+        std::memcpy(&xx, xg + r * K + 2 * p, 4);
+        iacc[r] = _mm512_dpwssd_epi32(iacc[r], w, _mm512_set1_epi32(xx));
+      }
+    }
+    const __m512 s = _mm512_loadu_ps(sb + g * 16);
+    for (int r = 0; r < MB; ++r) facc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r]), s, facc[r]);
+    if constexpr (OFF) {
+      const __m512 o = _mm512_loadu_ps(ob + g * 16);
+      for (int r = 0; r < MB; ++r) facc[r] = _mm512_fmadd_ps(o, _mm512_set1_ps(xs[r * ng + g]), facc[r]);
+    }
+  }
+  for (int r = 0; r < MB; ++r) out[r] = facc[r];
+}
+#endif
+
+at::Tensor qmatmul_i16(const at::Tensor& x_in, const at::Tensor& wq, const at::Tensor& sw, const at::Tensor& ow,
+                       int64_t G) {
+  TORCH_CHECK(kI16, "qmatmul_i16: this build has no AVX512-VNNI");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "qmatmul_i16: x must be float32 [M, K]");
+  const int64_t M = x_in.size(0), K = x_in.size(1);
+  TORCH_CHECK(wq.dim() == 4 && wq.scalar_type() == at::kChar && wq.size(1) * 2 == K && wq.size(2) == 16 &&
+              wq.size(3) == 2 && wq.is_contiguous(), "qmatmul_i16: packed codes must be [N/16, K/2, 16, 2] (i16_pack)");
+  TORCH_CHECK(G > 0 && G <= 512 && G % 2 == 0 && K % G == 0, "qmatmul_i16: group size ", G,
+              " must be even, at most 512 and divide K=", K);
+  const int64_t NB = wq.size(0), N = NB * 16, ng = K / G;
+  TORCH_CHECK(sw.scalar_type() == at::kFloat && sw.numel() == NB * ng * 16 && sw.is_contiguous(),
+              "qmatmul_i16: packed scales do not match the codes (i16_pack)");
+  const bool has_off = ow.defined() && ow.numel() > 0;
+  TORCH_CHECK(!has_off || (ow.scalar_type() == at::kFloat && ow.numel() == sw.numel() && ow.is_contiguous()),
+              "qmatmul_i16: packed offsets do not match the scales (i16_pack)");
+  at::Tensor out = at::empty({M, N}, x_in.options());
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  const at::Tensor x = x_in.contiguous();
+  const float* xp = x.data_ptr<float>();
+  std::vector<int16_t> xq(M * K);
+  std::vector<float> sx(M), xs(has_off ? M * ng : 0);
+  std::vector<char> finite(M, 1);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = xp + m * K;
+    float amax = 0.f;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::abs(xr[k]));
+    if (!std::isfinite(amax)) {
+      finite[m] = 0;
+      amax = 0.f;
+    }
+    const float s = amax / 32767.f, inv = amax > 0.f ? 32767.f / amax : 0.f;
+    sx[m] = s;
+    for (int64_t k = 0; k < K; ++k)
+      xq[m * K + k] = static_cast<int16_t>(std::clamp(static_cast<int>(std::nearbyint(xr[k] * inv)), -32767, 32767));
+    for (int64_t g = 0; g < static_cast<int64_t>(has_off ? ng : 0); ++g) {
+      float acc = 0.f;
+      for (int64_t k = g * G; k < g * G + G; ++k) acc += xr[k];
+      xs[m * ng + g] = s > 0.f ? acc / s : 0.f;  // in units of s, as the int sums: the caller's * s restores it
+    }
+  }
+  const int8_t* wp = wq.data_ptr<int8_t>();
+  const float* swp = sw.data_ptr<float>();
+  const float* owp = has_off ? ow.data_ptr<float>() : nullptr;
+  float* outp = out.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K * std::max<int64_t>(M, 1), 1));
+  // rows per pass, balanced (9 rows: 5 + 4, not 8 + 1, whose lone chain waits on the instruction's latency)
+  const int64_t passes = (M + I16_MB - 1) / I16_MB, pass = passes > 0 ? (M + passes - 1) / passes : 1;
+  par_for(0, NB, grain, [&](int64_t begin, int64_t end) {
+    __m512 acc[I16_MB];
+    for (int64_t nb = begin; nb < end; ++nb) {
+      const int8_t* wb = wp + nb * 16 * K;
+      for (int64_t m0 = 0; m0 < M; m0 += pass) {
+        const int64_t mb = std::min(pass, M - m0);
+        with_rows(mb, [&](auto rows) {
+          constexpr int R = decltype(rows)::value;
+          if constexpr (R <= I16_MB) {
+            if (has_off)
+              i16_block<R, true>(wb, swp + nb * ng * 16, owp + nb * ng * 16, xq.data() + m0 * K, K, G, ng,
+                                 xs.data() + m0 * ng, acc);
+            else
+              i16_block<R, false>(wb, swp + nb * ng * 16, nullptr, xq.data() + m0 * K, K, G, ng, nullptr, acc);
+          }
+        });
+        for (int64_t r = 0; r < mb; ++r) {
+          const int64_t m = m0 + r;
+          const __m512 v = finite[m] ? _mm512_mul_ps(acc[r], _mm512_set1_ps(sx[m])) : _mm512_set1_ps(NAN);
+          _mm512_storeu_ps(outp + m * N + nb * 16, v);
+        }
+      }
+    }
+  });
+#endif
+  return out;
+}
+
 // Gemma's per-row normalisation with scale (1 + w), over D floats: out = x * rsqrt(mean(x^2) + eps) * scale.
 static inline void norm_row(const float* x, const float* scale, int64_t D, float eps, float* out) {
   int64_t i = 0;
@@ -1275,7 +1441,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q8_head(const at::Tensor& x_in, c
 
 // decode_stack: every decoder layer of a decode step (one new token per row, the paged KV cache) in one call: the
 // same kernels, in the same order, as GemmaModel._hidden_fused with PagedBatch.attend (so the same bits): products
-// of up to 8 rows run qmatmul, larger ones qmatmul_bf16 (the caller checks that Linear.forward chooses them too),
+// of up to 8 rows run qmatmul, larger ones qmatmul_i16 (wide given) or qmatmul_bf16 (the caller checks that
+// Linear.forward chooses them too),
 // without ~200 Python-level calls per step. Absent tensors (no offsets, no post norms, no q/k norms) are passed as
 // empty tensors. Per layer l (lin: 12 tensors, codes/scales/offsets of qkv, o, gate_up, down; groups: 4 ints;
 // norms: 6 tensors, input/post_attn/pre_mlp/post_mlp/q/k): h = in_norm(x) ... returns the final-normed hidden.
@@ -1283,7 +1450,8 @@ static inline c10::optional<at::Tensor> opt(const at::Tensor& t) {
   return t.defined() && t.numel() > 0 ? c10::optional<at::Tensor>(t) : c10::nullopt;
 }
 
-at::Tensor decode_stack(const at::Tensor& x_in, at::TensorList lin, at::IntArrayRef groups, at::TensorList norms,
+at::Tensor decode_stack(const at::Tensor& x_in, at::TensorList lin, at::TensorList wide, at::IntArrayRef groups,
+                        at::TensorList norms,
                         const at::Tensor& final_norm, at::TensorList cos, at::TensorList sin, const at::Tensor& flat,
                         at::IntArrayRef off_k, at::IntArrayRef off_v, at::IntArrayRef layer_group,
                         at::TensorList write, at::TensorList table, at::TensorList start, at::TensorList lengths,
@@ -1296,32 +1464,37 @@ at::Tensor decode_stack(const at::Tensor& x_in, at::TensorList lin, at::IntArray
                   static_cast<int64_t>(layer_group.size()) == L,
               "decode_stack: per-layer lists of inconsistent lengths");
   const int64_t M = x_in.size(0), S = flat.size(0);
-  TORCH_CHECK(M <= exact_rows || kBf16Dot, "decode_stack: ", M, " rows need qmatmul_bf16, which this build lacks");
-  // a product of this step: qmatmul (exact) up to exact_rows rows, qmatmul_bf16 beyond
-  const auto product = [&](const at::Tensor& x, const at::Tensor& c, const at::Tensor& s, const at::Tensor& o,
-                           int64_t G) {
-    return M <= exact_rows ? qmatmul(x, c, s, opt(o), G) : qmatmul_bf16(x, c, s, opt(o), G);
+  TORCH_CHECK(wide.empty() || static_cast<int64_t>(wide.size()) == 12 * L, "decode_stack: wide needs 12 per layer");
+  TORCH_CHECK(M <= exact_rows || !wide.empty() || kBf16Dot, "decode_stack: ", M,
+              " rows need qmatmul_i16's layout or qmatmul_bf16, which this build lacks");
+  // a product of this step: qmatmul (exact) up to exact_rows rows, beyond qmatmul_i16 on its layout (wide: packed
+  // codes, scales, offsets per product, i16_pack) when given, else qmatmul_bf16
+  const auto product = [&](const at::Tensor& x, const at::Tensor* w, const at::Tensor* p, int64_t G) {
+    if (M <= exact_rows) return qmatmul(x, w[0], w[1], opt(w[2]), G);
+    return p != nullptr ? qmatmul_i16(x, p[0], p[1], p[2], G) : qmatmul_bf16(x, w[0], w[1], opt(w[2]), G);
   };
   at::Tensor x = x_in.contiguous();
   at::Tensor h = rms_norm(x, norms[0], eps);
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor* w = lin.data() + 12 * l;
+    const at::Tensor* pk = wide.empty() ? nullptr : wide.data() + 12 * l;
+    const auto wp = [&](int j) { return pk == nullptr ? nullptr : pk + 3 * j; };
     const at::Tensor* nm = norms.data() + 6 * l;
     const int64_t g = layer_group[l];
     TORCH_CHECK(g >= 0 && g < static_cast<int64_t>(write.size()) && g < static_cast<int64_t>(table.size()),
                 "decode_stack: bad layer group");
-    at::Tensor qkv = product(h, w[0], w[1], w[2], groups[4 * l]);
+    at::Tensor qkv = product(h, w, wp(0), groups[4 * l]);
     auto qkv_split = qk_norm_rope(qkv, opt(nm[4]), opt(nm[5]), cos[l], sin[l], hq, hkv, eps);
     const at::Tensor& q = std::get<0>(qkv_split);
     flat.index_copy_(0, write[g] + off_k[l], std::get<1>(qkv_split).to(flat.scalar_type()));
     flat.index_copy_(0, write[g] + off_v[l], std::get<2>(qkv_split).to(flat.scalar_type()));
     at::Tensor att = decode_attention(q, flat.narrow(0, off_k[l], S - off_k[l]), flat.narrow(0, off_v[l], S - off_v[l]),
                                       table[g], start[g], lengths[g], block, page_stride, scale, softcap);
-    at::Tensor a = product(att.reshape({M, -1}), w[3], w[4], w[5], groups[4 * l + 1]);
+    at::Tensor a = product(att.reshape({M, -1}), w + 3, wp(1), groups[4 * l + 1]);
     auto r1 = add_rms_norm(x, a, opt(nm[1]), opt(nm[2]), eps);
     x = std::get<0>(r1);
-    at::Tensor gu = product(std::get<1>(r1), w[6], w[7], w[8], groups[4 * l + 2]);
-    at::Tensor m = product(geglu(gu), w[9], w[10], w[11], groups[4 * l + 3]);
+    at::Tensor gu = product(std::get<1>(r1), w + 6, wp(2), groups[4 * l + 2]);
+    at::Tensor m = product(geglu(gu), w + 9, wp(3), groups[4 * l + 3]);
     const at::Tensor& next = l + 1 < L ? norms[6 * (l + 1)] : final_norm;
     auto r2 = add_rms_norm(x, m, opt(nm[3]), next, eps);
     x = std::get<0>(r2);
@@ -1336,11 +1509,14 @@ TORCH_LIBRARY(gemma_sessions, m) {
   m.def("qmatmul(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, int group) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor scale, float eps) -> Tensor");
   m.def("argmax(Tensor x) -> Tensor");
-  m.def("decode_stack(Tensor x, Tensor[] lin, int[] groups, Tensor[] norms, Tensor final_norm, Tensor[] cos, "
+  m.def("decode_stack(Tensor x, Tensor[] lin, Tensor[] wide, int[] groups, Tensor[] norms, Tensor final_norm, Tensor[] cos, "
         "Tensor[] sin, Tensor(a!) flat, int[] off_k, int[] off_v, int[] layer_group, Tensor[] write, Tensor[] table, "
         "Tensor[] start, Tensor[] lengths, int block, int page_stride, float scale, float softcap, int hq, int hkv, "
         "float eps, int exact_rows) -> Tensor");
   m.def("qmatmul_bf16(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, int group) -> Tensor");
+  m.def("i16_available() -> bool", &i16_available);
+  m.def("i16_pack(Tensor codes, Tensor scales, Tensor? offsets, int group) -> (Tensor, Tensor, Tensor)");
+  m.def("qmatmul_i16(Tensor x, Tensor wq, Tensor sw, Tensor ow, int group) -> Tensor");
   m.def("bf16_dot_available() -> bool", &bf16_dot_available);
   m.def("geglu(Tensor gate_up) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor y, Tensor? s1, Tensor? s2, float eps) -> (Tensor, Tensor)");
@@ -1361,6 +1537,8 @@ TORCH_LIBRARY_IMPL(gemma_sessions, CPU, m) {
   m.impl("decode_stack", &decode_stack);
   m.impl("decode_attention", &decode_attention);
   m.impl("qmatmul_bf16", &qmatmul_bf16);
+  m.impl("i16_pack", &i16_pack);
+  m.impl("qmatmul_i16", &qmatmul_i16);
   m.impl("geglu", &geglu);
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("qk_norm_rope", &qk_norm_rope);
