@@ -102,6 +102,7 @@ class Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.int8 = weight_format == "int8"
         self.head = head
+        self._i16_shape_ok: bool | None = None  # i16_rows' fixed part, on first ask
         self.max_kernel_rows = HEAD_QMATMUL_MAX_ROWS if head else QMATMUL_MAX_ROWS
         self.register_buffer("weight", None)
         if self.int8:
@@ -179,9 +180,13 @@ class Linear(nn.Module):
     def i16_rows(self, rows: int) -> bool:
         """Whether ``forward`` of this many rows runs ``kernels.qmatmul_i16`` (a layer, not the head; more rows than
         the exact kernel takes, at most ``I16_MAX_ROWS``; N % 16 == 0, an even group; the kernel with VNNI)."""
-        return (self.int8 and not self.head and QMATMUL_MAX_ROWS < rows <= I16_MAX_ROWS and self.out_features % 16 == 0
-                and self.group % 2 == 0 and self.group <= 512 and self.codes.device.type == "cpu"
-                and kernels.i16_available())
+        if not QMATMUL_MAX_ROWS < rows <= I16_MAX_ROWS:
+            return False
+        if self._i16_shape_ok is None:  # asked ~130 times a step: the fixed part once
+            self._i16_shape_ok = bool(self.int8 and not self.head and self.out_features % 16 == 0
+                                      and self.group % 2 == 0 and self.group <= 512
+                                      and self.codes.device.type == "cpu")
+        return self._i16_shape_ok and kernels.i16_available()
 
     def prepare_i16(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """qmatmul_i16's layout of the weights (a second copy of the codes, scales and offsets), made on first need
@@ -497,6 +502,7 @@ class GemmaModel(nn.Module):
         self.embed_scale = torch.tensor(math.sqrt(config.hidden_size), dtype=self.dtype, device=device)
         self._stack: tuple | None = None  # hidden_decode_stack's per-layer tensors, gathered on first use
         self._stack_wide: list | None = None  # ... and the products' qmatmul_i16 layouts
+        self._product_list: list | None = None  # every layer's four products, in order (a plain list, not modules)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:  # ids: [N] -> [N, hidden]
         e = self.embed
@@ -542,8 +548,10 @@ class GemmaModel(nn.Module):
             li._bf16_dot_rows(rows) and not li.i16_rows(rows) for li in self._products()))
 
     def _products(self) -> list[Linear]:
-        return [li for layer in self.layers for li in (layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up,
-                                                       layer.mlp.down_proj)]
+        if self._product_list is None:
+            self._product_list = [li for layer in self.layers for li in (
+                layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down_proj)]
+        return self._product_list
 
     def _stack_i16(self, rows: int) -> bool:
         return all(li.i16_rows(rows) for li in self._products())
