@@ -503,6 +503,7 @@ class GemmaModel(nn.Module):
         self._stack: tuple | None = None  # hidden_decode_stack's per-layer tensors, gathered on first use
         self._stack_wide: list | None = None  # ... and the products' qmatmul_i16 layouts
         self._product_list: list | None = None  # every layer's four products, in order (a plain list, not modules)
+        self._i16_all: bool | None = None  # whether every product can run qmatmul_i16 (_stack_i16)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:  # ids: [N] -> [N, hidden]
         e = self.embed
@@ -554,7 +555,11 @@ class GemmaModel(nn.Module):
         return self._product_list
 
     def _stack_i16(self, rows: int) -> bool:
-        return all(li.i16_rows(rows) for li in self._products())
+        if not (QMATMUL_MAX_ROWS < rows <= I16_MAX_ROWS and kernels.i16_available()):
+            return False
+        if self._i16_all is None:  # every product can (fixed per model)
+            self._i16_all = all(li.i16_rows(rows) for li in self._products())
+        return self._i16_all
 
     def prepare_i16(self) -> None:
         """Make every layer product's ``qmatmul_i16`` layout now (the engine calls it at start, so the first
