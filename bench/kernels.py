@@ -1,6 +1,7 @@
 """Micro-benchmark of the fast mode's matrix products on Gemma 3 270M's shapes: the grouped int8 kernels
 (``kernels.qmatmul``: int8 codes + float32 group scales, float32 activations; ``kernels.qmatmul_bf16``: the same
-codes at the bf16 rate, for 9-24 rows) against bf16 and float32
+codes at the bf16 rate; ``kernels.qmatmul_i16``: int16 activations against the codes as integers, on their own
+layout, what the layers run at 9-64 rows) against bf16 and float32
 ``F.linear`` and torch's weight-only int8 kernel (``aten._weight_int8pack_mm``: per-row scales, bf16 activations).
 
 Usage::
@@ -62,18 +63,22 @@ def bench_shape(n: int, k: int, offsets: bool, rounds: int) -> list[dict]:
     cbf = [w32.to(torch.bfloat16) for _ in range(copies)]
     c32 = [w32.clone() for _ in range(copies)]
     c8 = [(per_row.codes.clone(), per_row.scales[:, 0].to(torch.bfloat16)) for _ in range(copies)]
+    ci = [kernels.i16_pack(*c, 32) for c in cq] if kernels.i16_available() else []
     reps = 5 if n > 100_000 else 40
     rows = []
     for m in ROWS:
         x = torch.randn(m, k, generator=g)
         fns = {"qmatmul": lambda i: kernels.qmatmul(x, *cq[i], 32),
                "qmatmul_bf16": lambda i: kernels.qmatmul_bf16(x, *cq[i], 32),
+               "qmatmul_i16": lambda i: kernels.qmatmul_i16(x, ci[i], 32),
                "bf16": lambda i: F.linear(x.to(torch.bfloat16), cbf[i]).float(),
                "float32": lambda i: F.linear(x, c32[i]),
                "int8pack": lambda i: torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), *c8[i]).float()}
         times: dict[str, list[float]] = {name: [] for name in fns}
         if not kernels.bf16_dot_available():
             del fns["qmatmul_bf16"]
+        if not ci:
+            del fns["qmatmul_i16"]
         for _ in range(rounds):
             for name, fn in fns.items():
                 times[name].append(timed(fn, reps, copies))
@@ -103,17 +108,19 @@ def parent(args) -> None:
                 r["shape"] = label
                 results.append(r)
                 t = r["ms"]
-                dot = t.get("qmatmul_bf16")
+                dot, i16 = t.get("qmatmul_bf16"), t.get("qmatmul_i16")
                 table.append([label, r["m"], f"{t['qmatmul']:.3f}", "-" if dot is None else f"{dot:.3f}",
-                              f"{t['bf16']:.3f}", f"{t['float32']:.3f}",
+                              "-" if i16 is None else f"{i16:.3f}", f"{t['bf16']:.3f}", f"{t['float32']:.3f}",
                               f"{t['int8pack']:.3f}", f"{t['bf16'] / t['qmatmul']:.2f}x",
                               "-" if dot is None else f"{t['bf16'] / dot:.2f}x",
+                              "-" if i16 is None else f"{t['bf16'] / i16:.2f}x",
                               f"{t['int8pack'] / t['qmatmul']:.2f}x",
                               f"{r['weight_mb']['qmatmul'] / t['qmatmul']:.1f}"])
                 print(f"  {label} M={r['m']}: " + "  ".join(f"{a} {b:.3f} ms" for a, b in t.items()), flush=True)
     print()
-    print(C.md_table(["shape (N x K)", "rows M", "qmatmul ms", "qmatmul_bf16 ms", "bf16 ms", "float32 ms",
-                      "int8pack ms", "bf16 / qmatmul", "bf16 / qmatmul_bf16", "int8pack / qmatmul", "qmatmul GB/s"],
+    print(C.md_table(["shape (N x K)", "rows M", "qmatmul ms", "qmatmul_bf16 ms", "qmatmul_i16 ms", "bf16 ms",
+                      "float32 ms", "int8pack ms", "bf16 / qmatmul", "bf16 / qmatmul_bf16", "bf16 / qmatmul_i16",
+                      "int8pack / qmatmul", "qmatmul GB/s"],
                      table))
     path = C.write_json(NAME, {"meta": m, "results": results})
     print(f"\nwrote {path}")
