@@ -532,6 +532,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> i16_pack(const at::Tensor& codes_
 }
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// One row of x to int16: s = max|x| / 32767, q = round(x / s) to nearest even (as std::nearbyint). Returns false,
+// with s = 0, when the row holds a NaN or an infinity (the caller writes NaN there).
+static inline bool quantize_row_i16(const float* xr, int64_t K, int16_t* q, float* s_out) {
+  __m512 vmax = _mm512_setzero_ps();
+  __mmask16 bad = 0;
+  int64_t k = 0;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (K % 16)) - 1);
+  for (; k + 16 <= K; k += 16) {
+    const __m512 v = _mm512_loadu_ps(xr + k);
+    bad |= _mm512_fpclass_ps_mask(v, 0x99);  // QNaN, SNaN, +inf, -inf
+    vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+  }
+  if (k < K) {
+    const __m512 v = _mm512_maskz_loadu_ps(tail, xr + k);
+    bad |= _mm512_fpclass_ps_mask(v, 0x99);
+    vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+  }
+  const float amax = bad ? 0.f : _mm512_reduce_max_ps(vmax);
+  *s_out = amax / 32767.f;
+  const __m512 inv = _mm512_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
+  for (k = 0; k + 16 <= K; k += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k),
+                        _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + k), inv))));
+  if (k < K)
+    _mm512_mask_cvtsepi32_storeu_epi16(q + k, tail,
+                                       _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(tail, xr + k), inv)));
+  return bad == 0;
+}
+
 constexpr int64_t I16_MB = 8;  // rows per pass: 8 int32 chains + 8 float accumulators + the weight vector
 
 // MB rows of int16 x ([MB][K], one scale per row applied by the caller) against one block of 16 outputs.
@@ -587,24 +616,17 @@ at::Tensor qmatmul_i16(const at::Tensor& x_in, const at::Tensor& wq, const at::T
   std::vector<int16_t> xq(M * K);
   std::vector<float> sx(M), xs(has_off ? M * ng : 0);
   std::vector<char> finite(M, 1);
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xr = xp + m * K;
-    float amax = 0.f;
-    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::abs(xr[k]));
-    if (!std::isfinite(amax)) {
-      finite[m] = 0;
-      amax = 0.f;
+  par_for(0, M, std::max<int64_t>(1, 8192 / K), [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) {
+      const float* xr = xp + m * K;
+      finite[m] = quantize_row_i16(xr, K, xq.data() + m * K, &sx[m]);
+      for (int64_t g = 0; g < static_cast<int64_t>(has_off ? ng : 0); ++g) {
+        float acc = 0.f;
+        for (int64_t k = g * G; k < g * G + G; ++k) acc += xr[k];
+        xs[m * ng + g] = sx[m] > 0.f ? acc / sx[m] : 0.f;  // in units of s: the caller multiplies by s
+      }
     }
-    const float s = amax / 32767.f, inv = amax > 0.f ? 32767.f / amax : 0.f;
-    sx[m] = s;
-    for (int64_t k = 0; k < K; ++k)
-      xq[m * K + k] = static_cast<int16_t>(std::clamp(static_cast<int>(std::nearbyint(xr[k] * inv)), -32767, 32767));
-    for (int64_t g = 0; g < static_cast<int64_t>(has_off ? ng : 0); ++g) {
-      float acc = 0.f;
-      for (int64_t k = g * G; k < g * G + G; ++k) acc += xr[k];
-      xs[m * ng + g] = s > 0.f ? acc / s : 0.f;  // in units of s, as the int sums: the caller's * s restores it
-    }
-  }
+  });
   const int8_t* wp = wq.data_ptr<int8_t>();
   const float* swp = sw.data_ptr<float>();
   const float* owp = has_off ? ow.data_ptr<float>() : nullptr;
