@@ -321,7 +321,8 @@ def test_packed_prefill_attention_equals_one_attention_per_chunk(arch):
 def test_greedy_head_tokens_equal_the_exact_logits_argmax():
     """The engine's step returns greedy rows' tokens from the int8-activation head (no logits) from
     GREEDY_HEAD_MIN_ROWS rows, equal to the argmax of the exact logits; fewer rows, or a sampled row among at most
-    QMATMUL_MAX_ROWS, get exact logits for every row; a sampled row among more gets the approximate logits."""
+    QMATMUL_MAX_ROWS, get exact logits for every row; a sampled row among more gets the approximate logits, also
+    when every row is sampled."""
     from gemma_sessions import kernels
     from gemma_sessions.cache.kv import PagedKVCache
     from gemma_sessions.engine import runner
@@ -358,3 +359,7 @@ def test_greedy_head_tokens_equal_the_exact_logits_argmax():
     assert [t for t, g in zip(tokens, mixed) if g] == [t for t, g in zip(want, mixed) if g]
     assert all(t is None and lg.shape == (model.config.vocab_size,) for t, lg, g in zip(tokens, logits, mixed)
                if not g)
+    (logits, tokens), exact = step(rows, [False] * rows)  # every row sampled: the approximate logits too
+    approx = torch.stack(logits)
+    assert tokens == [None] * rows and not torch.equal(approx, exact)
+    assert ((approx - exact).abs().max() / exact.abs().max()).item() < 0.02
