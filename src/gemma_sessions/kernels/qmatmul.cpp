@@ -66,6 +66,21 @@ static inline void with_rows(int64_t mb, F&& f) {
   }
 }
 
+// Rows [0, M) in passes of at most MAXR rows: f(std::integral_constant<int, rows>, m0, rows) per pass. BALANCED
+// splits them evenly (9 rows at 8: 5 + 4, not 8 + 1, whose lone accumulator chain waits on the instruction's
+// latency); otherwise full passes first.
+template <int MAXR, bool BALANCED, typename F>
+static inline void row_passes(int64_t M, F&& f) {
+  const int64_t passes = (M + MAXR - 1) / MAXR;
+  const int64_t pass = BALANCED && passes > 0 ? (M + passes - 1) / passes : MAXR;
+  for (int64_t m0 = 0; m0 < M; m0 += pass) {
+    const int64_t mb = std::min(pass, M - m0);
+    with_rows(mb, [&](auto rows) {
+      if constexpr (decltype(rows)::value <= MAXR) f(rows, m0, mb);
+    });
+  }
+}
+
 
 // ---------------------------------------------------------------------------------------------------- thread pool
 // The kernels' parallel loops run on this pool, not at::parallel_for (OpenMP). libgomp keeps one team of workers per
@@ -632,30 +647,23 @@ at::Tensor qmatmul_i16(const at::Tensor& x_in, const at::Tensor& wq, const at::T
   const float* owp = has_off ? ow.data_ptr<float>() : nullptr;
   float* outp = out.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K * std::max<int64_t>(M, 1), 1));
-  // rows per pass, balanced (9 rows: 5 + 4, not 8 + 1, whose lone chain waits on the instruction's latency)
-  const int64_t passes = (M + I16_MB - 1) / I16_MB, pass = passes > 0 ? (M + passes - 1) / passes : 1;
   par_for(0, NB, grain, [&](int64_t begin, int64_t end) {
     __m512 acc[I16_MB];
     for (int64_t nb = begin; nb < end; ++nb) {
       const int8_t* wb = wp + nb * 16 * K;
-      for (int64_t m0 = 0; m0 < M; m0 += pass) {
-        const int64_t mb = std::min(pass, M - m0);
-        with_rows(mb, [&](auto rows) {
-          constexpr int R = decltype(rows)::value;
-          if constexpr (R <= I16_MB) {
-            if (has_off)
-              i16_block<R, true>(wb, swp + nb * ng * 16, owp + nb * ng * 16, xq.data() + m0 * K, K, G, ng,
-                                 xs.data() + m0 * ng, acc);
-            else
-              i16_block<R, false>(wb, swp + nb * ng * 16, nullptr, xq.data() + m0 * K, K, G, ng, nullptr, acc);
-          }
-        });
+      row_passes<I16_MB, true>(M, [&](auto rows, int64_t m0, int64_t mb) {
+        constexpr int R = decltype(rows)::value;
+        if (has_off)
+          i16_block<R, true>(wb, swp + nb * ng * 16, owp + nb * ng * 16, xq.data() + m0 * K, K, G, ng,
+                             xs.data() + m0 * ng, acc);
+        else
+          i16_block<R, false>(wb, swp + nb * ng * 16, nullptr, xq.data() + m0 * K, K, G, ng, nullptr, acc);
         for (int64_t r = 0; r < mb; ++r) {
           const int64_t m = m0 + r;
           const __m512 v = finite[m] ? _mm512_mul_ps(acc[r], _mm512_set1_ps(sx[m])) : _mm512_set1_ps(NAN);
           _mm512_storeu_ps(outp + m * N + nb * 16, v);
         }
-      }
+      });
     }
   });
 #endif
@@ -1406,14 +1414,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q8_head(const at::Tensor& x_in, c
     __m512 val[Q8_MB];
     for (int64_t nb = begin; nb < end; ++nb) {
       const uint8_t* wb = wp + nb * 16 * K;
-      for (int64_t m0 = 0; m0 < M; m0 += Q8_MB) {
-        const int64_t mb = std::min(Q8_MB, M - m0);
-        with_rows(mb, [&](auto rows) {
-          constexpr int R = decltype(rows)::value;
-          if constexpr (R <= Q8_MB)
-            q8_block<R>(wb, swp + nb * ng * 16, xq.data() + m0 * K, K, sx.data() + m0 * ng, corr.data() + m0 * ng,
-                        ng, val, m0 == 0 && M >= 4 && nb + Q8_PREFETCH < end);
-        });
+      // full passes first: the first pass streams (and prefetches) the weights from memory, and a full one hides
+      // that best (balanced passes, 5 + 4 at 9 rows and 6 + 6 at 12, measured 3-10% slower)
+      row_passes<Q8_MB, false>(M, [&](auto rows, int64_t m0, int64_t mb) {
+        q8_block<decltype(rows)::value>(wb, swp + nb * ng * 16, xq.data() + m0 * K, K, sx.data() + m0 * ng,
+                                        corr.data() + m0 * ng, ng, val, m0 == 0 && M >= 4 && nb + Q8_PREFETCH < end);
         for (int64_t r = 0; r < mb; ++r) {
           const int64_t m = m0 + r;
           if (lp != nullptr) _mm512_storeu_ps(lp + m * N + nb * 16, val[r]);
@@ -1429,7 +1434,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q8_head(const at::Tensor& x_in, c
           for (int j = 0; j < 16; ++j)
             if (k & (1u << j)) mine.push_back({m, nb * 16 + j, h[j]});
         }
-      }
+      });
     }
     std::lock_guard<std::mutex> lock(mu);
     for (int64_t m = 0; m < M; ++m) thr_all[m] = std::max(thr_all[m], hmax(tv[m]));

@@ -591,7 +591,7 @@ class GemmaModel(nn.Module):
             self._stack = (lin, groups, norms)
         lin, groups, norms = self._stack
         wide = []
-        if n > QMATMUL_MAX_ROWS and self._stack_i16(n):  # the products' qmatmul_i16 layouts (see can_decode_stack)
+        if self._stack_i16(n):  # the products' qmatmul_i16 layouts (see can_decode_stack)
             if self._stack_wide is None:
                 self._stack_wide = [t for li in self._products() for t in li.prepare_i16()]
             wide = self._stack_wide
