@@ -25,7 +25,7 @@ import torch
 from .. import kernels
 from ..cache.kv import PagedKVCache, SeqKV
 from ..cache.state import StateCache
-from ..models.gemma import GREEDY_HEAD_MIN_ROWS, QMATMUL_MAX_ROWS, GemmaModel, attention, visibility_mask
+from ..models.gemma import GREEDY_HEAD_MIN_ROWS, GemmaModel, attention, exact_max_rows, visibility_mask
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -141,7 +141,10 @@ class PagedBatch:
         hq = q.shape[1]
         keys = flat.index_select(0, slots + off_k).view(b, lmax, hkv, d).transpose(1, 2)
         vals = flat.index_select(0, slots + off_v).view(b, lmax, hkv, d).transpose(1, 2)
-        qp = q.index_select(0, qidx).to(keys.dtype).view(b, tmax, hq, d).transpose(1, 2)
+        out_dtype = keys.dtype
+        if keys.dtype == torch.bfloat16 and keys.device.type == "cpu" and not kernels.native_bf16():
+            keys, vals = keys.float(), vals.float()  # as attention(): float32 where bf16 would be software, bf16 out
+        qp = q.index_select(0, qidx).to(out_dtype).to(keys.dtype).view(b, tmax, hq, d).transpose(1, 2)
         qp = qp.reshape(b, hkv, hq // hkv * tmax, d)
         scores = torch.matmul(qp, keys.transpose(-1, -2)) * self.scale  # as attention(), step by step
         if self.softcap is not None:
@@ -149,7 +152,7 @@ class PagedBatch:
         scores = scores.masked_fill(notm, float("-inf"))
         probs = torch.softmax(scores.float(), dim=-1).to(vals.dtype)
         out = torch.matmul(probs, vals).reshape(b, hq, tmax, d).transpose(1, 2).reshape(b * tmax, hq, d)
-        return out.index_select(0, valid)
+        return out.index_select(0, valid).to(out_dtype)
 
     def stack_args(self) -> dict:
         """The cache's part of ``kernels.decode_stack`` for a step of decode rows only: what :meth:`attend` uses,
@@ -230,7 +233,7 @@ def run_step_greedy(net: GemmaModel, cache: PagedKVCache, items: list[WorkItem],
     """
     n_decode = leading_decode_rows(items)
     parts = [items]
-    if net.weight_format == "int8" and 0 < n_decode < len(items) and n_decode <= QMATMUL_MAX_ROWS:
+    if net.weight_format == "int8" and 0 < n_decode < len(items) and n_decode <= exact_max_rows():
         parts = [items[:n_decode], items[n_decode:]]
     logits: list[torch.Tensor | None] = []
     tokens: list[int | None] = []
@@ -252,7 +255,7 @@ def _head(net: GemmaModel, h: torch.Tensor, greedy: list[bool] | None):
     # kernel anyway, sampled or not (its approximation moves a row's softmax by ~3e-4 nats KL on the 270M, where
     # bf16 products move it by ~2e-5, at a third of their time at 16 rows); not for a few rows, where the exact
     # kernel's logits are as fast (the same tokens either way)
-    if (greedy is not None and n >= GREEDY_HEAD_MIN_ROWS and (all(greedy) or n > QMATMUL_MAX_ROWS)
+    if (greedy is not None and n >= GREEDY_HEAD_MIN_ROWS and (all(greedy) or n > exact_max_rows())
             and net.can_greedy_head()):
         found, approx = net.greedy_head(h, want_logits=not all(greedy))
         found = found.tolist()

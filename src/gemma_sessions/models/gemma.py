@@ -59,7 +59,24 @@ GREEDY_HEAD_MIN_ROWS = 5
 # ~3e-3 for the bf16 paths. On the 270M's 72 layer products (weights from memory), bf16 GEMM time / qmatmul_i16 time:
 # 16 rows 1.62x, 32 1.28x, 64 1.09x, 128 0.86x, 512 0.70x; qmatmul_bf16 / qmatmul_i16 at 9 and 16 rows 1.1-1.4x.
 I16_MAX_ROWS = 64
+# Where neither many-row kernel runs (qmatmul_i16 needs AVX512-VNNI, qmatmul_bf16 AVX512-BF16: an AVX2 CPU), the
+# exact kernel takes the layers' products and the engine's batched head up to this many rows (see exact_max_rows).
+EXACT_WIDE_MAX_ROWS = 64
+# Without native bf16 (kernels.native_bf16), products of more rows (prefill) run float32 GEMMs over dequantized tiles
+# of this many output rows instead of the bf16 copy (no copy kept). On a 2-core Zen 3 at 512 rows, GFLOP/s: float32
+# tiles 42-68, the bf16 GEMM 8-11, the exact kernel 18-26 (/tmp script, a noisy machine).
+LAYER_TILE_ROWS = 512
 _PACK_LOCK = threading.Lock()  # Linear.prepare_greedy / prepare_i16: one packing each, whichever thread asks first
+
+
+def exact_max_rows() -> int:
+    """Rows up to which the int8 layers' products (and the engine's batched LM head) run the exact kernel:
+    ``QMATMUL_MAX_ROWS`` where a many-row kernel (``qmatmul_i16`` or ``qmatmul_bf16``) takes the rows above;
+    ``EXACT_WIDE_MAX_ROWS`` on a CPU with neither (AVX2), where the exact kernel is the fastest product of 9-64 rows
+    and a batched decode step then gives every row the bits it gets alone."""
+    if kernels.i16_available() or kernels.bf16_dot_available():
+        return QMATMUL_MAX_ROWS
+    return EXACT_WIDE_MAX_ROWS
 
 
 class Linear(nn.Module):
@@ -103,7 +120,6 @@ class Linear(nn.Module):
         self.int8 = weight_format == "int8"
         self.head = head
         self._i16_shape_ok: bool | None = None  # i16_rows' fixed part, on first ask
-        self.max_kernel_rows = HEAD_QMATMUL_MAX_ROWS if head else QMATMUL_MAX_ROWS
         self.register_buffer("weight", None)
         if self.int8:
             qw = weight if isinstance(weight, quant.QuantWeight) else quant.quantize_symmetric(weight)
@@ -118,6 +134,11 @@ class Linear(nn.Module):
             if isinstance(weight, quant.QuantWeight):
                 weight = weight.dequantize()
             self.register_buffer("weight", weight.to(torch.bfloat16 if weight_format == "bfloat16" else torch.float32))
+
+    @property
+    def max_kernel_rows(self) -> int:
+        """Rows up to which ``forward`` runs the exact kernel (see ``exact_max_rows``)."""
+        return max(HEAD_QMATMUL_MAX_ROWS, exact_max_rows()) if self.head else exact_max_rows()
 
     @property
     def quant_weight(self) -> quant.QuantWeight:
@@ -137,6 +158,8 @@ class Linear(nn.Module):
             return kernels.qmatmul_bf16(x, self.codes, self.scales, self.offsets, self.group).to(x.dtype)
         if self.head and op is not None:
             return self._float32_tiles(x.float()).to(x.dtype)
+        if op is not None and not kernels.native_bf16():  # float32 beats a software bf16 GEMM ~5x
+            return self._float32_tiles(x.float(), LAYER_TILE_ROWS).to(x.dtype)
         return self._bf16_gemm(x)
 
     def forward_batch(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,10 +167,12 @@ class Linear(nn.Module):
         a few decode rows is exact as alone; up to ``BF16_DOT_MAX_ELEMENTS`` inputs ``kernels.qmatmul_bf16`` (bf16
         inputs and weights, float32 sums and output, reading the int8 codes); beyond, a bf16 GEMM on a bf16 copy of
         the weight (335 MB for the 270M's head, made on the first such batch)."""
-        if not self.int8 or x.shape[0] <= QMATMUL_MAX_ROWS:
+        if not self.int8 or x.shape[0] <= exact_max_rows():
             return self(x)
         if x.numel() <= BF16_DOT_MAX_ELEMENTS and self._bf16_dot():
             return kernels.qmatmul_bf16(x, self.codes, self.scales, self.offsets, self.group)
+        if kernels.kernel() is not None and not kernels.native_bf16():
+            return self._float32_tiles(x.float()).to(x.dtype)
         return self._bf16_gemm(x)
 
     def _bf16_dot(self) -> bool:
@@ -219,13 +244,14 @@ class Linear(nn.Module):
             return False
         if kernels.kernel() is None:
             return True
-        return rows > self.max_kernel_rows and not self.i16_rows(rows) and not self._bf16_dot_rows(rows)
+        return (rows > self.max_kernel_rows and not self.i16_rows(rows) and not self._bf16_dot_rows(rows)
+                and kernels.native_bf16())
 
-    def _float32_tiles(self, x: torch.Tensor) -> torch.Tensor:
+    def _float32_tiles(self, x: torch.Tensor, tile: int = HEAD_TILE_ROWS) -> torch.Tensor:
         out = torch.empty(x.shape[0], self.out_features, dtype=torch.float32, device=x.device)
         qw = self.quant_weight
-        for start in range(0, self.out_features, HEAD_TILE_ROWS):
-            rows = slice(start, min(start + HEAD_TILE_ROWS, self.out_features))
+        for start in range(0, self.out_features, tile):
+            rows = slice(start, min(start + tile, self.out_features))
             out[:, rows] = F.linear(x, quant.dequantize_rows(qw, rows))
         return out
 
@@ -285,6 +311,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     Returns:
         [B, Hq, T, D]
     """
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and not kernels.native_bf16():
+        # no native bf16 (an AVX2 CPU): torch's bf16 matmuls convert in software, ~4x slower than float32
+        return attention(q.float(), k.float(), v.float(), mask, scale, softcap).to(torch.bfloat16)
     b, hq, t, d = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -543,7 +572,7 @@ class GemmaModel(nn.Module):
         ``I16_MAX_ROWS``) or ``qmatmul_bf16`` for every product (up to ``BF16_DOT_MAX_ROWS``)."""
         if not (self.weight_format == "int8" and self.device.type == "cpu" and kernels.available()):
             return False
-        if rows <= QMATMUL_MAX_ROWS:
+        if rows <= exact_max_rows():
             return True
         return self._stack_i16(rows) or (rows <= BF16_DOT_MAX_ROWS and all(
             li._bf16_dot_rows(rows) and not li.i16_rows(rows) for li in self._products()))
@@ -597,7 +626,7 @@ class GemmaModel(nn.Module):
             wide = self._stack_wide
         a = self.layers[0].attn
         return kernels.decode_stack(x, lin, wide, groups, norms, self.norm.scale, cos, sin, hq=a.hq, hkv=a.hkv,
-                                    eps=self.config.rms_norm_eps, exact_rows=QMATMUL_MAX_ROWS, **stack_args)
+                                    eps=self.config.rms_norm_eps, exact_rows=exact_max_rows(), **stack_args)
 
     def new_sequence(self, max_len: int) -> DenseKV:
         """The state one sequence needs for :meth:`step` (a dense KV cache of ``max_len`` tokens)."""
