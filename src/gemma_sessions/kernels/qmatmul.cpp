@@ -38,6 +38,9 @@
 // Without AVX-512 (AVX2 + FMA: Zen 1-3, most Intel client CPUs) the hot loops have 8-lane versions (AVX2_ONLY).
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
 #define AVX2_ONLY 1
+constexpr bool ROWS_OUTER = true;  // qmatmul of many rows: row blocks outside the weight tile (see tiled)
+#else
+constexpr bool ROWS_OUTER = false;
 #endif
 
 namespace {
@@ -379,14 +382,26 @@ static inline void dot_block(const float* x, int64_t mb, int64_t K, const int8_t
 // on the LM head, a power of two): storing each dot straight to out would put every row's line in one L1 set.
 constexpr int64_t NT = 64;
 
+// rows_outer: each row block walks the tile's NT weight rows (which stay in L2 after the first block), instead of
+// each weight row walking every row block (then x, 4 bytes per input, streams from L2 for every weight row once it
+// outgrows L1); the same dots either way.
 template <typename Dot>
 static inline void tiled(int64_t M, int64_t N, int64_t begin, int64_t end, float* outp, Dot dot,
-                         int64_t block = MB_MAX) {
+                         int64_t block = MB_MAX, bool rows_outer = false) {
   std::vector<float> tile(M * NT);
   float dots[MB_MAX];
   for (int64_t n0 = begin; n0 < end; n0 += NT) {
     const int64_t nt = std::min(NT, end - n0);
-    for (int64_t j = 0; j < nt; ++j) {
+    if (rows_outer) {
+      for (int64_t m0 = 0; m0 < M; m0 += block) {
+        const int64_t mb = std::min(block, M - m0);
+        for (int64_t j = 0; j < nt; ++j) {
+          dot(n0 + j, m0, mb, dots);
+          for (int64_t m = 0; m < mb; ++m) tile[(m0 + m) * NT + j] = dots[m];
+        }
+      }
+    }
+    for (int64_t j = 0; j < nt && !rows_outer; ++j) {
       for (int64_t m0 = 0; m0 < M; m0 += block) {
         const int64_t mb = std::min(block, M - m0);
         dot(n0 + j, m0, mb, dots);
@@ -450,7 +465,7 @@ at::Tensor qmatmul(const at::Tensor& x_in, const at::Tensor& codes_in, const at:
       }
       dot_block(xp + m0 * K, mb, K, cp + n * K, sp + n * ng, G, has_off ? op + n * ng : nullptr,
                 has_off ? xs.data() + m0 * ng : nullptr, dots);
-    }, MB_QMM);
+    }, MB_QMM, ROWS_OUTER && M > MB_QMM);
   });
   return out;
 }
