@@ -100,7 +100,10 @@ class Linear(nn.Module):
     - the engine's batched decode of the head (``forward_batch``) above ``QMATMUL_MAX_ROWS`` rows: as the layers
       (``qmatmul_bf16``, then the bf16 GEMM), for throughput at many concurrent sessions;
     - the engine's greedy rows from ``GREEDY_HEAD_MIN_ROWS`` rows (``greedy``): the exact argmax through int8
-      activations and an error bound (``kernels.q8_head``), no logits.
+      activations and an error bound (``kernels.q8_head``), no logits;
+    - on a CPU with neither many-row kernel (AVX2, no AVX-512): the exact kernel up to ``EXACT_WIDE_MAX_ROWS`` rows
+      (layers and ``forward_batch``), and without native bf16 float32 products over dequantized tiles in place of
+      the bf16 GEMM (see ``exact_max_rows`` and ``kernels.native_bf16``).
 
     NOTE: prefill measured on the 270M (top-1 agreement with float32 over 640 tokens / prefill speed): bf16 GEMM
     0.988 / 1.0; the same with ffn_down's input split into hi + lo bf16 halves (one GEMM over twice the rows, ~16
