@@ -311,6 +311,12 @@ static inline __m256 load_codes8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
+static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8(const at::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
 static inline float hsum8(__m256 v) {
   __m128 b = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   b = _mm_add_ps(b, _mm_movehl_ps(b, b));
@@ -823,6 +829,33 @@ static inline __m512 load_bf16x16(const at::BFloat16* p) {
 }
 #endif
 
+#ifdef AVX2_ONLY
+// exp16 in 8 lanes. No scalef: 2^n is built from the exponent bits, so x is clamped to [-87.3, 88.3] (2^n normal;
+// below, exp is ~1e-38 instead of 0 or a denormal: gelu's x / (1 + e) does not see the difference).
+static inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3f)), _mm256_set1_ps(-87.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+static inline __m256 gelu8(__m256 x) {
+  const __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+  const __m256 u = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f), _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), x3, x));
+  return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_mul_ps(_mm256_set1_ps(-2.0f), u))));
+}
+#endif
+
 at::Tensor geglu(const at::Tensor& gu_in) {
   TORCH_CHECK(gu_in.dim() == 2 && gu_in.size(1) % 2 == 0, "geglu: input must be [N, 2I]");
   TORCH_CHECK(gu_in.scalar_type() == at::kBFloat16 || gu_in.scalar_type() == at::kFloat, "geglu: bf16 or float32");
@@ -840,6 +873,8 @@ at::Tensor geglu(const at::Tensor& gu_in) {
 #ifdef __AVX512F__
         for (; i + 16 <= I; i += 16)
           _mm512_storeu_ps(o + i, _mm512_mul_ps(gelu16(load_bf16x16(g + i)), load_bf16x16(g + I + i)));
+#elif defined(AVX2_ONLY)
+        for (; i + 8 <= I; i += 8) _mm256_storeu_ps(o + i, _mm256_mul_ps(gelu8(load8(g + i)), load8(g + I + i)));
 #endif
         for (; i < I; ++i) o[i] = gelu_tanh(static_cast<float>(g[i])) * static_cast<float>(g[I + i]);
         at::BFloat16* ob = out.data_ptr<at::BFloat16>() + r * I;
@@ -849,6 +884,9 @@ at::Tensor geglu(const at::Tensor& gu_in) {
 #ifdef __AVX512F__
         for (; i + 16 <= I; i += 16)
           _mm512_storeu_ps(o + i, _mm512_mul_ps(gelu16(_mm512_loadu_ps(g + i)), _mm512_loadu_ps(g + I + i)));
+#elif defined(AVX2_ONLY)
+        for (; i + 8 <= I; i += 8)
+          _mm256_storeu_ps(o + i, _mm256_mul_ps(gelu8(_mm256_loadu_ps(g + i)), _mm256_loadu_ps(g + I + i)));
 #endif
         for (; i < I; ++i) o[i] = gelu_tanh(g[i]) * g[I + i];
       }
@@ -953,13 +991,6 @@ static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 static inline __m512 load16(const at::BFloat16* p) {
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-#endif
-#ifdef AVX2_ONLY
-static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-static inline __m256 load8(const at::BFloat16* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 #endif
 
