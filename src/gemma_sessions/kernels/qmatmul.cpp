@@ -398,21 +398,17 @@ static inline void tiled(int64_t M, int64_t N, int64_t begin, int64_t end, float
   float dots[MB_MAX];
   for (int64_t n0 = begin; n0 < end; n0 += NT) {
     const int64_t nt = std::min(NT, end - n0);
+    auto one = [&](int64_t j, int64_t m0) {  // weight row n0 + j against the row block at m0
+      const int64_t mb = std::min(block, M - m0);
+      dot(n0 + j, m0, mb, dots);
+      for (int64_t m = 0; m < mb; ++m) tile[(m0 + m) * NT + j] = dots[m];
+    };
     if (rows_outer) {
-      for (int64_t m0 = 0; m0 < M; m0 += block) {
-        const int64_t mb = std::min(block, M - m0);
-        for (int64_t j = 0; j < nt; ++j) {
-          dot(n0 + j, m0, mb, dots);
-          for (int64_t m = 0; m < mb; ++m) tile[(m0 + m) * NT + j] = dots[m];
-        }
-      }
-    }
-    for (int64_t j = 0; j < nt && !rows_outer; ++j) {
-      for (int64_t m0 = 0; m0 < M; m0 += block) {
-        const int64_t mb = std::min(block, M - m0);
-        dot(n0 + j, m0, mb, dots);
-        for (int64_t m = 0; m < mb; ++m) tile[(m0 + m) * NT + j] = dots[m];
-      }
+      for (int64_t m0 = 0; m0 < M; m0 += block)
+        for (int64_t j = 0; j < nt; ++j) one(j, m0);
+    } else {
+      for (int64_t j = 0; j < nt; ++j)
+        for (int64_t m0 = 0; m0 < M; m0 += block) one(j, m0);
     }
     for (int64_t m = 0; m < M; ++m) std::copy(tile.data() + m * NT, tile.data() + m * NT + nt, outp + m * N + n0);
   }
