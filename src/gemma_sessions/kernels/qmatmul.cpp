@@ -326,9 +326,12 @@ static inline float hsum8(__m256 v) {
 
 // dot_rows in 8 lanes (16 ymm registers: at most 4 rows a pass, each with an accumulator and two group sums). Same
 // per-group form; the offsets' term is summed per row in order after the lanes. A row's result does not depend on MB.
-template <int MB>
-static inline void dot_rows8(const float* x, int64_t K, const int8_t* c, const float* sc, int64_t G,
+// GT: the group size at compile time (32: Q8_0, Q4_K, Q5_K; 16: Q6_K), so a group's loop unrolls without branches;
+// 0 for any other (G then from the argument).
+template <int MB, int GT>
+static inline void dot_rows8(const float* x, int64_t K, const int8_t* c, const float* sc, int64_t G_arg,
                              const float* off, const float* xs, float* dots) {
+  const int64_t G = GT > 0 ? GT : G_arg;
   __m256 acc[MB];
   for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
   const int64_t ng = K / G;
@@ -375,8 +378,11 @@ static inline void dot_block(const float* x, int64_t mb, int64_t K, const int8_t
   if (G % 8 == 0) {
     const int64_t ng = K / G;
     return row_passes<4, false>(mb, [&](auto rows, int64_t m0, int64_t) {
-      dot_rows8<decltype(rows)::value>(x + m0 * K, K, c, sc, G, off, off != nullptr ? xs + m0 * ng : nullptr,
-                                       dots + m0);
+      constexpr int R = decltype(rows)::value;
+      const float* xsr = off != nullptr ? xs + m0 * ng : nullptr;
+      if (G == 32) return dot_rows8<R, 32>(x + m0 * K, K, c, sc, G, off, xsr, dots + m0);
+      if (G == 16) return dot_rows8<R, 16>(x + m0 * K, K, c, sc, G, off, xsr, dots + m0);
+      dot_rows8<R, 0>(x + m0 * K, K, c, sc, G, off, xsr, dots + m0);
     });
   }
 #endif
