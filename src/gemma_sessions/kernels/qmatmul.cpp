@@ -42,6 +42,14 @@ constexpr bool ROWS_OUTER = true;  // qmatmul of many rows: row blocks outside t
 #else
 constexpr bool ROWS_OUTER = false;
 #endif
+#if defined(__AVX512F__) || defined(AVX2_ONLY)
+// The sum of 4 lanes in registers, the last step of hsum (16 lanes) and hsum8 (8 lanes).
+static inline float hsum4(__m128 b) {
+  b = _mm_add_ps(b, _mm_movehl_ps(b, b));
+  b = _mm_add_ss(b, _mm_movehdup_ps(b));
+  return _mm_cvtss_f32(b);
+}
+#endif
 
 namespace {
 
@@ -240,12 +248,7 @@ static inline __m128 half4(__m512 v) {
   return _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
 }
 
-static inline float hsum(__m512 v) {
-  __m128 b = half4(v);
-  b = _mm_add_ps(b, _mm_movehl_ps(b, b));
-  b = _mm_add_ss(b, _mm_movehdup_ps(b));
-  return _mm_cvtss_f32(b);
-}
+static inline float hsum(__m512 v) { return hsum4(half4(v)); }
 
 // MB rows of x (stride K) times one weight row n; writes MB dot products to dots. Per group g of G weights:
 //   dot = sum_g scale_g * (sum_{k in g} x_k * code_k) + sum_g offset_g * xsum_g,   xsum_g = sum_{k in g} x_k
@@ -318,10 +321,7 @@ static inline __m256 load8(const at::BFloat16* p) {
 }
 
 static inline float hsum8(__m256 v) {
-  __m128 b = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  b = _mm_add_ps(b, _mm_movehl_ps(b, b));
-  b = _mm_add_ss(b, _mm_movehdup_ps(b));
-  return _mm_cvtss_f32(b);
+  return hsum4(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
 }
 
 // dot_rows in 8 lanes (16 ymm registers: at most 4 rows a pass, each with an accumulator and two group sums). Same
