@@ -74,12 +74,13 @@ TOPICS = ["the capital of France", "three colours", "counting to five", "what ca
 
 
 def test_fast_mode_16_decode_rows_rarely_differ_from_alone(real_model_fast):
-    """Above 8 decode rows the fast mode's products round their inputs (kernels.qmatmul_i16, qmatmul_bf16), so a
-    session's greedy tokens may differ with company; where neither kernel runs (AVX2) the exact kernel takes the 16
-    rows and they may not. Measured here: 16 sessions decode 32 tokens together after prefilling alone; the rate of
-    argmax flips (first divergences per token decoded up to them) is reported and must stay rare (measured: 15 of 16
-    continuations identical, 1 flip in 498 tokens; 12 of 16 and 0.9% when all four products of a layer ran
-    qmatmul_bf16 at 16 rows; 3 flips in 480 tokens with qmatmul_i16)."""
+    """Above 8 decode rows the fast mode's products round their inputs (kernels.qmatmul_i16, qmatmul_bf16) or, on
+    AVX2, sum in another order (kernels.qmatmul_wide: float32 chains along k), so a session's greedy tokens may
+    differ with company; where no many-row kernel runs the exact kernel takes the 16 rows and they may not. Measured
+    here: 16 sessions decode 32 tokens together after prefilling alone; the rate of argmax flips (first divergences
+    per token decoded up to them) is reported and must stay rare (measured: 15 of 16 continuations identical, 1 flip
+    in 498 tokens; 12 of 16 and 0.9% when all four products of a layer ran qmatmul_bf16 at 16 rows; 3 flips in 480
+    tokens with qmatmul_i16; 16 of 16, 0 in 512, with qmatmul_wide on a Zen 3)."""
     model = real_model_fast
     params = gs.SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     prompts = [model.tokenizer.encode(f"Question: Tell me about {t}.\nAnswer:", add_bos=True) for t in TOPICS]
@@ -91,7 +92,7 @@ def test_fast_mode_16_decode_rows_rarely_differ_from_alone(real_model_fast):
     print(f"\n16 rows: {len(TOPICS) - flips}/{len(TOPICS)} continuations identical; {flips} flips in {decoded} "
           f"tokens ({flips / decoded:.2%}); first divergences at {first_diff}")
     assert flips / decoded < 0.02 and flips <= len(TOPICS) // 3
-    if exact_max_rows() >= len(TOPICS):  # a CPU without the many-row kernels (AVX2): the exact kernel, same bits
+    if exact_max_rows() >= len(TOPICS):  # a CPU without the many-row kernels: the exact kernel, same bits
         assert flips == 0
 
 

@@ -224,8 +224,8 @@ def test_fast_mode_decode_rows_do_not_depend_on_prefill_in_their_step():
 @pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3"])
 def test_fast_mode_decode_stack_equals_the_layer_loop(arch, rows, monkeypatch):
     """A decode step runs every layer in one compiled call (kernels.decode_stack): up to 8 rows with the exact kernel,
-    then qmatmul_i16 (up to 64 rows) or, without it, qmatmul_bf16 (up to 16); on a CPU with neither (AVX2) the exact
-    kernel up to 64 rows (gemma.exact_max_rows). Its logits and the K/V it writes
+    then qmatmul_i16 (up to 64 rows) or, without it, qmatmul_bf16 (up to 16); on AVX2 qmatmul_wide (up to 64); on a
+    CPU with none the exact kernel up to 64 rows (gemma.exact_max_rows). Its logits and the K/V it writes
     equal the Python layer loop's bit for bit, for Gemma 1, 2 (softcaps) and 3 (q/k norms), over pages (block size
     4, sliding windows of the tiny configs)."""
     from gemma_sessions import kernels

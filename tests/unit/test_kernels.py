@@ -107,10 +107,11 @@ def test_load_failure_falls_back_once(monkeypatch, caplog):
 @pytest.mark.parametrize("native", [True, False])
 def test_int8_linear_paths(op, monkeypatch, native):
     """Each row count's path. The exact kernel up to exact_max_rows() rows (8 where a many-row kernel runs, 64 on a
-    CPU with neither, as on AVX2); above, qmatmul_bf16 where it runs, then the bf16 GEMM on a bf16 copy with native
-    bf16, or float32 over dequantized tiles (no copy) without it (software bf16 is ~5x slower than float32)."""
+    CPU with none); above, qmatmul_wide on AVX2 (up to WIDE_MAX_ROWS) or qmatmul_bf16 where they run, then the bf16
+    GEMM on a bf16 copy with native bf16, or float32 over dequantized tiles (no copy) without it (software bf16 is
+    ~5x slower than float32)."""
     monkeypatch.setitem(kernels._state, "native_bf16", native)
-    many_kernels = kernels.i16_available() or kernels.bf16_dot_available()
+    many_kernels = kernels.i16_available() or kernels.bf16_dot_available() or kernels.wide_available()
     exact = gemma.exact_max_rows()
     assert exact == (gemma.QMATMUL_MAX_ROWS if many_kernels else gemma.EXACT_WIDE_MAX_ROWS)
     w = weight(40, 64, 16, True)
@@ -122,18 +123,22 @@ def test_int8_linear_paths(op, monkeypatch, native):
     if kernels.bf16_dot_available():  # bf16 inputs and weights, float32 sums: no copy made either
         bf16_ref = big.bfloat16().float() @ w.dequantize().bfloat16().float().T
         assert rel_err(lin(big), bf16_ref) <= 1e-6 and lin.bf16 is None
+    if kernels.wide_available():  # float32 throughout: as exact as the kernel, its own bits
+        assert lin.wide_rows(big.shape[0]) and not lin.wide_rows(gemma.WIDE_MAX_ROWS + 1)
+        assert torch.equal(lin(big), kernels.qmatmul_wide(big, w.codes, w.scales, w.offsets, w.group))
+        assert rel_err(lin(big), ref(big)) <= 1e-5 and lin.bf16 is None
     assert rel_err(lin(big), ref(big)) <= 1e-2
     if native:
         assert rel_err(lin(many), ref(many)) <= 1e-2 and lin.bf16 is not None  # bf16 GEMM
     else:
         assert rel_err(lin(many), ref(many)) <= 1e-5 and lin.bf16 is None  # float32 tiles
     head = gemma.Linear(w, "int8", head=True)
-    bigger = torch.randn(max(gemma.HEAD_QMATMUL_MAX_ROWS, exact) + 1, 64)
-    assert rel_err(head(big), ref(big)) <= 1e-5 and head.bf16 is None  # the kernel
+    bigger = torch.randn(max(gemma.HEAD_QMATMUL_MAX_ROWS, gemma.WIDE_MAX_ROWS, exact) + 1, 64)
+    assert rel_err(head(big), ref(big)) <= 1e-5 and head.bf16 is None  # the kernel (qmatmul_wide on AVX2)
     assert rel_err(head(bigger), ref(bigger)) <= 1e-5 and head.bf16 is None  # float32 tiles
     # the engine's batched decode of the head: the kernel, then bf16 products, then the bf16 GEMM (float32 tiles)
     assert torch.equal(head.forward_batch(small), head(small))
-    no_copy = kernels.bf16_dot_available() or big.shape[0] <= exact or not native
+    no_copy = kernels.bf16_dot_available() or kernels.wide_available() or big.shape[0] <= exact or not native
     assert rel_err(head.forward_batch(big), ref(big)) <= 1e-2 and (head.bf16 is None) == no_copy
     assert rel_err(head.forward_batch(many), ref(many)) <= (1e-2 if native else 1e-5)
     assert (head.bf16 is not None) == native
@@ -156,6 +161,35 @@ def test_qmatmul_bf16_is_the_bf16_product(op, m, group, offsets):
     alone = kernels.qmatmul_bf16(x[3:4], w.codes, w.scales, w.offsets, group)
     assert torch.equal(alone[0], out[3])  # a row's result does not depend on the others
     assert torch.equal(gemma.Linear(w.dequantize(), "float32").weight, w.dequantize())
+
+
+@pytest.mark.parametrize("group,offsets", [(32, False), (32, True), (16, True), (8, False)])
+def test_qmatmul_wide_rows_are_float32_chains_independent_of_the_batch(op, group, offsets):
+    """qmatmul_wide (AVX2 without AVX-512): each output one float32 FMA chain over k against W dequantized in
+    float32 (one rounding of codes * scale + offset), so a row's bits are the same in any batch (alone, at any
+    place, with 9 or 61 others, across the kernel's chunks of x and tiles of W); float32 accuracy."""
+    if not kernels.wide_available():
+        pytest.skip("qmatmul_wide is the AVX2-only build's (this CPU has AVX-512 or no AVX2)")
+    w = weight(301, 640, group, offsets)  # N = 301: tiles of 48 and blocks of 6 with tails
+    x = torch.randn(70, 640)  # two chunks of x at K = 640 (64 rows each), 8-lane tails
+    out = kernels.qmatmul_wide(x, w.codes, w.scales, w.offsets, group)
+    want = (x.double() @ w.dequantize().double().T).float()
+    exact = kernels.qmatmul(x, w.codes, w.scales, w.offsets, group)
+    assert out.dtype == torch.float32 and out.shape == (70, 301)
+    # one chain of 640 terms rounds more than the exact kernel's 8 lanes of group sums (measured 8.7e-7 / 1.3e-7)
+    assert rel_err(out, want) <= 2e-6 and rel_err(exact, want) <= 1e-6
+    for rows in (slice(3, 4), slice(0, 9), slice(5, 66), slice(64, 70)):
+        assert torch.equal(kernels.qmatmul_wide(x[rows], w.codes, w.scales, w.offsets, group), out[rows])
+    # the chain itself, for one output: fma in the order of k (float64 then rounded == one float32 fma)
+    wd = w.codes[7].double() * w.scales[7].double().repeat_interleave(group)
+    if offsets:  # W as one fma: codes * scale + offset rounded once
+        wd = wd + w.offsets[7].double().repeat_interleave(group)
+    wd, acc = wd.float(), torch.tensor(0.0, dtype=torch.float32)
+    for k in range(640):
+        acc = (x[11, k].double() * wd[k].double() + acc.double()).float()
+    assert out[11, 7] == acc
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        kernels.qmatmul_wide(x[:, :12], w.codes[:, :12], w.scales[:, :3], None, 4)
 
 
 def test_rms_norm_matches_torch(op):

@@ -214,6 +214,22 @@ def qmatmul_bf16(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, off
     return torch.ops.gemma_sessions.qmatmul_bf16.default(x.float(), codes, scales, offsets, group)
 
 
+def wide_available() -> bool:
+    """Whether :func:`qmatmul_wide` runs (a compiled kernel with AVX2 and FMA but no AVX-512)."""
+    return _built_with("wide", "wide_available")
+
+
+def qmatmul_wide(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+                 group: int) -> torch.Tensor:
+    """float32 ``x [M, K] @ W^T -> [M, N]`` for many rows on AVX2: a GEMM's register tile, lanes along the rows of
+    x. Each output is one float32 FMA chain over k against W dequantized in float32 (as :func:`dequantize`), so a
+    row's result does not depend on M or on the other rows (but is not :func:`qmatmul`'s, whose lanes run along k).
+    Requires :func:`wide_available`; a group that is a multiple of 8."""
+    if not wide_available():
+        raise RuntimeError("qmatmul_wide needs the compiled kernel built for AVX2 without AVX-512")
+    return torch.ops.gemma_sessions.qmatmul_wide.default(x.float(), codes, scales, offsets, group)
+
+
 def qmatmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
             group: int) -> torch.Tensor:
     """float32 ``x [M, K] @ W^T -> [M, N]`` with W as above; the compiled kernel when available."""

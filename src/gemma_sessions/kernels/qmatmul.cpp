@@ -478,6 +478,169 @@ at::Tensor qmatmul(const at::Tensor& x_in, const at::Tensor& codes_in, const at:
   return out;
 }
 
+// ------------------------------------------------------------------------------------------------ qmatmul_wide
+// x @ W^T for many rows on AVX2 (no AVX-512): the register tile of a GEMM, lanes along the rows of x. Each output is
+// one float32 FMA chain in the order of k over the dequantized weight, W[n, k] = fma(codes, scale, offset) rounded
+// once to float32 (exact for GGUF blocks, see quant.py):
+//
+//   out[m, n] = fma(x[m, K-1], W[n, K-1], ... fma(x[m, 1], W[n, 1], x[m, 0] * W[n, 0]))
+//
+// whatever M, the row's place in the batch and the thread: a row's bits do not depend on the others (not the bits of
+// qmatmul, whose lanes run along k). Per call x is laid out transposed in chunks of WIDE_MC rows ([K][MC], padded to
+// 8 lanes); per thread and chunk, WIDE_NR weight rows at a time are dequantized into a float32 buffer (L1/L2) and
+// every 16 (then 8) rows of the chunk run a tile of WIDE_NR x 2 (x 1) vectors: per k two loads of x, WIDE_NR broadcasts
+// of W, 12 FMAs (15 of the 16 ymm registers).
+#ifdef AVX2_ONLY
+constexpr bool kWide = true;
+constexpr int WIDE_NR = 6;
+constexpr int64_t WIDE_NT = 48;
+constexpr int64_t WIDE_PREFETCH = 2 * WIDE_NR;  // weight rows ahead that a block prefetches  // outputs per tile of the result (a multiple of WIDE_NR; see tiled's NT)
+
+template <int NR, int MV>
+static inline void wide_tile(const float* xt, int64_t mc, int64_t K, const float* wb, float* res) {
+  __m256 acc[NR][MV];
+  for (int j = 0; j < NR; ++j)
+    for (int v = 0; v < MV; ++v) acc[j][v] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 8) {
+    const float* wk = wb + k * NR;  // the NR rows' 8 weights at k (see wide_dequant)
+    for (int kk = 0; kk < 8; ++kk) {
+      __m256 xv[MV];
+      for (int v = 0; v < MV; ++v) xv[v] = _mm256_loadu_ps(xt + (k + kk) * mc + 8 * v);
+      for (int j = 0; j < NR; ++j) {
+        const __m256 b = _mm256_broadcast_ss(wk + j * 8 + kk);
+        for (int v = 0; v < MV; ++v) acc[j][v] = _mm256_fmadd_ps(xv[v], b, acc[j][v]);
+      }
+    }
+  }
+  for (int j = 0; j < NR; ++j)
+    for (int v = 0; v < MV; ++v) _mm256_storeu_ps(res + j * 8 * MV + 8 * v, acc[j][v]);
+}
+
+// W's rows [n, n + nr) as float32 into wb, codes * scale (+ offset) per group, in blocks of 8 inputs: the nr rows'
+// weights k..k+7 lie together at wb[k nr .. (k + 8) nr) (row j's at + 8 j), so a tile's broadcasts read one stream.
+// 16 codes per load where the group allows (Q8_0, Q4_K, Q5_K: 32; Q6_K: 16): ~1.5x faster than 8 per load.
+static inline void wide_dequant(const int8_t* c, const float* sc, const float* off, int64_t K, int64_t G, int64_t nr,
+                                float* wb) {
+  const int64_t ng = K / G;
+  for (int64_t j = 0; j < nr; ++j) {
+    const int8_t* cj = c + j * K;
+    for (int64_t g = 0; g < ng; ++g) {
+      const __m256 s = _mm256_set1_ps(sc[j * ng + g]);
+      const __m256 o = _mm256_set1_ps(off != nullptr ? off[j * ng + g] : 0.f);
+      const auto put = [&](int64_t k, __m256 codes) {  // one rounding (as mul then add for GGUF blocks: exact)
+        _mm256_storeu_ps(wb + k * nr + j * 8, off != nullptr ? _mm256_fmadd_ps(codes, s, o) : _mm256_mul_ps(codes, s));
+      };
+      int64_t k = g * G;
+      for (; k + 16 <= (g + 1) * G; k += 16) {
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(cj + k));
+        put(k, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)));
+        put(k + 8, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8))));
+      }
+      if (k < (g + 1) * G) put(k, load_codes8(cj + k));
+    }
+  }
+}
+
+template <int NR>
+static inline void wide_rows(const float* xt, int64_t mc, int64_t mrows, int64_t K, const float* wb, float* tile,
+                             int64_t j0) {
+  alignas(32) float res[NR * 16];
+  for (int64_t m0 = 0; m0 < mrows; m0 += 16) {
+    const int64_t mb = std::min<int64_t>(16, mrows - m0);
+    const int mv = mb > 8 ? 2 : 1;
+    if (mv == 2) wide_tile<NR, 2>(xt + m0, mc, K, wb, res);
+    else wide_tile<NR, 1>(xt + m0, mc, K, wb, res);
+    for (int j = 0; j < NR; ++j)
+      for (int64_t l = 0; l < mb; ++l) tile[(m0 + l) * WIDE_NT + j0 + j] = res[j * 8 * mv + l];
+  }
+}
+#else
+constexpr bool kWide = false;
+#endif
+
+bool wide_available() { return kWide; }
+
+// Rows of x per chunk: the chunk's x ([K][MC] floats) stays within ~192 KB of L2 (64 rows at K = 640, 16 at 2048).
+static inline int64_t wide_chunk_rows(int64_t K) {
+  return std::max<int64_t>(16, std::min<int64_t>(64, (49152 / std::max<int64_t>(K, 1)) / 16 * 16));
+}
+
+at::Tensor qmatmul_wide(const at::Tensor& x_in, const at::Tensor& codes_in, const at::Tensor& scales_in,
+                        const c10::optional<at::Tensor>& offsets_in, int64_t G) {
+  TORCH_CHECK(kWide, "qmatmul_wide: this build has no AVX2-only path");
+  TORCH_CHECK(x_in.dim() == 2 && codes_in.dim() == 2, "qmatmul_wide: x [M, K] and codes [N, K] must be 2-D");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "qmatmul_wide: x must be float32");
+  TORCH_CHECK(codes_in.scalar_type() == at::kChar, "qmatmul_wide: codes must be int8");
+  TORCH_CHECK(scales_in.scalar_type() == at::kFloat, "qmatmul_wide: scales must be float32");
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = codes_in.size(0);
+  TORCH_CHECK(codes_in.size(1) == K, "qmatmul_wide: x has K=", K, ", codes K=", codes_in.size(1));
+  TORCH_CHECK(G > 0 && G % 8 == 0 && K % G == 0, "qmatmul_wide: group size ", G, " must divide K=", K,
+              " and be a multiple of 8");
+  const int64_t ng = K / G;
+  TORCH_CHECK(scales_in.size(0) == N && scales_in.size(1) == ng, "qmatmul_wide: scales must be [N, K/G]");
+  const at::Tensor x = x_in.contiguous(), codes = codes_in.contiguous(), scales = scales_in.contiguous();
+  at::Tensor offsets;
+  const bool has_off = offsets_in.has_value() && offsets_in->defined();
+  if (has_off) {
+    offsets = offsets_in->contiguous();
+    TORCH_CHECK(offsets.scalar_type() == at::kFloat && offsets.size(0) == N && offsets.size(1) == ng,
+                "qmatmul_wide: offsets must be float32 [N, K/G]");
+  }
+  at::Tensor out = at::empty({M, N}, x.options());
+#ifdef AVX2_ONLY
+  const int64_t MC = wide_chunk_rows(K);
+  const int64_t nchunks = (M + MC - 1) / MC;
+  // x transposed per chunk: chunk i holds rows [i MC, i MC + mc) as [K][mc], mc its row count rounded up to 8
+  std::vector<float> xt(nchunks * MC * K, 0.f);
+  const float* xp = x.data_ptr<float>();
+  for (int64_t i = 0; i < nchunks; ++i) {
+    const int64_t m0 = i * MC, rows = std::min(MC, M - m0), mc = (rows + 7) / 8 * 8;
+    float* dst = xt.data() + m0 * K;
+    for (int64_t m = 0; m < rows; ++m)
+      for (int64_t k = 0; k < K; ++k) dst[k * mc + m] = xp[(m0 + m) * K + k];
+  }
+  const int8_t* cp = codes.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const float* op = has_off ? offsets.data_ptr<float>() : nullptr;
+  float* outp = out.data_ptr<float>();
+  par_for(0, N, WIDE_NT, [&](int64_t begin, int64_t end) {
+    std::vector<float> wb_store(WIDE_NR * K + 16);  // wb 64-byte aligned: no store splits a cache line
+    float* const wbp = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(wb_store.data()) + 63) & ~uintptr_t{63});
+    std::vector<float> tile(MC * WIDE_NT);
+    for (int64_t n0 = begin; n0 < end; n0 += WIDE_NT) {
+      const int64_t nt = std::min(WIDE_NT, end - n0);
+      for (int64_t i = 0; i < nchunks; ++i) {
+        const int64_t m0 = i * MC, rows = std::min(MC, M - m0), mc = (rows + 7) / 8 * 8;
+        const float* xc = xt.data() + m0 * K;
+        for (int64_t j0 = 0; j0 < nt; j0 += WIDE_NR) {
+          const int64_t nr = std::min<int64_t>(WIDE_NR, nt - j0), n = n0 + j0;
+          wide_dequant(cp + n * K, sp + n * ng, has_off ? op + n * ng : nullptr, K, G, nr, wbp);
+          if (n + WIDE_PREFETCH + WIDE_NR <= end) {  // a later block's weights into L2 while this one computes
+            const int8_t* pc = cp + (n + WIDE_PREFETCH) * K;
+            for (int64_t b = 0; b < WIDE_NR * K; b += 64) __builtin_prefetch(pc + b, 0, 2);
+            for (int64_t b = 0; b < WIDE_NR * ng; b += 16) {
+              __builtin_prefetch(sp + (n + WIDE_PREFETCH) * ng + b, 0, 2);
+              if (has_off) __builtin_prefetch(op + (n + WIDE_PREFETCH) * ng + b, 0, 2);
+            }
+          }
+          switch (nr) {
+            case 1: wide_rows<1>(xc, mc, rows, K, wbp, tile.data(), j0); break;
+            case 2: wide_rows<2>(xc, mc, rows, K, wbp, tile.data(), j0); break;
+            case 3: wide_rows<3>(xc, mc, rows, K, wbp, tile.data(), j0); break;
+            case 4: wide_rows<4>(xc, mc, rows, K, wbp, tile.data(), j0); break;
+            case 5: wide_rows<5>(xc, mc, rows, K, wbp, tile.data(), j0); break;
+            default: wide_rows<6>(xc, mc, rows, K, wbp, tile.data(), j0); break;
+          }
+        }
+        for (int64_t m = 0; m < rows; ++m)
+          std::copy(tile.data() + m * WIDE_NT, tile.data() + m * WIDE_NT + nt, outp + (m0 + m) * N + n0);
+      }
+    }
+  });
+#endif
+  return out;
+}
+
 // qmatmul_bf16: the same product for MANY rows (the engine's batched decode), at twice the float32 rate: x and W
 // rounded to bf16 (W as models/quant.py dequantizes it, then rounded: the very bf16 copy a bf16 GEMM would use, but
 // never stored: the int8 codes are read), products summed in float32 by vdpbf16ps, float32 out (a bf16 GEMM would
@@ -1618,13 +1781,14 @@ at::Tensor decode_stack(const at::Tensor& x_in, at::TensorList lin, at::TensorLi
               "decode_stack: per-layer lists of inconsistent lengths");
   const int64_t M = x_in.size(0), S = flat.size(0);
   TORCH_CHECK(wide.empty() || static_cast<int64_t>(wide.size()) == 12 * L, "decode_stack: wide needs 12 per layer");
-  TORCH_CHECK(M <= exact_rows || !wide.empty() || kBf16Dot, "decode_stack: ", M,
-              " rows need qmatmul_i16's layout or qmatmul_bf16, which this build lacks");
+  TORCH_CHECK(M <= exact_rows || !wide.empty() || kBf16Dot || kWide, "decode_stack: ", M,
+              " rows need qmatmul_i16's layout, qmatmul_bf16 or qmatmul_wide, which this build lacks");
   // a product of this step: qmatmul (exact) up to exact_rows rows, beyond qmatmul_i16 on its layout (wide: packed
-  // codes, scales, offsets per product, i16_pack) when given, else qmatmul_bf16
+  // codes, scales, offsets per product, i16_pack) when given, else qmatmul_wide (AVX2) or qmatmul_bf16
   const auto product = [&](const at::Tensor& x, const at::Tensor* w, const at::Tensor* p, int64_t G) {
     if (M <= exact_rows) return qmatmul(x, w[0], w[1], opt(w[2]), G);
-    return p != nullptr ? qmatmul_i16(x, p[0], p[1], p[2], G) : qmatmul_bf16(x, w[0], w[1], opt(w[2]), G);
+    if (p != nullptr) return qmatmul_i16(x, p[0], p[1], p[2], G);
+    return kWide ? qmatmul_wide(x, w[0], w[1], opt(w[2]), G) : qmatmul_bf16(x, w[0], w[1], opt(w[2]), G);
   };
   at::Tensor x = x_in.contiguous();
   at::Tensor h = rms_norm(x, norms[0], eps);
@@ -1666,6 +1830,8 @@ TORCH_LIBRARY(gemma_sessions, m) {
         "Tensor[] sin, Tensor(a!) flat, int[] off_k, int[] off_v, int[] layer_group, Tensor[] write, Tensor[] table, "
         "Tensor[] start, Tensor[] lengths, int block, int page_stride, float scale, float softcap, int hq, int hkv, "
         "float eps, int exact_rows) -> Tensor");
+  m.def("qmatmul_wide(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, int group) -> Tensor");
+  m.def("wide_available() -> bool", &wide_available);
   m.def("qmatmul_bf16(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, int group) -> Tensor");
   m.def("i16_available() -> bool", &i16_available);
   m.def("i16_pack(Tensor codes, Tensor scales, Tensor? offsets, int group) -> (Tensor, Tensor, Tensor)");
@@ -1689,6 +1855,7 @@ TORCH_LIBRARY_IMPL(gemma_sessions, CPU, m) {
   m.impl("argmax", &argmax_rows);
   m.impl("decode_stack", &decode_stack);
   m.impl("decode_attention", &decode_attention);
+  m.impl("qmatmul_wide", &qmatmul_wide);
   m.impl("qmatmul_bf16", &qmatmul_bf16);
   m.impl("i16_pack", &i16_pack);
   m.impl("qmatmul_i16", &qmatmul_i16);

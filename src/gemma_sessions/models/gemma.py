@@ -59,9 +59,17 @@ GREEDY_HEAD_MIN_ROWS = 5
 # ~3e-3 for the bf16 paths. On the 270M's 72 layer products (weights from memory), bf16 GEMM time / qmatmul_i16 time:
 # 16 rows 1.62x, 32 1.28x, 64 1.09x, 128 0.86x, 512 0.70x; qmatmul_bf16 / qmatmul_i16 at 9 and 16 rows 1.1-1.4x.
 I16_MAX_ROWS = 64
-# Where neither many-row kernel runs (qmatmul_i16 needs AVX512-VNNI, qmatmul_bf16 AVX512-BF16: an AVX2 CPU), the
-# exact kernel takes the layers' products and the engine's batched head up to this many rows (see exact_max_rows).
+# Where no many-row kernel runs (qmatmul_i16 needs AVX512-VNNI, qmatmul_bf16 AVX512-BF16, qmatmul_wide AVX2 without
+# AVX-512: a build for another CPU), the exact kernel takes the layers' products and the engine's batched head up to
+# this many rows (see exact_max_rows).
 EXACT_WIDE_MAX_ROWS = 64
+# On AVX2 without AVX-512, products of more than QMATMUL_MAX_ROWS and at most this many rows run kernels.qmatmul_wide
+# (the engine's batched decode of up to 64 sessions, short chunks). Measured on a 2-core Zen 3 (/tmp script, medians
+# of 5, a noisy machine), ms, the 270M's shapes [N x K], qmatmul / qmatmul_wide: 2048x640 at 16 rows 1.04-1.15 /
+# 0.52-0.68, 640x2048 at 16 rows 0.96-1.11 / 0.50-0.58, the head's 65536x640 quarter at 16 rows 21.7-23.3 /
+# 17.2-17.6 and 64 rows 78-93 / 41-53; at 8 rows qmatmul is faster (0.52-0.59 / 0.77-0.86). Against float32 tiles
+# (below; torch's float32 GEMM) at 64 rows wide wins 1.3-2.1x, at 128 they are even, at 512 the tiles win 1.0-1.8x.
+WIDE_MAX_ROWS = 64
 # Without native bf16 (kernels.native_bf16), products of more rows (prefill) run float32 GEMMs over dequantized tiles
 # of this many output rows instead of the bf16 copy (no copy kept). On a 2-core Zen 3 at 512 rows, GFLOP/s: float32
 # tiles 42-68, the bf16 GEMM 8-11, the exact kernel 18-26 (/tmp script, a noisy machine).
@@ -71,10 +79,10 @@ _PACK_LOCK = threading.Lock()  # Linear.prepare_greedy / prepare_i16: one packin
 
 def exact_max_rows() -> int:
     """Rows up to which the int8 layers' products (and the engine's batched LM head) run the exact kernel:
-    ``QMATMUL_MAX_ROWS`` where a many-row kernel (``qmatmul_i16`` or ``qmatmul_bf16``) takes the rows above;
-    ``EXACT_WIDE_MAX_ROWS`` on a CPU with neither (AVX2), where the exact kernel is the fastest product of 9-64 rows
+    ``QMATMUL_MAX_ROWS`` where a many-row kernel (``qmatmul_i16``, ``qmatmul_bf16`` or on AVX2 ``qmatmul_wide``)
+    takes the rows above; else ``EXACT_WIDE_MAX_ROWS``, where the exact kernel is the fastest product of 9-64 rows
     and a batched decode step then gives every row the bits it gets alone."""
-    if kernels.i16_available() or kernels.bf16_dot_available():
+    if kernels.i16_available() or kernels.bf16_dot_available() or kernels.wide_available():
         return QMATMUL_MAX_ROWS
     return EXACT_WIDE_MAX_ROWS
 
@@ -101,9 +109,11 @@ class Linear(nn.Module):
       (``qmatmul_bf16``, then the bf16 GEMM), for throughput at many concurrent sessions;
     - the engine's greedy rows from ``GREEDY_HEAD_MIN_ROWS`` rows (``greedy``): the exact argmax through int8
       activations and an error bound (``kernels.q8_head``), no logits;
-    - on a CPU with neither many-row kernel (AVX2, no AVX-512): the exact kernel up to ``EXACT_WIDE_MAX_ROWS`` rows
-      (layers and ``forward_batch``), and without native bf16 float32 products over dequantized tiles in place of
-      the bf16 GEMM (see ``exact_max_rows`` and ``kernels.native_bf16``).
+    - on AVX2 without AVX-512, products of more rows up to ``WIDE_MAX_ROWS`` (layers, head, ``forward_batch``):
+      ``kernels.qmatmul_wide``, float32 activations, weights and sums, a row's bits independent of the batch;
+    - on a CPU with no many-row kernel: the exact kernel up to ``EXACT_WIDE_MAX_ROWS`` rows (layers and
+      ``forward_batch``), and without native bf16 float32 products over dequantized tiles in place of the bf16 GEMM
+      (see ``exact_max_rows`` and ``kernels.native_bf16``).
 
     NOTE: prefill measured on the 270M (top-1 agreement with float32 over 640 tokens / prefill speed): bf16 GEMM
     0.988 / 1.0; the same with ffn_down's input split into hi + lo bf16 halves (one GEMM over twice the rows, ~16
@@ -123,6 +133,7 @@ class Linear(nn.Module):
         self.int8 = weight_format == "int8"
         self.head = head
         self._i16_shape_ok: bool | None = None  # i16_rows' fixed part, on first ask
+        self._wide_ok: bool | None = None  # wide_rows' fixed part, on first ask
         self.register_buffer("weight", None)
         if self.int8:
             qw = weight if isinstance(weight, quant.QuantWeight) else quant.quantize_symmetric(weight)
@@ -141,7 +152,9 @@ class Linear(nn.Module):
     @property
     def max_kernel_rows(self) -> int:
         """Rows up to which ``forward`` runs the exact kernel (see ``exact_max_rows``)."""
-        return max(HEAD_QMATMUL_MAX_ROWS, exact_max_rows()) if self.head else exact_max_rows()
+        if self.head and not self.wide_rows(exact_max_rows() + 1):
+            return max(HEAD_QMATMUL_MAX_ROWS, exact_max_rows())
+        return exact_max_rows()
 
     @property
     def quant_weight(self) -> quant.QuantWeight:
@@ -155,6 +168,8 @@ class Linear(nn.Module):
             return op(x, self.codes, self.scales, self.offsets, self.group)  # decode: the one hot call, kept bare
         if op is not None and x.shape[0] <= self.max_kernel_rows:
             return op(x.float(), self.codes, self.scales, self.offsets, self.group).to(x.dtype)
+        if self.wide_rows(x.shape[0]):
+            return kernels.qmatmul_wide(x, self.codes, self.scales, self.offsets, self.group).to(x.dtype)
         if self.i16_rows(x.shape[0]):
             return kernels.qmatmul_i16(x, self.prepare_i16(), self.group).to(x.dtype)
         if not self.head and self._bf16_dot_rows(x.shape[0]):
@@ -170,8 +185,8 @@ class Linear(nn.Module):
         a few decode rows (up to 64 on AVX2) is exact as alone; up to ``BF16_DOT_MAX_ELEMENTS`` inputs
         ``kernels.qmatmul_bf16`` (bf16 inputs and weights, float32 sums and output, reading the int8 codes); beyond,
         a bf16 GEMM on a bf16 copy of the weight (335 MB for the 270M's head, made on the first such batch), or
-        without native bf16 float32 over dequantized tiles."""
-        if not self.int8 or x.shape[0] <= exact_max_rows():
+        without native bf16 float32 over dequantized tiles; on AVX2 ``kernels.qmatmul_wide`` beyond the exact rows."""
+        if not self.int8 or x.shape[0] <= exact_max_rows() or self.wide_rows(x.shape[0]):
             return self(x)
         if x.numel() <= BF16_DOT_MAX_ELEMENTS and self._bf16_dot():
             return kernels.qmatmul_bf16(x, self.codes, self.scales, self.offsets, self.group)
@@ -205,6 +220,17 @@ class Linear(nn.Module):
                     self._q8 = kernels.q8_head_pack(self.codes, self.scales)
                 packed = self._q8
         return packed
+
+    def wide_rows(self, rows: int) -> bool:
+        """Whether ``forward`` of this many rows runs ``kernels.qmatmul_wide`` (more rows than the exact kernel
+        takes, at most ``WIDE_MAX_ROWS``; a group that is a multiple of 8; the kernel built for AVX2 without
+        AVX-512)."""
+        if not QMATMUL_MAX_ROWS < rows <= WIDE_MAX_ROWS:
+            return False
+        if self._wide_ok is None:
+            self._wide_ok = bool(self.int8 and self.group % 8 == 0 and self.codes.device.type == "cpu"
+                                 and kernels.wide_available())
+        return self._wide_ok
 
     def i16_rows(self, rows: int) -> bool:
         """Whether ``forward`` of this many rows runs ``kernels.qmatmul_i16`` (a layer, not the head; more rows than
@@ -248,8 +274,8 @@ class Linear(nn.Module):
             return False
         if kernels.kernel() is None:
             return True
-        return (rows > self.max_kernel_rows and not self.i16_rows(rows) and not self._bf16_dot_rows(rows)
-                and kernels.native_bf16())
+        return (rows > self.max_kernel_rows and not self.wide_rows(rows) and not self.i16_rows(rows)
+                and not self._bf16_dot_rows(rows) and kernels.native_bf16())
 
     def _float32_tiles(self, x: torch.Tensor, tile: int = HEAD_TILE_ROWS) -> torch.Tensor:
         out = torch.empty(x.shape[0], self.out_features, dtype=torch.float32, device=x.device)
@@ -576,7 +602,7 @@ class GemmaModel(nn.Module):
         ``I16_MAX_ROWS``) or ``qmatmul_bf16`` for every product (up to ``BF16_DOT_MAX_ROWS``)."""
         if not (self.weight_format == "int8" and self.device.type == "cpu" and kernels.available()):
             return False
-        if rows <= exact_max_rows():
+        if rows <= exact_max_rows() or all(li.wide_rows(rows) for li in self._products()):
             return True
         return self._stack_i16(rows) or (rows <= BF16_DOT_MAX_ROWS and all(
             li._bf16_dot_rows(rows) and not li.i16_rows(rows) for li in self._products()))
