@@ -192,6 +192,20 @@ def test_qmatmul_wide_rows_are_float32_chains_independent_of_the_batch(op, group
         kernels.qmatmul_wide(x[:, :12], w.codes[:, :12], w.scales[:, :3], None, 4)
 
 
+@pytest.mark.parametrize("group,offsets", [(32, True), (16, False), (8, True)])
+def test_dequantize_rows_are_torch_bits(op, group, offsets):
+    """The compiled dequantize (the float32 tiles of prefill products) gives quant.dequantize_rows' bits: codes *
+    scale rounded, then + offset rounded (random scales: the products are not exact, so a fused multiply-add would
+    differ); any row range; bad ranges refused."""
+    w = weight(301, 640, group, offsets)
+    full = quant.dequantize_rows(w, slice(None))
+    assert torch.equal(kernels.dequantize(w.codes, w.scales, w.offsets, group), full)
+    for a, b in ((0, 1), (17, 230), (300, 301), (5, 5)):
+        assert torch.equal(kernels.dequantize_rows(w.codes, w.scales, w.offsets, group, a, b), full[a:b])
+    with pytest.raises(RuntimeError, match="outside"):
+        kernels.dequantize_rows(w.codes, w.scales, w.offsets, group, 0, 302)
+
+
 def test_rms_norm_matches_torch(op):
     x, scale = torch.randn(3, 4, 256) * 5, 1 + torch.randn(256) * 0.1
     want = torch.nn.functional.rms_norm(x, (256,), scale, 1e-6)

@@ -142,6 +142,17 @@ def qmatmul_reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, group: int) -> torch.Tensor:
     """float32 ``[N, K]``: ``codes * scale + offset`` per group (exact for the GGUF block types, see quant.py)."""
+    return dequantize_rows(codes, scales, offsets, group, 0, codes.shape[0])
+
+
+def dequantize_rows(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, group: int, start: int,
+                    end: int) -> torch.Tensor:
+    """Rows ``[start, end)`` of :func:`dequantize` (the same bits: ``codes * scale``, then ``+ offset``); one pass
+    of the compiled kernel on CPU tensors, torch otherwise."""
+    if codes.device.type == "cpu" and kernel() is not None:
+        return torch.ops.gemma_sessions.dequantize.default(codes, scales, offsets, group, start, end)
+    codes, scales = codes[start:end], scales[start:end]
+    offsets = None if offsets is None else offsets[start:end]
     n, k = codes.shape
     w = codes.view(n, k // group, group).float() * scales[:, :, None]
     if offsets is not None:

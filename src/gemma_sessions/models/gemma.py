@@ -279,10 +279,10 @@ class Linear(nn.Module):
 
     def _float32_tiles(self, x: torch.Tensor, tile: int = HEAD_TILE_ROWS) -> torch.Tensor:
         out = torch.empty(x.shape[0], self.out_features, dtype=torch.float32, device=x.device)
-        qw = self.quant_weight
         for start in range(0, self.out_features, tile):
-            rows = slice(start, min(start + tile, self.out_features))
-            out[:, rows] = F.linear(x, quant.dequantize_rows(qw, rows))
+            end = min(start + tile, self.out_features)
+            out[:, start:end] = F.linear(x, kernels.dequantize_rows(self.codes, self.scales, self.offsets, self.group,
+                                                                    start, end))
         return out
 
     def dequantized(self) -> torch.Tensor:
