@@ -328,18 +328,18 @@ def test_packed_prefill_attention_equals_one_attention_per_chunk(arch, native, m
 
 def test_greedy_head_tokens_equal_the_exact_logits_argmax():
     """The engine's step returns greedy rows' tokens from the int8-activation head (no logits) from
-    GREEDY_HEAD_MIN_ROWS rows, equal to the argmax of the exact logits; fewer rows, or a sampled row among at most
-    QMATMUL_MAX_ROWS, get exact logits for every row; a sampled row among more gets the approximate logits, also
-    when every row is sampled."""
+    greedy_head_min_rows() rows (5; 1 on AVX2), equal to the argmax of the exact logits; fewer rows, or a sampled
+    row among at most QMATMUL_MAX_ROWS, get exact logits for every row; a sampled row among more gets the
+    approximate logits, also when every row is sampled."""
     from gemma_sessions import kernels
     from gemma_sessions.cache.kv import PagedKVCache
     from gemma_sessions.engine import runner
-    from gemma_sessions.models.gemma import GREEDY_HEAD_MIN_ROWS, QMATMUL_MAX_ROWS
+    from gemma_sessions.models.gemma import QMATMUL_MAX_ROWS, greedy_head_min_rows
 
     model = tiny_model("gemma3", seed=4, weight_format="int8")
     net = model.net
     if not net.can_greedy_head():
-        pytest.skip("no greedy head here (it needs the compiled kernel with AVX512-VNNI)")
+        pytest.skip("no greedy head here (it needs the compiled kernel with AVX512-VNNI or AVX2)")
 
     def step(rows: int, greedy: list[bool]):
         cache = PagedKVCache(KVLayout.for_config(model.config, 4), 512, torch.bfloat16, model.device)
@@ -350,10 +350,13 @@ def test_greedy_head_tokens_equal_the_exact_logits_argmax():
             items.append(runner.WorkItem(seq=s, num_tokens=len(s.tokens), want_logits=True))
         return runner.run_step_greedy(net, cache, items, greedy), runner.run_step(net, cache, items)
 
-    for rows in (GREEDY_HEAD_MIN_ROWS - 1, GREEDY_HEAD_MIN_ROWS, QMATMUL_MAX_ROWS + 4):
+    least = greedy_head_min_rows()
+    for rows in (least - 1, least, QMATMUL_MAX_ROWS + 4):
+        if rows == 0:
+            continue
         (logits, tokens), exact = step(rows, [True] * rows)
         want = kernels.argmax(exact).tolist()
-        if rows < GREEDY_HEAD_MIN_ROWS:
+        if rows < least:
             assert tokens == [None] * rows and all(torch.equal(a, b) for a, b in zip(logits, exact))
         else:
             assert tokens == want and logits == [None] * rows

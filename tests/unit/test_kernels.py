@@ -519,8 +519,14 @@ def test_decode_attention_long_rows_split_in_segments(op, dtype):
 @pytest.fixture(scope="module")
 def q8(op):
     if not kernels.q8_head_available():
-        pytest.skip("q8_head needs AVX512-VNNI")
+        pytest.skip("q8_head needs AVX512-VNNI or AVX2")
     return kernels.q8_head
+
+
+def head_weight(n: int, k: int, seed: int = 0) -> quant.QuantWeight:
+    """A Q8_0-like head: codes in [-127, 127] (as Q8_0 and quantize_symmetric make them; AVX2's q8_head needs it)."""
+    w = weight(n, k, 32, False, seed=seed)
+    return quant.QuantWeight(codes=w.codes.clamp(-127, 127), scales=w.scales, offsets=None, group=32)
 
 
 def _exact_tokens(x: torch.Tensor, w: quant.QuantWeight) -> list[int]:
@@ -533,7 +539,7 @@ def test_q8_head_gives_the_exact_greedy_token(q8):
     hidden-state-like inputs (a few outlier channels) and on adversarial near-ties: duplicated weight rows (exact ties:
     the lower index wins, as torch.argmax) and rows one code apart."""
     torch.manual_seed(3)
-    w = weight(4096, 640, 32, False, seed=5)
+    w = head_weight(4096, 640, seed=5)
     codes = w.codes.clone()
     codes[1000] = codes[7]          # an exact tie between 7 and 1000
     codes[2001] = codes[2000]
@@ -564,24 +570,29 @@ def test_q8_head_gives_the_exact_greedy_token(q8):
 
 
 def test_q8_head_refuses_non_finite_rows_and_bad_packing(q8):
-    w = weight(64, 64, 32, False)
+    w = head_weight(64, 64)
     packed = kernels.q8_head_pack(w.codes, w.scales)
     x = torch.randn(3, 64)
     x[1, 3] = float("nan")
     tokens, _, logits = q8(x, packed, w.codes, w.scales, False)
     assert logits is None
     assert tokens.tolist() == [_exact_tokens(x[:1], w)[0], -1, _exact_tokens(x[2:], w)[0]]
-    other = kernels.q8_head_pack(weight(32, 64, 32, False).codes, weight(32, 64, 32, False).scales)
+    other = kernels.q8_head_pack(head_weight(32, 64).codes, head_weight(32, 64).scales)
     with pytest.raises(RuntimeError, match="packed weights"):
         q8(x, other, w.codes, w.scales, False)
     with pytest.raises(RuntimeError, match="scales must be"):
         q8(x, packed, w.codes, w.scales[:, :1].contiguous(), False)
     with pytest.raises(RuntimeError, match="N % 16"):
-        kernels.q8_head_pack(weight(8, 64, 32, False).codes, weight(8, 64, 32, False).scales)
+        kernels.q8_head_pack(head_weight(8, 64).codes, head_weight(8, 64).scales)
+    if not kernels.i16_available():  # the AVX2 build (vpsignb cannot negate -128)
+        low = head_weight(32, 64)
+        low.codes[3, 5] = -128
+        with pytest.raises(RuntimeError, match="-128"):
+            kernels.q8_head_pack(low.codes, low.scales)
 
 
 def test_q8_head_from_many_threads(q8):
-    w = weight(2048, 128, 32, False, seed=9)
+    w = head_weight(2048, 128, seed=9)
     packed = kernels.q8_head_pack(w.codes, w.scales)
     xs = [torch.randn(1 + i % 12, 128) for i in range(24)]
     want = [_exact_tokens(x, w) for x in xs]

@@ -25,7 +25,7 @@ import torch
 from .. import kernels
 from ..cache.kv import PagedKVCache, SeqKV
 from ..cache.state import StateCache
-from ..models.gemma import GREEDY_HEAD_MIN_ROWS, GemmaModel, attention, exact_max_rows, visibility_mask
+from ..models.gemma import GemmaModel, attention, exact_max_rows, greedy_head_min_rows, visibility_mask
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -251,11 +251,11 @@ def _head(net: GemmaModel, h: torch.Tensor, greedy: list[bool] | None):
     if n == 0:
         return [], []
     # the fast head (int8 activations): the exact greedy token of greedy rows, the approximate logits of sampled
-    # ones; when every row is greedy (from GREEDY_HEAD_MIN_ROWS rows), or when the rows are too many for the exact
+    # ones; when every row is greedy (from greedy_head_min_rows() rows), or when the rows are too many for the exact
     # kernel anyway, sampled or not (its approximation moves a row's softmax by ~3e-4 nats KL on the 270M, where
     # bf16 products move it by ~2e-5, at a third of their time at 16 rows); not for a few rows, where the exact
     # kernel's logits are as fast (the same tokens either way)
-    if (greedy is not None and n >= GREEDY_HEAD_MIN_ROWS and (all(greedy) or n > exact_max_rows())
+    if (greedy is not None and n >= greedy_head_min_rows() and (all(greedy) or n > exact_max_rows())
             and net.can_greedy_head()):
         found, approx = net.greedy_head(h, want_logits=not all(greedy))
         found = found.tolist()

@@ -322,16 +322,17 @@ def qmatmul_i16(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor, torch
 
 
 def q8_head_available() -> bool:
-    """Whether :func:`q8_head` runs (a compiled kernel with AVX512-VNNI)."""
+    """Whether :func:`q8_head` runs (a compiled kernel with AVX512-VNNI, or with AVX2 and no AVX-512)."""
     return _built_with("q8", "q8_head_available")
 
 
 def q8_head_pack(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The LM head's weights re-laid for :func:`q8_head` (uint8 codes + 128 as ``[N/16, K/4, 16, 4]``, scales as
-    ``[N/16, K/32, 16]``, and each group's largest sum of ``|W|`` over the outputs as ``[K/32]``). Codes int8
+    """The LM head's weights re-laid for :func:`q8_head` (AVX512-VNNI: uint8 codes + 128 as ``[N/16, K/4, 16, 4]``,
+    scales as ``[N/16, K/32, 16]``; AVX2: the int8 codes as ``[N/8, K/4, 8, 4]``, scales as ``[N/8, K/32, 8]``, and
+    no code may be -128; both: each group's largest sum of ``|W|`` over the outputs as ``[K/32]``). Codes int8
     ``[N, K]``, float32 scales per group of 32."""
     if not q8_head_available():
-        raise RuntimeError("q8_head needs the compiled kernel with AVX512-VNNI")
+        raise RuntimeError("q8_head needs the compiled kernel with AVX512-VNNI or AVX2")
     return torch.ops.gemma_sessions.q8_head_pack.default(codes, scales)
 
 

@@ -1586,10 +1586,21 @@ at::Tensor argmax_rows(const at::Tensor& x_in) {
 // Weights are re-laid once (q8_head_pack): codes + 128 as uint8 [N/16][K/4][16][4] (16 outputs per vector, 4
 // inputs per lane: vpdpbusd's layout), scales as [N/16][K/32][16], and max_n A[n, g] as [K/32]. Needs AVX512-VNNI,
 // G = 32, no offsets (a Q8_0 or symmetric head), N % 16 == 0.
+//
+// On AVX2 without AVX-512 (Q8_LANES = 8): the codes themselves (int8, no -128) as [N/8][K/4][8][4], scales as
+// [N/8][K/32][8]. Four products per lane by vpmaddubsw on |q| (uint8) and the codes with q's signs (vpsignb; |code|
+// <= 127 and |q| <= 127: a pair's sum stays within int16), then vpmaddwd with ones into int32: 32 products in two
+// multiplies on the two integer-multiply pipes, against 16 for two float FMAs. The same quantization of x, bound and
+// exact decision.
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
 constexpr bool kQ8Head = true;
+constexpr int64_t Q8_LANES = 16;
+#elif defined(AVX2_ONLY)
+constexpr bool kQ8Head = true;
+constexpr int64_t Q8_LANES = 8;
 #else
 constexpr bool kQ8Head = false;
+constexpr int64_t Q8_LANES = 16;
 #endif
 
 bool q8_head_available() { return kQ8Head; }
@@ -1601,41 +1612,49 @@ bool q8_head_available() { return kQ8Head; }
 // rows the call is bound by memory alone and the hardware prefetcher does better by itself (1 row: ~5 vs ~8 ms).
 constexpr int64_t Q8_PREFETCH = 8;
 constexpr int64_t Q8_MB = 8;  // rows per block: 8 chains + 8 value accumulators + 8 weight vectors
+constexpr int Q8_MB8 = 6;     // AVX2: 6 int32 sums + 6 value accumulators (4 rows: within the noise, 30 vs 23 ms at 8)
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> q8_head_pack(const at::Tensor& codes_in, const at::Tensor& scales_in) {
   TORCH_CHECK(codes_in.dim() == 2 && codes_in.scalar_type() == at::kChar, "q8_head_pack: codes must be int8 [N, K]");
   const int64_t N = codes_in.size(0), K = codes_in.size(1);
   TORCH_CHECK(N % 16 == 0 && K % 32 == 0, "q8_head_pack: N % 16 and K % 32 must be 0");
+  constexpr int64_t L = Q8_LANES;
   const int64_t ng = K / 32;
   TORCH_CHECK(scales_in.scalar_type() == at::kFloat && scales_in.dim() == 2 && scales_in.size(0) == N &&
               scales_in.size(1) == ng, "q8_head_pack: scales must be float32 [N, K/32]");
   const at::Tensor codes = codes_in.contiguous(), scales = scales_in.contiguous();
-  at::Tensor wq = at::empty({N / 16, K / 4, 16, 4}, codes.options().dtype(at::kByte));
-  at::Tensor sw = at::empty({N / 16, ng, 16}, scales.options());
+  at::Tensor wq = at::empty({N / L, K / 4, L, 4}, codes.options().dtype(at::kByte));
+  at::Tensor sw = at::empty({N / L, ng, L}, scales.options());
   at::Tensor a_all = at::empty({N, ng}, scales.options());  // sum |W| per output and group
   const int8_t* cp = codes.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   uint8_t* wp = wq.data_ptr<uint8_t>();
   float* swp = sw.data_ptr<float>();
   float* awp = a_all.data_ptr<float>();
-  par_for(0, N / 16, 16, [&](int64_t b, int64_t e) {
+  std::atomic<bool> has_min{false};
+  par_for(0, N / L, 16, [&](int64_t b, int64_t e) {
     for (int64_t nb = b; nb < e; ++nb) {
-      for (int64_t j = 0; j < 16; ++j) {
-        const int64_t n = nb * 16 + j;
+      for (int64_t j = 0; j < L; ++j) {
+        const int64_t n = nb * L + j;
         const int8_t* c = cp + n * K;
-        for (int64_t k = 0; k < K; ++k)
-          wp[((nb * (K / 4) + k / 4) * 16 + j) * 4 + k % 4] = static_cast<uint8_t>(static_cast<int>(c[k]) + 128);
+        for (int64_t k = 0; k < K; ++k) {
+          // VNNI: codes + 128 (uint8); AVX2: the codes (vpsignb cannot negate -128, refused below)
+          const int v = L == 16 ? static_cast<int>(c[k]) + 128 : static_cast<int>(c[k]) & 0xff;
+          if (c[k] == -128) has_min.store(true, std::memory_order_relaxed);
+          wp[((nb * (K / 4) + k / 4) * L + j) * 4 + k % 4] = static_cast<uint8_t>(v);
+        }
         for (int64_t g = 0; g < ng; ++g) {
           int64_t a = 0;
           for (int64_t k = g * 32; k < g * 32 + 32; ++k) a += std::abs(static_cast<int>(c[k]));
           const float s = sp[n * ng + g];
-          swp[(nb * ng + g) * 16 + j] = s;
+          swp[(nb * ng + g) * L + j] = s;
           // rounded up: the bound must not be smaller than the real sum of |W|
           awp[n * ng + g] = static_cast<float>(static_cast<double>(std::abs(s)) * a * (1.0 + 1e-6));
         }
       }
     }
   });
+  TORCH_CHECK(L == 16 || !has_min.load(), "q8_head_pack: a code of -128 (the AVX2 head needs |code| <= 127)");
   return {wq, sw, std::get<0>(a_all.max(0))};  // aw: the largest sum |W| of each group over the outputs
 }
 
@@ -1683,6 +1702,57 @@ static inline void q8_block(const uint8_t* wb, const float* swb, const int8_t* x
 static inline float hmax(__m512 v) { return _mm512_reduce_max_ps(v); }
 #endif
 
+#ifdef AVX2_ONLY
+struct Q8Cand {
+  int64_t row, n;
+  float hi;
+};
+
+// MB rows (int8 q [MB][K], |q| [MB][K], per-row group scales [MB][ng]) against one block of 8 outputs: the
+// approximate logits. Per group and 4 inputs: the weights' vector loaded once, per row vpsignb + vpmaddubsw +
+// vpmaddwd + vpaddd into the row's int32 sum (exact: at most 32 products of 127 x 128), then per group the float sum.
+template <int MB>
+static inline void q8_block8(const int8_t* wb, const float* swb, const int8_t* xq, const uint8_t* xa, int64_t K,
+                             const float* sx, int64_t ng, __m256* val, bool prefetch) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 accf[MB];
+  for (int r = 0; r < MB; ++r) accf[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    const int8_t* wg = wb + g * 8 * 32;
+    if (prefetch) {  // the block Q8_PREFETCH ahead: its weights and scales into L2
+      const int8_t* pw = wg + Q8_PREFETCH * 8 * K;
+      for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(pw + 64 * j), _MM_HINT_T1);
+      if (g % 8 == 0) _mm_prefetch(reinterpret_cast<const char*>(swb + (Q8_PREFETCH * ng + g) * 8), _MM_HINT_T1);
+    }
+    __m256i acc[MB];
+    for (int r = 0; r < MB; ++r) acc[r] = _mm256_setzero_si256();
+    for (int j = 0; j < 8; ++j) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 32 * j));
+      for (int r = 0; r < MB; ++r) {
+        int32_t q4, a4;
+        std::memcpy(&q4, xq + r * K + g * 32 + 4 * j, 4);
+        std::memcpy(&a4, xa + r * K + g * 32 + 4 * j, 4);
+        const __m256i p = _mm256_maddubs_epi16(_mm256_set1_epi32(a4), _mm256_sign_epi8(w, _mm256_set1_epi32(q4)));
+        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(p, ones));
+      }
+    }
+    const __m256 s = _mm256_loadu_ps(swb + g * 8);
+    for (int r = 0; r < MB; ++r) {
+      const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r]), _mm256_set1_ps(sx[r * ng + g]));
+      accf[r] = _mm256_fmadd_ps(f, s, accf[r]);
+    }
+  }
+  for (int r = 0; r < MB; ++r) val[r] = accf[r];
+}
+
+static inline float hmax8(__m256 v) {
+  __m128 b = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  b = _mm_max_ps(b, _mm_movehl_ps(b, b));
+  b = _mm_max_ss(b, _mm_movehdup_ps(b));
+  return _mm_cvtss_f32(b);
+}
+#endif
+
 // x [M, K] float32 -> (token [M] int64: the exact greedy token, or -1 where x is not finite (the caller computes
 // that row exactly); candidates [M] int64: how many exact logits decided it; logits [M, N]: the approximation, when
 // want_logits, else empty).
@@ -1690,7 +1760,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q8_head(const at::Tensor& x_in, c
                                                        const at::Tensor& sw, const at::Tensor& aw,
                                                        const at::Tensor& codes_in, const at::Tensor& scales_in,
                                                        bool want_logits) {
-  TORCH_CHECK(kQ8Head, "q8_head: this build has no AVX512-VNNI");
+  TORCH_CHECK(kQ8Head, "q8_head: this build has neither AVX512-VNNI nor AVX2");
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "q8_head: x must be float32 [M, K]");
   const int64_t M = x_in.size(0), K = x_in.size(1), N = codes_in.size(0), ng = K / 32;
   TORCH_CHECK(codes_in.dim() == 2 && codes_in.size(1) == K && K % 32 == 0 && N % 16 == 0,
@@ -1704,10 +1774,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q8_head(const at::Tensor& x_in, c
   at::Tensor token = at::full({M}, -1, x.options().dtype(at::kLong));
   at::Tensor ncand = at::zeros({M}, x.options().dtype(at::kLong));
   at::Tensor logits = want_logits ? at::empty({M, N}, x.options()) : at::empty({0}, x.options());
-#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+#if (defined(__AVX512F__) && defined(__AVX512VNNI__)) || defined(AVX2_ONLY)
   const float* xp = x.data_ptr<float>();
   // quantize x: per row and group, s = max|x| / 127, q = round(x / s) (nearest even), emax = max |x - s q|
   std::vector<int8_t> xq(M * K);
+  std::vector<uint8_t> xa(Q8_LANES == 8 ? M * K : 0);  // |q| (AVX2's vpmaddubsw operand)
   std::vector<float> sx(M * ng), bx(M * ng);
   std::vector<int32_t> corr(M * ng);
   std::vector<char> finite(M, 1);
@@ -1726,6 +1797,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q8_head(const at::Tensor& x_in, c
       for (int k = 0; k < 32; ++k) {
         const int q = std::clamp(static_cast<int>(std::nearbyint(xg[k] * inv)), -127, 127);
         xq[m * K + g * 32 + k] = static_cast<int8_t>(q);
+        if (Q8_LANES == 8) xa[m * K + g * 32 + k] = static_cast<uint8_t>(std::abs(q));
         qsum += q;
         emax = std::max(emax, std::abs(xg[k] - s * static_cast<float>(q)));
       }
@@ -1749,6 +1821,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q8_head(const at::Tensor& x_in, c
   std::mutex mu;
   std::vector<float> thr_all(M, -INFINITY);
   std::vector<Q8Cand> cands;
+#ifdef AVX2_ONLY
+  par_for(0, N / 8, 128, [&](int64_t begin, int64_t end) {
+    std::vector<__m256> tv(M, _mm256_set1_ps(-INFINITY));
+    std::vector<float> thr(M, -INFINITY);
+    std::vector<Q8Cand> mine;
+    __m256 val[Q8_MB8];
+    const int8_t* wp8 = reinterpret_cast<const int8_t*>(wp);
+    for (int64_t nb = begin; nb < end; ++nb) {
+      const int8_t* wb = wp8 + nb * 8 * K;
+      row_passes<Q8_MB8, false>(M, [&](auto rows, int64_t m0, int64_t mb) {
+        q8_block8<decltype(rows)::value>(wb, swp + nb * ng * 8, xq.data() + m0 * K, xa.data() + m0 * K, K,
+                                         sx.data() + m0 * ng, ng, val, m0 == 0 && M >= 4 && nb + Q8_PREFETCH < end);
+        for (int64_t r = 0; r < mb; ++r) {
+          const int64_t m = m0 + r;
+          if (lp != nullptr) _mm256_storeu_ps(lp + m * N + nb * 8, val[r]);
+          const __m256 bnd = _mm256_set1_ps(brow[m]);
+          const __m256 lo = _mm256_sub_ps(val[r], bnd), hi = _mm256_add_ps(val[r], bnd);
+          tv[m] = _mm256_max_ps(tv[m], lo);
+          int k = _mm256_movemask_ps(_mm256_cmp_ps(hi, _mm256_set1_ps(thr[m]), _CMP_GE_OQ));
+          if (k == 0) continue;
+          thr[m] = std::max(thr[m], hmax8(tv[m]));
+          k = _mm256_movemask_ps(_mm256_cmp_ps(hi, _mm256_set1_ps(thr[m]), _CMP_GE_OQ));
+          alignas(32) float h[8];
+          _mm256_store_ps(h, hi);
+          for (int j = 0; j < 8; ++j)
+            if (k & (1 << j)) mine.push_back({m, nb * 8 + j, h[j]});
+        }
+      });
+    }
+    std::lock_guard<std::mutex> lock(mu);
+    for (int64_t m = 0; m < M; ++m) thr_all[m] = std::max(thr_all[m], hmax8(tv[m]));
+    cands.insert(cands.end(), mine.begin(), mine.end());
+  });
+#else
   par_for(0, N / 16, 64, [&](int64_t begin, int64_t end) {
     std::vector<__m512> tv(M, _mm512_set1_ps(-INFINITY));
     std::vector<float> thr(M, -INFINITY);
@@ -1782,6 +1888,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q8_head(const at::Tensor& x_in, c
     for (int64_t m = 0; m < M; ++m) thr_all[m] = std::max(thr_all[m], hmax(tv[m]));
     cands.insert(cands.end(), mine.begin(), mine.end());
   });
+#endif
   // the exact logits of the candidates decide (in order of n: ties go to the lowest index)
   std::sort(cands.begin(), cands.end(), [](const Q8Cand& a, const Q8Cand& b) {
     return a.row != b.row ? a.row < b.row : a.n < b.n;

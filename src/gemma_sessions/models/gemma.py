@@ -54,6 +54,11 @@ HEAD_TILE_ROWS = 16384
 # 1, 2, 4, 5, 6 and 8 rows: 1.0-1.8x, 1.5x, 0.8-1.3x, 0.85-1.0x, 0.6x, 0.5-0.7x (the head streams its codes either
 # way; below ~5 rows the exact kernel's simpler loop streams them as fast or faster).
 GREEDY_HEAD_MIN_ROWS = 5
+# On AVX2 (no AVX-512) q8_head is faster than the exact kernel from one row: /tmp script on a 2-core Zen 3, the 270M's
+# head, ms, exact / q8_head (medians of 5, two builds): 1 row 18.3-18.9 / 13.0-14.2, 2 rows 16.5-23.8 / 13.8-14.4, 5
+# rows 34-38 / 16-19, 16 rows 81-87 (qmatmul_wide 67) / 45. Its 8-lane vpmaddubsw does 32 products per two
+# multiplies where the exact kernel's FMAs do 16.
+AVX2_GREEDY_HEAD_MIN_ROWS = 1
 # Above QMATMUL_MAX_ROWS and up to this many rows, the layers' int8 products run kernels.qmatmul_i16 where it runs
 # (AVX512-VNNI): int16 activations with one scale per row and the codes as integers, ~1e-4 relative error against
 # ~3e-3 for the bf16 paths. On the 270M's 72 layer products (weights from memory), bf16 GEMM time / qmatmul_i16 time:
@@ -75,6 +80,12 @@ WIDE_MAX_ROWS = 64
 # tiles 42-68, the bf16 GEMM 8-11, the exact kernel 18-26 (/tmp script, a noisy machine).
 LAYER_TILE_ROWS = 512
 _PACK_LOCK = threading.Lock()  # Linear.prepare_greedy / prepare_i16: one packing each, whichever thread asks first
+
+
+def greedy_head_min_rows() -> int:
+    """Rows from which the engine's greedy rows take their tokens from ``Linear.greedy`` (see
+    ``GREEDY_HEAD_MIN_ROWS`` and ``AVX2_GREEDY_HEAD_MIN_ROWS``)."""
+    return AVX2_GREEDY_HEAD_MIN_ROWS if kernels.wide_available() else GREEDY_HEAD_MIN_ROWS
 
 
 def exact_max_rows() -> int:
@@ -107,8 +118,8 @@ class Linear(nn.Module):
     - ``head=True`` (the tied LM head) with more rows: float32 products over dequantized tiles (no bf16 copy);
     - the engine's batched decode of the head (``forward_batch``) above ``QMATMUL_MAX_ROWS`` rows: as the layers
       (``qmatmul_bf16``, then the bf16 GEMM), for throughput at many concurrent sessions;
-    - the engine's greedy rows from ``GREEDY_HEAD_MIN_ROWS`` rows (``greedy``): the exact argmax through int8
-      activations and an error bound (``kernels.q8_head``), no logits;
+    - the engine's greedy rows from ``greedy_head_min_rows()`` rows (``greedy``): the exact argmax through int8
+      activations and an error bound (``kernels.q8_head``, AVX512-VNNI or AVX2), no logits;
     - on AVX2 without AVX-512, products of more rows up to ``WIDE_MAX_ROWS`` (layers, head, ``forward_batch``):
       ``kernels.qmatmul_wide``, float32 activations, weights and sums, a row's bits independent of the batch;
     - on a CPU with no many-row kernel: the exact kernel up to ``EXACT_WIDE_MAX_ROWS`` rows (layers and
@@ -134,6 +145,7 @@ class Linear(nn.Module):
         self.head = head
         self._i16_shape_ok: bool | None = None  # i16_rows' fixed part, on first ask
         self._wide_ok: bool | None = None  # wide_rows' fixed part, on first ask
+        self._q8_codes_ok: bool | None = None  # greedy_ready's scan of the codes, on first ask
         self.register_buffer("weight", None)
         if self.int8:
             qw = weight if isinstance(weight, quant.QuantWeight) else quant.quantize_symmetric(weight)
@@ -199,13 +211,18 @@ class Linear(nn.Module):
 
     def greedy_ready(self) -> bool:
         """Whether :meth:`greedy` runs: an int8 head on the CPU with groups of 32 and no offsets (Q8_0 or
-        symmetric), a vocabulary that is a multiple of 16, and the compiled kernel with AVX512-VNNI."""
-        return (self.int8 and self.head and self.group == 32 and self.offsets is None and self.out_features % 16 == 0
-                and self.in_features % 32 == 0 and self.codes.device.type == "cpu" and kernels.q8_head_available())
+        symmetric), a vocabulary that is a multiple of 16, the compiled kernel with AVX512-VNNI or AVX2, and (for
+        AVX2's vpsignb) no code of -128 (Q8_0 and quantize_symmetric make none; checked once)."""
+        if not (self.int8 and self.head and self.group == 32 and self.offsets is None and self.out_features % 16 == 0
+                and self.in_features % 32 == 0 and self.codes.device.type == "cpu" and kernels.q8_head_available()):
+            return False
+        if self._q8_codes_ok is None:
+            self._q8_codes_ok = bool(self.codes.min() > -128)
+        return self._q8_codes_ok
 
     def greedy(self, x: torch.Tensor, want_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The EXACT greedy token of each row of ``x @ W^T`` (the exact kernel's argmax, bit for bit), through
-        ``kernels.q8_head``: int8 activations, VNNI products, then exact logits for the few outputs the error bound
+        ``kernels.q8_head``: int8 activations, integer products, then exact logits for the few outputs the error bound
         cannot rule out. Returns (tokens [M] int64, -1 for a row with non-finite values; the approximate float32
         logits [M, vocab] when ``want_logits``, else None). The re-laid weights (~1.125x the codes) are made on first
         use (:meth:`prepare_greedy`)."""
@@ -669,8 +686,8 @@ class GemmaModel(nn.Module):
         return self.logits(h[-1:] if last_only else h)
 
     def can_greedy_head(self) -> bool:
-        """Whether :meth:`greedy_head` runs (the int8 head on a CPU with AVX512-VNNI; not under a final soft-cap,
-        whose float32 tanh can tie logits that differ before it)."""
+        """Whether :meth:`greedy_head` runs (the int8 head on a CPU with AVX512-VNNI or AVX2; not under a final
+        soft-cap, whose float32 tanh can tie logits that differ before it)."""
         return self.config.final_logit_softcapping is None and self.embed.greedy_ready()
 
     def greedy_head(self, h: torch.Tensor, want_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
