@@ -327,10 +327,9 @@ def q8_head_available() -> bool:
 
 
 def q8_head_pack(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The LM head's weights re-laid for :func:`q8_head` (AVX512-VNNI: uint8 codes + 128 as ``[N/16, K/4, 16, 4]``,
-    scales as ``[N/16, K/32, 16]``; AVX2: the int8 codes as ``[N/8, K/4, 8, 4]``, scales as ``[N/8, K/32, 8]``, and
-    no code may be -128; both: each group's largest sum of ``|W|`` over the outputs as ``[K/32]``). Codes int8
-    ``[N, K]``, float32 scales per group of 32."""
+    """The LM head's weights re-laid for :func:`q8_head`: uint8 codes + 128 as ``[N/L, K/4, L, 4]``, scales as
+    ``[N/L, K/32, L]`` (L = 16 outputs per vector with AVX512-VNNI, 8 with AVX2), and each group's largest sum of
+    ``|W|`` over the outputs as ``[K/32]``. Codes int8 ``[N, K]``, float32 scales per group of 32."""
     if not q8_head_available():
         raise RuntimeError("q8_head needs the compiled kernel with AVX512-VNNI or AVX2")
     return torch.ops.gemma_sessions.q8_head_pack.default(codes, scales)

@@ -1587,11 +1587,12 @@ at::Tensor argmax_rows(const at::Tensor& x_in) {
 // inputs per lane: vpdpbusd's layout), scales as [N/16][K/32][16], and max_n A[n, g] as [K/32]. Needs AVX512-VNNI,
 // G = 32, no offsets (a Q8_0 or symmetric head), N % 16 == 0.
 //
-// On AVX2 without AVX-512 (Q8_LANES = 8): the codes themselves (int8, no -128) as [N/8][K/4][8][4], scales as
-// [N/8][K/32][8]. Four products per lane by vpmaddubsw on |q| (uint8) and the codes with q's signs (vpsignb; |code|
-// <= 127 and |q| <= 127: a pair's sum stays within int16), then vpmaddwd with ones into int32: 32 products in two
-// multiplies on the two integer-multiply pipes, against 16 for two float FMAs. The same quantization of x, bound and
-// exact decision.
+// On AVX2 without AVX-512 (Q8_LANES = 8): the same codes + 128 as [N/8][K/4][8][4], scales as [N/8][K/32][8]. Four
+// products per lane by vpmaddubsw (uint8 codes + 128 times int8 q), then vpmaddwd with ones into int32: 32 products
+// in two multiplies, against 16 for two float FMAs. vpmaddubsw saturates a pair's sum at int16, so x is quantized to
+// 7 bits there (s = max|x| / 63, |q| <= 63: 255 * 63 * 2 < 32767), which doubles the error bound (about twice the
+// candidates, each one exact logit); the same correction, bound and exact decision. (vpsignb on |q| and signed codes
+// kept 8 bits but cost a third instruction per 32 products: 45 against ~36 ms at 16 rows of the 270M's head.)
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
 constexpr bool kQ8Head = true;
 constexpr int64_t Q8_LANES = 16;
@@ -1631,18 +1632,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q8_head_pack(const at::Tensor& co
   uint8_t* wp = wq.data_ptr<uint8_t>();
   float* swp = sw.data_ptr<float>();
   float* awp = a_all.data_ptr<float>();
-  std::atomic<bool> has_min{false};
   par_for(0, N / L, 16, [&](int64_t b, int64_t e) {
     for (int64_t nb = b; nb < e; ++nb) {
       for (int64_t j = 0; j < L; ++j) {
         const int64_t n = nb * L + j;
         const int8_t* c = cp + n * K;
-        for (int64_t k = 0; k < K; ++k) {
-          // VNNI: codes + 128 (uint8); AVX2: the codes (vpsignb cannot negate -128, refused below)
-          const int v = L == 16 ? static_cast<int>(c[k]) + 128 : static_cast<int>(c[k]) & 0xff;
-          if (c[k] == -128) has_min.store(true, std::memory_order_relaxed);
-          wp[((nb * (K / 4) + k / 4) * L + j) * 4 + k % 4] = static_cast<uint8_t>(v);
-        }
+        for (int64_t k = 0; k < K; ++k)
+          wp[((nb * (K / 4) + k / 4) * L + j) * 4 + k % 4] = static_cast<uint8_t>(static_cast<int>(c[k]) + 128);
         for (int64_t g = 0; g < ng; ++g) {
           int64_t a = 0;
           for (int64_t k = g * 32; k < g * 32 + 32; ++k) a += std::abs(static_cast<int>(c[k]));
@@ -1654,7 +1650,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q8_head_pack(const at::Tensor& co
       }
     }
   });
-  TORCH_CHECK(L == 16 || !has_min.load(), "q8_head_pack: a code of -128 (the AVX2 head needs |code| <= 127)");
   return {wq, sw, std::get<0>(a_all.max(0))};  // aw: the largest sum |W| of each group over the outputs
 }
 
@@ -1708,32 +1703,30 @@ struct Q8Cand {
   float hi;
 };
 
-// MB rows (int8 q [MB][K], |q| [MB][K], per-row group scales [MB][ng]) against one block of 8 outputs: the
-// approximate logits. Per group and 4 inputs: the weights' vector loaded once, per row vpsignb + vpmaddubsw +
-// vpmaddwd + vpaddd into the row's int32 sum (exact: at most 32 products of 127 x 128), then per group the float sum.
+// MB rows (7-bit q [MB][K], per-row group scales and corrections [MB][ng]) against one block of 8 outputs: the
+// approximate logits. Per group and 4 inputs: the weights' vector loaded once, per row vpmaddubsw + vpmaddwd +
+// vpaddd into the row's int32 sum (exact), then per group the float sum.
 template <int MB>
-static inline void q8_block8(const int8_t* wb, const float* swb, const int8_t* xq, const uint8_t* xa, int64_t K,
-                             const float* sx, int64_t ng, __m256* val, bool prefetch) {
+static inline void q8_block8(const uint8_t* wb, const float* swb, const int8_t* xq, int64_t K, const float* sx,
+                             const int32_t* corr, int64_t ng, __m256* val, bool prefetch) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 accf[MB];
   for (int r = 0; r < MB; ++r) accf[r] = _mm256_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
-    const int8_t* wg = wb + g * 8 * 32;
+    const uint8_t* wg = wb + g * 8 * 32;
     if (prefetch) {  // the block Q8_PREFETCH ahead: its weights and scales into L2
-      const int8_t* pw = wg + Q8_PREFETCH * 8 * K;
+      const uint8_t* pw = wg + Q8_PREFETCH * 8 * K;
       for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(pw + 64 * j), _MM_HINT_T1);
       if (g % 8 == 0) _mm_prefetch(reinterpret_cast<const char*>(swb + (Q8_PREFETCH * ng + g) * 8), _MM_HINT_T1);
     }
     __m256i acc[MB];
-    for (int r = 0; r < MB; ++r) acc[r] = _mm256_setzero_si256();
+    for (int r = 0; r < MB; ++r) acc[r] = _mm256_set1_epi32(corr[r * ng + g]);  // -128 * sum(q): the +128 of W
     for (int j = 0; j < 8; ++j) {
       const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 32 * j));
       for (int r = 0; r < MB; ++r) {
-        int32_t q4, a4;
+        int32_t q4;
         std::memcpy(&q4, xq + r * K + g * 32 + 4 * j, 4);
-        std::memcpy(&a4, xa + r * K + g * 32 + 4 * j, 4);
-        const __m256i p = _mm256_maddubs_epi16(_mm256_set1_epi32(a4), _mm256_sign_epi8(w, _mm256_set1_epi32(q4)));
-        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(p, ones));
+        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_set1_epi32(q4)), ones));
       }
     }
     const __m256 s = _mm256_loadu_ps(swb + g * 8);
@@ -1778,7 +1771,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q8_head(const at::Tensor& x_in, c
   const float* xp = x.data_ptr<float>();
   // quantize x: per row and group, s = max|x| / 127, q = round(x / s) (nearest even), emax = max |x - s q|
   std::vector<int8_t> xq(M * K);
-  std::vector<uint8_t> xa(Q8_LANES == 8 ? M * K : 0);  // |q| (AVX2's vpmaddubsw operand)
   std::vector<float> sx(M * ng), bx(M * ng);
   std::vector<int32_t> corr(M * ng);
   std::vector<char> finite(M, 1);
@@ -1791,13 +1783,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q8_head(const at::Tensor& x_in, c
         finite[m] = 0;
         amax = 0.f;
       }
-      const float s = amax / 127.f, inv = s > 0.f ? 127.f / amax : 0.f;
+      // 8 bits (VNNI), 7 on AVX2 (vpmaddubsw's int16 pair sums, see above)
+      constexpr float levels = Q8_LANES == 16 ? 127.f : 63.f;
+      const float s = amax / levels, inv = s > 0.f ? levels / amax : 0.f;
       float emax = 0.f;
       int32_t qsum = 0;
       for (int k = 0; k < 32; ++k) {
-        const int q = std::clamp(static_cast<int>(std::nearbyint(xg[k] * inv)), -127, 127);
+        const int q = std::clamp(static_cast<int>(std::nearbyint(xg[k] * inv)), -static_cast<int>(levels),
+                                 static_cast<int>(levels));
         xq[m * K + g * 32 + k] = static_cast<int8_t>(q);
-        if (Q8_LANES == 8) xa[m * K + g * 32 + k] = static_cast<uint8_t>(std::abs(q));
         qsum += q;
         emax = std::max(emax, std::abs(xg[k] - s * static_cast<float>(q)));
       }
@@ -1827,12 +1821,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q8_head(const at::Tensor& x_in, c
     std::vector<float> thr(M, -INFINITY);
     std::vector<Q8Cand> mine;
     __m256 val[Q8_MB8];
-    const int8_t* wp8 = reinterpret_cast<const int8_t*>(wp);
     for (int64_t nb = begin; nb < end; ++nb) {
-      const int8_t* wb = wp8 + nb * 8 * K;
+      const uint8_t* wb = wp + nb * 8 * K;
       row_passes<Q8_MB8, false>(M, [&](auto rows, int64_t m0, int64_t mb) {
-        q8_block8<decltype(rows)::value>(wb, swp + nb * ng * 8, xq.data() + m0 * K, xa.data() + m0 * K, K,
-                                         sx.data() + m0 * ng, ng, val, m0 == 0 && M >= 4 && nb + Q8_PREFETCH < end);
+        q8_block8<decltype(rows)::value>(wb, swp + nb * ng * 8, xq.data() + m0 * K, K, sx.data() + m0 * ng,
+                                         corr.data() + m0 * ng, ng, val, m0 == 0 && M >= 4 && nb + Q8_PREFETCH < end);
         for (int64_t r = 0; r < mb; ++r) {
           const int64_t m = m0 + r;
           if (lp != nullptr) _mm256_storeu_ps(lp + m * N + nb * 8, val[r]);

@@ -56,7 +56,7 @@ HEAD_TILE_ROWS = 16384
 GREEDY_HEAD_MIN_ROWS = 5
 # On AVX2 (no AVX-512) q8_head is faster than the exact kernel from one row: /tmp script on a 2-core Zen 3, the 270M's
 # head, ms, exact / q8_head (medians of 5, two builds): 1 row 18.3-18.9 / 13.0-14.2, 2 rows 16.5-23.8 / 13.8-14.4, 5
-# rows 34-38 / 16-19, 16 rows 81-87 (qmatmul_wide 67) / 45. Its 8-lane vpmaddubsw does 32 products per two
+# rows 34-38 / 16-19, 16 rows 81-87 (qmatmul_wide 67-75) / 39-45. Its 8-lane vpmaddubsw does 32 products per two
 # multiplies where the exact kernel's FMAs do 16.
 AVX2_GREEDY_HEAD_MIN_ROWS = 1
 # Above QMATMUL_MAX_ROWS and up to this many rows, the layers' int8 products run kernels.qmatmul_i16 where it runs
@@ -145,7 +145,6 @@ class Linear(nn.Module):
         self.head = head
         self._i16_shape_ok: bool | None = None  # i16_rows' fixed part, on first ask
         self._wide_ok: bool | None = None  # wide_rows' fixed part, on first ask
-        self._q8_codes_ok: bool | None = None  # greedy_ready's scan of the codes, on first ask
         self.register_buffer("weight", None)
         if self.int8:
             qw = weight if isinstance(weight, quant.QuantWeight) else quant.quantize_symmetric(weight)
@@ -211,14 +210,9 @@ class Linear(nn.Module):
 
     def greedy_ready(self) -> bool:
         """Whether :meth:`greedy` runs: an int8 head on the CPU with groups of 32 and no offsets (Q8_0 or
-        symmetric), a vocabulary that is a multiple of 16, the compiled kernel with AVX512-VNNI or AVX2, and (for
-        AVX2's vpsignb) no code of -128 (Q8_0 and quantize_symmetric make none; checked once)."""
-        if not (self.int8 and self.head and self.group == 32 and self.offsets is None and self.out_features % 16 == 0
-                and self.in_features % 32 == 0 and self.codes.device.type == "cpu" and kernels.q8_head_available()):
-            return False
-        if self._q8_codes_ok is None:
-            self._q8_codes_ok = bool(self.codes.min() > -128)
-        return self._q8_codes_ok
+        symmetric), a vocabulary that is a multiple of 16, and the compiled kernel with AVX512-VNNI or AVX2."""
+        return (self.int8 and self.head and self.group == 32 and self.offsets is None and self.out_features % 16 == 0
+                and self.in_features % 32 == 0 and self.codes.device.type == "cpu" and kernels.q8_head_available())
 
     def greedy(self, x: torch.Tensor, want_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The EXACT greedy token of each row of ``x @ W^T`` (the exact kernel's argmax, bit for bit), through
