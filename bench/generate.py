@@ -298,14 +298,20 @@ def profile_decode(model, prompt: list[int], steps: int) -> dict:
         with record_function(labels["attend"]):
             return orig_attend(self, *a)
 
+    # generate_tokens' greedy step (GemmaModel.step_greedy): the int8 greedy head where it serves one row (AVX2)
+    greedy_head = gemma.greedy_head_min_rows() <= 1 and net.can_greedy_head()
+
     def decode(kv, token: int, n: int) -> None:
         for _ in range(n):
             with torch.inference_mode():
                 ids = torch.tensor([token], device=dev)
                 h = net.hidden(ids, torch.tensor([kv.length], device=dev), kv)
-                logits = net.logits(h[-1:])[0]
+                if greedy_head:
+                    with record_function(labels["lm_head"]):
+                        token = int(net.greedy_head(h[-1:], want_logits=False)[0][0])
+                else:
+                    token = int(torch.argmax(net.logits(h[-1:])[0]))
             kv.advance(1)
-            token = int(torch.argmax(logits))
 
     def prefilled():
         kv = gemma.DenseKV(net, max_len=len(prompt) + 4 * steps + 5)

@@ -42,10 +42,13 @@ def generate_tokens(model, prompt_ids: Sequence[int], params: SamplingParams) ->
     sampler = Sampler(params)
     stops = set() if params.ignore_eos else stop_token_ids(model)
     ids = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=dev)
+    fast_greedy = params.greedy and hasattr(net, "step_greedy")  # the same token, without the full logits
     for _ in range(budget):
         with torch.inference_mode():
-            logits = net.step(ids, state, last_only=True)[0]
-        token = sampler(logits)
+            if fast_greedy:
+                token = net.step_greedy(ids, state)
+            else:
+                token = sampler(net.step(ids, state, last_only=True)[0])
         if token in stops:
             return
         yield token

@@ -374,3 +374,31 @@ def test_greedy_head_tokens_equal_the_exact_logits_argmax():
     approx = torch.stack(logits)
     assert tokens == [None] * rows and not torch.equal(approx, exact)
     assert ((approx - exact).abs().max() / exact.abs().max()).item() < 0.02
+
+
+@pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3"])
+def test_generate_greedy_tokens_equal_the_logits_argmax(arch):
+    """generate_tokens with greedy params takes each token from GemmaModel.step_greedy (the int8 greedy head where
+    it serves one row, AVX2; logits elsewhere, and under Gemma 2's soft-cap): the same tokens as the argmax of the
+    step's full logits, token by token."""
+    from gemma_sessions import kernels
+
+    from gemma_sessions.models.gemma import greedy_head_min_rows
+
+    model = tiny_model(arch, seed=5, weight_format="int8")
+    net = model.net
+    prompt = _prompt(3, 9)
+    params = gs.SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    calls = []
+    real = net.greedy_head
+    net.greedy_head = lambda *a, **k: calls.append(1) or real(*a, **k)
+    fast = list(generate_tokens(model, prompt, params))
+    del net.greedy_head
+    assert len(calls) == (24 if greedy_head_min_rows() == 1 and net.can_greedy_head() else 0)
+    state = net.new_sequence(len(prompt) + 24)
+    ids, want = torch.tensor(prompt), []
+    with torch.inference_mode():
+        for _ in range(24):
+            want.append(int(kernels.argmax(net.step(ids, state, last_only=True)[0])))
+            ids = torch.tensor([want[-1]])
+    assert fast == want

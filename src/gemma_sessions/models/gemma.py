@@ -679,6 +679,18 @@ class GemmaModel(nn.Module):
         kv.advance(ids.numel())
         return self.logits(h[-1:] if last_only else h)
 
+    def step_greedy(self, ids: torch.Tensor, kv: DenseKV) -> int:
+        """:meth:`step` then the greedy token of the last position: ``argmax(step(ids, kv, last_only=True)[0])``,
+        found by :meth:`greedy_head` where it serves a single row (``greedy_head_min_rows() == 1``: AVX2), which
+        gives that very token without the full logits; else from the logits."""
+        h = self.hidden(ids, torch.arange(kv.length, kv.length + ids.numel(), device=ids.device), kv)
+        kv.advance(ids.numel())
+        if greedy_head_min_rows() <= 1 and self.can_greedy_head():
+            token = int(self.greedy_head(h[-1:], want_logits=False)[0][0])
+            if token >= 0:  # else non-finite values: torch's argmax decides, as before
+                return token
+        return int(kernels.argmax(self.logits(h[-1:])[0]))
+
     def can_greedy_head(self) -> bool:
         """Whether :meth:`greedy_head` runs (the int8 head on a CPU with AVX512-VNNI or AVX2; not under a final
         soft-cap, whose float32 tanh can tie logits that differ before it)."""
