@@ -1653,11 +1653,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q8_head_pack(const at::Tensor& co
   return {wq, sw, std::get<0>(a_all.max(0))};  // aw: the largest sum |W| of each group over the outputs
 }
 
-#if defined(__AVX512F__) && defined(__AVX512VNNI__)
 struct Q8Cand {
   int64_t row, n;
   float hi;
 };
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
 
 // MB rows (int8 x [MB][K], per-row group data [MB][ng]) against one block of 16 outputs: the approximate logits.
 // Each row's group sum is one chain of 8 vpdpbusd, the rows' chains interleaved (up to 8 rows: 8 chains in flight
@@ -1698,10 +1699,6 @@ static inline float hmax(__m512 v) { return _mm512_reduce_max_ps(v); }
 #endif
 
 #ifdef AVX2_ONLY
-struct Q8Cand {
-  int64_t row, n;
-  float hi;
-};
 
 // MB rows (7-bit q [MB][K], per-row group scales and corrections [MB][ng]) against one block of 8 outputs: the
 // approximate logits. Per group and 4 inputs: the weights' vector loaded once, per row vpmaddubsw + vpmaddwd +
@@ -1744,6 +1741,47 @@ static inline float hmax8(__m256 v) {
   b = _mm_max_ss(b, _mm_movehdup_ps(b));
   return _mm_cvtss_f32(b);
 }
+#endif
+
+// q8_head's driver in either width: the vector of L approximate logits, its operations, the block kernel.
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+struct Q8W {
+  using V = __m512;
+  static constexpr int64_t L = 16, GRAIN = 64;
+  static constexpr int MB = Q8_MB;
+  static V set1(float f) { return _mm512_set1_ps(f); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static unsigned ge(V a, float t) { return _mm512_cmp_ps_mask(a, set1(t), _CMP_GE_OQ); }  // lanes a >= t
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static float top(V v) { return hmax(v); }
+  template <int R>
+  static void block(const uint8_t* wb, const float* swb, const int8_t* xq, int64_t K, const float* sx,
+                    const int32_t* corr, int64_t ng, V* val, bool prefetch) {
+    q8_block<R>(wb, swb, xq, K, sx, corr, ng, val, prefetch);
+  }
+};
+#elif defined(AVX2_ONLY)
+struct Q8W {
+  using V = __m256;
+  static constexpr int64_t L = 8, GRAIN = 128;
+  static constexpr int MB = Q8_MB8;
+  static V set1(float f) { return _mm256_set1_ps(f); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static unsigned ge(V a, float t) {
+    return static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a, set1(t), _CMP_GE_OQ)));
+  }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static float top(V v) { return hmax8(v); }
+  template <int R>
+  static void block(const uint8_t* wb, const float* swb, const int8_t* xq, int64_t K, const float* sx,
+                    const int32_t* corr, int64_t ng, V* val, bool prefetch) {
+    q8_block8<R>(wb, swb, xq, K, sx, corr, ng, val, prefetch);
+  }
+};
 #endif
 
 // x [M, K] float32 -> (token [M] int64: the exact greedy token, or -1 where x is not finite (the caller computes
@@ -1815,73 +1853,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q8_head(const at::Tensor& x_in, c
   std::mutex mu;
   std::vector<float> thr_all(M, -INFINITY);
   std::vector<Q8Cand> cands;
-#ifdef AVX2_ONLY
-  par_for(0, N / 8, 128, [&](int64_t begin, int64_t end) {
-    std::vector<__m256> tv(M, _mm256_set1_ps(-INFINITY));
+  using W = Q8W;
+  par_for(0, N / W::L, W::GRAIN, [&](int64_t begin, int64_t end) {
+    std::vector<W::V> tv(M, W::set1(-INFINITY));
     std::vector<float> thr(M, -INFINITY);
     std::vector<Q8Cand> mine;
-    __m256 val[Q8_MB8];
+    W::V val[W::MB];
     for (int64_t nb = begin; nb < end; ++nb) {
-      const uint8_t* wb = wp + nb * 8 * K;
-      row_passes<Q8_MB8, false>(M, [&](auto rows, int64_t m0, int64_t mb) {
-        q8_block8<decltype(rows)::value>(wb, swp + nb * ng * 8, xq.data() + m0 * K, K, sx.data() + m0 * ng,
-                                         corr.data() + m0 * ng, ng, val, m0 == 0 && M >= 4 && nb + Q8_PREFETCH < end);
-        for (int64_t r = 0; r < mb; ++r) {
-          const int64_t m = m0 + r;
-          if (lp != nullptr) _mm256_storeu_ps(lp + m * N + nb * 8, val[r]);
-          const __m256 bnd = _mm256_set1_ps(brow[m]);
-          const __m256 lo = _mm256_sub_ps(val[r], bnd), hi = _mm256_add_ps(val[r], bnd);
-          tv[m] = _mm256_max_ps(tv[m], lo);
-          int k = _mm256_movemask_ps(_mm256_cmp_ps(hi, _mm256_set1_ps(thr[m]), _CMP_GE_OQ));
-          if (k == 0) continue;
-          thr[m] = std::max(thr[m], hmax8(tv[m]));
-          k = _mm256_movemask_ps(_mm256_cmp_ps(hi, _mm256_set1_ps(thr[m]), _CMP_GE_OQ));
-          alignas(32) float h[8];
-          _mm256_store_ps(h, hi);
-          for (int j = 0; j < 8; ++j)
-            if (k & (1 << j)) mine.push_back({m, nb * 8 + j, h[j]});
-        }
-      });
-    }
-    std::lock_guard<std::mutex> lock(mu);
-    for (int64_t m = 0; m < M; ++m) thr_all[m] = std::max(thr_all[m], hmax8(tv[m]));
-    cands.insert(cands.end(), mine.begin(), mine.end());
-  });
-#else
-  par_for(0, N / 16, 64, [&](int64_t begin, int64_t end) {
-    std::vector<__m512> tv(M, _mm512_set1_ps(-INFINITY));
-    std::vector<float> thr(M, -INFINITY);
-    std::vector<Q8Cand> mine;
-    __m512 val[Q8_MB];
-    for (int64_t nb = begin; nb < end; ++nb) {
-      const uint8_t* wb = wp + nb * 16 * K;
+      const uint8_t* wb = wp + nb * W::L * K;
       // full passes first: the first pass streams (and prefetches) the weights from memory, and a full one hides
       // that best (balanced passes, 5 + 4 at 9 rows and 6 + 6 at 12, measured 3-10% slower)
-      row_passes<Q8_MB, false>(M, [&](auto rows, int64_t m0, int64_t mb) {
-        q8_block<decltype(rows)::value>(wb, swp + nb * ng * 16, xq.data() + m0 * K, K, sx.data() + m0 * ng,
+      row_passes<W::MB, false>(M, [&](auto rows, int64_t m0, int64_t mb) {
+        W::block<decltype(rows)::value>(wb, swp + nb * ng * W::L, xq.data() + m0 * K, K, sx.data() + m0 * ng,
                                         corr.data() + m0 * ng, ng, val, m0 == 0 && M >= 4 && nb + Q8_PREFETCH < end);
         for (int64_t r = 0; r < mb; ++r) {
           const int64_t m = m0 + r;
-          if (lp != nullptr) _mm512_storeu_ps(lp + m * N + nb * 16, val[r]);
-          const __m512 bnd = _mm512_set1_ps(brow[m]);
-          const __m512 lo = _mm512_sub_ps(val[r], bnd), hi = _mm512_add_ps(val[r], bnd);
-          tv[m] = _mm512_max_ps(tv[m], lo);
-          __mmask16 k = _mm512_cmp_ps_mask(hi, _mm512_set1_ps(thr[m]), _CMP_GE_OQ);
+          if (lp != nullptr) W::store(lp + m * N + nb * W::L, val[r]);
+          const W::V bnd = W::set1(brow[m]);
+          const W::V lo = W::sub(val[r], bnd), hi = W::add(val[r], bnd);
+          tv[m] = W::max(tv[m], lo);
+          unsigned k = W::ge(hi, thr[m]);
           if (k == 0) continue;
-          thr[m] = std::max(thr[m], hmax(tv[m]));
-          k = _mm512_cmp_ps_mask(hi, _mm512_set1_ps(thr[m]), _CMP_GE_OQ);
-          alignas(64) float h[16];
-          _mm512_store_ps(h, hi);
-          for (int j = 0; j < 16; ++j)
-            if (k & (1u << j)) mine.push_back({m, nb * 16 + j, h[j]});
+          thr[m] = std::max(thr[m], W::top(tv[m]));
+          k = W::ge(hi, thr[m]);
+          alignas(64) float h[W::L];
+          W::store(h, hi);
+          for (int64_t j = 0; j < W::L; ++j)
+            if (k & (1u << j)) mine.push_back({m, nb * W::L + j, h[j]});
         }
       });
     }
     std::lock_guard<std::mutex> lock(mu);
-    for (int64_t m = 0; m < M; ++m) thr_all[m] = std::max(thr_all[m], hmax(tv[m]));
+    for (int64_t m = 0; m < M; ++m) thr_all[m] = std::max(thr_all[m], W::top(tv[m]));
     cands.insert(cands.end(), mine.begin(), mine.end());
   });
-#endif
   // the exact logits of the candidates decide (in order of n: ties go to the lowest index)
   std::sort(cands.begin(), cands.end(), [](const Q8Cand& a, const Q8Cand& b) {
     return a.row != b.row ? a.row < b.row : a.n < b.n;
