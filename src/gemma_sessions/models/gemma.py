@@ -193,8 +193,9 @@ class Linear(nn.Module):
 
     def forward_batch(self, x: torch.Tensor) -> torch.Tensor:
         """The engine's batched decode (the LM head). Up to ``exact_max_rows()`` rows the exact kernel, so a step of
-        a few decode rows (up to 64 on AVX2) is exact as alone; up to ``BF16_DOT_MAX_ELEMENTS`` inputs
-        ``kernels.qmatmul_bf16`` (bf16 inputs and weights, float32 sums and output, reading the int8 codes); beyond,
+        a few decode rows (8; 64 on a CPU with no many-row kernel) is exact as alone; up to
+        ``BF16_DOT_MAX_ELEMENTS`` inputs ``kernels.qmatmul_bf16`` (bf16 inputs and weights, float32 sums and
+        output, reading the int8 codes); beyond,
         a bf16 GEMM on a bf16 copy of the weight (335 MB for the 270M's head, made on the first such batch), or
         without native bf16 float32 over dequantized tiles; on AVX2 ``kernels.qmatmul_wide`` beyond the exact rows."""
         if not self.int8 or x.shape[0] <= exact_max_rows() or self.wide_rows(x.shape[0]):
