@@ -330,11 +330,11 @@ def test_greedy_head_tokens_equal_the_exact_logits_argmax():
     """The engine's step returns greedy rows' tokens from the int8-activation head (no logits) from
     greedy_head_min_rows() rows (5; 1 on AVX2), equal to the argmax of the exact logits; fewer rows, or a sampled
     row among at most QMATMUL_MAX_ROWS, get exact logits for every row; a sampled row among more gets the
-    approximate logits, also when every row is sampled."""
+    approximate logits, also when every row is sampled (with AVX512-VNNI; on AVX2 the product's own logits)."""
     from gemma_sessions import kernels
     from gemma_sessions.cache.kv import PagedKVCache
     from gemma_sessions.engine import runner
-    from gemma_sessions.models.gemma import QMATMUL_MAX_ROWS, greedy_head_min_rows
+    from gemma_sessions.models.gemma import QMATMUL_MAX_ROWS, approx_head_logits, greedy_head_min_rows
 
     model = tiny_model("gemma3", seed=4, weight_format="int8")
     net = model.net
@@ -370,6 +370,13 @@ def test_greedy_head_tokens_equal_the_exact_logits_argmax():
     assert [t for t, g in zip(tokens, mixed) if g] == [t for t, g in zip(want, mixed) if g]
     assert all(t is None and lg.shape == (model.config.vocab_size,) for t, lg, g in zip(tokens, logits, mixed)
                if not g)
+    if not approx_head_logits():  # AVX2: sampled rows keep the product's logits, greedy rows get their tokens
+        sampled = [i for i, g in enumerate(mixed) if not g]  # their own product (4 rows: the exact kernel)
+        got = torch.stack([logits[i] for i in sampled])
+        assert ((got - exact[sampled]).abs().max() / exact[sampled].abs().max()).item() < 1e-5
+        (logits, tokens), exact = step(rows, [False] * rows)
+        assert tokens == [None] * rows and torch.equal(torch.stack(logits), exact)
+        return
     (logits, tokens), exact = step(rows, [False] * rows)  # every row sampled: the approximate logits too
     approx = torch.stack(logits)
     assert tokens == [None] * rows and not torch.equal(approx, exact)

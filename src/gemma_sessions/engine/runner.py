@@ -25,7 +25,8 @@ import torch
 from .. import kernels
 from ..cache.kv import PagedKVCache, SeqKV
 from ..cache.state import StateCache
-from ..models.gemma import GemmaModel, attention, exact_max_rows, greedy_head_min_rows, visibility_mask
+from ..models.gemma import (GemmaModel, approx_head_logits, attention, exact_max_rows, greedy_head_min_rows,
+                            visibility_mask)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -229,7 +230,7 @@ def run_step_greedy(net: GemmaModel, cache: PagedKVCache, items: list[WorkItem],
     bench/concurrency.py then gave 85 tok/s at 64 sessions where the run before these changes gave 120.) A greedy
     row's token is the exact head's argmax over its hidden state whatever the row count; a sampled row among more
     than 8 gets the head's int8-activation approximation (as it got bf16 products before), also when no row is
-    greedy.
+    greedy; on AVX2 (7-bit activations) it keeps its product's logits (``approx_head_logits``).
     """
     n_decode = leading_decode_rows(items)
     parts = [items]
@@ -255,13 +256,24 @@ def _head(net: GemmaModel, h: torch.Tensor, greedy: list[bool] | None):
     # kernel anyway, sampled or not (its approximation moves a row's softmax by ~3e-4 nats KL on the 270M, where
     # bf16 products move it by ~2e-5, at a third of their time at 16 rows); not for a few rows, where the exact
     # kernel's logits are as fast (the same tokens either way)
+    # On AVX2 the head's activations have 7 bits (~1.8e-3 nats KL): there sampled rows keep the product's logits and
+    # only greedy rows go through the fast head (approx_head_logits).
     if (greedy is not None and n >= greedy_head_min_rows() and (all(greedy) or n > exact_max_rows())
             and net.can_greedy_head()):
-        found, approx = net.greedy_head(h, want_logits=not all(greedy))
-        found = found.tolist()
-        if all(t >= 0 for t in found):  # else a row has non-finite values: the plain logits for every row, as before
-            return ([None if g else approx[i] for i, g in enumerate(greedy)],
-                    [t if g else None for t, g in zip(found, greedy)])
+        if all(greedy) or approx_head_logits():
+            found, approx = net.greedy_head(h, want_logits=not all(greedy))
+            found = found.tolist()
+            if all(t >= 0 for t in found):  # else a row has non-finite values: the plain logits for every row
+                return ([None if g else approx[i] for i, g in enumerate(greedy)],
+                        [t if g else None for t, g in zip(found, greedy)])
+        elif any(greedy):
+            rows = [i for i, g in enumerate(greedy) if g]
+            found = net.greedy_head(h[rows], want_logits=False)[0].tolist()
+            if all(t >= 0 for t in found):
+                others = [i for i, g in enumerate(greedy) if not g]
+                plain = dict(zip(others, net.logits(h[others], batch=True)))
+                tokens = dict(zip(rows, found))
+                return [plain.get(i) for i in range(n)], [tokens.get(i) for i in range(n)]
     out = net.logits(h, batch=True)  # (a row with non-finite values: argmax of the plain logits, as before)
     return list(out), [None] * n
 
