@@ -486,15 +486,15 @@ at::Tensor qmatmul(const at::Tensor& x_in, const at::Tensor& codes_in, const at:
 //   out[m, n] = fma(x[m, K-1], W[n, K-1], ... fma(x[m, 1], W[n, 1], x[m, 0] * W[n, 0]))
 //
 // whatever M, the row's place in the batch and the thread: a row's bits do not depend on the others (not the bits of
-// qmatmul, whose lanes run along k). Per call x is laid out transposed in chunks of WIDE_MC rows ([K][MC], padded to
-// 8 lanes); per thread and chunk, WIDE_NR weight rows at a time are dequantized into a float32 buffer (L1/L2) and
+// qmatmul, whose lanes run along k). Per call x is laid out transposed in chunks of wide_chunk_rows(K) rows ([K][MC],
+// padded to 8 lanes); per thread and chunk, WIDE_NR weight rows at a time are dequantized into a float32 buffer and
 // every 16 (then 8) rows of the chunk run a tile of WIDE_NR x 2 (x 1) vectors: per k two loads of x, WIDE_NR broadcasts
 // of W, 12 FMAs (15 of the 16 ymm registers).
 #ifdef AVX2_ONLY
 constexpr bool kWide = true;
 constexpr int WIDE_NR = 6;
-constexpr int64_t WIDE_NT = 48;
-constexpr int64_t WIDE_PREFETCH = 2 * WIDE_NR;  // weight rows ahead that a block prefetches  // outputs per tile of the result (a multiple of WIDE_NR; see tiled's NT)
+constexpr int64_t WIDE_NT = 48;  // outputs per tile of the result (a multiple of WIDE_NR; see tiled's NT)
+constexpr int64_t WIDE_PREFETCH = 2 * WIDE_NR;  // weight rows ahead that a block prefetches
 
 template <int NR, int MV>
 static inline void wide_tile(const float* xt, int64_t mc, int64_t K, const float* wb, float* res) {
