@@ -9,6 +9,7 @@ import time
 import pytest
 
 import gemma_sessions as gs
+from gemma_sessions import kernels
 from gemma_sessions.generate import generate_tokens
 from gemma_sessions.models.gemma import exact_max_rows
 
@@ -80,7 +81,7 @@ def test_fast_mode_16_decode_rows_rarely_differ_from_alone(real_model_fast):
     here: 16 sessions decode 32 tokens together after prefilling alone; the rate of argmax flips (first divergences
     per token decoded up to them) is reported and must stay rare (measured: 15 of 16 continuations identical, 1 flip
     in 498 tokens; 12 of 16 and 0.9% when all four products of a layer ran qmatmul_bf16 at 16 rows; 3 flips in 480
-    tokens with qmatmul_i16; 16 of 16, 0 in 512, with qmatmul_wide on a Zen 3)."""
+    tokens with qmatmul_i16; 16 of 16, 0 in 512, with qmatmul_wide on a Zen 3, where none is allowed)."""
     model = real_model_fast
     params = gs.SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     prompts = [model.tokenizer.encode(f"Question: Tell me about {t}.\nAnswer:", add_bos=True) for t in TOPICS]
@@ -92,7 +93,9 @@ def test_fast_mode_16_decode_rows_rarely_differ_from_alone(real_model_fast):
     print(f"\n16 rows: {len(TOPICS) - flips}/{len(TOPICS)} continuations identical; {flips} flips in {decoded} "
           f"tokens ({flips / decoded:.2%}); first divergences at {first_diff}")
     assert flips / decoded < 0.02 and flips <= len(TOPICS) // 3
-    if exact_max_rows() >= len(TOPICS):  # a CPU without the many-row kernels: the exact kernel, same bits
+    # a CPU without the many-row kernels (the exact kernel: same bits), or AVX2, where qmatmul_wide's float32 chains
+    # differ from the exact kernel's by ~1e-7 and both heads give the exact argmax: none measured, so none allowed
+    if exact_max_rows() >= len(TOPICS) or kernels.wide_available():
         assert flips == 0
 
 
