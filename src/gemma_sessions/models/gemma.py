@@ -683,16 +683,20 @@ class GemmaModel(nn.Module):
 
     def step(self, ids: torch.Tensor, kv: DenseKV, last_only: bool = False) -> torch.Tensor:
         """Run new tokens of one sequence; float32 logits for each (or only the last) of them."""
+        h = self._advance(ids, kv)
+        return self.logits(h[-1:] if last_only else h)
+
+    def _advance(self, ids: torch.Tensor, kv: DenseKV) -> torch.Tensor:
+        """The final hidden states of new tokens of one sequence, their K/V written and the sequence advanced."""
         h = self.hidden(ids, torch.arange(kv.length, kv.length + ids.numel(), device=ids.device), kv)
         kv.advance(ids.numel())
-        return self.logits(h[-1:] if last_only else h)
+        return h
 
     def step_greedy(self, ids: torch.Tensor, kv: DenseKV) -> int:
         """:meth:`step` then the greedy token of the last position: ``argmax(step(ids, kv, last_only=True)[0])``,
         found by :meth:`greedy_head` where it serves a single row (``greedy_head_min_rows() == 1``: AVX2), which
         gives that very token without the full logits; else from the logits."""
-        h = self.hidden(ids, torch.arange(kv.length, kv.length + ids.numel(), device=ids.device), kv)
-        kv.advance(ids.numel())
+        h = self._advance(ids, kv)
         if greedy_head_min_rows() <= 1 and self.can_greedy_head():
             token = int(self.greedy_head(h[-1:], want_logits=False)[0][0])
             if token >= 0:  # else non-finite values: torch's argmax decides, as before
