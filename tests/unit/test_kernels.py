@@ -107,7 +107,7 @@ def test_load_failure_falls_back_once(monkeypatch, caplog):
 @pytest.mark.parametrize("native", [True, False])
 def test_int8_linear_paths(op, monkeypatch, native):
     """Each row count's path. The exact kernel up to exact_max_rows() rows (8 where a many-row kernel runs, 64 on a
-    CPU with none); above, qmatmul_wide on AVX2 (up to WIDE_MAX_ROWS) or qmatmul_bf16 where they run, then the bf16
+    CPU with none); above, qmatmul_wide on AVX2 (any number of rows), or qmatmul_bf16 where it runs, then the bf16
     GEMM on a bf16 copy with native bf16, or float32 over dequantized tiles (no copy) without it (software bf16 is
     ~5x slower than float32)."""
     monkeypatch.setitem(kernels._state, "native_bf16", native)
@@ -124,24 +124,25 @@ def test_int8_linear_paths(op, monkeypatch, native):
         bf16_ref = big.bfloat16().float() @ w.dequantize().bfloat16().float().T
         assert rel_err(lin(big), bf16_ref) <= 1e-6 and lin.bf16 is None
     if kernels.wide_available():  # float32 throughout: as exact as the kernel, its own bits
-        assert lin.wide_rows(big.shape[0]) and not lin.wide_rows(gemma.WIDE_MAX_ROWS + 1)
-        assert torch.equal(lin(big), kernels.qmatmul_wide(big, w.codes, w.scales, w.offsets, w.group))
-        assert rel_err(lin(big), ref(big)) <= 1e-5 and lin.bf16 is None
+        assert lin.wide_rows(big.shape[0]) and lin.wide_rows(many.shape[0]) and not lin.wide_rows(exact)
+        for x in (big, many):
+            assert torch.equal(lin(x), kernels.qmatmul_wide(x, w.codes, w.scales, w.offsets, w.group))
+            assert rel_err(lin(x), ref(x)) <= 1e-5 and lin.bf16 is None
     assert rel_err(lin(big), ref(big)) <= 1e-2
-    if native:
+    if native and not kernels.wide_available():
         assert rel_err(lin(many), ref(many)) <= 1e-2 and lin.bf16 is not None  # bf16 GEMM
     else:
         assert rel_err(lin(many), ref(many)) <= 1e-5 and lin.bf16 is None  # float32 tiles
     head = gemma.Linear(w, "int8", head=True)
-    bigger = torch.randn(max(gemma.HEAD_QMATMUL_MAX_ROWS, gemma.WIDE_MAX_ROWS, exact) + 1, 64)
+    bigger = torch.randn(max(gemma.HEAD_QMATMUL_MAX_ROWS, exact) + 1, 64)
     assert rel_err(head(big), ref(big)) <= 1e-5 and head.bf16 is None  # the kernel (qmatmul_wide on AVX2)
-    assert rel_err(head(bigger), ref(bigger)) <= 1e-5 and head.bf16 is None  # float32 tiles
+    assert rel_err(head(bigger), ref(bigger)) <= 1e-5 and head.bf16 is None  # float32 tiles (qmatmul_wide on AVX2)
     # the engine's batched decode of the head: the kernel, then bf16 products, then the bf16 GEMM (float32 tiles)
     assert torch.equal(head.forward_batch(small), head(small))
     no_copy = kernels.bf16_dot_available() or kernels.wide_available() or big.shape[0] <= exact or not native
     assert rel_err(head.forward_batch(big), ref(big)) <= 1e-2 and (head.bf16 is None) == no_copy
     assert rel_err(head.forward_batch(many), ref(many)) <= (1e-2 if native else 1e-5)
-    assert (head.bf16 is not None) == native
+    assert (head.bf16 is not None) == (native and not kernels.wide_available())
 
 
 @pytest.mark.parametrize("m", [9, 16, 21])
@@ -190,6 +191,31 @@ def test_qmatmul_wide_rows_are_float32_chains_independent_of_the_batch(op, group
     assert out[11, 7] == acc
     with pytest.raises(RuntimeError, match="multiple of 8"):
         kernels.qmatmul_wide(x[:, :12], w.codes[:, :12], w.scales[:, :3], None, 4)
+
+
+@pytest.mark.parametrize("group,offsets", [(32, False), (16, True)])
+def test_qmatmul_wide_prompt_rows_keep_the_chain_across_blocks_of_k(op, group, offsets):
+    """Beyond 64 rows qmatmul_wide packs x in panels of 6 rows and W in panels of 16 (a GEMM's loop); at K = 2048 it
+    runs k in blocks of 512, storing and reloading the float32 sums. Every output is still the one chain in the order
+    of k: the same bits as the small-batch loop (rows alone or 40 at a time), in edge tiles (200 rows, N = 301) too."""
+    if not kernels.wide_available():
+        pytest.skip("qmatmul_wide is the AVX2-only build's (this CPU has AVX-512 or no AVX2)")
+    w = weight(301, 2048, group, offsets)
+    x = torch.randn(200, 2048)
+    out = kernels.qmatmul_wide(x, w.codes, w.scales, w.offsets, group)
+    want = (x.double() @ w.dequantize().double().T).float()
+    assert out.shape == (200, 301) and rel_err(out, want) <= 4e-6
+    for rows in (slice(0, 1), slice(150, 190), slice(160, 200), slice(7, 100)):
+        assert torch.equal(kernels.qmatmul_wide(x[rows], w.codes, w.scales, w.offsets, group), out[rows])
+    wd = w.codes.double() * w.scales.double().repeat_interleave(group, dim=1)
+    if offsets:
+        wd = wd + w.offsets.double().repeat_interleave(group, dim=1)
+    wd = wd.float()
+    for m, n in ((11, 7), (199, 300)):  # a full tile; the last row and column (an edge tile)
+        acc = torch.tensor(0.0, dtype=torch.float32)
+        for k in range(2048):
+            acc = (x[m, k].double() * wd[n, k].double() + acc.double()).float()
+        assert out[m, n] == acc
 
 
 @pytest.mark.parametrize("group,offsets", [(32, True), (16, False), (8, True)])

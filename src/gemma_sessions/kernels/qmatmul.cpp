@@ -554,6 +554,130 @@ static inline void wide_rows(const float* xt, int64_t mc, int64_t mrows, int64_t
       for (int64_t l = 0; l < mb; ++l) tile[(m0 + l) * WIDE_NT + j0 + j] = res[j * 8 * mv + l];
   }
 }
+
+// qmatmul_wide beyond WIDE_GEMM_MIN_ROWS rows (prompts): the roles swap, as in a BLIS GEMM. 16 weight rows are
+// dequantized once per call into a panel [K][16] (L2), x is packed once into panels of 6 rows [K][6], and every
+// panel runs a 6 x 16 register tile: per k two loads of W, six broadcasts of x, 12 FMAs. Each output is still
+// fma(x[m, k], W[n, k], acc) in the order of k from acc = 0 with the same W (wide_dequant's arithmetic), so a row's
+// bits are those of the small-batch path. The small-batch loop re-dequantizes its 6 weight rows per chunk of x and
+// reads x transposed from L2 through a tile buffer; at 297 rows of the 270M's layers it ran ~50 GFLOP/s on 2 cores
+// against ~85 for torch's float32 GEMM over dequantized tiles, which this replaces.
+constexpr int64_t WIDE_GEMM_MIN_ROWS = 64;
+constexpr int GEMM_MR = 6;
+
+static inline void transpose8(__m256* r) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+// W's rows [n, n + nr) (nr <= 16) as float32 into b [K][16], rows past nr zero: wide_dequant's arithmetic, 8 rows x
+// 8 inputs at a time through a register transpose.
+static inline void gemm_dequant(const int8_t* c, const float* sc, const float* off, int64_t K, int64_t G, int64_t nr,
+                                float* b) {
+  const int64_t ng = K / G;
+  for (int64_t jb = 0; jb < 16; jb += 8) {
+    for (int64_t k = 0; k < K; k += 8) {
+      __m256 r[8];
+      const int64_t g = k / G;
+      for (int64_t j = 0; j < 8; ++j) {
+        const int64_t row = jb + j;
+        if (row >= nr) {
+          r[j] = _mm256_setzero_ps();
+          continue;
+        }
+        const __m256 codes = load_codes8(c + row * K + k);
+        const __m256 s = _mm256_set1_ps(sc[row * ng + g]);
+        r[j] = off != nullptr ? _mm256_fmadd_ps(codes, s, _mm256_set1_ps(off[row * ng + g])) : _mm256_mul_ps(codes, s);
+      }
+      transpose8(r);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(b + (k + i) * 16 + jb, r[i]);
+    }
+  }
+}
+
+// One panel of 6 rows against 16 weight rows over kn inputs (a: [kn][6], b: [kn][16]) into res [6][16] (row stride
+// ldr), from zero or (a later block of k) continuing the sums in res: stored and reloaded float32, the same chain.
+static inline void gemm_tile(const float* a, const float* b, int64_t kn, float* res, int64_t ldr, bool first) {
+  __m256 acc[GEMM_MR][2];
+  for (int r = 0; r < GEMM_MR; ++r) {
+    acc[r][0] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(res + r * ldr);
+    acc[r][1] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(res + r * ldr + 8);
+  }
+  for (int64_t k = 0; k < kn; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(b + k * 16), b1 = _mm256_loadu_ps(b + k * 16 + 8);
+    for (int r = 0; r < GEMM_MR; ++r) {
+      const __m256 av = _mm256_broadcast_ss(a + k * GEMM_MR + r);
+      acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < GEMM_MR; ++r) {
+    _mm256_storeu_ps(res + r * ldr, acc[r][0]);
+    _mm256_storeu_ps(res + r * ldr + 8, acc[r][1]);
+  }
+}
+
+// Inputs per block of k: all of K up to 1024 (the 270M's 640 and 1024), else 512, so a panel's slice of x (12 KB)
+// and of W (32 KB) stay near L1. Measured at 294 rows, 2 threads, K = 2048: ~100 against ~70 GFLOP/s unblocked; at
+// K = 640 blocks of 320 were slower (~70 against ~110).
+static inline int64_t gemm_kc(int64_t K) { return K <= 1024 ? K : 512; }
+
+static void wide_gemm(const float* xp, int64_t M, int64_t K, const int8_t* cp, const float* sp, const float* op,
+                      int64_t N, int64_t G, float* outp) {
+  const int64_t np = (M + GEMM_MR - 1) / GEMM_MR;
+  std::vector<float> xa(np * GEMM_MR * K);  // panel p: rows [6 p, 6 p + 6) as [K][6], rows past M zero
+  par_for(0, np, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      float* dst = xa.data() + p * GEMM_MR * K;
+      for (int r = 0; r < GEMM_MR; ++r) {
+        const int64_t m = p * GEMM_MR + r;
+        if (m < M) {
+          const float* src = xp + m * K;
+          for (int64_t k = 0; k < K; ++k) dst[k * GEMM_MR + r] = src[k];
+        } else {
+          for (int64_t k = 0; k < K; ++k) dst[k * GEMM_MR + r] = 0.f;
+        }
+      }
+    }
+  });
+  const int64_t ng = K / G, nb = (N + 15) / 16, kc = gemm_kc(K);
+  par_for(0, nb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> b_store(K * 16 + 16);
+    float* const b = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(b_store.data()) + 63) & ~uintptr_t{63});
+    alignas(32) float res[GEMM_MR * 16];
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t n = blk * 16, nr = std::min<int64_t>(16, N - n);
+      gemm_dequant(cp + n * K, sp + n * ng, op != nullptr ? op + n * ng : nullptr, K, G, nr, b);
+      for (int64_t k0 = 0; k0 < K; k0 += kc) {
+        const int64_t kn = std::min(kc, K - k0);
+        for (int64_t p = 0; p < np; ++p) {
+          const int64_t m0 = p * GEMM_MR, mr = std::min<int64_t>(GEMM_MR, M - m0);
+          const float* a = xa.data() + p * GEMM_MR * K;
+          if (mr == GEMM_MR && nr == 16) {
+            gemm_tile(a + k0 * GEMM_MR, b + k0 * 16, kn, outp + m0 * N + n, N, k0 == 0);
+          } else if (k0 == 0) {  // an edge tile: all of k at once, then its valid part
+            gemm_tile(a, b, K, res, 16, true);
+            for (int64_t r = 0; r < mr; ++r) std::copy(res + r * 16, res + r * 16 + nr, outp + (m0 + r) * N + n);
+          }
+        }
+      }
+    }
+  });
+}
 #else
 constexpr bool kWide = false;
 #endif
@@ -588,6 +712,11 @@ at::Tensor qmatmul_wide(const at::Tensor& x_in, const at::Tensor& codes_in, cons
   }
   at::Tensor out = at::empty({M, N}, x.options());
 #ifdef AVX2_ONLY
+  if (M > WIDE_GEMM_MIN_ROWS) {
+    wide_gemm(x.data_ptr<float>(), M, K, codes.data_ptr<int8_t>(), scales.data_ptr<float>(),
+              has_off ? offsets.data_ptr<float>() : nullptr, N, G, out.data_ptr<float>());
+    return out;
+  }
   const int64_t MC = wide_chunk_rows(K);
   const int64_t nchunks = (M + MC - 1) / MC;
   // x transposed per chunk: chunk i holds rows [i MC, i MC + mc) as [K][mc], mc its row count rounded up to 8

@@ -68,15 +68,16 @@ I16_MAX_ROWS = 64
 # AVX-512: a build for another CPU), the exact kernel takes the layers' products and the engine's batched head up to
 # this many rows (see exact_max_rows).
 EXACT_WIDE_MAX_ROWS = 64
-# On AVX2 without AVX-512, products of more than QMATMUL_MAX_ROWS and at most this many rows run kernels.qmatmul_wide
-# (the engine's batched decode of up to 64 sessions, short chunks). Measured on a 2-core Zen 3 (/tmp script, medians
-# of 5, a noisy machine), ms, the 270M's shapes [N x K], qmatmul / qmatmul_wide: 2048x640 at 16 rows 1.04-1.15 /
-# 0.52-0.68, 640x2048 at 16 rows 0.96-1.11 / 0.50-0.58, the head's 65536x640 quarter at 16 rows 21.7-23.3 /
-# 17.2-17.6 and 64 rows 78-93 / 41-53; at 8 rows qmatmul is faster (0.52-0.59 / 0.77-0.86). Against float32 tiles
-# (below; torch's float32 GEMM) at 64 rows wide wins 1.3-2.1x, at 128 they are even, at 512 the tiles win 1.0-1.8x.
-WIDE_MAX_ROWS = 64
-# Without native bf16 (kernels.native_bf16), products of more rows (prefill) run float32 GEMMs over dequantized tiles
-# of this many output rows instead of the bf16 copy (no copy kept). On a 2-core Zen 3 at 512 rows, GFLOP/s: float32
+# On AVX2 without AVX-512, products of more than QMATMUL_MAX_ROWS rows run kernels.qmatmul_wide: the engine's batched
+# decode, chunks, prompts. Measured on a 2-core Zen 3 (/tmp script, medians of 5, a noisy machine), ms, the 270M's
+# shapes [N x K], qmatmul / qmatmul_wide: 2048x640 at 16 rows 1.04-1.15 / 0.52-0.68, 640x2048 at 16 rows 0.96-1.11 /
+# 0.50-0.58, the head's 65536x640 quarter at 16 rows 21.7-23.3 / 17.2-17.6 and 64 rows 78-93 / 41-53; at 8 rows qmatmul
+# is faster (0.52-0.59 / 0.77-0.86). Beyond 64 rows the kernel runs as a GEMM (panels of x and of W, see qmatmul.cpp):
+# the layers' four products at 294 rows 113-126 GFLOP/s each, the whole prefill forward of 16 sessions' prompts
+# 3.9 -> 2.5 ms per row against float32 tiles (torch's GEMM over dequantized W, below).
+# Without native bf16 (kernels.native_bf16) and without qmatmul_wide (an AVX-512 build with no BF16), products of
+# more rows (prefill) run float32 GEMMs over dequantized tiles of this many output rows instead of the bf16 copy (no
+# copy kept). On a 2-core Zen 3 at 512 rows, GFLOP/s: float32
 # tiles 42-68, the bf16 GEMM 8-11, the exact kernel 18-26 (/tmp script, a noisy machine).
 LAYER_TILE_ROWS = 512
 _PACK_LOCK = threading.Lock()  # Linear.prepare_greedy / prepare_i16: one packing each, whichever thread asks first
@@ -127,7 +128,7 @@ class Linear(nn.Module):
       (``qmatmul_bf16``, then the bf16 GEMM), for throughput at many concurrent sessions;
     - the engine's greedy rows from ``greedy_head_min_rows()`` rows (``greedy``): the exact argmax through int8
       activations and an error bound (``kernels.q8_head``, AVX512-VNNI or AVX2), no logits;
-    - on AVX2 without AVX-512, products of more rows up to ``WIDE_MAX_ROWS`` (layers, head, ``forward_batch``):
+    - on AVX2 without AVX-512, products of more rows (layers, head, ``forward_batch``, prompts):
       ``kernels.qmatmul_wide``, float32 activations, weights and sums, a row's bits independent of the batch;
     - on a CPU with no many-row kernel: the exact kernel up to ``EXACT_WIDE_MAX_ROWS`` rows (layers and
       ``forward_batch``), and without native bf16 float32 products over dequantized tiles in place of the bf16 GEMM
@@ -242,9 +243,8 @@ class Linear(nn.Module):
 
     def wide_rows(self, rows: int) -> bool:
         """Whether ``forward`` of this many rows runs ``kernels.qmatmul_wide`` (more rows than the exact kernel
-        takes, at most ``WIDE_MAX_ROWS``; a group that is a multiple of 8; the kernel built for AVX2 without
-        AVX-512)."""
-        if not QMATMUL_MAX_ROWS < rows <= WIDE_MAX_ROWS:
+        takes; a group that is a multiple of 8; the kernel built for AVX2 without AVX-512)."""
+        if rows <= QMATMUL_MAX_ROWS:
             return False
         if self._wide_ok is None:
             self._wide_ok = bool(self.int8 and self.group % 8 == 0 and self.codes.device.type == "cpu"
