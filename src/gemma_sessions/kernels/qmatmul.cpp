@@ -486,10 +486,10 @@ at::Tensor qmatmul(const at::Tensor& x_in, const at::Tensor& codes_in, const at:
 //   out[m, n] = fma(x[m, K-1], W[n, K-1], ... fma(x[m, 1], W[n, 1], x[m, 0] * W[n, 0]))
 //
 // whatever M, the row's place in the batch and the thread: a row's bits do not depend on the others (not the bits of
-// qmatmul, whose lanes run along k). Per call x is laid out transposed in chunks of wide_chunk_rows(K) rows ([K][MC],
-// padded to 8 lanes); per thread and chunk, WIDE_NR weight rows at a time are dequantized into a float32 buffer and
-// every 16 (then 8) rows of the chunk run a tile of WIDE_NR x 2 (x 1) vectors: per k two loads of x, WIDE_NR broadcasts
-// of W, 12 FMAs (15 of the 16 ymm registers).
+// qmatmul, whose lanes run along k). Up to WIDE_GEMM_MIN_ROWS rows (the small-batch loop) x is laid out transposed
+// ([K][mc], padded to 8 lanes); per thread WIDE_NR weight rows at a time are dequantized into a float32 buffer and
+// 16 (then 8) rows run a tile of WIDE_NR x 2 (x 1) vectors: per k two loads of x, WIDE_NR broadcasts of W, 12 FMAs
+// (15 of the 16 ymm registers). More rows run wide_gemm (below).
 #ifdef AVX2_ONLY
 constexpr bool kWide = true;
 constexpr int WIDE_NR = 6;
@@ -559,10 +559,13 @@ static inline void wide_rows(const float* xt, int64_t mc, int64_t mrows, int64_t
 // dequantized once per call into a panel [K][16] (L2), x is packed once into panels of 6 rows [K][6], and every
 // panel runs a 6 x 16 register tile: per k two loads of W, six broadcasts of x, 12 FMAs. Each output is still
 // fma(x[m, k], W[n, k], acc) in the order of k from acc = 0 with the same W (wide_dequant's arithmetic), so a row's
-// bits are those of the small-batch path. The small-batch loop re-dequantizes its 6 weight rows per chunk of x and
-// reads x transposed from L2 through a tile buffer; at 297 rows of the 270M's layers it ran ~50 GFLOP/s on 2 cores
-// against ~85 for torch's float32 GEMM over dequantized tiles, which this replaces.
-constexpr int64_t WIDE_GEMM_MIN_ROWS = 64;
+// bits are those of the small-batch loop. That loop, run over chunks of 64 rows of x (re-dequantizing its 6 weight
+// rows per chunk), ran ~50 GFLOP/s on 2 cores at 297 rows of the 270M's layers, against ~85 for torch's float32 GEMM
+// over dequantized tiles, which this replaces for prompts. From 17 rows (a batched decode
+// step, a short prompt): the 270M's 72 layer products, ms (medians of 7, alternating builds, a noisy 2-core Zen 3),
+// small-batch loop / this: 24 rows 104-118 / 72-76, 32 rows 91-93 / 97-100, 48 rows 134-141 / 116-133; 12 and 16
+// rows within the noise (the small-batch loop kept). A 49-51 token prompt's forward: 207-261 -> 160-209 ms.
+constexpr int64_t WIDE_GEMM_MIN_ROWS = 16;
 constexpr int GEMM_MR = 6;
 
 static inline void transpose8(__m256* r) {
@@ -684,10 +687,6 @@ constexpr bool kWide = false;
 
 bool wide_available() { return kWide; }
 
-// Rows of x per chunk: the chunk's x ([K][MC] floats) stays within ~192 KB of L2 (64 rows at K = 640, 16 at 2048).
-static inline int64_t wide_chunk_rows(int64_t K) {
-  return std::max<int64_t>(16, std::min<int64_t>(64, (49152 / std::max<int64_t>(K, 1)) / 16 * 16));
-}
 
 at::Tensor qmatmul_wide(const at::Tensor& x_in, const at::Tensor& codes_in, const at::Tensor& scales_in,
                         const c10::optional<at::Tensor>& offsets_in, int64_t G) {
@@ -717,17 +716,12 @@ at::Tensor qmatmul_wide(const at::Tensor& x_in, const at::Tensor& codes_in, cons
               has_off ? offsets.data_ptr<float>() : nullptr, N, G, out.data_ptr<float>());
     return out;
   }
-  const int64_t MC = wide_chunk_rows(K);
-  const int64_t nchunks = (M + MC - 1) / MC;
-  // x transposed per chunk: chunk i holds rows [i MC, i MC + mc) as [K][mc], mc its row count rounded up to 8
-  std::vector<float> xt(nchunks * MC * K, 0.f);
+  // up to WIDE_GEMM_MIN_ROWS rows: x transposed, [K][mc] with mc its row count rounded up to 8
+  const int64_t mc = (M + 7) / 8 * 8;
+  std::vector<float> xt(mc * K, 0.f);
   const float* xp = x.data_ptr<float>();
-  for (int64_t i = 0; i < nchunks; ++i) {
-    const int64_t m0 = i * MC, rows = std::min(MC, M - m0), mc = (rows + 7) / 8 * 8;
-    float* dst = xt.data() + m0 * K;
-    for (int64_t m = 0; m < rows; ++m)
-      for (int64_t k = 0; k < K; ++k) dst[k * mc + m] = xp[(m0 + m) * K + k];
-  }
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xt[k * mc + m] = xp[m * K + k];
   const int8_t* cp = codes.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   const float* op = has_off ? offsets.data_ptr<float>() : nullptr;
@@ -735,35 +729,31 @@ at::Tensor qmatmul_wide(const at::Tensor& x_in, const at::Tensor& codes_in, cons
   par_for(0, N, WIDE_NT, [&](int64_t begin, int64_t end) {
     std::vector<float> wb_store(WIDE_NR * K + 16);  // wb 64-byte aligned: no store splits a cache line
     float* const wbp = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(wb_store.data()) + 63) & ~uintptr_t{63});
-    std::vector<float> tile(MC * WIDE_NT);
+    std::vector<float> tile(M * WIDE_NT);
     for (int64_t n0 = begin; n0 < end; n0 += WIDE_NT) {
       const int64_t nt = std::min(WIDE_NT, end - n0);
-      for (int64_t i = 0; i < nchunks; ++i) {
-        const int64_t m0 = i * MC, rows = std::min(MC, M - m0), mc = (rows + 7) / 8 * 8;
-        const float* xc = xt.data() + m0 * K;
-        for (int64_t j0 = 0; j0 < nt; j0 += WIDE_NR) {
-          const int64_t nr = std::min<int64_t>(WIDE_NR, nt - j0), n = n0 + j0;
-          wide_dequant(cp + n * K, sp + n * ng, has_off ? op + n * ng : nullptr, K, G, nr, wbp);
-          if (n + WIDE_PREFETCH + WIDE_NR <= end) {  // a later block's weights into L2 while this one computes
-            const int8_t* pc = cp + (n + WIDE_PREFETCH) * K;
-            for (int64_t b = 0; b < WIDE_NR * K; b += 64) __builtin_prefetch(pc + b, 0, 2);
-            for (int64_t b = 0; b < WIDE_NR * ng; b += 16) {
-              __builtin_prefetch(sp + (n + WIDE_PREFETCH) * ng + b, 0, 2);
-              if (has_off) __builtin_prefetch(op + (n + WIDE_PREFETCH) * ng + b, 0, 2);
-            }
-          }
-          switch (nr) {
-            case 1: wide_rows<1>(xc, mc, rows, K, wbp, tile.data(), j0); break;
-            case 2: wide_rows<2>(xc, mc, rows, K, wbp, tile.data(), j0); break;
-            case 3: wide_rows<3>(xc, mc, rows, K, wbp, tile.data(), j0); break;
-            case 4: wide_rows<4>(xc, mc, rows, K, wbp, tile.data(), j0); break;
-            case 5: wide_rows<5>(xc, mc, rows, K, wbp, tile.data(), j0); break;
-            default: wide_rows<6>(xc, mc, rows, K, wbp, tile.data(), j0); break;
+      for (int64_t j0 = 0; j0 < nt; j0 += WIDE_NR) {
+        const int64_t nr = std::min<int64_t>(WIDE_NR, nt - j0), n = n0 + j0;
+        wide_dequant(cp + n * K, sp + n * ng, has_off ? op + n * ng : nullptr, K, G, nr, wbp);
+        if (n + WIDE_PREFETCH + WIDE_NR <= end) {  // a later block's weights into L2 while this one computes
+          const int8_t* pc = cp + (n + WIDE_PREFETCH) * K;
+          for (int64_t b = 0; b < WIDE_NR * K; b += 64) __builtin_prefetch(pc + b, 0, 2);
+          for (int64_t b = 0; b < WIDE_NR * ng; b += 16) {
+            __builtin_prefetch(sp + (n + WIDE_PREFETCH) * ng + b, 0, 2);
+            if (has_off) __builtin_prefetch(op + (n + WIDE_PREFETCH) * ng + b, 0, 2);
           }
         }
-        for (int64_t m = 0; m < rows; ++m)
-          std::copy(tile.data() + m * WIDE_NT, tile.data() + m * WIDE_NT + nt, outp + (m0 + m) * N + n0);
+        switch (nr) {
+          case 1: wide_rows<1>(xt.data(), mc, M, K, wbp, tile.data(), j0); break;
+          case 2: wide_rows<2>(xt.data(), mc, M, K, wbp, tile.data(), j0); break;
+          case 3: wide_rows<3>(xt.data(), mc, M, K, wbp, tile.data(), j0); break;
+          case 4: wide_rows<4>(xt.data(), mc, M, K, wbp, tile.data(), j0); break;
+          case 5: wide_rows<5>(xt.data(), mc, M, K, wbp, tile.data(), j0); break;
+          default: wide_rows<6>(xt.data(), mc, M, K, wbp, tile.data(), j0); break;
+        }
       }
+      for (int64_t m = 0; m < M; ++m)
+        std::copy(tile.data() + m * WIDE_NT, tile.data() + m * WIDE_NT + nt, outp + m * N + n0);
     }
   });
 #endif
