@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -719,3 +721,25 @@ def test_qmatmul_i16_from_many_threads(i16):
     for t in threads:
         t.join()
     assert all(got[i] for i in range(16))
+
+
+def test_openmp_workers_do_not_spin_against_the_kernels_pool():
+    """torch's idle OpenMP workers would spin on the cores the kernels' own pool needs: gemma_sessions makes them
+    passive when it is imported before torch, keeps a second OpenMP team (libgomp then throttles the spin) when torch
+    came first, and leaves a policy the user set alone."""
+    probe = ("import os, threading, torch; from gemma_sessions import kernels; can = kernels.available() and "
+             "torch.get_num_threads() > 1; print(os.environ.get('OMP_WAIT_POLICY'), any(t.name == "
+             "'gemma-sessions-openmp-team' for t in threading.enumerate()), can)")
+
+    def run(first: str, env_policy: str | None) -> list[str]:
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        if env_policy:
+            env["OMP_WAIT_POLICY"] = env_policy
+        out = subprocess.run([sys.executable, "-c", f"import {first}, gemma_sessions; {probe}"], env=env,
+                             capture_output=True, text=True, timeout=300, check=True)
+        return out.stdout.split()[-3:]
+
+    assert run("os", None)[:2] == ["PASSIVE", "False"]  # before torch: libgomp reads the passive policy
+    policy, team, can = run("torch", None)  # after torch: a second team (with the kernels and 2+ threads)
+    assert policy == "PASSIVE" and team == can
+    assert run("torch", "active")[:2] == ["active", "False"]  # the user's choice stands

@@ -113,6 +113,28 @@ def prune_builds(current: Path, max_age_s: float = STALE_BUILD_S) -> list[Path]:
     return removed
 
 
+def quiet_openmp() -> bool:
+    """Where torch was imported before gemma_sessions with no ``OMP_WAIT_POLICY`` (so libgomp's idle workers spin;
+    see the package's ``__init__``): start a thread that keeps an OpenMP team of its own, once. libgomp then manages
+    more threads than there are CPUs and cuts its workers' spin to ~100 iterations (GOMP_SPINCOUNT in the libgomp
+    manual), close to the passive policy. Returns whether it started one."""
+    import gemma_sessions
+
+    if not gemma_sessions._TORCH_FIRST or "keeper" in _state or torch.get_num_threads() < 2:
+        return False
+    started = threading.Event()
+
+    def keep() -> None:
+        torch.ones(1 << 20).add_(1)  # a parallel region: this thread's own team of workers
+        started.set()
+        threading.Event().wait()  # the team lives as long as this thread
+
+    _state["keeper"] = threading.Thread(target=keep, name="gemma-sessions-openmp-team", daemon=True)
+    _state["keeper"].start()
+    started.wait(10)
+    return True
+
+
 def kernel():
     """The compiled qmatmul op, or None when it cannot be built (a warning is logged once)."""
     op = _state.get("op")
@@ -123,6 +145,7 @@ def kernel():
             if "op" not in _state and "error" not in _state:
                 try:
                     _state["op"] = _load()
+                    quiet_openmp()
                 except Exception as exc:  # noqa: BLE001 - any build failure falls back to torch
                     _state["error"] = f"{type(exc).__name__}: {exc}"
                     log.warning("qmatmul kernel unavailable, using the slower torch path (%s)", _state["error"])
