@@ -561,10 +561,11 @@ static inline void wide_rows(const float* xt, int64_t mc, int64_t mrows, int64_t
 // fma(x[m, k], W[n, k], acc) in the order of k from acc = 0 with the same W (wide_dequant's arithmetic), so a row's
 // bits are those of the small-batch loop. That loop, run over chunks of 64 rows of x (re-dequantizing its 6 weight
 // rows per chunk), ran ~50 GFLOP/s on 2 cores at 297 rows of the 270M's layers, against ~85 for torch's float32 GEMM
-// over dequantized tiles, which this replaces for prompts. From 17 rows (a batched decode
-// step, a short prompt): the 270M's 72 layer products, ms (medians of 7, alternating builds, a noisy 2-core Zen 3),
-// small-batch loop / this: 24 rows 104-118 / 72-76, 32 rows 91-93 / 97-100, 48 rows 134-141 / 116-133; 12 and 16
-// rows within the noise (the small-batch loop kept). A 49-51 token prompt's forward: 207-261 -> 160-209 ms.
+// over dequantized tiles, which this replaces for prompts (113-126 GFLOP/s per product at 294 rows).
+// From 17 rows (a batched decode step, a short prompt), the 270M's 72 layer products, ms (medians of 7, alternating
+// builds, a noisy 2-core Zen 3), small-batch loop / this: 24 rows 104-118 / 72-76, 32 rows 91-93 / 97-100, 48 rows
+// 134-141 / 116-133; 12 and 16 rows within the noise (the small-batch loop kept). A 49-51 token prompt's forward:
+// 207-261 -> 160-209 ms. K is a multiple of 8 (G is, and divides K): gemm_dequant's blocks of 8 inputs.
 constexpr int64_t WIDE_GEMM_MIN_ROWS = 16;
 constexpr int GEMM_MR = 6;
 
