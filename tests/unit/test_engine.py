@@ -42,6 +42,28 @@ def test_batched_equals_alone(model):
     assert outs == refs
 
 
+def test_dense_prefill_in_blocks_equals_one_attention(model, monkeypatch):
+    """generate()'s dense cache attends a long prompt in blocks of PREFILL_BLOCK queries, each block's keys from its
+    own window start to its last query (as the engine's chunks): the logits of one attention over the whole prompt
+    up to float32 rounding, the same greedy tokens, and the engine chunked alike gives them too (window 8 here)."""
+    from gemma_sessions.models import gemma
+
+    prompt = _prompt(5, 60)
+    ref = _ref(model, prompt)
+
+    def logits() -> torch.Tensor:
+        with torch.inference_mode():
+            return model.net.step(torch.tensor(prompt), model.net.new_sequence(len(prompt)))
+
+    one = logits()
+    monkeypatch.setattr(gemma, "PREFILL_BLOCK", 8)
+    blocks = logits()
+    assert torch.allclose(blocks, one, rtol=1e-5, atol=1e-5)
+    assert _ref(model, prompt) == ref
+    with Engine(model, kv_cache_bytes=4 << 20, block_size=4, max_batched_tokens=8) as e:
+        assert e.submit(prompt, GREEDY).result().token_ids == ref
+
+
 def test_batched_equals_alone_without_compiled_kernels(model, monkeypatch):
     """Where the kernels cannot be built, decode rows gather their keys from the pages and run eager attention:
     the same tokens (generate's reference takes the same fallback)."""
