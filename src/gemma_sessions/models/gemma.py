@@ -72,13 +72,13 @@ EXACT_WIDE_MAX_ROWS = 64
 # decode, chunks, prompts. Measured on a 2-core Zen 3 (/tmp script, medians of 5, a noisy machine), ms, the 270M's
 # shapes [N x K], qmatmul / qmatmul_wide: 2048x640 at 16 rows 1.04-1.15 / 0.52-0.68, 640x2048 at 16 rows 0.96-1.11 /
 # 0.50-0.58, the head's 65536x640 quarter at 16 rows 21.7-23.3 / 17.2-17.6 and 64 rows 78-93 / 41-53; at 8 rows qmatmul
-# is faster (0.52-0.59 / 0.77-0.86). Beyond 64 rows the kernel runs as a GEMM (panels of x and of W, see qmatmul.cpp):
+# is faster (0.52-0.59 / 0.77-0.86). Beyond 16 rows the kernel runs as a GEMM (panels of x and of W, see qmatmul.cpp):
 # the layers' four products at 294 rows 113-126 GFLOP/s each, the whole prefill forward of 16 sessions' prompts
 # 3.9 -> 2.5 ms per row against float32 tiles (torch's GEMM over dequantized W, below).
 # Without native bf16 (kernels.native_bf16) and without qmatmul_wide (an AVX-512 build with no BF16), products of
 # more rows (prefill) run float32 GEMMs over dequantized tiles of this many output rows instead of the bf16 copy (no
-# copy kept). On a 2-core Zen 3 at 512 rows, GFLOP/s: float32
-# tiles 42-68, the bf16 GEMM 8-11, the exact kernel 18-26 (/tmp script, a noisy machine).
+# copy kept). On a 2-core Zen 3 at 512 rows, GFLOP/s: float32 tiles 42-68, the bf16 GEMM 8-11, the exact kernel
+# 18-26 (/tmp script, a noisy machine).
 LAYER_TILE_ROWS = 512
 _PACK_LOCK = threading.Lock()  # Linear.prepare_greedy / prepare_i16: one packing each, whichever thread asks first
 
