@@ -39,6 +39,14 @@ def op():
     return kernels.kernel()
 
 
+@pytest.fixture
+def wide(op):
+    """qmatmul_wide's tests: the AVX2-only build's kernel."""
+    if not kernels.wide_available():
+        pytest.skip("qmatmul_wide is the AVX2-only build's (this CPU has AVX-512 or no AVX2)")
+    return op
+
+
 @pytest.mark.parametrize("m", [1, 3, 8, 17])
 @pytest.mark.parametrize("group", [16, 32])
 @pytest.mark.parametrize("offsets", [False, True])
@@ -173,12 +181,10 @@ def test_qmatmul_bf16_is_the_bf16_product(op, m, group, offsets):
 
 
 @pytest.mark.parametrize("group,offsets", [(32, False), (32, True), (16, True), (8, False)])
-def test_qmatmul_wide_rows_are_float32_chains_independent_of_the_batch(op, group, offsets):
+def test_qmatmul_wide_rows_are_float32_chains_independent_of_the_batch(wide, group, offsets):
     """qmatmul_wide (AVX2 without AVX-512): each output one float32 FMA chain over k against W dequantized in
     float32 (one rounding of codes * scale + offset), so a row's bits are the same in any batch (alone, at any
     place, with 9 or 61 others, across the kernel's chunks of x and tiles of W); float32 accuracy."""
-    if not kernels.wide_available():
-        pytest.skip("qmatmul_wide is the AVX2-only build's (this CPU has AVX-512 or no AVX2)")
     w = weight(301, 640, group, offsets)  # N = 301: tiles of 48 and blocks of 6 with tails
     x = torch.randn(70, 640)  # the GEMM loop (panels of 6 rows, a tail); slices of up to 16 rows the small loop
     out = kernels.qmatmul_wide(x, w.codes, w.scales, w.offsets, group)
@@ -202,13 +208,11 @@ def test_qmatmul_wide_rows_are_float32_chains_independent_of_the_batch(op, group
 
 
 @pytest.mark.parametrize("group,offsets", [(32, False), (16, True)])
-def test_qmatmul_wide_prompt_rows_keep_the_chain_across_blocks_of_k(op, group, offsets):
+def test_qmatmul_wide_prompt_rows_keep_the_chain_across_blocks_of_k(wide, group, offsets):
     """Beyond 16 rows qmatmul_wide packs x in panels of 6 rows and W in panels of 16 (a GEMM's loop); at K = 2048 it
     runs k in blocks of 512, storing and reloading the float32 sums. Every output is still the one chain in the order
     of k: the same bits as the small-batch loop (rows alone, 10 or 16 at a time) and as other batches, in edge tiles
     (200 rows, N = 301) too."""
-    if not kernels.wide_available():
-        pytest.skip("qmatmul_wide is the AVX2-only build's (this CPU has AVX-512 or no AVX2)")
     w = weight(301, 2048, group, offsets)
     x = torch.randn(200, 2048)
     out = kernels.qmatmul_wide(x, w.codes, w.scales, w.offsets, group)
