@@ -14,11 +14,23 @@ PYTEST_ARGS ?=
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# llama-cpp-python (the test and bench reference) is built from source for this CPU (ggml's -march=native), but
+# without ggml's AMX matmul: on Sapphire Rapids its Q4_K path segfaults in ggml_backend_amx_mul_mat on the default
+# model (llama-cpp-python 0.3.36). GCC keeps an explicit -mno-* over what -march=native implies; elsewhere the flags
+# change nothing. The wheel is built once into the user cache (keyed by the flags) and reused by every venv and
+# clean clone: a wheel pip cached from a plain build would otherwise be taken whatever CMAKE_ARGS say.
+LLAMA_CPP   ?= llama-cpp-python==0.3.36
+NO_AMX      := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+WHEELS      ?= $(HOME)/.cache/gemma-sessions/wheels/llama-cpp-no-amx-1
+
 # torch==2.13.0 first: the CPU wheel on local disk. Anything installed later that asks for torch finds it
-# satisfied, so no install ever pulls a multi-GB CUDA build. pip's cache keeps the built llama-cpp-python wheel.
+# satisfied, so no install ever pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.13.0
+	@ls $(WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || CMAKE_ARGS="-DCMAKE_C_FLAGS='$(NO_AMX)' \
+	  -DCMAKE_CXX_FLAGS='$(NO_AMX)'" $(PY) -m pip wheel --no-cache-dir --no-deps -w $(WHEELS) '$(LLAMA_CPP)'
+	$(PY) -m pip install $(WHEELS)/llama_cpp_python-*.whl
 	$(PY) -m pip install -e '.[dev]'
 	touch $(STAMP)
 
