@@ -27,6 +27,12 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 OUT_DIR = BENCH / "out"
 THREADS = 2
+# Importing gemma_sessions sets OMP_WAIT_POLICY=PASSIVE in its own process unless the user chose a policy (see its
+# __init__). The peers must run as their users run them: a peer's child (a name not starting with "ours") gets the
+# user's own policy back (none, by default) and imports its library before anything of ours, so its OpenMP (libgomp
+# reads the policy when it loads) never sees ours. Passive workers halved llama.cpp's 2-thread decode on a 2-core
+# Sapphire Rapids (44 -> 24 tok/s). Our children keep what importing gemma_sessions gives them.
+USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
 
 
 # ------------------------------------------------------------------------------------------------ setup / output
@@ -113,7 +119,7 @@ def run_child(script: str | Path, name: str, workload: dict, extra_args: list[st
         try:
             proc = subprocess.run([sys.executable, str(script), "--child", name, "--workload", str(wfile),
                                    "--result", str(rfile), *extra_args], stdout=sys.stderr, timeout=timeout,
-                                  check=False)
+                                  check=False, env=child_env(name))
         except subprocess.TimeoutExpired:
             return {"engine": name, "error": f"timed out after {timeout:.0f} s"}
         if proc.returncode != 0:
@@ -122,6 +128,19 @@ def run_child(script: str | Path, name: str, workload: dict, extra_args: list[st
     finally:
         wfile.unlink(missing_ok=True)
         rfile.unlink(missing_ok=True)
+
+
+def child_env(name: str) -> dict[str, str]:
+    """The environment for child ``name``: this process's, and for a peer the user's OMP_WAIT_POLICY (see
+    ``USER_OMP_WAIT_POLICY``)."""
+    env = dict(os.environ)
+    if name.startswith("ours"):
+        return env
+    if USER_OMP_WAIT_POLICY is None:
+        env.pop("OMP_WAIT_POLICY", None)
+    else:
+        env["OMP_WAIT_POLICY"] = USER_OMP_WAIT_POLICY
+    return env
 
 
 def current_rss_mb() -> float:

@@ -220,6 +220,8 @@ def run_sessions(manager, msgs: list[list[str]], params) -> tuple[float, list[li
 
 
 def child_llama(w: dict) -> dict:
+    import llama_cpp  # noqa: F401 - before gemma_sessions (the tokenizer below): its OpenMP keeps the user's policy
+
     n, G, turns = w["n"], w["gen_tokens"], w["turns"]
     bos = C.tokenizer().bos_id
     per_seq = 1 + turns * (w["user_tokens"] + 12 + G + 2) + 16

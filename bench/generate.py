@@ -78,7 +78,7 @@ def run_child(engine: str, workload_file: Path) -> dict:
     try:
         print(f"--- {engine} ...", file=sys.stderr, flush=True)
         proc = subprocess.run([sys.executable, __file__, "--child", engine, "--workload", str(workload_file),
-                               "--result", str(result_file)], stdout=sys.stderr)
+                               "--result", str(result_file)], stdout=sys.stderr, env=C.child_env(engine))
         if proc.returncode != 0:
             return {"engine": engine, "error": f"exit status {proc.returncode}"}
         return json.loads(result_file.read_text())

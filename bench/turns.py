@@ -208,7 +208,7 @@ def child_ours(w: dict) -> dict:
 
 
 def child_transformers(w: dict) -> dict:
-    import torch
+    import torch  # before gemma_sessions (C.tokenizer): torch's OpenMP keeps the user's policy (common.child_env)
 
     model = C.load_transformers(w["model_path"])
     G = w["gen_tokens"]
