@@ -684,6 +684,30 @@ def test_qmatmul_i16_within_its_error_bound(i16, m, group, offsets):
         assert (got - exact).abs().max() * 10 < (bf16 - exact).abs().max()
 
 
+@pytest.mark.parametrize("group,offsets", [(32, False), (32, True), (16, True), (8, False), (64, True), (128, False)])
+def test_qmatmul_i16_on_amx_gives_the_avx512_kernels_bits(i16, group, offsets):
+    """On AMX (x split into int8 halves, the two halves' group sums from the tile unit) every output is bit for bit
+    what vpdpwssd's layout gives: the same exact int32 group sums, then the same float32 steps. Every row count
+    from 1 to 64 (partial tiles of 16 rows), a row with an infinity, an all-zero row, a row of x at int16's ends."""
+    if not kernels.amx_available():
+        pytest.skip("no AMX-INT8 on this CPU (or GEMMA_SESSIONS_NO_AMX)")
+    w = weight(48, 512, group, offsets, seed=group)
+    vnni = kernels.i16_pack(w.codes, w.scales, w.offsets, group, amx=False)
+    amx = kernels.i16_pack(w.codes, w.scales, w.offsets, group, amx=True)
+    assert amx[0].shape == (3, 128, 16, 4) and vnni[0].shape == (3, 256, 16, 2)
+    assert kernels.i16_pack(w.codes, w.scales, w.offsets, group)[0].shape == amx[0].shape  # the default here
+    for m in (1, 2, 9, 15, 16, 17, 31, 33, 64):
+        torch.manual_seed(m)
+        x = torch.randn(m, 512) * torch.rand(m, 1) * 10
+        x[:, 3] *= 40
+        x[0, :8] = torch.tensor([1.0, -1.0, 0.5, -0.5, 1e-9, -1e-9, 0.0, 0.0]) * x[0].abs().max()
+        if m > 2:
+            x[1] = 0.0
+            x[2, 100] = float("inf")
+        a, b = i16(x, amx, group), i16(x, vnni, group)
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()), m
+
+
 def test_qmatmul_i16_non_finite_rows_and_bad_packing(i16):
     w = weight(32, 64, 32, True)
     packed = kernels.i16_pack(w.codes, w.scales, w.offsets, 32)

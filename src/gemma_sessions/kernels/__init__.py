@@ -327,14 +327,31 @@ def i16_available() -> bool:
     return _built_with("i16", "i16_available")
 
 
-def i16_pack(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
-             group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def amx_available() -> bool:
+    """Whether :func:`qmatmul_i16` can run on AMX's int8 tiles (a build for a CPU with AMX-INT8, Sapphire Rapids and
+    later, whose OS grants the tile state; ``GEMMA_SESSIONS_NO_AMX=1`` says no). Same bits as without, faster."""
+    if "amx" not in _state:
+        _state["amx"] = (not os.environ.get("GEMMA_SESSIONS_NO_AMX") and i16_available()
+                         and bool(torch.ops.gemma_sessions.amx_available()))
+    return bool(_state["amx"])
+
+
+def amx_group_ok(group: int) -> bool:
+    """Whether AMX's layout takes this group size (a multiple of 4, at most 256; at most 64 or a multiple of 64)."""
+    return group % 4 == 0 and group <= 256 and (group <= 64 or group % 64 == 0)
+
+
+def i16_pack(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, group: int,
+             amx: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Grouped int8 weights re-laid for :func:`qmatmul_i16`: codes as ``[N/16, K/2, 16, 2]`` (16 outputs across a
-    vector's lanes, 2 inputs per lane), scales and offsets (empty without) as ``[N/16, K/G, 16]``. N % 16 == 0 and
-    an even group of at most 512."""
+    vector's lanes, 2 inputs per lane: vpdpwssd's layout) or, for AMX, ``[N/16, K/4, 16, 4]`` (the int8 tile's);
+    scales and offsets (empty without) as ``[N/16, K/G, 16]``. N % 16 == 0 and an even group of at most 512.
+    ``amx``: None picks AMX's layout where :func:`amx_available` and the group fits; both give the same bits."""
     if not i16_available():
         raise RuntimeError("qmatmul_i16 needs the compiled kernel with AVX512-VNNI")
-    return torch.ops.gemma_sessions.i16_pack.default(codes, scales, offsets, group)
+    if amx is None:
+        amx = amx_available() and amx_group_ok(group)
+    return torch.ops.gemma_sessions.i16_pack.default(codes, scales, offsets, group, amx)
 
 
 def qmatmul_i16(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor], group: int) -> torch.Tensor:
