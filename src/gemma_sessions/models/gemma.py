@@ -118,7 +118,8 @@ class Linear(nn.Module):
       float32 activations and accumulation;
     - up to ``I16_MAX_ROWS`` rows where the kernel has AVX512-VNNI (batched decode, short chunks; not the head):
       ``kernels.qmatmul_i16``, x rounded to int16 per row, the codes as integers, on a second layout of the codes
-      (112 MB on the 270M, made on first need; the engine makes it at start);
+      (112 MB on the 270M, made on first need; the engine makes it at start); with AMX-INT8 on the tile unit's
+      layout, the same bits (``kernels.amx_available``);
     - else up to ``BF16_DOT_MAX_ELEMENTS`` inputs: ``kernels.qmatmul_bf16``, inputs and weights rounded to bf16,
       float32 sums and output, reading the int8 codes;
     - more rows (prefill): a bf16 GEMM on a bf16 copy of W made on first need (inputs, weights and outputs
