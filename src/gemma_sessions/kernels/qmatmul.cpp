@@ -1140,6 +1140,9 @@ static void i16_amx(const int16_t* xq, int64_t M, int64_t K, int64_t G, int64_t 
     xl[i] = static_cast<uint8_t>(xq[i] & 255);
   }
   if (owp != nullptr) std::copy(xs, xs + M * ng, xsp.begin());
+  // Each job configures the tiles of its thread and releases them at the end: torch's own AMX GEMMs (oneDNN) on the
+  // same threads read the tile state from the hardware (sttilecfg) before reusing a configuration, so neither side
+  // relies on what the other left.
   par_for(0, NB, grain, [&](int64_t begin, int64_t end) {
     amx_configure(amx_kt(G));
     alignas(64) int32_t buf[2 * 2 * AMX_MR * 16];  // two groups' hi and lo sums
