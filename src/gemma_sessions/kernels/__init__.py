@@ -337,8 +337,9 @@ def amx_available() -> bool:
 
 
 def amx_group_ok(group: int) -> bool:
-    """Whether AMX's layout takes this group size (a multiple of 4, at most 256; at most 64 or a multiple of 64)."""
-    return group % 4 == 0 and group <= 256 and (group <= 64 or group % 64 == 0)
+    """Whether AMX's layout takes this group size (the kernel's rule: a multiple of 4, at most 256; at most 64 or a
+    multiple of 64). False without the compiled kernel."""
+    return kernel() is not None and bool(torch.ops.gemma_sessions.amx_group_ok(group))
 
 
 def i16_pack(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, group: int,

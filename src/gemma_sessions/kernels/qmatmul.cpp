@@ -952,7 +952,7 @@ bool amx_available() {
 
 // The inputs one AMX instruction takes from a group: all G of them up to 64 (the tile's 64 bytes a row), else 64.
 static inline int64_t amx_kt(int64_t G) { return G <= 64 ? G : 64; }
-static inline bool amx_group_ok(int64_t G) { return G % 4 == 0 && G <= 256 && G % amx_kt(G) == 0; }
+bool amx_group_ok(int64_t G) { return G % 4 == 0 && G <= 256 && G % amx_kt(G) == 0; }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> i16_pack(const at::Tensor& codes_in, const at::Tensor& scales_in,
                                                         const c10::optional<at::Tensor>& offsets_in, int64_t G,
@@ -2259,6 +2259,7 @@ TORCH_LIBRARY(gemma_sessions, m) {
   m.def("qmatmul_bf16(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, int group) -> Tensor");
   m.def("i16_available() -> bool", &i16_available);
   m.def("amx_available() -> bool", &amx_available);
+  m.def("amx_group_ok(int group) -> bool", &amx_group_ok);
   m.def("i16_pack(Tensor codes, Tensor scales, Tensor? offsets, int group, bool quads=False) -> (Tensor, Tensor, Tensor)");
   m.def("qmatmul_i16(Tensor x, Tensor wq, Tensor sw, Tensor ow, int group) -> Tensor");
   m.def("bf16_dot_available() -> bool", &bf16_dot_available);
