@@ -9,6 +9,9 @@ turn (as Gemma's chat template does), which is the only turn ever re-rendered (a
 
 Only ``render_turn`` emits control tokens; user text is encoded as plain text, so ``<start_of_turn>`` typed by a
 user stays text (no prompt injection).
+
+Changes are computed on copies (``plan_turn``, ``with_turn``, ``with_message``, ``without_message``) and adopted
+with ``replace`` only after the durable store took them, so memory and store change together or not at all.
 """
 
 from __future__ import annotations
@@ -16,11 +19,15 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
+from collections.abc import Sequence
 
 from ..errors import ContextLengthError, InvalidRequestError
 
 CONTEXT_POLICIES = ("truncate_oldest", "error")
 ROLES = ("user", "model")
+# Tokens kept free for the reply when old turns must be dropped to fit the context (at most a quarter of the
+# context; see Conversation.plan_turn).
+REPLY_RESERVE = 256
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -43,6 +50,39 @@ class Message:
     def from_dict(cls, d: dict) -> Message:
         return cls(role=d["role"], text=d["text"], created_at=float(d["created_at"]),
                    token_ids=tuple(int(t) for t in d["token_ids"]), id=d.get("id") or "msg_" + uuid.uuid4().hex)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TurnPlan:
+    """What the next turn will run, computed on a copy: the conversation changes only when the turn completes.
+
+    A turn that fails, is refused or is cancelled leaves the history exactly as it was, even when the plan
+    dropped old turns to fit the context.
+    """
+
+    history: tuple[Message, ...]   # the turns kept (the first one re-rendered when older ones were dropped)
+    user: Message
+    max_tokens: int                # what the reply may use: the asked maximum or what the context has left
+    dropped: int                   # whole turns (user + reply) dropped from the start
+    prompt: tuple[int, ...]        # history + user turn + generation prompt, as token ids
+
+
+def check_text(text: object) -> str:
+    """``text`` if it is a str that encodes as UTF-8 (no lone surrogates), else InvalidRequestError."""
+    if not isinstance(text, str):
+        raise InvalidRequestError("a message must be text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequestError("text must be valid Unicode (it has a lone surrogate)") from None
+    return text
+
+
+def _ids(tokenizer, messages: Sequence[Message]) -> list[int]:
+    ids = [tokenizer.bos_id]
+    for m in messages:
+        ids.extend(m.token_ids)
+    return ids
 
 
 def render_turn(tokenizer, role: str, text: str) -> list[int]:
@@ -74,16 +114,14 @@ class Conversation:
 
     @property
     def token_ids(self) -> list[int]:
-        ids = [self.tokenizer.bos_id]
-        for m in self.messages:
-            ids.extend(m.token_ids)
-        return ids
+        return _ids(self.tokenizer, self.messages)
 
-    def user_message(self, text: str) -> Message:
+    def user_message(self, text: str, first: bool | None = None) -> Message:
         """The next user turn (the system prompt goes at the start of the first one)."""
-        if not isinstance(text, str) or not text.strip():
+        check_text(text)
+        if not text.strip():
             raise InvalidRequestError("a message must be non-empty text")
-        first = not self.messages
+        first = not self.messages if first is None else first
         body = f"{self.system}\n\n{text}" if first and self.system else text
         return Message(role="user", text=text, created_at=time.time(),
                        token_ids=tuple(render_turn(self.tokenizer, "user", body)))
@@ -97,67 +135,85 @@ class Conversation:
         head = [tok.bos_id, tok.start_of_turn_id, *tok.encode(f"user\n{self.system}\n\n")]
         return len(head) if prompt[:len(head)] == head else None
 
-    def prompt_for(self, user: Message) -> list[int]:
-        """Token ids the model sees for the next reply."""
-        return [*self.token_ids, *user.token_ids, *generation_prompt(self.tokenizer)]
+    def prompt_for(self, user: Message, history: Sequence[Message] | None = None) -> list[int]:
+        """Token ids the model sees for the next reply (after ``history``, by default the whole history)."""
+        return [*_ids(self.tokenizer, self.messages if history is None else history), *user.token_ids,
+                *generation_prompt(self.tokenizer)]
+
+    def plan_turn(self, text: str, max_tokens: int, max_context: int, policy: str) -> TurnPlan:
+        """Plan the next turn so that its prompt fits the context; changes nothing (see :class:`TurnPlan`).
+
+        The reply gets ``max_tokens`` or what the context has left, whichever is less. Old turns are dropped only
+        when the prompt would leave less than ``min(max_tokens, REPLY_RESERVE, max_context // 4)`` tokens for the
+        reply: a long
+        ``max_tokens`` alone never costs history. ``truncate_oldest`` drops the oldest whole turns (user + reply)
+        and keeps the system prompt by re-rendering the new first user turn; ``error`` raises
+        ContextLengthError instead.
+        """
+        user = self.user_message(text)
+        reserve = max(1, min(max_tokens, REPLY_RESERVE, max_context // 4))
+        history = list(self.messages)
+        dropped = 0
+        while len(self.prompt_for(user, history)) + reserve > max_context:
+            if policy == "error" or not history:
+                break
+            del history[:2]
+            dropped += 1
+            history = self._rerendered(history)
+        if dropped and not history:
+            user = self.user_message(text, first=True)  # it is the first turn now: it carries the system prompt
+        left = max_context - len(self.prompt_for(user, history))
+        if left < reserve or left < 1:
+            what = "the conversation" if history else "the message alone"
+            raise ContextLengthError(f"{what} needs {max_context - left + reserve} tokens "
+                                     f"(prompt and reply); the context is {max_context}")
+        return TurnPlan(history=tuple(history), user=user, max_tokens=min(max_tokens, left), dropped=dropped,
+                        prompt=tuple(self.prompt_for(user, history)))
+
+    def with_turn(self, plan: TurnPlan, reply_text: str, reply_ids: list[int]) -> list[Message]:
+        """The history after ``plan``'s turn completed with this reply (the conversation is not changed)."""
+        return [*plan.history, plan.user, self._reply(reply_text, reply_ids)]
 
     def append_turn(self, user: Message, reply_text: str, reply_ids: list[int]) -> Message:
-        reply = Message(role="model", text=reply_text, created_at=time.time(),
-                        token_ids=tuple(close_reply(self.tokenizer, reply_ids)))
+        """Append a completed turn in place (for references and tests: a Session goes through ``with_turn``)."""
+        reply = self._reply(reply_text, reply_ids)
         self.messages.extend([user, reply])
         return reply
 
-    def add_message(self, role: str, text: str) -> Message:
-        """Append a message without generating (a user turn, or a model turn written by the caller)."""
+    def _reply(self, text: str, reply_ids: list[int]) -> Message:
+        return Message(role="model", text=text, created_at=time.time(),
+                       token_ids=tuple(close_reply(self.tokenizer, reply_ids)))
+
+    def with_message(self, role: str, text: str) -> tuple[list[Message], Message]:
+        """(history with one more message, that message): a user turn, or a model turn written by the caller."""
         if role == "user":
             msg = self.user_message(text)
         elif role == "model":
-            if not isinstance(text, str):
-                raise InvalidRequestError("a message must be text")
+            check_text(text)
             msg = Message(role="model", text=text, created_at=time.time(),
                           token_ids=tuple(render_turn(self.tokenizer, "model", text)))
         else:
             raise InvalidRequestError(f"role must be one of {ROLES}, got {role!r}")
-        self.messages.append(msg)
-        return msg
+        return [*self.messages, msg], msg
 
-    def remove_message(self, message_id: str) -> Message:
+    def without_message(self, message_id: str) -> tuple[list[Message], Message]:
+        """(history without that message, the message); KeyError when there is none."""
         for i, m in enumerate(self.messages):
             if m.id == message_id:
-                del self.messages[i]
-                if i == 0:
-                    self._rerender_first()
-                return m
+                rest = self.messages[:i] + self.messages[i + 1:]
+                return (self._rerendered(rest) if i == 0 else rest), m
         raise KeyError(message_id)
 
-    def fit(self, user: Message, max_tokens: int, max_context: int, policy: str) -> tuple[Message, int, int]:
-        """Make the next prompt fit the context: (user message, max new tokens, turns dropped).
-
-        ``truncate_oldest`` drops the oldest whole turns (user + reply) and keeps the system prompt, by re-rendering
-        the new first user turn; ``error`` raises ContextLengthError and changes nothing.
-        """
-        need = len(self.prompt_for(user)) + max_tokens
-        if need <= max_context:
-            return user, max_tokens, 0
-        if policy == "error":
-            raise ContextLengthError(f"the conversation needs {need} tokens; the context is {max_context}")
-        dropped = 0
-        while self.messages and len(self.prompt_for(user)) + max_tokens > max_context:
-            del self.messages[:2]
-            dropped += 1
-            self._rerender_first()
-        if not self.messages and dropped:
-            user = self.user_message(user.text)  # it is the first turn now: it carries the system prompt
-        left = max_context - len(self.prompt_for(user))
-        if left < 1:
-            raise ContextLengthError(f"the message alone needs {max_context - left} tokens; "
-                                     f"the context is {max_context}")
+    def replace(self, messages: list[Message], dropped: int = 0) -> None:
+        """Adopt a history computed by ``with_turn`` / ``with_message`` / ``without_message``."""
+        self.messages = list(messages)
         self.dropped_turns += dropped
-        return user, min(max_tokens, left), dropped
 
-    def _rerender_first(self) -> None:
-        if self.messages and self.system and self.messages[0].role == "user":
-            first = self.messages[0]
+    def _rerendered(self, messages: list[Message]) -> list[Message]:
+        """``messages`` whose first user turn carries the system prompt (after the turns before it went)."""
+        if messages and self.system and messages[0].role == "user":
+            first = messages[0]
             body = f"{self.system}\n\n{first.text}"
-            self.messages[0] = dataclasses.replace(
-                first, token_ids=tuple(render_turn(self.tokenizer, "user", body)))
+            return [dataclasses.replace(first, token_ids=tuple(render_turn(self.tokenizer, "user", body))),
+                    *messages[1:]]
+        return messages

@@ -3,16 +3,29 @@
 Contract: every method is thread-safe. Sessions share the engine's KV pool and prefix cache (N sessions with the
 same system prompt hold its blocks once); a fork shares its parent's blocks and copies on write. ``store=`` (the
 durable store) is optional; without it sessions live in memory only.
+
+Ownership (``Session.owner``, e.g. an API key's hash) is its own field: set at create, import or fork by the caller,
+never read from metadata or from a session file. Session files from elsewhere are untrusted: fully validated
+before anything is created, and their KV stays private to the imported session (never shared through the prefix
+cache). Every change is written to the store before memory changes, so both change together or not at all.
 """
 
 from __future__ import annotations
 
 import threading
 
-from ..errors import SessionNotFoundError
+import collections
+import json
+
+from ..errors import GemmaSessionsError, InvalidRequestError, SessionFileError, SessionNotFoundError
 from ..sampling import SamplingParams
-from .conversation import Conversation, Message
-from .session import Session, TurnStats
+from .conversation import CONTEXT_POLICIES, Conversation, Message, check_text
+from .session import Session, TurnStats, check_metadata
+
+# Responses kept for previous_response_id when there is no store (the store keeps its own, see Store).
+MEMORY_RESPONSES = 10_000
+# Largest session file import_bytes / import_file accept (decompressed), unless the caller passes another bound.
+MAX_IMPORT_BYTES = 1 << 30
 
 
 class SessionManager:
@@ -34,24 +47,35 @@ class SessionManager:
         self.store = Store(store) if store is not None and not isinstance(store, Store) else store
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
+        self._responses: collections.OrderedDict[str, dict] = collections.OrderedDict()
         if self.store is not None:
             self.store.attach(self)
 
     def create(self, *, system: str | None = None, sampling: SamplingParams | None = None,
                context_policy: str = "truncate_oldest", max_context: int | None = None,
-               metadata: dict | None = None, session_id: str | None = None) -> Session:
-        """A new, empty session."""
+               metadata: dict | None = None, session_id: str | None = None, owner: str = "",
+               persistent: bool = True) -> Session:
+        """A new, empty session (``persistent=False``: never stored nor listed, e.g. a one-off request)."""
         s = Session(self, system=system, sampling=sampling, context_policy=context_policy,
-                    max_context=max_context, metadata=metadata, session_id=session_id)
+                    max_context=max_context, metadata=metadata, session_id=session_id, owner=owner,
+                    persistent=persistent)
+        self._register(s)
+        return s
+
+    def _register(self, s: Session) -> None:
+        """Make ``s`` known: the store first (one transaction), then memory."""
         with self._lock:
             if s.id in self._sessions:
-                from ..errors import InvalidRequestError
-
                 raise InvalidRequestError(f"session {s.id} already exists")
             self._sessions[s.id] = s
-        if self.store is not None:
-            self.store.session_created(s)
-        return s
+        try:
+            if self.store is not None and s.persistent:
+                self.store.session_created(s)
+        except BaseException:
+            with self._lock:
+                self._sessions.pop(s.id, None)
+            self.engine.release_kv(s.kv)
+            raise
 
     def get(self, session_id: str) -> Session:
         with self._lock:
@@ -66,29 +90,43 @@ class SessionManager:
         return s
 
     def list(self) -> list[Session]:
+        """Every persistent session, in memory or in the store, oldest first."""
         with self._lock:
-            sessions = list(self._sessions.values())
+            sessions = [s for s in self._sessions.values() if s.persistent]
         if self.store is not None:
             known = {s.id for s in sessions}
             sessions += [self.get(i) for i in self.store.session_ids() if i not in known]
         return sorted(sessions, key=lambda s: s.created_at)
 
-    def fork(self, session_id: str, metadata: dict | None = None) -> Session:
-        """A new session with the parent's history, sharing its KV blocks (copy on write)."""
+    def fork(self, session_id: str, metadata: dict | None = None, *, keep_messages: int | None = None,
+             persistent: bool | None = None) -> Session:
+        """A new session with the parent's history (its first ``keep_messages`` messages when given), sharing
+        its KV blocks (copy on write); the child has the parent's owner."""
         parent = self.get(session_id)
         child = Session(self, system=parent.system, sampling=parent.sampling,
                         context_policy=parent.context_policy, max_context=parent.max_context,
-                        metadata={**parent.metadata, **(metadata or {}), "forked_from": parent.id})
+                        metadata={**parent.metadata, **check_metadata(metadata), "forked_from": parent.id},
+                        owner=parent.owner, persistent=parent.persistent if persistent is None else persistent)
         with parent._data_lock:
             child.conversation = _copy_conversation(parent.conversation)
-            child.turn_stats = []
+        if keep_messages is not None:
+            if not 0 <= keep_messages <= len(child.conversation.messages):
+                raise InvalidRequestError(f"keep_messages must be in 0..{len(child.conversation.messages)}")
+            del child.conversation.messages[keep_messages:]
         self.engine.release_kv(child.kv)
-        child.kv = self.engine.fork_kv(parent.kv)
-        with self._lock:
-            self._sessions[child.id] = child
-        if self.store is not None:
-            self.store.session_created(child)
+        child.kv = self.engine.fork_kv(parent.kv)  # a longer KV than the history is trimmed at the next turn
+        self._register(child)
         return child
+
+    def update_metadata(self, session_id: str, metadata: dict) -> Session:
+        """Merge ``metadata`` into a session's (store first, then memory)."""
+        s = self.get(session_id)
+        merged = {**s.metadata, **check_metadata(metadata)}
+        with s._turn_lock:
+            if self.store is not None and s.persistent:
+                self.store.metadata_changed(s, merged)
+            s.metadata = merged
+        return s
 
     def delete(self, session_id: str) -> None:
         """Remove a session, its history and its KV (waits for a running turn to end)."""
@@ -99,7 +137,7 @@ class SessionManager:
                 self._sessions.pop(session_id, None)
             s.deleted = True
             self.engine.release_kv(s.kv)
-            if self.store is not None:
+            if self.store is not None and s.persistent:
                 self.store.session_deleted(s)
         finally:
             s._turn_lock.release()
@@ -131,7 +169,62 @@ class SessionManager:
     def export(self, session_id: str, path, *, quantize: bool = False, compress: bool = False,
                kv_dtype: str | None = None) -> int:
         """Write one self-describing session file (history, settings, stats and KV); returns its size."""
-        from .sessionfile import encode_session, write_session_file
+        from .sessionfile import write_session_file
+
+        data = self.export_bytes(session_id, quantize=quantize, compress=compress, kv_dtype=kv_dtype)
+        return write_session_file(path, data)
+
+    def import_file(self, path, *, history_only: bool = False, new_id: bool = False, owner: str = "",
+                    max_bytes: int = MAX_IMPORT_BYTES) -> Session:
+        """Create a session from a session file (see :meth:`import_bytes`)."""
+        from pathlib import Path
+
+        try:
+            with open(Path(path), "rb") as f:
+                data = f.read(max_bytes + 1)
+        except OSError as exc:
+            raise SessionFileError(f"cannot read the session file ({exc.strerror})") from exc
+        return self.import_bytes(data, history_only=history_only, new_id=new_id, owner=owner, max_bytes=max_bytes)
+
+    def import_bytes(self, data: bytes, *, history_only: bool = False, new_id: bool = False, owner: str = "",
+                     max_bytes: int = MAX_IMPORT_BYTES) -> Session:
+        """Create a session from a session file's bytes.
+
+        Everything is checked before anything is created (format, checksum, model and tokenizer, metadata,
+        history, KV shapes and values); a refused file raises SessionFileError and leaves no trace. ``owner``
+        is the new session's owner (the file's claims are ignored). ``history_only`` accepts a file from
+        another model by dropping its KV (the history is recomputed on the next turn). The KV of an imported
+        file stays private to this session: it is never shared with other sessions through the prefix cache.
+        """
+        from .sessionfile import decode_session
+
+        if len(data) > max_bytes:
+            raise SessionFileError(f"the session file is over {max_bytes} bytes")
+        model = self.engine.model
+        meta, snap = decode_session(data, model_fingerprint=model.fingerprint,
+                                    tokenizer_fingerprint=model.tokenizer.fingerprint, history_only=history_only,
+                                    max_bytes=max_bytes)
+        s = _session_from_dict(self, meta, new_id=new_id, owner=owner)
+        if snap is not None:
+            self.engine.check_snapshot(snap)
+            if list(snap.tokens) != s.conversation.token_ids[:len(snap.tokens)]:
+                snap = None  # KV of other tokens than the history: useless here, recompute instead
+        self._register(s)
+        try:
+            if snap is not None:
+                self.engine.import_kv(s.kv, snap)
+        except GemmaSessionsError:
+            self.delete(s.id)
+            raise
+        except (ValueError, TypeError) as exc:
+            self.delete(s.id)
+            raise SessionFileError(f"the session file's KV was refused ({exc})") from exc
+        return s
+
+    def export_bytes(self, session_id: str, *, quantize: bool = False, compress: bool = False,
+                     kv_dtype: str | None = None) -> bytes:
+        """One self-describing session file's bytes (history, settings, stats and KV)."""
+        from .sessionfile import encode_session
 
         s = self.get(session_id)
         s._turn_lock.acquire()
@@ -144,28 +237,30 @@ class SessionManager:
                                   kv_dtype=kv_dtype, quantize=quantize)
         finally:
             s._turn_lock.release()
-        return write_session_file(path, data, compress=compress)
+        if compress:
+            import zstandard
 
-    def import_file(self, path, *, history_only: bool = False, new_id: bool = False) -> Session:
-        """Create a session from a session file (verified; see sessionfile.py). ``history_only`` accepts a file
-        from another model by dropping its KV (the history is recomputed on the next turn)."""
-        from .sessionfile import read_session_file
+            data = zstandard.ZstdCompressor(level=3).compress(data)
+        return data
 
-        model = self.engine.model
-        meta, snap = read_session_file(path, model_fingerprint=model.fingerprint,
-                                       tokenizer_fingerprint=model.tokenizer.fingerprint, history_only=history_only)
-        s = _session_from_dict(self, meta, new_id=new_id)
-        with self._lock:
-            if s.id in self._sessions:
-                from ..errors import InvalidRequestError
-
-                raise InvalidRequestError(f"session {s.id} already exists (import with new_id=True)")
-            self._sessions[s.id] = s
+    # ------------------------------------------------------------------------------------------ responses
+    def remember_response(self, response_id: str, *, owner: str, session_id: str, n_messages: int,
+                          body: dict) -> None:
+        """Keep a response (OpenAI Responses) so a later ``previous_response_id`` finds it, restarts included."""
         if self.store is not None:
-            self.store.session_created(s)
-        if snap is not None and list(snap.tokens) == s.token_ids[:len(snap.tokens)]:
-            self.engine.import_kv(s.kv, snap)
-        return s
+            self.store.put_response(response_id, owner, session_id, n_messages, json.dumps(body))
+            return
+        with self._lock:
+            self._responses[response_id] = {"owner": owner, "session": session_id, "n": n_messages, "body": body}
+            while len(self._responses) > MEMORY_RESPONSES:
+                self._responses.popitem(last=False)
+
+    def response(self, response_id: str) -> dict | None:
+        """{"owner", "session", "n", "body"} of a remembered response, or None."""
+        if self.store is not None:
+            return self.store.get_response(response_id)
+        with self._lock:
+            return self._responses.get(response_id)
 
     # ------------------------------------------------------------------------------------------ hooks
     def _before_turn(self, session: Session) -> str:
@@ -175,13 +270,13 @@ class SessionManager:
             return "new"
         return "memory" if self.engine.kv_tokens(session.kv) else "recompute"
 
-    def _history_changed(self, session: Session) -> None:
-        if self.store is not None:
-            self.store.history_changed(session)
+    def _history_changed(self, session: Session, messages: list[Message]) -> None:
+        if self.store is not None and session.persistent:
+            self.store.history_changed(session, messages)
 
-    def _turn_completed(self, session: Session, user: Message, stats: TurnStats) -> None:
-        if self.store is not None:
-            self.store.turn_completed(session, stats)
+    def _turn_completed(self, session: Session, messages: list[Message], dropped: int, stats: TurnStats) -> None:
+        if self.store is not None and session.persistent:
+            self.store.turn_completed(session, messages, dropped, stats)
 
 
 def _copy_conversation(conv: Conversation) -> Conversation:
@@ -200,20 +295,43 @@ def _session_dict(s: Session) -> dict:
                 "turn_stats": [t.__dict__ for t in s.turn_stats]}
 
 
-def _session_from_dict(manager: SessionManager, d: dict, new_id: bool) -> Session:
-    from ..errors import SessionFileError
-
+def _session_from_dict(manager: SessionManager, d: object, new_id: bool, owner: str) -> Session:
+    """A Session from a file's session JSON, every field checked (SessionFileError says what is wrong)."""
+    vocab = manager.engine.model.config.vocab_size
     try:
+        if not isinstance(d, dict):
+            raise TypeError("the session is not an object")
+        policy = d.get("context_policy", "truncate_oldest")
+        if policy not in CONTEXT_POLICIES:
+            raise ValueError(f"context_policy {policy!r}")
+        max_context = d.get("max_context")
+        if max_context is not None and (not isinstance(max_context, int) or max_context < 1):
+            raise ValueError("max_context must be a positive integer")
+        sid = None if new_id else d["id"]
+        if sid is not None and (not isinstance(sid, str) or not sid.isalnum() or len(sid) > 64):
+            raise ValueError("the session id must be up to 64 letters and digits")
+        metadata = {k: v for k, v in check_metadata(d.get("metadata")).items() if k != "_owner"}
         s = Session(manager, system=d.get("system"), sampling=SamplingParams.from_dict(d.get("sampling") or {}),
-                    context_policy=d.get("context_policy", "truncate_oldest"), max_context=d.get("max_context"),
-                    session_id=None if new_id else d["id"], metadata=d.get("metadata"),
-                    created_at=d.get("created_at"))
-        s.conversation.messages = [Message.from_dict(m) for m in d.get("messages", [])]
+                    context_policy=policy, max_context=max_context, session_id=sid, metadata=metadata,
+                    created_at=float(d.get("created_at") or 0) or None, owner=owner)
+        s.conversation.messages = [_message(m, vocab) for m in d.get("messages", [])]
         s.conversation.dropped_turns = int(d.get("dropped_turns", 0))
         s.turn_stats = [TurnStats(**t) for t in d.get("turn_stats", [])]
-    except (KeyError, TypeError, ValueError) as exc:
+    except SessionFileError:
+        raise
+    except (GemmaSessionsError, KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
         raise SessionFileError(f"session metadata is malformed ({exc})") from exc
-    vocab = manager.engine.model.config.vocab_size
-    if any(not 0 <= t < vocab for m in s.conversation.messages for t in m.token_ids):
-        raise SessionFileError("session history has token ids outside this model's vocabulary")
     return s
+
+
+def _message(d: object, vocab: int) -> Message:
+    if not isinstance(d, dict) or d.get("role") not in ("user", "model"):
+        raise ValueError("a message must be an object with role user or model")
+    check_text(d.get("text"))
+    ids = d.get("token_ids")
+    if not isinstance(ids, list) or not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+        raise SessionFileError("session history has token ids outside this model's vocabulary")
+    mid = d.get("id")
+    if mid is not None and (not isinstance(mid, str) or len(mid) > 100):
+        raise ValueError("a message id must be a short string")
+    return Message.from_dict(d)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import threading
 import time
 import uuid
@@ -17,7 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 
 from ..errors import GemmaSessionsError, SessionBusyError
 from ..sampling import SamplingParams, TextStream
-from .conversation import CONTEXT_POLICIES, Conversation, Message
+from .conversation import CONTEXT_POLICIES, Conversation, Message, check_text
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -77,6 +78,25 @@ class FifoLock:
         self.release()
 
 
+def check_metadata(metadata: dict | None) -> dict:
+    """A copy of ``metadata`` if it is a flat JSON object of valid text (InvalidRequestError otherwise)."""
+    from ..errors import InvalidRequestError
+
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise InvalidRequestError("metadata must be an object")
+    for k, v in metadata.items():
+        check_text(k)
+        if isinstance(v, str):
+            check_text(v)
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise InvalidRequestError(f"metadata value of {k!r} must be finite")
+        elif v is not None and not isinstance(v, (bool, int, float)):
+            raise InvalidRequestError(f"metadata value of {k!r} must be a string, number, boolean or null")
+    return dict(metadata)
+
+
 class Session:
     """One conversation. Create through :meth:`SessionManager.create`.
 
@@ -90,7 +110,8 @@ class Session:
 
     def __init__(self, manager, *, system: str | None = None, sampling: SamplingParams | None = None,
                  context_policy: str = "truncate_oldest", max_context: int | None = None,
-                 session_id: str | None = None, metadata: dict | None = None, created_at: float | None = None):
+                 session_id: str | None = None, metadata: dict | None = None, created_at: float | None = None,
+                 owner: str = "", persistent: bool = True):
         if context_policy not in CONTEXT_POLICIES:
             from ..errors import InvalidRequestError
 
@@ -103,8 +124,10 @@ class Session:
         self.context_policy = context_policy
         model_ctx = self.engine.max_context
         self.max_context = min(max_context or model_ctx, model_ctx)
-        self.metadata = dict(metadata or {})
-        self.conversation = Conversation(self.engine.model.tokenizer, system)
+        self.metadata = check_metadata(metadata)
+        self.owner = owner  # the API key (hash) that owns it; never taken from metadata or a file
+        self.persistent = persistent  # False: never written to the store, not listed (store: false responses)
+        self.conversation = Conversation(self.engine.model.tokenizer, None if system is None else check_text(system))
         self.kv = self.engine.new_kv()
         self.turn_stats: list[TurnStats] = []
         self._turn_lock = FifoLock()
@@ -154,9 +177,8 @@ class Session:
     def add_message(self, role: str, text: str) -> Message:
         """Append a message without generating (waits for a running turn)."""
         with self._turn_lock:
-            with self._data_lock:
-                msg = self.conversation.add_message(role, text)
-            self.manager._history_changed(self)
+            messages, msg = self.conversation.with_message(role, text)
+            self._adopt(messages)
         return msg
 
     def remove_message(self, message_id: str) -> Message:
@@ -164,13 +186,18 @@ class Session:
         from ..errors import SessionNotFoundError
 
         with self._turn_lock:
-            with self._data_lock:
-                try:
-                    msg = self.conversation.remove_message(message_id)
-                except KeyError:
-                    raise SessionNotFoundError(f"no item {message_id!r} in session {self.id}") from None
-            self.manager._history_changed(self)
+            try:
+                messages, msg = self.conversation.without_message(message_id)
+            except KeyError:
+                raise SessionNotFoundError(f"no item {message_id!r} in session {self.id}") from None
+            self._adopt(messages)
         return msg
+
+    def _adopt(self, messages: list[Message]) -> None:
+        """Store first, then memory: a failed store write leaves both as they were (caller holds the turn lock)."""
+        self.manager._history_changed(self, messages)
+        with self._data_lock:
+            self.conversation.replace(messages)
 
     # ------------------------------------------------------------------------------------------ turns
     def send(self, text: str, *, sampling: SamplingParams | None = None, wait: bool = True) -> Reply:
@@ -224,13 +251,11 @@ class TurnStream:
         self._kv_source = session.manager._before_turn(session)
         self._restore_s = time.perf_counter() - t0  # counted in the turn's time to first token
         with session._data_lock:
-            user = conv.user_message(text)
-            user, max_tokens, dropped = conv.fit(user, params.max_tokens, session.max_context,
-                                                 session.context_policy)
-            prompt = conv.prompt_for(user)
-            system_end = conv.system_end(prompt)
-        self.params = params.replace(max_tokens=max_tokens)
-        self._user, self._dropped = user, dropped
+            plan = conv.plan_turn(text, params.max_tokens, session.max_context, session.context_policy)
+        prompt = list(plan.prompt)
+        system_end = conv.system_end(prompt)
+        self.params = params.replace(max_tokens=plan.max_tokens)
+        self._plan = plan
         self._text = TextStream(conv.tokenizer, self.params.stop)
         self._tokens: list[int] = []
         self._engine_stream = session.engine.submit(prompt, self.params, kv=session.kv,
@@ -273,14 +298,15 @@ class TurnStream:
         stats = TurnStats(prompt_tokens=out.prompt_tokens, cached_tokens=out.cached_tokens,
                           prefilled_tokens=out.prefilled_tokens, generated_tokens=len(self._tokens),
                           ttft_s=out.ttft_s + self._restore_s, decode_tokens_per_s=out.decode_tokens_per_s, total_s=out.total_s + self._restore_s,
-                          dropped_turns=self._dropped, preemptions=out.preemptions,
+                          dropped_turns=self._plan.dropped, preemptions=out.preemptions,
                           recomputed_tokens=out.recomputed_tokens, kv_source=self._kv_source)
         text = self._text.text
         if finish_reason != "cancelled":
+            messages = s.conversation.with_turn(self._plan, text, self._tokens)
+            s.manager._turn_completed(s, messages, self._plan.dropped, stats)  # durable first; may raise
             with s._data_lock:
-                s.conversation.append_turn(self._user, text, self._tokens)
+                s.conversation.replace(messages, self._plan.dropped)
                 s.turn_stats.append(stats)
-            s.manager._turn_completed(s, self._user, stats)
         self.reply = Reply(text=text, token_ids=list(self._tokens), finish_reason=finish_reason, stats=stats)
         self._finish()
 

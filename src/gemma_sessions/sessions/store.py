@@ -9,7 +9,9 @@ Contract:
 - Restart: a new process on the same directory lists every session with its full history; a session's next turn
   restores its KV from the snapshot when it is valid for this model and a prefix of the history.
 - One process serves a store (an exclusive lock file); others may open it ``readonly=True`` to list and read.
-- ``session_deleted`` removes the rows and the snapshot file: nothing is orphaned. Stray temporary files and
+- A session's owner is its own column, never part of its metadata. Responses (for ``previous_response_id``) are
+  kept with their owner and the session and message count they point at, the newest ``MAX_RESPONSES``.
+- ``session_deleted`` removes the rows, its responses and the snapshot file: nothing is orphaned. Stray temporary files and
   snapshots without a session (a crash between two steps) are cleaned up on open.
 
 Layout::
@@ -32,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..errors import SessionFileError, StoreError
+from ..errors import GemmaSessionsError, SessionFileError, StoreError
 from ..sampling import SamplingParams
 from .conversation import Message
 from .sessionfile import encode_session, read_session_file, write_session_file
@@ -47,7 +49,12 @@ CREATE TABLE IF NOT EXISTS messages(session_id TEXT, idx INTEGER, role TEXT, tex
 CREATE TABLE IF NOT EXISTS turns(session_id TEXT, idx INTEGER, stats TEXT, PRIMARY KEY(session_id, idx));
 CREATE TABLE IF NOT EXISTS snapshots(session_id TEXT PRIMARY KEY, tokens INTEGER, bytes INTEGER,
     model_fingerprint TEXT, created_at REAL);
+CREATE TABLE IF NOT EXISTS responses(id TEXT PRIMARY KEY, owner TEXT, session_id TEXT, n_messages INTEGER,
+    body TEXT, created_at REAL);
+CREATE INDEX IF NOT EXISTS responses_by_session ON responses(session_id);
 """
+# Responses kept for previous_response_id; the oldest go first beyond this (a session's history is never pruned).
+MAX_RESPONSES = 100_000
 
 
 def default_store_dir() -> Path:
@@ -88,6 +95,7 @@ class Store:
             if not readonly:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.executescript(_SCHEMA)
+                self._migrate()
             self._db.execute("PRAGMA synchronous=FULL")
         self.manager = None
         self._handles: dict[int, str] = {}      # KV handle id -> session id (for spills)
@@ -108,6 +116,19 @@ class Store:
             os.close(fd)
             raise StoreError(f"{self.path} is served by another process (open it with readonly=True to read)")
         return fd
+
+    def _migrate(self) -> None:
+        """Stores written before the owner column: move ``_owner`` out of the metadata into it."""
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(sessions)")}
+        if "owner" in columns:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        self._db.execute("ALTER TABLE sessions ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
+        for sid, metadata in self._db.execute("SELECT id, metadata FROM sessions").fetchall():
+            meta = json.loads(metadata or "{}")
+            owner = meta.pop("_owner", "")
+            self._db.execute("UPDATE sessions SET owner=?, metadata=? WHERE id=?", (owner, json.dumps(meta), sid))
+        self._db.execute("COMMIT")
 
     def _cleanup(self) -> None:
         """Remove temporary files and snapshots whose session is gone (left by a crash)."""
@@ -159,9 +180,10 @@ class Store:
 
     def session_created(self, s) -> None:
         now = time.time()
-        rows = [("INSERT OR REPLACE INTO sessions VALUES (?,?,?,?,?,?,?,?,?)",
+        rows = [("INSERT OR REPLACE INTO sessions(id, created_at, updated_at, system, sampling, context_policy, "
+                 "max_context, metadata, dropped_turns, owner) VALUES (?,?,?,?,?,?,?,?,?,?)",
                  (s.id, s.created_at, now, s.system, json.dumps(s.sampling.to_dict()), s.context_policy,
-                  s.max_context, json.dumps(s.metadata), s.conversation.dropped_turns))]
+                  s.max_context, json.dumps(s.metadata), s.conversation.dropped_turns, s.owner))]
         rows += self._message_rows(s.id, s.conversation.messages, 0)
         self._write(None, rows)
         self._handles[s.kv.id] = s.id
@@ -171,31 +193,31 @@ class Store:
                  (sid, start + i, m.role, m.text, m.created_at, _ids_blob(m.token_ids), m.id))
                 for i, m in enumerate(messages)]
 
-    def history_changed(self, s) -> None:
-        """Rewrite a session's messages and settings (items added or removed outside a turn)."""
-        with s._data_lock:
-            messages = list(s.conversation.messages)
-            dropped = s.conversation.dropped_turns
-        self._write(None, [("UPDATE sessions SET updated_at=?, dropped_turns=?, metadata=? WHERE id=?",
-                            (time.time(), dropped, json.dumps(s.metadata), s.id)),
+    def history_changed(self, s, messages: list[Message]) -> None:
+        """Rewrite a session's messages (items added or removed outside a turn) before memory adopts them."""
+        self._write(None, [("UPDATE sessions SET updated_at=? WHERE id=?", (time.time(), s.id)),
                            ("DELETE FROM messages WHERE session_id=?", (s.id,))]
                     + self._message_rows(s.id, messages, 0))
 
-    def turn_completed(self, s, stats) -> None:
-        """Commit the completed turn (blocking, fsynced), then queue a KV snapshot in the background."""
+    def metadata_changed(self, s, metadata: dict) -> None:
+        self._write("UPDATE sessions SET updated_at=?, metadata=? WHERE id=?",
+                    (time.time(), json.dumps(metadata), s.id))
+
+    def turn_completed(self, s, messages: list[Message], dropped: int, stats) -> None:
+        """Commit a completed turn's history (blocking, fsynced) before memory adopts it, then queue a KV
+        snapshot in the background. ``messages`` is the whole history after the turn."""
         with s._data_lock:
-            messages = list(s.conversation.messages)
-            dropped = s.conversation.dropped_turns
+            total_dropped = s.conversation.dropped_turns + dropped
             n_turns = len(s.turn_stats)
         with self._db_lock:
-            row = self._db.execute("SELECT dropped_turns FROM sessions WHERE id=?", (s.id,)).fetchone()
-        rows = [("UPDATE sessions SET updated_at=?, dropped_turns=? WHERE id=?", (time.time(), dropped, s.id))]
-        if row is not None and row[0] == dropped:
+            stored = [r[0] for r in self._db.execute("SELECT msg_id FROM messages WHERE session_id=? ORDER BY idx",
+                                                     (s.id,))]
+        rows = [("UPDATE sessions SET updated_at=?, dropped_turns=? WHERE id=?", (time.time(), total_dropped, s.id))]
+        if stored == [m.id for m in messages[:-2]]:  # a plain append: two new rows
             rows += self._message_rows(s.id, messages[-2:], len(messages) - 2)
-        else:  # older turns were dropped: rewrite the history
+        else:  # older turns were dropped (or the rows differ): rewrite the history in order
             rows += [("DELETE FROM messages WHERE session_id=?", (s.id,))] + self._message_rows(s.id, messages, 0)
-        rows.append(("INSERT OR REPLACE INTO turns VALUES (?,?,?)",
-                     (s.id, n_turns - 1, json.dumps(stats.__dict__))))
+        rows.append(("INSERT OR REPLACE INTO turns VALUES (?,?,?)", (s.id, n_turns, json.dumps(stats.__dict__))))
         self._write(None, rows)
         if self.snapshot_kv:
             self.schedule_snapshot(s)
@@ -210,6 +232,7 @@ class Store:
         self._write(None, [("DELETE FROM messages WHERE session_id=?", (sid,)),
                            ("DELETE FROM turns WHERE session_id=?", (sid,)),
                            ("DELETE FROM snapshots WHERE session_id=?", (sid,)),
+                           ("DELETE FROM responses WHERE session_id=?", (sid,)),
                            ("DELETE FROM sessions WHERE id=?", (sid,))])
         self._snapshot_path(sid).unlink(missing_ok=True)
 
@@ -277,16 +300,19 @@ class Store:
         if snap is None and self._snapshot_path(s.id).exists():
             try:
                 _, snap = read_session_file(self._snapshot_path(s.id), model_fingerprint=self._model_fp,
-                                            tokenizer_fingerprint=self._tok_fp)
+                                            tokenizer_fingerprint=self._tok_fp, trusted=True)
             except SessionFileError as exc:
                 log.warning("snapshot refused, recomputing", extra={"session": s.id, "reason": str(exc)})
                 snap = None
         history = s.token_ids
         if snap is None or len(snap.tokens) > len(history) or list(snap.tokens) != history[:len(snap.tokens)]:
             return "recompute"
-        if engine.import_kv(s.kv, snap):
-            self.restored += 1
-            return "snapshot"
+        try:
+            if engine.import_kv(s.kv, snap):
+                self.restored += 1
+                return "snapshot"
+        except (GemmaSessionsError, ValueError) as exc:  # refused (another layout): recompute, never fail
+            log.warning("snapshot refused, recomputing", extra={"session": s.id, "reason": str(exc)})
         return "recompute"
 
     # ------------------------------------------------------------------------------------------ reads
@@ -300,16 +326,16 @@ class Store:
 
         with self._db_lock:
             row = self._db.execute("SELECT created_at, system, sampling, context_policy, max_context, metadata, "
-                                   "dropped_turns FROM sessions WHERE id=?", (sid,)).fetchone()
+                                   "dropped_turns, owner FROM sessions WHERE id=?", (sid,)).fetchone()
             if row is None:
                 return None
             msgs = self._db.execute("SELECT role, text, created_at, token_ids, msg_id FROM messages WHERE session_id=? "
                                     "ORDER BY idx", (sid,)).fetchall()
             turns = self._db.execute("SELECT stats FROM turns WHERE session_id=? ORDER BY idx", (sid,)).fetchall()
-        created, system, sampling, policy, max_ctx, metadata, dropped = row
+        created, system, sampling, policy, max_ctx, metadata, dropped, owner = row
         s = Session(manager, system=system, sampling=SamplingParams.from_dict(json.loads(sampling)),
                     context_policy=policy, max_context=max_ctx, session_id=sid, metadata=json.loads(metadata),
-                    created_at=created)
+                    created_at=created, owner=owner or "")
         s.conversation.messages = [Message(role=r, text=t, created_at=c, token_ids=_blob_ids(b), id=i)
                                    for r, t, c, b, i in msgs]
         s.conversation.dropped_turns = dropped
@@ -335,6 +361,23 @@ class Store:
             rows = self._db.execute("SELECT role, text, created_at, token_ids, msg_id FROM messages "
                                     "WHERE session_id=? ORDER BY idx", (sid,)).fetchall()
         return [Message(role=r, text=t, created_at=c, token_ids=_blob_ids(b), id=i) for r, t, c, b, i in rows]
+
+    # ------------------------------------------------------------------------------------------ responses
+    def put_response(self, rid: str, owner: str, sid: str, n_messages: int, body: str) -> None:
+        """Keep a response (its JSON body) for ``previous_response_id``; the oldest beyond MAX_RESPONSES go."""
+        self._write(None, [("INSERT OR REPLACE INTO responses VALUES (?,?,?,?,?,?)",
+                            (rid, owner, sid, n_messages, body, time.time())),
+                           ("DELETE FROM responses WHERE rowid <= (SELECT MAX(rowid) FROM responses) - ?",
+                            (MAX_RESPONSES,))])
+
+    def get_response(self, rid: str) -> dict | None:
+        """{"owner", "session", "n", "body"} of a kept response, or None."""
+        with self._db_lock:
+            row = self._db.execute("SELECT owner, session_id, n_messages, body FROM responses WHERE id=?",
+                                   (rid,)).fetchone()
+        if row is None:
+            return None
+        return {"owner": row[0], "session": row[1], "n": row[2], "body": json.loads(row[3])}
 
     def snapshot_info(self, sid: str) -> dict | None:
         with self._db_lock:
