@@ -17,6 +17,11 @@ registered in the pool under ``(group, block_hash)`` as soon as they are compute
 same prefix (another session, a fork, the same session after eviction) reuses them. Only a sequence's last,
 partial block is ever written again; when it is shared (fork) it is copied first (copy on write).
 
+A *private* sequence (restored from an untrusted snapshot, ``KVSnapshot.shareable=False``) never registers a block:
+its KV, and every block it or a fork of it computes on top, stays its own. Nothing else can match it, so KV that a
+user file made up never reaches another user's conversation. Once its KV is gone (freed, or replaced by a cached
+prefix in ``rematch``) the sequence is normal again: whatever it computes next comes from token ids alone.
+
 Thread-compatibility: called only from the engine loop thread.
 """
 
@@ -29,7 +34,7 @@ from collections.abc import Iterable
 import torch
 
 from ..config import FULL, SLIDING, ModelConfig
-from ..errors import CapacityError
+from ..errors import CapacityError, SessionFileError
 from .blocks import BlockHash, hash_block_tokens
 from .pool import BlockPool
 
@@ -93,7 +98,7 @@ class KVLayout:
 class SeqKV:
     """One sequence's KV bookkeeping (mutable; owned by the engine thread)."""
 
-    __slots__ = ("tokens", "num_computed", "tables", "hashes", "num_registered", "cached_at_start")
+    __slots__ = ("tokens", "num_computed", "tables", "hashes", "num_registered", "cached_at_start", "private")
 
     def __init__(self, num_groups: int):
         self.tokens: list[int] = []
@@ -102,6 +107,7 @@ class SeqKV:
         self.hashes: list[BlockHash] = []
         self.num_registered = 0  # full blocks registered in the prefix cache
         self.cached_at_start = 0  # tokens found cached when the current request started
+        self.private = False  # KV from an untrusted snapshot: never registered in the prefix cache
 
     def held_blocks(self) -> list[int]:
         return [b for table in self.tables for b in table if b is not None]
@@ -147,9 +153,22 @@ class PagedKVCache:
         return export_snapshot(self, seq)
 
     def import_snapshot(self, snap: KVSnapshot) -> SeqKV:
+        """A new sequence holding ``snap``'s KV (private unless ``snap.shareable``). Raises ValueError for a recurrent
+        state snapshot (a caller's mistake), SessionFileError when it does not fit (:meth:`check_snapshot`),
+        CapacityError when the pool cannot hold it now."""
         if not isinstance(snap, KVSnapshot):
             raise ValueError("a recurrent state snapshot cannot restore a KV cache")
         return import_snapshot(self, snap)
+
+    def check_snapshot(self, snap: object) -> None:
+        """Raise SessionFileError unless ``snap`` fits this cache: a KVSnapshot of the same block size and group kinds,
+        pages of this layout's shape ``[n, layers_per_group, 2, block_size, kv_heads, head_dim]`` in a float dtype,
+        block positions sorted, unique and inside its tokens, every block a next token can see present.
+
+        Reads only the immutable layout: safe from any thread. Values (NaN, magnitudes) are the session file's check
+        (``sessionfile.decode_session``); a snapshot this process exported is trusted.
+        """
+        check_snapshot(self.layout, snap)
 
     def stats(self) -> dict:
         pool, page = self.pool, self.layout.page_bytes(self.dtype)
@@ -224,6 +243,7 @@ class PagedKVCache:
         self.free(seq)
         seq.num_computed, seq.tables, seq.hashes, seq.num_registered = n, tables, hashes, len(hashes)
         seq.cached_at_start = n
+        seq.private = False  # its own KV is gone: it now holds only shared blocks and computes on top of them
         self.prefix_hit_tokens += gained
         return gained
 
@@ -235,6 +255,7 @@ class PagedKVCache:
         child.tables = [list(t) for t in seq.tables]
         child.hashes = list(seq.hashes)
         child.num_registered = seq.num_registered
+        child.private = seq.private  # a fork computes on top of its parent's KV: private stays private
         self.pool.touch(child.held_blocks())
         return child
 
@@ -302,10 +323,11 @@ class PagedKVCache:
         full = seq.num_computed // bs
         if full > seq.num_registered:
             seq.hashes = self._hashes(seq.tokens, full, seq.hashes)
-            for b in range(seq.num_registered, full):
-                for g, table in enumerate(seq.tables):
-                    if table[b] is not None:
-                        self.pool.cache_block(table[b], (g, seq.hashes[b]))
+            if not seq.private:  # a private sequence's blocks are never shared (module docstring)
+                for b in range(seq.num_registered, full):
+                    for g, table in enumerate(seq.tables):
+                        if table[b] is not None:
+                            self.pool.cache_block(table[b], (g, seq.hashes[b]))
             seq.num_registered = full
         self.release_out_of_window(seq)
 
@@ -318,6 +340,12 @@ class PagedKVCache:
         seq.num_computed = 0
         seq.num_registered = 0
         seq.hashes = []
+        seq.private = False  # it holds nothing now; what it computes next comes from token ids
+
+    def discard(self, seq: SeqKV) -> None:
+        """Free ``seq`` and drop its blocks from the prefix cache (a failed step: its KV may be what failed)."""
+        self.pool.uncache(seq.held_blocks())
+        self.free(seq)
 
     # ------------------------------------------------------------------------------------------ indices
     def slot_base(self, seq: SeqKV, start: int, end: int, group: int) -> torch.Tensor:
@@ -349,6 +377,7 @@ class KVSnapshot:
     group_kinds: tuple[str, ...]
     pages: tuple[torch.Tensor, ...]
     index: tuple[tuple[int, ...], ...]
+    shareable: bool = True           # False: restored as a private sequence (never in the prefix cache)
 
     @property
     def num_tokens(self) -> int:
@@ -367,19 +396,20 @@ def export_snapshot(cache: PagedKVCache, seq: SeqKV) -> KVSnapshot:
         pages.append(cache.storage.index_select(0, ids).cpu())
         index.append(pos)
     return KVSnapshot(tokens=tuple(seq.tokens[:seq.num_computed]), block_size=cache.layout.block_size,
-                      group_kinds=cache.layout.group_kinds, pages=tuple(pages), index=tuple(index))
+                      group_kinds=cache.layout.group_kinds, pages=tuple(pages), index=tuple(index),
+                      shareable=not seq.private)
 
 
 def import_snapshot(cache: PagedKVCache, snap: KVSnapshot) -> SeqKV:
-    """A new sequence holding ``snap``'s KV in freshly allocated pages. Raises CapacityError unchanged."""
+    """A new sequence holding ``snap``'s KV in freshly allocated pages (private unless ``snap.shareable``). Raises
+    SessionFileError when it does not fit, CapacityError (pool unchanged) when the pool cannot hold it now."""
     lay = cache.layout
-    if snap.block_size != lay.block_size or snap.group_kinds != lay.group_kinds:
-        raise ValueError("snapshot layout does not match this cache")
-    _check_snapshot(lay, snap)
+    check_snapshot(lay, snap)
     need = sum(len(ix) for ix in snap.index)
     if need > cache.pool.num_free:
         raise CapacityError(f"restoring needs {need} KV blocks, {cache.pool.num_free} free")
     seq = SeqKV(lay.num_groups)
+    seq.private = not snap.shareable
     n = snap.num_tokens
     n_blocks = (n + lay.block_size - 1) // lay.block_size
     for g, (pages, pos) in enumerate(zip(snap.pages, snap.index)):
@@ -393,20 +423,42 @@ def import_snapshot(cache: PagedKVCache, snap: KVSnapshot) -> SeqKV:
         seq.tables[g] = table
     seq.tokens = list(snap.tokens)
     seq.num_computed = 0
-    cache.commit(seq, n)  # registers the full blocks in the prefix cache
+    cache.commit(seq, n)  # registers the full blocks in the prefix cache (none when private)
     return seq
 
 
-def _check_snapshot(lay: KVLayout, snap: KVSnapshot) -> None:
-    """Refuse a snapshot whose pages would leave a visible position without KV (or have the wrong shape)."""
-    bs, n = lay.block_size, snap.num_tokens
+def check_snapshot(lay: KVLayout, snap: object) -> None:
+    """Refuse (SessionFileError) a snapshot that does not fit ``lay`` (see :meth:`PagedKVCache.check_snapshot`)."""
+    if not isinstance(snap, KVSnapshot):
+        raise SessionFileError("the snapshot is not paged KV (a recurrent state?); it does not fit this model's cache")
+    if snap.block_size != lay.block_size:
+        raise SessionFileError(f"KV blocks of {snap.block_size} tokens; this engine uses {lay.block_size}")
+    if tuple(snap.group_kinds) != lay.group_kinds:
+        raise SessionFileError(f"KV layer groups {list(snap.group_kinds)} do not match this model's "
+                               f"{list(lay.group_kinds)}")
+    if len(snap.pages) != lay.num_groups or len(snap.index) != lay.num_groups:
+        raise SessionFileError(f"{len(snap.pages)} page tensors and {len(snap.index)} block indexes for "
+                               f"{lay.num_groups} KV groups")
+    for g, (pages, pos) in enumerate(zip(snap.pages, snap.index)):
+        _check_group(lay, g, pages, pos, snap.num_tokens)
+
+
+def _check_group(lay: KVLayout, g: int, pages: object, pos: object, n: int) -> None:
+    """One group's pages and block positions: shape, dtype, positions sorted, unique, inside, covering the window."""
+    bs = lay.block_size
     n_blocks = (n + bs - 1) // bs
     shape = (lay.layers_per_group, 2, bs, lay.num_kv_heads, lay.head_dim)
-    for g, (pages, pos) in enumerate(zip(snap.pages, snap.index)):
-        if tuple(pages.shape[1:]) != shape or pages.shape[0] != len(pos):
-            raise ValueError(f"group {g}: pages of shape {tuple(pages.shape)}, expected [{len(pos)}, *{shape}]")
-        first = lay.first_visible(g, n) // bs if lay.group_kinds[g] == SLIDING else 0
-        if n and set(range(first, n_blocks)) - set(pos):
-            raise ValueError(f"group {g}: the snapshot lacks blocks a next token must see")
-        if any(p < 0 or p >= n_blocks for p in pos):
-            raise ValueError(f"group {g}: block positions outside the sequence")
+    if not isinstance(pages, torch.Tensor) or not pages.is_floating_point():
+        raise SessionFileError(f"KV group {g}: pages must be a float tensor")
+    if not isinstance(pos, tuple) or any(type(p) is not int for p in pos):
+        raise SessionFileError(f"KV group {g}: block positions must be a tuple of ints")
+    if pages.dim() != 6 or tuple(pages.shape[1:]) != shape or pages.shape[0] != len(pos):
+        raise SessionFileError(f"KV group {g}: pages of shape {list(pages.shape)}, expected "
+                               f"[{len(pos)}, {', '.join(map(str, shape))}] (layers, K/V, block, kv heads, head dim)")
+    if any(p < 0 or p >= n_blocks for p in pos):
+        raise SessionFileError(f"KV group {g}: block positions outside the sequence's {n_blocks} blocks")
+    if any(a >= b for a, b in zip(pos, pos[1:])):
+        raise SessionFileError(f"KV group {g}: block positions are not sorted and unique")
+    first = lay.first_visible(g, n) // bs if lay.group_kinds[g] == SLIDING else 0
+    if n and set(range(first, n_blocks)) - set(pos):
+        raise SessionFileError(f"KV group {g}: the snapshot lacks blocks a next token must see")

@@ -8,7 +8,8 @@ Contract:
 * A used, computed, full block can be *cached*: registered in a map under a hashable ``cache_key`` (the engine
   uses ``(group_id, block_hash)``). A cached block stays registered after it is freed, so a later request with
   the same prefix finds it with :meth:`BlockPool.lookup` and re-takes it with :meth:`BlockPool.touch`, until
-  its memory is reused by :meth:`BlockPool.get_new_blocks` (that evicts it from the map).
+  its memory is reused by :meth:`BlockPool.get_new_blocks` (that evicts it from the map), or until
+  :meth:`BlockPool.uncache` drops its key (KV that may be bad must never be matched again).
 * Free-queue order is strict LRU; every freed block, cached or not, joins the TAIL in the order given to
   :meth:`BlockPool.free_blocks`, and allocation pops from the HEAD::
 
@@ -186,6 +187,21 @@ class BlockPool:
         for block in self._free:
             if dropped >= n:
                 break
+            if block.cache_key is not None:
+                self._evict(block)
+                dropped += 1
+        return dropped
+
+    def uncache(self, block_ids: Iterable[int]) -> int:
+        """Drop the cache keys of ``block_ids`` (used or free; blocks without a key are skipped); returns the count.
+
+        Holders keep their blocks; later lookups miss them. The engine calls it on the blocks of a request whose step
+        failed, so KV that may be bad is never matched by another sequence. ``ValueError`` (state unchanged) for an
+        unknown id.
+        """
+        blocks = [self._block(i) for i in block_ids]
+        dropped = 0
+        for block in blocks:
             if block.cache_key is not None:
                 self._evict(block)
                 dropped += 1

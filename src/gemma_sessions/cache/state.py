@@ -13,6 +13,11 @@ A state cannot be cut back to an earlier position (unlike KV pages), so prefix s
 sequence starts from the longest snapshot whose tokens begin its own, copied into its own slot when it first
 computes. Unreferenced snapshots are dropped least recently used first when a slot is needed.
 
+A *private* sequence (restored from an untrusted snapshot, ``StateSnapshot.shareable=False``) never becomes a
+snapshot others can start from: not at its checkpoints, not when freed (its slot is simply freed), and a fork of it
+starts from an unregistered copy only that fork can reach. Once its state is replaced by a registered snapshot
+(``rematch``) or freed, it is normal again.
+
 NOTE: a snapshot is registered under its full token tuple (no hashing collisions to reason about); a lookup tries
 each distinct snapshot length once, longest first, which is cheap at the tens to thousands of slots a pool holds.
 
@@ -27,7 +32,7 @@ from collections.abc import Iterable
 
 import torch
 
-from ..errors import CapacityError
+from ..errors import CapacityError, SessionFileError
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -36,6 +41,7 @@ class StateSnapshot:
 
     tokens: tuple[int, ...]
     state: dict[str, torch.Tensor]   # GriffinSlots.read(): conv.i, rnn.i, k.i, v.i, kpos
+    shareable: bool = True           # False: restored as a private sequence (never a snapshot others start from)
 
     @property
     def num_tokens(self) -> int:
@@ -46,17 +52,18 @@ class StateSnapshot:
 
 
 class _Snapshot:
-    __slots__ = ("key", "slot", "refs")
+    __slots__ = ("key", "slot", "refs", "private")
 
-    def __init__(self, key: tuple[int, ...], slot: int):
+    def __init__(self, key: tuple[int, ...], slot: int, private: bool = False):
         self.key, self.slot, self.refs = key, slot, 0
+        self.private = private  # not in the LRU: only the forks holding it reach it; its slot is freed with the last
 
 
 class SeqState:
     """One sequence: its tokens, how many are in its state, and where that state is (a slot, or a snapshot to copy
     from when it first computes)."""
 
-    __slots__ = ("tokens", "num_computed", "cached_at_start", "slot", "base", "checkpoints")
+    __slots__ = ("tokens", "num_computed", "cached_at_start", "slot", "base", "checkpoints", "private")
 
     def __init__(self, tokens: list[int]):
         self.tokens = tokens
@@ -65,6 +72,7 @@ class SeqState:
         self.slot: int | None = None
         self.base: _Snapshot | None = None
         self.checkpoints: tuple[int, ...] = ()
+        self.private = False  # state from an untrusted snapshot: never registered as a snapshot
 
 
 class StateCache:
@@ -134,6 +142,7 @@ class StateCache:
         gained = len(snap.key) - seq.num_computed
         self._drop_base(seq)
         self._use(seq, snap)
+        seq.private = False  # it starts from a registered snapshot now; nothing of the untrusted state is left
         self.prefix_hit_tokens += gained
         return gained
 
@@ -151,41 +160,55 @@ class StateCache:
 
     def commit(self, seq: SeqState, n: int) -> None:
         seq.num_computed += n
-        if seq.num_computed in seq.checkpoints:
+        if seq.num_computed in seq.checkpoints and not seq.private:
             self._snapshot(seq)
 
     def fork(self, seq: SeqState) -> SeqState:
-        """A new sequence with the same tokens, starting from a snapshot of ``seq``'s state (taken now)."""
+        """A new sequence with the same tokens, starting from a snapshot of ``seq``'s state (taken now; a private
+        sequence's is an unregistered copy the child alone holds)."""
         child = SeqState(list(seq.tokens[:seq.num_computed]))
-        snap = seq.base if seq.slot is None else self._snapshot(seq)
+        if seq.slot is None:
+            snap = seq.base
+        else:
+            snap = self._private_copy(seq) if seq.private else self._snapshot(seq)
         if snap is not None:
             self._use(child, snap)
+            child.private = seq.private
         return child
 
     def free(self, seq: SeqState) -> None:
-        """Release a sequence; its state stays as a snapshot (reusable until its slot is needed)."""
+        """Release a sequence; its state stays as a snapshot (reusable until its slot is needed) unless private."""
         self._drop_base(seq)
-        if seq.slot is None:
-            return
-        key = tuple(seq.tokens[:seq.num_computed])
-        if key and key not in self._snapshots:
-            self._register(key, seq.slot)
-        else:
-            self._free.append(seq.slot)
-        seq.slot = None
+        if seq.slot is not None:
+            key = tuple(seq.tokens[:seq.num_computed])
+            if key and key not in self._snapshots and not seq.private:
+                self._register(key, seq.slot)
+            else:
+                self._free.append(seq.slot)
+            seq.slot = None
+        seq.private = False  # it holds nothing now
+
+    def discard(self, seq: SeqState) -> None:
+        """Release a sequence without keeping its state as a snapshot (a failed step: the state may be bad)."""
+        seq.private = True
+        self.free(seq)
 
     # ------------------------------------------------------------------------------------------ snapshots
     def export(self, seq: SeqState) -> StateSnapshot | None:
         if seq.slot is not None:
-            return StateSnapshot(tokens=tuple(seq.tokens[:seq.num_computed]), state=self.pool.read(seq.slot))
+            return StateSnapshot(tokens=tuple(seq.tokens[:seq.num_computed]), state=self.pool.read(seq.slot),
+                                 shareable=not seq.private)
         if seq.base is not None:
-            return StateSnapshot(tokens=seq.base.key, state=self.pool.read(seq.base.slot))
+            return StateSnapshot(tokens=seq.base.key, state=self.pool.read(seq.base.slot), shareable=not seq.private)
         return None
 
     def import_snapshot(self, snap: StateSnapshot) -> SeqState:
-        """A new sequence holding ``snap``'s state. Raises CapacityError (no slot) or ValueError (another model)."""
+        """A new sequence holding ``snap``'s state (private unless ``snap.shareable``). Raises ValueError for a KV
+        snapshot (a caller's mistake), SessionFileError when it does not fit (:meth:`check_snapshot`), CapacityError
+        when no slot can be had."""
         if not isinstance(snap, StateSnapshot):
             raise ValueError("a KV snapshot cannot restore a recurrent model's state")
+        self.check_snapshot(snap)
         slot = self._take_slot()
         try:
             self.pool.write(slot, snap.state)
@@ -194,7 +217,32 @@ class StateCache:
             raise
         seq = SeqState(list(snap.tokens))
         seq.slot, seq.num_computed = slot, snap.num_tokens
+        seq.private = not snap.shareable
         return seq
+
+    def check_snapshot(self, snap: object) -> None:
+        """Raise SessionFileError unless ``snap`` fits this pool: a StateSnapshot with exactly the pool's state tensors
+        (names, per-slot shapes, dtypes) and ring positions (``kpos``) in ``-1 .. num_tokens - 1``.
+
+        Reads only the pool's tensor shapes and dtypes, fixed at construction: safe from any thread. Values (NaN,
+        magnitudes) are the session file's check (``sessionfile.decode_session``).
+        """
+        if not isinstance(snap, StateSnapshot):
+            raise SessionFileError("the snapshot is paged KV, not a recurrent state; it does not fit this model")
+        if not isinstance(snap.state, dict):
+            raise SessionFileError("the recurrent state must be a dict of tensors")
+        mine = self.pool.tensors()
+        if set(snap.state) != set(mine):
+            raise SessionFileError(f"the recurrent state holds {len(snap.state)} tensors that do not match this "
+                                   f"model's {len(mine)} (conv / rnn / k / v per layer, kpos)")
+        for name, t in mine.items():
+            s = snap.state[name]
+            if not isinstance(s, torch.Tensor) or s.dtype != t.dtype or tuple(s.shape) != tuple(t.shape[1:]):
+                got = f"{s.dtype} {list(s.shape)}" if isinstance(s, torch.Tensor) else type(s).__name__
+                raise SessionFileError(f"recurrent state {name}: {got}, expected {t.dtype} {list(t.shape[1:])}")
+        kpos = snap.state.get("kpos")
+        if kpos is not None and kpos.numel() and (int(kpos.min()) < -1 or int(kpos.max()) >= snap.num_tokens):
+            raise SessionFileError("recurrent state kpos: positions outside the snapshot's tokens")
 
     def stats(self) -> dict:
         used = self.pool.num_slots - len(self._free) - len(self._snapshots)
@@ -226,9 +274,21 @@ class StateCache:
         seq.num_computed = seq.cached_at_start = len(snap.key)
 
     def _drop_base(self, seq: SeqState) -> None:
-        if seq.base is not None:
-            seq.base.refs -= 1
+        base = seq.base
+        if base is not None:
+            base.refs -= 1
             seq.base = None
+            if base.private and base.refs == 0:
+                self._free.append(base.slot)  # unregistered: nobody else can reach it
+
+    def _private_copy(self, seq: SeqState) -> _Snapshot | None:
+        """Copy a private sequence's state into an unregistered snapshot (None when no slot can be had)."""
+        try:
+            slot = self._take_slot()
+        except CapacityError:
+            return None  # the fork recomputes from its token ids instead
+        self.pool.copy(seq.slot, slot)
+        return _Snapshot(tuple(seq.tokens[:seq.num_computed]), slot, private=True)
 
     def _snapshot(self, seq: SeqState) -> _Snapshot | None:
         """Copy ``seq``'s current state into a snapshot slot (None when no slot can be had)."""
