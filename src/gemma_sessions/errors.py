@@ -15,6 +15,7 @@ second bases where the meaning matches, so generic handlers keep working.
     ├── CapacityError                 a request that can never fit the KV budget
     ├── EngineClosedError             the engine was closed or its loop died
     ├── RequestCancelledError         a generation was cancelled
+    ├── NumericalError                the model produced NaN / inf for one request (it fails; the others go on)
     ├── SessionError
     │   ├── SessionNotFoundError      (also a KeyError)
     │   └── SessionBusyError          a turn is already running and the caller would not wait
@@ -67,6 +68,11 @@ class EngineClosedError(GemmaSessionsError, RuntimeError):
 
 class RequestCancelledError(GemmaSessionsError):
     """The generation was cancelled before it finished."""
+
+
+class NumericalError(GemmaSessionsError):
+    """The model produced non-finite values (NaN or inf) for one request; that request fails and its KV is dropped
+    (recomputed from its token ids next time), the other requests of the step go on."""
 
 
 class SessionError(GemmaSessionsError):

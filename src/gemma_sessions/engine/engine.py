@@ -8,6 +8,15 @@ nothing about text, chats or sessions; a ``KVHandle`` is how a caller keeps a se
 Gemma 1/2/3 keep K/V in a :class:`PagedKVCache`; RecurrentGemma keeps its fixed-size state in a
 :class:`StateCache` of slots (same scheduler, same handles, snapshots instead of shared pages).
 
+The loop survives what one request raises: a failure while admitting, scheduling or sampling a request fails that
+request; a row whose logits are not finite fails its request with ``NumericalError``; a failed forward fails the
+requests of its batch. Each such request's KV is dropped rather than parked (it may be the cause; a session
+recomputes it from its token ids next turn) and the loop goes on with the next step. Only a failure outside any
+request's work ends the loop (everyone then gets ``EngineClosedError``); ``alive`` and ``health()`` tell.
+
+Snapshots restored with ``import_kv`` are checked against this engine's cache first (``check_snapshot``); one with
+``shareable=False`` (a user's file) becomes a private sequence whose KV never enters the shared prefix cache.
+
 Example::
 
     with gs.Engine(model, kv_cache_bytes=256 << 20) as engine:
@@ -27,13 +36,13 @@ import torch
 
 from .. import kernels
 from ..cache.kv import KVLayout, KVSnapshot, PagedKVCache
-from ..cache.state import StateCache
-from ..errors import (CapacityError, ContextLengthError, EngineClosedError, InvalidRequestError,
-                      UnsupportedModelError)
+from ..cache.state import StateCache, StateSnapshot
+from ..errors import (CapacityError, ContextLengthError, EngineClosedError, InvalidRequestError, NumericalError,
+                      SessionFileError, UnsupportedModelError)
 from ..generate import stop_token_ids
 from ..sampling import SamplingParams
 from .request import GenerationOutput, GenerationStream, KVHandle, Request, State
-from .runner import run_state_step_greedy, run_step_greedy
+from .runner import WorkItem, run_state_step_greedy, run_step_greedy
 from .scheduler import Scheduler
 
 log = logging.getLogger("gemma_sessions.engine")
@@ -86,6 +95,7 @@ class Engine:
                 raise InvalidRequestError(f"kv_cache_bytes={budget} holds fewer than 2 state slots of {slot_bytes} B")
             self.cache = StateCache(model.net, budget // slot_bytes, model.device)
             self._run = run_state_step_greedy
+            self._snapshot_type: type = StateSnapshot
         elif isinstance(model.net, GemmaModel):
             layout = KVLayout.for_config(model.config, block_size)
             # KV in bf16 unless the model runs in exact float32 (halves memory, bandwidth and snapshot size).
@@ -95,6 +105,7 @@ class Engine:
                 raise InvalidRequestError(f"kv_cache_bytes={budget} holds only {num_blocks} pages")
             self.cache = PagedKVCache(layout, num_blocks, dtype, model.device)
             self._run = run_step_greedy
+            self._snapshot_type = KVSnapshot
             if model.net.can_greedy_head():  # the greedy head's re-laid weights now, not in a first request's TTFT
                 model.net.embed.prepare_greedy()
             model.net.prepare_i16()  # likewise the layers' layout for batched steps (where qmatmul_i16 runs)
@@ -157,9 +168,32 @@ class Engine:
         """A CPU copy of the handle's KV (None when it holds none). Thread-safe."""
         return self._call(lambda: self.cache.export(handle.seq) if handle.seq is not None else None)
 
-    def import_kv(self, handle: KVHandle, snapshot: KVSnapshot) -> bool:
-        """Give an idle handle the KV in ``snapshot``; False when memory cannot hold it now. Thread-safe."""
+    def import_kv(self, handle: KVHandle, snapshot: KVSnapshot | StateSnapshot) -> bool:
+        """Give an idle handle the KV in ``snapshot``; False when memory cannot hold it now. Thread-safe.
+
+        A snapshot with ``shareable=False`` becomes a private sequence: its blocks, and every block computed on top of
+        them by this handle or its forks, are never shared through the prefix cache. Raises SessionFileError when
+        the snapshot does not fit this engine (:meth:`check_snapshot`), ValueError for the other kind of snapshot
+        (paged KV for a recurrent model or the reverse: a caller's mistake).
+        """
+        if isinstance(snapshot, self._snapshot_type):
+            self.check_snapshot(snapshot)  # here, not on the loop thread (the cache checks the layout again there)
         return self._call(lambda: self._import(handle, snapshot))
+
+    def check_snapshot(self, snapshot: KVSnapshot | StateSnapshot) -> None:
+        """Raise SessionFileError, with the reason, unless ``snapshot`` fits this engine's cache: its kind, block size,
+        layer groups, page shapes (kv heads, head dim) or recurrent state names / shapes / dtypes, its block
+        positions against its token count, token ids in the vocabulary and fewer tokens than the context.
+
+        Thread-safe without the loop thread (layouts are immutable). Values are not checked here: session files
+        check theirs when decoded (``sessionfile.decode_session``).
+        """
+        self.cache.check_snapshot(snapshot)
+        tokens, vocab = snapshot.tokens, self.model.config.vocab_size
+        if len(tokens) >= self.max_context:
+            raise SessionFileError(f"the snapshot holds {len(tokens)} tokens; the context is {self.max_context}")
+        if any(type(t) is not int or not 0 <= t < vocab for t in tokens):
+            raise SessionFileError(f"the snapshot's token ids must be ints in [0, {vocab})")
 
     def _import(self, handle: KVHandle, snapshot: KVSnapshot) -> bool:
         if handle.busy:
@@ -189,6 +223,36 @@ class Engine:
     def stats(self) -> dict:
         """Engine-wide statistics (a consistent snapshot taken on the loop thread)."""
         return self._call(self._stats)
+
+    @property
+    def alive(self) -> bool:
+        """The loop thread runs and accepts work (not closed, no fatal error). Any thread; never waits."""
+        return self._thread.is_alive() and self._error is None and not self._closed
+
+    def health(self) -> dict:
+        """{"alive", "running", "waiting", "parked", "failed", "error"} read without the loop thread (never waits on a
+        busy step; the counts may be a step old). ``error`` names the fatal error's type, or is None."""
+        sched = self.scheduler
+        return {"alive": self.alive, "running": len(sched.running), "waiting": len(sched.waiting),
+                "parked": len(sched.parked), "failed": self._counters["failed"],
+                "error": None if self._error is None else type(self._error).__name__}
+
+    def cancel_all(self) -> int:
+        """Cancel every running and waiting request (a graceful shutdown): each ends with finish_reason "cancelled"
+        at the loop's next step, its KV parked as on any cancel. Returns how many. Thread-safe; waits for the loop to
+        take the command (at most one step); 0 when the engine is not alive."""
+        if not self.alive:
+            return 0
+        try:
+            return self._call(self._cancel_all)
+        except EngineClosedError:
+            return 0
+
+    def _cancel_all(self) -> int:
+        requests = [*self.scheduler.running, *self.scheduler.waiting]
+        for req in requests:
+            req.cancelled = True
+        return len(requests)
 
     def close(self) -> None:
         """Stop the loop; pending requests fail with EngineClosedError. Idempotent."""
@@ -275,30 +339,61 @@ class Engine:
     def _step(self) -> None:
         sched = self.scheduler
         self._reap_cancelled()
-        sched.admit()
+        sched.admit()  # (admission and scheduling fail a request alone when it raises)
         work = sched.schedule()
         if not work:
             return
         t0 = time.perf_counter()
         greedy = [req.params.greedy for req, it in work if it.want_logits]
-        logits, tokens = self._run(self.model.net, self.cache, [item for _, item in work], greedy)
-        # greedy rows the head did not decide: one argmax over their logits (one call instead of one per row)
-        missing = [i for i, (g, t) in enumerate(zip(greedy, tokens)) if g and t is None]
-        if missing:
-            found = kernels.argmax(torch.stack([logits[i] for i in missing])).tolist()
+        try:
+            logits, tokens = self._run(self.model.net, self.cache, [item for _, item in work], greedy)
             tokens = list(tokens)
-            for i, t in zip(missing, found):
-                tokens[i] = t
+            bad = self._check_rows(logits, tokens, greedy)
+        except Exception as exc:  # the batch's requests fail, their KV dropped (it may be the cause); the loop goes on
+            log.exception("a step of %d requests failed", len(work))
+            for req, _ in work:
+                self._fail(req, exc, drop_kv=True)
+            return
         row = 0
         for req, item in work:
-            self.cache.commit(item.seq, item.num_tokens)
-            req.computed += item.num_tokens
-            self._counters["prefill_tokens"] += item.num_tokens if item.num_tokens > 1 else 0
-            if item.want_logits:
-                self._sample(req, tokens[row] if req.params.greedy else req.sampler(logits[row]))
-                row += 1
+            r = row if item.want_logits else -1
+            row += item.want_logits
+            try:
+                self._advance(req, item, r, r in bad, logits, tokens)
+            except Exception as exc:  # e.g. the sampler refusing its probabilities: this request fails alone
+                log.exception("request %d failed", req.id)
+                self._fail(req, exc, drop_kv=True)
         self._counters["steps"] += 1
         self._counters["busy_s"] += time.perf_counter() - t0
+
+    @staticmethod
+    def _check_rows(logits: list, tokens: list, greedy: list[bool]) -> set[int]:
+        """Rows whose logits hold NaN / inf (one isfinite over the rows that have logits; a greedy row the head
+        decided has none and is fine). Fills ``tokens`` for the other greedy rows the head did not decide: one
+        argmax over their logits."""
+        have = [i for i, x in enumerate(logits) if x is not None]
+        if not have:
+            return set()
+        mat = torch.stack([logits[i] for i in have])
+        finite = torch.isfinite(mat).all(dim=-1).tolist()
+        bad = {i for i, ok in zip(have, finite) if not ok}
+        missing = [k for k, i in enumerate(have) if greedy[i] and tokens[i] is None and i not in bad]
+        if missing:
+            rows = mat if len(missing) == len(have) else mat[missing]
+            for k, t in zip(missing, kernels.argmax(rows).tolist()):
+                tokens[have[k]] = t
+        return bad
+
+    def _advance(self, req: Request, item: WorkItem, row: int, nonfinite: bool, logits: list, tokens: list) -> None:
+        """Commit one request's computed tokens and sample its next token (``row`` < 0: it wants none yet)."""
+        if nonfinite:  # before the commit: blocks of this step are never registered in the prefix cache
+            raise NumericalError("the model produced non-finite logits (NaN or inf) for this request; its KV was "
+                                 "dropped (a session recomputes it from its token ids)")
+        self.cache.commit(item.seq, item.num_tokens)
+        req.computed += item.num_tokens
+        self._counters["prefill_tokens"] += item.num_tokens if item.num_tokens > 1 else 0
+        if row >= 0:
+            self._sample(req, tokens[row] if req.params.greedy else req.sampler(logits[row]))
 
     def _sample(self, req: Request, token: int) -> None:
         now = time.perf_counter()
@@ -332,13 +427,29 @@ class Engine:
         elif seq is not None:
             self.cache.free(seq)
 
-    def _fail(self, req: Request, exc: BaseException) -> None:
+    def _fail(self, req: Request, exc: BaseException, drop_kv: bool = False) -> None:
+        """End ``req`` with ``exc``; ``drop_kv``: discard its KV instead of parking it (it may be what failed)."""
         self._counters["failed"] += 1
         self.scheduler.remove(req)
         req.t_done = time.perf_counter()
-        self._retire(req)
+        if drop_kv:
+            self._discard(req)
+        else:
+            self._retire(req)
         req.state = State.DONE
         req.emit(("error", exc))
+
+    def _discard(self, req: Request) -> None:
+        """Free a failed request's KV and drop it from the prefix cache; its handle is left empty (recompute)."""
+        seq, req.seq = req.seq, None
+        if req.handle is not None:
+            req.handle.busy = False
+        if seq is None:
+            return
+        try:
+            self.cache.discard(seq)
+        except Exception:  # bookkeeping broken by the failure: lose these pages rather than every request
+            log.exception("freeing a failed request's KV failed; its pages stay unusable until a restart")
 
     def _reap_cancelled(self) -> None:
         sched = self.scheduler

@@ -13,6 +13,9 @@ KV (idle, between turns) is dropped, least recently used first; (3) the newest r
 (its blocks go back to the prefix cache, it re-queues and recomputes). A request that cannot fit even alone fails
 with ``CapacityError``; the others keep running.
 
+A request whose admission or scheduling raises anything else fails alone (``fail(req, exc, drop_kv=True)``: its KV
+is dropped, since it may be the cause); the other requests are scheduled as usual.
+
 The cache is a ``PagedKVCache`` (Gemma) or a ``StateCache`` (RecurrentGemma's fixed-size state slots): both offer
 start / rematch / chunk_limit / allocate / free / could_ever_fit / has_room.
 """
@@ -20,16 +23,22 @@ start / rematch / chunk_limit / allocate / free / could_ever_fit / has_room.
 from __future__ import annotations
 
 import collections
+import logging
 from collections.abc import Callable
 
 from ..errors import CapacityError
 from .request import KVHandle, Request, State
 from .runner import WorkItem
 
+log = logging.getLogger("gemma_sessions.engine")
+
+FailFn = Callable[..., None]
+"""``fail(request, exc, drop_kv=False)``: end a request with an error (the engine's ``_fail``)."""
+
 
 class Scheduler:
     def __init__(self, cache, max_batch: int, max_batched_tokens: int,
-                 fail: Callable[[Request, BaseException], None],
+                 fail: FailFn,
                  spill: Callable[[KVHandle], None] | None = None):
         self.cache = cache
         self.max_batch = max_batch
@@ -57,16 +66,24 @@ class Scheduler:
             if self.running and not self.cache.has_room(min(len(req.prompt), self.max_batched_tokens)):
                 break  # let running requests finish first; nothing else to admit until memory frees up
             self.waiting.popleft()
-            self._start(req)
+            try:
+                self._start(req)
+            except Exception as exc:  # this request fails alone; the others are admitted as usual
+                log.exception("admitting request %d failed", req.id)
+                self._fail(req, exc, drop_kv=True)
+                continue
             self.running.append(req)
 
     def _start(self, req: Request) -> None:
+        """Give ``req`` its sequence: its handle's (continued, or dropped when the history diverged) or a new one.
+        ``req.seq`` holds whatever it has at every point, so a failure here loses no pages."""
         cache, handle = self.cache, req.handle
         tokens = req.prompt + req.output  # after a preemption, what was generated is recomputed too
-        seq = None
         if handle is not None:
             self.parked.pop(handle.id, None)
-            seq, handle.seq = handle.seq, None
+            if handle.seq is not None:
+                req.seq, handle.seq = handle.seq, None
+        seq = req.seq
         if seq is not None:
             n = seq.num_computed
             if len(tokens) > n and tokens[:n] == seq.tokens[:n]:
@@ -75,11 +92,11 @@ class Scheduler:
                 cache.prefix_queried_tokens += len(tokens)
                 cache.prefix_hit_tokens += n
             else:  # history diverged (truncation, edit): drop it; the prefix cache may still hold a prefix
+                req.seq = None
                 cache.free(seq)
                 seq = None
         if seq is None:
-            seq = cache.start(tokens, req.checkpoints)
-        req.seq = seq
+            seq = req.seq = cache.start(tokens, req.checkpoints)
         if req.cached_tokens < 0:  # first admission (a preempted request keeps its original number)
             req.cached_tokens = seq.cached_at_start
         req.state = State.RUNNING
@@ -92,19 +109,31 @@ class Scheduler:
         for req in list(self.running):
             if req.state is not State.RUNNING:
                 continue
-            seq = req.seq
-            if req.computed == 0 and seq.num_computed < len(seq.tokens) - 1:
-                req.cached_tokens += self.cache.rematch(seq)  # a prefix computed since it was admitted
-            left = len(seq.tokens) - seq.num_computed
-            n = self._allocate(req, self.cache.chunk_limit(seq, min(left, budget)))
-            if n == 0:
+            try:
+                item = self._schedule_one(req, budget)
+            except Exception as exc:  # this request fails alone; the step goes on with the others
+                log.exception("scheduling request %d failed", req.id)
+                self._fail(req, exc, drop_kv=True)
                 continue
-            budget -= n
-            work.append((req, WorkItem(seq=seq, num_tokens=n, want_logits=seq.num_computed + n == len(seq.tokens))))
+            if item is None:
+                continue
+            budget -= item.num_tokens
+            work.append((req, item))
             if budget <= 0:
                 break
         work.sort(key=lambda w: w[1].num_tokens != 1)  # stable: decode rows first
         return work
+
+    def _schedule_one(self, req: Request, budget: int) -> WorkItem | None:
+        """Allocate ``req``'s next chunk (at most ``budget`` tokens); None when it gets no room this step."""
+        seq = req.seq
+        if req.computed == 0 and seq.num_computed < len(seq.tokens) - 1:
+            req.cached_tokens += self.cache.rematch(seq)  # a prefix computed since it was admitted
+        left = len(seq.tokens) - seq.num_computed
+        n = self._allocate(req, self.cache.chunk_limit(seq, min(left, budget)))
+        if n == 0:
+            return None
+        return WorkItem(seq=seq, num_tokens=n, want_logits=seq.num_computed + n == len(seq.tokens))
 
     def _allocate(self, req: Request, n: int) -> int:
         """Allocate pages for up to ``n`` tokens of ``req``; returns how many tokens got room (0: none).
