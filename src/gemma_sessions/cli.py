@@ -93,9 +93,8 @@ def _open_manager(args: argparse.Namespace, readonly_store: bool = False):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from .server import create_app
+    from .server.app import Limits
 
     engine, manager = _open_manager(args)
 
@@ -103,12 +102,52 @@ def cmd_serve(args: argparse.Namespace) -> int:
         manager.close()
         engine.close()
 
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_import_bytes=args.max_import_bytes,
+                    max_output_tokens=args.max_output_tokens, max_input_chars=args.max_input_chars,
+                    max_waiting=args.max_waiting)
     app = create_app(manager, model_name=args.served_model_name or str(args.model), api_keys=_api_keys(args),
-                     max_waiting=args.max_waiting, on_shutdown=shutdown)
+                     limits=limits, on_shutdown=shutdown)
     where = manager.store.path if manager.store is not None else "memory only"
     print(f"gemma-sessions serving {args.model} on http://{args.host}:{args.port} (store: {where})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=10)
+    _serve(app, args, engine)
     return 0
+
+
+def _serve(app, args: argparse.Namespace, engine) -> None:
+    """uvicorn, with a bounded graceful shutdown: on SIGTERM / SIGINT new requests get 503 at once, running
+    turns may finish for ``--shutdown-grace`` seconds and are then cancelled (a cancelled turn adds nothing to
+    its history), completed turns are already durable, KV snapshots are written, and the process exits 0."""
+    import contextlib
+    import signal
+    import threading
+
+    import uvicorn
+
+    state = app.state.gs
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # NOTE: uvicorn's own version raises the signal again after a graceful shutdown (the process then
+            # dies of SIGTERM); a drained, completed shutdown is a success and exits 0.
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+        def handle_exit(self, sig, frame) -> None:
+            if not state.draining:
+                state.draining = True
+                timer = threading.Timer(args.shutdown_grace, engine.cancel_all)
+                timer.daemon = True
+                timer.start()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
+                            timeout_graceful_shutdown=args.shutdown_grace + 5)
+    Server(config).run()
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -198,6 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--kv-cache-bytes", type=int, default=None)
     sv.add_argument("--max-batch", type=int, default=64)
     sv.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503")
+    sv.add_argument("--max-output-tokens", type=int, default=4096,
+                    help="cap on every request's max_tokens / max_output_tokens")
+    sv.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body (413 beyond)")
+    sv.add_argument("--max-import-bytes", type=int, default=256 << 20,
+                    help="largest session file POST /v1/sessions/import takes (and decompresses to)")
+    sv.add_argument("--max-input-chars", type=int, default=None,
+                    help="characters of text one request may send (default: 8 x the model's context)")
+    sv.add_argument("--shutdown-grace", type=float, default=5.0,
+                    help="seconds running turns may finish on SIGTERM before they are cancelled")
     sv.add_argument("--served-model-name", default=None)
     sv.set_defaults(func=cmd_serve)
 

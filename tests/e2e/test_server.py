@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -15,54 +11,9 @@ import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from servers import KEY_A, KEY_B, Server, free_port as _free_port
 
 pytestmark = pytest.mark.slow
-
-KEY_A, KEY_B = "key-a-" + "x" * 20, "key-b-" + "y" * 20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, store, port: int, extra: list[str] | None = None):
-        self.port, self.store, self.extra = port, store, extra or []
-        self.proc = None
-
-    def start(self) -> Server:
-        cmd = [sys.executable, "-m", "gemma_sessions.cli", "serve", "--store", str(self.store), "--port",
-               str(self.port), "--api-key", KEY_A, "--api-key", KEY_B, "--kv-cache-bytes", str(96 << 20),
-               *self.extra]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                time.sleep(0.3)
-            if self.proc.poll() is not None:
-                raise RuntimeError(self.proc.stdout.read())
-        raise RuntimeError("server did not start")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def client(self, key: str = KEY_A) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=120)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # graceful: snapshots are written on shutdown
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, real_model_path):

@@ -5,6 +5,17 @@ stays warm between calls and survives restarts through the store. Stateless chat
 prefix cache (``usage.prompt_tokens_details.cached_tokens``). With API keys configured, every conversation,
 response and session belongs to the key that made it; any other key gets 404. Every error is OpenAI-shaped.
 
+Hardening (what one request can and cannot do to the others):
+- Bodies are read through :class:`Guard` (pure ASGI, before any route): the API key is checked before a byte of
+  the body is read, and the body is counted while it streams in, whatever its transfer encoding, so no body over
+  its limit (``max_body_bytes``; ``max_import_bytes`` for session imports) is ever held in memory.
+- Rendering and tokenizing run on the thread pool, never on the event loop; a request's text is bounded in
+  characters (``max_input_chars``) before it is tokenized, and in tokens by the context.
+- Every request's output is capped by ``max_output_tokens``; a client that goes away cancels its generation,
+  streaming or not. ``store: false`` responses leave no session behind.
+- While draining (shutdown), new requests get 503 with Retry-After; ``/health`` answers without waiting on the
+  engine loop and is 503 when the loop is dead, so a supervisor can restart the process.
+
 NOTE: blocking work (engine waits, store commits) runs on a dedicated thread pool, never on the event loop; the pool
 is large because each streaming client parks one thread on its token queue.
 """
@@ -12,8 +23,8 @@ is large because each streaming client parks one thread on its token queue.
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
+import dataclasses
 import hashlib
 import json
 import logging
@@ -25,22 +36,24 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import errors as E
 from ..sampling import SamplingParams, TextStream
-from ..sessions.conversation import generation_prompt, render_turn
+from ..sessions.conversation import check_text, generation_prompt, render_turn
 from .metrics import Metrics
 from .protocol import (ChatCompletionRequest, ConversationCreate, ConversationUpdate, ItemsCreate,
                        ResponseRequest, SamplingFields, error_body, input_items)
 
 log = logging.getLogger("gemma_sessions.server")
-OWNER_KEY = "_owner"
+IMPORT_PATH = "/v1/sessions/import"
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None,
+                 code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.headers = status, message, param, headers or {}
+        self.status, self.message, self.param, self.headers, self.code = status, message, param, headers or {}, code
 
 
 _STATUS = [(E.SessionNotFoundError, 404), (E.SessionBusyError, 409), (E.InvalidRequestError, 400),
@@ -48,59 +61,83 @@ _STATUS = [(E.SessionNotFoundError, 404), (E.SessionBusyError, 409), (E.InvalidR
            (E.TokenizerError, 400), (E.GemmaSessionsError, 500)]
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Limits:
+    """What one request may ask of the server (each a `serve` flag; see the README)."""
+
+    max_body_bytes: int = 4 << 20        # any request body, counted as it streams in
+    max_import_bytes: int = 256 << 20    # a session file sent to POST /v1/sessions/import (exports round-trip)
+    max_output_tokens: int = 4096        # every request's max_tokens / max_output_tokens is capped to this
+    max_input_chars: int | None = None   # text of one request before tokenizing (default: 8 x the context)
+    max_waiting: int = 256               # queued requests before new ones get 503
+
+
 def status_of(exc: BaseException) -> int:
     return next((code for cls, code in _STATUS if isinstance(exc, cls)), 500)
 
 
 class ServerState:
-    def __init__(self, manager, model_name: str, api_keys: Iterable[str], max_waiting: int):
+    def __init__(self, manager, model_name: str, api_keys: Iterable[str], limits: Limits):
         self.manager = manager
         self.engine = manager.engine
         self.tokenizer = self.engine.model.tokenizer
         self.model_name = model_name
-        self.keys = {hashlib.sha256(k.encode()).hexdigest()[:16] for k in api_keys if k}
-        self.max_waiting = max_waiting
+        self.keys = {key_hash(k) for k in api_keys if k}
+        self.limits = limits
+        self.max_input_chars = limits.max_input_chars or 8 * self.engine.max_context
         self.metrics = Metrics()
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=512, thread_name_prefix="gemma-http")
-        self.responses: collections.OrderedDict[str, dict] = collections.OrderedDict()
-        self.responses_lock = threading.Lock()
         self.created = int(time.time())
+        self.draining = False
 
     async def run(self, fn: Callable, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
-    def owner(self, request: Request) -> str:
+    def owner_of(self, authorization: str) -> str | None:
+        """The owner (key hash) an Authorization header names; "" without keys; None when refused."""
         if not self.keys:
             return ""
-        auth = request.headers.get("authorization", "")
-        key = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-        owner = hashlib.sha256(key.encode()).hexdigest()[:16] if key else ""
-        if owner not in self.keys:
-            raise ApiError(401, "missing or invalid API key" if key else "missing API key (Authorization: Bearer)")
+        key = authorization[7:].strip() if authorization.lower().startswith("bearer ") else ""
+        owner = key_hash(key) if key else None
+        return owner if owner in self.keys else None
+
+    def owner(self, request: Request) -> str:
+        owner = self.owner_of(request.headers.get("authorization", ""))
+        if owner is None:
+            raise ApiError(401, "missing or invalid API key")
         return owner
 
     def check_load(self) -> None:
-        if len(self.engine.scheduler.waiting) >= self.max_waiting:
+        if self.draining:
+            raise ApiError(503, "the server is shutting down; retry on another replica or later",
+                           headers={"Retry-After": "5"})
+        if self.engine.health()["waiting"] >= self.limits.max_waiting:
             raise ApiError(503, "the server is overloaded; retry shortly", headers={"Retry-After": "1"})
+
+    def check_chars(self, texts: Iterable[str], param: str) -> None:
+        n = sum(len(t) for t in texts)
+        if n > self.max_input_chars:
+            raise ApiError(400, f"the input has {n} characters; at most {self.max_input_chars} are accepted "
+                           f"(the context is {self.engine.max_context} tokens)", param, code="context_length_exceeded")
+
+    def max_tokens(self, asked: int | None, default: int) -> int:
+        return min(asked or default, self.limits.max_output_tokens)
 
     def session(self, sid: str, owner: str):
         s = self.manager.get(sid)
-        if s.metadata.get(OWNER_KEY, "") != owner:
+        if s.owner != owner or not s.persistent:
             raise E.SessionNotFoundError(f"no session {sid!r}")
         return s
 
-    def remember_response(self, resp: dict, owner: str, session_id: str, n_messages: int) -> None:
-        with self.responses_lock:
-            self.responses[resp["id"]] = {"body": resp, "owner": owner, "session": session_id, "n": n_messages}
-            while len(self.responses) > 10_000:
-                self.responses.popitem(last=False)
-
     def response(self, rid: str, owner: str) -> dict:
-        with self.responses_lock:
-            r = self.responses.get(rid)
+        r = self.manager.response(rid)
         if r is None or r["owner"] != owner:
             raise ApiError(404, f"no response {rid!r}", param="response_id")
         return r
+
+
+def key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -179,6 +216,27 @@ class EngineText:
             self.stream.cancel()
 
 
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body was read already, so only a disconnect can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _collect(state: ServerState, next_delta: Callable[[], str | None], request: Request) -> list[str] | None:
+    """Every text delta of a generation, or None when the client went away first (the caller cancels it)."""
+    gone = asyncio.ensure_future(_client_gone(request))
+    parts: list[str] = []
+    try:
+        while not gone.done():
+            delta = await state.run(next_delta)
+            if delta is None:
+                return parts
+            parts.append(delta)
+        return None
+    finally:
+        gone.cancel()
+
+
 def render_chat(tokenizer, messages) -> list[int]:
     """OpenAI chat messages -> Gemma prompt ids (system/developer text goes to the first user turn)."""
     system = "\n\n".join(m.text() for m in messages if m.role in ("system", "developer"))
@@ -200,19 +258,21 @@ def render_chat(tokenizer, messages) -> list[int]:
 
 
 def create_app(manager, *, model_name: str = "gemma3-270m", api_keys: Iterable[str] = (),
-               max_body_bytes: int = 4 << 20, max_waiting: int = 256, on_shutdown: Callable | None = None) -> FastAPI:
+               limits: Limits | None = None, on_shutdown: Callable | None = None) -> FastAPI:
     """Build the FastAPI app over a SessionManager (its engine and store)."""
-    state = ServerState(manager, model_name, api_keys, max_waiting)
+    state = ServerState(manager, model_name, api_keys, limits or Limits())
     app = FastAPI(title="gemma-sessions", version="0.1.0")
     app.state.gs = state
 
     @app.on_event("shutdown")
     async def _shutdown() -> None:
+        state.draining = True
         if on_shutdown is not None:
             await state.run(on_shutdown)
         state.pool.shutdown(wait=False)
 
-    _install_errors(app, state, max_body_bytes)
+    app.add_middleware(Guard, state=state)
+    _install_errors(app)
     _install_basic_routes(app, state)
     _install_chat(app, state)
     _install_responses(app, state)
@@ -221,38 +281,111 @@ def create_app(manager, *, model_name: str = "gemma3-270m", api_keys: Iterable[s
     return app
 
 
-def _install_errors(app: FastAPI, state: ServerState, max_body_bytes: int) -> None:
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        route = request.url.path
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > max_body_bytes:
-            resp = JSONResponse(error_body(413, f"request body over {max_body_bytes} bytes"), status_code=413)
-        else:
-            try:
-                resp = await call_next(request)
-            except Exception:  # a bug: log it, answer in OpenAI's shape
-                log.exception("unhandled error")
-                resp = JSONResponse(error_body(500, "internal server error"), status_code=500)
-        state.metrics.requests.labels(route=_route_label(route), status=str(resp.status_code)).inc()
-        return resp
+class Guard:
+    """Pure ASGI middleware in front of every route (see the module docstring): draining, the API key before
+    the body, the body's size while it streams in, request metrics, and an OpenAI-shaped 500 for a bug."""
 
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def send_status(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            refused = await self._refuse(scope)
+            if refused is None:
+                body = await self._read_body(scope, receive)
+                refused = body if isinstance(body, JSONResponse) else None
+            if refused is not None:
+                await refused(scope, receive, send_status)
+            else:
+                await self.app(scope, _replay(body, receive), send_status)
+        except Exception:  # a bug: log it, answer in OpenAI's shape if nothing was sent yet
+            log.exception("unhandled error")
+            if status[0] == 500:
+                await _error(500, "internal server error")(scope, receive, send)
+        self.state.metrics.requests.labels(route=_route_label(scope["path"]), status=str(status[0])).inc()
+
+    async def _refuse(self, scope) -> JSONResponse | None:
+        path, state = scope["path"], self.state
+        if not path.startswith("/v1/"):
+            return None
+        if state.draining:
+            return _error(503, "the server is shutting down; retry later", headers={"Retry-After": "5"})
+        auth = next((v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"authorization"), "")
+        if state.owner_of(auth) is None:
+            return _error(401, "missing or invalid API key")
+        return None
+
+    async def _read_body(self, scope, receive) -> bytes | JSONResponse:
+        limit = self.state.limits.max_import_bytes if scope["path"] == IMPORT_PATH else \
+            self.state.limits.max_body_bytes
+        size = next((v for k, v in scope["headers"] if k.lower() == b"content-length"), None)
+        if size is not None and (not size.isdigit() or int(size) > limit):
+            return _error(413 if size.isdigit() else 400, f"request body over {limit} bytes" if size.isdigit()
+                          else "invalid Content-Length")
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return _error(400, "the client went away")
+            body += message.get("body", b"")
+            if len(body) > limit:
+                return _error(413, f"request body over {limit} bytes")
+            if not message.get("more_body", False):
+                return bytes(body)
+
+
+def _replay(body: bytes, receive):
+    """A receive that gives the already-read body once, then whatever the client sends (its disconnect)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _error(status: int, message: str, param: str | None = None, headers: dict | None = None,
+           code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError):
-        return JSONResponse(error_body(exc.status, exc.message, exc.param), status_code=exc.status,
-                            headers=exc.headers)
+        return _error(exc.status, exc.message, exc.param, exc.headers, exc.code)
 
     @app.exception_handler(E.GemmaSessionsError)
     async def gs_error(_: Request, exc: E.GemmaSessionsError):
         status = status_of(exc)
-        return JSONResponse(error_body(status, str(exc)), status_code=status)
+        if status >= 500:
+            log.error("request failed: %r", exc)
+        code = "context_length_exceeded" if isinstance(exc, E.ContextLengthError) else None
+        return _error(status, str(exc) if status < 500 or isinstance(exc, E.EngineClosedError)
+                      else "internal server error", code=code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        msg = first.get("msg", "invalid request")
-        return JSONResponse(error_body(400, f"{loc}: {msg}" if loc else msg, loc or None), status_code=400)
+        msg = str(first.get("msg", "invalid request"))
+        return _error(400, f"{loc}: {msg}" if loc else msg, loc or None)
 
 
 def _route_label(path: str) -> str:
@@ -264,9 +397,11 @@ def _route_label(path: str) -> str:
 def _install_basic_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/health")
     async def health():
-        stats = await state.run(state.engine.stats)
-        return {"status": "ok", "model": state.model_name, "running": stats["running"],
-                "waiting": stats["waiting"]}
+        h = state.engine.health()  # read without waiting on the engine loop: answers even mid-step
+        ok = h["alive"] and not state.draining
+        body = {"status": "ok" if ok else ("draining" if h["alive"] else "engine loop dead"),
+                "model": state.model_name, "running": h["running"], "waiting": h["waiting"]}
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics():
@@ -287,28 +422,29 @@ def _install_chat(app: FastAPI, state: ServerState) -> None:
         state.owner(request)
         state.check_load()
         try:
-            prompt = render_chat(state.tokenizer, body.messages)
+            state.check_chars([m.text() for m in body.messages], "messages")
         except ValueError as exc:
             raise ApiError(400, str(exc), "messages") from exc
+        prompt = await state.run(render_chat, state.tokenizer, body.messages)
         limit = state.engine.max_context - len(prompt)
         if limit < 1:
             raise E.ContextLengthError(f"the prompt has {len(prompt)} tokens; the context is "
                                        f"{state.engine.max_context}")
-        max_tokens = min(body.max_completion_tokens or body.max_tokens or 512, limit)
+        max_tokens = min(state.max_tokens(body.max_completion_tokens or body.max_tokens, 512), limit)
         params = sampling_from(body, SamplingParams(), max_tokens)
         gen = await state.run(EngineText, state.engine, state.tokenizer, prompt, params)
         cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_chat_stream(state, gen, cid, created, usage, request),
+            return StreamingResponse(_chat_stream(state, gen, cid, created, usage),
                                      media_type="text/event-stream")
         try:
-            parts = []
-            while (delta := await state.run(gen.next_delta)) is not None:
-                parts.append(delta)
+            parts = await _collect(state, gen.next_delta, request)
         finally:
-            gen.close()
-        out = gen.stream.result()
+            gen.close()  # a client that went away cancels its generation
+        if parts is None:
+            return Response(status_code=499)
+        out = await state.run(gen.stream.result)
         state.metrics.observe_turn(out.stats.prompt_tokens, out.stats.cached_tokens, gen.n_tokens, out.stats.ttft_s)
         return {"id": cid, "object": "chat.completion", "created": created, "model": state.model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
@@ -326,8 +462,8 @@ def _chat_usage(stats, n_generated: int) -> dict:
             "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}
 
 
-async def _chat_stream(state: ServerState, gen: EngineText, cid: str, created: int, usage: bool,
-                       request: Request) -> AsyncIterator[str]:
+async def _chat_stream(state: ServerState, gen: EngineText, cid: str, created: int,
+                       usage: bool) -> AsyncIterator[str]:
     def chunk(delta: dict, finish: str | None = None) -> str:
         return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
@@ -365,56 +501,82 @@ def _install_responses(app: FastAPI, state: ServerState) -> None:
             raise ApiError(400, str(exc), "input") from exc
         if not items or items[-1][0] != "user" or not items[-1][1].strip():
             raise ApiError(400, "input must end with a non-empty user message", "input")
-        session, ephemeral = await state.run(_target_session, state, body, owner, items)
-        params = sampling_from(body, session.sampling, body.max_output_tokens)
+        state.check_chars([t for _, t in items] + [body.instructions or ""], "input")
+        session, new = await state.run(_target_session, state, body, owner, items)
+        ephemeral = new and not body.store
         wait = request.headers.get("x-gemma-wait", "1") not in ("0", "false")
-        turn = await state.run(lambda: session.stream(items[-1][1], sampling=params, wait=wait))
-        rid = "resp_" + uuid.uuid4().hex
-        base = _response_object(state, rid, body, session, ephemeral)
-        if body.stream:
-            return StreamingResponse(_response_stream(state, turn, base, session, ephemeral, owner),
-                                     media_type="text/event-stream")
-        try:
-            while await state.run(turn.next_delta) is not None:
-                pass
-        finally:
-            await state.run(turn.close)
-        return await state.run(_finish_response, state, base, turn, session, ephemeral, owner)
 
+        def start():
+            max_tokens = state.max_tokens(body.max_output_tokens, session.sampling.max_tokens)
+            return session.stream(items[-1][1], sampling=sampling_from(body, session.sampling, max_tokens),
+                                  wait=wait)
+
+        try:
+            turn = await state.run(start)
+        except BaseException:
+            if new:
+                await state.run(_drop_session, state, session)
+            raise
+        base = _response_object(state, "resp_" + uuid.uuid4().hex, body, session, ephemeral)
+        if body.stream:
+            return StreamingResponse(_response_stream(state, turn, base, session, new, ephemeral, owner),
+                                     media_type="text/event-stream")
+        finished = False
+        try:
+            if await _collect(state, turn.next_delta, request) is None:
+                return Response(status_code=499)  # the client went away: its turn is cancelled below
+            result = await state.run(_finish_response, state, base, turn, session, ephemeral, owner)
+            finished = True
+            return result
+        finally:
+            await state.run(_end_turn, state, turn, session, new and not finished, ephemeral)
 
     @app.get("/v1/responses/{rid}")
     async def get_response(rid: str, request: Request):
-        return state.response(rid, state.owner(request))["body"]
+        owner = state.owner(request)
+        return (await state.run(state.response, rid, owner))["body"]
 
 
 def _target_session(state: ServerState, body: ResponseRequest, owner: str, items: list):
-    """The session a response continues (conversation, previous response) or a new one; adds earlier items."""
+    """(session, new): the session a response continues (conversation, previous response) or a new one, with
+    the request's earlier items added. A new one is dropped again when its turn does not complete."""
     m = state.manager
-    ephemeral = False
     if body.conversation is not None and body.previous_response_id is not None:
         raise ApiError(400, "use either conversation or previous_response_id, not both", "conversation")
     if body.conversation is not None:
-        cid = body.conversation if isinstance(body.conversation, str) else body.conversation.get("id", "")
-        s = state.session(sid_of(cid), owner)
+        cid = body.conversation if isinstance(body.conversation, str) else body.conversation.id
+        s, new = state.session(sid_of(cid), owner), False
     elif body.previous_response_id is not None:
         prev = state.response(body.previous_response_id, owner)
-        s = state.session(prev["session"], owner)
-        if len(s.messages) != prev["n"]:  # the session moved on: branch from that point
-            s = m.fork(s.id, metadata={OWNER_KEY: owner})
-            for msg in s.messages[prev["n"]:]:
-                s.remove_message(msg.id)
+        s, new = m.fork(state.session(prev["session"], owner).id, keep_messages=prev["n"]), True
     else:
         system = body.instructions
         systems = [t for r, t in items if r == "system"]
         if systems:
             system = "\n\n".join(([system] if system else []) + systems)
-        meta = {OWNER_KEY: owner, **(body.metadata or {})}
-        s = m.create(system=system, metadata=meta)
-        ephemeral = not body.store
-    for role, text in items[:-1]:
-        if role != "system":
-            s.add_message(role, text)
-    return s, ephemeral
+        s = m.create(system=system, metadata=body.metadata, owner=owner, persistent=body.store)
+        new = True
+    try:
+        for role, text in items[:-1]:
+            if role != "system":
+                s.add_message(role, text)
+    except BaseException:
+        if new:
+            _drop_session(state, s)
+        raise
+    return s, new
+
+
+def _drop_session(state: ServerState, session) -> None:
+    state.manager.delete(session.id)
+
+
+def _end_turn(state: ServerState, turn, session, drop: bool, ephemeral: bool) -> None:
+    """After a response's turn, whatever happened: cancel it if it still runs; drop a session that was made
+    for it and is not to be kept (``store: false``, or its turn did not complete)."""
+    turn.close()
+    if drop or ephemeral:
+        state.manager.delete(session.id)
 
 
 def _response_object(state: ServerState, rid: str, body: ResponseRequest, session, ephemeral: bool) -> dict:
@@ -430,26 +592,25 @@ def _response_object(state: ServerState, rid: str, body: ResponseRequest, sessio
 def _finish_response(state: ServerState, base: dict, turn, session, ephemeral: bool, owner: str) -> dict:
     reply = turn.reply
     if reply is None or reply.finish_reason == "cancelled":
-        raise ApiError(500, "the generation was cancelled")
+        raise ApiError(503, "the generation was cancelled (the server is shutting down)", headers={"Retry-After": "5"})
     st = reply.stats
     state.metrics.observe_turn(st.prompt_tokens, st.cached_tokens, st.generated_tokens, st.ttft_s)
-    msg = session.messages[-1]
+    messages = session.messages
     resp = dict(base)
     resp["status"] = "incomplete" if reply.finish_reason == "length" else "completed"
     resp["incomplete_details"] = {"reason": "max_output_tokens"} if reply.finish_reason == "length" else None
-    resp["output"] = [item_of(msg)]
+    resp["output"] = [item_of(messages[-1])]
     resp["output_text"] = reply.text
     resp["usage"] = {"input_tokens": st.prompt_tokens, "input_tokens_details": {"cached_tokens": st.cached_tokens},
                      "output_tokens": st.generated_tokens, "output_tokens_details": {"reasoning_tokens": 0},
                      "total_tokens": st.prompt_tokens + st.generated_tokens}
-    if ephemeral:
-        state.manager.delete(session.id)
-    else:
-        state.remember_response(resp, owner, session.id, len(session.messages))
+    if not ephemeral:
+        state.manager.remember_response(resp["id"], owner=owner, session_id=session.id, n_messages=len(messages),
+                                        body=resp)
     return resp
 
 
-async def _response_stream(state: ServerState, turn, base: dict, session, ephemeral: bool,
+async def _response_stream(state: ServerState, turn, base: dict, session, new: bool, ephemeral: bool,
                            owner: str) -> AsyncIterator[str]:
     seq = 0
 
@@ -459,6 +620,7 @@ async def _response_stream(state: ServerState, turn, base: dict, session, epheme
         return sse({"type": kind, "sequence_number": seq - 1, **fields}, kind)
 
     item_id = "msg_pending_" + uuid.uuid4().hex
+    finished = False
     try:
         yield event("response.created", response=base)
         yield event("response.in_progress", response=base)
@@ -467,11 +629,17 @@ async def _response_stream(state: ServerState, turn, base: dict, session, epheme
         part = {"type": "output_text", "text": "", "annotations": []}
         yield event("response.content_part.added", item_id=item_id, output_index=0, content_index=0, part=part)
         text = []
-        while (delta := await state.run(turn.next_delta)) is not None:
-            text.append(delta)
-            yield event("response.output_text.delta", item_id=item_id, output_index=0, content_index=0,
-                        delta=delta, logprobs=[])
-        final = await state.run(_finish_response, state, base, turn, session, ephemeral, owner)
+        try:
+            while (delta := await state.run(turn.next_delta)) is not None:
+                text.append(delta)
+                yield event("response.output_text.delta", item_id=item_id, output_index=0, content_index=0,
+                            delta=delta, logprobs=[])
+            final = await state.run(_finish_response, state, base, turn, session, ephemeral, owner)
+        except (ApiError, E.GemmaSessionsError) as exc:  # the status line is sent: fail in the stream
+            failed = dict(base, status="failed", error={"code": "server_error", "message": str(exc)})
+            yield event("response.failed", response=failed)
+            return
+        finished = True
         done_item = final["output"][0]
         full = "".join(text)
         yield event("response.output_text.done", item_id=done_item["id"], output_index=0, content_index=0,
@@ -481,8 +649,8 @@ async def _response_stream(state: ServerState, turn, base: dict, session, epheme
         yield event("response.output_item.done", output_index=0, item=done_item)
         yield event("response.completed" if final["status"] == "completed" else "response.incomplete",
                     response=final)
-    finally:
-        await state.run(turn.close)
+    finally:  # one call, submitted at once: it runs even when this generator is being cancelled
+        await state.run(_end_turn, state, turn, session, new and not finished, ephemeral)
 
 
 # ------------------------------------------------------------------------------------------------ conversations
@@ -496,13 +664,18 @@ def _install_conversations(app: FastAPI, state: ServerState) -> None:
             items = input_items(body.items or [])
         except ValueError as exc:
             raise ApiError(400, str(exc), "items") from exc
+        state.check_chars([t for _, t in items], "items")
         system = "\n\n".join(t for r, t in items if r == "system") or None
 
         def make():
-            s = state.manager.create(system=system, metadata={OWNER_KEY: owner, **(body.metadata or {})})
-            for role, text in items:
-                if role != "system":
-                    s.add_message(role, text)
+            s = state.manager.create(system=system, metadata=body.metadata, owner=owner)
+            try:
+                for role, text in items:
+                    if role != "system":
+                        s.add_message(role, text)
+            except BaseException:
+                state.manager.delete(s.id)
+                raise
             return s
 
         return conversation_object(await state.run(make))
@@ -514,9 +687,7 @@ def _install_conversations(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/conversations/{cid}")
     async def update_conversation(cid: str, body: ConversationUpdate, request: Request):
         s = await state.run(state.session, sid_of(cid), state.owner(request))
-        s.metadata.update(body.metadata)
-        await state.run(state.manager._history_changed, s)
-        return conversation_object(s)
+        return conversation_object(await state.run(state.manager.update_metadata, s.id, body.metadata))
 
     @app.delete("/v1/conversations/{cid}")
     async def delete_conversation(cid: str, request: Request):
@@ -549,6 +720,7 @@ def _install_conversations(app: FastAPI, state: ServerState) -> None:
             raise ApiError(400, str(exc), "items") from exc
         if any(r == "system" for r, _ in items):
             raise ApiError(400, "system items can only open a conversation", "items")
+        state.check_chars([t for _, t in items], "items")
         added = [await state.run(s.add_message, role, text) for role, text in items]
         data = [item_of(m) for m in added]
         return {"object": "list", "data": data, "first_id": data[0]["id"], "last_id": data[-1]["id"],
@@ -579,7 +751,7 @@ def _install_sessions(app: FastAPI, state: ServerState) -> None:
         owner = state.owner(request)
 
         def views():
-            return [_session_view(s) for s in state.manager.list() if s.metadata.get(OWNER_KEY, "") == owner]
+            return [_session_view(s) for s in state.manager.list() if s.owner == owner]
 
         return {"object": "list", "data": await state.run(views)}
 
@@ -589,36 +761,24 @@ def _install_sessions(app: FastAPI, state: ServerState) -> None:
         return await state.run(_session_view, s, True)
 
     @app.post("/v1/sessions/{sid}/fork")
-    async def fork_session(sid: str, request: Request):
-        owner = state.owner(request)
-        s = await state.run(state.session, sid, owner)
-        child = await state.run(lambda: state.manager.fork(s.id, metadata={OWNER_KEY: owner}))
+    async def fork_session(sid: str, request: Request, messages: int | None = None):
+        """Fork a session; ``?messages=N`` keeps only its first N messages (fork at a turn)."""
+        s = await state.run(state.session, sid, state.owner(request))
+        child = await state.run(lambda: state.manager.fork(s.id, keep_messages=messages))
         return await state.run(_session_view, child)
 
     @app.get("/v1/sessions/{sid}/export")
     async def export_session(sid: str, request: Request, quantize: bool = False, compress: bool = False):
-        import tempfile
-        from pathlib import Path
-
         s = await state.run(state.session, sid, state.owner(request))
-        with tempfile.TemporaryDirectory() as d:
-            path = Path(d) / "session"
-            await state.run(lambda: state.manager.export(s.id, path, quantize=quantize, compress=compress))
-            data = path.read_bytes()
+        data = await state.run(lambda: state.manager.export_bytes(s.id, quantize=quantize, compress=compress))
         return Response(data, media_type="application/octet-stream",
-                        headers={"Content-Disposition": f'attachment; filename="{sid}.gsession"'})
+                        headers={"Content-Disposition": f'attachment; filename="{s.id}.gsession"'})
 
-    @app.post("/v1/sessions/import")
+    @app.post(IMPORT_PATH)
     async def import_session(request: Request, history_only: bool = False):
-        import tempfile
-        from pathlib import Path
-
+        """Import a session file (the body, raw bytes; at most ``max_import_bytes``); the caller owns it."""
         owner = state.owner(request)
-        data = await request.body()
-        with tempfile.TemporaryDirectory() as d:
-            path = Path(d) / "session"
-            path.write_bytes(data)
-            s = await state.run(lambda: state.manager.import_file(path, history_only=history_only, new_id=True))
-        s.metadata[OWNER_KEY] = owner
-        await state.run(state.manager._history_changed, s)
+        data = await request.body()  # Guard read it already, within its limit
+        s = await state.run(lambda: state.manager.import_bytes(data, history_only=history_only, new_id=True,
+                                                                owner=owner, max_bytes=state.limits.max_import_bytes))
         return await state.run(_session_view, s)

@@ -8,9 +8,9 @@ more than we use), wrong types and values are 400s in OpenAI's error shape::
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
@@ -24,6 +24,40 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+def check_strings(value: Any) -> None:
+    """ValueError if any string in a parsed JSON value (keys too) is not valid Unicode (a lone surrogate)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("text must be valid Unicode (it has a lone surrogate)") from None
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+
+
+class _Body(_Lenient):
+    """A request body: refused as a whole when any string in it is not valid Unicode."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        check_strings(data)
+        return data
+
+
+# OpenAI's metadata: at most 16 pairs, keys up to 64 characters, values up to 512.
+Metadata = Annotated[dict[Annotated[str, StringConstraints(max_length=64)],
+                          Annotated[str, StringConstraints(max_length=512)]], Field(max_length=16)]
+# Seeds are int64, as in OpenAI's API.
+Seed = Annotated[int, Field(ge=-(1 << 63), lt=1 << 63)]
 
 
 class ChatMessage(_Lenient):
@@ -52,12 +86,12 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
-class SamplingFields(_Lenient):
+class SamplingFields(_Body):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
     min_p: float | None = Field(default=None, ge=0, le=1)
-    seed: int | None = None
+    seed: Seed | None = None
     stop: str | list[str] | None = None
 
     @field_validator("stop")
@@ -78,28 +112,32 @@ class ChatCompletionRequest(SamplingFields):
     stream_options: StreamOptions | None = None
 
 
+class ConversationRef(_Lenient):
+    id: str
+
+
 class ResponseRequest(SamplingFields):
     model: str | None = None
     input: str | list[dict[str, Any]] | None = None
     instructions: str | None = None
-    conversation: str | dict[str, Any] | None = None
+    conversation: str | ConversationRef | None = None
     previous_response_id: str | None = None
     store: bool = True
     stream: bool = False
     max_output_tokens: int | None = Field(default=None, ge=1)
-    metadata: dict[str, str] | None = None
+    metadata: Metadata | None = None
 
 
-class ConversationCreate(_Lenient):
+class ConversationCreate(_Body):
     items: list[dict[str, Any]] | None = Field(default=None, max_length=20)
-    metadata: dict[str, str] | None = None
+    metadata: Metadata | None = None
 
 
-class ConversationUpdate(_Lenient):
-    metadata: dict[str, str]
+class ConversationUpdate(_Body):
+    metadata: Metadata
 
 
-class ItemsCreate(_Lenient):
+class ItemsCreate(_Body):
     items: list[dict[str, Any]] = Field(min_length=1, max_length=20)
 
 
