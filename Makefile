@@ -24,10 +24,17 @@ NO_AMX      := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 WHEELS      ?= $(HOME)/.cache/gemma-sessions/wheels/llama-cpp-no-amx-1
 
 # torch==2.13.0 first: the CPU wheel on local disk. Anything installed later that asks for torch finds it
-# satisfied, so no install ever pulls a multi-GB CUDA build.
-$(STAMP): pyproject.toml | $(PY)
+# satisfied, so no install ever pulls a multi-GB CUDA build. Serving needs only the runtime (SERVE_STAMP); the
+# tests add their references (llama-cpp-python, transformers) and tools on top (STAMP).
+SERVE_STAMP := $(VENV)/.installed-serve
+
+$(SERVE_STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e '.[model,server,zstd]'
+	touch $(SERVE_STAMP)
+
+$(STAMP): $(SERVE_STAMP)
 	@ls $(WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || CMAKE_ARGS="-DCMAKE_C_FLAGS='$(NO_AMX)' \
 	  -DCMAKE_CXX_FLAGS='$(NO_AMX)'" $(PY) -m pip wheel --no-cache-dir --no-deps -w $(WHEELS) '$(LLAMA_CPP)'
 	$(PY) -m pip install $(WHEELS)/llama_cpp_python-*.whl
@@ -37,17 +44,18 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 # Assemble the default model once into the user cache dir (a no-op when it is there).
-model: $(STAMP)
+model: $(SERVE_STAMP)
 	$(VENV)/bin/gemma-sessions model fetch $(MODEL)
 
-test: model
+test: $(STAMP) model
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The main job: the OpenAI-compatible server on the default model and store (STORE=dir to choose another).
+# It installs the runtime only: no test reference is built before the server starts.
 serve: model
 	$(VENV)/bin/gemma-sessions serve --model $(MODEL) --host $(HOST) --port $(PORT) $(if $(STORE),--store $(STORE),)
 
-bench: model
+bench: $(STAMP) model
 	$(PY) bench/generate.py
 
 clean:
