@@ -292,8 +292,11 @@ class Engine:
         return child
 
     def _release(self, handle: KVHandle) -> None:
+        # NOTE: also when busy: a running request holds its sequence itself (handle.seq is None then), so a busy
+        # handle's seq is KV parked for a request not admitted yet (``release_kv`` then ``submit``), which then
+        # starts from the prefix cache instead of continuing KV its caller dropped
         self.scheduler.parked.pop(handle.id, None)
-        if handle.seq is not None and not handle.busy:
+        if handle.seq is not None:
             self.cache.free(handle.seq)
             handle.seq = None
 
@@ -368,20 +371,23 @@ class Engine:
 
     @staticmethod
     def _check_rows(logits: list, tokens: list, greedy: list[bool]) -> set[int]:
-        """Rows whose logits hold NaN / inf (one isfinite over the rows that have logits; a greedy row the head
-        decided has none and is fine). Fills ``tokens`` for the other greedy rows the head did not decide: one
-        argmax over their logits."""
+        """Rows whose logits hold NaN / inf (a greedy row the head decided has no logits and is fine). Fills
+        ``tokens`` for the other greedy rows the head did not decide: one argmax over their logits.
+
+        NOTE: a row is tested by the finiteness of its sum, one reduction per row and no copy: any NaN or inf makes the
+        sum NaN or inf. (Finite logits whose sum overflows float32, |logit| ~1e33, would count as bad too; no working
+        model makes them.) ``torch.isfinite(logits).all(dim=-1)`` is exact but writes a bool per logit: on a 2-core
+        machine, 262k-vocab rows, ~0.8 ms for 1 row and ~80 ms for 64 rows against 0.04 ms and ~4 ms for the sums.
+        """
         have = [i for i, x in enumerate(logits) if x is not None]
         if not have:
             return set()
-        mat = torch.stack([logits[i] for i in have])
-        finite = torch.isfinite(mat).all(dim=-1).tolist()
+        finite = torch.isfinite(torch.stack([logits[i].sum() for i in have])).tolist()
         bad = {i for i, ok in zip(have, finite) if not ok}
-        missing = [k for k, i in enumerate(have) if greedy[i] and tokens[i] is None and i not in bad]
-        if missing:
-            rows = mat if len(missing) == len(have) else mat[missing]
-            for k, t in zip(missing, kernels.argmax(rows).tolist()):
-                tokens[have[k]] = t
+        missing = [i for i in have if greedy[i] and tokens[i] is None and i not in bad]
+        if missing:  # one argmax call instead of one per row
+            for i, t in zip(missing, kernels.argmax(torch.stack([logits[i] for i in missing])).tolist()):
+                tokens[i] = t
         return bad
 
     def _advance(self, req: Request, item: WorkItem, row: int, nonfinite: bool, logits: list, tokens: list) -> None:
