@@ -271,6 +271,8 @@ def _declared_size(prefix: bytearray, name: str) -> int | None:
     n = int.from_bytes(prefix[:8], "little")
     if n <= 1 or n > 100 << 20:  # safetensors itself refuses headers over 100 MB
         raise SessionFileError(f"{name}: not a safetensors file (header length {n})")
+    if len(prefix) > 8 and prefix[8] != ord("{"):  # the safetensors format: the header MUST begin with "{"
+        raise SessionFileError(f"{name}: not a safetensors file (no JSON header)")
     if len(prefix) < 8 + n:
         return None
     header = _header(bytes(prefix[8:8 + n]), name)
