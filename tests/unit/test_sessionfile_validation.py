@@ -147,6 +147,7 @@ MALFORMED = {
     "pages other head dim": _tensor("kv.g1", lambda x: x[..., :8].contiguous()),
     "pages fewer than index": _tensor("kv.g0", lambda x: x[:-1].contiguous()),
     # values
+    "too many tokens": _tensor("tokens", lambda x: torch.zeros(sessionfile.MAX_TOKENS + 1, dtype=torch.int32)),
     "negative token": _tensor("tokens", lambda x: torch.cat([x[:-1], torch.tensor([-5], dtype=torch.int32)])),
     "index 1e9": _tensor("kv.g0.index", lambda x: torch.cat([x[:-1], torch.tensor([10 ** 9])])),
     "index negative": _tensor("kv.g0.index", lambda x: torch.cat([torch.tensor([-1]), x[1:]])),

@@ -8,9 +8,10 @@ checked, every float must be finite and within ``MAX_ABS_VALUE``), or more than 
 Nothing is ever unpickled: tensors are safetensors, metadata is JSON in the safetensors header. Messages name the
 file ``name`` ("session file" unless the caller passes another), never a path of this machine.
 
-    tensors   tokens int32 [T] (ids >= 0); kv.g{g} [n, layers_per_group, 2, block_size, kv_heads, head_dim] per KV
-              group (float32 / bfloat16 / float16, or int8 with kv.g{g}.scale float32 [n, layers_per_group, 2,
-              block_size]); kv.g{g}.index int64 [n] block positions (sorted, unique, < ceil(T / block_size))
+    tensors   tokens int32 [T] (ids >= 0, T <= MAX_TOKENS); kv.g{g} [n, layers_per_group, 2, block_size, kv_heads,
+              head_dim] per KV group (float32 / bfloat16 / float16, or int8 with kv.g{g}.scale float32
+              [n, layers_per_group, 2, block_size]); kv.g{g}.index int64 [n] block positions (sorted, unique,
+              < ceil(T / block_size))
     (a RecurrentGemma session instead holds its fixed-size state: state.{name} per state tensor, in the model's
     dtypes (conv.i, rnn.i float, k.i / v.i attention ring, kpos int64 in -1 .. T - 1), and layout
     {"kind": "recurrent"}; int8 quantization does not apply to it)
@@ -54,6 +55,9 @@ MAX_ABS_VALUE = 65504.0
 float16, so no honest file holds more; real K/V and recurrent states are O(1..100) (normalised activations through a
 projection), so a larger value can only be crafted, and it would overflow half-precision attention scores into inf /
 NaN. NaN and inf are refused everywhere."""
+MAX_TOKENS = 1 << 20
+"""Most token ids a file may hold: Gemma 3's context is 128k tokens, so a million leaves room for any model served here
+while bounding the Python ints a file makes us allocate (~36 bytes each: 4 bytes in the file, 36 MB per million)."""
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _ZSTD_SLACK = 1 << 16    # zstd's worst-case expansion of incompressible data is ~1/256 plus a few bytes per frame
 _CHUNK = 1 << 20         # decompression and value checks work in pieces of this many bytes / elements
@@ -352,6 +356,8 @@ def _check_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], layou
     tokens = tensors["tokens"]
     if tokens.dtype != torch.int32 or tokens.dim() != 1:
         raise SessionFileError(f"{name}: tokens must be int32 [T]")
+    if tokens.numel() > MAX_TOKENS:
+        raise SessionFileError(f"{name}: {tokens.numel()} tokens, more than {MAX_TOKENS}")
     if tokens.numel() and int(tokens.min()) < 0:
         raise SessionFileError(f"{name}: negative token ids")
     if layout.get("kind") == "recurrent":
