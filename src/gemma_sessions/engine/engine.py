@@ -363,6 +363,9 @@ class Engine:
             row += item.want_logits
             try:
                 self._advance(req, item, r, r in bad, logits, tokens)
+            except NumericalError as exc:
+                log.warning("request %d: non-finite logits; it fails, its KV is dropped", req.id)
+                self._fail(req, exc, drop_kv=True)
             except Exception as exc:  # e.g. the sampler refusing its probabilities: this request fails alone
                 log.exception("request %d failed", req.id)
                 self._fail(req, exc, drop_kv=True)
