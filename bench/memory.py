@@ -27,6 +27,7 @@ Results: markdown tables on stdout and ``bench/out/memory.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import threading
 import time
@@ -68,7 +69,7 @@ def per_token(model, engine, T: int) -> dict:
     n_full, n_sliding, window = th["full_layers"], th["sliding_layers"], th["window"]
     ours = held / tokens
     engine.release_kv(handle)
-    engine._call(lambda: engine.cache.pool.reset_prefix_cache())
+    engine.reset_prefix_cache()
     return {"tokens": tokens, "kv_bytes": held, "bytes_per_token": ours, "all_layers_bytes_per_token": all_layers,
             "sliding_min_bytes_per_token": sliding_min, "ours_over_all_layers": ours / all_layers,
             "saving_vs_all_layers": 1 - ours / all_layers, "ours_over_sliding_min": ours / sliding_min,
@@ -100,15 +101,12 @@ def shared_prompt(model, engine, cold: bool) -> dict:
         replies[i] = sessions[i].send(msgs[i])
 
     threads = [threading.Thread(target=run, args=(i,)) for i in rest]
-    hold = threading.Event()
-    if cold:  # park the loop thread until every request is queued, so all are admitted in the same step
-        engine._send(("call", (hold.wait, None, None)))
-    for t in threads:
-        t.start()
-    if cold:
-        while sum(1 for s in sessions if s.kv.busy) < len(threads):  # busy: submitted to the engine
+    # cold: hold the loop thread until every request is queued, so all are admitted in the same step
+    with engine.paused() if cold else contextlib.nullcontext():
+        for t in threads:
+            t.start()
+        while cold and sum(1 for s in sessions if s.kv.busy) < len(threads):  # busy: submitted to the engine
             time.sleep(0.01)
-        hold.set()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
@@ -122,7 +120,7 @@ def shared_prompt(model, engine, cold: bool) -> dict:
     cached = sum(r.stats.cached_tokens for r in replies)
     for s in sessions:
         manager.delete(s.id)
-    engine._call(lambda: engine.cache.pool.reset_prefix_cache())
+    engine.reset_prefix_cache()
     return {"variant": "cold" if cold else "warm", "sessions": N_SESSIONS,
             "prompt_tokens_per_session": replies[0].stats.prompt_tokens, "one_session_bytes": one_alone["bytes"],
             "blocks_used": stats["blocks_used"], "page_bytes": page, "bytes_used": used, "separate_copies_bytes": copies,
@@ -146,7 +144,7 @@ def main() -> None:
     warm = gs.SessionManager(engine).create(sampling=gs.SamplingParams(temperature=0.0, max_tokens=2))
     warm.send(C.user_messages(1, 30, seed=99)[0])
     engine.release_kv(warm.kv)
-    engine._call(lambda: engine.cache.pool.reset_prefix_cache())
+    engine.reset_prefix_cache()
 
     a = []
     for T in lengths:

@@ -92,8 +92,7 @@ def build(name: str):
     params = sum(p.numel() for p in net.state_dict().values())
     if cfg["model_type"] == "recurrent_gemma":
         params += net.embed.numel()  # a plain tensor attribute there (tied embedding / LM head)
-    model = Model(net, C.tokenizer(), Path(name), 0.0)
-    model._fingerprint = f"bench:{name}"
+    model = Model(net, C.tokenizer(), Path(name), 0.0, fingerprint=f"bench:{name}")
     return model, params
 
 

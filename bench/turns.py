@@ -151,7 +151,7 @@ def child_ours(w: dict) -> dict:
     bos = model.tokenizer.bos_id
 
     def reset_prefix_cache() -> None:  # on the loop thread, after any queued release
-        engine._call(lambda: engine.cache.pool.reset_prefix_cache())
+        engine.reset_prefix_cache()
 
     # warm-up (first-call costs), then forget it
     s = manager.create(sampling=params)

@@ -13,15 +13,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .errors import ContextLengthError, InvalidRequestError
-from .sampling import Sampler, SamplingParams, TextStream
-
-
-def stop_token_ids(model) -> set[int]:
-    tok = model.tokenizer
-    ids = {model.config.eos_token_id, tok.eos_id}
-    if tok.end_of_turn_id is not None:
-        ids.add(tok.end_of_turn_id)
-    return ids
+from .sampling import Sampler, SamplingParams, TextDeltas
 
 
 def _params(sampling: SamplingParams | None, overrides: dict) -> SamplingParams:
@@ -40,7 +32,7 @@ def generate_tokens(model, prompt_ids: Sequence[int], params: SamplingParams) ->
     net, dev = model.net, model.device
     state = net.new_sequence(len(prompt_ids) + budget)
     sampler = Sampler(params)
-    stops = set() if params.ignore_eos else stop_token_ids(model)
+    stops = frozenset() if params.ignore_eos else model.stop_ids
     ids = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=dev)
     fast_greedy = params.greedy and hasattr(net, "step_greedy")  # the same token, without the full logits
     for _ in range(budget):
@@ -63,16 +55,9 @@ def generate_stream(model, prompt: str | Sequence[int], sampling: SamplingParams
     params = _params(sampling, dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                     min_p=min_p, seed=seed, stop=tuple(stop) if stop is not None else None))
     prompt_ids = model.tokenizer.encode(prompt, add_bos=True) if isinstance(prompt, str) else list(prompt)
-    stream = TextStream(model.tokenizer, params.stop)
-    for token in generate_tokens(model, prompt_ids, params):
-        delta = stream.feed(token)
-        if delta:
-            yield delta
-        if stream.stopped:
-            return
-    tail = stream.finish()
-    if tail:
-        yield tail
+    deltas = TextDeltas(generate_tokens(model, prompt_ids, params), model.tokenizer, params.stop)
+    while (delta := deltas.next_delta()) is not None:
+        yield delta
 
 
 def generate(model, prompt: str | Sequence[int], sampling: SamplingParams | None = None, **kwargs) -> str:

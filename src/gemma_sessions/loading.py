@@ -93,7 +93,10 @@ def _assemble_default(progress: bool) -> Path:
 
 
 class Model:
-    """A loaded Gemma model: ``.config``, ``.tokenizer``, ``.net`` (the layers) and ``forward``.
+    """A loaded Gemma model: ``.config``, ``.tokenizer``, ``.net`` (the layers), ``.stop_ids`` and ``forward``.
+
+    ``fingerprint`` names the weights (default: hashed from the weight files when first asked); models built in memory
+    (tests, benchmarks) pass their own.
 
     Example::
 
@@ -101,7 +104,8 @@ class Model:
         logits = model.forward(model.tokenizer.encode("Hello", add_bos=True))   # [T, vocab]
     """
 
-    def __init__(self, net: GemmaModel, tokenizer: Tokenizer, source: Path, load_seconds: float):
+    def __init__(self, net: GemmaModel, tokenizer: Tokenizer, source: Path, load_seconds: float,
+                 fingerprint: str | None = None):
         self.net = net
         self.config: ModelConfig = net.config
         self.tokenizer = tokenizer
@@ -109,8 +113,16 @@ class Model:
         self.load_seconds = load_seconds
         self.weight_format = net.weight_format
         self.device = net.device
-        self._fingerprint: str | None = None
+        self._fingerprint: str | None = fingerprint
         self._lock = threading.Lock()
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """Token ids that end a reply: ``<eos>`` (the config's and the tokenizer's) and ``<end_of_turn>``. What the
+        engine stops on (it never reads the tokenizer itself)."""
+        tok = self.tokenizer
+        ids = {self.config.eos_token_id, tok.eos_id, tok.end_of_turn_id}
+        return frozenset(i for i in ids if i is not None)
 
     def __repr__(self) -> str:
         c = self.config

@@ -3,14 +3,15 @@
 Contract: ``SamplingParams`` is the frozen description of how to pick tokens and when to stop; ``Sampler`` turns
 one logits row into one token id, deterministically for a given seed (each request owns its own generator, so
 batching never changes a seeded stream); ``TextStream`` turns token ids into text deltas, holding back text that may
-still become a stop string and never emitting half a UTF-8 character.
+still become a stop string and never emitting half a UTF-8 character; ``TextDeltas`` is the loop every caller runs
+over it (feed tokens until the stream ends or a stop string appears).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -23,8 +24,8 @@ class SamplingParams:
     """How to sample and when to stop.
 
     ``temperature=0`` is greedy. ``top_k=0``, ``top_p=1`` and ``min_p=0`` disable those filters. ``seed=None``
-    draws a fresh seed per request; the same seed gives the same tokens. ``stop`` strings end generation (the
-    stop string itself is not returned); generation also ends on ``<end_of_turn>`` / ``<eos>``.
+    draws a fresh seed per request; the same seed gives the same tokens. ``stop`` strings (a tuple) end generation
+    (the stop string itself is not returned); generation also ends on ``<end_of_turn>`` / ``<eos>``.
     """
 
     temperature: float = 1.0
@@ -37,11 +38,10 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        else:
-            object.__setattr__(self, "stop", tuple(self.stop))
+        # NOTE: checked, never converted: a frozen object is not rewritten behind its back (``from_dict`` and the
+        # callers that take lists build the tuple); a lone str would otherwise be taken as a tuple of characters
         checks = [
+            (isinstance(self.stop, tuple), "stop must be a tuple of strings"),
             (self.temperature >= 0, "temperature must be >= 0"),
             (self.top_k >= 0, "top_k must be >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
@@ -154,3 +154,50 @@ class TextStream:
                     best = n
                     break
         return best
+
+
+class TextDeltas:
+    """The text of a stream of generated token ids, delta by delta, ending at the first stop string.
+
+    ``next_delta()`` returns the next non-empty delta, or None once the tokens ran out or a stop string appeared
+    (``stopped``; ``on_stop`` is called at that moment, e.g. to cancel the generation). ``tokens`` are the ids
+    consumed, ``text`` what was returned. Sessions, the server's stateless completions and ``generate`` all read
+    generations through it.
+
+    Example::
+
+        deltas = TextDeltas(engine.submit(ids, params), tokenizer, params.stop)
+        while (delta := deltas.next_delta()) is not None:
+            print(delta, end="")
+    """
+
+    def __init__(self, token_ids: Iterable[int], tokenizer, stop: Sequence[str] = (),
+                 on_stop: Callable[[], None] | None = None):
+        self._iter = iter(token_ids)
+        self._stream = TextStream(tokenizer, stop)
+        self._on_stop = on_stop
+        self.tokens: list[int] = []
+        self.done = False
+        self.stopped = False
+
+    @property
+    def text(self) -> str:
+        return self._stream.text
+
+    def next_delta(self) -> str | None:
+        while not self.done:
+            try:
+                token = next(self._iter)
+            except StopIteration:
+                self.done = True
+                return self._stream.finish() or None
+            self.tokens.append(token)
+            delta = self._stream.feed(token)
+            if self._stream.stopped:
+                self.done = self.stopped = True
+                if self._on_stop is not None:
+                    self._on_stop()
+                return delta or None
+            if delta:
+                return delta
+        return None

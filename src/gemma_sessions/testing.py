@@ -76,9 +76,8 @@ def tiny_model(arch: str = "gemma3", seed: int = 0, weight_format: str = "float3
     dev = torch.device(device)
     tensors = {k: v.to(dev) for k, v in random_tensors(config, seed).items()}
     net = GemmaModel(config, tensors, weight_format, dev).eval()
-    model = Model(net, tiny_tokenizer(config.vocab_size), Path(f"tiny-{arch}-{seed}"), 0.0)
-    model._fingerprint = f"tiny:{config.fingerprint()}:{seed}:{weight_format}"  # no weight file to hash
-    return model
+    return Model(net, tiny_tokenizer(config.vocab_size), Path(f"tiny-{arch}-{seed}"), 0.0,
+                 fingerprint=f"tiny:{config.fingerprint()}:{seed}:{weight_format}")  # no weight file to hash
 
 
 def _varint(value: int) -> bytes:
@@ -151,6 +150,5 @@ def tiny_griffin_model(seed: int = 0, weight_format: str = "float32", device: st
         tensors[name] = t
     dtype = torch.float32 if weight_format == "float32" else torch.bfloat16
     net = GriffinModel(cfg, tensors, dtype, device).eval()
-    model = Model(net, tiny_tokenizer(cfg.vocab_size), Path(f"tiny-griffin-{seed}"), 0.0)
-    model._fingerprint = f"tiny-griffin:{cfg.fingerprint()}:{seed}:{weight_format}"
-    return model
+    return Model(net, tiny_tokenizer(cfg.vocab_size), Path(f"tiny-griffin-{seed}"), 0.0,
+                 fingerprint=f"tiny-griffin:{cfg.fingerprint()}:{seed}:{weight_format}")

@@ -185,7 +185,7 @@ def test_a_failed_forward_fails_its_batch_only(model):
         assert again.token_ids == _ref(model, _prompt(1) + [POISON])
 
 
-@pytest.mark.parametrize("where", ["start", "chunk_limit"])
+@pytest.mark.parametrize("where", ["start", "allocate"])
 def test_an_admission_or_scheduling_error_fails_that_request_only(model, where):
     with _engine(model) as e:
         real = getattr(e.cache, where)

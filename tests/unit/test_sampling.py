@@ -7,7 +7,7 @@ import torch
 
 import gemma_sessions as gs
 from gemma_sessions.generate import generate_tokens
-from gemma_sessions.sampling import Sampler, SamplingParams, TextStream
+from gemma_sessions.sampling import Sampler, SamplingParams, TextDeltas, TextStream
 from gemma_sessions.testing import tiny_model, tiny_tokenizer
 
 
@@ -48,7 +48,8 @@ def test_top_p_and_min_p_cut_the_tail():
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(min_p=2),
-                                 dict(max_tokens=0), dict(top_k=-1), dict(stop=("",))])
+                                 dict(max_tokens=0), dict(top_k=-1), dict(stop=("",)), dict(stop="###"),
+                                 dict(stop=["###"])])
 def test_invalid_params_are_refused(bad):
     with pytest.raises(gs.InvalidRequestError):
         SamplingParams(**bad)
@@ -82,3 +83,25 @@ def test_text_stream_never_emits_half_a_character():
     ts = TextStream(tok)
     deltas = [ts.feed(i) for i in ids] + [ts.finish()]
     assert "".join(deltas) == text and all("\ufffd" not in d for d in deltas)
+
+
+def test_params_are_never_rewritten_and_round_trip_through_dicts():
+    p = SamplingParams(stop=("###", "END"), seed=4)
+    assert SamplingParams.from_dict(p.to_dict()) == p and p.to_dict()["stop"] == ["###", "END"]
+    assert p.replace(stop=("x",)).stop == ("x",) and p.stop == ("###", "END")
+
+
+def test_text_deltas_end_at_a_stop_string_and_tell_who_stopped():
+    tok = tiny_tokenizer()
+    ids = tok.encode("abcXYdef")
+    stops = []
+    deltas = TextDeltas(iter(ids), tok, ("de",), on_stop=lambda: stops.append(len(deltas.tokens)))
+    out = []
+    while (d := deltas.next_delta()) is not None:
+        out.append(d)
+    assert "".join(out) == "abcXY" == deltas.text and deltas.stopped and deltas.done
+    assert stops == [len(deltas.tokens)] and deltas.tokens == ids[:len(deltas.tokens)] and len(ids) > len(deltas.tokens)
+    assert deltas.next_delta() is None and stops == [len(deltas.tokens)]  # on_stop ran once
+    rest = TextDeltas(iter(ids), tok, ("XYZ",))
+    assert "".join(iter(rest.next_delta, None)) == "abcXYdef" and rest.done and not rest.stopped
+    assert rest.tokens == ids

@@ -77,12 +77,13 @@ def test_context_policy_truncate_oldest_keeps_system_prompt(model):
     with Engine(model, kv_cache_bytes=8 << 20, block_size=4) as engine:
         m = gs.SessionManager(engine)
         s = m.create(system="SYS", sampling=PARAMS, max_context=120)
-        for i in range(8):
-            reply = s.send(f"turn number {i} with some words")
+        replies = [s.send(f"turn number {i} with some words") for i in range(8)]
         assert s.stats["dropped_turns"] > 0 and len(s.token_ids) <= 120
         first = s.messages[0]
         assert model.tokenizer.decode(list(first.token_ids)).startswith("user\nSYS\n\n")
-        assert reply.stats.dropped_turns >= 0
+        # each turn reports what it dropped; together that is the session's count, and the first turns dropped none
+        assert sum(r.stats.dropped_turns for r in replies) == s.stats["dropped_turns"]
+        assert replies[0].stats.dropped_turns == 0 and len(s.messages) == 2 * (8 - s.stats["dropped_turns"])
 
 
 def test_context_policy_error_loses_nothing(model):
@@ -159,3 +160,26 @@ def test_empty_message_is_refused(manager):
     with pytest.raises(gs.InvalidRequestError):
         s.send("   ")
     assert s.messages == [] and not s.busy
+
+
+def test_astream_gives_the_same_turn_as_stream_and_cancels_when_closed_early(manager):
+    import asyncio
+
+    a, b = manager.create(sampling=PARAMS), manager.create(sampling=PARAMS)
+
+    async def collect(session, text, limit=None):
+        out = []
+        agen = session.astream(text)
+        async for delta in agen:
+            out.append(delta)
+            if limit is not None and len(out) >= limit:
+                break
+        await agen.aclose()
+        return out
+
+    deltas = asyncio.run(collect(a, "hello async"))
+    reply = b.send("hello async")
+    assert "".join(deltas) == reply.text and a.token_ids == b.token_ids and len(a.messages) == 2
+    before = a.token_ids
+    assert len(asyncio.run(collect(a, "stop early", limit=1))) == 1
+    assert a.token_ids == before and not a.busy  # a turn closed early adds nothing and frees the session

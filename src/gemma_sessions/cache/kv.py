@@ -146,9 +146,6 @@ class PagedKVCache:
     def describe(self) -> str:
         return f"{self.pool.num_blocks} blocks of {self.layout.block_size} tokens"
 
-    def chunk_limit(self, seq: SeqKV, n: int) -> int:
-        return n
-
     def export(self, seq: SeqKV) -> KVSnapshot:
         return export_snapshot(self, seq)
 
@@ -230,6 +227,16 @@ class PagedKVCache:
         self.prefix_hit_tokens += n
         return seq
 
+    def resume(self, seq: SeqKV, tokens: list[int]) -> bool:
+        """Continue a parked ``seq`` with ``tokens`` if they extend its computed ones (False, unchanged, if not)."""
+        n = seq.num_computed
+        if len(tokens) <= n or tokens[:n] != seq.tokens[:n]:
+            return False
+        seq.tokens, seq.cached_at_start = tokens, n
+        self.prefix_queried_tokens += len(tokens)
+        self.prefix_hit_tokens += n
+        return True
+
     def rematch(self, seq: SeqKV) -> int:
         """Before a sequence computes anything: adopt a longer cached prefix if one appeared since it started
         (requests arriving together: the first one's blocks are registered as its chunks complete). Returns the
@@ -286,8 +293,9 @@ class PagedKVCache:
                 self.pool.free_blocks(reversed(dead))
                 table[:last_dead] = [None] * min(last_dead, len(table))
 
-    def allocate(self, seq: SeqKV, n: int) -> None:
-        """Make room for computing tokens [num_computed, num_computed + n). Raises CapacityError unchanged."""
+    def allocate(self, seq: SeqKV, n: int) -> int:
+        """Make room for computing tokens [num_computed, num_computed + n); returns n. Raises CapacityError with the
+        pool unchanged (released out-of-window blocks aside: no query could see them)."""
         self.release_out_of_window(seq)
         need = self.blocks_to_allocate(seq, n)
         if need > self.pool.num_free:
@@ -300,6 +308,7 @@ class PagedKVCache:
             missing = (end + bs - 1) // bs - len(table)
             if missing > 0:
                 table.extend(self._new_blocks(missing))
+        return n
 
     def _new_blocks(self, n: int) -> list[int]:
         ids = self.pool.get_new_blocks(n)

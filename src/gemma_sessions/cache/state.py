@@ -110,13 +110,6 @@ class StateCache:
     def describe(self) -> str:
         return f"{self.pool.num_slots} state slots of {self.slot_bytes} bytes"
 
-    def chunk_limit(self, seq: SeqState, n: int) -> int:
-        """Cut a prefill chunk at the next checkpoint, so the state there can be snapshotted."""
-        for c in seq.checkpoints:
-            if seq.num_computed < c < seq.num_computed + n:
-                return c - seq.num_computed
-        return n
-
     def bytes_held(self, seq: SeqState) -> int:
         return self.slot_bytes if seq.slot is not None else 0
 
@@ -132,6 +125,16 @@ class StateCache:
             self.prefix_hit_tokens += len(snap.key)
         return seq
 
+    def resume(self, seq: SeqState, tokens: list[int]) -> bool:
+        """Continue a parked ``seq`` with ``tokens`` if they extend its computed ones (False, unchanged, if not)."""
+        n = seq.num_computed
+        if len(tokens) <= n or tokens[:n] != seq.tokens[:n]:
+            return False
+        seq.tokens, seq.cached_at_start = tokens, n
+        self.prefix_queried_tokens += len(tokens)
+        self.prefix_hit_tokens += n
+        return True
+
     def rematch(self, seq: SeqState) -> int:
         """Before a sequence computes anything: a longer snapshot may exist now. Returns the tokens gained."""
         if seq.slot is not None:
@@ -146,17 +149,21 @@ class StateCache:
         self.prefix_hit_tokens += gained
         return gained
 
-    def allocate(self, seq: SeqState, n: int) -> None:
-        """Give ``seq`` its own slot (copying its snapshot in) before it computes. Raises CapacityError."""
-        if seq.slot is not None:
-            return
-        slot = self._take_slot()
-        if seq.base is not None:
-            self.pool.copy(seq.base.slot, slot)
-            self._drop_base(seq)
-        else:
-            self.pool.reset(slot)
-        seq.slot = slot
+    def allocate(self, seq: SeqState, n: int) -> int:
+        """Give ``seq`` its own slot (copying its snapshot in) before it computes; returns ``n``, or fewer to cut a
+        prefill chunk at the next checkpoint so the state there can be snapshotted. Raises CapacityError."""
+        if seq.slot is None:
+            slot = self._take_slot()
+            if seq.base is not None:
+                self.pool.copy(seq.base.slot, slot)
+                self._drop_base(seq)
+            else:
+                self.pool.reset(slot)
+            seq.slot = slot
+        for c in seq.checkpoints:
+            if seq.num_computed < c < seq.num_computed + n:
+                return c - seq.num_computed
+        return n
 
     def commit(self, seq: SeqState, n: int) -> None:
         seq.num_computed += n

@@ -26,11 +26,12 @@ Example::
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -39,11 +40,11 @@ from ..cache.kv import KVLayout, KVSnapshot, PagedKVCache
 from ..cache.state import StateCache, StateSnapshot
 from ..errors import (CapacityError, ContextLengthError, EngineClosedError, InvalidRequestError, NumericalError,
                       SessionFileError, UnsupportedModelError)
-from ..generate import stop_token_ids
 from ..sampling import SamplingParams
 from .request import GenerationOutput, GenerationStream, KVHandle, Request, State
-from .runner import WorkItem, run_state_step_greedy, run_step_greedy
+from .runner import run_state_step_greedy, run_step_greedy
 from .scheduler import Scheduler
+from .work import WorkItem
 
 log = logging.getLogger("gemma_sessions.engine")
 
@@ -75,11 +76,14 @@ class Engine:
         kv_dtype: dtype of stored K/V (default: float32 for float32 models, else bfloat16).
         on_spill: called on the loop thread with (handle, snapshot) just before an idle session's KV is dropped
             under memory pressure (the durable store writes it to disk; the call must not block for long).
+        stop_ids: token ids that end a generation (default: ``model.stop_ids``, ``<eos>`` and ``<end_of_turn>``);
+            the engine itself never reads the tokenizer.
     """
 
     def __init__(self, model, kv_cache_bytes: int | None = None, max_batch: int = 64, block_size: int = 16,
                  max_batched_tokens: int = 512, kv_dtype: torch.dtype | None = None,
-                 on_spill: Callable[[KVHandle, KVSnapshot], None] | None = None):
+                 on_spill: Callable[[KVHandle, KVSnapshot], None] | None = None,
+                 stop_ids: Iterable[int] | None = None):
         from ..models.gemma import GemmaModel
         from ..models.griffin import GriffinModel
 
@@ -113,7 +117,7 @@ class Engine:
             raise UnsupportedModelError(f"the engine cannot serve {model.config.architecture}")
         self.on_spill = on_spill
         self.scheduler = Scheduler(self.cache, max_batch, max_batched_tokens, self._fail, self._spill)
-        self._stop_ids = stop_token_ids(model)
+        self._stop_ids = set(model.stop_ids if stop_ids is None else stop_ids)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
         self._error: BaseException | None = None
@@ -223,6 +227,22 @@ class Engine:
     def stats(self) -> dict:
         """Engine-wide statistics (a consistent snapshot taken on the loop thread)."""
         return self._call(self._stats)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block no sequence holds (benchmarks: a cold start without a new engine). Paged KV
+        only (a recurrent state cache has no prefix cache to reset). Thread-safe; waits for the loop."""
+        self._call(lambda: self.cache.pool.reset_prefix_cache() if isinstance(self.cache, PagedKVCache) else None)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold the loop thread between steps while the block runs: requests submitted meanwhile are admitted in one
+        step when it ends (benchmarks of a burst of arrivals). Thread-safe; do not wait on results inside it."""
+        go = threading.Event()
+        self._send(("call", (go.wait, None, None)))
+        try:
+            yield
+        finally:
+            go.set()
 
     @property
     def alive(self) -> bool:

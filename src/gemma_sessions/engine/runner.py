@@ -18,22 +18,14 @@ its queries see different key ranges.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from .. import kernels
-from ..cache.kv import PagedKVCache, SeqKV
+from ..cache.kv import PagedKVCache
 from ..cache.state import StateCache
 from ..models.gemma import (GemmaModel, approx_head_logits, attention, exact_max_rows, greedy_head_min_rows,
                             visibility_mask)
-
-
-@dataclasses.dataclass(kw_only=True)
-class WorkItem:
-    seq: SeqKV
-    num_tokens: int
-    want_logits: bool
+from .work import WorkItem
 
 
 def leading_decode_rows(items: list[WorkItem]) -> int:

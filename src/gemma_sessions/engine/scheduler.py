@@ -16,8 +16,9 @@ with ``CapacityError``; the others keep running.
 A request whose admission or scheduling raises anything else fails alone (``fail(req, exc, drop_kv=True)``: its KV
 is dropped, since it may be the cause); the other requests are scheduled as usual.
 
-The cache is a ``PagedKVCache`` (Gemma) or a ``StateCache`` (RecurrentGemma's fixed-size state slots): both offer
-start / rematch / chunk_limit / allocate / free / could_ever_fit / has_room.
+The cache is any :class:`~gemma_sessions.cache.protocol.KVCache`: a ``PagedKVCache`` (Gemma) or a ``StateCache``
+(RecurrentGemma's fixed-size state slots). This module imports neither, nor the runner: the step's work is plain
+:class:`~.work.WorkItem` data.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ import collections
 import logging
 from collections.abc import Callable
 
+from ..cache.protocol import KVCache
 from ..errors import CapacityError
 from .request import KVHandle, Request, State
-from .runner import WorkItem
+from .work import WorkItem
 
 log = logging.getLogger("gemma_sessions.engine")
 
@@ -37,7 +39,7 @@ FailFn = Callable[..., None]
 
 
 class Scheduler:
-    def __init__(self, cache, max_batch: int, max_batched_tokens: int,
+    def __init__(self, cache: KVCache, max_batch: int, max_batched_tokens: int,
                  fail: FailFn,
                  spill: Callable[[KVHandle], None] | None = None):
         self.cache = cache
@@ -84,17 +86,10 @@ class Scheduler:
             if handle.seq is not None:
                 req.seq, handle.seq = handle.seq, None
         seq = req.seq
-        if seq is not None:
-            n = seq.num_computed
-            if len(tokens) > n and tokens[:n] == seq.tokens[:n]:
-                seq.tokens = tokens  # a continuation: only the new tokens are computed
-                seq.cached_at_start = n
-                cache.prefix_queried_tokens += len(tokens)
-                cache.prefix_hit_tokens += n
-            else:  # history diverged (truncation, edit): drop it; the prefix cache may still hold a prefix
-                req.seq = None
-                cache.free(seq)
-                seq = None
+        if seq is not None and not cache.resume(seq, tokens):  # a continuation computes only the new tokens
+            req.seq = None  # history diverged (truncation, edit): drop it; the prefix cache may still hold a prefix
+            cache.free(seq)
+            seq = None
         if seq is None:
             seq = req.seq = cache.start(tokens, req.checkpoints)
         if req.cached_tokens < 0:  # first admission (a preempted request keeps its original number)
@@ -130,21 +125,21 @@ class Scheduler:
         if req.computed == 0 and seq.num_computed < len(seq.tokens) - 1:
             req.cached_tokens += self.cache.rematch(seq)  # a prefix computed since it was admitted
         left = len(seq.tokens) - seq.num_computed
-        n = self._allocate(req, self.cache.chunk_limit(seq, min(left, budget)))
+        n = self._allocate(req, min(left, budget))
         if n == 0:
             return None
         return WorkItem(seq=seq, num_tokens=n, want_logits=seq.num_computed + n == len(seq.tokens))
 
     def _allocate(self, req: Request, n: int) -> int:
-        """Allocate pages for up to ``n`` tokens of ``req``; returns how many tokens got room (0: none).
+        """Allocate pages for up to ``n`` tokens of ``req``; returns how many tokens got room (0: none; fewer than
+        ``n`` also when the cache cuts the chunk at a checkpoint).
 
         Under pressure: drop idle sessions' KV first, then shrink a prefill chunk, then preempt the newest
         running request (possibly ``req`` itself); a request alone that still cannot fit fails.
         """
         while n > 0:
             try:
-                self.cache.allocate(req.seq, n)
-                return n
+                return self.cache.allocate(req.seq, n)
             except CapacityError:
                 if self.evict_one_parked():
                     continue

@@ -39,8 +39,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import errors as E
-from ..sampling import SamplingParams, TextStream
-from ..sessions.conversation import check_text, generation_prompt, render_turn
+from ..sampling import SamplingParams, TextDeltas
+from ..sessions.conversation import render_chat
 from .metrics import Metrics
 from .protocol import (ChatCompletionRequest, ConversationCreate, ConversationUpdate, ItemsCreate,
                        ResponseRequest, SamplingFields, error_body, input_items)
@@ -188,28 +188,19 @@ class EngineText:
 
     def __init__(self, engine, tokenizer, prompt: list[int], params: SamplingParams):
         self.stream = engine.submit(prompt, params)
-        self._iter = iter(self.stream)
-        self.text = TextStream(tokenizer, params.stop)
-        self.finish_reason: str | None = None
-        self.n_tokens = 0
+        self.deltas = TextDeltas(self.stream, tokenizer, params.stop, on_stop=self.stream.cancel)
+        self.finish_reason: str | None = None  # set once next_delta returned None
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.deltas.tokens)
 
     def next_delta(self) -> str | None:
-        while self.finish_reason is None:
-            try:
-                token = next(self._iter)
-            except StopIteration:
-                self.finish_reason = self.stream.result().finish_reason
-                return self.text.finish() or None
-            self.n_tokens += 1
-            delta = self.text.feed(token)
-            if self.text.stopped:
-                self.stream.cancel()
-                self.stream.result()
-                self.finish_reason = "stop"
-                return delta or None
-            if delta:
-                return delta
-        return None
+        delta = self.deltas.next_delta()
+        if delta is None and self.finish_reason is None:
+            reason = self.stream.result().finish_reason  # after a stop string: once the engine took the cancel
+            self.finish_reason = "stop" if self.deltas.stopped else reason
+        return delta
 
     def close(self) -> None:
         if self.finish_reason is None:
@@ -237,21 +228,9 @@ async def _collect(state: ServerState, next_delta: Callable[[], str | None], req
         gone.cancel()
 
 
-def render_chat(tokenizer, messages) -> list[int]:
-    """OpenAI chat messages -> Gemma prompt ids (system/developer text goes to the first user turn)."""
-    system = "\n\n".join(m.text() for m in messages if m.role in ("system", "developer"))
-    ids = [tokenizer.bos_id]
-    first_user = True
-    turns = [m for m in messages if m.role in ("user", "assistant")]
-    if not turns:
-        raise E.InvalidRequestError("messages need at least one user message")
-    for m in turns:
-        text = m.text()
-        if m.role == "user" and first_user and system:
-            text = f"{system}\n\n{text}"
-        first_user = first_user and m.role != "user"
-        ids += render_turn(tokenizer, "user" if m.role == "user" else "model", text)
-    return ids + generation_prompt(tokenizer)
+def chat_prompt(tokenizer, messages) -> list[int]:
+    """OpenAI chat messages -> Gemma prompt ids, rendered where sessions render theirs (``render_chat``)."""
+    return render_chat(tokenizer, [(m.role, m.text()) for m in messages])
 
 
 # ------------------------------------------------------------------------------------------------ app
@@ -425,7 +404,7 @@ def _install_chat(app: FastAPI, state: ServerState) -> None:
             state.check_chars([m.text() for m in body.messages], "messages")
         except ValueError as exc:
             raise ApiError(400, str(exc), "messages") from exc
-        prompt = await state.run(render_chat, state.tokenizer, body.messages)
+        prompt = await state.run(chat_prompt, state.tokenizer, body.messages)
         limit = state.engine.max_context - len(prompt)
         if limit < 1:
             raise E.ContextLengthError(f"the prompt has {len(prompt)} tokens; the context is "

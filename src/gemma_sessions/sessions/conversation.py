@@ -8,7 +8,8 @@ turn (as Gemma's chat template does), which is the only turn ever re-rendered (a
     <bos><start_of_turn>user\\n{system}\\n\\n{text}<end_of_turn>\\n<start_of_turn>model\\n{reply}<end_of_turn>\\n...
 
 Only ``render_turn`` emits control tokens; user text is encoded as plain text, so ``<start_of_turn>`` typed by a
-user stays text (no prompt injection).
+user stays text (no prompt injection). This module owns the turn format: a stateless chat (the server's chat
+completions) is rendered here too, by ``render_chat``.
 
 Changes are computed on copies (``plan_turn``, ``with_turn``, ``with_message``, ``without_message``) and adopted
 with ``replace`` only after the durable store took them, so memory and store change together or not at all.
@@ -94,6 +95,27 @@ def render_turn(tokenizer, role: str, text: str) -> list[int]:
 def generation_prompt(tokenizer) -> list[int]:
     """``<start_of_turn>model\\n``: what the model continues from."""
     return [tokenizer.start_of_turn_id, *tokenizer.encode("model\n")]
+
+
+def render_chat(tokenizer, messages: Sequence[tuple[str, str]]) -> list[int]:
+    """A whole stateless chat ``[(role, text)]`` -> prompt ids ending in the generation prompt.
+
+    Roles: ``user``; ``model`` or ``assistant``; ``system`` or ``developer``, whose texts (joined by a blank line) go
+    at the start of the first user turn, as in a :class:`Conversation`. Raises InvalidRequestError without a user or
+    model turn.
+    """
+    system = "\n\n".join(text for role, text in messages if role in ("system", "developer"))
+    turns = [(role, text) for role, text in messages if role in ("user", "model", "assistant")]
+    if not turns:
+        raise InvalidRequestError("messages need at least one user message")
+    ids = [tokenizer.bos_id]
+    first_user = True
+    for role, text in turns:
+        if role == "user" and first_user and system:
+            text = f"{system}\n\n{text}"
+        first_user = first_user and role != "user"
+        ids += render_turn(tokenizer, "user" if role == "user" else "model", text)
+    return ids + generation_prompt(tokenizer)
 
 
 def close_reply(tokenizer, reply_ids: list[int]) -> list[int]:

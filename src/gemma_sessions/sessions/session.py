@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 
 from ..errors import GemmaSessionsError, SessionBusyError
-from ..sampling import SamplingParams, TextStream
+from ..sampling import SamplingParams, TextDeltas
 from .conversation import CONTEXT_POLICIES, Conversation, Message, check_text
 
 
@@ -256,11 +256,10 @@ class TurnStream:
         system_end = conv.system_end(prompt)
         self.params = params.replace(max_tokens=plan.max_tokens)
         self._plan = plan
-        self._text = TextStream(conv.tokenizer, self.params.stop)
-        self._tokens: list[int] = []
         self._engine_stream = session.engine.submit(prompt, self.params, kv=session.kv,
                                                     checkpoints=() if system_end is None else (system_end,))
-        self._iter = iter(self._engine_stream)
+        self._deltas = TextDeltas(self._engine_stream, conv.tokenizer, self.params.stop,
+                                  on_stop=self._engine_stream.cancel)  # a stop string ends the generation at once
         self.reply: Reply | None = None
         self._done = False
 
@@ -269,24 +268,15 @@ class TurnStream:
             yield delta
 
     def next_delta(self) -> str | None:
-        """The next non-empty text delta, or None when the turn is over."""
+        """The next non-empty text delta, or None when the turn is over (then ``reply`` is set)."""
         try:
-            while not self._done:
-                try:
-                    token = next(self._iter)
-                except StopIteration:
-                    tail = self._text.finish()
-                    self._complete(self._engine_stream.result().finish_reason)
-                    return tail or None
-                self._tokens.append(token)
-                delta = self._text.feed(token)
-                if self._text.stopped:
-                    self._engine_stream.cancel()
-                    self._engine_stream.result()
-                    self._complete("stop")
-                    return delta or None
-                if delta:
-                    return delta
+            if self._done:
+                return None
+            delta = self._deltas.next_delta()
+            if delta is not None:
+                return delta
+            result = self._engine_stream.result()  # after a stop string: once the engine took the cancel
+            self._complete("stop" if self._deltas.stopped else result.finish_reason)
             return None
         except BaseException:
             self._abort()
@@ -296,18 +286,18 @@ class TurnStream:
         s = self.session
         out = self._engine_stream.result().stats
         stats = TurnStats(prompt_tokens=out.prompt_tokens, cached_tokens=out.cached_tokens,
-                          prefilled_tokens=out.prefilled_tokens, generated_tokens=len(self._tokens),
+                          prefilled_tokens=out.prefilled_tokens, generated_tokens=len(self._deltas.tokens),
                           ttft_s=out.ttft_s + self._restore_s, decode_tokens_per_s=out.decode_tokens_per_s, total_s=out.total_s + self._restore_s,
                           dropped_turns=self._plan.dropped, preemptions=out.preemptions,
                           recomputed_tokens=out.recomputed_tokens, kv_source=self._kv_source)
-        text = self._text.text
+        text, tokens = self._deltas.text, list(self._deltas.tokens)
         if finish_reason != "cancelled":
-            messages = s.conversation.with_turn(self._plan, text, self._tokens)
+            messages = s.conversation.with_turn(self._plan, text, tokens)
             s.manager._turn_completed(s, messages, self._plan.dropped, stats)  # durable first; may raise
             with s._data_lock:
                 s.conversation.replace(messages, self._plan.dropped)
                 s.turn_stats.append(stats)
-        self.reply = Reply(text=text, token_ids=list(self._tokens), finish_reason=finish_reason, stats=stats)
+        self.reply = Reply(text=text, token_ids=tokens, finish_reason=finish_reason, stats=stats)
         self._finish()
 
     def _abort(self) -> None:
