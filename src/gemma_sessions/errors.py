@@ -14,7 +14,6 @@ second bases where the meaning matches, so generic handlers keep working.
     │   └── ContextLengthError        a prompt that cannot fit the context under the `error` policy
     ├── CapacityError                 a request that can never fit the KV budget
     ├── EngineClosedError             the engine was closed or its loop died
-    ├── RequestCancelledError         a generation was cancelled
     ├── NumericalError                the model produced NaN / inf for one request (it fails; the others go on)
     ├── SessionError
     │   ├── SessionNotFoundError      (also a KeyError)
@@ -64,10 +63,6 @@ class CapacityError(GemmaSessionsError):
 
 class EngineClosedError(GemmaSessionsError, RuntimeError):
     """The engine is closed (or its loop thread died); no more requests are accepted."""
-
-
-class RequestCancelledError(GemmaSessionsError):
-    """The generation was cancelled before it finished."""
 
 
 class NumericalError(GemmaSessionsError):

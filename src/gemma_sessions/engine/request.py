@@ -122,10 +122,6 @@ class GenerationStream:
         self._error: BaseException | None = None
         self._lock = threading.Lock()
 
-    @property
-    def request_id(self) -> int:
-        return self._request.id
-
     def __iter__(self) -> Iterator[int]:
         while True:
             kind, value = self._next_event()
