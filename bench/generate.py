@@ -248,7 +248,8 @@ def measure(stream, w: dict) -> dict:
 def child_ours(fmt_name: str, w: dict) -> dict:
     import gemma_sessions as gs
     from gemma_sessions.generate import generate_tokens
-    from gemma_sessions.models.gemma import Linear
+    from gemma_sessions.kernels.backend import QuantLinear
+    from gemma_sessions.models.gemma import FloatLinear
     from gemma_sessions.sampling import GREEDY
 
     t0 = time.perf_counter()
@@ -261,7 +262,8 @@ def child_ours(fmt_name: str, w: dict) -> dict:
 
     out = {"load_s": load_s, "rss_after_load_mb": rss_loaded, "load_seconds_reported": model.load_seconds,
            **measure(stream, w)}
-    weight_bytes = sum(decode_weight_bytes(m) for m in model.net.modules() if isinstance(m, Linear))
+    linears = [m for m in model.net.modules() if isinstance(m, (FloatLinear, QuantLinear))]
+    weight_bytes = sum(decode_weight_bytes(m) for m in linears)
     out["weight_mb_per_token"] = weight_bytes / 1e6
     out["bandwidth_fraction"] = weight_bytes * out["decode_short_tps"] / (BANDWIDTH_GBS * 1e9)
     if w["profile"] and fmt_name == "int8":
@@ -283,12 +285,13 @@ def profile_decode(model, prompt: list[int], steps: int) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    from gemma_sessions.kernels import backend
     from gemma_sessions.models import gemma
 
     net, dev = model.net, model.device
     labels = {"lm_head": "LM head matmul (tied embedding)", "linear": "layer matmuls (qkv, o, gate_up, down)",
               "attend": "attention (KV write, scores, softmax, PV)"}
-    orig_linear, orig_attend = gemma.Linear.forward, gemma.DenseKV.attend
+    orig_linear, orig_attend = backend.QuantLinear.forward, gemma.DenseKV.attend
 
     def linear(self, x):
         with record_function(labels["lm_head"] if self is net.embed else labels["linear"]):
@@ -298,8 +301,8 @@ def profile_decode(model, prompt: list[int], steps: int) -> dict:
         with record_function(labels["attend"]):
             return orig_attend(self, *a)
 
-    # generate_tokens' greedy step (GemmaModel.step_greedy): the int8 greedy head where it serves one row (AVX2)
-    greedy_head = gemma.greedy_head_min_rows() <= 1 and net.can_greedy_head()
+    # generate_tokens' greedy step (GemmaModel.step_greedy): the int8 greedy head where it serves one row
+    greedy_head = backend.greedy_head_min_rows() <= 1 and net.can_greedy_head()
 
     def decode(kv, token: int, n: int) -> None:
         for _ in range(n):
@@ -330,12 +333,12 @@ def profile_decode(model, prompt: list[int], steps: int) -> dict:
         walls.append((time.perf_counter() - t0) / steps)
     wall = statistics.median(walls)
     kv, token = prefilled()
-    gemma.Linear.forward, gemma.DenseKV.attend = linear, attend
+    backend.QuantLinear.forward, gemma.DenseKV.attend = linear, attend
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             decode(kv, token, steps)
     finally:
-        gemma.Linear.forward, gemma.DenseKV.attend = orig_linear, orig_attend
+        backend.QuantLinear.forward, gemma.DenseKV.attend = orig_linear, orig_attend
     # Every aten op's self time goes to the category of its nearest labelled ancestor (or "other ops"); what the
     # ops do not account for of the unprofiled wall time is Python and dispatch overhead.
     label_names = set(labels.values())

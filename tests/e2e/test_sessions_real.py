@@ -11,7 +11,7 @@ import pytest
 import gemma_sessions as gs
 from gemma_sessions import kernels
 from gemma_sessions.generate import generate_tokens
-from gemma_sessions.models.gemma import exact_max_rows
+from gemma_sessions.kernels.backend import exact_max_rows
 
 pytestmark = pytest.mark.slow
 

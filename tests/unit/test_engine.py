@@ -250,7 +250,7 @@ def test_fast_mode_decode_rows_do_not_depend_on_prefill_in_their_step():
 def test_fast_mode_decode_stack_equals_the_layer_loop(arch, rows, monkeypatch):
     """A decode step runs every layer in one compiled call (kernels.decode_stack): up to 8 rows with the exact kernel,
     then qmatmul_i16 (up to 64 rows) or, without it, qmatmul_bf16 (up to 16); on AVX2 qmatmul_wide (up to 64); on a
-    CPU with none the exact kernel up to 64 rows (gemma.exact_max_rows). Its logits and the K/V it writes
+    CPU with none the exact kernel up to 64 rows (backend.exact_max_rows). Its logits and the K/V it writes
     equal the Python layer loop's bit for bit, for Gemma 1, 2 (softcaps) and 3 (q/k norms), over pages (block size
     4, sliding windows of the tiny configs)."""
     from gemma_sessions import kernels
@@ -359,7 +359,7 @@ def test_greedy_head_tokens_equal_the_exact_logits_argmax():
     from gemma_sessions import kernels
     from gemma_sessions.cache.kv import PagedKVCache
     from gemma_sessions.engine import runner
-    from gemma_sessions.models.gemma import QMATMUL_MAX_ROWS, approx_head_logits, greedy_head_min_rows
+    from gemma_sessions.kernels.backend import QMATMUL_MAX_ROWS, approx_head_logits, greedy_head_min_rows
 
     model = tiny_model("gemma3", seed=4, weight_format="int8")
     net = model.net
@@ -415,7 +415,7 @@ def test_generate_greedy_tokens_equal_the_logits_argmax(arch):
     step's full logits, token by token."""
     from gemma_sessions import kernels
 
-    from gemma_sessions.models.gemma import greedy_head_min_rows
+    from gemma_sessions.kernels.backend import greedy_head_min_rows
 
     model = tiny_model(arch, seed=5, weight_format="int8")
     net = model.net

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from gemma_sessions import kernels
+from gemma_sessions.kernels import backend
 from gemma_sessions.models import gemma, quant
 
 
@@ -128,13 +129,13 @@ def test_int8_linear_paths(op, monkeypatch, native):
     ~5x slower than float32)."""
     monkeypatch.setitem(kernels._state, "native_bf16", native)
     many_kernels = kernels.i16_available() or kernels.bf16_dot_available() or kernels.wide_available()
-    exact = gemma.exact_max_rows()
-    assert exact == (gemma.QMATMUL_MAX_ROWS if many_kernels else gemma.EXACT_WIDE_MAX_ROWS)
+    exact = backend.exact_max_rows()
+    assert exact == (backend.QMATMUL_MAX_ROWS if many_kernels else backend.EXACT_WIDE_MAX_ROWS)
     w = weight(40, 64, 16, True)
     ref = lambda x: x @ w.dequantize().T  # noqa: E731
     lin = gemma.Linear(w, "int8")
-    small, big = torch.randn(exact, 64), torch.randn(gemma.QMATMUL_MAX_ROWS + 5, 64)
-    many = torch.randn(max(gemma.BF16_DOT_MAX_ELEMENTS // 64, exact) + 1, 64)
+    small, big = torch.randn(exact, 64), torch.randn(backend.QMATMUL_MAX_ROWS + 5, 64)
+    many = torch.randn(max(backend.BF16_DOT_MAX_ELEMENTS // 64, exact) + 1, 64)
     assert rel_err(lin(small), ref(small)) <= 1e-5 and lin.bf16 is None  # the kernel, no copy made
     if kernels.bf16_dot_available():  # bf16 inputs and weights, float32 sums: no copy made either
         bf16_ref = big.bfloat16().float() @ w.dequantize().bfloat16().float().T
@@ -150,7 +151,7 @@ def test_int8_linear_paths(op, monkeypatch, native):
     else:
         assert rel_err(lin(many), ref(many)) <= 1e-5 and lin.bf16 is None  # float32 tiles
     head = gemma.Linear(w, "int8", head=True)
-    bigger = torch.randn(max(gemma.HEAD_QMATMUL_MAX_ROWS, exact) + 1, 64)
+    bigger = torch.randn(max(backend.HEAD_QMATMUL_MAX_ROWS, exact) + 1, 64)
     assert rel_err(head(big), ref(big)) <= 1e-5 and head.bf16 is None  # the kernel (qmatmul_wide on AVX2)
     assert rel_err(head(bigger), ref(bigger)) <= 1e-5 and head.bf16 is None  # float32 tiles (qmatmul_wide on AVX2)
     # the engine's batched decode of the head: the kernel, then bf16 products, then the bf16 GEMM (float32 tiles)

@@ -23,8 +23,8 @@ import torch
 from .. import kernels
 from ..cache.kv import PagedKVCache
 from ..cache.state import StateCache
-from ..models.gemma import (GemmaModel, approx_head_logits, attention, exact_max_rows, greedy_head_min_rows,
-                            visibility_mask)
+from ..kernels import backend
+from ..models.gemma import GemmaModel, attention, visibility_mask
 from .work import WorkItem
 
 
@@ -135,8 +135,9 @@ class PagedBatch:
         keys = flat.index_select(0, slots + off_k).view(b, lmax, hkv, d).transpose(1, 2)
         vals = flat.index_select(0, slots + off_v).view(b, lmax, hkv, d).transpose(1, 2)
         out_dtype = keys.dtype
-        if keys.dtype == torch.bfloat16 and keys.device.type == "cpu" and not kernels.native_bf16():
-            keys, vals = keys.float(), vals.float()  # as attention(): float32 where bf16 would be software, bf16 out
+        dt = backend.matmul_dtype(keys.dtype, keys.device)
+        if dt != keys.dtype:
+            keys, vals = keys.to(dt), vals.to(dt)  # as attention(): float32 where bf16 would be software, bf16 out
         qp = q.index_select(0, qidx).to(out_dtype).to(keys.dtype).view(b, tmax, hq, d).transpose(1, 2)
         qp = qp.reshape(b, hkv, hq // hkv * tmax, d)
         scores = torch.matmul(qp, keys.transpose(-1, -2)) * self.scale  # as attention(), step by step
@@ -222,11 +223,12 @@ def run_step_greedy(net: GemmaModel, cache: PagedKVCache, items: list[WorkItem],
     bench/concurrency.py then gave 85 tok/s at 64 sessions where the run before these changes gave 120.) A greedy
     row's token is the exact head's argmax over its hidden state whatever the row count; a sampled row among more
     than 8 gets the head's int8-activation approximation (as it got bf16 products before), also when no row is
-    greedy; on AVX2 (7-bit activations) it keeps its product's logits (``approx_head_logits``).
+    greedy, where the backend's head keeps 8-bit activations (``Plan.approx_logits``; else it keeps its product's
+    logits).
     """
     n_decode = leading_decode_rows(items)
     parts = [items]
-    if net.weight_format == "int8" and 0 < n_decode < len(items) and n_decode <= exact_max_rows():
+    if net.weight_format == "int8" and 0 < n_decode < len(items) and backend.plan(n_decode).exact:
         parts = [items[:n_decode], items[n_decode:]]
     logits: list[torch.Tensor | None] = []
     tokens: list[int | None] = []
@@ -244,15 +246,14 @@ def _head(net: GemmaModel, h: torch.Tensor, greedy: list[bool] | None):
     if n == 0:
         return [], []
     # the fast head (int8 activations): the exact greedy token of greedy rows, the approximate logits of sampled
-    # ones; when every row is greedy (from greedy_head_min_rows() rows), or when the rows are too many for the exact
-    # kernel anyway, sampled or not (its approximation moves a row's softmax by ~3e-4 nats KL on the 270M, where
-    # bf16 products move it by ~2e-5, at a third of their time at 16 rows); not for a few rows, where the exact
-    # kernel's logits are as fast (the same tokens either way)
-    # On AVX2 the head's activations have 7 bits (~1.8e-3 nats KL): there sampled rows keep the product's logits and
-    # only greedy rows go through the fast head (approx_head_logits).
-    if (greedy is not None and n >= greedy_head_min_rows() and (all(greedy) or n > exact_max_rows())
-            and net.can_greedy_head()):
-        if all(greedy) or approx_head_logits():
+    # ones; when every row is greedy (from the rows where plan.greedy_head), or when the rows are too many for the
+    # exact kernel anyway, sampled or not (its approximation moves a row's softmax a little more than bf16 products
+    # would, at a fraction of their time; bench/RESULTS.md); not for a few rows, where the exact kernel's logits are
+    # as fast (the same tokens either way). Where the backend's head has coarser activations (plan.approx_logits
+    # false), sampled rows keep the product's logits and only greedy rows go through the fast head.
+    plan = backend.plan(n)
+    if greedy is not None and plan.greedy_head and (all(greedy) or not plan.exact) and net.can_greedy_head():
+        if all(greedy) or plan.approx_logits:
             found, approx = net.greedy_head(h, want_logits=not all(greedy))
             found = found.tolist()
             if all(t >= 0 for t in found):  # else a row has non-finite values: the plain logits for every row
