@@ -21,7 +21,7 @@ import os as _os
 import sys as _sys
 
 # torch's CPU ops run on OpenMP (libgomp), whose idle workers spin ~300,000 iterations after each parallel region; our
-# kernels run on their own pool (kernels/qmatmul.cpp), and on a small CPU a spinning OpenMP worker holds the core a
+# kernels run on their own pool (kernels/csrc/pool.h), and on a small CPU a spinning OpenMP worker holds the core a
 # kernel's worker needs. On a 2-core Zen 3 an 18-token forward took ~150 ms with spinning workers and ~75 ms with
 # passive ones. libgomp reads the policy once, when torch loads: unless the user chose one, it is passive. Where torch
 # was imported first it is too late for that, and kernels.quiet_openmp() gets the same effect another way.

@@ -600,7 +600,7 @@ def test_q8_head_gives_the_exact_greedy_token(q8):
         tokens, cands, logits = q8(x[:m], packed, w.codes, w.scales, True)
         assert tokens.tolist() == want[:m], m
         assert bool((cands >= 1).all())
-        # the approximation is the product with x rounded per group of 32 to int8 (7 bits on AVX2, see qmatmul.cpp)
+        # the approximation is the product with x rounded per group of 32 to int8 (7 bits on AVX2, see csrc/head.h)
         xg = x[:m].view(m, 20, 32)
         levels = 63.0 if kernels.wide_available() else 127.0
         amax = xg.abs().amax(-1, keepdim=True)

@@ -32,8 +32,9 @@ from ..paths import cache_dir
 
 log = logging.getLogger("gemma_sessions.kernels")
 
-SOURCE = Path(__file__).with_name("qmatmul.cpp")
-# No OpenMP: the kernels' loops run on their own thread pool (qmatmul.cpp, par_for), sized by torch.set_num_threads.
+CSRC = Path(__file__).with_name("csrc")
+SOURCE = CSRC / "ops.cpp"  # the one translation unit; it includes the other parts (csrc/*.h)
+# No OpenMP: the kernels' loops run on their own thread pool (csrc/pool.h, par_for), sized by torch.set_num_threads.
 CFLAGS = ("-O3", "-march=native", "-pthread")
 LDFLAGS = ("-pthread",)
 STALE_LOCK_S = 600  # a build lock older than this was left by a process that died mid-build (a build takes ~30 s)
@@ -51,7 +52,11 @@ def _cpu_flags() -> str:
 
 
 def build_key() -> str:
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256()
+    for part in sorted(CSRC.iterdir()):
+        if part.suffix in (".cpp", ".h"):
+            h.update(part.name.encode())
+            h.update(part.read_bytes())
     for part in (*CFLAGS, *LDFLAGS, torch.__version__, _cpu_flags(), platform.machine()):
         h.update(part.encode())
     return h.hexdigest()[:16]
@@ -357,7 +362,7 @@ def i16_pack(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | 
 
 def qmatmul_i16(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor], group: int) -> torch.Tensor:
     """float32 ``x [M, K] @ W^T -> [M, N]`` with x rounded to int16 (one scale per row: an error of at most
-    max|x| / 65534 per element) and W's own codes, group sums exact in int32 (see qmatmul.cpp). A row with a
+    max|x| / 65534 per element) and W's own codes, group sums exact in int32 (see csrc/products_batched.h). A row with a
     non-finite value gives NaN. ``packed`` is :func:`i16_pack`'s."""
     return torch.ops.gemma_sessions.qmatmul_i16.default(x.float(), *packed, group)
 
@@ -379,7 +384,7 @@ def q8_head_pack(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tenso
 def q8_head(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor], codes: torch.Tensor,
             scales: torch.Tensor, want_logits: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The exact greedy token of ``x @ W^T`` (W = codes * scales, groups of 32) for each row of float32 ``x``,
-    found through an int8-activation approximation with an error bound per row (see qmatmul.cpp). Returns
+    found through an int8-activation approximation with an error bound per row (see csrc/head.h). Returns
     (tokens [M] int64, -1 for a row with non-finite values; candidates [M]: exact logits computed per row;
     the approximate logits [M, N] when ``want_logits``, else None)."""
     tokens, cands, logits = torch.ops.gemma_sessions.q8_head.default(x.float(), *packed, codes, scales, want_logits)
