@@ -105,3 +105,15 @@ def test_text_deltas_end_at_a_stop_string_and_tell_who_stopped():
     rest = TextDeltas(iter(ids), tok, ("XYZ",))
     assert "".join(iter(rest.next_delta, None)) == "abcXYdef" and rest.done and not rest.stopped
     assert rest.tokens == ids
+
+
+def test_generate_ends_at_a_stop_string():
+    m = tiny_model("gemma3", seed=1)
+    prompt = [2, 50, 60, 70]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    full = gs.generate(m, prompt, params)
+    assert len(full) > 6, full
+    stop = full[4:6]
+    cut = gs.generate(m, prompt, params.replace(stop=(stop,)))
+    assert cut == full[:full.index(stop)] and stop not in cut
+    assert "".join(gs.generate_stream(m, prompt, params, stop=[stop])) == cut
