@@ -1,6 +1,7 @@
-"""Paged KV-cache bookkeeping: block ids, refcounts, prefix hashes and the LRU free queue (no torch here).
+"""Caches: the :class:`~gemma_sessions.cache.protocol.KVCache` interface the scheduler and the engine use
+(``protocol``), paged KV (``kv``), recurrent state slots (``state``), and their block bookkeeping.
 
-``blocks`` holds the pure data (block hashes, :class:`~gemma_sessions.cache.blocks.KVBlock`,
+``blocks`` and ``pool`` import no torch. ``blocks`` holds the pure data (block hashes, :class:`~gemma_sessions.cache.blocks.KVBlock`,
 :class:`~gemma_sessions.cache.blocks.FreeBlockQueue`); ``pool`` holds the
 :class:`~gemma_sessions.cache.pool.BlockPool` that allocates, shares, caches and evicts blocks.
 """
