@@ -180,3 +180,23 @@ def test_the_server_and_the_cli_use_public_methods_only():
     for path in sorted(bench.glob("*.py")):
         found += _private_accesses(path, {"engine", "manager", "model", "session", "s", "scheduler", "cache"})
     assert found == []
+
+
+def test_benchmarks_hooks_pause_the_loop_and_reset_the_prefix_cache():
+    from gemma_sessions.sampling import SamplingParams
+    from gemma_sessions.testing import tiny_model
+
+    model = tiny_model("gemma3", seed=2)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    prompts = [[2, *range(10 + i, 30 + i)] for i in range(3)]
+    with gemma_sessions.Engine(model, kv_cache_bytes=4 << 20, block_size=4) as engine:
+        alone = [engine.submit(p, params).result().token_ids for p in prompts]
+        assert engine.stats()["blocks_cached"] > 0
+        engine.reset_prefix_cache()
+        assert engine.stats()["blocks_cached"] == 0
+        with engine.paused():
+            streams = [engine.submit(p, params) for p in prompts]
+            with pytest.raises(TimeoutError):  # the loop thread is held: nothing runs
+                streams[0].result(timeout=0.2)
+        assert [s.result().token_ids for s in streams] == alone
+        assert all(s.result().stats.cached_tokens == 0 for s in streams)  # the reset forgot every prefix
