@@ -72,6 +72,8 @@ class SamplingParams:
 
 
 GREEDY = SamplingParams(temperature=0.0)
+# Smaller positive temperatures sample as this one (already all but greedy; float32 cannot divide by 1e-300).
+MIN_TEMPERATURE = 1e-6
 
 
 class Sampler:
@@ -87,7 +89,10 @@ class Sampler:
         p = self.params
         if p.greedy:
             return int(kernels.argmax(logits))
-        logits = logits.float().cpu() / p.temperature
+        logits = logits.float().cpu()
+        # the max first, and a temperature float32 can divide by: the top logit stays 0 and the others become very
+        # negative or -inf, never NaN (a temperature of 1e-300 is 0 in float32)
+        logits = (logits - logits.max()) / max(p.temperature, MIN_TEMPERATURE)
         if p.top_k and p.top_k < logits.numel():
             values, indices = torch.topk(logits, p.top_k)
         else:
@@ -99,6 +104,7 @@ class Sampler:
             keep &= (cum - probs) < p.top_p
         if p.min_p > 0.0:
             keep &= probs >= p.min_p * probs[0]
+        keep[0] = True  # whatever the filters' rounding (a top_p below float32's range), the top token stays
         probs = torch.where(keep, probs, torch.zeros_like(probs))
         choice = torch.multinomial(probs / probs.sum(), 1, generator=self.generator)
         return int(indices[choice])

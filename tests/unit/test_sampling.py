@@ -117,3 +117,14 @@ def test_generate_ends_at_a_stop_string():
     cut = gs.generate(m, prompt, params.replace(stop=(stop,)))
     assert cut == full[:full.index(stop)] and stop not in cut
     assert "".join(gs.generate_stream(m, prompt, params, stop=[stop])) == cut
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=1e-45), dict(temperature=1e-300), dict(top_p=5e-324),
+                                dict(top_p=1e-300, temperature=2.0), dict(min_p=1.0), dict(top_k=10 ** 12)])
+def test_extreme_parameters_still_pick_a_token(kw):
+    """A request's sampling values, however extreme, never make NaN probabilities (they failed the request)."""
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 10
+    token = Sampler(SamplingParams(seed=1, **kw))(logits)
+    assert 0 <= token < 1000
+    if kw.get("temperature", 1.0) < 1e-30 or "top_p" in kw or "min_p" in kw:
+        assert token == int(logits.argmax())  # all of these leave only the top token

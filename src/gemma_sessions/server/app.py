@@ -450,13 +450,19 @@ async def _chat_stream(state: ServerState, gen: EngineText, cid: str, created: i
     try:
         yield chunk({"role": "assistant", "content": ""})
         last = time.perf_counter()
-        while (delta := await state.run(gen.next_delta)) is not None:
-            now = time.perf_counter()
-            state.metrics.itl.observe(now - last)
-            last = now
-            yield chunk({"content": delta})
+        try:
+            while (delta := await state.run(gen.next_delta)) is not None:
+                now = time.perf_counter()
+                state.metrics.itl.observe(now - last)
+                last = now
+                yield chunk({"content": delta})
+            out = await state.run(gen.stream.result)
+        except E.GemmaSessionsError as exc:  # the status line is sent: the error goes in the stream, then [DONE]
+            status = status_of(exc)
+            yield sse(error_body(status, str(exc) if status < 500 else "the generation failed"))
+            yield "data: [DONE]\n\n"
+            return
         yield chunk({}, _finish(gen.finish_reason))
-        out = await state.run(gen.stream.result)
         state.metrics.observe_turn(out.stats.prompt_tokens, out.stats.cached_tokens, gen.n_tokens, out.stats.ttft_s)
         if usage:
             yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,

@@ -74,11 +74,16 @@ def content_text(content: Any) -> str:
         return ""
     if isinstance(content, str):
         return content
+    if not isinstance(content, list):
+        raise ValueError("content must be a string or a list of text parts")
     parts = []
     for part in content:
         if not isinstance(part, dict) or part.get("type") not in ("text", "input_text", "output_text"):
             raise ValueError("only text content parts are supported")
-        parts.append(str(part.get("text", "")))
+        text = part.get("text", "")
+        if not isinstance(text, str):
+            raise ValueError("a text part's text must be a string")
+        parts.append(text)
     return "".join(parts)
 
 
