@@ -7,6 +7,7 @@ responses lost by a restart, a shutdown that hung on a runaway generation.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import threading
@@ -19,7 +20,6 @@ import zstandard
 from safetensors.torch import load, save
 from servers import KEY_A, KEY_B, Server, free_port
 
-from gemma_sessions.server.app import key_hash
 from gemma_sessions.sessions.sessionfile import _checksum
 
 pytestmark = pytest.mark.slow
@@ -31,6 +31,11 @@ def server(tmp_path_factory, real_model_path):
     s = Server(tmp_path_factory.mktemp("store"), free_port(), extra=["--max-output-tokens", str(CAP)]).start()
     yield s
     s.stop()
+
+
+def key_hash(key: str) -> str:
+    """The owner id the server derives from an API key (what a forger would write into metadata)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def _post(server, path: str, key: str = KEY_A, headers: dict | None = None, **kw) -> httpx.Response:
