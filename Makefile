@@ -9,7 +9,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: test serve install model bench clean
+.PHONY: test serve install model kernels kernels-all bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,21 +41,30 @@ $(STAMP): $(SERVE_STAMP)
 	$(PY) -m pip install -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) kernels-all
+
+# The CPU kernels, compiled once into the user cache (keyed by sources, flags, compiler and torch: a no-op when built,
+# also for a clean clone), so no request waits on a compiler. `kernels`: the variant this CPU runs (serving);
+# `kernels-all`: every variant it executes (the tests run each). Without a compiler it says so; torch's ops serve.
+kernels: $(SERVE_STAMP)
+	$(PY) -m gemma_sessions.kernels build
+
+kernels-all: $(SERVE_STAMP)
+	$(PY) -m gemma_sessions.kernels build --all
 
 # Assemble the default model once into the user cache dir (a no-op when it is there).
 model: $(SERVE_STAMP)
 	$(VENV)/bin/gemma-sessions model fetch $(MODEL)
 
-test: $(STAMP) model
+test: $(STAMP) model kernels-all
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The main job: the OpenAI-compatible server on the default model and store (STORE=dir to choose another).
 # It installs the runtime only: no test reference is built before the server starts.
-serve: model
+serve: model kernels
 	$(VENV)/bin/gemma-sessions serve --model $(MODEL) --host $(HOST) --port $(PORT) $(if $(STORE),--store $(STORE),)
 
-bench: $(STAMP) model
+bench: $(STAMP) model kernels
 	$(PY) bench/generate.py
 
 clean:

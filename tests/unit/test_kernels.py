@@ -14,6 +14,7 @@ import torch
 
 from gemma_sessions import kernels
 from gemma_sessions.kernels import backend
+from gemma_sessions.kernels import build as kbuild
 from gemma_sessions.models import gemma, quant
 
 
@@ -29,15 +30,26 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.fixture(scope="module")
-def op():
+VARIANTS = [v.name for v in kbuild.VARIANTS] if kbuild.x86() else [kbuild.NATIVE.name]
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def op(request):
+    """The compiled kernels, once per instruction-set variant this CPU executes (each test that takes this fixture
+    runs under every one: the process switches with kernels.use_variant); a variant the CPU cannot execute is skipped,
+    saying what it lacks."""
     if not kernels.available():
         # a machine with a C++ compiler must build it: a broken build would otherwise skip every kernel test and
         # leave the suite green on the slow fallback
-        if shutil.which("c++") and not os.environ.get("GEMMA_SESSIONS_NO_KERNELS"):
+        if shutil.which("c++") and not os.environ.get("GEMMA_SESSIONS_NO_KERNELS") and kbuild.select() is not None:
             pytest.fail(f"the kernel did not build on a machine with a compiler: {kernels._state.get('error')}")
         pytest.skip(f"kernel not built here: {kernels._state.get('error')}")
-    return kernels.kernel()
+    lacking = kbuild.missing(request.param)
+    if lacking:
+        pytest.skip(f"this CPU cannot execute the {request.param} kernels: it lacks {' '.join(sorted(lacking))}")
+    saved = kernels.use_variant(request.param)
+    yield kernels.kernel()
+    kernels.restore(saved)
 
 
 @pytest.fixture
@@ -94,12 +106,17 @@ def test_qmatmul_threads_agree(op):
     assert all(torch.equal(got[i], want[i]) for i in range(8))
 
 
-def test_build_key_depends_on_cpu_and_flags(monkeypatch):
-    key = kernels.build_key()
-    monkeypatch.setattr(kernels, "_cpu_flags", lambda: "flags : sse2")
-    assert kernels.build_key() != key
-    monkeypatch.setattr(kernels, "CFLAGS", ("-O2",))
-    assert len(kernels.build_key()) == 16
+def test_build_key_depends_on_variant_flags_and_compiler_not_on_the_cpu(monkeypatch):
+    """A variant's library depends on its sources, flags, compiler and torch only: a clean clone (or another CPU that
+    executes the variant) reuses it."""
+    key = kbuild.key("avx2")
+    assert kbuild.key("avx512") != key
+    monkeypatch.setattr(kbuild, "cpu_features", lambda: frozenset({"sse2"}))
+    assert kbuild.key("avx2") == key
+    monkeypatch.setattr(kbuild, "CFLAGS", ("-O2",))
+    assert kbuild.key("avx2") != key and len(kbuild.key("avx2")) == 16
+    monkeypatch.setattr(kbuild, "_compiler_id", lambda cxx: "clang 99")
+    assert kbuild.key("avx2", "c++") != kbuild.key("avx512", "c++")
 
 
 def test_fallback_without_kernel(monkeypatch):
@@ -378,13 +395,11 @@ def test_prune_builds_keeps_recent_and_current(tmp_path):
 
 
 def test_load_ignores_a_build_lock_left_behind(op, monkeypatch):
-    """A process killed while holding cpp_extension's lock file leaves it behind; a built library must still load
+    """A process killed while building leaves its lock file behind; a built library must still load
     (before, every later load waited on the lock forever: a killed server hung the next ones)."""
-    from gemma_sessions.paths import cache_dir
-
-    build = cache_dir() / "kernels" / f"qmatmul-{kernels.build_key()}"
-    assert (build / "gemma_sessions_qmatmul.so").exists()
-    lock = build / "lock"
+    so = kbuild.library_path(kernels.variant())
+    assert so.exists()
+    lock = so.parent / "lock"
     lock.touch()
     try:
         monkeypatch.setattr(kernels, "_state", {})

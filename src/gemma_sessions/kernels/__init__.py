@@ -1,26 +1,26 @@
-"""CPU kernels, JIT-compiled on first use: ``qmatmul`` (x @ W^T for a weight held as int8 codes + group scales)
-and ``rms_norm`` (Gemma's RMSNorm in one pass, for the fast mode's decode path).
+"""CPU kernels: ``qmatmul`` (x @ W^T for a weight held as int8 codes + group scales), the batched products, the
+LM head's greedy search, fused norms / RoPE / GeGLU and decode attention, compiled per instruction set.
 
 Contract: ``qmatmul(x, codes, scales, offsets, group)`` returns float32 ``[M, N]`` for float32 ``x [M, K]``, int8
 ``codes [N, K]``, float32 ``scales [N, K/G]`` and optional float32 ``offsets [N, K/G]``, where the weight is
 
     W[n, k] = scales[n, k // G] * codes[n, k] + offsets[n, k // G]
 
-exactly (the format ``models/quant.py`` makes from GGUF blocks). ``available()`` says whether the compiled kernel
-loads; when it does not (no compiler, an unsupported platform, ``GEMMA_SESSIONS_NO_KERNELS=1``), ``qmatmul`` runs
-:func:`qmatmul_reference` (the same math in torch, slower) and a warning is logged once.
+exactly (the format ``models/quant.py`` makes from GGUF blocks). ``available()`` says whether the compiled kernels
+load; when they do not (no compiler, an unsupported CPU, ``GEMMA_SESSIONS_NO_KERNELS=1`` or
+``GEMMA_SESSIONS_CPU_CAPABILITY=torch``), every op runs its torch equivalent (slower) and a warning is logged once.
 
-The extension is built with ``torch.utils.cpp_extension.load`` into ``<cache dir>/kernels/<key>``, where the key
-hashes the source, the compiler flags, the torch version and the CPU's feature flags, so a different CPU (or a
-new torch) rebuilds rather than loading a binary compiled for other instructions (``-march=native``).
+Which library loads is decided once per process (:mod:`.build`): the best instruction-set variant this CPU executes
+(avx2, avx512, avx512_vnni, avx512_bf16, amx), or a lower one that ``GEMMA_SESSIONS_CPU_CAPABILITY`` names. Its
+library comes from the cache, built there at install (``python -m gemma_sessions.kernels build``); a variant not
+built yet is compiled on first use (~30 s, logged). :func:`use_variant` switches a process to another runnable
+variant (the tests run every one this CPU executes). The model asks for them through :mod:`.backend`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import platform
 import shutil
 import threading
 import time
@@ -28,85 +28,88 @@ from pathlib import Path
 
 import torch
 
-from ..paths import cache_dir
+from . import build as _build
 
 log = logging.getLogger("gemma_sessions.kernels")
 
-CSRC = Path(__file__).with_name("csrc")
-SOURCE = CSRC / "ops.cpp"  # the one translation unit; it includes the other parts (csrc/*.h)
-# No OpenMP: the kernels' loops run on their own thread pool (csrc/pool.h, par_for), sized by torch.set_num_threads.
-CFLAGS = ("-O3", "-march=native", "-pthread")
-LDFLAGS = ("-pthread",)
-STALE_LOCK_S = 600  # a build lock older than this was left by a process that died mid-build (a build takes ~30 s)
 STALE_BUILD_S = 30 * 86400  # builds of other keys unused this long are deleted after a load (prune_builds)
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "op" -> the loaded op, or "error" -> why it is unavailable
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def build_key() -> str:
-    h = hashlib.sha256()
-    for part in sorted(CSRC.iterdir()):
-        if part.suffix in (".cpp", ".h"):
-            h.update(part.name.encode())
-            h.update(part.read_bytes())
-    for part in (*CFLAGS, *LDFLAGS, torch.__version__, _cpu_flags(), platform.machine()):
-        h.update(part.encode())
-    return h.hexdigest()[:16]
+# "op" -> the loaded qmatmul op, "ops" -> its torch.ops namespace, "variant" -> its name; or "error" -> why the
+# kernels are unavailable; "forced" -> the variant use_variant() asked for; and the probes' answers, once asked.
+_state: dict[str, object] = {}
+_loaded: dict[str, object] = {}  # variant -> its torch.ops namespace, for each library loaded in this process
 
 
 def _load():
-    """The compiled op (building it once per key), or raise."""
+    """The compiled qmatmul op of this process's variant (building it if the install did not), or raise."""
     if os.environ.get("GEMMA_SESSIONS_NO_KERNELS"):
         raise RuntimeError("disabled by GEMMA_SESSIONS_NO_KERNELS")
-    if platform.machine() not in ("x86_64", "AMD64", "aarch64", "arm64"):
-        raise RuntimeError(f"unsupported platform {platform.machine()}")
-    from torch.utils import cpp_extension
+    variant = _state.get("forced") or _build.select()
+    if variant is None:
+        raise RuntimeError("no runnable variant (GEMMA_SESSIONS_CPU_CAPABILITY=torch, or a CPU without AVX2)")
+    ops = _loaded.get(variant)
+    if ops is None:
+        so = _build.library_path(variant)
+        if not so.exists():
+            log.info("building the %s kernels now (python -m gemma_sessions.kernels build does it at install)",
+                     variant)
+            so = _build.build(variant)
+        torch.ops.load_library(str(so))
+        ops = _loaded[variant] = getattr(torch.ops, _build.namespace(variant))
+        prune_builds(so.parent)
+    _state["ops"], _state["variant"] = ops, variant
+    return ops.qmatmul.default  # the overload itself: less dispatch per call than the packet
 
-    build = cache_dir() / "kernels" / f"qmatmul-{build_key()}"
-    build.mkdir(parents=True, exist_ok=True)
-    so = build / "gemma_sessions_qmatmul.so"
-    loaded = False
-    if so.exists():
-        # The key covers the source, flags, torch and CPU, so a built library is the right one: load it directly,
-        # without cpp_extension's lock file (a process killed while holding it leaves it behind, and every later
-        # load would wait on it forever) and without ninja (a checkout elsewhere would rebuild for the new path).
-        try:
-            torch.ops.load_library(str(so))
-            loaded = True
-        except (OSError, RuntimeError) as exc:  # a truncated library from a killed build: build it again
-            log.warning("rebuilding the kernel library (%s)", exc)
-            so.unlink(missing_ok=True)
-    if not loaded:
-        lock = build / "lock"
-        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-            lock.unlink(missing_ok=True)  # left by a process that died while building
-        # is_python_module=False: the .so registers torch.ops.gemma_sessions.* itself (TORCH_LIBRARY), no pybind.
-        cpp_extension.load(name="gemma_sessions_qmatmul", sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
-                           extra_ldflags=list(LDFLAGS), build_directory=str(build), is_python_module=False,
-                           verbose=False)
-    prune_builds(build)
-    return torch.ops.gemma_sessions.qmatmul.default  # the overload itself: less dispatch per call than the packet
+
+def _ops():
+    """The loaded variant's torch.ops namespace (callers check :func:`kernel` first)."""
+    return _state["ops"]
+
+
+def variant() -> str | None:
+    """The instruction-set variant this process runs (None: the torch fallback)."""
+    return _state.get("variant") if kernel() is not None else None
+
+
+def use_variant(name: str) -> dict:
+    """Switch this process's kernels to variant ``name`` (loaded, and built if needed); raises ValueError when this
+    CPU cannot execute it. Returns the previous state, for :func:`restore`. Objects that cached a layout of the
+    previous variant (``QuantLinear``'s packed weights) must be made again."""
+    lacking = _build.missing(name)
+    if lacking:
+        raise ValueError(f"this CPU cannot execute the {name} kernels (it lacks {' '.join(sorted(lacking))})")
+    with _lock:
+        saved = dict(_state)
+        _state.clear()
+        _state["forced"] = name
+        if "keeper" in saved:  # quiet_openmp's thread serves every variant
+            _state["keeper"] = saved["keeper"]
+    if kernel() is None:
+        restore(saved)
+        raise RuntimeError(f"the {name} kernels did not load")
+    return saved
+
+
+def restore(saved: dict) -> None:
+    """Go back to the state :func:`use_variant` returned."""
+    with _lock:
+        _state.clear()
+        _state.update(saved)
 
 
 def prune_builds(current: Path, max_age_s: float = STALE_BUILD_S) -> list[Path]:
-    """Mark ``current`` as used now and delete sibling ``qmatmul-*`` builds unused for ``max_age_s`` (other source
-    versions, torch versions or CPUs: each load touches its own folder, so a build another install still loads
-    stays). Returns what was removed; a folder that cannot be removed is left alone."""
+    """Mark ``current`` (``<variant>-<key>``) as used now and delete sibling builds of the same variant, and the
+    single-file kernels' ``qmatmul-*`` builds, unused for ``max_age_s`` (other source versions, compilers or torch
+    versions: each load touches its own folder, so a build another install still loads stays). Returns what was
+    removed; a folder that cannot be removed is left alone."""
     try:
         os.utime(current)
     except OSError:  # a read-only cache: nothing to mark, nothing to prune
         return []
     removed = []
     cutoff = time.time() - max_age_s
-    for other in current.parent.glob("qmatmul-*"):
+    prefix = current.name.rsplit("-", 1)[0]
+    for other in {*current.parent.glob(f"{prefix}-*"), *current.parent.glob("qmatmul-*")}:
         try:
             if other != current and other.is_dir() and other.stat().st_mtime < cutoff:
                 shutil.rmtree(other)
@@ -153,7 +156,8 @@ def kernel():
                     quiet_openmp()
                 except Exception as exc:  # noqa: BLE001 - any build failure falls back to torch
                     _state["error"] = f"{type(exc).__name__}: {exc}"
-                    log.warning("qmatmul kernel unavailable, using the slower torch path (%s)", _state["error"])
+                    log.warning("CPU kernels unavailable, every op runs its slower torch equivalent (%s); with a C++ "
+                                "compiler, python -m gemma_sessions.kernels build makes them", _state["error"])
     return _state.get("op")
 
 
@@ -178,7 +182,7 @@ def dequantize_rows(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Te
     """Rows ``[start, end)`` of :func:`dequantize` (the same bits: ``codes * scale``, then ``+ offset``); one pass
     of the compiled kernel on CPU tensors, torch otherwise."""
     if codes.device.type == "cpu" and kernel() is not None:
-        return torch.ops.gemma_sessions.dequantize.default(codes, scales, offsets, group, start, end)
+        return _ops().dequantize.default(codes, scales, offsets, group, start, end)
     codes, scales = codes[start:end], scales[start:end]
     offsets = None if offsets is None else offsets[start:end]
     n, k = codes.shape
@@ -193,7 +197,7 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     compiled pass per row (``F.rms_norm`` when the kernel is unavailable)."""
     if kernel() is None:
         return torch.nn.functional.rms_norm(x, (x.shape[-1],), scale, eps)
-    return torch.ops.gemma_sessions.rms_norm.default(x, scale, eps)
+    return _ops().rms_norm.default(x, scale, eps)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, start: torch.Tensor,
@@ -207,7 +211,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: t
     :func:`gemma_sessions.models.gemma.attention`)."""
     if q.device.type != "cpu" or kernel() is None:
         return None
-    return torch.ops.gemma_sessions.decode_attention.default(q, k, v, table, start, lengths, block, page_stride,
+    return _ops().decode_attention.default(q, k, v, table, start, lengths, block, page_stride,
                                                              scale, softcap or 0.0)
 
 
@@ -216,7 +220,7 @@ def _built_with(key: str, probe: str) -> bool:
     if kernel() is None:
         return False
     if key not in _state:
-        _state[key] = bool(getattr(torch.ops.gemma_sessions, probe)())
+        _state[key] = bool(getattr(_ops(), probe)())
     return bool(_state[key])
 
 
@@ -250,7 +254,7 @@ def qmatmul_bf16(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, off
     float32 sums and output. Requires :func:`bf16_dot_available`; K a multiple of 32 and group of 16."""
     if not bf16_dot_available():
         raise RuntimeError("qmatmul_bf16 needs the compiled kernel with AVX512-BF16")
-    return torch.ops.gemma_sessions.qmatmul_bf16.default(x.float(), codes, scales, offsets, group)
+    return _ops().qmatmul_bf16.default(x.float(), codes, scales, offsets, group)
 
 
 def wide_available() -> bool:
@@ -266,7 +270,7 @@ def qmatmul_wide(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, off
     Requires :func:`wide_available`; a group that is a multiple of 8."""
     if not wide_available():
         raise RuntimeError("qmatmul_wide needs the compiled kernel built for AVX2 without AVX-512")
-    return torch.ops.gemma_sessions.qmatmul_wide.default(x.float(), codes, scales, offsets, group)
+    return _ops().qmatmul_wide.default(x.float(), codes, scales, offsets, group)
 
 
 def qmatmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
@@ -284,8 +288,8 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     if logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.dim() not in (1, 2) or kernel() is None:
         return logits.argmax(dim=-1)
     if logits.dim() == 1:
-        return torch.ops.gemma_sessions.argmax.default(logits[None])[0]
-    return torch.ops.gemma_sessions.argmax.default(logits)
+        return _ops().argmax.default(logits[None])[0]
+    return _ops().argmax.default(logits)
 
 
 def decode_stack(x: torch.Tensor, lin: list, wide: list, groups: list, norms: list, final_norm: torch.Tensor,
@@ -298,7 +302,7 @@ def decode_stack(x: torch.Tensor, lin: list, wide: list, groups: list, norms: li
     tensors per layer) or, with ``wide`` empty, ``qmatmul_bf16``.
     Writes the step's K/V into ``flat``; returns the final-normed hidden ``[M, hidden]``. Absent tensors (offsets,
     norms) are empty tensors. Requires the kernel (callers check :func:`available`)."""
-    return torch.ops.gemma_sessions.decode_stack.default(
+    return _ops().decode_stack.default(
         x, lin, wide, groups, norms, final_norm, cos, sin, flat, off_k, off_v, layer_group, write, table, start,
         lengths, block, page_stride, scale, softcap or 0.0, hq, hkv, eps, exact_rows)
 
@@ -307,14 +311,14 @@ def geglu(gate_up: torch.Tensor) -> torch.Tensor:
     """``gelu_tanh(gate) * up`` for ``gate_up = [gate | up]`` ([N, 2I], bf16 or float32, CPU) in one compiled pass,
     in the input's dtype (computed in float32, rounded once). Requires the compiled kernel (callers check
     :func:`available`; without it the model runs its torch ops)."""
-    return torch.ops.gemma_sessions.geglu.default(gate_up)
+    return _ops().geglu.default(gate_up)
 
 
 def add_rms_norm(x: torch.Tensor, y: torch.Tensor, s1: torch.Tensor | None, s2: torch.Tensor | None,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A decoder layer's residual step: ``x' = x + rms_norm(y) * s1`` (``x + y`` when s1 is None), and
     ``h = rms_norm(x') * s2`` (None when s2 is None); float32 on the CPU, one compiled pass. Requires the kernel."""
-    xo, h = torch.ops.gemma_sessions.add_rms_norm.default(x, y, s1, s2, eps)
+    xo, h = _ops().add_rms_norm.default(x, y, s1, s2, eps)
     return xo, (h if s2 is not None else None)
 
 
@@ -324,7 +328,7 @@ def qk_norm_rope(qkv: torch.Tensor, q_scale: torch.Tensor | None, k_scale: torch
     skipped when the scales are None) and apply RoPE (``x cos + roll(x, D/2) sin`` with ``sin`` carrying
     rotate_half's signs; tables ``[N, D]``) to q and k; float32 on the CPU, one compiled pass. Requires the kernel
     (the model's torch path, ``Attention.forward``, is the same math)."""
-    return torch.ops.gemma_sessions.qk_norm_rope.default(qkv, q_scale, k_scale, cos, sin, hq, hkv, eps)
+    return _ops().qk_norm_rope.default(qkv, q_scale, k_scale, cos, sin, hq, hkv, eps)
 
 
 def i16_available() -> bool:
@@ -337,14 +341,14 @@ def amx_available() -> bool:
     later, whose OS grants the tile state; ``GEMMA_SESSIONS_NO_AMX=1`` says no). Same bits as without, faster."""
     if "amx" not in _state:
         _state["amx"] = (not os.environ.get("GEMMA_SESSIONS_NO_AMX") and i16_available()
-                         and bool(torch.ops.gemma_sessions.amx_available()))
+                         and bool(_ops().amx_available()))
     return bool(_state["amx"])
 
 
 def amx_group_ok(group: int) -> bool:
     """Whether AMX's layout takes this group size (the kernel's rule: a multiple of 4, at most 256; at most 64 or a
     multiple of 64). False without the compiled kernel."""
-    return kernel() is not None and bool(torch.ops.gemma_sessions.amx_group_ok(group))
+    return kernel() is not None and bool(_ops().amx_group_ok(group))
 
 
 def i16_pack(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, group: int,
@@ -357,14 +361,14 @@ def i16_pack(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | 
         raise RuntimeError("qmatmul_i16 needs the compiled kernel with AVX512-VNNI")
     if amx is None:
         amx = amx_available() and amx_group_ok(group)
-    return torch.ops.gemma_sessions.i16_pack.default(codes, scales, offsets, group, amx)
+    return _ops().i16_pack.default(codes, scales, offsets, group, amx)
 
 
 def qmatmul_i16(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor], group: int) -> torch.Tensor:
     """float32 ``x [M, K] @ W^T -> [M, N]`` with x rounded to int16 (one scale per row: an error of at most
     max|x| / 65534 per element) and W's own codes, group sums exact in int32 (see csrc/products_batched.h). A row with a
     non-finite value gives NaN. ``packed`` is :func:`i16_pack`'s."""
-    return torch.ops.gemma_sessions.qmatmul_i16.default(x.float(), *packed, group)
+    return _ops().qmatmul_i16.default(x.float(), *packed, group)
 
 
 def q8_head_available() -> bool:
@@ -378,7 +382,7 @@ def q8_head_pack(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tenso
     ``|W|`` over the outputs as ``[K/32]``. Codes int8 ``[N, K]``, float32 scales per group of 32."""
     if not q8_head_available():
         raise RuntimeError("q8_head needs the compiled kernel with AVX512-VNNI or AVX2")
-    return torch.ops.gemma_sessions.q8_head_pack.default(codes, scales)
+    return _ops().q8_head_pack.default(codes, scales)
 
 
 def q8_head(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor], codes: torch.Tensor,
@@ -387,5 +391,5 @@ def q8_head(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor, torch.Ten
     found through an int8-activation approximation with an error bound per row (see csrc/head.h). Returns
     (tokens [M] int64, -1 for a row with non-finite values; candidates [M]: exact logits computed per row;
     the approximate logits [M, N] when ``want_logits``, else None)."""
-    tokens, cands, logits = torch.ops.gemma_sessions.q8_head.default(x.float(), *packed, codes, scales, want_logits)
+    tokens, cands, logits = _ops().q8_head.default(x.float(), *packed, codes, scales, want_logits)
     return tokens, cands, (logits if want_logits else None)

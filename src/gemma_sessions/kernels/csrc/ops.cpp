@@ -1,4 +1,4 @@
-// The CPU kernels' one translation unit: every part, in order, then the ops' registration as torch.ops.gemma_sessions.*
+// The CPU kernels' one translation unit: every part, in order, then the ops' registration as torch.ops.<GS_NAMESPACE>.*
 // (TORCH_LIBRARY, no pybind11). The parts, by concern:
 //
 //   common.h            headers, this build's instruction-set macros, row-block helpers
@@ -12,6 +12,10 @@
 //   stack.h             decode_stack (every layer of a decode step in one call)
 //
 // One translation unit, as one file was before: the same inlining, hence the same bits, and one compiler run.
+//
+// Built once per instruction-set variant with explicit flags (kernels/build.py: avx2 = x86-64-v3, avx512 = x86-64-v4,
+// avx512_vnni, avx512_bf16, amx); each variant registers its ops under its own namespace (GS_NAMESPACE, e.g.
+// gemma_sessions_avx2), so a process can hold several (the tests compare them) and loads only those its CPU runs.
 
 #include "products.h"
 #include "products_wide.h"
@@ -21,7 +25,14 @@
 #include "head.h"
 #include "stack.h"
 
-TORCH_LIBRARY(gemma_sessions, m) {
+#ifndef GS_NAMESPACE
+#define GS_NAMESPACE gemma_sessions
+#endif
+// TORCH_LIBRARY pastes its namespace argument (##): one more macro level expands GS_NAMESPACE first.
+#define GS_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define GS_LIBRARY_IMPL(ns, k, m) TORCH_LIBRARY_IMPL(ns, k, m)
+
+GS_LIBRARY(GS_NAMESPACE, m) {
   m.def("qmatmul(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, int group) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor scale, float eps) -> Tensor");
   m.def("argmax(Tensor x) -> Tensor");
@@ -51,7 +62,7 @@ TORCH_LIBRARY(gemma_sessions, m) {
         "int page_stride, float scale, float softcap) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(gemma_sessions, CPU, m) {
+GS_LIBRARY_IMPL(GS_NAMESPACE, CPU, m) {
   m.impl("qmatmul", &qmatmul);
   m.impl("rms_norm", &rms_norm);
   m.impl("argmax", &argmax_rows);
