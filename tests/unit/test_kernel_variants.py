@@ -189,3 +189,19 @@ def test_the_override_reaches_the_loader_and_a_built_cache_needs_no_compiler(mon
     assert _probe({kbuild.ENV: lowest, "CXX": "/nonexistent/c++"}).startswith(f"True {lowest}")
     off = _probe({kbuild.ENV: "torch"})
     assert off.startswith("False None") and "kernels unavailable" in off
+
+
+def test_without_a_compiler_a_build_of_the_same_inputs_is_found(tmp_path, monkeypatch):
+    """An install built the kernels, then the compiler went away (a slim image): the library whose manifest matches
+    these sources, flags and torch loads; one of other sources does not."""
+    monkeypatch.setenv("GEMMA_SESSIONS_CACHE", str(tmp_path))
+    monkeypatch.setattr(kbuild, "compiler", lambda: None)
+    good, stale = tmp_path / "kernels" / "avx2-aaaa", tmp_path / "kernels" / "avx2-bbbb"
+    for d, manifest in ((good, kbuild._manifest("avx2")), (stale, '{"inputs": ["other sources"]}')):
+        d.mkdir(parents=True)
+        (d / "manifest.json").write_text(manifest)
+        (d / f"{kbuild.namespace('avx2')}.so").write_bytes(b"")
+    assert kbuild.find_library("avx2") == good / "gemma_sessions_avx2.so"
+    assert kbuild.find_library("avx512") is None
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        kbuild.build("avx512")

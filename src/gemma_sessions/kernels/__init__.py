@@ -49,8 +49,8 @@ def _load():
         raise RuntimeError("no runnable variant (GEMMA_SESSIONS_CPU_CAPABILITY=torch, or a CPU without AVX2)")
     ops = _loaded.get(variant)
     if ops is None:
-        so = _build.library_path(variant)
-        if not so.exists():
+        so = _build.find_library(variant)
+        if so is None:
             log.info("building the %s kernels now (python -m gemma_sessions.kernels build does it at install)",
                      variant)
             so = _build.build(variant)

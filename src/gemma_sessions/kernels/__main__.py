@@ -31,10 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.cmd == "info":
         chosen = build.select()
-        for v in (*build.VARIANTS, build.NATIVE):
+        for v in build.VARIANTS if build.x86() else (build.NATIVE,):
             lacking = build.missing(v.name)
-            so = build.library_path(v.name) if build.compiler() else None
-            state = "built" if so is not None and so.exists() else "not built"
+            state = "built" if build.find_library(v.name) is not None else "not built"
             runs = "runs here" if not lacking else f"needs {' '.join(sorted(lacking))}"
             print(f"{'*' if v.name == chosen else ' '} {v.name:12} {runs:40} {state}")
         return 0

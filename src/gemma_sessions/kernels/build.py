@@ -23,6 +23,7 @@ import dataclasses
 import fcntl
 import functools
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -127,17 +128,27 @@ def _compiler_id(cxx: str) -> str:
         return cxx
 
 
-def key(variant: str, cxx: str | None = None) -> str:
-    """What a build of ``variant`` depends on: the sources, the flags, the compiler, torch (and for ``native`` the
-    CPU's features, which its flags stand for)."""
+def _sources():  # hashlib object over every source part
     h = hashlib.sha256()
     for part in sorted(CSRC.iterdir()):
         if part.suffix in (".cpp", ".h"):
             h.update(part.name.encode() + b"\0" + part.read_bytes())
+    return h
+
+
+def _inputs(variant: str) -> list[str]:
+    """What a build of ``variant`` depends on besides the compiler: the sources, the flags, torch (and for ``native``
+    the CPU's features, which its flags stand for)."""
     v = BY_NAME[variant]
     extra = " ".join(sorted(cpu_features())) if v is NATIVE else ""
-    for part in (variant, *CFLAGS, *v.flags, _compiler_id(cxx or compiler() or "c++"), torch.__version__,
-                 platform.machine(), extra):
+    return [_sources().hexdigest(), variant, *CFLAGS, *v.flags, torch.__version__, platform.machine(), extra]
+
+
+def key(variant: str, cxx: str | None = None) -> str:
+    """The cache key of a build of ``variant``: its inputs (:func:`_inputs`) and the compiler."""
+    h = _sources()
+    inputs = _inputs(variant)
+    for part in (*inputs[1:-3], _compiler_id(cxx or compiler() or "c++"), *inputs[-3:]):
         h.update(part.encode() + b"\0")
     return h.hexdigest()[:16]
 
@@ -149,6 +160,34 @@ def namespace(variant: str) -> str:
 
 def library_path(variant: str, cxx: str | None = None) -> Path:
     return cache_dir() / "kernels" / f"{variant}-{key(variant, cxx)}" / f"{namespace(variant)}.so"
+
+
+def _manifest(variant: str) -> str:
+    return json.dumps({"inputs": _inputs(variant)})
+
+
+def find_library(variant: str) -> Path | None:
+    """The built library of ``variant`` for these sources and this torch, or None. With a compiler, the one its key
+    names; without one (removed after the install built the kernels, or not on this PATH), any build of the same
+    inputs, by the manifest each build leaves beside its library."""
+    if compiler() is not None:
+        so = library_path(variant)
+        if so.exists() and not (so.parent / "manifest.json").exists():
+            try:  # a build from before manifests: record its inputs
+                (so.parent / "manifest.json").write_text(_manifest(variant))
+            except OSError:
+                pass
+        return so if so.exists() else None
+    want = _manifest(variant)
+    found = []
+    for m in (cache_dir() / "kernels").glob(f"{variant}-*/manifest.json"):
+        so = m.parent / f"{namespace(variant)}.so"
+        try:
+            if m.read_text() == want and so.exists():
+                found.append((so.stat().st_mtime, so))
+        except OSError:
+            continue
+    return max(found)[1] if found else None
 
 
 def command(variant: str, out: Path, cxx: str) -> list[str]:
@@ -187,6 +226,7 @@ def build(variant: str, force: bool = False) -> Path:
             if done.returncode != 0:
                 tmp.unlink(missing_ok=True)
                 raise RuntimeError(f"building the {variant} kernels failed:\n{done.stderr[-4000:]}")
+            (so.parent / "manifest.json").write_text(_manifest(variant))
             os.replace(tmp, so)
             log.info("built the %s kernels in %.0f s: %s", variant, time.monotonic() - t0, so)
         finally:
