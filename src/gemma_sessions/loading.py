@@ -10,7 +10,8 @@ safetensors + tokenizer). It never downloads anything. Weight formats:
   float32 scale (and offset) per group of 32 inputs (16 for Q6_K), read straight from the GGUF blocks, so the
   weights are EXACTLY the float32 mode's (models/quant.py; float checkpoints and other block types are quantized
   symmetric int8 per 32, lossy). Decode runs a compiled grouped-int8 kernel (kernels/, float32 activations);
-  prefill a bf16 GEMM on a bf16 copy of the layers (see models/gemma.py ``Linear``). Residual stream in float32.
+  prefill a many-row kernel or a bf16 GEMM (the policy: kernels/backend.py ``QuantLinear.plan``). Residual stream
+  in float32.
   On an accelerator (the int8 kernels are CPU code) the fast default is float32 weights when they take at most half
   of the device's free memory, else bfloat16 (``accelerator_format``).
 """

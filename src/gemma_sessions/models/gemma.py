@@ -323,7 +323,7 @@ class GemmaModel(nn.Module):
         self.config = config
         self.weight_format = weight_format
         # Compute dtype: bfloat16 in the bf16 mode; float32 otherwise (the int8 mode keeps the residual stream in
-        # float32; its decode products take float32 input, its prefill GEMMs bf16, see Linear).
+        # float32; its decode products take float32 input, its prefill GEMMs bf16, see kernels/backend.py).
         self.dtype = torch.bfloat16 if weight_format == "bfloat16" else torch.float32
         self.device = device
         self.embed = Linear(tensors["embed_tokens"], weight_format, head=True)  # tied: also the LM head
@@ -467,12 +467,13 @@ class GemmaModel(nn.Module):
 
     def greedy_head(self, h: torch.Tensor, want_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[N, hidden] -> (the exact greedy token per row, as ``logits(h[i:i+1]).argmax()`` gives it; -1 where h is
-        not finite; approximate logits [N, vocab] when ``want_logits``). See ``Linear.greedy``."""
+        not finite; approximate logits [N, vocab] when ``want_logits``). See kernels/backend.py ``QuantLinear.greedy``.
+        """
         return self.embed.greedy(h.float(), want_logits)
 
     def logits(self, h: torch.Tensor, batch: bool = False) -> torch.Tensor:
         """[N, hidden] -> float32 logits [N, vocab], through the tied embedding. ``batch``: the engine's decode rows
-        (see ``Linear.forward_batch``); otherwise scoring keeps the exact paths."""
+        (see ``QuantLinear.forward_batch``); otherwise scoring keeps the exact paths."""
         out = (self.embed.forward_batch(h) if batch else self.embed(h)).float()
         cap = self.config.final_logit_softcapping
         if cap is not None:  # Gemma 2: final logits soft-capped at 30 (Gemma2ForCausalLM.forward)
