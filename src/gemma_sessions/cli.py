@@ -97,6 +97,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server.app import Limits
 
     engine, manager = _open_manager(args)
+    if not args.lazy_kv:
+        engine.reserve_memory()
 
     def shutdown() -> None:
         manager.close()
@@ -244,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="largest session file POST /v1/sessions/import takes (and decompresses to)")
     sv.add_argument("--max-input-chars", type=int, default=None,
                     help="characters of text one request may send (default: 8 x the model's context)")
+    sv.add_argument("--lazy-kv", action="store_true",
+                    help="let the KV budget become resident as it is used (default: all of it at start)")
     sv.add_argument("--shutdown-grace", type=float, default=5.0,
                     help="seconds running turns may finish on SIGTERM before they are cancelled")
     sv.add_argument("--served-model-name", default=None)

@@ -206,3 +206,16 @@ def test_another_tokenizer_is_refused(model, exported):
         with pytest.raises(gs.SessionFileError, match="tokenizer"):
             gs.SessionManager(e).import_file(bad)
     assert os.path.exists(path)
+
+
+def test_close_rewrites_no_snapshot_that_is_current(model, tmp_path):
+    """A shutdown writes only stale KV files (it once rewrote every session's, for 50 s under load)."""
+    with _engine(model) as e:
+        m = gs.SessionManager(e, store=tmp_path)
+        s = m.create(sampling=P)
+        s.send("hello")
+        m.store.flush()
+        written = m.store.snapshots_written
+        assert written >= 1
+        m.close()
+        assert m.store.snapshots_written == written

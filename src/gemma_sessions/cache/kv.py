@@ -167,6 +167,9 @@ class PagedKVCache:
         """
         check_snapshot(self.layout, snap)
 
+    def reserve(self) -> None:
+        self.storage.zero_()
+
     def stats(self) -> dict:
         pool, page = self.pool, self.layout.page_bytes(self.dtype)
         return {

@@ -108,11 +108,15 @@ class KVCache(Protocol):
     def bytes_held(self, seq: CachedSequence) -> int:
         """Bytes of cache ``seq`` holds now (shared pages counted in full)."""
 
+    def reserve(self) -> None:
+        """Make the whole budget resident now (it otherwise becomes resident as it is used)."""
+
     def stats(self) -> dict:
         """Counters for ``Engine.stats``: at least blocks_total / used / free / cached, kv_bytes_total / used,
         prefix_queried_tokens, prefix_hit_tokens, cache_block_evictions and cache_kind."""
 
 
 KV_CACHE_METHODS = ("could_ever_fit", "has_room", "describe", "start", "resume", "rematch", "allocate", "commit",
-                    "fork", "free", "discard", "export", "check_snapshot", "import_snapshot", "bytes_held", "stats")
+                    "fork", "free", "discard", "export", "check_snapshot", "import_snapshot", "bytes_held", "reserve",
+                    "stats")
 """Every method of :class:`KVCache`, for tests and readers (the Protocol is the definition)."""

@@ -251,6 +251,10 @@ class StateCache:
         if kpos is not None and kpos.numel() and (int(kpos.min()) < -1 or int(kpos.max()) >= snap.num_tokens):
             raise SessionFileError("recurrent state kpos: positions outside the snapshot's tokens")
 
+    def reserve(self) -> None:
+        for t in self.pool.tensors().values():
+            t.zero_()
+
     def stats(self) -> dict:
         used = self.pool.num_slots - len(self._free) - len(self._snapshots)
         return {

@@ -244,6 +244,11 @@ class Engine:
         finally:
             go.set()
 
+    def reserve_memory(self) -> None:
+        """Make the whole KV budget resident now, not as pages are first used: a server's memory is then what it
+        was configured to use from its start (a supervisor sees its size at once; it does not grow with load)."""
+        self._call(self.cache.reserve)
+
     @property
     def alive(self) -> bool:
         """The loop thread runs and accepts work (not closed, no fatal error). Any thread; never waits."""

@@ -53,6 +53,8 @@ CREATE TABLE IF NOT EXISTS responses(id TEXT PRIMARY KEY, owner TEXT, session_id
     body TEXT, created_at REAL);
 CREATE INDEX IF NOT EXISTS responses_by_session ON responses(session_id);
 """
+# Seconds close() may spend writing KV snapshots (a shutdown must end in bounded time).
+CLOSE_SNAPSHOT_S = 20.0
 # Responses kept for previous_response_id; the oldest go first beyond this (a session's history is never pruned).
 MAX_RESPONSES = 100_000
 
@@ -104,6 +106,8 @@ class Store:
         self._writer: threading.Thread | None = None
         self.snapshots_written = 0
         self.restored = 0
+        self._written: dict[str, tuple[int, int]] = {}  # session id -> (tokens, their hash) of its file on disk
+        self._deadline: float | None = None  # set by close: snapshots still queued after it are skipped
         if not readonly:
             self._cleanup()
 
@@ -149,14 +153,17 @@ class Store:
             self._writer = threading.Thread(target=self._write_loop, name="gemma-store-writer", daemon=True)
             self._writer.start()
 
-    def close(self, snapshot_all: bool = True) -> None:
-        """Snapshot every session's KV still in memory, finish pending writes, close the database."""
+    def close(self, snapshot_all: bool = True, timeout: float = CLOSE_SNAPSHOT_S) -> None:
+        """Snapshot the KV of sessions in memory whose file is stale, for at most ``timeout`` seconds (what is left
+        costs a recompute at the next turn, never a turn: turns are committed as they complete), then close."""
+        self._deadline = time.monotonic() + timeout
         if self.manager is not None and snapshot_all and self.snapshot_kv:
             for s in self.manager.loaded_sessions():
-                self.schedule_snapshot(s)
+                if s.persistent:
+                    self.schedule_snapshot(s)
         if self._writer is not None:
             self._queue.put(None)
-            self._writer.join(timeout=120)
+            self._writer.join(timeout=timeout + 30)
             self._writer = None
         with self._db_lock:
             self._db.close()
@@ -235,6 +242,7 @@ class Store:
                            ("DELETE FROM responses WHERE session_id=?", (sid,)),
                            ("DELETE FROM sessions WHERE id=?", (sid,))])
         self._snapshot_path(sid).unlink(missing_ok=True)
+        self._written.pop(sid, None)
 
     # ------------------------------------------------------------------------------------------ snapshots
     def _snapshot_path(self, sid: str) -> Path:
@@ -256,8 +264,10 @@ class Store:
             try:
                 if kind == "call":
                     value.set()
+                elif self._deadline is not None and time.monotonic() > self._deadline:
+                    continue  # closing and out of time: a later turn recomputes this KV
                 elif kind == "export":
-                    if value.deleted:
+                    if value.deleted or self._current(value):
                         continue
                     snap = self.manager.engine.export_kv(value.kv)
                     if snap is not None:
@@ -271,6 +281,14 @@ class Store:
             except Exception:  # a failed snapshot costs a recompute, never a turn
                 log.exception("writing a KV snapshot failed")
 
+    def _current(self, s) -> bool:
+        """Whether the session's file on disk already holds exactly the KV it has in memory."""
+        written = self._written.get(s.id)
+        if written is None:
+            return False
+        n = self.manager.engine.kv_tokens(s.kv)
+        return written == (n, hash(tuple(s.token_ids[:n])))
+
     def _write_snapshot(self, sid: str, snap) -> None:
         with self._db_lock:
             if self._db.execute("SELECT 1 FROM sessions WHERE id=?", (sid,)).fetchone() is None:
@@ -281,6 +299,7 @@ class Store:
         self._write("INSERT OR REPLACE INTO snapshots VALUES (?,?,?,?,?)",
                     (sid, snap.num_tokens, n, self._model_fp, time.time()))
         self.snapshots_written += 1
+        self._written[sid] = (snap.num_tokens, hash(tuple(snap.tokens)))
 
     def flush(self, timeout: float = 60.0) -> None:
         """Wait until every queued snapshot is written (tests, shutdown)."""
