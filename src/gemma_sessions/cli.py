@@ -99,6 +99,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine, manager = _open_manager(args)
     if not args.lazy_kv:
         engine.reserve_memory()
+    from .server.heap import start_trimming
+
+    start_trimming()
 
     def shutdown() -> None:
         manager.close()

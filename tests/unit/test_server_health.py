@@ -24,3 +24,16 @@ def test_health_is_503_once_the_engine_loop_is_dead():
         assert dead.status_code == 503 and dead.json()["status"] == "engine loop dead"
         r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+
+
+def test_the_heap_trimmer_runs_and_stops():
+    import threading
+    import time
+
+    from gemma_sessions.server.heap import start_trimming
+
+    stop = start_trimming(0.05)
+    assert stop is not None  # glibc here (Debian): the trimmer must run
+    time.sleep(0.2)
+    assert any(t.name == "gemma-heap-trim" for t in threading.enumerate())
+    stop.set()

@@ -1,0 +1,43 @@
+"""Give freed heap memory back to the OS while a server runs (glibc).
+
+Contract: ``start_trimming(interval_s)`` starts one daemon thread that calls glibc's ``malloc_trim(0)`` every
+``interval_s`` seconds; a no-op where the C library is not glibc. Without it a long-running server's RSS only grows:
+request bodies, session files and snapshots of several MB are freed into per-thread arenas that glibc keeps (a
+10-minute soak with 64 clients ended 1.56x above its first minute; one malloc_trim gave back 250 MB of 1.66 GB).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import threading
+
+log = logging.getLogger("gemma_sessions.server")
+
+
+def _malloc_trim():
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def start_trimming(interval_s: float = 10.0) -> threading.Event | None:
+    """Trim the heap every ``interval_s`` seconds until the returned event is set (None where unsupported)."""
+    trim = _malloc_trim()
+    if trim is None:
+        log.info("malloc_trim is not available: freed heap memory stays with the process")
+        return None
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(interval_s):
+            trim(0)
+
+    threading.Thread(target=loop, name="gemma-heap-trim", daemon=True).start()
+    return stop
