@@ -37,6 +37,7 @@ from ..config import FULL, SLIDING, ModelConfig
 from ..errors import CapacityError, SessionFileError
 from .blocks import BlockHash, hash_block_tokens
 from .pool import BlockPool
+from .protocol import resume_sequence
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -232,13 +233,7 @@ class PagedKVCache:
 
     def resume(self, seq: SeqKV, tokens: list[int]) -> bool:
         """Continue a parked ``seq`` with ``tokens`` if they extend its computed ones (False, unchanged, if not)."""
-        n = seq.num_computed
-        if len(tokens) <= n or tokens[:n] != seq.tokens[:n]:
-            return False
-        seq.tokens, seq.cached_at_start = tokens, n
-        self.prefix_queried_tokens += len(tokens)
-        self.prefix_hit_tokens += n
-        return True
+        return resume_sequence(self, seq, tokens)
 
     def rematch(self, seq: SeqKV) -> int:
         """Before a sequence computes anything: adopt a longer cached prefix if one appeared since it started

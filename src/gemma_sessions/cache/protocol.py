@@ -116,6 +116,18 @@ class KVCache(Protocol):
         prefix_queried_tokens, prefix_hit_tokens, cache_block_evictions and cache_kind."""
 
 
+def resume_sequence(cache, seq, tokens: list[int]) -> bool:
+    """``KVCache.resume`` for a cache whose sequences have ``tokens``, ``num_computed`` and ``cached_at_start`` and
+    which counts ``prefix_queried_tokens`` / ``prefix_hit_tokens`` (both caches)."""
+    n = seq.num_computed
+    if len(tokens) <= n or tokens[:n] != seq.tokens[:n]:
+        return False
+    seq.tokens, seq.cached_at_start = tokens, n
+    cache.prefix_queried_tokens += len(tokens)
+    cache.prefix_hit_tokens += n
+    return True
+
+
 KV_CACHE_METHODS = ("could_ever_fit", "has_room", "describe", "start", "resume", "rematch", "allocate", "commit",
                     "fork", "free", "discard", "export", "check_snapshot", "import_snapshot", "bytes_held", "reserve",
                     "stats")

@@ -33,6 +33,7 @@ from collections.abc import Iterable
 import torch
 
 from ..errors import CapacityError, SessionFileError
+from .protocol import resume_sequence
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -127,13 +128,7 @@ class StateCache:
 
     def resume(self, seq: SeqState, tokens: list[int]) -> bool:
         """Continue a parked ``seq`` with ``tokens`` if they extend its computed ones (False, unchanged, if not)."""
-        n = seq.num_computed
-        if len(tokens) <= n or tokens[:n] != seq.tokens[:n]:
-            return False
-        seq.tokens, seq.cached_at_start = tokens, n
-        self.prefix_queried_tokens += len(tokens)
-        self.prefix_hit_tokens += n
-        return True
+        return resume_sequence(self, seq, tokens)
 
     def rematch(self, seq: SeqState) -> int:
         """Before a sequence computes anything: a longer snapshot may exist now. Returns the tokens gained."""
