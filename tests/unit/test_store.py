@@ -219,3 +219,21 @@ def test_close_rewrites_no_snapshot_that_is_current(model, tmp_path):
         assert written >= 1
         m.close()
         assert m.store.snapshots_written == written
+
+
+def test_spills_waiting_for_the_writer_are_bounded_in_bytes(model, tmp_path, monkeypatch):
+    """Spilled KV waits in memory for the writer only up to MAX_PENDING_BYTES; beyond, it is dropped and the
+    session recomputes it: the same tokens, never a lost turn."""
+    from gemma_sessions.sessions import store as store_mod
+
+    monkeypatch.setattr(store_mod, "MAX_PENDING_BYTES", 1)  # every spill is over the bound
+    reference = _never_saved(model)
+    with _engine(model, kv_cache_bytes=128 << 10) as e:  # 128 pages: a few sessions at a time
+        m = gs.SessionManager(e, store=tmp_path)
+        sessions = [m.create(system="sys", sampling=P) for _ in range(6)]
+        got = [[s.send(q).token_ids for q in QUESTIONS[:2]] for s in sessions]  # the pool holds a few at a time
+        stats = m.store.stats()
+        assert stats["spills_dropped"] > 0 and stats["pending_bytes"] == 0
+        assert [s.send(QUESTIONS[2]).token_ids for s in sessions] == [reference[2]] * 6
+        m.close()
+    assert got == [reference[:2]] * 6

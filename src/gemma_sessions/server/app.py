@@ -385,7 +385,9 @@ def _install_basic_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/metrics")
     async def metrics():
         stats = await state.run(state.engine.stats)
-        body = state.metrics.render(stats, len(state.manager.loaded_sessions()))
+        store = state.manager.store
+        body = state.metrics.render(stats, len(state.manager.loaded_sessions()),
+                                    store.stats() if store is not None else None)
         return Response(body, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")

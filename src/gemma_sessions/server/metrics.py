@@ -31,7 +31,11 @@ class Metrics:
             ("sessions_loaded", "Sessions loaded in memory"),
             ("sessions_spilled_total", "Idle sessions' KV dropped or spilled to disk under pressure"),
             ("preemptions_total", "Running requests preempted under memory pressure"),
-            ("cache_block_evictions_total", "Cached KV pages evicted"))}
+            ("cache_block_evictions_total", "Cached KV pages evicted"),
+            ("store_pending_snapshots", "Spilled KV snapshots waiting in memory for the store's writer"),
+            ("store_pending_bytes", "Bytes of those snapshots"),
+            ("store_queued_exports", "Sessions whose KV snapshot is queued for writing"),
+            ("store_spills_dropped_total", "Spills dropped because too many waited (recomputed when needed)"))}
 
     def observe_turn(self, prompt: int, cached: int, generated: int, ttft: float) -> None:
         self.prompt_tokens.inc(prompt)
@@ -40,8 +44,13 @@ class Metrics:
         if ttft > 0:
             self.ttft.observe(ttft)
 
-    def render(self, engine_stats: dict, sessions_loaded: int) -> bytes:
+    def render(self, engine_stats: dict, sessions_loaded: int, store_stats: dict | None = None) -> bytes:
         g = self._gauges
+        if store_stats:
+            g["store_pending_snapshots"].set(store_stats["pending_snapshots"])
+            g["store_pending_bytes"].set(store_stats["pending_bytes"])
+            g["store_queued_exports"].set(store_stats["queued_exports"])
+            g["store_spills_dropped_total"].set(store_stats["spills_dropped"])
         g["kv_blocks_used"].set(engine_stats["blocks_used"])
         g["kv_blocks_free"].set(engine_stats["blocks_free"])
         g["kv_blocks_cached"].set(engine_stats["blocks_cached"])

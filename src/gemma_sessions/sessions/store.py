@@ -53,6 +53,9 @@ CREATE TABLE IF NOT EXISTS responses(id TEXT PRIMARY KEY, owner TEXT, session_id
     body TEXT, created_at REAL);
 CREATE INDEX IF NOT EXISTS responses_by_session ON responses(session_id);
 """
+# Spilled KV snapshots held in memory while they wait for the writer; a spill beyond it is dropped (a recompute
+# later), so a writer slower than the spills costs time, never unbounded memory.
+MAX_PENDING_BYTES = 256 << 20
 # Seconds close() may spend writing KV snapshots (a shutdown must end in bounded time).
 CLOSE_SNAPSHOT_S = 20.0
 # Responses kept for previous_response_id; the oldest go first beyond this (a session's history is never pruned).
@@ -106,6 +109,10 @@ class Store:
         self._writer: threading.Thread | None = None
         self.snapshots_written = 0
         self.restored = 0
+        self._pending_lock = threading.Lock()
+        self._pending_bytes = 0
+        self._queued: set[str] = set()  # sessions with an export queued (one each: later turns coalesce)
+        self.spills_dropped = 0
         self._written: dict[str, tuple[int, int]] = {}  # session id -> (tokens, their hash) of its file on disk
         self._deadline: float | None = None  # set by close: snapshots still queued after it are skipped
         if not readonly:
@@ -235,7 +242,9 @@ class Store:
 
     def delete_session(self, sid: str) -> None:
         """Remove a session's rows and snapshot file (also usable offline, by id)."""
-        self._pending.pop(sid, None)
+        with self._pending_lock:
+            snap = self._pending.pop(sid, None)
+            self._pending_bytes -= snap.nbytes() if snap is not None else 0
         self._write(None, [("DELETE FROM messages WHERE session_id=?", (sid,)),
                            ("DELETE FROM turns WHERE session_id=?", (sid,)),
                            ("DELETE FROM snapshots WHERE session_id=?", (sid,)),
@@ -249,14 +258,42 @@ class Store:
         return self.kv_dir / f"{sid}.safetensors"
 
     def schedule_snapshot(self, s) -> None:
+        with self._pending_lock:
+            if s.id in self._queued:
+                return  # an export of this session is queued already: it will take the newest KV
+            self._queued.add(s.id)
         self._queue.put(("export", s))
 
     def _on_spill(self, handle, snapshot) -> None:
-        """Engine loop thread: an idle session's KV is about to be dropped; keep it and write it to disk."""
+        """Engine loop thread: an idle session's KV is about to be dropped; keep it and write it to disk (unless
+        MAX_PENDING_BYTES of spills already wait: then it is dropped and recomputed when needed)."""
         sid = self._handles.get(handle.id)
-        if sid is not None:
+        if sid is None:
+            return
+        with self._pending_lock:
+            old = self._pending.get(sid)
+            size = snapshot.nbytes() - (old.nbytes() if old is not None else 0)
+            if self._pending_bytes + size > MAX_PENDING_BYTES:
+                self.spills_dropped += 1
+                return
             self._pending[sid] = snapshot
-            self._queue.put(("write", sid))
+            self._pending_bytes += size
+        self._queue.put(("write", sid))
+
+    def _take_pending(self, sid: str, snap) -> None:
+        """Forget a pending spill once written (unless a newer one replaced it meanwhile)."""
+        with self._pending_lock:
+            if self._pending.get(sid) is snap:
+                del self._pending[sid]
+                self._pending_bytes -= snap.nbytes()
+
+    def stats(self) -> dict:
+        """The background writer's state: spills waiting in memory (and their bytes), exports queued, files
+        written, spills dropped because too many waited."""
+        with self._pending_lock:
+            return {"pending_snapshots": len(self._pending), "pending_bytes": self._pending_bytes,
+                    "queued_exports": len(self._queued), "snapshots_written": self.snapshots_written,
+                    "spills_dropped": self.spills_dropped}
 
     def _write_loop(self) -> None:
         while (task := self._queue.get()) is not None:
@@ -267,6 +304,8 @@ class Store:
                 elif self._deadline is not None and time.monotonic() > self._deadline:
                     continue  # closing and out of time: a later turn recomputes this KV
                 elif kind == "export":
+                    with self._pending_lock:
+                        self._queued.discard(value.id)
                     if value.deleted or self._current(value):
                         continue
                     snap = self.manager.engine.export_kv(value.kv)
@@ -276,8 +315,7 @@ class Store:
                     snap = self._pending.get(value)
                     if snap is not None:
                         self._write_snapshot(value, snap)
-                        if self._pending.get(value) is snap:
-                            self._pending.pop(value, None)
+                        self._take_pending(value, snap)
             except Exception:  # a failed snapshot costs a recompute, never a turn
                 log.exception("writing a KV snapshot failed")
 
