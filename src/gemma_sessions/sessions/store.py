@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import array
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -55,7 +56,7 @@ CREATE INDEX IF NOT EXISTS responses_by_session ON responses(session_id);
 """
 # Spilled KV snapshots held in memory while they wait for the writer; a spill beyond it is dropped (a recompute
 # later), so a writer slower than the spills costs time, never unbounded memory.
-MAX_PENDING_BYTES = 256 << 20
+MAX_PENDING_BYTES = 64 << 20
 # Seconds close() may spend writing KV snapshots (a shutdown must end in bounded time).
 CLOSE_SNAPSHOT_S = 20.0
 # Responses kept for previous_response_id; the oldest go first beyond this (a session's history is never pruned).
@@ -105,7 +106,10 @@ class Store:
         self.manager = None
         self._handles: dict[int, str] = {}      # KV handle id -> session id (for spills)
         self._pending: dict[str, object] = {}   # session id -> KVSnapshot waiting to be written
-        self._queue: queue.Queue = queue.Queue()
+        # The writer's work, most urgent first: spills (their KV is gone from memory once dropped), then turn-end
+        # exports (insurance against a crash), then flush markers, then the stop marker.
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()
         self._writer: threading.Thread | None = None
         self.snapshots_written = 0
         self.restored = 0
@@ -169,7 +173,7 @@ class Store:
                 if s.persistent:
                     self.schedule_snapshot(s)
         if self._writer is not None:
-            self._queue.put(None)
+            self._put(3, None)
             self._writer.join(timeout=timeout + 30)
             self._writer = None
         with self._db_lock:
@@ -262,7 +266,7 @@ class Store:
             if s.id in self._queued:
                 return  # an export of this session is queued already: it will take the newest KV
             self._queued.add(s.id)
-        self._queue.put(("export", s))
+        self._put(1, ("export", s))
 
     def _on_spill(self, handle, snapshot) -> None:
         """Engine loop thread: an idle session's KV is about to be dropped; keep it and write it to disk (unless
@@ -278,7 +282,10 @@ class Store:
                 return
             self._pending[sid] = snapshot
             self._pending_bytes += size
-        self._queue.put(("write", sid))
+        self._put(0, ("write", sid))
+
+    def _put(self, priority: int, task) -> None:
+        self._queue.put((priority, next(self._order), task))
 
     def _take_pending(self, sid: str, snap) -> None:
         """Forget a pending spill once written (unless a newer one replaced it meanwhile)."""
@@ -296,7 +303,7 @@ class Store:
                     "spills_dropped": self.spills_dropped}
 
     def _write_loop(self) -> None:
-        while (task := self._queue.get()) is not None:
+        while (task := self._queue.get()[2]) is not None:
             kind, value = task
             try:
                 if kind == "call":
@@ -344,7 +351,7 @@ class Store:
         if self._writer is None:
             return
         done = threading.Event()
-        self._queue.put(("call", done))
+        self._put(2, ("call", done))
         done.wait(timeout)
 
     def restore_kv(self, s) -> str:
