@@ -95,12 +95,12 @@ def _open_manager(args: argparse.Namespace, readonly_store: bool = False):
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import create_app
     from .server.app import Limits
+    from .server.heap import limit_arenas, start_trimming
 
+    limit_arenas()  # before the server's threads exist: each extra arena keeps its own freed memory
     engine, manager = _open_manager(args)
     if not args.lazy_kv:
         engine.reserve_memory()
-    from .server.heap import start_trimming
-
     start_trimming()
 
     def shutdown() -> None:
