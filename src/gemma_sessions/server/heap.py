@@ -18,7 +18,11 @@ import threading
 log = logging.getLogger("gemma_sessions.server")
 
 
-M_ARENA_MAX = -8  # glibc's mallopt parameter number
+M_ARENA_MAX, M_MMAP_THRESHOLD = -8, -3  # glibc's mallopt parameter numbers
+# Buffers this large or larger get their own mapping, returned to the OS when freed. A fixed value also stops glibc
+# from raising the threshold to 32 MiB after the first large free, which leaves multi-MB bodies, session files and
+# snapshots in the heap for good; per-row logits (1 MiB on a 262k vocabulary) stay below it.
+MMAP_THRESHOLD = 4 << 20
 
 
 def _glibc(symbol: str):
@@ -37,12 +41,12 @@ def _malloc_trim():
 
 
 def limit_arenas(n: int = 2) -> bool:
-    """Let all threads share at most ``n`` malloc arenas (True when applied)."""
+    """Let all threads share at most ``n`` malloc arenas and map large buffers apart (True when applied)."""
     mallopt = _glibc("mallopt")
     if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return mallopt(M_ARENA_MAX, n) == 1
+    return mallopt(M_ARENA_MAX, n) == 1 and mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
 
 
 def start_trimming(interval_s: float = 10.0) -> threading.Event | None:
