@@ -20,6 +20,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> bool:
+    """Poll ``url``/health until it answers 200 (True) or the process exits (False); RuntimeError on timeout."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            time.sleep(0.3)
+        if proc.poll() is not None:
+            return False
+    raise RuntimeError(f"server did not start in {timeout:.0f} s")
+
+
 class Server:
     def __init__(self, store, port: int, extra: list[str] | None = None):
         self.port, self.store, self.extra = port, store, extra or []
@@ -30,16 +44,9 @@ class Server:
                str(self.port), "--api-key", KEY_A, "--api-key", KEY_B, "--kv-cache-bytes", str(96 << 20),
                *self.extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                time.sleep(0.3)
-            if self.proc.poll() is not None:
-                raise RuntimeError(self.proc.stdout.read())
-        raise RuntimeError("server did not start")
+        if not wait_healthy(self.url, self.proc, 120):
+            raise RuntimeError(self.proc.stdout.read())
+        return self
 
     @property
     def url(self) -> str:

@@ -53,6 +53,7 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
+from servers import wait_healthy  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -129,20 +130,13 @@ class Server:
             cmd += ["--max-output-tokens", str(MAX_OUTPUT_TOKENS)]
         self.log = open(self.log_path, "a")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                time.sleep(0.3)
-            if self.proc.poll() is not None:
-                self.log.flush()
-                out = open(self.log_path).read()[-3000:]
-                hint = (" (this server has no --max-output-tokens flag; GEMMA_FUZZ_UNCAPPED=1 runs without it)"
-                        if "--max-output-tokens" in out else "")
-                raise RuntimeError(f"server exited with status {self.proc.returncode}{hint}:\n{out}")
-        raise RuntimeError("server did not start in 180 s")
+        if wait_healthy(self.url, self.proc, 180):
+            return self
+        self.log.flush()
+        out = open(self.log_path).read()[-3000:]
+        hint = (" (this server has no --max-output-tokens flag; GEMMA_FUZZ_UNCAPPED=1 runs without it)"
+                if "--max-output-tokens" in out else "")
+        raise RuntimeError(f"server exited with status {self.proc.returncode}{hint}:\n{out}")
 
     def stop(self) -> int | None:
         code = None
