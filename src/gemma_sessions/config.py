@@ -74,6 +74,17 @@ class ModelConfig:
     def rope_scaling(self, layer: int) -> float:
         return 1.0 if self.layer_types[layer] == SLIDING else self.rope_scaling_global
 
+    # The KV layout's view of the layers (``cache.layout.LayerShapes``): Gemma 1/2/3 give every layer the same K/V
+    # shape and every layer its own K/V (Gemma 4's config differs per layer kind and shares KV across its last layers).
+    def layer_kv_heads(self, layer: int) -> int:
+        return self.num_kv_heads
+
+    def layer_head_dim(self, layer: int) -> int:
+        return self.head_dim
+
+    def kv_source(self, layer: int) -> int:
+        return layer
+
     def kv_bytes_per_token(self, dtype_bytes: int = 4) -> int:
         """Theoretical KV bytes for one token over all layers (K and V)."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes

@@ -1,15 +1,21 @@
 """Paged KV storage and per-sequence block tables, with prefix reuse that works for sliding-window layers.
 
-Contract: ``PagedKVCache`` owns one tensor of fixed-size pages and a :class:`~.pool.BlockPool` of their ids. Layers
-are split into *groups* of equal size (vLLM's hybrid layout): every full-attention group keeps every block of a
-sequence; every sliding group keeps only the blocks that a future query can still see (the last ``window``
-tokens), releasing older ones to the prefix cache. All pages have the same size, so one pool serves every group.
+Contract: ``PagedKVCache`` owns one buffer of equal-size pages and a :class:`~.pool.BlockPool` of their ids. Layers
+are split into *groups* (:class:`~.layout.KVLayout`; vLLM's hybrid layout): every full-attention group keeps every
+block of a sequence; every sliding group keeps only the blocks that a future query can still see (the last ``window``
+tokens), releasing older ones to the prefix cache. All pages have the same size, so one pool serves every group, even
+when groups differ in head size and KV heads (Gemma 4); KV-shared layers own no pages (they read their source's).
 
     Gemma 3 270M: 18 layers = 15 sliding + 3 full  ->  groups of 3 layers: 5 sliding groups + 1 full group
     page = block_size tokens x 3 layers x (K, V) x kv_heads x head_dim
 
-    storage [num_pages, layers_per_group, 2, block_size, kv_heads, head_dim]
-    flat token-slot index of (page p, layer slot j, K|V, offset o) = ((p * lpg + j) * 2 + kv) * block_size + o
+    buffer [num_pages, page_elems]: every page, whatever its group
+    views[c] [num_pages, lpg_c, 2, block_size, kvh_c, hd_c]: the same memory for page shape c (one per shape)
+    flats[c] [num_pages * lpg_c * 2 * block_size, kvh_c, hd_c]: token slots; of (page p, slot j, K|V, offset o):
+        ((p * lpg_c + j) * 2 + kv) * block_size + o   (page stride lpg_c * 2 * block_size)
+
+With one page shape (Gemma 1/2/3) ``storage``, ``flat`` and ``page_stride`` are that shape's view, flat view and
+stride, exactly the tensors they always were.
 
 A :class:`SeqKV` is one sequence's state: its token ids, how many have KV computed, one block table per group
 (``None`` where a sliding group released a block), and the hash chain of its full blocks. Full blocks are
@@ -28,72 +34,16 @@ Thread-compatibility: called only from the engine loop thread.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterable
 
 import torch
 
-from ..config import FULL, SLIDING, ModelConfig
+from ..config import FULL, SLIDING
 from ..errors import CapacityError, SessionFileError
 from .blocks import BlockHash, hash_block_tokens
+from .layout import KVLayout  # (engine, tests and benchmarks import KVLayout from here too)
 from .pool import BlockPool
 from .protocol import resume_sequence
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class KVLayout:
-    """How layers map to KV groups and page slots."""
-
-    block_size: int
-    layers_per_group: int
-    group_kinds: tuple[str, ...]         # FULL or SLIDING per group
-    layer_group: tuple[int, ...]         # layer -> group
-    layer_slot: tuple[int, ...]          # layer -> slot within its group's page
-    window: int | None
-    num_kv_heads: int
-    head_dim: int
-
-    @classmethod
-    def for_config(cls, config: ModelConfig, block_size: int = 16) -> KVLayout:
-        full = [i for i, t in enumerate(config.layer_types) if t == FULL]
-        sliding = [i for i, t in enumerate(config.layer_types) if t == SLIDING]
-        lpg = math.gcd(len(full), len(sliding)) if full and sliding else len(full or sliding)
-        kinds, layer_group, layer_slot = [], [0] * config.num_layers, [0] * config.num_layers
-        for kind, layers in ((FULL, full), (SLIDING, sliding)):
-            for start in range(0, len(layers), lpg):
-                for slot, layer in enumerate(layers[start:start + lpg]):
-                    layer_group[layer], layer_slot[layer] = len(kinds), slot
-                kinds.append(kind)
-        return cls(block_size=block_size, layers_per_group=lpg, group_kinds=tuple(kinds),
-                   layer_group=tuple(layer_group), layer_slot=tuple(layer_slot),
-                   window=config.sliding_window if sliding else None,
-                   num_kv_heads=config.num_kv_heads, head_dim=config.head_dim)
-
-    @property
-    def num_groups(self) -> int:
-        return len(self.group_kinds)
-
-    def page_bytes(self, dtype: torch.dtype) -> int:
-        elem = torch.tensor([], dtype=dtype).element_size()
-        return self.layers_per_group * 2 * self.block_size * self.num_kv_heads * self.head_dim * elem
-
-    def first_visible(self, group: int, pos: int) -> int:
-        """First key position a query at ``pos`` can see in this group."""
-        if self.group_kinds[group] == SLIDING:
-            return max(0, pos - self.window + 1)  # keys k > pos - window (transformers' sliding overlay)
-        return 0
-
-    def blocks_needed(self, num_tokens: int, chunk: int = 1) -> int:
-        """Pages one sequence of ``num_tokens`` holds at most at once when computed ``chunk`` tokens at a time
-        (a sliding group keeps its window plus the chunk being written; a full group keeps everything)."""
-        bs = self.block_size
-        total = 0
-        for kind in self.group_kinds:
-            if kind == SLIDING:
-                total += min(math.ceil(num_tokens / bs), (self.window + chunk + bs - 1) // bs + 1)
-            else:
-                total += math.ceil(num_tokens / bs)
-        return total
 
 
 class SeqKV:
@@ -122,15 +72,43 @@ class PagedKVCache:
         self.dtype = dtype
         self.device = device
         self.pool = BlockPool(num_blocks)
-        bs, lpg = layout.block_size, layout.layers_per_group
+        bs = layout.block_size
         # NOTE: torch.empty, not zeros: the budget becomes resident only as pages are used. Pages are zeroed when
         # handed out (``_new_blocks``), so nothing a query can read is ever uninitialised memory.
-        self.storage = torch.empty(num_blocks, lpg, 2, bs, layout.num_kv_heads, layout.head_dim,
-                                   dtype=dtype, device=device)
-        self.flat = self.storage.view(num_blocks * lpg * 2 * bs, layout.num_kv_heads, layout.head_dim)
-        self.page_stride = lpg * 2 * bs  # flat slots per page
+        self.buffer = torch.empty(num_blocks, layout.page_elems, dtype=dtype, device=device)
+        self.views = tuple(self.buffer.view(num_blocks, lpg, 2, bs, kvh, hd) for lpg, kvh, hd in layout.classes)
+        self.flats = tuple(v.view(-1, v.shape[-2], v.shape[-1]) for v in self.views)
+        self.page_strides = tuple(lpg * 2 * bs for lpg, _, _ in layout.classes)  # flat slots per page
         self.prefix_queried_tokens = 0
         self.prefix_hit_tokens = 0
+
+    # ------------------------------------------------------------------------------------------ tensors
+    def _only_class(self, what: str) -> int:
+        if len(self.views) != 1:
+            raise ValueError(f"{what}: this cache has {len(self.views)} page shapes; use group_flat(group) / "
+                             "group_page_stride(group)")
+        return 0
+
+    @property
+    def storage(self) -> torch.Tensor:
+        """``[num_pages, layers_per_group, 2, block_size, kv_heads, head_dim]`` of a cache with one page shape."""
+        return self.views[self._only_class("storage")]
+
+    @property
+    def flat(self) -> torch.Tensor:
+        """The token slots ``[num_pages * lpg * 2 * block_size, kv_heads, head_dim]`` of a cache with one page shape."""
+        return self.flats[self._only_class("flat")]
+
+    @property
+    def page_stride(self) -> int:
+        return self.page_strides[self._only_class("page_stride")]
+
+    def group_flat(self, group: int) -> torch.Tensor:
+        """The token slots of ``group``'s page shape (see the module docstring)."""
+        return self.flats[self.layout.group_class[group]]
+
+    def group_page_stride(self, group: int) -> int:
+        return self.page_strides[self.layout.group_class[group]]
 
     @property
     def num_blocks(self) -> int:
@@ -159,9 +137,10 @@ class PagedKVCache:
         return import_snapshot(self, snap)
 
     def check_snapshot(self, snap: object) -> None:
-        """Raise SessionFileError unless ``snap`` fits this cache: a KVSnapshot of the same block size and group kinds,
-        pages of this layout's shape ``[n, layers_per_group, 2, block_size, kv_heads, head_dim]`` in a float dtype,
-        block positions sorted, unique and inside its tokens, every block a next token can see present.
+        """Raise SessionFileError unless ``snap`` fits this cache: a KVSnapshot of this layout (its fingerprint, when it
+        carries one), the same block size and group kinds, each group's pages of that group's shape
+        ``[n, layers_per_group, 2, block_size, kv_heads, head_dim]`` in a float dtype, block positions sorted, unique
+        and inside its tokens, every block a next token can see present.
 
         Reads only the immutable layout: safe from any thread. Values (NaN, magnitudes) are the session file's check
         (``sessionfile.decode_session``); a snapshot this process exported is trusted.
@@ -169,7 +148,7 @@ class PagedKVCache:
         check_snapshot(self.layout, snap)
 
     def reserve(self) -> None:
-        self.storage.zero_()
+        self.buffer.zero_()
 
     def stats(self) -> dict:
         pool, page = self.pool, self.layout.page_bytes(self.dtype)
@@ -310,7 +289,7 @@ class PagedKVCache:
 
     def _new_blocks(self, n: int) -> list[int]:
         ids = self.pool.get_new_blocks(n)
-        self.storage.index_fill_(0, torch.tensor(ids, device=self.device), 0)
+        self.buffer.index_fill_(0, torch.tensor(ids, device=self.device), 0)
         return ids
 
     def _copy_on_write(self, table: list[int | None], index: int) -> None:
@@ -318,7 +297,7 @@ class PagedKVCache:
         if old is None or self.pool.ref_count(old) == 1:
             return
         (new,) = self.pool.get_new_blocks(1)
-        self.storage[new].copy_(self.storage[old])
+        self.buffer[new].copy_(self.buffer[old])
         self.pool.free_blocks([old])
         table[index] = new
 
@@ -356,15 +335,16 @@ class PagedKVCache:
 
     # ------------------------------------------------------------------------------------------ indices
     def slot_base(self, seq: SeqKV, start: int, end: int, group: int) -> torch.Tensor:
-        """Flat slot base (page * page_stride + offset) of positions [start, end), as a CPU LongTensor; add the
-        layer/K|V offset later. Every position must have a page."""
+        """Flat slot base (page * page stride + offset, in ``group_flat(group)``) of positions [start, end), as a CPU
+        LongTensor; add the layer/K|V offset later. Every position must have a page."""
         bs = self.layout.block_size
         first, last = start // bs, (end - 1) // bs
         pages = torch.tensor(seq.tables[group][first:last + 1], dtype=torch.long)
         pos = torch.arange(start, end)
-        return pages[pos // bs - first] * self.page_stride + pos % bs
+        return pages[pos // bs - first] * self.group_page_stride(group) + pos % bs
 
     def layer_offset(self, layer: int, kv: int) -> int:
+        """Flat slots from a page's start to ``layer``'s K (kv=0) or V (kv=1): its source's, if it is KV-shared."""
         return (self.layout.layer_slot[layer] * 2 + kv) * self.layout.block_size
 
     def bytes_held(self, seq: SeqKV) -> int:
@@ -375,8 +355,10 @@ class PagedKVCache:
 class KVSnapshot:
     """A copy of one sequence's KV, independent of page ids: what session files and the store save.
 
-    ``pages[g]`` is ``[n, layers_per_group, 2, block_size, kv_heads, head_dim]`` for the blocks group ``g`` still
-    holds and ``index[g]`` their block positions in the sequence (a sliding group holds only its window).
+    ``pages[g]`` is ``[n, layers_per_group, 2, block_size, kv_heads, head_dim]`` (group ``g``'s page shape) for the
+    blocks group ``g`` still holds and ``index[g]`` their block positions in the sequence (a sliding group holds only
+    its window). ``layout_fingerprint`` is the exporting layout's (``KVLayout.fingerprint``); None for a snapshot from
+    a session file written before layouts had one (format version 1: one page shape), checked by shapes only.
     """
 
     tokens: tuple[int, ...]          # the tokens whose KV is stored (num_computed of them)
@@ -385,6 +367,7 @@ class KVSnapshot:
     pages: tuple[torch.Tensor, ...]
     index: tuple[tuple[int, ...], ...]
     shareable: bool = True           # False: restored as a private sequence (never in the prefix cache)
+    layout_fingerprint: str | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -396,15 +379,16 @@ class KVSnapshot:
 
 def export_snapshot(cache: PagedKVCache, seq: SeqKV) -> KVSnapshot:
     """Copy ``seq``'s KV out of the pages (to CPU)."""
+    lay = cache.layout
     pages, index = [], []
-    for table in seq.tables:
+    for g, table in enumerate(seq.tables):
         pos = tuple(i for i, b in enumerate(table) if b is not None)
         ids = torch.tensor([table[i] for i in pos], dtype=torch.long, device=cache.device)
-        pages.append(cache.storage.index_select(0, ids).cpu())
+        pages.append(cache.views[lay.group_class[g]].index_select(0, ids).cpu())
         index.append(pos)
-    return KVSnapshot(tokens=tuple(seq.tokens[:seq.num_computed]), block_size=cache.layout.block_size,
-                      group_kinds=cache.layout.group_kinds, pages=tuple(pages), index=tuple(index),
-                      shareable=not seq.private)
+    return KVSnapshot(tokens=tuple(seq.tokens[:seq.num_computed]), block_size=lay.block_size,
+                      group_kinds=lay.group_kinds, pages=tuple(pages), index=tuple(index),
+                      shareable=not seq.private, layout_fingerprint=lay.fingerprint)
 
 
 def import_snapshot(cache: PagedKVCache, snap: KVSnapshot) -> SeqKV:
@@ -422,8 +406,8 @@ def import_snapshot(cache: PagedKVCache, snap: KVSnapshot) -> SeqKV:
     for g, (pages, pos) in enumerate(zip(snap.pages, snap.index)):
         ids = cache.pool.get_new_blocks(len(pos)) if pos else []
         if ids:
-            cache.storage.index_copy_(0, torch.tensor(ids, device=cache.device),
-                                      pages.to(device=cache.device, dtype=cache.dtype))
+            cache.views[lay.group_class[g]].index_copy_(0, torch.tensor(ids, device=cache.device),
+                                                        pages.to(device=cache.device, dtype=cache.dtype))
         table: list[int | None] = [None] * n_blocks
         for p, b in zip(pos, ids):
             table[p] = b
@@ -448,13 +432,18 @@ def check_snapshot(lay: KVLayout, snap: object) -> None:
                                f"{lay.num_groups} KV groups")
     for g, (pages, pos) in enumerate(zip(snap.pages, snap.index)):
         _check_group(lay, g, pages, pos, snap.num_tokens)
+    # last: the checks above name what differs; this one catches what shapes cannot show (which layer reads which slot)
+    if snap.layout_fingerprint is not None and snap.layout_fingerprint != lay.fingerprint:
+        raise SessionFileError("the snapshot was made with another KV layout (layer groups, page shapes, KV-shared "
+                               "layers or window); it does not fit this model's cache")
 
 
 def _check_group(lay: KVLayout, g: int, pages: object, pos: object, n: int) -> None:
     """One group's pages and block positions: shape, dtype, positions sorted, unique, inside, covering the window."""
     bs = lay.block_size
     n_blocks = (n + bs - 1) // bs
-    shape = (lay.layers_per_group, 2, bs, lay.num_kv_heads, lay.head_dim)
+    lpg, kvh, hd = lay.group_shapes[g]
+    shape = (lpg, 2, bs, kvh, hd)
     if not isinstance(pages, torch.Tensor) or not pages.is_floating_point():
         raise SessionFileError(f"KV group {g}: pages must be a float tensor")
     if not isinstance(pos, tuple) or any(type(p) is not int for p in pos):

@@ -37,20 +37,28 @@ def leading_decode_rows(items: list[WorkItem]) -> int:
 
 
 class PagedBatch:
-    """The ``KVBatch`` the model's layers call for one step: writes new K/V to pages, attends over pages."""
+    """The ``KVBatch`` the model's layers call for one step: writes new K/V to pages, attends over pages.
+
+    Each group reads and writes its own page shape (``cache.group_flat(g)``): Gemma 4's sliding and full groups differ
+    in head size and KV heads. A KV-shared layer calls ``attend(layer, q, None, None)``: it writes nothing and attends
+    over its source layer's KV (the same group and slot; the source, an earlier layer, wrote this step's K/V already).
+    ``heads``: the query heads (a (query, kv) pair as before is accepted; kv heads come from the layout, per group).
+    """
 
     def __init__(self, cache: PagedKVCache, items: list[WorkItem], scale: float, softcap: float | None,
-                 heads: tuple[int, int]):
-        self.cache, self.scale, self.softcap, self.heads = cache, scale, softcap, heads  # heads: (query, kv)
+                 heads: int | tuple[int, int]):
+        self.cache, self.scale, self.softcap = cache, scale, softcap
+        self.hq = heads if isinstance(heads, int) else heads[0]
         lay = cache.layout
         dev = cache.device
         self.n_decode = leading_decode_rows(items)  # they share one batched attention
         self.write = []   # per group: LongTensor [N]
         self.decode = []  # per group: (block table [B, P], start [B], lengths [B]) of the decode rows, or None
         self.prefill = []  # per group: list of (row start, row end, index [L], mask [T, L])
-        bs, stride = lay.block_size, cache.page_stride
+        bs = lay.block_size
         decode = items[:self.n_decode]
         for g in range(lay.num_groups):
+            stride = cache.group_page_stride(g)
             # decode rows: their new token's slot, from Python ints (no tensor per row)
             write = [torch.tensor([seq.tables[g][p // bs] * stride + p % bs
                                    for seq, p in ((it.seq, it.seq.num_computed) for it in decode)], dtype=torch.long)]
@@ -122,14 +130,13 @@ class PagedBatch:
             slots[i, n:] = index[0].item()
             mask[i, :t, :n] = m.cpu()
             valid.append(torch.arange(i * tmax, i * tmax + t))
-        hq, hkv = self.heads
+        hq, hkv = self.hq, self.cache.layout.group_shapes[g][1]
         notm = ~mask[:, None, None].expand(b, 1, hq // hkv, tmax, lmax).reshape(b, 1, hq // hkv * tmax, lmax)
         return (qidx.view(-1).to(dev), slots.view(-1).to(dev), notm.to(dev), torch.cat(valid).to(dev), b, tmax,
                 lmax)
 
-    def _attend_packed(self, packed, q: torch.Tensor, off_k: int, off_v: int) -> torch.Tensor:
+    def _attend_packed(self, packed, q: torch.Tensor, flat: torch.Tensor, off_k: int, off_v: int) -> torch.Tensor:
         qidx, slots, notm, valid, b, tmax, lmax = packed
-        flat = self.cache.flat
         hkv, d = flat.shape[1], flat.shape[2]
         hq = q.shape[1]
         keys = flat.index_select(0, slots + off_k).view(b, lmax, hkv, d).transpose(1, 2)
@@ -150,8 +157,13 @@ class PagedBatch:
 
     def stack_args(self) -> dict:
         """The cache's part of ``kernels.decode_stack`` for a step of decode rows only: what :meth:`attend` uses,
-        for every layer at once."""
+        for every layer at once. Only for a layout with one page shape and no KV-shared layer
+        (``layout.is_uniform``: Gemma 1/2/3); ValueError otherwise (the kernel reads one flat view, writes every
+        layer)."""
         cache, lay = self.cache, self.cache.layout
+        if not lay.is_uniform:
+            raise ValueError("kernels.decode_stack takes one page shape and no KV-shared layer; this layout has "
+                             f"{len(lay.classes)} page shape(s) and KV-shared layers: run the layers one by one")
         n = len(lay.layer_group)
         return dict(flat=cache.flat, off_k=[cache.layer_offset(i, 0) for i in range(n)],
                     off_v=[cache.layer_offset(i, 1) for i in range(n)], layer_group=list(lay.layer_group),
@@ -159,13 +171,20 @@ class PagedBatch:
                     lengths=[d[2] for d in self.decode], block=lay.block_size, page_stride=cache.page_stride,
                     scale=self.scale, softcap=self.softcap)
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        cache = self.cache
-        g = cache.layout.layer_group[layer]
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None) -> torch.Tensor:
+        """Write k, v ([N, Hkv, D] of ``layer``'s group) into the pages and attend q ([N, Hq, D]); returns [N, Hq, D].
+        A KV-shared layer passes k = v = None (and only it may: ValueError otherwise)."""
+        cache, lay = self.cache, self.cache.layout
+        g = lay.layer_group[layer]
         off_k, off_v = cache.layer_offset(layer, 0), cache.layer_offset(layer, 1)
-        flat = cache.flat
-        flat.index_copy_(0, self.write[g] + off_k, k.to(flat.dtype))
-        flat.index_copy_(0, self.write[g] + off_v, v.to(flat.dtype))
+        flat, stride = cache.group_flat(g), cache.group_page_stride(g)
+        shared = lay.kv_source[layer] != layer
+        if (k is None) != shared or (v is None) != shared:
+            raise ValueError(f"layer {layer} reads the KV of layer {lay.kv_source[layer]}: pass k = v = None" if shared
+                             else f"layer {layer} owns its KV: pass its k and v")
+        if k is not None:
+            flat.index_copy_(0, self.write[g] + off_k, k.to(flat.dtype))
+            flat.index_copy_(0, self.write[g] + off_v, v.to(flat.dtype))
         outs = []
         hkv, d = flat.shape[1], flat.shape[2]
         if self.decode[g] is not None:
@@ -173,11 +192,11 @@ class PagedBatch:
             b, bs = table.shape[0], cache.layout.block_size
             # one query per row, keys read in place from the pages (kernels.decode_attention), in float32
             out = kernels.decode_attention(q[:b].float(), flat[off_k:], flat[off_v:], table, start, lengths, bs,
-                                           cache.page_stride, self.scale, self.softcap)
+                                           stride, self.scale, self.softcap)
             if out is None:  # no compiled kernel (or not on the CPU): gather, convert, attend
                 width = int(lengths.max())
                 pos = start[:, None] + torch.arange(width, device=table.device)[None, :]
-                index = table.gather(1, (pos // bs).clamp(max=table.shape[1] - 1)) * cache.page_stride + pos % bs
+                index = table.gather(1, (pos // bs).clamp(max=table.shape[1] - 1)) * stride + pos % bs
                 keys = flat.index_select(0, (index + off_k).view(-1)).view(b, width, hkv, d).transpose(1, 2)
                 vals = flat.index_select(0, (index + off_v).view(-1)).view(b, width, hkv, d).transpose(1, 2)
                 mask = (torch.arange(width, device=index.device)[None, :] < lengths[:, None])[:, None, :]
@@ -186,7 +205,7 @@ class PagedBatch:
                 out = out[:, :, 0]
             outs.append(out)
         if self.packed[g] is not None:
-            outs.append(self._attend_packed(self.packed[g], q, off_k, off_v))
+            outs.append(self._attend_packed(self.packed[g], q, flat, off_k, off_v))
         for start, end, index, mask in [] if self.packed[g] is not None else self.prefill[g]:
             keys = flat.index_select(0, index + off_k).transpose(0, 1)[None]
             vals = flat.index_select(0, index + off_v).transpose(0, 1)[None]
@@ -284,9 +303,10 @@ def _hidden_rows(net: GemmaModel, cache: PagedKVCache, items: list[WorkItem]) ->
         if it.want_logits:
             rows.append(row - 1)
     batch = PagedBatch(cache, items, net.layers[0].attn.scale, net.config.attn_logit_softcapping,
-                       (net.config.num_heads, net.config.num_kv_heads))
+                       net.config.num_heads)
     ids_t, pos_t = torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, device=dev)
-    if batch.n_decode == len(items) and net.can_decode_stack(len(items)):  # the model's device is the cache's
+    stack = batch.n_decode == len(items) and cache.layout.is_uniform  # (the model's device is the cache's)
+    if stack and net.can_decode_stack(len(items)):
         h = net.hidden_decode_stack(ids_t, pos_t, batch.stack_args())  # every layer in one compiled call
     else:
         h = net.hidden(ids_t, pos_t, batch)
