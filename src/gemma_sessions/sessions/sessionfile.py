@@ -9,15 +9,21 @@ Nothing is ever unpickled: tensors are safetensors, metadata is JSON in the safe
 file ``name`` ("session file" unless the caller passes another), never a path of this machine.
 
     tensors   tokens int32 [T] (ids >= 0, T <= MAX_TOKENS); kv.g{g} [n, layers_per_group, 2, block_size, kv_heads,
-              head_dim] per KV group (float32 / bfloat16 / float16, or int8 with kv.g{g}.scale float32
-              [n, layers_per_group, 2, block_size]); kv.g{g}.index int64 [n] block positions (sorted, unique,
-              < ceil(T / block_size))
+              head_dim] per KV group, of that group's shape (groups may differ: Gemma 4) (float32 / bfloat16 /
+              float16, or int8 with kv.g{g}.scale float32 [n, layers_per_group, 2, block_size]); kv.g{g}.index
+              int64 [n] block positions (sorted, unique, < ceil(T / block_size))
     (a RecurrentGemma session instead holds its fixed-size state: state.{name} per state tensor, in the model's
     dtypes (conv.i, rnn.i float, k.i / v.i attention ring, kpos int64 in -1 .. T - 1), and layout
     {"kind": "recurrent"}; int8 quantization does not apply to it)
     metadata  format, format_version, model_fingerprint, tokenizer_fingerprint, kv_dtype, kv_quant, kv_private,
-              layout (JSON: {} without KV, {"block_size": int, "group_kinds": ["full" | "sliding", ...]} or
-              {"kind": "recurrent"}), session (a JSON object: messages, settings, stats), checksum
+              layout (JSON: {} without KV, {"kind": "recurrent"}, or {"block_size": int, "group_kinds": ["full" |
+              "sliding", ...], "group_shapes": [[layers_per_group, kv_heads, head_dim], ...] (one per group) and
+              "fingerprint": the KV layout's sha256 (``KVLayout.fingerprint``; optional)}), session (a JSON object:
+              messages, settings, stats), checksum
+
+Format version 2 added ``group_shapes`` and ``fingerprint`` to the layout (Gemma 4's groups differ in shape); a
+version 1 file's layout has neither, and all its groups have one page shape: it is read as before, and its snapshot
+carries no layout fingerprint (it is checked against the engine's layout by shapes).
 
 The checksum (sha256 over tensors and metadata) detects corruption; it is NOT authentication: anyone can write a
 file with a valid checksum. So a file's KV is untrusted: ``decode_session`` returns it with ``shareable=False`` (the
@@ -45,7 +51,7 @@ from ..cache.state import StateSnapshot
 from ..errors import SessionFileError
 
 FORMAT = "gemma-sessions/session"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAX_DECOMPRESSED_BYTES = 4 << 30
 """Default bound on a session file's size once decompressed: 4 GiB holds ~100k tokens of a Gemma 3 4B session in
 bf16 (its 5 full-attention layers keep 40 KB per token; sliding layers only their window), far more than a Gemma 3
@@ -63,6 +69,8 @@ _ZSTD_SLACK = 1 << 16    # zstd's worst-case expansion of incompressible data is
 _CHUNK = 1 << 20         # decompression and value checks work in pieces of this many bytes / elements
 _MAX_BLOCK_SIZE = 1 << 16
 _MAX_GROUPS = 4096
+_MAX_DIM = 1 << 16       # layers per group, kv heads, head dim: each at most this
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _META_KEYS = ("model_fingerprint", "tokenizer_fingerprint", "kv_dtype", "kv_quant", "layout", "session", "checksum")
 _STATE_NAME = re.compile(r"state\.(?:(?:conv|rnn|k|v)\.[0-9]{1,4}|kpos)")
@@ -105,7 +113,10 @@ def encode_session(snapshot: KVSnapshot | StateSnapshot | None, *, model_fingerp
             tensors[f"state.{name}"] = t.contiguous()
     elif snapshot is not None:
         tensors["tokens"] = torch.tensor(snapshot.tokens, dtype=torch.int32)
-        layout = {"block_size": snapshot.block_size, "group_kinds": list(snapshot.group_kinds)}
+        layout = {"block_size": snapshot.block_size, "group_kinds": list(snapshot.group_kinds),
+                  "group_shapes": [[p.shape[1], p.shape[4], p.shape[5]] for p in snapshot.pages]}
+        if snapshot.layout_fingerprint is not None:
+            layout["fingerprint"] = snapshot.layout_fingerprint
         for g, (pages, index) in enumerate(zip(snapshot.pages, snapshot.index)):
             dtype_name = kv_dtype or str(pages.dtype).removeprefix("torch.")
             if quantize:
@@ -215,7 +226,7 @@ def _decode(data: bytes, model_fingerprint: str | None, tokenizer_fingerprint: s
     if tokenizer_fingerprint is not None and meta["tokenizer_fingerprint"] != tokenizer_fingerprint:
         raise SessionFileError(f"{name}: made with another tokenizer; its token ids mean other text here")
     session = _json(meta["session"], "session", dict, name)
-    layout = _layout(meta["layout"], name)
+    layout = _layout(meta["layout"], int(version), name)
     private = meta.get("kv_private", "0")
     if private not in ("0", "1"):
         raise SessionFileError(f"{name}: kv_private must be 0 or 1")
@@ -327,20 +338,33 @@ def _json(text: str, what: str, kind: type, name: str) -> Any:
     return value
 
 
-def _layout(text: str, name: str) -> dict[str, Any]:
-    """{} (no KV), {"kind": "recurrent"} or {"block_size": int, "group_kinds": [...]}, nothing else."""
+def _layout(text: str, version: int, name: str) -> dict[str, Any]:
+    """{} (no KV), {"kind": "recurrent"} or a KV layout: {"block_size": int, "group_kinds": [...]}, plus from format
+    version 2 "group_shapes" and optionally "fingerprint" (module docstring); nothing else."""
     layout = _json(text, "layout", dict, name)
     if not layout or layout == {"kind": "recurrent"}:
         return layout
-    if set(layout) != {"block_size", "group_kinds"}:
-        raise SessionFileError(f"{name}: layout must be {{}}, {{\"kind\": \"recurrent\"}} or "
-                               "{\"block_size\": ..., \"group_kinds\": [...]}")
+    keys = {"block_size", "group_kinds"} | ({"group_shapes"} if version >= 2 else set())
+    optional = {"fingerprint"} if version >= 2 else set()
+    if not keys <= set(layout) <= keys | optional:
+        wanted = ", ".join(f'"{k}": ...' for k in sorted(keys))
+        raise SessionFileError(f"{name}: layout must be {{}}, {{\"kind\": \"recurrent\"}} or {{{wanted}}}"
+                               + "".join(f' with an optional "{k}"' for k in optional) + f" (format {version})")
     bs, kinds = layout["block_size"], layout["group_kinds"]
     if type(bs) is not int or not 1 <= bs <= _MAX_BLOCK_SIZE:
         raise SessionFileError(f"{name}: layout block_size must be an integer in 1..{_MAX_BLOCK_SIZE}")
     if not isinstance(kinds, list) or not 1 <= len(kinds) <= _MAX_GROUPS or any(k not in ("full", "sliding")
                                                                                  for k in kinds):
         raise SessionFileError(f"{name}: layout group_kinds must be a list of \"full\" / \"sliding\"")
+    shapes = layout.get("group_shapes", [])
+    if "group_shapes" in layout and (not isinstance(shapes, list) or len(shapes) != len(kinds) or not all(
+            isinstance(sh, list) and len(sh) == 3 and all(type(x) is int and 1 <= x <= _MAX_DIM for x in sh)
+            for sh in shapes)):
+        raise SessionFileError(f"{name}: layout group_shapes must hold [layers, kv_heads, head_dim] (integers in "
+                               f"1..{_MAX_DIM}) for each group")
+    fingerprint = layout.get("fingerprint", "")
+    if "fingerprint" in layout and not (isinstance(fingerprint, str) and _FINGERPRINT.fullmatch(fingerprint)):
+        raise SessionFileError(f"{name}: layout fingerprint must be 64 lowercase hex digits")
     return layout
 
 
@@ -395,7 +419,12 @@ def _check_kv(tensors: dict[str, torch.Tensor], meta: dict[str, str], layout: di
                                    f"{'int8' if quant == 'int8' else dtype_name}")
         if pages.dim() != 6 or pages.shape[2] != 2 or pages.shape[3] != bs or 0 in pages.shape[1:]:
             raise SessionFileError(f"{name}: {what} must be [n, layers, 2, {bs}, kv_heads, head_dim]")
-        if page_shape is not None and pages.shape[1:] != page_shape:
+        if "group_shapes" in layout:  # each group its own shape, as the layout says
+            lpg, kvh, hd = layout["group_shapes"][g]
+            if tuple(pages.shape[1:]) != (lpg, 2, bs, kvh, hd):
+                raise SessionFileError(f"{name}: {what}'s pages are not of the layout's shape "
+                                       f"[n, {lpg}, 2, {bs}, {kvh}, {hd}]")
+        elif page_shape is not None and pages.shape[1:] != page_shape:  # format 1: one page shape
             raise SessionFileError(f"{name}: {what}'s pages differ in shape from kv.g0's")
         page_shape = pages.shape[1:]
         _check_index(index, pages.shape[0], n_blocks, what, name)
@@ -469,4 +498,5 @@ def _snapshot(tensors: dict[str, torch.Tensor], meta: dict[str, str], layout: di
         pages.append(p)
         index.append(tuple(int(i) for i in tensors[f"kv.g{g}.index"].tolist()))
     return KVSnapshot(tokens=tokens, block_size=layout["block_size"], group_kinds=tuple(layout["group_kinds"]),
-                      pages=tuple(pages), index=tuple(index), shareable=shareable)
+                      pages=tuple(pages), index=tuple(index), shareable=shareable,
+                      layout_fingerprint=layout.get("fingerprint"))
