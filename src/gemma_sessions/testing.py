@@ -152,3 +152,69 @@ def tiny_griffin_model(seed: int = 0, weight_format: str = "float32", device: st
     net = GriffinModel(cfg, tensors, dtype, device).eval()
     return Model(net, tiny_tokenizer(cfg.vocab_size), Path(f"tiny-griffin-{seed}"), 0.0,
                  fingerprint=f"tiny-griffin:{cfg.fingerprint()}:{seed}:{weight_format}")
+
+
+# ------------------------------------------------------------------------------------------------ Gemma 4
+
+# 10 layers, the last 4 KV-shared: sliding layers 6 and 8 read layer 5's K/V, full layers 7 and 9 read layer 4's.
+GEMMA4_LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention",
+                      "full_attention", "sliding_attention", "sliding_attention", "full_attention",
+                      "sliding_attention", "full_attention"]
+
+
+def tiny_gemma4_hf_config(variant: str = "all", vocab_size: int = TINY_VOCAB) -> dict:
+    """A small flat-form ``gemma4_text`` config.json dict with a sliding window shorter than the test sequences.
+
+    ``"all"``: every feature on (KV sharing with two shared layers of each type, double-wide MLP on them,
+    attention_k_eq_v with its own full-layer KV-head count, the MoE block, per-layer embeddings, a final soft-cap).
+    ``"plain"``: KV sharing without the rest; ``num_global_key_value_heads`` is given but, without attention_k_eq_v,
+    transformers ignores it (full layers keep num_key_value_heads).
+    """
+    common = dict(model_type="gemma4_text", vocab_size=vocab_size, hidden_size=48, intermediate_size=64,
+                  num_hidden_layers=10, num_attention_heads=4, num_key_value_heads=2, head_dim=8, global_head_dim=16,
+                  num_global_key_value_heads=1, layer_types=list(GEMMA4_LAYER_TYPES), num_kv_shared_layers=4,
+                  rms_norm_eps=1e-6, max_position_embeddings=256, bos_token_id=2, eos_token_id=[1, 5],
+                  pad_token_id=0, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)
+    if variant == "all":
+        return dict(common, sliding_window=5, attention_k_eq_v=True, use_double_wide_mlp=True, enable_moe_block=True,
+                    num_experts=4, top_k_experts=2, moe_intermediate_size=16, hidden_size_per_layer_input=4,
+                    vocab_size_per_layer_input=vocab_size, final_logit_softcapping=30.0,
+                    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                                     "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                                        "rope_theta": 1_000_000.0}})
+    if variant == "plain":
+        return dict(common, sliding_window=7, attention_k_eq_v=False, use_double_wide_mlp=False,
+                    enable_moe_block=False, hidden_size_per_layer_input=0, final_logit_softcapping=None,
+                    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                                     "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5,
+                                                        "rope_theta": 100_000.0}})
+    raise ValueError(variant)
+
+
+def random_gemma4_tensors(config, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random canonical Gemma 4 tensors; norms, layer scalars and router scales random around 1 (they init to ones,
+    which would hide a missing or misplaced one)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in config.tensor_shapes().items():
+        if len(shape) == 1:
+            out[name] = 1.0 + 0.3 * torch.randn(shape, generator=g)
+        else:
+            out[name] = torch.randn(shape, generator=g) * 0.3
+    return out
+
+
+def tiny_gemma4_model(variant: str = "all", seed: int = 0, weight_format: str = "float32", device: str = "cpu"):
+    """A Gemma 4 :class:`Model` with random weights of a tiny config and :func:`tiny_tokenizer`."""
+    from pathlib import Path
+
+    from .config_gemma4 import Gemma4Config
+    from .loading import Model
+    from .models.gemma4 import Gemma4Model
+
+    config = Gemma4Config.from_hf_config(tiny_gemma4_hf_config(variant))
+    dev = torch.device(device)
+    tensors = {k: v.to(dev) for k, v in random_gemma4_tensors(config, seed).items()}
+    net = Gemma4Model(config, tensors, weight_format, dev).eval()
+    return Model(net, tiny_tokenizer(config.vocab_size), Path(f"tiny-gemma4-{variant}-{seed}"), 0.0,
+                 fingerprint=f"tiny-gemma4:{config.fingerprint()}:{seed}:{weight_format}")
