@@ -14,6 +14,9 @@ safetensors + tokenizer). It never downloads anything. Weight formats:
   in float32.
   On an accelerator (the int8 kernels are CPU code) the fast default is float32 weights when they take at most half
   of the device's free memory, else bfloat16 (``accelerator_format``).
+
+Gemma 4 (``gemma4_text`` / ``gemma4`` directories, ``gemma4`` GGUFs) runs in float32 or bfloat16 only (models/gemma4.py);
+an int8 request (the fast default included) loads float32 weights on the CPU, and the accelerator rule elsewhere.
 """
 
 from __future__ import annotations
@@ -29,8 +32,11 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
+from .config_gemma4 import Gemma4Config
 from .errors import ModelError, ModelNotFoundError, WeightsError
 from .models.gemma import GemmaModel
+from .models.gemma4 import Gemma4Model
+from .models.gguf_file import GGUFFile
 from .models.weights import check_tensors, read_gguf, read_safetensors
 from .paths import cache_dir  # noqa: F401 - also this module's public name (assembled models live there)
 from .tokenizer import Tokenizer
@@ -105,10 +111,10 @@ class Model:
         logits = model.forward(model.tokenizer.encode("Hello", add_bos=True))   # [T, vocab]
     """
 
-    def __init__(self, net: GemmaModel, tokenizer: Tokenizer, source: Path, load_seconds: float,
+    def __init__(self, net: GemmaModel | Gemma4Model, tokenizer: Tokenizer, source: Path, load_seconds: float,
                  fingerprint: str | None = None):
         self.net = net
-        self.config: ModelConfig = net.config
+        self.config: ModelConfig | Gemma4Config = net.config
         self.tokenizer = tokenizer
         self.source = source
         self.load_seconds = load_seconds
@@ -123,6 +129,7 @@ class Model:
         engine stops on (it never reads the tokenizer itself)."""
         tok = self.tokenizer
         ids = {self.config.eos_token_id, tok.eos_id, tok.end_of_turn_id}
+        ids |= set(getattr(self.config, "eos_token_ids", ()))  # Gemma 4's config.json lists several
         return frozenset(i for i in ids if i is not None)
 
     def __repr__(self) -> str:
@@ -206,11 +213,17 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: str | tor
     fmt = normalize_dtype(dtype)
     path = resolve_model_path(name_or_path, progress)
     if path.is_file() and path.suffix == ".gguf":
-        config, tensors, tokenizer = _from_gguf(path, progress, quantized=fmt == "int8" and dev.type == "cpu")
+        reader = GGUFFile(path)
+        if reader.metadata.get("general.architecture") == "gemma4":
+            return _load_gemma4_gguf(path, reader, fmt, dev, t0, progress)
+        config, tensors, tokenizer = _from_gguf(path, progress, quantized=fmt == "int8" and dev.type == "cpu",
+                                                reader=reader)
     elif path.is_dir():
         raw = _hf_config(path)
         if raw.get("model_type") == "recurrent_gemma":
             return _load_griffin(path, raw, fmt, dev, t0)
+        if raw.get("model_type") in ("gemma4", "gemma4_text"):
+            return _load_gemma4_hf(path, raw, fmt, dev, t0)
         config, tensors = ModelConfig.from_hf_config(raw), read_safetensors(path)
         tokenizer = Tokenizer.from_hf_dir(path)
     else:
@@ -230,13 +243,18 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: str | tor
     return model
 
 
-def _from_gguf(path: Path, progress: bool, quantized: bool = False) -> tuple[ModelConfig, dict, Tokenizer]:
+def _progress_bar(path: Path, progress: bool):
     from tqdm import tqdm
 
     def bar(items):
         return tqdm(items, desc=f"loading {path.name}", unit="tensor", disable=not progress or None, leave=False)
 
-    meta, tensors, reader = read_gguf(path, progress=bar, quantized=quantized)
+    return bar
+
+
+def _from_gguf(path: Path, progress: bool, quantized: bool = False, reader: GGUFFile | None = None
+               ) -> tuple[ModelConfig, dict, Tokenizer]:
+    meta, tensors, reader = read_gguf(path, progress=_progress_bar(path, progress), quantized=quantized, reader=reader)
     config = ModelConfig.from_gguf_metadata(meta)
     return config, tensors, Tokenizer.from_gguf_metadata(meta)
 
@@ -274,6 +292,46 @@ def _load_griffin(path: Path, raw: dict, fmt: str, dev: torch.device, t0: float)
     net = GriffinModel(config, tensors, dtype, dev).eval()
     del tensors
     return Model(net, Tokenizer.from_hf_dir(path), path, time.perf_counter() - t0)
+
+
+def _load_gemma4_hf(path: Path, raw: dict, fmt: str, dev: torch.device, t0: float) -> Model:
+    """Gemma 4 from an HF directory: ``Gemma4ForCausalLM`` or ``Gemma4ForConditionalGeneration`` (text part)."""
+    from .models import gemma4_weights
+
+    config = Gemma4Config.from_hf_config(raw)
+    tensors = gemma4_weights.read_safetensors(path)
+    return _gemma4_model(path, config, tensors, Tokenizer.from_hf_dir(path), fmt, dev, t0)
+
+
+def _load_gemma4_gguf(path: Path, reader: GGUFFile, fmt: str, dev: torch.device, t0: float, progress: bool) -> Model:
+    """Gemma 4 from a llama.cpp ``gemma4`` GGUF (dequantized to float32, then the weight format)."""
+    from .models import gemma4_weights
+
+    tensors, rope_freqs = gemma4_weights.read_gguf(reader, _progress_bar(path, progress))
+    meta = reader.metadata
+    config = Gemma4Config.from_gguf_metadata(meta, {k: tuple(v.shape) for k, v in tensors.items()}, rope_freqs)
+    return _gemma4_model(path, config, tensors, Tokenizer.from_gguf_metadata(meta), fmt, dev, t0)
+
+
+def _gemma4_model(path: Path, config: Gemma4Config, tensors: dict, tokenizer: Tokenizer, fmt: str, dev: torch.device,
+                  t0: float) -> Model:
+    """Strictly checked tensors -> a Gemma 4 :class:`Model`. int8 (not Gemma 4's yet) means float32 on the CPU."""
+    from .models import gemma4_weights
+
+    tensors = gemma4_weights.check_tensors(config, tensors)
+    if fmt == "int8":
+        fmt = "float32" if dev.type == "cpu" else accelerator_format(sum(t.numel() for t in tensors.values()), dev)
+        log.info("Gemma 4 has no int8 mode yet: %s weights", fmt, extra={"weights": fmt})
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ModelError(f"tokenizer has {tokenizer.vocab_size} tokens, the model {config.vocab_size}")
+    tensors = {k: v.to(dev) for k, v in tensors.items()}
+    with torch.inference_mode():
+        net = Gemma4Model(config, tensors, fmt, dev).eval()
+    del tensors
+    model = Model(net, tokenizer, path, time.perf_counter() - t0)
+    log.info("model loaded", extra={"source": path.name, "weights": fmt, "device": str(dev),
+                                    "seconds": round(model.load_seconds, 2)})
+    return model
 
 
 def _names(names: list[str], n: int = 6) -> str:

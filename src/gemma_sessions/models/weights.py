@@ -99,16 +99,16 @@ def gguf_tensor_name(name: str, architecture: str) -> str:
     return f"layers.{m.group(1)}.{part}"
 
 
-def read_gguf(path: str | Path, progress: Callable[[Iterable], Iterable] | None = None, quantized: bool = False
-              ) -> tuple[dict[str, Any], dict[str, torch.Tensor | QuantWeight], GGUFFile]:
+def read_gguf(path: str | Path, progress: Callable[[Iterable], Iterable] | None = None, quantized: bool = False,
+              reader: GGUFFile | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor | QuantWeight], GGUFFile]:
     """Read a GGUF file: (metadata, canonical tensors, the parsed file).
 
     Every tensor type the ``gguf`` package can dequantize is accepted (F32, F16, BF16, Q8_0, Q5_0, Q4_K, Q6_K...).
     Tensors are float32, except with ``quantized=True``: 2-D weights whose block type has an exact grouped int8 form
     (models/quant.py: Q8_0, Q4_0/1, Q5_0/1, Q4_K, Q5_K, Q6_K) come as :class:`QuantWeight` straight from their
-    blocks, never expanded to float32.
+    blocks, never expanded to float32. ``reader``: the file already parsed (loading peeks at its architecture).
     """
-    reader = GGUFFile(path)
+    reader = reader or GGUFFile(path)
     meta = reader.metadata
     arch = meta.get("general.architecture", "?")
     tensors: dict[str, torch.Tensor] = {}
