@@ -110,7 +110,9 @@ class Attention(nn.Module):
         self.v_is_k = config.v_is_k(layer)
         eps = config.rms_norm_eps
         # A KV-shared layer keeps its q_proj, q_norm and o_proj (Gemma4TextAttention builds k/v only if not shared).
-        names = ["q_proj"] if self.shared else ["q_proj", "k_proj"] if self.v_is_k else ["q_proj", "k_proj", "v_proj"]
+        names = ["q_proj"]
+        if not self.shared:
+            names += ["k_proj"] if self.v_is_k else ["k_proj", "v_proj"]
         self.qkv = FloatLinear(cat_rows([w[n] for n in names]), dtype)  # one product for q, k, v
         self.o_proj = FloatLinear(w["o_proj"], dtype)
         self.q_norm = RMSNorm(w["q_norm"], eps)
