@@ -15,6 +15,9 @@ Which library loads is decided once per process (:mod:`.build`): the best instru
 library comes from the cache, built there at install (``python -m gemma_sessions.kernels build``); a variant not
 built yet is compiled on first use (~30 s, logged). :func:`use_variant` switches a process to another runnable
 variant (the tests run every one this CPU executes). The model asks for them through :mod:`.backend`.
+
+:func:`decode_stack` runs every layer of a decode step in one call, from a description of the model's layers
+(:class:`StackSpec`, :mod:`.stack`) and of the step's K/V (:class:`StackKV`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 import torch
 
 from . import build as _build
+from .stack import LayerSpec, StackKV, StackSpec  # noqa: F401 - the fused decode step's description, re-exported
 
 log = logging.getLogger("gemma_sessions.kernels")
 
@@ -292,19 +296,18 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return _ops().argmax.default(logits)
 
 
-def decode_stack(x: torch.Tensor, lin: list, wide: list, groups: list, norms: list, final_norm: torch.Tensor,
-                 cos: list, sin: list, flat: torch.Tensor, off_k: list, off_v: list, layer_group: list, write: list,
-                 table: list, start: list, lengths: list, block: int, page_stride: int, scale: float,
-                 softcap: float | None, hq: int, hkv: int, eps: float, exact_rows: int) -> torch.Tensor:
-    """All decoder layers of a decode step over the paged KV cache in one compiled call (the fast mode's kernels in
-    the order ``GemmaModel._hidden_fused`` runs them with ``PagedBatch.attend``; same bits): products run ``qmatmul``
-    up to ``exact_rows`` rows, beyond ``qmatmul_i16`` on ``wide`` (the products' :func:`i16_pack` layouts, 12
-    tensors per layer) or, with ``wide`` empty, ``qmatmul_bf16``.
-    Writes the step's K/V into ``flat``; returns the final-normed hidden ``[M, hidden]``. Absent tensors (offsets,
-    norms) are empty tensors. Requires the kernel (callers check :func:`available`)."""
+def decode_stack(x: torch.Tensor, spec: StackSpec, kv: StackKV, cos: list, sin: list, wide: list,
+                 exact_rows: int) -> torch.Tensor:
+    """Every layer of a decode step over the paged KV cache in one compiled call, as ``spec`` describes them
+    (:mod:`.stack`; for Gemma 1-3 the kernels in the order ``GemmaModel._hidden_fused`` runs them with
+    ``PagedBatch.attend``, so the same bits). ``cos``/``sin``: the step's RoPE tables ``[N, head_dim]``, indexed by
+    ``LayerSpec.rope``. Products run ``qmatmul`` up to ``exact_rows`` rows, beyond ``qmatmul_i16`` on ``wide`` (the
+    products' :func:`i16_pack` layouts, 12 tensors per layer) or, with ``wide`` empty, ``qmatmul_wide`` (AVX2 builds)
+    or ``qmatmul_bf16``: the caller picks (``backend.DecodeStack``). Writes the step's K/V into ``kv.flats``; returns
+    the final-normed hidden ``[M, hidden]``. Requires the kernel (callers check :func:`available`)."""
     return _ops().decode_stack.default(
-        x, lin, wide, groups, norms, final_norm, cos, sin, flat, off_k, off_v, layer_group, write, table, start,
-        lengths, block, page_stride, scale, softcap or 0.0, hq, hkv, eps, exact_rows)
+        x, spec.weights, wide, spec.norms, spec.final_norm, spec.spec, spec.fspec, spec.eps, cos, sin, kv.flats,
+        kv.layout(), kv.write, kv.table, kv.start, kv.lengths, kv.block, kv.page_stride, exact_rows)
 
 
 def geglu(gate_up: torch.Tensor) -> torch.Tensor:
@@ -329,6 +332,13 @@ def qk_norm_rope(qkv: torch.Tensor, q_scale: torch.Tensor | None, k_scale: torch
     rotate_half's signs; tables ``[N, D]``) to q and k; float32 on the CPU, one compiled pass. Requires the kernel
     (the model's torch path, ``Attention.forward``, is the same math)."""
     return _ops().qk_norm_rope.default(qkv, q_scale, k_scale, cos, sin, hq, hkv, eps)
+
+
+def q_norm_rope(q: torch.Tensor, q_scale: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, hq: int,
+                eps: float) -> torch.Tensor:
+    """:func:`qk_norm_rope` for a projection of q heads only ``[N, hq D]`` (a layer that reads another layer's K/V):
+    ``[N, hq, D]`` float32, normalised per head (unless ``q_scale`` is None) and rotated. Requires the kernel."""
+    return _ops().q_norm_rope.default(q, q_scale, cos, sin, hq, eps)
 
 
 def i16_available() -> bool:

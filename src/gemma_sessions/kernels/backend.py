@@ -2,8 +2,9 @@
 
 Contract: the model asks this module for a quantized projection (:class:`QuantLinear`, made once per weight at load
 time) and for fused ops (:func:`geglu_mlp`, :func:`matmul_dtype`); the engine asks :func:`plan` how a step of so
-many rows runs (its head, whether its decode rows stay exact alone) and :func:`stack_plan` whether a decode step can
-run as one compiled call. Nothing above this package names a CPU feature or a row-count threshold.
+many rows runs (its head, whether its decode rows stay exact alone); a model's :class:`DecodeStack` says whether a
+decode step can run as one compiled call, and runs it. Nothing above this package names a CPU feature or a row-count
+threshold.
 
 One policy, :func:`plan`, answers for every caller::
 
@@ -339,3 +340,40 @@ def stack_plan(products: list[QuantLinear], rows: int) -> str | None:
     if path in (WIDE, I16) or (path == BF16_DOT and rows <= BF16_DOT_MAX_ROWS):
         return path
     return None
+
+
+class DecodeStack:
+    """A model's decode step as one compiled call (``kernels.decode_stack``) with the policy around it: which product
+    kernel a step of so many rows runs (:func:`stack_plan`, fixed per model and build, so kept per row count), the
+    int16 layouts that kernel then needs, and the exact kernel's row limit. The model gives the description
+    (``kernels.StackSpec``: model math only); the engine's cache the step's K/V (``kernels.StackKV``).
+
+    Example::
+
+        stack = DecodeStack(spec)                   # once per model
+        if stack.plan(rows) is not None:            # else the step runs layer by layer
+            h = stack(x, cos, sin, kv)              # x: [rows, hidden] -> final-normed [rows, hidden]
+    """
+
+    def __init__(self, spec: kernels.StackSpec):
+        self.spec = spec
+        self._plans: dict[int, str | None] = {}
+        self._i16: list[torch.Tensor] | None = None  # every product's qmatmul_i16 layout, in the spec's order
+
+    def plan(self, rows: int) -> str | None:
+        """The product kernel of a step of this many rows in one call, or None (see :func:`stack_plan`)."""
+        if not kernels.available():
+            return None
+        if rows not in self._plans:
+            self._plans[rows] = stack_plan(self.spec.products(), rows)
+        return self._plans[rows]
+
+    def __call__(self, x: torch.Tensor, cos: list[torch.Tensor], sin: list[torch.Tensor],
+                 kv: kernels.StackKV) -> torch.Tensor:
+        """The final-normed hidden ``[rows, hidden]`` of a decode step (requires ``plan(rows)``); writes its K/V."""
+        wide = []
+        if self.plan(x.shape[0]) == I16:
+            if self._i16 is None:
+                self._i16 = [t for li in self.spec.products() for t in li.prepare_i16()]
+            wide = self._i16
+        return kernels.decode_stack(x, self.spec, kv, cos, sin, wide, exact_max_rows())

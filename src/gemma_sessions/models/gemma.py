@@ -334,10 +334,8 @@ class GemmaModel(nn.Module):
         # Embeddings are scaled by sqrt(hidden_size), the scale cast to the compute dtype first
         # (Gemma3TextScaledWordEmbedding: ``embed_scale.to(self.weight.dtype)``; gemma_pytorch "normalizer").
         self.embed_scale = torch.tensor(math.sqrt(config.hidden_size), dtype=self.dtype, device=device)
-        self._stack: tuple | None = None  # hidden_decode_stack's per-layer tensors, gathered on first use
-        self._stack_i16: list | None = None  # ... and the products' qmatmul_i16 layouts
+        self._stack: backend.DecodeStack | None = None  # hidden_decode_stack's, made on first use
         self._product_list: list | None = None  # every layer's four products, in order (a plain list, not modules)
-        self._stack_plans: dict[int, str | None] = {}  # rows -> backend.stack_plan (fixed per model and build)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:  # ids: [N] -> [N, hidden]
         e = self.embed
@@ -377,17 +375,15 @@ class GemmaModel(nn.Module):
     def can_decode_stack(self, rows: int) -> bool:
         """Whether :meth:`hidden_decode_stack` applies to a decode step of this many rows: the fast mode on the CPU,
         and the kernel backend runs every product of the step with one of the stack's kernels
-        (``backend.stack_plan``)."""
-        if not (self.weight_format == "int8" and self.device.type == "cpu"):
+        (``backend.DecodeStack.plan``)."""
+        if not (self.weight_format == "int8" and self.device.type == "cpu" and kernels.available()):
             return False
-        return self._stack_plan(rows) is not None
+        return self._decode_stack().plan(rows) is not None
 
-    def _stack_plan(self, rows: int) -> str | None:
-        if not kernels.available():
-            return None
-        if rows not in self._stack_plans:
-            self._stack_plans[rows] = backend.stack_plan(self._products(), rows)
-        return self._stack_plans[rows]
+    def _decode_stack(self) -> backend.DecodeStack:
+        if self._stack is None:
+            self._stack = backend.DecodeStack(self.stack_spec())
+        return self._stack
 
     def _products(self) -> list:
         if self._product_list is None:
@@ -402,36 +398,35 @@ class GemmaModel(nn.Module):
             if li.int8 and li.plan(backend.QMATMUL_MAX_ROWS + 1) == backend.I16:
                 li.prepare_i16()
 
-    def hidden_decode_stack(self, ids: torch.Tensor, positions: torch.Tensor, stack_args: dict) -> torch.Tensor:
+    def stack_spec(self) -> kernels.StackSpec:
+        """This decoder as ``kernels.decode_stack`` runs it (the fast mode's layers; see ``kernels/stack.py``): per
+        layer its four products, its norms' ``1 + w`` (Gemma 1 has no post-norms; Gemma 3 adds q/k norms), head
+        shapes, RoPE table (one per kind of layer, in ``Rope.inv_freq``'s order), attention scale and soft-cap."""
+        keys = list(self.rope.inv_freq)
+        layers = []
+        for i, layer in enumerate(self.layers):
+            a, m = layer.attn, layer.mlp
+            layers.append(kernels.LayerSpec(
+                qkv=a.qkv, o=a.o_proj, gate_up=m.gate_up, down=m.down_proj, heads=a.hq, kv_heads=a.hkv,
+                head_dim=a.d, rope=keys.index(self.rope.layer_key[i]), attn_scale=a.scale,
+                softcap=self.config.attn_logit_softcapping, input_norm=_scale(layer.input_norm),
+                post_attn_norm=_scale(layer.post_attn_norm), pre_mlp_norm=_scale(layer.pre_mlp_norm),
+                post_mlp_norm=_scale(layer.post_mlp_norm), q_norm=_scale(a.q_norm), k_norm=_scale(a.k_norm)))
+        return kernels.StackSpec(layers=tuple(layers), final_norm=self.norm.scale, eps=self.config.rms_norm_eps)
+
+    def hidden_decode_stack(self, ids: torch.Tensor, positions: torch.Tensor,
+                            stack_args: dict | kernels.StackKV) -> torch.Tensor:
         """:meth:`hidden` for a decode step (see :meth:`can_decode_stack`) over the paged cache, every layer in
-        one compiled call (``kernels.decode_stack``; the engine's ``PagedBatch.stack_args`` gives the cache's part).
-        The same kernels in the same order as :meth:`_hidden_fused`, so the same bits, without ~200 Python-level
-        calls per step (a sizeable part of a single-stream step on a small model)."""
+        one compiled call (``kernels.decode_stack`` on :meth:`stack_spec`; the engine's ``PagedBatch.stack_args``
+        gives the cache's part). The same kernels in the same order as :meth:`_hidden_fused`, so the same bits,
+        without ~200 Python-level calls per step (a sizeable part of a single-stream step on a small model)."""
         x = self.embed_tokens(ids)
         tables = self.rope.tables(positions, self.dtype)
         n, d = x.shape[0], self.config.head_dim
-        cos = [tables[k][0].view(n, d) for k in self.rope.layer_key]
-        sin = [tables[k][1].view(n, d) for k in self.rope.layer_key]
-        if self._stack is None:  # the per-layer tensors, gathered once
-            empty = torch.empty(0, device=self.device)
-            lin, groups, norms = [], [], []
-            for layer in self.layers:
-                for li in (layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down_proj):
-                    lin += [li.codes, li.scales, li.offsets if li.offsets is not None else empty]
-                    groups.append(li.group)
-                norms += [m.scale if m is not None else empty for m in (
-                    layer.input_norm, layer.post_attn_norm, layer.pre_mlp_norm, layer.post_mlp_norm,
-                    layer.attn.q_norm, layer.attn.k_norm)]
-            self._stack = (lin, groups, norms)
-        lin, groups, norms = self._stack
-        wide = []
-        if self._stack_plan(n) == backend.I16:  # the products' int16 layouts
-            if self._stack_i16 is None:
-                self._stack_i16 = [t for li in self._products() for t in li.prepare_i16()]
-            wide = self._stack_i16
-        a = self.layers[0].attn
-        return kernels.decode_stack(x, lin, wide, groups, norms, self.norm.scale, cos, sin, hq=a.hq, hkv=a.hkv,
-                                    eps=self.config.rms_norm_eps, exact_rows=backend.exact_max_rows(), **stack_args)
+        cos = [tables[k][0].view(n, d) for k in self.rope.inv_freq]  # LayerSpec.rope indexes these
+        sin = [tables[k][1].view(n, d) for k in self.rope.inv_freq]
+        kv = stack_args if isinstance(stack_args, kernels.StackKV) else kernels.StackKV.from_stack_args(stack_args)
+        return self._decode_stack()(x, cos, sin, kv)
 
     def new_sequence(self, max_len: int) -> DenseKV:
         """The state one sequence needs for :meth:`step` (a dense KV cache of ``max_len`` tokens)."""
@@ -479,6 +474,10 @@ class GemmaModel(nn.Module):
         if cap is not None:  # Gemma 2: final logits soft-capped at 30 (Gemma2ForCausalLM.forward)
             out = torch.tanh(out / cap) * cap
         return out
+
+
+def _scale(norm: RMSNorm | None) -> torch.Tensor | None:
+    return None if norm is None else norm.scale
 
 
 def cat_rows(ws: list) -> torch.Tensor | quant.QuantWeight:

@@ -1,4 +1,4 @@
-// Fused row ops: RMSNorm, residual + RMSNorm, GeGLU, q/k norm + RoPE.
+// Fused row ops: RMSNorm, residual + RMSNorm, GeGLU, q/k norm + RoPE (and q alone: q_norm_rope).
 // Part of the kernels' one translation unit: ops.cpp includes every part, in order, and registers the ops.
 #pragma once
 
@@ -214,6 +214,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope(const at::Tensor& qk
     }
   });
   return {q, k, v};
+}
+
+// q_norm_rope: qk_norm_rope's q part alone, for a layer whose projection is q only [N, Hq D] (a KV-shared layer reads
+// another layer's K/V): the per-head q norm (undefined scale: none) and RoPE, the same arithmetic per head. Returns
+// q [N, Hq, D] float32.
+at::Tensor q_norm_rope(const at::Tensor& q_in, const c10::optional<at::Tensor>& qs_in, const at::Tensor& cos_in,
+                       const at::Tensor& sin_in, int64_t Hq, double eps) {
+  TORCH_CHECK(q_in.dim() == 2 && q_in.scalar_type() == at::kFloat, "q_norm_rope: q must be float32 [N, F]");
+  const int64_t N = q_in.size(0), F = q_in.size(1);
+  TORCH_CHECK(Hq > 0 && F % Hq == 0 && (F / Hq) % 2 == 0, "q_norm_rope: width ", F, " is not Hq D with D even");
+  const int64_t D = F / Hq, half = D / 2;
+  const at::Tensor qp = q_in.contiguous(), cs = cos_in.contiguous(), sn = sin_in.contiguous();
+  TORCH_CHECK(cs.scalar_type() == at::kFloat && sn.scalar_type() == at::kFloat && cs.numel() == N * D &&
+              sn.numel() == N * D, "q_norm_rope: cos and sin must be float32 [N, D]");
+  const bool norm = qs_in.has_value() && qs_in->defined();
+  const at::Tensor qs = norm ? qs_in->contiguous() : at::Tensor();
+  TORCH_CHECK(!norm || qs.numel() == D, "q_norm_rope: the norm scale must have head_dim elements");
+  at::Tensor q = at::empty({N, Hq, D}, qp.options());
+  const float* src = qp.data_ptr<float>();
+  par_for(0, N * Hq, std::max<int64_t>(1, 8192 / D), [&](int64_t b, int64_t e) {
+    std::vector<float> t(D);
+    for (int64_t i = b; i < e; ++i) {
+      const float* x = src + i * D;  // row n = i / Hq, head i % Hq
+      if (norm) norm_row(x, qs.data_ptr<float>(), D, static_cast<float>(eps), t.data());
+      else std::copy(x, x + D, t.data());
+      float* out = q.data_ptr<float>() + i * D;
+      const float* c = cs.data_ptr<float>() + (i / Hq) * D;
+      const float* si = sn.data_ptr<float>() + (i / Hq) * D;
+      for (int64_t j = 0; j < D; ++j) out[j] = t[j] * c[j] + t[j < half ? j + half : j - half] * si[j];
+    }
+  });
+  return q;
 }
 
 }  // namespace

@@ -6,10 +6,10 @@
 //   products.h          qmatmul (the exact grouped-int8 product), dequantize
 //   products_wide.h     qmatmul_wide (AVX2: the many-row float32 product)
 //   products_batched.h  qmatmul_bf16 (AVX512-BF16), qmatmul_i16 (AVX512-VNNI; AMX tiles)
-//   fused.h             rms_norm, add_rms_norm, geglu, qk_norm_rope
+//   fused.h             rms_norm, add_rms_norm, geglu, qk_norm_rope, q_norm_rope
 //   attention.h         decode_attention
 //   head.h              argmax, q8_head (the exact greedy token through int8 activations)
-//   stack.h             decode_stack (every layer of a decode step in one call)
+//   stack.h             decode_stack (every layer of a decode step in one call, from a description of the layers)
 //
 // One translation unit, as one file was before: the same inlining, hence the same bits, and one compiler run.
 //
@@ -36,10 +36,9 @@ GS_LIBRARY(GS_NAMESPACE, m) {
   m.def("qmatmul(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, int group) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor scale, float eps) -> Tensor");
   m.def("argmax(Tensor x) -> Tensor");
-  m.def("decode_stack(Tensor x, Tensor[] lin, Tensor[] wide, int[] groups, Tensor[] norms, Tensor final_norm, Tensor[] cos, "
-        "Tensor[] sin, Tensor(a!) flat, int[] off_k, int[] off_v, int[] layer_group, Tensor[] write, Tensor[] table, "
-        "Tensor[] start, Tensor[] lengths, int block, int page_stride, float scale, float softcap, int hq, int hkv, "
-        "float eps, int exact_rows) -> Tensor");
+  m.def("decode_stack(Tensor x, Tensor[] weights, Tensor[] wide, Tensor[] norms, Tensor final_norm, Tensor spec, "
+        "Tensor fspec, float eps, Tensor[] cos, Tensor[] sin, Tensor(a!)[] flats, int[] kv, Tensor[] write, "
+        "Tensor[] table, Tensor[] start, Tensor[] lengths, int block, int[] page_stride, int exact_rows) -> Tensor");
   m.def("qmatmul_wide(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, int group) -> Tensor");
   m.def("wide_available() -> bool", &wide_available);
   m.def("dequantize(Tensor codes, Tensor scales, Tensor? offsets, int group, int start, int end) -> Tensor");
@@ -54,6 +53,7 @@ GS_LIBRARY(GS_NAMESPACE, m) {
   m.def("add_rms_norm(Tensor x, Tensor y, Tensor? s1, Tensor? s2, float eps) -> (Tensor, Tensor)");
   m.def("qk_norm_rope(Tensor qkv, Tensor? q_scale, Tensor? k_scale, Tensor cos, Tensor sin, int hq, int hkv, "
         "float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("q_norm_rope(Tensor q, Tensor? q_scale, Tensor cos, Tensor sin, int hq, float eps) -> Tensor");
   m.def("q8_head_available() -> bool", &q8_head_available);
   m.def("q8_head_pack(Tensor codes, Tensor scales) -> (Tensor, Tensor, Tensor)");
   m.def("q8_head(Tensor x, Tensor wq, Tensor sw, Tensor aw, Tensor codes, Tensor scales, bool want_logits) -> "
@@ -76,6 +76,7 @@ GS_LIBRARY_IMPL(GS_NAMESPACE, CPU, m) {
   m.impl("geglu", &geglu);
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("qk_norm_rope", &qk_norm_rope);
+  m.impl("q_norm_rope", &q_norm_rope);
   m.impl("q8_head_pack", &q8_head_pack);
   m.impl("q8_head", &q8_head);
 }
