@@ -72,8 +72,10 @@ def gemma4(n: int, period: int, sliding: tuple[int, int], full: tuple[int, int],
 MIXED = Shapes(layer_types=(S, S, S, S, F, S, S, S, S, F), sliding=(2, 8), full=(1, 32), shared=4)
 # 8 layers, the last 2 shared: sliding 0 1 3 4 (2 x 8), full 2 5 (1 x 32): one sliding group of 4, one full of 2
 EVEN = Shapes(layer_types=(S, S, F, S, S, F, S, F), sliding=(2, 8), full=(1, 32), shared=2)
+# MIXED at Gemma 4's widths (256-wide sliding, 512-wide full, 1 KV head): the compiled decode kernel's wide path
+WIDE = dataclasses.replace(MIXED, sliding=(1, 256), full=(1, 512))
 HQ = 4
-SCALE = 0.3
+SCALE = 0.3  # (the attention tests scale by 2 / sqrt(widest head dim): scores of a few units, as in a real model)
 
 
 def _cache(shapes: LayerShapes, blocks: int = 256, dtype: torch.dtype = torch.float32, bs: int = 4) -> PagedKVCache:
@@ -431,6 +433,7 @@ class Dense:
 
     def __init__(self, shapes: Shapes, dtype: torch.dtype):
         self.shapes, self.dtype = shapes, dtype
+        self.scale = 2 / max(shapes.full[1], shapes.sliding[1]) ** 0.5
         self.kv: dict[str, dict[int, tuple[list, list]]] = {}
 
     def new(self, name: str, like: str | None = None, upto: int | None = None) -> None:
@@ -442,15 +445,17 @@ class Dense:
         ks += list(k.to(self.dtype).double())  # what the pages hold: the cache dtype's rounding
         vs += list(v.to(self.dtype).double())
 
-    def attend(self, name: str, layer: int, pos: int, q: torch.Tensor) -> torch.Tensor:
-        """q [Hq, D] at ``pos`` over the source layer's keys it can see (its window, if sliding)."""
+    def attend(self, name: str, layer: int, pos: int, q: torch.Tensor, prefill: bool) -> torch.Tensor:
+        """q [Hq, D] at ``pos`` over the source layer's keys it can see (its window, if sliding). A prefill chunk's
+        queries are rounded to the cache dtype, as the engine attends a chunk in the KV dtype (decode rows: float32)."""
         sh = self.shapes
+        q = q.to(self.dtype) if prefill else q
         lo = max(0, pos - sh.sliding_window + 1) if sh.layer_types[layer] == S else 0
         ks, vs = self.kv[name][sh.kv_source(layer)]
         keys, vals = torch.stack(ks[lo:pos + 1]), torch.stack(vs[lo:pos + 1])  # [L, Hkv, D]
         group = q.shape[0] // keys.shape[1]  # query head h reads kv head h // group (repeat_kv)
         keys, vals = keys.repeat_interleave(group, dim=1), vals.repeat_interleave(group, dim=1)
-        probs = torch.softmax(torch.einsum("hd,lhd->hl", q.double(), keys) * SCALE, dim=-1)
+        probs = torch.softmax(torch.einsum("hd,lhd->hl", q.double(), keys) * self.scale, dim=-1)
         return torch.einsum("hl,lhd->hd", probs, vals)
 
 
@@ -461,8 +466,8 @@ def _step(cache: PagedKVCache, ref: Dense, rows: list[tuple[str, object, int]], 
     for _, seq, n in rows:
         cache.allocate(seq, n)
     items = [WorkItem(seq=seq, num_tokens=n, want_logits=False) for _, seq, n in rows]
-    where = [(name, seq.num_computed + j) for name, seq, n in rows for j in range(n)]
-    batch = PagedBatch(cache, items, SCALE, None, HQ)
+    where = [(name, seq.num_computed + j, n > 1) for name, seq, n in rows for j in range(n)]
+    batch = PagedBatch(cache, items, ref.scale, None, HQ)
     worst = 0.0
     for layer in range(shapes.num_layers):
         kvh, hd = shapes.layer_kv_heads(layer), shapes.layer_head_dim(layer)
@@ -476,19 +481,25 @@ def _step(cache: PagedKVCache, ref: Dense, rows: list[tuple[str, object, int]], 
                 row += n
         out = batch.attend(layer, q, k, v)
         assert out.shape == (len(where), HQ, hd)
-        want = torch.stack([ref.attend(name, layer, pos, q[i]) for i, (name, pos) in enumerate(where)])
+        want = torch.stack([ref.attend(name, layer, pos, q[i], pre) for i, (name, pos, pre) in enumerate(where)])
         worst = max(worst, float((out.double() - want).abs().max()))
     for _, seq, n in rows:
         cache.commit(seq, n)
     return worst
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-@pytest.mark.parametrize("shapes", [MIXED, EVEN], ids=["mixed", "even"])
-def test_paged_attention_equals_dense_attention(shapes, dtype, tol):
+@pytest.mark.parametrize("dtype,native,tol", [(torch.float32, False, 1e-5), (torch.bfloat16, False, 3e-2),
+                                              (torch.bfloat16, True, 6e-2)], ids=["float32", "bf16", "bf16-native"])
+@pytest.mark.parametrize("shapes", [MIXED, EVEN, WIDE], ids=["mixed", "even", "gemma4-widths"])
+def test_paged_attention_equals_dense_attention(shapes, dtype, native, tol, monkeypatch):
     """Prefill chunks, decode rows beside a prefill chunk, a cached prefix adopted by another sequence, a fork whose
-    shared tail is copied on write, and decoding past the window: every layer (owning or KV-shared, 8 or 32 wide,
-    1 or 2 KV heads) equals the dense reference. bf16 KV also takes the packed prefill path."""
+    shared tail is copied on write, and decoding past the window: every layer (owning or KV-shared, 8 to 512 wide,
+    1 or 2 KV heads) equals the dense reference. bf16 KV also takes the packed prefill path, in float32 after rounding
+    or (native) in bf16 GEMMs, whose rounded scores and probabilities cost a few 1e-2 here; a wrong key, slot or
+    window costs O(1)."""
+    from gemma_sessions import kernels
+
+    monkeypatch.setitem(kernels._state, "native_bf16", native)
     gen = torch.Generator().manual_seed(0)
     cache, ref = _cache(shapes, dtype=dtype), Dense(shapes, dtype)
     a = cache.start(list(range(100, 130)))
