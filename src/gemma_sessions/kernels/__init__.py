@@ -230,8 +230,8 @@ def _built_with(key: str, probe: str) -> bool:
 
 def native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (x86: AVX512-BF16 or AMX-BF16; arm64: BF16). Without it torch's bf16
-    GEMM converts in software: ~8 GFLOP/s on a 2-core Zen 3 against ~35-70 for float32, so the fast mode's many-row
-    products run in float32 there (``models/gemma.py``). ``GEMMA_SESSIONS_NATIVE_BF16=0`` or ``1`` overrides the
+    GEMM converts in software, several times slower than float32, so the fast mode's many-row products run in
+    float32 there (``models/gemma.py``). ``GEMMA_SESSIONS_NATIVE_BF16=0`` or ``1`` overrides the
     probe (tests take both paths on any CPU)."""
     if "native_bf16" not in _state:
         env = os.environ.get("GEMMA_SESSIONS_NATIVE_BF16")
@@ -347,8 +347,8 @@ def i16_available() -> bool:
 
 
 def amx_available() -> bool:
-    """Whether :func:`qmatmul_i16` can run on AMX's int8 tiles (a build for a CPU with AMX-INT8, Sapphire Rapids and
-    later, whose OS grants the tile state; ``GEMMA_SESSIONS_NO_AMX=1`` says no). Same bits as without, faster."""
+    """Whether :func:`qmatmul_i16` can run on AMX's int8 tiles (a build for a CPU with AMX-INT8 whose OS grants the
+    tile state; ``GEMMA_SESSIONS_NO_AMX=1`` says no). Same bits as without, faster."""
     if "amx" not in _state:
         _state["amx"] = (not os.environ.get("GEMMA_SESSIONS_NO_AMX") and i16_available()
                          and bool(_ops().amx_available()))

@@ -27,14 +27,14 @@
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
-// AMX (Sapphire Rapids and later): qmatmul_i16's products on the tile unit (see i16_amx_block).
+// AMX (AMX-INT8 tiles): qmatmul_i16's products on the tile unit (see i16_amx_block).
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__) && defined(__AVX512VNNI__) && \
     defined(__AVX512BW__)
 #define HAVE_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
-// Without AVX-512 (AVX2 + FMA: Zen 1-3, most Intel client CPUs) the hot loops have 8-lane versions (AVX2_ONLY).
+// Without AVX-512 (AVX2 + FMA only) the hot loops have 8-lane versions (AVX2_ONLY).
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
 #define AVX2_ONLY 1
 constexpr bool ROWS_OUTER = true;  // qmatmul of many rows: row blocks outside the weight tile (see tiled)

@@ -8,8 +8,8 @@ namespace {
 
 // argmax over the last dimension of float32 [R, V] -> int64 [R], as torch.argmax: the first maximal index, and a NaN
 // counts as the maximum (the first NaN wins). Each row is split into chunks scanned in parallel (a vocabulary row of
-// 262144 logits: ~30 us against ~500 us for torch.argmax, whose OpenMP region also left a worker spinning into the
-// next step's kernels).
+// 262144 logits at a fraction of torch.argmax's time, whose OpenMP region also left a worker spinning into the next
+// step's kernels).
 constexpr int64_t ARGMAX_CHUNK = 32768;
 
 static std::pair<float, int64_t> argmax_range(const float* x, int64_t b, int64_t e) {
@@ -101,8 +101,8 @@ at::Tensor argmax_rows(const at::Tensor& x_in) {
 //
 // The bound per output (A[n, g] in place of its max over n) is tighter, ~4 candidates per row on the 270M's real
 // hidden states against ~9, but it cost a multiply-add per row, group and 16 outputs in the loop: ~13 vector
-// instructions per 8 vpdpbusd where there are now 10. One bound per row made the 16-row head ~15% faster
-// (bench/head.py); the extra exact logits cost microseconds.
+// instructions per 8 vpdpbusd where there are now 10. One bound per row made the 16-row head faster
+// (bench/head.py); the extra exact logits cost little.
 //
 // Weights are re-laid once (q8_head_pack): codes + 128 as uint8 [N/16][K/4][16][4] (16 outputs per vector, 4
 // inputs per lane: vpdpbusd's layout), scales as [N/16][K/32][16], and max_n A[n, g] as [K/32]. Needs AVX512-VNNI,
@@ -113,7 +113,7 @@ at::Tensor argmax_rows(const at::Tensor& x_in) {
 // in two multiplies, against 16 for two float FMAs. vpmaddubsw saturates a pair's sum at int16, so x is quantized to
 // 7 bits there (s = max|x| / 63, |q| <= 63: 255 * 63 * 2 < 32767), which doubles the error bound (about twice the
 // candidates, each one exact logit); the same correction, bound and exact decision. (vpsignb on |q| and signed codes
-// kept 8 bits but cost a third instruction per 32 products: 45 against ~36 ms at 16 rows of the 270M's head.)
+// kept 8 bits but cost a third instruction per 32 products: slower.)
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
 constexpr bool kQ8Head = true;
 constexpr int64_t Q8_LANES = 16;
@@ -128,13 +128,13 @@ constexpr int64_t Q8_LANES = 16;
 bool q8_head_available() { return kQ8Head; }
 
 // Blocks ahead whose weights the first row block prefetches into L2. The head streams from memory (168 MB of codes
-// on the 270M, per call), and without it a thread read only ~6 GB/s while computing (21 GB/s when only reading):
-// a 16-row call took about the sum of its compute and memory times. Measured in isolation: 34.7 -> ~24.5 ms per
-// thread for the 270M's head at 16 rows (distances 1-16 blocks within noise; the L1 hint gained nothing). Below 4
-// rows the call is bound by memory alone and the hardware prefetcher does better by itself (1 row: ~5 vs ~8 ms).
+// on the 270M, per call), and without it a thread computing on them read far below the rate it reads at when only
+// reading: a 16-row call took about the sum of its compute and memory times; with it, markedly less (the distance
+// matters little; the L1 hint gained nothing). Below 4 rows the call is bound by memory alone and the hardware
+// prefetcher does better by itself.
 constexpr int64_t Q8_PREFETCH = 8;
 constexpr int64_t Q8_MB = 8;  // rows per block: 8 chains + 8 value accumulators + 8 weight vectors
-constexpr int Q8_MB8 = 6;     // AVX2: 6 int32 sums + 6 value accumulators (4 rows: within the noise, 30 vs 23 ms at 8)
+constexpr int Q8_MB8 = 6;     // AVX2: 6 int32 sums + 6 value accumulators (4 rows: slower at 8 rows)
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> q8_head_pack(const at::Tensor& codes_in, const at::Tensor& scales_in) {
   TORCH_CHECK(codes_in.dim() == 2 && codes_in.scalar_type() == at::kChar, "q8_head_pack: codes must be int8 [N, K]");
@@ -383,7 +383,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q8_head(const at::Tensor& x_in, c
     for (int64_t nb = begin; nb < end; ++nb) {
       const uint8_t* wb = wp + nb * W::L * K;
       // full passes first: the first pass streams (and prefetches) the weights from memory, and a full one hides
-      // that best (balanced passes, 5 + 4 at 9 rows and 6 + 6 at 12, measured 3-10% slower)
+      // that best (balanced passes, 5 + 4 at 9 rows and 6 + 6 at 12, were slower)
       row_passes<W::MB, false>(M, [&](auto rows, int64_t m0, int64_t mb) {
         W::block<decltype(rows)::value>(wb, swp + nb * ng * W::L, xq.data() + m0 * K, K, sx.data() + m0 * ng,
                                         corr.data() + m0 * ng, ng, val, m0 == 0 && M >= 4 && nb + Q8_PREFETCH < end);

@@ -10,8 +10,8 @@ namespace {
 // The kernels' parallel loops run on this pool, not at::parallel_for (OpenMP). libgomp keeps one team of workers per
 // thread that starts parallel regions, and once it manages more threads than there are CPUs (the main thread's team,
 // made while the model loaded, plus the engine loop thread's team) it cuts its workers' spinning to ~100 iterations:
-// every region then wakes them from a futex. A decode step is ~150 regions; on the 270M with 2 cores that made a
-// step 31-33 ms on the engine's thread against 21 ms on the main thread. This pool's workers spin for SPIN_US after
+// every region then wakes them from a futex. A decode step is ~150 regions, and those wake-ups made a step on the
+// engine's thread markedly slower than the same step on the main thread. This pool's workers spin for SPIN_US after
 // each job (a step's next kernel comes within that), then sleep. One job runs at a time; a caller that finds the pool
 // busy (another thread's kernel) runs its loop on its own thread. Chunks as at::parallel_for makes them:
 // min(threads, ceil(n / grain)) contiguous ranges; torch.set_num_threads sets the thread count.

@@ -205,10 +205,9 @@ static inline void tiled(int64_t M, int64_t N, int64_t begin, int64_t end, float
 }
 
 // Weight rows ahead that qmatmul prefetches into L2 from 2 rows of x up: a decode step's weights stream from memory,
-// and a thread that computes on them streamed below the bandwidth. Measured on the 270M's 72 layer products (and its
-// head), four alternating runs: 4 rows 9.3-10.8 -> 7.7-9.6 ms (head 11.2-12.9 -> 10.5-12.5), 8 rows 16.4-19.1 ->
-// 15.3-18.1 ms (head 22.3-25.7 -> 20.2-21.3); 1 row unchanged (it streams at the bandwidth already), so there the
-// hardware prefetcher is left alone.
+// and a thread that computes on them streamed below the bandwidth; the prefetch made the layers' products (and the
+// head) faster at 4 and 8 rows. 1 row is unchanged (it streams at the bandwidth already), so there the hardware
+// prefetcher is left alone.
 constexpr int64_t QMM_PREFETCH = 32;
 
 at::Tensor qmatmul(const at::Tensor& x_in, const at::Tensor& codes_in, const at::Tensor& scales_in,
@@ -246,8 +245,8 @@ at::Tensor qmatmul(const at::Tensor& x_in, const at::Tensor& codes_in, const at:
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K * ((M + MB_QMM - 1) / MB_QMM), 1));
   par_for(0, N, grain, [&](int64_t begin, int64_t end) {
     // NOTE: one weight row after another, even for M = 1. Interleaving four rows (four accumulator chains sharing
-    // each x load) is ~25% faster on a cache-resident weight but ~20-30% slower in real decoding, where every
-    // weight streams from memory once per token (measured: decode 32 vs 39 tok/s on the 270M).
+    // each x load) is faster on a cache-resident weight but slower in real decoding, where every weight streams
+    // from memory once per token.
     tiled(M, N, begin, end, outp, [&](int64_t n, int64_t m0, int64_t mb, float* dots) {
       if (M >= 2 && m0 == 0 && n + QMM_PREFETCH < end) {  // a later weight row into L2 (see QMM_PREFETCH)
         const int8_t* p = cp + (n + QMM_PREFETCH) * K;

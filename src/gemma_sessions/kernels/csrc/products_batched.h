@@ -24,8 +24,8 @@ static inline void dot_rows_bf16(const at::BFloat16* xb, int64_t K, const int8_t
   __m512 acc[MB];
   for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
   const at::BFloat16* xk = xb;  // x interleaved by 32 columns: [K/32][MB][32], one base pointer for all rows
-  // group of column k: a shift for the power-of-two sizes of every GGUF type (an idiv per 32 columns was ~5% of
-  // the time), a division otherwise
+  // group of column k: a shift for the power-of-two sizes of every GGUF type (an idiv per 32 columns was a
+  // visible share of the time), a division otherwise
   const int sh = (G & (G - 1)) == 0 ? __builtin_ctzll(static_cast<unsigned long long>(G)) : -1;
   for (int64_t k = 0; k < K; k += 32, xk += MB * 32) {
     const int64_t g0 = sh >= 0 ? k >> sh : k / G, g1 = sh >= 0 ? (k + 16) >> sh : (k + 16) / G;
@@ -87,7 +87,7 @@ at::Tensor qmatmul_bf16(const at::Tensor& x_in, const at::Tensor& codes_in, cons
   // rows per block: their bf16 inputs (block x K x 2 bytes) stay within ~24 KiB of L1 (16 rows at K = 640, 6 at 2048)
   const int64_t block = std::clamp<int64_t>(24576 / (2 * K), 4, MB_MAX);
   // x re-laid per block of rows as [K/32][rows][32] (dot_rows_bf16 then addresses every row from one pointer: with
-  // 16 row pointers the compiler ran out of registers and spilled in the inner loop, ~25% slower)
+  // 16 row pointers the compiler ran out of registers and spilled in the inner loop, slower)
   std::vector<at::BFloat16> xi(M * K);
   for (int64_t m0 = 0; m0 < M; m0 += block) {
     const int64_t mb = std::min(block, M - m0);
@@ -273,7 +273,7 @@ static inline void amx_configure(int64_t kt) {
 // 16 rows of split x (hi, lo: [16][K], padded with zero rows) against one block of 16 outputs: facc[r] as
 // i16_block's out[r] (before the row scale). Software-pipelined: group g's tile products and stores are issued before
 // the vector steps of group g - 1 read theirs (two buffers), so the tile unit and the vector units overlap and no
-// load waits on the store just issued (one buffer measured ~1.1-1.2x the AVX-512 kernel, hot, at 16 rows).
+// load waits on the store just issued (with one buffer the tiles barely beat the AVX-512 kernel).
 template <bool OFF>
 static inline void i16_amx_block(const int8_t* wb, const float* sb, const float* ob, const int8_t* xh,
                                  const uint8_t* xl, int64_t K, int64_t G, int64_t ng, const float* xs, __m512* facc,

@@ -46,7 +46,7 @@ static inline void wide_tile(const float* xt, int64_t mc, int64_t K, const float
 
 // W's rows [n, n + nr) as float32 into wb, codes * scale (+ offset) per group, in blocks of 8 inputs: the nr rows'
 // weights k..k+7 lie together at wb[k nr .. (k + 8) nr) (row j's at + 8 j), so a tile's broadcasts read one stream.
-// 16 codes per load where the group allows (Q8_0, Q4_K, Q5_K: 32; Q6_K: 16): ~1.5x faster than 8 per load.
+// 16 codes per load where the group allows (Q8_0, Q4_K, Q5_K: 32; Q6_K: 16): faster than 8 per load.
 static inline void wide_dequant(const int8_t* c, const float* sc, const float* off, int64_t K, int64_t G, int64_t nr,
                                 float* wb) {
   const int64_t ng = K / G;
@@ -88,12 +88,10 @@ static inline void wide_rows(const float* xt, int64_t mc, int64_t mrows, int64_t
 // panel runs a 6 x 16 register tile: per k two loads of W, six broadcasts of x, 12 FMAs. Each output is still
 // fma(x[m, k], W[n, k], acc) in the order of k from acc = 0 with the same W (wide_dequant's arithmetic), so a row's
 // bits are those of the small-batch loop. That loop, run over chunks of 64 rows of x (re-dequantizing its 6 weight
-// rows per chunk), ran ~50 GFLOP/s on 2 cores at 297 rows of the 270M's layers, against ~85 for torch's float32 GEMM
-// over dequantized tiles, which this replaces for prompts (113-126 GFLOP/s per product at 294 rows).
-// From 17 rows (a batched decode step, a short prompt), the 270M's 72 layer products, ms (medians of 7, alternating
-// builds, a noisy 2-core Zen 3), small-batch loop / this: 24 rows 104-118 / 72-76, 32 rows 91-93 / 97-100, 48 rows
-// 134-141 / 116-133; 12 and 16 rows within the noise (the small-batch loop kept). A 49-51 token prompt's forward:
-// 207-261 -> 160-209 ms. K is a multiple of 8 (G is, and divides K): gemm_dequant's blocks of 8 inputs.
+// rows per chunk), was slower on a prompt's rows than torch's float32 GEMM over dequantized tiles, which this
+// replaces for prompts (and beats). From 17 rows (a batched decode step, a short prompt) this runs instead of the
+// small-batch loop: faster at 24 and 48 rows, about level at 32; at 12 and 16 rows they are level (the small-batch
+// loop kept). K is a multiple of 8 (G is, and divides K): gemm_dequant's blocks of 8 inputs.
 constexpr int64_t WIDE_GEMM_MIN_ROWS = 16;
 constexpr int GEMM_MR = 6;
 
@@ -164,8 +162,7 @@ static inline void gemm_tile(const float* a, const float* b, int64_t kn, float* 
 }
 
 // Inputs per block of k: all of K up to 1024 (the 270M's 640 and 1024), else 512, so a panel's slice of x (12 KB)
-// and of W (32 KB) stay near L1. Measured at 294 rows, 2 threads, K = 2048: ~100 against ~70 GFLOP/s unblocked; at
-// K = 640 blocks of 320 were slower (~70 against ~110).
+// and of W (32 KB) stay near L1: faster than unblocked at K = 2048, while blocks of 320 at K = 640 were slower.
 static inline int64_t gemm_kc(int64_t K) { return K <= 1024 ? K : 512; }
 
 static void wide_gemm(const float* xp, int64_t M, int64_t K, const int8_t* cp, const float* sp, const float* op,
