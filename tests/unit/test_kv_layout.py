@@ -601,3 +601,53 @@ def test_any_sequence_of_operations_keeps_the_pool_consistent(ops):
     for s in seqs:
         cache.free(s)
     assert cache.pool.num_used == 0
+
+
+# ---------------------------------------------------------------------------------------------- the Gemma 4 layers
+# "all" (MoE, PLE, k_eq_v...): its dense path alone moves logits (|x| < 8) by ~1e-3 between a prompt at once and in
+# chunks (float32 sums in other orders, amplified); "plain": ~1e-6. A wrong key, slot or window moves them by O(1).
+@pytest.mark.parametrize("variant,tol", [("all", 1e-2), ("plain", 1e-4)])
+def test_gemma4_layers_over_pages_equal_their_dense_kv(variant, tol):
+    """The Gemma 4 decoder (models/gemma4.py: KV-shared layers calling attend(layer, q, None, None), 8- and 16-wide
+    heads, k_eq_v, windows of 5 / 7 tokens) stepped by the engine's runner over the paged cache: two prompts prefilled
+    in chunks in the same steps, decode rows beside a prefill chunk, a fork, a prefix adopted from the cache, decoding
+    past the window. Every row's logits equal one sequence alone on its dense KV (generate's path)."""
+    from gemma_sessions.config_gemma4 import Gemma4Config
+    from gemma_sessions.engine import runner
+    from gemma_sessions.models.gemma4 import Gemma4Model
+    from gemma_sessions.testing import random_gemma4_tensors, tiny_gemma4_hf_config
+
+    config = Gemma4Config.from_hf_config(tiny_gemma4_hf_config(variant))
+    net = Gemma4Model(config, random_gemma4_tensors(config, seed=1), "float32", CPU).eval()
+    cache = PagedKVCache(KVLayout.for_config(config, 4), 256, torch.float32, CPU)
+    assert not cache.layout.is_uniform and any(s != i for i, s in enumerate(cache.layout.kv_source))
+    gen = torch.Generator().manual_seed(2)
+    p1, p2 = (torch.randint(7, 500, (n,), generator=gen).tolist() for n in (19, 23))
+    got: list[tuple[object, int, torch.Tensor]] = []  # (sequence, position of the row's token, logits)
+
+    def step(rows: list[tuple[object, int]]) -> None:
+        items = []
+        for seq, n in rows:
+            cache.allocate(seq, n)
+            items.append(WorkItem(seq=seq, num_tokens=n, want_logits=True))
+        logits = runner.run_step(net, cache, items)
+        for (seq, n), row in zip(rows, logits):
+            got.append((seq, seq.num_computed + n - 1, row))
+            cache.commit(seq, n)
+
+    a, b = cache.start(p1), cache.start(p2)
+    step([(a, 11), (b, 9)])
+    step([(a, 8), (b, 14)])
+    c = cache.fork(a)
+    d = cache.start(p2[:16] + [9, 8, 7, 6, 5])
+    assert d.num_computed == 16
+    for i in range(9):
+        for s, tok in ((a, 11 + i), (c, 300 + 7 * i), (b, 40 + 3 * i)):
+            s.tokens.append(tok)
+        step([(a, 1), (c, 1), (b, 1)] + ([(d, 5)] if i == 0 else []))
+    with torch.inference_mode():
+        dense = {id(s): net.step(torch.tensor(s.tokens[:s.num_computed]), net.new_sequence(s.num_computed))
+                 for s in (a, b, c, d)}
+    worst = max(float((row - dense[id(s)][pos]).abs().max()) for s, pos, row in got)
+    assert len(got) == 2 * 2 + 9 * 3 + 1 and worst < tol, worst
+    cache.pool.check_invariants()

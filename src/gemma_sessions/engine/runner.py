@@ -24,6 +24,7 @@ from .. import kernels
 from ..cache.kv import PagedKVCache
 from ..cache.state import StateCache
 from ..kernels import backend
+from ..models import gemma4
 from ..models.gemma import GemmaModel, attention, visibility_mask
 from .work import WorkItem
 
@@ -216,7 +217,7 @@ class PagedBatch:
 
 
 @torch.inference_mode()
-def run_step(net: GemmaModel, cache: PagedKVCache, items: list[WorkItem]) -> torch.Tensor:
+def run_step(net: GemmaModel | gemma4.Gemma4Model, cache: PagedKVCache, items: list[WorkItem]) -> torch.Tensor:
     """Compute one step; returns logits [R, vocab] for the items with ``want_logits`` (in order).
 
     Single-token items (decode rows) should come first: the leading run of them is attended as one batch. The caller
@@ -227,7 +228,7 @@ def run_step(net: GemmaModel, cache: PagedKVCache, items: list[WorkItem]) -> tor
 
 
 @torch.inference_mode()
-def run_step_greedy(net: GemmaModel, cache: PagedKVCache, items: list[WorkItem],
+def run_step_greedy(net: GemmaModel | gemma4.Gemma4Model, cache: PagedKVCache, items: list[WorkItem],
                     greedy: list[bool] | None) -> tuple[list[torch.Tensor | None], list[int | None]]:
     """The engine's step: like :func:`run_step`, but rows marked in ``greedy`` (one flag per row that wants logits)
     may come back as their exact greedy token instead of logits (``GemmaModel.greedy_head``: int8-activation products
@@ -260,7 +261,7 @@ def run_step_greedy(net: GemmaModel, cache: PagedKVCache, items: list[WorkItem],
     return logits, tokens
 
 
-def _head(net: GemmaModel, h: torch.Tensor, greedy: list[bool] | None):
+def _head(net: GemmaModel | gemma4.Gemma4Model, h: torch.Tensor, greedy: list[bool] | None):
     n = h.shape[0]
     if n == 0:
         return [], []
@@ -290,7 +291,16 @@ def _head(net: GemmaModel, h: torch.Tensor, greedy: list[bool] | None):
     return list(out), [None] * n
 
 
-def _hidden_rows(net: GemmaModel, cache: PagedKVCache, items: list[WorkItem]) -> torch.Tensor:
+def attention_params(net: GemmaModel | gemma4.Gemma4Model) -> tuple[float, float | None]:
+    """The score scale and soft-cap every attention layer of ``net`` uses (what :class:`PagedBatch` applies)."""
+    if isinstance(net, GemmaModel):
+        return net.layers[0].attn.scale, net.config.attn_logit_softcapping
+    if isinstance(net, gemma4.Gemma4Model):  # q and k are RMS-normed: scale 1.0, no soft-cap (Gemma4TextAttention)
+        return gemma4.ATTENTION_SCALE, None
+    raise TypeError(f"no paged attention for {type(net).__name__}")
+
+
+def _hidden_rows(net: GemmaModel | gemma4.Gemma4Model, cache: PagedKVCache, items: list[WorkItem]) -> torch.Tensor:
     """The final hidden states [R, hidden] of the items that want logits."""
     dev = cache.device
     ids, pos, rows = [], [], []
@@ -302,8 +312,7 @@ def _hidden_rows(net: GemmaModel, cache: PagedKVCache, items: list[WorkItem]) ->
         row += it.num_tokens
         if it.want_logits:
             rows.append(row - 1)
-    batch = PagedBatch(cache, items, net.layers[0].attn.scale, net.config.attn_logit_softcapping,
-                       net.config.num_heads)
+    batch = PagedBatch(cache, items, *attention_params(net), net.config.num_heads)
     ids_t, pos_t = torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, device=dev)
     stack = batch.n_decode == len(items) and cache.layout.is_uniform  # (the model's device is the cache's)
     if stack and net.can_decode_stack(len(items)):
