@@ -125,10 +125,11 @@ class Model:
 
     @property
     def stop_ids(self) -> frozenset[int]:
-        """Token ids that end a reply: ``<eos>`` (the config's and the tokenizer's) and ``<end_of_turn>``. What the
+        """Token ids that end a reply: ``<eos>`` (the config's and the tokenizer's), ``<end_of_turn>`` and Gemma 4's
+        ``<turn|>`` (its chat template closes every turn with it; its config.json lists it among eos_token_id). What the
         engine stops on (it never reads the tokenizer itself)."""
         tok = self.tokenizer
-        ids = {self.config.eos_token_id, tok.eos_id, tok.end_of_turn_id}
+        ids = {self.config.eos_token_id, tok.eos_id, tok.end_of_turn_id, getattr(tok, "turn_close_id", None)}
         ids |= set(getattr(self.config, "eos_token_ids", ()))  # Gemma 4's config.json lists several
         return frozenset(i for i in ids if i is not None)
 

@@ -65,6 +65,22 @@ def tiny_tokenizer(vocab_size: int = TINY_VOCAB):
     return Tokenizer(pieces, scores, types, bos_id=2, eos_id=1, pad_id=0, unk_id=3)
 
 
+# Gemma 4's control tokens in its tiny tokenizer: the turn markers where Gemma 3's <start_of_turn>/<end_of_turn> are
+# (in the real vocabulary too they took those ids' place: 105/106), the thinking switch and the thought channel last.
+GEMMA4_TINY_SPECIALS = {4: "<|turn>", 5: "<turn|>", -3: "<|think|>", -2: "<|channel>", -1: "<channel|>"}
+
+
+def tiny_gemma4_tokenizer(vocab_size: int = TINY_VOCAB, chat_template: str | None = None):
+    """:func:`tiny_tokenizer` with Gemma 4's control tokens (:data:`GEMMA4_TINY_SPECIALS`, each one CONTROL token);
+    every other id is the same. ``chat_template``: a template text to attach, as read from a model's files."""
+    from .tokenizer import CONTROL, Tokenizer
+
+    pieces, scores, types = tiny_tokenizer(vocab_size).vocab()
+    for token_id, piece in GEMMA4_TINY_SPECIALS.items():
+        pieces[token_id], types[token_id], scores[token_id] = piece, CONTROL, 0.0
+    return Tokenizer(pieces, scores, types, bos_id=2, eos_id=1, pad_id=0, unk_id=3, chat_template=chat_template)
+
+
 def tiny_model(arch: str = "gemma3", seed: int = 0, weight_format: str = "float32", device: str = "cpu"):
     """A :class:`Model` with random weights of a tiny config and :func:`tiny_tokenizer` (for engine tests)."""
     from pathlib import Path
@@ -205,7 +221,7 @@ def random_gemma4_tensors(config, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def tiny_gemma4_model(variant: str = "all", seed: int = 0, weight_format: str = "float32", device: str = "cpu"):
-    """A Gemma 4 :class:`Model` with random weights of a tiny config and :func:`tiny_tokenizer`."""
+    """A Gemma 4 :class:`Model` with random weights of a tiny config and :func:`tiny_gemma4_tokenizer`."""
     from pathlib import Path
 
     from .config_gemma4 import Gemma4Config
@@ -216,5 +232,5 @@ def tiny_gemma4_model(variant: str = "all", seed: int = 0, weight_format: str = 
     dev = torch.device(device)
     tensors = {k: v.to(dev) for k, v in random_gemma4_tensors(config, seed).items()}
     net = Gemma4Model(config, tensors, weight_format, dev).eval()
-    return Model(net, tiny_tokenizer(config.vocab_size), Path(f"tiny-gemma4-{variant}-{seed}"), 0.0,
+    return Model(net, tiny_gemma4_tokenizer(config.vocab_size), Path(f"tiny-gemma4-{variant}-{seed}"), 0.0,
                  fingerprint=f"tiny-gemma4:{config.fingerprint()}:{seed}:{weight_format}")

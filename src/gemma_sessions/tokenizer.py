@@ -48,6 +48,7 @@ _KNOWN_TYPES = frozenset({NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE})
 SPACE_MARK = "\u2581"  # "▁", SentencePiece's visible space
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_NEWLINE_RUNS = re.compile(r"[^\n]+|\n+")
 
 
 def _gguf_metadata(source: Any) -> dict[str, Any]:
@@ -231,6 +232,35 @@ def _added_tokens_decoder(directory: Path) -> list[dict]:
     return [dict(data, id=int(token_id)) for token_id, data in decoder.items()]
 
 
+def _chat_template(directory: Path) -> str | None:
+    """The directory's chat template: ``chat_template.jinja`` (how transformers saves it since 4.5x; Gemma 4's
+    checkpoints ship it so), else tokenizer_config.json's ``chat_template`` (a string, or a list of named templates:
+    the one named "default")."""
+    path = directory / "chat_template.jinja"
+    if path.is_file():
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TokenizerError(f"cannot read {path}: {exc}") from exc
+    path = directory / "tokenizer_config.json"
+    template = _load_json(path).get("chat_template") if path.is_file() else None
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    return template if isinstance(template, str) else None
+
+
+def _merge_rank_table(merges: list[str]) -> dict[tuple[str, str], int]:
+    """``"left right"`` merges -> {(left, right): rank}; the first occurrence of a pair wins (llama.cpp's
+    ``bpe_ranks.emplace``). Split at the first space after the first character, as llama.cpp does."""
+    ranks: dict[tuple[str, str], int] = {}
+    for rank, merge in enumerate(merges):
+        pos = merge.find(" ", 1)
+        pair = (merge[:pos], merge[pos + 1:]) if pos != -1 else ("", "")
+        ranks.setdefault(pair, rank)
+    return ranks
+
+
 def _merge_rank_scores(vocab: dict[str, int], merges: list[Any]) -> list[float]:
     """Scores for a BPE tokenizer.json: a piece scores minus the rank of the best merge that makes it."""
     scores = [0.0] * (max(vocab.values(), default=-1) + 1)
@@ -292,6 +322,8 @@ class Tokenizer:
         eos_id: int | None,
         pad_id: int | None,
         unk_id: int | None,
+        merges: list[str] | None = None,
+        chat_template: str | None = None,
     ) -> None:
         if not len(pieces) == len(scores) == len(types):
             raise TokenizerError(f"vocab arrays differ in length: {len(pieces)}, {len(scores)}, {len(types)}")
@@ -311,6 +343,18 @@ class Tokenizer:
         self._token_bytes_cache: list[bytes | None] = [None] * self.vocab_size
         self.start_of_turn_id = self.token_id("<start_of_turn>")
         self.end_of_turn_id = self.token_id("<end_of_turn>")
+        # Gemma 4's control tokens (its turn markers replace <start_of_turn>/<end_of_turn>; ids 105/106 in the real
+        # vocabulary): <|turn>role\n ... <turn|>, the thinking switch <|think|>, the thought channel <|channel> ... <channel|>
+        self.turn_open_id = self.token_id("<|turn>")
+        self.turn_close_id = self.token_id("<turn|>")
+        self.think_id = self.token_id("<|think|>")
+        self.channel_open_id = self.token_id("<|channel>")
+        self.channel_close_id = self.token_id("<channel|>")
+        # the model's own chat template (chat_template.jinja, tokenizer_config.json or the GGUF's
+        # tokenizer.chat_template), read for what it says about the turn format (sessions/chat_format.py); never run
+        self.chat_template = chat_template if isinstance(chat_template, str) else None
+        # Gemma 4 GGUFs (tokenizer model "gemma4"): merges ranked by position, applied per newline / non-newline run
+        self._merge_ranks = None if merges is None else _merge_rank_table(merges)
 
     # -- construction ------------------------------------------------------------------------------------------
 
@@ -323,8 +367,18 @@ class Tokenizer:
     def from_gguf_metadata(cls, meta: dict[str, Any]) -> Tokenizer:
         """Build from GGUF key/values already read (``tokenizer.ggml.*``)."""
         model = meta.get("tokenizer.ggml.model")
-        if model != "llama":
-            raise TokenizerError(f"GGUF tokenizer model is {model!r}; only SentencePiece ('llama') is supported")
+        if model not in ("llama", "gemma4"):
+            raise TokenizerError(f"GGUF tokenizer model is {model!r}; only SentencePiece ('llama') and Gemma 4's "
+                                 "('gemma4') are supported")
+        # NOTE: llama.cpp (src/llama-vocab.cpp, load: tokenizer_model == "gemma4") reads "gemma4" as BPE with ranked
+        # merges (tokenizer.ggml.merges, no scores), pre-tokenizer "gemma4": spaces escaped to "▁", the text split into
+        # runs of newlines and of everything else ("[^\n]+|[\n]+"), no GPT-2 byte mapping (raw UTF-8 characters, byte
+        # fallback to <0xNN>). The same kind as Gemma 3's but for how a pair is chosen: by merge rank, not by score.
+        merges = None
+        if model == "gemma4":
+            merges = meta.get("tokenizer.ggml.merges")
+            if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
+                raise TokenizerError("GGUF tokenizer model 'gemma4' needs tokenizer.ggml.merges (a list of strings)")
         if meta.get("tokenizer.ggml.add_space_prefix", False):
             raise TokenizerError("GGUF tokenizer adds a space prefix; Gemma tokenization has none")
         pieces = meta.get("tokenizer.ggml.tokens")
@@ -340,6 +394,8 @@ class Tokenizer:
             eos_id=meta.get("tokenizer.ggml.eos_token_id"),
             pad_id=meta.get("tokenizer.ggml.padding_token_id"),
             unk_id=meta.get("tokenizer.ggml.unknown_token_id"),
+            merges=merges,
+            chat_template=meta.get("tokenizer.chat_template"),
         )
 
     @classmethod
@@ -401,7 +457,8 @@ class Tokenizer:
             if text in lookup:
                 ids[key] = lookup[text]
         ids = {key: (value if value is not None and value >= 0 else None) for key, value in ids.items()}
-        return cls(pieces, scores, types, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"], unk_id=ids["unk"])
+        return cls(pieces, scores, types, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"], unk_id=ids["unk"],
+                   chat_template=_chat_template(directory))
 
     def _check_id(self, name: str, value: int | None) -> int | None:
         if value is None:
@@ -456,6 +513,8 @@ class Tokenizer:
         h.update(_le_array("i", self._types))
         specials = [self.bos_id, self.eos_id, self.pad_id, self.unk_id]
         h.update(json.dumps(specials).encode())
+        if self._merge_ranks is not None:  # ranked merges decide the ids too (absent before: fingerprints unchanged)
+            h.update(json.dumps(sorted((r, a, b) for (a, b), r in self._merge_ranks.items())).encode())
         return h.hexdigest()
 
     def vocab(self) -> tuple[list[str], list[float], list[int]]:
@@ -497,10 +556,13 @@ class Tokenizer:
             ids.append(self.bos_id)
         text = _valid_unicode(text)
         for start, end, token_id in self._partition(text):
-            if token_id is None:
-                self._bpe(text[start:end].replace(" ", SPACE_MARK), ids)
-            else:
+            if token_id is not None:
                 ids.append(token_id)
+            elif self._merge_ranks is None:
+                self._bpe(text[start:end].replace(" ", SPACE_MARK), ids)
+            else:  # Gemma 4 (llama.cpp's pre-tokenizer "gemma4"): each run of newlines / of other text on its own
+                for run in _NEWLINE_RUNS.findall(text, start, end):
+                    self._bpe(run.replace(" ", SPACE_MARK), ids)
         return ids
 
     def _partition(self, text: str) -> list[tuple[int, int, int | None]]:
@@ -559,6 +621,8 @@ class Tokenizer:
         n = len(text)
         if n < 2:
             return [text] if n else []
+        if self._merge_ranks is not None:
+            return self._merge_ranked(text)
         syms = list(text)
         nxt = list(range(1, n + 1))
         nxt[-1] = -1
@@ -581,6 +645,33 @@ class Tokenizer:
                 token_id = lookup.get(cand := syms[before] + pair)
                 if token_id is not None:
                     push(heap, (-scores[token_id], before, left, cand))
+        return _walk(syms, nxt)
+
+    def _merge_ranked(self, text: str) -> list[str]:
+        """``_merge`` with llama.cpp's BPE rule (``llm_tokenizer_bpe_session``): the adjacent pair with the lowest
+        merge rank goes first (ties: leftmost), whether or not other pairs make the same piece."""
+        ranks, push, pop = self._merge_ranks, heapq.heappush, heapq.heappop
+        n = len(text)
+        syms = list(text)
+        nxt = list(range(1, n + 1))
+        nxt[-1] = -1
+        prv = list(range(-1, n - 1))
+        heap = [(r, i, i + 1, syms[i] + syms[i + 1]) for i in range(n - 1)
+                if (r := ranks.get((syms[i], syms[i + 1]))) is not None]
+        heapq.heapify(heap)
+        while heap:
+            _, left, right, pair = pop(heap)
+            sym_l, sym_r = syms[left], syms[right]
+            if not sym_l or not sym_r or len(sym_l) + len(sym_r) != len(pair):
+                continue
+            syms[left], syms[right] = pair, ""
+            after = nxt[left] = nxt[right]
+            if after != -1:
+                prv[after] = left
+                if (r := ranks.get((pair, syms[after]))) is not None:
+                    push(heap, (r, left, after, pair + syms[after]))
+            if (before := prv[left]) != -1 and (r := ranks.get((syms[before], pair))) is not None:
+                push(heap, (r, before, left, syms[before] + pair))
         return _walk(syms, nxt)
 
     def _initial_pairs(self, syms: list[str]) -> list[tuple[float, int, int, str]]:
