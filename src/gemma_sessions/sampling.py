@@ -4,7 +4,8 @@ Contract: ``SamplingParams`` is the frozen description of how to pick tokens and
 one logits row into one token id, deterministically for a given seed (each request owns its own generator, so
 batching never changes a seeded stream); ``TextStream`` turns token ids into text deltas, holding back text that may
 still become a stop string and never emitting half a UTF-8 character; ``TextDeltas`` is the loop every caller runs
-over it (feed tokens until the stream ends or a stop string appears).
+over it (feed tokens until the stream ends or a stop string appears), and splits a thought channel's text (Gemma 4's
+``<|channel>...<channel|>``) from the answer's.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ class SamplingParams:
     ``temperature=0`` is greedy. ``top_k=0``, ``top_p=1`` and ``min_p=0`` disable those filters. ``seed=None``
     draws a fresh seed per request; the same seed gives the same tokens. ``stop`` strings (a tuple) end generation
     (the stop string itself is not returned); generation also ends on ``<end_of_turn>`` / ``<eos>``.
+
+    ``reasoning``: the model's thinking mode on (Gemma 4's ``enable_thinking``); a model without one refuses it.
+    NOTE: it changes the prompt, not how a token is picked, and lives here because a session's defaults are its
+    SamplingParams (stored with it, overridden per turn the same way); the engine ignores it.
     """
 
     temperature: float = 1.0
@@ -36,6 +41,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    reasoning: bool = False
 
     def __post_init__(self) -> None:
         # NOTE: checked, never converted: a frozen object is not rewritten behind its back (``from_dict`` and the
@@ -48,6 +54,7 @@ class SamplingParams:
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (self.max_tokens >= 1, "max_tokens must be >= 1"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (isinstance(self.reasoning, bool), "reasoning must be true or false"),
         ]
         for ok, message in checks:
             if not ok:
@@ -162,13 +169,47 @@ class TextStream:
         return best
 
 
+class ChannelText:
+    """The text of one thought channel: its decoded tokens after the channel's name line (``thought\\n``).
+
+    The first line is the channel's name when it is one word; otherwise (a model that skipped the name) it is text.
+    """
+
+    def __init__(self, tokenizer):
+        self._decoder = tokenizer.stream_decoder()
+        self._head: str | None = ""  # the first line while it is not complete; None after it
+        self.text = ""
+
+    def feed(self, token_id: int) -> str:
+        return self._take(self._decoder.feed(token_id))
+
+    def finish(self) -> str:
+        return self._take(self._decoder.flush(), final=True)
+
+    def _take(self, text: str, final: bool = False) -> str:
+        if self._head is not None:
+            self._head += text
+            if "\n" not in self._head and not final:
+                return ""
+            head, self._head = self._head, None
+            name, _, rest = head.partition("\n")
+            text = rest if len(name.split()) == 1 else head  # a channel closed right after its name: no thought
+        self.text += text
+        return text
+
+
 class TextDeltas:
     """The text of a stream of generated token ids, delta by delta, ending at the first stop string.
 
-    ``next_delta()`` returns the next non-empty delta, or None once the tokens ran out or a stop string appeared
-    (``stopped``; ``on_stop`` is called at that moment, e.g. to cancel the generation). ``tokens`` are the ids
-    consumed, ``text`` what was returned. Sessions, the server's stateless completions and ``generate`` all read
+    ``next_delta()`` returns the next non-empty delta of the answer, or None once the tokens ran out or a stop string
+    appeared (``stopped``; ``on_stop`` is called at that moment, e.g. to cancel the generation). ``tokens`` are the
+    ids consumed, ``text`` what was returned. Sessions, the server's stateless completions and ``generate`` all read
     generations through it.
+
+    ``channel``: the (open, close) ids of a thought channel (Gemma 4's ``<|channel>`` / ``<channel|>``). Tokens from
+    open to close are thoughts: ``next_part()`` returns them as ``("reasoning", text)`` beside ``("content", text)``
+    (``next_delta`` skips them), never mixed into ``text``; ``reasoning`` is their text (each channel's name line
+    dropped), ``reasoning_tokens`` how many ids they took. Stop strings apply to the answer only.
 
     Example::
 
@@ -178,11 +219,17 @@ class TextDeltas:
     """
 
     def __init__(self, token_ids: Iterable[int], tokenizer, stop: Sequence[str] = (),
-                 on_stop: Callable[[], None] | None = None):
+                 on_stop: Callable[[], None] | None = None, channel: tuple[int, int] | None = None):
         self._iter = iter(token_ids)
+        self._tokenizer = tokenizer
         self._stream = TextStream(tokenizer, stop)
         self._on_stop = on_stop
+        self._channel = channel
+        self._thought: ChannelText | None = None  # the open channel
+        self._thoughts: list[str] = []
+        self._queued: list[tuple[str, str]] = []
         self.tokens: list[int] = []
+        self.reasoning_tokens = 0
         self.done = False
         self.stopped = False
 
@@ -190,20 +237,53 @@ class TextDeltas:
     def text(self) -> str:
         return self._stream.text
 
+    @property
+    def reasoning(self) -> str:
+        return "".join(self._thoughts)
+
     def next_delta(self) -> str | None:
-        while not self.done:
+        while (part := self.next_part()) is not None:
+            if part[0] == "content":
+                return part[1]
+        return None
+
+    def next_part(self) -> tuple[str, str] | None:
+        """The next non-empty ``("reasoning" | "content", text)``, or None at the end (see the class)."""
+        while not self._queued and not self.done:
             try:
                 token = next(self._iter)
             except StopIteration:
                 self.done = True
-                return self._stream.finish() or None
+                self._close_channel()
+                self._queue("content", self._stream.finish())
+                break
             self.tokens.append(token)
-            delta = self._stream.feed(token)
+            if self._thought is not None or (self._channel is not None and token == self._channel[0]):
+                self._feed_channel(token)
+                continue
+            self._queue("content", self._stream.feed(token))
             if self._stream.stopped:
                 self.done = self.stopped = True
                 if self._on_stop is not None:
                     self._on_stop()
-                return delta or None
-            if delta:
-                return delta
-        return None
+        return self._queued.pop(0) if self._queued else None
+
+    def _feed_channel(self, token: int) -> None:
+        self.reasoning_tokens += 1
+        if self._thought is None:  # the channel opens
+            self._thought = ChannelText(self._tokenizer)
+        elif token == self._channel[1]:
+            self._close_channel()
+        else:
+            self._queue("reasoning", self._thought.feed(token))
+
+    def _close_channel(self) -> None:
+        if self._thought is not None:
+            self._queue("reasoning", self._thought.finish())
+            self._thought = None
+
+    def _queue(self, kind: str, text: str) -> None:
+        if text:
+            if kind == "reasoning":
+                self._thoughts.append(text)
+            self._queued.append((kind, text))

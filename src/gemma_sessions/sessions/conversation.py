@@ -1,15 +1,20 @@
 """Conversation history as exact token ids, rendered in Gemma's turn format, and its context policy.
 
 Contract: a :class:`Conversation` is the list of completed turns, each with its text (for display) and the exact
-token ids the model saw or produced. ``token_ids`` is their concatenation after ``<bos>``; it is never rebuilt by
-re-tokenizing stored text. Gemma has no system role: the system prompt is put at the start of the first user
-turn (as Gemma's chat template does), which is the only turn ever re-rendered (after older turns are dropped).
+token ids the model saw or produced. ``token_ids`` is their concatenation after the conversation's prefix (``<bos>``;
+for Gemma 4 also its system turn); it is never rebuilt by re-tokenizing stored text. Gemma 1-3 have no system role:
+the system prompt is put at the start of the first user turn (as their chat template does), which is the only turn
+ever re-rendered (after older turns are dropped).
 
     <bos><start_of_turn>user\\n{system}\\n\\n{text}<end_of_turn>\\n<start_of_turn>model\\n{reply}<end_of_turn>\\n...
 
-Only ``render_turn`` emits control tokens; user text is encoded as plain text, so ``<start_of_turn>`` typed by a
-user stays text (no prompt injection). This module owns the turn format: a stateless chat (the server's chat
-completions) is rendered here too, by ``render_chat``.
+Gemma 4 (``chat_format.Gemma4Format``) has a system turn, rendered from the system prompt and the thinking switch
+(``reasoning``: the value of the last turn; a turn that changes it re-renders that prefix, so the whole history is
+recomputed once), and a history without thought channels: a reply is kept as its answer's own ids.
+
+Only the chat format emits control tokens; user text is encoded as plain text, so ``<start_of_turn>`` typed by a
+user stays text (no prompt injection). ``chat_format.py`` holds the formats; this module owns history and a
+stateless chat (the server's chat completions) is rendered here too, by ``render_chat``.
 
 Changes are computed on copies (``plan_turn``, ``with_turn``, ``with_message``, ``without_message``) and adopted
 with ``replace`` only after the durable store took them, so memory and store change together or not at all.
@@ -23,6 +28,7 @@ import uuid
 from collections.abc import Sequence
 
 from ..errors import ContextLengthError, InvalidRequestError
+from .chat_format import GemmaFormat, chat_format
 
 CONTEXT_POLICIES = ("truncate_oldest", "error")
 ROLES = ("user", "model")
@@ -66,6 +72,7 @@ class TurnPlan:
     max_tokens: int                # what the reply may use: the asked maximum or what the context has left
     dropped: int                   # whole turns (user + reply) dropped from the start
     prompt: tuple[int, ...]        # history + user turn + generation prompt, as token ids
+    reasoning: bool = False        # thinking on for this turn (Gemma 4): its prompt's system turn and generation prompt
 
 
 def check_text(text: object) -> str:
@@ -79,64 +86,65 @@ def check_text(text: object) -> str:
     return text
 
 
-def _ids(tokenizer, messages: Sequence[Message]) -> list[int]:
-    ids = [tokenizer.bos_id]
-    for m in messages:
-        ids.extend(m.token_ids)
-    return ids
-
-
 def render_turn(tokenizer, role: str, text: str) -> list[int]:
-    """``<start_of_turn>{role}\\n{text}<end_of_turn>\\n`` as token ids (text encoded as plain text)."""
-    return [tokenizer.start_of_turn_id, *tokenizer.encode(f"{role}\n{text}"), tokenizer.end_of_turn_id,
-            *tokenizer.encode("\n")]
+    """``<start_of_turn>{role}\\n{text}<end_of_turn>\\n`` as token ids (text encoded as plain text; Gemma 1-3)."""
+    return GemmaFormat(tokenizer).turn(role, text)
 
 
 def generation_prompt(tokenizer) -> list[int]:
-    """``<start_of_turn>model\\n``: what the model continues from."""
-    return [tokenizer.start_of_turn_id, *tokenizer.encode("model\n")]
+    """``<start_of_turn>model\\n``: what the model continues from (Gemma 1-3)."""
+    return GemmaFormat(tokenizer).generation_prompt()
 
 
-def render_chat(tokenizer, messages: Sequence[tuple[str, str]]) -> list[int]:
+def render_chat(tokenizer, messages: Sequence[tuple[str, str]], reasoning: bool = False) -> list[int]:
     """A whole stateless chat ``[(role, text)]`` -> prompt ids ending in the generation prompt.
 
     Roles: ``user``; ``model`` or ``assistant``; ``system`` or ``developer``, whose texts (joined by a blank line) go
-    at the start of the first user turn, as in a :class:`Conversation`. Raises InvalidRequestError without a user or
-    model turn.
+    where the model's format puts a system prompt (the first user turn; Gemma 4's system turn), as in a
+    :class:`Conversation`. ``reasoning``: thinking on (InvalidRequestError for a model without a thinking mode).
+    Raises InvalidRequestError without a user or model turn.
     """
+    fmt = chat_format(tokenizer)
     system = "\n\n".join(text for role, text in messages if role in ("system", "developer"))
     turns = [(role, text) for role, text in messages if role in ("user", "model", "assistant")]
     if not turns:
         raise InvalidRequestError("messages need at least one user message")
-    ids = [tokenizer.bos_id]
-    first_user = True
+    ids = fmt.prefix(system or None, reasoning)
+    first_user = fmt.system_in_first_user
     for role, text in turns:
         if role == "user" and first_user and system:
             text = f"{system}\n\n{text}"
         first_user = first_user and role != "user"
-        ids += render_turn(tokenizer, "user" if role == "user" else "model", text)
-    return ids + generation_prompt(tokenizer)
+        ids += fmt.turn("user" if role == "user" else "model", text)
+    return ids + fmt.generation_prompt(reasoning)
 
 
 def close_reply(tokenizer, reply_ids: list[int]) -> list[int]:
-    """A model turn's tokens in history: the generation prompt, the reply, ``<end_of_turn>\\n``."""
-    return [*generation_prompt(tokenizer), *reply_ids, tokenizer.end_of_turn_id, *tokenizer.encode("\n")]
+    """A model turn's tokens in history: the generation prompt, the reply, ``<end_of_turn>\\n`` (Gemma 1-3)."""
+    return GemmaFormat(tokenizer).close_reply(reply_ids)
 
 
 class Conversation:
     """Completed turns of one session (mutable; the owning Session serialises access)."""
 
-    def __init__(self, tokenizer, system: str | None = None):
-        if tokenizer.start_of_turn_id is None or tokenizer.end_of_turn_id is None:
-            raise InvalidRequestError("this tokenizer has no <start_of_turn>/<end_of_turn>: it cannot chat")
+    def __init__(self, tokenizer, system: str | None = None, reasoning: bool = False):
+        self.format = chat_format(tokenizer)  # InvalidRequestError when the tokenizer has no turn markers
+        self.format.check_reasoning(reasoning)
         self.tokenizer = tokenizer
         self.system = system or None
+        self.reasoning = reasoning  # thinking on in the history's prefix (the last turn's value)
         self.messages: list[Message] = []
         self.dropped_turns = 0
 
     @property
     def token_ids(self) -> list[int]:
-        return _ids(self.tokenizer, self.messages)
+        return self._ids(self.messages, self.reasoning)
+
+    def _ids(self, messages: Sequence[Message], reasoning: bool) -> list[int]:
+        ids = self.format.prefix(self.system, reasoning)
+        for m in messages:
+            ids.extend(m.token_ids)
+        return ids
 
     def user_message(self, text: str, first: bool | None = None) -> Message:
         """The next user turn (the system prompt goes at the start of the first one)."""
@@ -144,25 +152,28 @@ class Conversation:
         if not text.strip():
             raise InvalidRequestError("a message must be non-empty text")
         first = not self.messages if first is None else first
+        first = first and self.format.system_in_first_user
         body = f"{self.system}\n\n{text}" if first and self.system else text
-        return Message(role="user", text=text, created_at=time.time(),
-                       token_ids=tuple(render_turn(self.tokenizer, "user", body)))
+        return Message(role="user", text=text, created_at=time.time(), token_ids=tuple(self.format.turn("user", body)))
 
-    def system_end(self, prompt: list[int]) -> int | None:
+    def system_end(self, prompt: list[int], reasoning: bool | None = None) -> int | None:
         """Where the system prompt ends in ``prompt`` (every session with this system prompt shares the tokens
         before it), or None. A recurrent model snapshots its state there."""
         if not self.system:
             return None
-        tok = self.tokenizer
-        head = [tok.bos_id, tok.start_of_turn_id, *tok.encode(f"user\n{self.system}\n\n")]
+        head = self.format.system_head(self.system, self.reasoning if reasoning is None else reasoning)
         return len(head) if prompt[:len(head)] == head else None
 
-    def prompt_for(self, user: Message, history: Sequence[Message] | None = None) -> list[int]:
-        """Token ids the model sees for the next reply (after ``history``, by default the whole history)."""
-        return [*_ids(self.tokenizer, self.messages if history is None else history), *user.token_ids,
-                *generation_prompt(self.tokenizer)]
+    def prompt_for(self, user: Message, history: Sequence[Message] | None = None,
+                   reasoning: bool | None = None) -> list[int]:
+        """Token ids the model sees for the next reply (after ``history``, by default the whole history; thinking
+        ``reasoning``, by default the history's)."""
+        reasoning = self.reasoning if reasoning is None else reasoning
+        return [*self._ids(self.messages if history is None else history, reasoning), *user.token_ids,
+                *self.format.generation_prompt(reasoning)]
 
-    def plan_turn(self, text: str, max_tokens: int, max_context: int, policy: str) -> TurnPlan:
+    def plan_turn(self, text: str, max_tokens: int, max_context: int, policy: str,
+                  reasoning: bool | None = None) -> TurnPlan:
         """Plan the next turn so that its prompt fits the context; changes nothing (see :class:`TurnPlan`).
 
         The reply gets ``max_tokens`` or what the context has left, whichever is less. Old turns are dropped only
@@ -170,13 +181,15 @@ class Conversation:
         reply: a long
         ``max_tokens`` alone never costs history. ``truncate_oldest`` drops the oldest whole turns (user + reply)
         and keeps the system prompt by re-rendering the new first user turn; ``error`` raises
-        ContextLengthError instead.
+        ContextLengthError instead. ``reasoning``: thinking on for this turn (default: as the history's last turn).
         """
+        reasoning = self.reasoning if reasoning is None else reasoning
+        self.format.check_reasoning(reasoning)
         user = self.user_message(text)
         reserve = max(1, min(max_tokens, REPLY_RESERVE, max_context // 4))
         history = list(self.messages)
         dropped = 0
-        while len(self.prompt_for(user, history)) + reserve > max_context:
+        while len(self.prompt_for(user, history, reasoning)) + reserve > max_context:
             if policy == "error" or not history:
                 break
             del history[:2]
@@ -184,27 +197,29 @@ class Conversation:
             history = self._rerendered(history)
         if dropped and not history:
             user = self.user_message(text, first=True)  # it is the first turn now: it carries the system prompt
-        left = max_context - len(self.prompt_for(user, history))
+        left = max_context - len(self.prompt_for(user, history, reasoning))
         if left < reserve or left < 1:
             what = "the conversation" if history else "the message alone"
             raise ContextLengthError(f"{what} needs {max_context - left + reserve} tokens "
                                      f"(prompt and reply); the context is {max_context}")
         return TurnPlan(history=tuple(history), user=user, max_tokens=min(max_tokens, left), dropped=dropped,
-                        prompt=tuple(self.prompt_for(user, history)))
+                        prompt=tuple(self.prompt_for(user, history, reasoning)), reasoning=reasoning)
 
     def with_turn(self, plan: TurnPlan, reply_text: str, reply_ids: list[int]) -> list[Message]:
-        """The history after ``plan``'s turn completed with this reply (the conversation is not changed)."""
-        return [*plan.history, plan.user, self._reply(reply_text, reply_ids)]
+        """The history after ``plan``'s turn completed with this reply (the conversation is not changed; adopt it
+        with ``replace(..., reasoning=plan.reasoning)``). ``reply_ids``: every id generated, thoughts included; the
+        format keeps what its template keeps (Gemma 4: the answer's ids, without thought channels)."""
+        return [*plan.history, plan.user, self._reply(reply_text, reply_ids, plan.reasoning)]
 
     def append_turn(self, user: Message, reply_text: str, reply_ids: list[int]) -> Message:
         """Append a completed turn in place (for references and tests: a Session goes through ``with_turn``)."""
-        reply = self._reply(reply_text, reply_ids)
+        reply = self._reply(reply_text, reply_ids, self.reasoning)
         self.messages.extend([user, reply])
         return reply
 
-    def _reply(self, text: str, reply_ids: list[int]) -> Message:
+    def _reply(self, text: str, reply_ids: list[int], reasoning: bool) -> Message:
         return Message(role="model", text=text, created_at=time.time(),
-                       token_ids=tuple(close_reply(self.tokenizer, reply_ids)))
+                       token_ids=tuple(self.format.close_reply(reply_ids, reasoning)))
 
     def with_message(self, role: str, text: str) -> tuple[list[Message], Message]:
         """(history with one more message, that message): a user turn, or a model turn written by the caller."""
@@ -213,7 +228,7 @@ class Conversation:
         elif role == "model":
             check_text(text)
             msg = Message(role="model", text=text, created_at=time.time(),
-                          token_ids=tuple(render_turn(self.tokenizer, "model", text)))
+                          token_ids=tuple(self.format.turn("model", text)))
         else:
             raise InvalidRequestError(f"role must be one of {ROLES}, got {role!r}")
         return [*self.messages, msg], msg
@@ -226,16 +241,18 @@ class Conversation:
                 return (self._rerendered(rest) if i == 0 else rest), m
         raise KeyError(message_id)
 
-    def replace(self, messages: list[Message], dropped: int = 0) -> None:
-        """Adopt a history computed by ``with_turn`` / ``with_message`` / ``without_message``."""
+    def replace(self, messages: list[Message], dropped: int = 0, reasoning: bool | None = None) -> None:
+        """Adopt a history computed by ``with_turn`` / ``with_message`` / ``without_message`` (and the thinking
+        switch its turn ran with)."""
         self.messages = list(messages)
         self.dropped_turns += dropped
+        if reasoning is not None:
+            self.reasoning = reasoning
 
     def _rerendered(self, messages: list[Message]) -> list[Message]:
         """``messages`` whose first user turn carries the system prompt (after the turns before it went)."""
-        if messages and self.system and messages[0].role == "user":
+        if messages and self.system and messages[0].role == "user" and self.format.system_in_first_user:
             first = messages[0]
             body = f"{self.system}\n\n{first.text}"
-            return [dataclasses.replace(first, token_ids=tuple(render_turn(self.tokenizer, "user", body))),
-                    *messages[1:]]
+            return [dataclasses.replace(first, token_ids=tuple(self.format.turn("user", body))), *messages[1:]]
         return messages

@@ -54,8 +54,11 @@ class SessionManager:
     def create(self, *, system: str | None = None, sampling: SamplingParams | None = None,
                context_policy: str = "truncate_oldest", max_context: int | None = None,
                metadata: dict | None = None, session_id: str | None = None, owner: str = "",
-               persistent: bool = True) -> Session:
-        """A new, empty session (``persistent=False``: never stored nor listed, e.g. a one-off request)."""
+               persistent: bool = True, reasoning: bool | None = None) -> Session:
+        """A new, empty session (``persistent=False``: never stored nor listed, e.g. a one-off request).
+        ``reasoning``: its thinking switch (``sampling.reasoning``; InvalidRequestError on a model without one)."""
+        if reasoning is not None:
+            sampling = (sampling or SamplingParams()).replace(reasoning=reasoning)
         s = Session(self, system=system, sampling=sampling, context_policy=context_policy,
                     max_context=max_context, metadata=metadata, session_id=session_id, owner=owner,
                     persistent=persistent)
@@ -280,7 +283,7 @@ class SessionManager:
 
 
 def _copy_conversation(conv: Conversation) -> Conversation:
-    copy = Conversation(conv.tokenizer, conv.system)
+    copy = Conversation(conv.tokenizer, conv.system, conv.reasoning)
     copy.messages = list(conv.messages)
     copy.dropped_turns = conv.dropped_turns
     return copy

@@ -34,14 +34,16 @@ class TurnStats:
     preemptions: int = 0
     recomputed_tokens: int = 0
     kv_source: str = "memory"  # where the history's KV came from: memory | snapshot | recompute | new
+    reasoning_tokens: int = 0  # of the generated tokens, those in thought channels (markers included)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Reply:
-    text: str
-    token_ids: list[int]
+    text: str                 # the answer (thoughts never in it)
+    token_ids: list[int]      # every id generated, thoughts included
     finish_reason: str        # "stop" | "length" | "cancelled"
     stats: TurnStats
+    reasoning: str = ""       # the thoughts (Gemma 4 with reasoning on), apart from the answer
 
 
 class FifoLock:
@@ -106,6 +108,11 @@ class Session:
         reply = s.send("Hello")            # reply.text, reply.token_ids, reply.stats
         for delta in s.stream("And then?"):
             print(delta, end="")
+        reply = s.send("Why?", reasoning=True)   # a thinking model: reply.reasoning holds the thoughts
+
+    ``sampling.reasoning`` is the session's thinking switch (off by default); ``reasoning=`` on a turn overrides it
+    for that turn (Gemma 4 renders it in the system turn, so a change re-renders the history's start: recomputed).
+    A model without a thinking mode refuses reasoning on (InvalidRequestError).
     """
 
     def __init__(self, manager, *, system: str | None = None, sampling: SamplingParams | None = None,
@@ -127,7 +134,8 @@ class Session:
         self.metadata = check_metadata(metadata)
         self.owner = owner  # the API key (hash) that owns it; never taken from metadata or a file
         self.persistent = persistent  # False: never written to the store, not listed (store: false responses)
-        self.conversation = Conversation(self.engine.model.tokenizer, None if system is None else check_text(system))
+        self.conversation = Conversation(self.engine.model.tokenizer, None if system is None else check_text(system),
+                                         reasoning=self.sampling.reasoning)
         self.kv = self.engine.new_kv()
         self.turn_stats: list[TurnStats] = []
         self._turn_lock = FifoLock()
@@ -200,33 +208,40 @@ class Session:
             self.conversation.replace(messages)
 
     # ------------------------------------------------------------------------------------------ turns
-    def send(self, text: str, *, sampling: SamplingParams | None = None, wait: bool = True) -> Reply:
+    def send(self, text: str, *, sampling: SamplingParams | None = None, wait: bool = True,
+             reasoning: bool | None = None) -> Reply:
         """Run one turn to completion and return the reply."""
-        stream = self.stream(text, sampling=sampling, wait=wait)
+        stream = self.stream(text, sampling=sampling, wait=wait, reasoning=reasoning)
         for _ in stream:
             pass
         return stream.reply
 
-    def stream(self, text: str, *, sampling: SamplingParams | None = None, wait: bool = True) -> TurnStream:
-        """Start a turn and iterate its text deltas; ``.reply`` holds the result once iteration ends.
+    def stream(self, text: str, *, sampling: SamplingParams | None = None, wait: bool = True,
+               reasoning: bool | None = None) -> TurnStream:
+        """Start a turn and iterate its answer's text deltas; ``.reply`` holds the result once iteration ends
+        (``next_part`` gives thoughts too). ``reasoning``: thinking on or off for this turn (default: the sampling's).
 
         Closing the iterator early cancels the turn (nothing is appended to the history).
         """
+        params = sampling or self.sampling
+        if reasoning is not None:
+            params = params.replace(reasoning=reasoning)
         if not self._turn_lock.acquire(blocking=wait):
             raise SessionBusyError(f"session {self.id} is already running a turn")
         try:
-            return TurnStream(self, text, sampling or self.sampling)
+            return TurnStream(self, text, params)
         except BaseException:
             self._turn_lock.release()
             raise
 
     async def astream(self, text: str, *, sampling: SamplingParams | None = None,
-                      wait: bool = True) -> AsyncIterator[str]:
+                      wait: bool = True, reasoning: bool | None = None) -> AsyncIterator[str]:
         """Async variant of :meth:`stream` (the engine work runs on its thread; deltas hop to the event loop)."""
         import asyncio
 
         loop = asyncio.get_running_loop()
-        stream = await loop.run_in_executor(None, lambda: self.stream(text, sampling=sampling, wait=wait))
+        stream = await loop.run_in_executor(None, lambda: self.stream(text, sampling=sampling, wait=wait,
+                                                                      reasoning=reasoning))
         try:
             while True:
                 delta = await loop.run_in_executor(None, stream.next_delta)
@@ -251,15 +266,17 @@ class TurnStream:
         self._kv_source = session.manager._before_turn(session)
         self._restore_s = time.perf_counter() - t0  # counted in the turn's time to first token
         with session._data_lock:
-            plan = conv.plan_turn(text, params.max_tokens, session.max_context, session.context_policy)
+            plan = conv.plan_turn(text, params.max_tokens, session.max_context, session.context_policy,
+                                  reasoning=params.reasoning)
         prompt = list(plan.prompt)
-        system_end = conv.system_end(prompt)
+        system_end = conv.system_end(prompt, plan.reasoning)
         self.params = params.replace(max_tokens=plan.max_tokens)
         self._plan = plan
         self._engine_stream = session.engine.submit(prompt, self.params, kv=session.kv,
                                                     checkpoints=() if system_end is None else (system_end,))
         self._deltas = TextDeltas(self._engine_stream, conv.tokenizer, self.params.stop,
-                                  on_stop=self._engine_stream.cancel)  # a stop string ends the generation at once
+                                  on_stop=self._engine_stream.cancel,  # a stop string ends the generation at once
+                                  channel=conv.format.channel)
         self.reply: Reply | None = None
         self._done = False
 
@@ -268,13 +285,21 @@ class TurnStream:
             yield delta
 
     def next_delta(self) -> str | None:
-        """The next non-empty text delta, or None when the turn is over (then ``reply`` is set)."""
+        """The next non-empty text delta of the answer, or None when the turn is over (then ``reply`` is set)."""
+        while (part := self.next_part()) is not None:
+            if part[0] == "content":
+                return part[1]
+        return None
+
+    def next_part(self) -> tuple[str, str] | None:
+        """The next non-empty ``("reasoning" | "content", text)`` delta, or None when the turn is over (then
+        ``reply`` is set). Thoughts come as "reasoning", never inside the answer's "content"."""
         try:
             if self._done:
                 return None
-            delta = self._deltas.next_delta()
-            if delta is not None:
-                return delta
+            part = self._deltas.next_part()
+            if part is not None:
+                return part
             result = self._engine_stream.result()  # after a stop string: once the engine took the cancel
             self._complete("stop" if self._deltas.stopped else result.finish_reason)
             return None
@@ -289,15 +314,17 @@ class TurnStream:
                           prefilled_tokens=out.prefilled_tokens, generated_tokens=len(self._deltas.tokens),
                           ttft_s=out.ttft_s + self._restore_s, decode_tokens_per_s=out.decode_tokens_per_s, total_s=out.total_s + self._restore_s,
                           dropped_turns=self._plan.dropped, preemptions=out.preemptions,
-                          recomputed_tokens=out.recomputed_tokens, kv_source=self._kv_source)
+                          recomputed_tokens=out.recomputed_tokens, kv_source=self._kv_source,
+                          reasoning_tokens=self._deltas.reasoning_tokens)
         text, tokens = self._deltas.text, list(self._deltas.tokens)
         if finish_reason != "cancelled":
             messages = s.conversation.with_turn(self._plan, text, tokens)
             s.manager._turn_completed(s, messages, self._plan.dropped, stats)  # durable first; may raise
             with s._data_lock:
-                s.conversation.replace(messages, self._plan.dropped)
+                s.conversation.replace(messages, self._plan.dropped, reasoning=self._plan.reasoning)
                 s.turn_stats.append(stats)
-        self.reply = Reply(text=text, token_ids=tokens, finish_reason=finish_reason, stats=stats)
+        self.reply = Reply(text=text, token_ids=tokens, finish_reason=finish_reason, stats=stats,
+                           reasoning=self._deltas.reasoning)
         self._finish()
 
     def _abort(self) -> None:
