@@ -40,10 +40,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import errors as E
 from ..sampling import SamplingParams, TextDeltas
+from ..sessions.chat_format import chat_format
 from ..sessions.conversation import render_chat
 from .metrics import Metrics
 from .protocol import (ChatCompletionRequest, ConversationCreate, ConversationUpdate, ItemsCreate,
-                       ResponseRequest, SamplingFields, error_body, input_items)
+                       ResponseRequest, SamplingFields, error_body, input_items, thinking_of)
 
 log = logging.getLogger("gemma_sessions.server")
 IMPORT_PATH = "/v1/sessions/import"
@@ -81,6 +82,12 @@ class ServerState:
         self.manager = manager
         self.engine = manager.engine
         self.tokenizer = self.engine.model.tokenizer
+        try:
+            fmt = chat_format(self.tokenizer)
+        except E.InvalidRequestError:  # no turn markers: every chat request says so
+            fmt = None
+        self.thinking = fmt is not None and fmt.thinking  # the model has a thinking mode (Gemma 4)
+        self.channel = None if fmt is None else fmt.channel  # its thought channel's (open, close) ids
         self.model_name = model_name
         self.keys = {key_hash(k) for k in api_keys if k}
         self.limits = limits
@@ -122,6 +129,15 @@ class ServerState:
 
     def max_tokens(self, asked: int | None, default: int) -> int:
         return min(asked or default, self.limits.max_output_tokens)
+
+    def reasoning(self, effort: str | None, param: str) -> bool | None:
+        """The thinking switch a request's effort asks for (None: not asked). Reasoning on for a model without a
+        thinking mode is a 400 naming ``param``, as OpenAI answers ``reasoning_effort`` on a non-reasoning model;
+        "none" and "minimal" ask for nothing it lacks, so they pass."""
+        on = thinking_of(effort)
+        if on and not self.thinking:
+            raise ApiError(400, f"{param}: this model has no thinking mode (use 'none' or leave it out)", param)
+        return on
 
     def session(self, sid: str, owner: str):
         s = self.manager.get(sid)
@@ -186,9 +202,10 @@ def sse(event: dict, name: str | None = None) -> str:
 class EngineText:
     """Text deltas of one stateless engine request (stop strings applied), for chat completions."""
 
-    def __init__(self, engine, tokenizer, prompt: list[int], params: SamplingParams):
+    def __init__(self, engine, tokenizer, prompt: list[int], params: SamplingParams,
+                 channel: tuple[int, int] | None = None):
         self.stream = engine.submit(prompt, params)
-        self.deltas = TextDeltas(self.stream, tokenizer, params.stop, on_stop=self.stream.cancel)
+        self.deltas = TextDeltas(self.stream, tokenizer, params.stop, on_stop=self.stream.cancel, channel=channel)
         self.finish_reason: str | None = None  # set once next_delta returned None
 
     @property
@@ -196,11 +213,19 @@ class EngineText:
         return len(self.deltas.tokens)
 
     def next_delta(self) -> str | None:
-        delta = self.deltas.next_delta()
-        if delta is None and self.finish_reason is None:
+        """The answer's next delta (thoughts are kept apart: ``deltas.reasoning``)."""
+        while (part := self.next_part()) is not None:
+            if part[0] == "content":
+                return part[1]
+        return None
+
+    def next_part(self) -> tuple[str, str] | None:
+        """The next ("reasoning" | "content", text), or None at the end."""
+        part = self.deltas.next_part()
+        if part is None and self.finish_reason is None:
             reason = self.stream.result().finish_reason  # after a stop string: once the engine took the cancel
             self.finish_reason = "stop" if self.deltas.stopped else reason
-        return delta
+        return part
 
     def close(self) -> None:
         if self.finish_reason is None:
@@ -228,9 +253,10 @@ async def _collect(state: ServerState, next_delta: Callable[[], str | None], req
         gone.cancel()
 
 
-def chat_prompt(tokenizer, messages) -> list[int]:
-    """OpenAI chat messages -> Gemma prompt ids, rendered where sessions render theirs (``render_chat``)."""
-    return render_chat(tokenizer, [(m.role, m.text()) for m in messages])
+def chat_prompt(tokenizer, messages, reasoning: bool = False) -> list[int]:
+    """OpenAI chat messages -> Gemma prompt ids, rendered where sessions render theirs (``render_chat``). An
+    assistant message's ``reasoning_content`` is not rendered: the template drops thoughts from history."""
+    return render_chat(tokenizer, [(m.role, m.text()) for m in messages], reasoning)
 
 
 # ------------------------------------------------------------------------------------------------ app
@@ -406,14 +432,15 @@ def _install_chat(app: FastAPI, state: ServerState) -> None:
             state.check_chars([m.text() for m in body.messages], "messages")
         except ValueError as exc:
             raise ApiError(400, str(exc), "messages") from exc
-        prompt = await state.run(chat_prompt, state.tokenizer, body.messages)
+        reasoning = bool(state.reasoning(body.reasoning_effort, "reasoning_effort"))
+        prompt = await state.run(chat_prompt, state.tokenizer, body.messages, reasoning)
         limit = state.engine.max_context - len(prompt)
         if limit < 1:
             raise E.ContextLengthError(f"the prompt has {len(prompt)} tokens; the context is "
                                        f"{state.engine.max_context}")
         max_tokens = min(state.max_tokens(body.max_completion_tokens or body.max_tokens, 512), limit)
         params = sampling_from(body, SamplingParams(), max_tokens)
-        gen = await state.run(EngineText, state.engine, state.tokenizer, prompt, params)
+        gen = await state.run(EngineText, state.engine, state.tokenizer, prompt, params, state.channel)
         cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -427,20 +454,24 @@ def _install_chat(app: FastAPI, state: ServerState) -> None:
             return Response(status_code=499)
         out = await state.run(gen.stream.result)
         state.metrics.observe_turn(out.stats.prompt_tokens, out.stats.cached_tokens, gen.n_tokens, out.stats.ttft_s)
+        message = {"role": "assistant", "content": "".join(parts)}
+        if gen.deltas.reasoning:  # thoughts apart from the answer, where vLLM and llama.cpp put them
+            message["reasoning_content"] = gen.deltas.reasoning
         return {"id": cid, "object": "chat.completion", "created": created, "model": state.model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
-                             "finish_reason": _finish(gen.finish_reason), "logprobs": None}],
-                "usage": _chat_usage(out.stats, gen.n_tokens)}
+                "choices": [{"index": 0, "message": message, "finish_reason": _finish(gen.finish_reason),
+                             "logprobs": None}],
+                "usage": _chat_usage(out.stats, gen.n_tokens, gen.deltas.reasoning_tokens)}
 
 
 def _finish(reason: str | None) -> str:
     return "length" if reason == "length" else "stop"
 
 
-def _chat_usage(stats, n_generated: int) -> dict:
+def _chat_usage(stats, n_generated: int, n_reasoning: int = 0) -> dict:
     return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": n_generated,
             "total_tokens": stats.prompt_tokens + n_generated,
-            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}
+            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens},
+            "completion_tokens_details": {"reasoning_tokens": n_reasoning}}
 
 
 async def _chat_stream(state: ServerState, gen: EngineText, cid: str, created: int,
@@ -453,11 +484,12 @@ async def _chat_stream(state: ServerState, gen: EngineText, cid: str, created: i
         yield chunk({"role": "assistant", "content": ""})
         last = time.perf_counter()
         try:
-            while (delta := await state.run(gen.next_delta)) is not None:
+            while (part := await state.run(gen.next_part)) is not None:
                 now = time.perf_counter()
                 state.metrics.itl.observe(now - last)
                 last = now
-                yield chunk({"content": delta})
+                kind, delta = part  # thoughts stream as delta.reasoning_content (vLLM's and llama.cpp's field)
+                yield chunk({"reasoning_content" if kind == "reasoning" else "content": delta})
             out = await state.run(gen.stream.result)
         except E.GemmaSessionsError as exc:  # the status line is sent: the error goes in the stream, then [DONE]
             status = status_of(exc)
@@ -468,7 +500,7 @@ async def _chat_stream(state: ServerState, gen: EngineText, cid: str, created: i
         state.metrics.observe_turn(out.stats.prompt_tokens, out.stats.cached_tokens, gen.n_tokens, out.stats.ttft_s)
         if usage:
             yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
-                       "choices": [], "usage": _chat_usage(out.stats, gen.n_tokens)})
+                       "choices": [], "usage": _chat_usage(out.stats, gen.n_tokens, gen.deltas.reasoning_tokens)})
         yield "data: [DONE]\n\n"
     finally:
         gen.close()  # a client that disconnected cancels its generation
@@ -489,14 +521,15 @@ def _install_responses(app: FastAPI, state: ServerState) -> None:
         if not items or items[-1][0] != "user" or not items[-1][1].strip():
             raise ApiError(400, "input must end with a non-empty user message", "input")
         state.check_chars([t for _, t in items] + [body.instructions or ""], "input")
-        session, new = await state.run(_target_session, state, body, owner, items)
+        reasoning = state.reasoning(body.reasoning.effort if body.reasoning else None, "reasoning")
+        session, new = await state.run(_target_session, state, body, owner, items, reasoning)
         ephemeral = new and not body.store
         wait = request.headers.get("x-gemma-wait", "1") not in ("0", "false")
 
         def start():
             max_tokens = state.max_tokens(body.max_output_tokens, session.sampling.max_tokens)
             return session.stream(items[-1][1], sampling=sampling_from(body, session.sampling, max_tokens),
-                                  wait=wait)
+                                  wait=wait, reasoning=reasoning)
 
         try:
             turn = await state.run(start)
@@ -524,9 +557,10 @@ def _install_responses(app: FastAPI, state: ServerState) -> None:
         return (await state.run(state.response, rid, owner))["body"]
 
 
-def _target_session(state: ServerState, body: ResponseRequest, owner: str, items: list):
+def _target_session(state: ServerState, body: ResponseRequest, owner: str, items: list, reasoning: bool | None):
     """(session, new): the session a response continues (conversation, previous response) or a new one, with
-    the request's earlier items added. A new one is dropped again when its turn does not complete."""
+    the request's earlier items added. A new one is dropped again when its turn does not complete. A new session's
+    thinking switch is the request's (``reasoning``; a request that leaves it out continues with the session's)."""
     m = state.manager
     if body.conversation is not None and body.previous_response_id is not None:
         raise ApiError(400, "use either conversation or previous_response_id, not both", "conversation")
@@ -541,7 +575,7 @@ def _target_session(state: ServerState, body: ResponseRequest, owner: str, items
         systems = [t for r, t in items if r == "system"]
         if systems:
             system = "\n\n".join(([system] if system else []) + systems)
-        s = m.create(system=system, metadata=body.metadata, owner=owner, persistent=body.store)
+        s = m.create(system=system, metadata=body.metadata, owner=owner, persistent=body.store, reasoning=reasoning)
         new = True
     try:
         for role, text in items[:-1]:
@@ -576,7 +610,15 @@ def _response_object(state: ServerState, rid: str, body: ResponseRequest, sessio
             "max_output_tokens": body.max_output_tokens}
 
 
-def _finish_response(state: ServerState, base: dict, turn, session, ephemeral: bool, owner: str) -> dict:
+def reasoning_item(item_id: str, text: str) -> dict:
+    """A Responses ``reasoning`` output item holding the model's thoughts as ``reasoning_text`` (as OpenAI's API
+    returns open reasoning content, and vLLM for its reasoning models): it comes before the message."""
+    return {"type": "reasoning", "id": item_id, "summary": [], "content": [{"type": "reasoning_text", "text": text}],
+            "status": "completed"}
+
+
+def _finish_response(state: ServerState, base: dict, turn, session, ephemeral: bool, owner: str,
+                     reasoning_id: str | None = None) -> dict:
     reply = turn.reply
     if reply is None or reply.finish_reason == "cancelled":
         raise ApiError(503, "the generation was cancelled (the server is shutting down)", headers={"Retry-After": "5"})
@@ -586,10 +628,12 @@ def _finish_response(state: ServerState, base: dict, turn, session, ephemeral: b
     resp = dict(base)
     resp["status"] = "incomplete" if reply.finish_reason == "length" else "completed"
     resp["incomplete_details"] = {"reason": "max_output_tokens"} if reply.finish_reason == "length" else None
-    resp["output"] = [item_of(messages[-1])]
+    thoughts = [reasoning_item(reasoning_id or "rs_" + uuid.uuid4().hex, reply.reasoning)] if reply.reasoning else []
+    resp["output"] = [*thoughts, item_of(messages[-1])]
     resp["output_text"] = reply.text
     resp["usage"] = {"input_tokens": st.prompt_tokens, "input_tokens_details": {"cached_tokens": st.cached_tokens},
-                     "output_tokens": st.generated_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                     "output_tokens": st.generated_tokens,
+                     "output_tokens_details": {"reasoning_tokens": st.reasoning_tokens},
                      "total_tokens": st.prompt_tokens + st.generated_tokens}
     if not ephemeral:
         state.manager.remember_response(resp["id"], owner=owner, session_id=session.id, n_messages=len(messages),
@@ -606,38 +650,95 @@ async def _response_stream(state: ServerState, turn, base: dict, session, new: b
         seq += 1
         return sse({"type": kind, "sequence_number": seq - 1, **fields}, kind)
 
-    item_id = "msg_pending_" + uuid.uuid4().hex
+    items = _StreamedItems(event)
     finished = False
     try:
         yield event("response.created", response=base)
         yield event("response.in_progress", response=base)
-        item = {"type": "message", "id": item_id, "status": "in_progress", "role": "assistant", "content": []}
-        yield event("response.output_item.added", output_index=0, item=item)
-        part = {"type": "output_text", "text": "", "annotations": []}
-        yield event("response.content_part.added", item_id=item_id, output_index=0, content_index=0, part=part)
-        text = []
+        if state.channel is None:  # a model that never thinks: the message opens at once, as it always did
+            for e in items.open("content"):
+                yield e
         try:
-            while (delta := await state.run(turn.next_delta)) is not None:
-                text.append(delta)
-                yield event("response.output_text.delta", item_id=item_id, output_index=0, content_index=0,
-                            delta=delta, logprobs=[])
-            final = await state.run(_finish_response, state, base, turn, session, ephemeral, owner)
+            while (part := await state.run(turn.next_part)) is not None:
+                for e in items.delta(*part):
+                    yield e
+            final = await state.run(_finish_response, state, base, turn, session, ephemeral, owner, items.rs_id)
         except (ApiError, E.GemmaSessionsError) as exc:  # the status line is sent: fail in the stream
             failed = dict(base, status="failed", error={"code": "server_error", "message": str(exc)})
             yield event("response.failed", response=failed)
             return
         finished = True
-        done_item = final["output"][0]
-        full = "".join(text)
-        yield event("response.output_text.done", item_id=done_item["id"], output_index=0, content_index=0,
-                    text=full, logprobs=[])
-        yield event("response.content_part.done", item_id=done_item["id"], output_index=0, content_index=0,
-                    part={"type": "output_text", "text": full, "annotations": []})
-        yield event("response.output_item.done", output_index=0, item=done_item)
+        for e in items.finish(final["output"][-1]):
+            yield e
         yield event("response.completed" if final["status"] == "completed" else "response.incomplete",
                     response=final)
     finally:  # one call, submitted at once: it runs even when this generator is being cancelled
         await state.run(_end_turn, state, turn, session, new and not finished, ephemeral)
+
+
+class _StreamedItems:
+    """The output items of a streamed response, each opened at its first delta: the reasoning item (thoughts, when
+    the model thinks) before the message, as in the final response.
+
+    NOTE: Gemma 4 thinks before it answers; thoughts that would come after the answer began are left out of the
+    stream (the final response, in ``response.completed``, has them all).
+    """
+
+    def __init__(self, event: Callable[..., str]):
+        self.event = event
+        self.rs_id = "rs_" + uuid.uuid4().hex
+        self.msg_id = "msg_pending_" + uuid.uuid4().hex
+        self.opened: list[str] = []  # "reasoning" / "content", in output order
+        self.texts: dict[str, list[str]] = {"reasoning": [], "content": []}
+
+    def delta(self, kind: str, text: str) -> list[str]:
+        if kind == "reasoning" and "content" in self.opened:
+            return []
+        events = [] if kind in self.opened else self.open(kind)
+        self.texts[kind].append(text)
+        index = self.opened.index(kind)
+        if kind == "reasoning":
+            return [*events, self.event("response.reasoning_text.delta", item_id=self.rs_id, output_index=index,
+                                        content_index=0, delta=text)]
+        return [*events, self.event("response.output_text.delta", item_id=self.msg_id, output_index=index,
+                                    content_index=0, delta=text, logprobs=[])]
+
+    def open(self, kind: str) -> list[str]:
+        events = self._close_reasoning() if kind == "content" else []
+        self.opened.append(kind)
+        index = len(self.opened) - 1
+        if kind == "reasoning":
+            item = {"type": "reasoning", "id": self.rs_id, "summary": [], "content": [], "status": "in_progress"}
+            return [self.event("response.output_item.added", output_index=index, item=item),
+                    self.event("response.content_part.added", item_id=self.rs_id, output_index=index,
+                               content_index=0, part={"type": "reasoning_text", "text": ""})]
+        item = {"type": "message", "id": self.msg_id, "status": "in_progress", "role": "assistant", "content": []}
+        part = {"type": "output_text", "text": "", "annotations": []}
+        return [*events, self.event("response.output_item.added", output_index=index, item=item),
+                self.event("response.content_part.added", item_id=self.msg_id, output_index=index, content_index=0,
+                           part=part)]
+
+    def _close_reasoning(self) -> list[str]:
+        if "reasoning" not in self.opened:
+            return []
+        index, text = self.opened.index("reasoning"), "".join(self.texts["reasoning"])
+        part = {"type": "reasoning_text", "text": text}
+        return [self.event("response.reasoning_text.done", item_id=self.rs_id, output_index=index, content_index=0,
+                           text=text),
+                self.event("response.content_part.done", item_id=self.rs_id, output_index=index, content_index=0,
+                           part=part),
+                self.event("response.output_item.done", output_index=index, item=reasoning_item(self.rs_id, text))]
+
+    def finish(self, done_item: dict) -> list[str]:
+        """The closing events, the message's last (``done_item``: the final response's message item)."""
+        events = [] if "content" in self.opened else self.open("content")  # an empty answer is still a message
+        index, full = self.opened.index("content"), "".join(self.texts["content"])
+        return [*events,
+                self.event("response.output_text.done", item_id=done_item["id"], output_index=index, content_index=0,
+                           text=full, logprobs=[]),
+                self.event("response.content_part.done", item_id=done_item["id"], output_index=index,
+                           content_index=0, part={"type": "output_text", "text": full, "annotations": []}),
+                self.event("response.output_item.done", output_index=index, item=done_item)]
 
 
 # ------------------------------------------------------------------------------------------------ conversations

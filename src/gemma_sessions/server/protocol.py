@@ -58,6 +58,15 @@ Metadata = Annotated[dict[Annotated[str, StringConstraints(max_length=64)],
                           Annotated[str, StringConstraints(max_length=512)]], Field(max_length=16)]
 # Seeds are int64, as in OpenAI's API.
 Seed = Annotated[int, Field(ge=-(1 << 63), lt=1 << 63)]
+# OpenAI's reasoning efforts. Gemma 4's thinking is a switch: "none" and "minimal" turn it off, any other effort on
+# (vLLM and llama.cpp map Gemma 4's enable_thinking the same way); leaving it out keeps the default (off).
+Effort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
+EFFORTS_OFF = ("none", "minimal")
+
+
+def thinking_of(effort: str | None) -> bool | None:
+    """An effort -> the thinking switch: None (not asked), False ("none", "minimal") or True."""
+    return None if effort is None else effort not in EFFORTS_OFF
 
 
 class ChatMessage(_Lenient):
@@ -115,6 +124,11 @@ class ChatCompletionRequest(SamplingFields):
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    reasoning_effort: Effort | None = None
+
+
+class Reasoning(_Lenient):
+    effort: Effort | None = None  # "summary" and the rest are accepted and ignored
 
 
 class ConversationRef(_Lenient):
@@ -131,6 +145,7 @@ class ResponseRequest(SamplingFields):
     stream: bool = False
     max_output_tokens: int | None = Field(default=None, ge=1)
     metadata: Metadata | None = None
+    reasoning: Reasoning | None = None
 
 
 class ConversationCreate(_Body):
