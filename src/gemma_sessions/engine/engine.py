@@ -5,8 +5,8 @@ Contract: ``Engine.submit(prompt_ids, params, kv=handle)`` is safe from any thre
 everything else reaches it through a queue of commands (submit, cancel wake-ups, fork, release). The engine knows
 nothing about text, chats or sessions; a ``KVHandle`` is how a caller keeps a sequence's KV between requests.
 
-Gemma 1/2/3 keep K/V in a :class:`PagedKVCache`; RecurrentGemma keeps its fixed-size state in a
-:class:`StateCache` of slots (same scheduler, same handles, snapshots instead of shared pages).
+Gemma 1/2/3 and Gemma 4 (any ``runner.PagedModel``) keep K/V in a :class:`PagedKVCache`; RecurrentGemma keeps its
+fixed-size state in a :class:`StateCache` of slots (same scheduler, same handles, snapshots instead of shared pages).
 
 The loop survives what one request raises: a failure while admitting, scheduling or sampling a request fails that
 request; a row whose logits are not finite fails its request with ``NumericalError``; a failed forward fails the
@@ -42,7 +42,7 @@ from ..errors import (CapacityError, ContextLengthError, EngineClosedError, Inva
                       SessionFileError, UnsupportedModelError)
 from ..sampling import SamplingParams
 from .request import GenerationOutput, GenerationStream, KVHandle, Request, State
-from .runner import run_state_step_greedy, run_step_greedy
+from .runner import PagedConfig, PagedModel, run_state_step_greedy, run_step_greedy
 from .scheduler import Scheduler
 from .work import WorkItem
 
@@ -84,7 +84,6 @@ class Engine:
                  max_batched_tokens: int = 512, kv_dtype: torch.dtype | None = None,
                  on_spill: Callable[[KVHandle, KVSnapshot], None] | None = None,
                  stop_ids: Iterable[int] | None = None):
-        from ..models.gemma import GemmaModel
         from ..models.griffin import GriffinModel
 
         if max_batch < 1 or block_size < 1 or max_batched_tokens < 1:
@@ -100,7 +99,8 @@ class Engine:
             self.cache = StateCache(model.net, budget // slot_bytes, model.device)
             self._run = run_state_step_greedy
             self._snapshot_type: type = StateSnapshot
-        elif isinstance(model.net, GemmaModel):
+        elif isinstance(model.net, PagedModel) and isinstance(model.config, PagedConfig):
+            # Gemma 1/2/3 and Gemma 4: whatever the runner can step over pages (runner.PagedModel)
             layout = KVLayout.for_config(model.config, block_size)
             # KV in bf16 unless the model runs in exact float32 (halves memory, bandwidth and snapshot size).
             dtype = kv_dtype or (torch.float32 if model.weight_format == "float32" else torch.bfloat16)
@@ -168,9 +168,34 @@ class Engine:
         """Tokens whose KV the handle holds now."""
         return self._call(lambda: handle.seq.num_computed if handle.seq is not None else 0)
 
-    def export_kv(self, handle: KVHandle) -> KVSnapshot | None:
-        """A CPU copy of the handle's KV (None when it holds none). Thread-safe."""
-        return self._call(lambda: self.cache.export(handle.seq) if handle.seq is not None else None)
+    def export_kv(self, handle: KVHandle, tokens: Sequence[int] | None = None) -> KVSnapshot | None:
+        """A CPU copy of the handle's KV (None when it holds none). Thread-safe.
+
+        ``tokens``: what the caller will continue from (a session's history). When the handle's computed tokens are
+        not a prefix of them, the copy is of the longest block-aligned prefix of ``tokens`` the cache holds (None if
+        none), so that a restore continues without recomputing what they share.
+
+        NOTE: Gemma 4's chat template drops the thought channel of a model turn from history (even the empty one of a
+        generation prompt with thinking off), so after a turn the history parts from the tokens the model saw just
+        before the reply. In memory the next turn adopts the shared prefix from the prefix cache (``cache.start``);
+        a copy of the handle's own sequence would hold only the last window of its sliding layers, none of it before
+        that point, and could not be continued. The shared prefix is found the same way here: a sequence started on
+        ``tokens`` (sharing the cached pages, including sliding pages the handle released but the prefix cache still
+        holds), copied, then freed.
+        """
+        return self._call(lambda: self._export(handle, None if tokens is None else [int(t) for t in tokens]))
+
+    def _export(self, handle: KVHandle, tokens: list[int] | None) -> KVSnapshot | StateSnapshot | None:
+        seq = handle.seq
+        if seq is None:
+            return None
+        if tokens is None or seq.tokens[:seq.num_computed] == tokens[:seq.num_computed]:
+            return self.cache.export(seq)
+        prefix = self.cache.start(tokens)
+        try:
+            return self.cache.export(prefix) if prefix.num_computed else None
+        finally:
+            self.cache.free(prefix)
 
     def import_kv(self, handle: KVHandle, snapshot: KVSnapshot | StateSnapshot) -> bool:
         """Give an idle handle the KV in ``snapshot``; False when memory cannot hold it now. Thread-safe.

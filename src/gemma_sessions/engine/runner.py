@@ -18,15 +18,60 @@ its queries see different key ranges.
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 
 from .. import kernels
 from ..cache.kv import PagedKVCache
+from ..cache.layout import LayerShapes
 from ..cache.state import StateCache
 from ..kernels import backend
 from ..models import gemma4
 from ..models.gemma import GemmaModel, attention, visibility_mask
 from .work import WorkItem
+
+
+@runtime_checkable
+class PagedConfig(LayerShapes, Protocol):
+    """What the engine reads of a paged model's config: its layers' KV shapes (:class:`LayerShapes`, for the
+    layout), its query heads, vocabulary and context length. ``ModelConfig`` and ``Gemma4Config`` implement it."""
+
+    num_heads: int
+    vocab_size: int
+    max_position_embeddings: int
+
+
+@runtime_checkable
+class PagedModel(Protocol):
+    """What the engine and the runner ask of a model whose K/V live in the paged cache (``GemmaModel`` for Gemma
+    1/2/3, ``Gemma4Model``); the engine serves any ``net`` that has these, not a list of classes.
+
+    The layers read and write K/V only through the ``KVBatch`` they are given (:class:`PagedBatch` here). The fast
+    paths are optional, asked first: ``greedy_head(h, want_logits)`` is called only when ``can_greedy_head()`` and
+    ``hidden_decode_stack(ids, positions, stack_args)`` only when ``can_decode_stack(rows)`` says so (Gemma 3's
+    int8 mode; Gemma 4 answers False to both). The score scale and soft-cap of the paged attention come from
+    :func:`attention_params`.
+    """
+
+    config: PagedConfig
+    weight_format: str
+    device: torch.device
+
+    def hidden(self, ids: torch.Tensor, positions: torch.Tensor, kv: gemma4.KVBatch) -> torch.Tensor:
+        """Final-normed hidden states [N, hidden] for N flattened tokens at their absolute positions."""
+
+    def logits(self, h: torch.Tensor, batch: bool = False) -> torch.Tensor:
+        """[N, hidden] -> float32 logits [N, vocab]."""
+
+    def can_greedy_head(self) -> bool:
+        """Whether ``greedy_head`` runs."""
+
+    def can_decode_stack(self, rows: int) -> bool:
+        """Whether ``hidden_decode_stack`` runs a decode step of ``rows`` rows."""
+
+    def prepare_i16(self) -> None:
+        """Make what batched steps need now, not in a first request (may do nothing)."""
 
 
 def leading_decode_rows(items: list[WorkItem]) -> int:
@@ -217,7 +262,7 @@ class PagedBatch:
 
 
 @torch.inference_mode()
-def run_step(net: GemmaModel | gemma4.Gemma4Model, cache: PagedKVCache, items: list[WorkItem]) -> torch.Tensor:
+def run_step(net: PagedModel, cache: PagedKVCache, items: list[WorkItem]) -> torch.Tensor:
     """Compute one step; returns logits [R, vocab] for the items with ``want_logits`` (in order).
 
     Single-token items (decode rows) should come first: the leading run of them is attended as one batch. The caller
@@ -228,7 +273,7 @@ def run_step(net: GemmaModel | gemma4.Gemma4Model, cache: PagedKVCache, items: l
 
 
 @torch.inference_mode()
-def run_step_greedy(net: GemmaModel | gemma4.Gemma4Model, cache: PagedKVCache, items: list[WorkItem],
+def run_step_greedy(net: PagedModel, cache: PagedKVCache, items: list[WorkItem],
                     greedy: list[bool] | None) -> tuple[list[torch.Tensor | None], list[int | None]]:
     """The engine's step: like :func:`run_step`, but rows marked in ``greedy`` (one flag per row that wants logits)
     may come back as their exact greedy token instead of logits (``GemmaModel.greedy_head``: int8-activation products
@@ -261,7 +306,7 @@ def run_step_greedy(net: GemmaModel | gemma4.Gemma4Model, cache: PagedKVCache, i
     return logits, tokens
 
 
-def _head(net: GemmaModel | gemma4.Gemma4Model, h: torch.Tensor, greedy: list[bool] | None):
+def _head(net: PagedModel, h: torch.Tensor, greedy: list[bool] | None):
     n = h.shape[0]
     if n == 0:
         return [], []
@@ -291,7 +336,7 @@ def _head(net: GemmaModel | gemma4.Gemma4Model, h: torch.Tensor, greedy: list[bo
     return list(out), [None] * n
 
 
-def attention_params(net: GemmaModel | gemma4.Gemma4Model) -> tuple[float, float | None]:
+def attention_params(net: PagedModel) -> tuple[float, float | None]:
     """The score scale and soft-cap every attention layer of ``net`` uses (what :class:`PagedBatch` applies)."""
     if isinstance(net, GemmaModel):
         return net.layers[0].attn.scale, net.config.attn_logit_softcapping
@@ -300,7 +345,7 @@ def attention_params(net: GemmaModel | gemma4.Gemma4Model) -> tuple[float, float
     raise TypeError(f"no paged attention for {type(net).__name__}")
 
 
-def _hidden_rows(net: GemmaModel | gemma4.Gemma4Model, cache: PagedKVCache, items: list[WorkItem]) -> torch.Tensor:
+def _hidden_rows(net: PagedModel, cache: PagedKVCache, items: list[WorkItem]) -> torch.Tensor:
     """The final hidden states [R, hidden] of the items that want logits."""
     dev = cache.device
     ids, pos, rows = [], [], []
