@@ -26,10 +26,18 @@ from gemma_sessions.testing import tiny_gemma4_tokenizer, tiny_model
 GREEDY = gs.SamplingParams(temperature=0, max_tokens=6)
 
 
-def gemma4_chat_model(seed: int = 1) -> Model:
-    base = tiny_model("gemma3", seed=seed)
-    return Model(base.net, tiny_gemma4_tokenizer(), Path("tiny-gemma4-chat"), 0.0,
-                 fingerprint=f"{base.fingerprint}:gemma4-chat")
+def gemma4_chat_model(seed: int = 1, window: int | None = None) -> Model:
+    """A tiny Gemma 3 network (its sliding window ``window`` when given, else 8) behind the tiny Gemma 4 tokenizer."""
+    import torch
+
+    from gemma_sessions.config import ModelConfig
+    from gemma_sessions.models.gemma import GemmaModel
+    from gemma_sessions.testing import random_tensors, tiny_hf_config
+
+    config = ModelConfig.from_hf_config(dict(tiny_hf_config("gemma3"), sliding_window=window or 8))
+    net = GemmaModel(config, random_tensors(config, seed), "float32", torch.device("cpu")).eval()
+    return Model(net, tiny_gemma4_tokenizer(), Path("tiny-gemma4-chat"), 0.0,
+                 fingerprint=f"tiny-gemma4-chat:{config.fingerprint()}:{seed}")
 
 
 def thinking_reply(tok, thought: str, answer: str) -> list[int]:
@@ -87,7 +95,8 @@ def test_turns_render_gemma4_turns_and_reuse_only_kv_still_in_the_history(engine
     r1 = s.send("hi there")
     prompt1 = [*fmt.prefix("Be brief.", False), *s.messages[0].token_ids, *fmt.generation_prompt(False)]
     assert s.token_ids == [*fmt.prefix("Be brief.", False), *fmt.turn("user", "hi there"),
-                           tok.turn_open_id, *tok.encode("model\n"), *r1.token_ids, tok.turn_close_id, *tok.encode("\n")]
+                           tok.turn_open_id, *tok.encode("model\n"), *r1.token_ids, tok.turn_close_id,
+                           *tok.encode("\n")]
     history1 = s.token_ids
     r2 = s.send("and then?")
     prompt2 = [*history1, *s.messages[-2].token_ids, *fmt.generation_prompt(False)]
@@ -112,6 +121,50 @@ def test_the_thinking_switch_per_session_and_per_turn(engine):
     assert tok.think_id not in s.token_ids and not s.conversation.reasoning
     copy = manager.import_bytes(manager.export_bytes(s.id), new_id=True)  # the default travels with the session
     assert copy.sampling.reasoning and copy.conversation.reasoning
+
+
+@pytest.mark.parametrize("window", [128, 8])
+def test_restart_restores_the_kv_before_the_dropped_tokens_and_continues_as_never_saved(tmp_path, window):
+    """The last turn's KV holds the generation prompt's empty thought channel, which the history dropped: what a
+    restart restores is the KV before it (the whole blocks), at least with a window longer than the session; with a
+    window of 8 the sliding blocks the cut needs may be gone (then the history is recomputed). Either way the replies
+    are those of a session never saved."""
+    model = gemma4_chat_model(window=window)
+    questions = ["hi there", "and then?", "why so?"]
+    with gs.Engine(model, kv_cache_bytes=4 << 20, block_size=4) as e:
+        s = gs.SessionManager(e).create(system="sys", sampling=GREEDY)
+        reference = [s.send(q).token_ids for q in questions]
+    with gs.Engine(model, kv_cache_bytes=4 << 20, block_size=4) as e:
+        m = gs.SessionManager(e, store=tmp_path)
+        s = m.create(system="sys", sampling=GREEDY)
+        got = [s.send(q).token_ids for q in questions[:2]]
+        tok = model.tokenizer
+        # the history up to the last reply's "<|turn>model\n": what the KV and the history still share
+        common = len(s.token_ids) - len(s.messages[-1].token_ids) + len([tok.turn_open_id, *tok.encode("model\n")])
+        sid = s.id
+        m.close()
+    with gs.Engine(model, kv_cache_bytes=4 << 20, block_size=4) as e:
+        m = gs.SessionManager(e, store=tmp_path)
+        r = m.get(sid).send(questions[2])
+        got.append(r.token_ids)
+        if window == 128 or r.stats.kv_source == "snapshot":
+            assert r.stats.kv_source == "snapshot"
+            assert common - 4 < r.stats.cached_tokens <= common  # the whole blocks before the dropped tokens
+        else:
+            assert r.stats.kv_source == "recompute"
+        m.close()
+    assert got == reference
+
+
+def test_an_imported_session_file_keeps_the_kv_before_the_dropped_tokens():
+    with gs.Engine(gemma4_chat_model(window=128), kv_cache_bytes=4 << 20, block_size=4) as e:
+        m = gs.SessionManager(e)
+        s = m.create(system="sys", sampling=GREEDY)
+        s.send("hi there")
+        data = m.export_bytes(s.id)
+        copy = m.import_bytes(data, new_id=True)
+        assert 0 < e.kv_tokens(copy.kv) < len(copy.token_ids)  # the KV of the history before the reply
+        assert copy.send("more").token_ids == s.send("more").token_ids
 
 
 def test_a_model_without_thinking_refuses_reasoning_and_stays_usable():

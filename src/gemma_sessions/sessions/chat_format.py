@@ -24,17 +24,20 @@ checkpoints; the same text is in the GGUFs' ``tokenizer.chat_template``), user a
                                                                   when thinking is off (the current template; older
                                                                   revisions lack it: read from the template)
 
-With thinking on the model writes ``<|channel>thought\\n{thoughts}<channel|>{answer}<turn|>``. The end of a turn is
-``<turn|>`` (``Model.stop_ids``). The same format is in transformers' Gemma 4 processor test (``<bos><|turn>user\\n...
-<turn|>\\n<|turn>model\\n<|channel>thought\\n<channel|>`` for a prompt with thinking off) and in llama.cpp, which renders
-the GGUF's template with its own Jinja engine (common/chat.cpp) and reads the thought channel out of the reply.
+With thinking on the model writes ``<|channel>thought\\n{thoughts}<channel|>{answer}<turn|>``; ``<turn|>`` ends the
+turn (``Model.stop_ids``). The same format is checked in transformers' tests (DiffusionGemma's chat-template test,
+on Gemma 4's processor: ``<bos><|turn>user\\n...<turn|>\\n<|turn>model\\n<|channel>thought\\n<channel|>`` with
+thinking off) and used by llama.cpp, which renders the GGUF's template with its Jinja engine and reads thoughts
+between ``<|channel>thought\\n`` and ``<channel|>`` (common/chat.cpp, ``common_chat_params_init_gemma4``).
 
 NOTE: because the template drops thoughts (and the empty thought channel of the generation prompt) from history, the
 history after a Gemma 4 turn is not the tokens the model saw: it is ``<|turn>model\\n`` + the answer's own ids +
 ``<turn|>\\n``. The session's ids are that history (what the next prompt renders), so the next turn's KV reuse stops
 where they part: the engine keeps what still matches (``KVCache.resume`` fails, ``start`` adopts the longest cached
-prefix, block aligned) and recomputes the answer. A template that keeps thoughts (no ``strip_thinking``) keeps
-every generated id, and then a turn extends the last one's KV whole.
+prefix, block aligned) and recomputes the answer. The thought tokens' KV is not kept for the session: their blocks
+stay in the prefix cache until evicted, and a snapshot that holds them (the store's, a session file's) is cut to the
+part that is history before it is restored (``sessionfile.prefix_snapshot``). A template that keeps thoughts (no
+``strip_thinking``) keeps every generated id, and then a turn extends the last one's KV whole.
 """
 
 from __future__ import annotations

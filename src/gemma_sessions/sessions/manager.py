@@ -199,7 +199,7 @@ class SessionManager:
         another model by dropping its KV (the history is recomputed on the next turn). The KV of an imported
         file stays private to this session: it is never shared with other sessions through the prefix cache.
         """
-        from .sessionfile import decode_session
+        from .sessionfile import decode_session, prefix_snapshot
 
         if len(data) > max_bytes:
             raise SessionFileError(f"the session file is over {max_bytes} bytes")
@@ -210,8 +210,14 @@ class SessionManager:
         s = _session_from_dict(self, meta, new_id=new_id, owner=owner)
         if snap is not None:
             self.engine.check_snapshot(snap)
-            if list(snap.tokens) != s.conversation.token_ids[:len(snap.tokens)]:
-                snap = None  # KV of other tokens than the history: useless here, recompute instead
+            # KV of other tokens than the history is useless here: keep the part that is history (Gemma 4's KV holds
+            # the last turn's thoughts, which its history drops), else recompute
+            snap = prefix_snapshot(snap, s.conversation.token_ids)
+            if snap is not None:
+                try:
+                    self.engine.check_snapshot(snap)
+                except SessionFileError:  # the cut lacks sliding-window blocks the full file did not need
+                    snap = None
         self._register(s)
         try:
             if snap is not None:

@@ -37,10 +37,12 @@ stops as soon as the output passes ``max_bytes``, the frame's declared size or t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +133,32 @@ def encode_session(snapshot: KVSnapshot | StateSnapshot | None, *, model_fingerp
             "layout": json.dumps(layout), "session": json.dumps(session)}
     meta["checksum"] = _checksum(tensors, meta)
     return save(tensors, metadata=meta)
+
+
+def prefix_snapshot(snap: KVSnapshot | StateSnapshot, tokens: Sequence[int]) -> KVSnapshot | StateSnapshot | None:
+    """``snap`` cut to the longest prefix of its tokens that ``tokens`` (a history) starts with; None when they share
+    none, or when a recurrent state (which cannot be cut) is not such a prefix whole.
+
+    KV is causal: a sequence's first n tokens have the same KV whatever followed them, so the blocks holding them are
+    that prefix's KV (the last block partial: what lies past n in it is never read, and is overwritten). Gemma 4's
+    history drops a turn's thoughts that its KV still holds (``chat_format``): this keeps the KV before them. A
+    sliding group may lack blocks the shorter sequence needs (released behind the old end): ``check_snapshot``
+    refuses that one, and the caller recomputes.
+    """
+    n, limit = 0, min(len(snap.tokens), len(tokens))
+    while n < limit and snap.tokens[n] == tokens[n]:
+        n += 1
+    if n == len(snap.tokens):
+        return snap
+    if n == 0 or not isinstance(snap, KVSnapshot):
+        return None
+    keep = -(-n // snap.block_size)  # the blocks holding tokens 0..n-1
+    index, pages = [], []
+    for pos, group_pages in zip(snap.index, snap.pages):
+        rows = [i for i, p in enumerate(pos) if p < keep]
+        index.append(tuple(pos[i] for i in rows))
+        pages.append(group_pages[rows])
+    return dataclasses.replace(snap, tokens=tuple(snap.tokens[:n]), index=tuple(index), pages=tuple(pages))
 
 
 def write_session_file(path: str | Path, data: bytes, compress: bool = False) -> int:

@@ -38,7 +38,7 @@ from pathlib import Path
 from ..errors import GemmaSessionsError, SessionFileError, StoreError
 from ..sampling import SamplingParams
 from .conversation import Message
-from .sessionfile import encode_session, read_session_file, write_session_file
+from .sessionfile import encode_session, prefix_snapshot, read_session_file, write_session_file
 
 log = logging.getLogger("gemma_sessions.store")
 
@@ -368,8 +368,10 @@ class Store:
             except SessionFileError as exc:
                 log.warning("snapshot refused, recomputing", extra={"session": s.id, "reason": str(exc)})
                 snap = None
-        history = s.token_ids
-        if snap is None or len(snap.tokens) > len(history) or list(snap.tokens) != history[:len(snap.tokens)]:
+        # the part of the snapshot that is still history: all of it, or (Gemma 4, whose history drops the thoughts
+        # its KV holds) the KV before the last turn's thoughts
+        snap = None if snap is None else prefix_snapshot(snap, s.token_ids)
+        if snap is None:
             return "recompute"
         try:
             if engine.import_kv(s.kv, snap):
