@@ -344,7 +344,8 @@ class Tokenizer:
         self.start_of_turn_id = self.token_id("<start_of_turn>")
         self.end_of_turn_id = self.token_id("<end_of_turn>")
         # Gemma 4's control tokens (its turn markers replace <start_of_turn>/<end_of_turn>; ids 105/106 in the real
-        # vocabulary): <|turn>role\n ... <turn|>, the thinking switch <|think|>, the thought channel <|channel> ... <channel|>
+        # vocabulary): <|turn>role\n ... <turn|>, the thinking switch <|think|>, the thought channel
+        # <|channel> ... <channel|>
         self.turn_open_id = self.token_id("<|turn>")
         self.turn_close_id = self.token_id("<turn|>")
         self.think_id = self.token_id("<|think|>")
@@ -370,10 +371,10 @@ class Tokenizer:
         if model not in ("llama", "gemma4"):
             raise TokenizerError(f"GGUF tokenizer model is {model!r}; only SentencePiece ('llama') and Gemma 4's "
                                  "('gemma4') are supported")
-        # NOTE: llama.cpp (src/llama-vocab.cpp, load: tokenizer_model == "gemma4") reads "gemma4" as BPE with ranked
-        # merges (tokenizer.ggml.merges, no scores), pre-tokenizer "gemma4": spaces escaped to "▁", the text split into
-        # runs of newlines and of everything else ("[^\n]+|[\n]+"), no GPT-2 byte mapping (raw UTF-8 characters, byte
-        # fallback to <0xNN>). The same kind as Gemma 3's but for how a pair is chosen: by merge rank, not by score.
+        # NOTE: llama.cpp (src/llama-vocab.cpp, load: tokenizer_model == "gemma4") reads "gemma4" as BPE with
+        # ranked merges (tokenizer.ggml.merges, no scores) and pre-tokenizer "gemma4": spaces escaped to "▁", the
+        # text split into runs of newlines and of everything else ("[^\n]+|[\n]+"), no GPT-2 byte mapping (raw UTF-8
+        # characters, byte fallback to <0xNN>). Gemma 3's kind but for how a pair is chosen: merge rank, not score.
         merges = None
         if model == "gemma4":
             merges = meta.get("tokenizer.ggml.merges")
