@@ -1,10 +1,10 @@
 """Reasoning through sessions and the OpenAI routes: the thinking switch reaches the prompt, thoughts come back apart
 from the answer and leave the history, and the next turn reuses only KV of tokens still in the history.
 
-The engine serves Gemma 1-3 and RecurrentGemma networks today (Gemma 4's is being integrated), and the sessions
-layer sees only the tokenizer: a tiny Gemma 3 network behind the tiny Gemma 4 tokenizer runs Gemma 4's chat format
-through the real engine and cache. Random weights never decide to think, so where a thinking reply is needed the
-engine's generations are scripted (:class:`Scripted`: the real engine for everything but the tokens it returns).
+The tiny Gemma 4 network runs through the engine and a session; the rest use a tiny Gemma 3 network behind the
+tiny Gemma 4 tokenizer (the sessions layer sees only the tokenizer; it is quicker and its window can be set). Random
+weights never decide to think, so where a thinking reply is needed the engine's generations are scripted
+(:class:`Scripted`: the real engine for everything but the tokens it returns).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from gemma_sessions.engine.request import GenerationOutput, RequestStats
 from gemma_sessions.errors import InvalidRequestError
 from gemma_sessions.loading import Model
 from gemma_sessions.server import create_app
-from gemma_sessions.sessions.chat_format import chat_format
+from gemma_sessions.sessions.chat_format import chat_format, split_thoughts
 from gemma_sessions.testing import tiny_gemma4_tokenizer, tiny_model
 
 GREEDY = gs.SamplingParams(temperature=0, max_tokens=6)
@@ -107,6 +107,32 @@ def test_turns_render_gemma4_turns_and_reuse_only_kv_still_in_the_history(engine
     assert common - 4 < r2.stats.cached_tokens <= common  # reused up to the last whole block before they part
     engine.reset_prefix_cache()  # the same prompt computed from nothing gives the same greedy reply
     assert list(engine.submit(prompt2, GREEDY)) == r2.token_ids
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_a_tiny_gemma4_through_sessions_reuses_the_history_and_equals_uncached(thinking):
+    """The real Gemma 4 network (every feature, a window of 5) through the engine and a session: the history is the
+    rendered one, turn 2 reuses the KV only up to where turn 1's prompt and reply left the history, and its greedy
+    reply is the one the same prompt gets computed from nothing."""
+    from gemma_sessions.testing import tiny_gemma4_model
+
+    model = tiny_gemma4_model("all")
+    tok, fmt = model.tokenizer, chat_format(model.tokenizer)
+    with gs.Engine(model, kv_cache_bytes=8 << 20, block_size=4) as e:
+        s = gs.SessionManager(e).create(system="sys", sampling=GREEDY, reasoning=thinking)
+        r1 = s.send("hi there")
+        prompt1 = [*fmt.prefix("sys", thinking), *s.messages[0].token_ids, *fmt.generation_prompt(thinking)]
+        answer1, _ = split_thoughts(r1.token_ids, fmt.channel)
+        assert s.token_ids == [*fmt.prefix("sys", thinking), *fmt.turn("user", "hi there"), tok.turn_open_id,
+                               *tok.encode("model\n"), *answer1, tok.turn_close_id, *tok.encode("\n")]
+        history1 = s.token_ids
+        r2 = s.send("and then?")
+        prompt2 = [*history1, *s.messages[-2].token_ids, *fmt.generation_prompt(thinking)]
+        seen = [*prompt1, *r1.token_ids]
+        common = next((i for i, (a, b) in enumerate(zip(seen, prompt2)) if a != b), len(seen))
+        assert r2.stats.prompt_tokens == len(prompt2) and common - 4 < r2.stats.cached_tokens <= common
+        e.reset_prefix_cache()
+        assert list(e.submit(prompt2, GREEDY)) == r2.token_ids
 
 
 def test_the_thinking_switch_per_session_and_per_turn(engine):
@@ -214,6 +240,22 @@ def _chat(client, effort=None, stream=False, **extra):
     if stream:
         body["stream"] = True
     return client.post("/v1/chat/completions", json=body)
+
+
+def test_a_tiny_gemma4_server_answers_with_reasoning_on_and_off():
+    from gemma_sessions.testing import tiny_gemma4_model
+
+    with gs.Engine(tiny_gemma4_model("all"), kv_cache_bytes=8 << 20, block_size=4) as e:
+        with TestClient(create_app(gs.SessionManager(e), model_name="tiny-gemma4")) as client:
+            for effort in ("high", "none"):
+                r = _chat(client, effort)
+                assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+            conv = client.post("/v1/conversations", json={}).json()["id"]
+            body = {"conversation": conv, "max_output_tokens": 4, "temperature": 0, "reasoning": {"effort": "high"}}
+            first = client.post("/v1/responses", json=dict(body, input="hi")).json()
+            second = client.post("/v1/responses", json=dict(body, input="more")).json()
+            assert first["status"] in ("completed", "incomplete") and second["output"][-1]["type"] == "message"
+            assert second["usage"]["input_tokens_details"]["cached_tokens"] >= first["usage"]["input_tokens"] - 4
 
 
 def test_reasoning_on_a_model_without_thinking_is_a_400_naming_the_field():
