@@ -239,7 +239,7 @@ class SessionManager:
         s._turn_lock.acquire()
         try:
             self._before_turn(s)
-            snap = self.engine.export_kv(s.kv)
+            snap = self.engine.export_kv(s.kv, s.token_ids)  # (Gemma 4: the part of its KV that is history)
             model = self.engine.model
             data = encode_session(snap, model_fingerprint=model.fingerprint,
                                   tokenizer_fingerprint=model.tokenizer.fingerprint, session=_session_dict(s),

@@ -315,7 +315,7 @@ class Store:
                         self._queued.discard(value.id)
                     if value.deleted or self._current(value):
                         continue
-                    snap = self.manager.engine.export_kv(value.kv)
+                    snap = self.manager.engine.export_kv(value.kv, value.token_ids)
                     if snap is not None:
                         self._write_snapshot(value.id, snap)
                 else:
