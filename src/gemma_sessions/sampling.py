@@ -178,7 +178,6 @@ class ChannelText:
     def __init__(self, tokenizer):
         self._decoder = tokenizer.stream_decoder()
         self._head: str | None = ""  # the first line while it is not complete; None after it
-        self.text = ""
 
     def feed(self, token_id: int) -> str:
         return self._take(self._decoder.feed(token_id))
@@ -194,7 +193,6 @@ class ChannelText:
             head, self._head = self._head, None
             name, _, rest = head.partition("\n")
             text = rest if len(name.split()) == 1 else head  # a channel closed right after its name: no thought
-        self.text += text
         return text
 
 
