@@ -64,6 +64,10 @@ def cmd_model(args: argparse.Namespace) -> int:
           f"heads: {c.num_heads} (kv {c.num_kv_heads}, head_dim {c.head_dim})\nvocab: {c.vocab_size}\n"
           f"context: {c.max_position_embeddings}\nsliding_window: {c.sliding_window}\n"
           f"weights: {model.weight_format}\nload_seconds: {model.load_seconds:.2f}")
+    if hasattr(c, "global_head_dim"):  # Gemma 4: full layers have their own K/V shape; the last layers share K/V
+        full = c.layer_types.index("full")
+        print(f"full layers: kv {c.layer_kv_heads(full)}, head_dim {c.layer_head_dim(full)}\n"
+              f"kv_shared_layers: {c.num_kv_shared_layers}")
     return 0
 
 
