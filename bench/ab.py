@@ -5,7 +5,7 @@ the same machine in the same minutes (the machines here move ~2x within a day).
     python bench/ab.py --base da1c4c1 -- concurrency.py --n 1,16
 
 Each side runs its own copy of the script (``git worktree`` of the base commit under bench/out/ab/, the current
-checkout for the head), with its own ``src`` first on PYTHONPATH, so the peers' code (llama.cpp) and each side's own
+checkout for the head, or a worktree of ``--head``), with its own ``src`` first on PYTHONPATH, so the peers' code (llama.cpp) and each side's own
 benchmark logic are what that commit had. Rounds alternate base, head, base, head... Each script already takes its
 medians over several runs and measures its peer beside ours: compare the ratios to the peer, not absolute speeds.
 Prints each round's table and writes every run's JSON (the script's own) to bench/out/ab-<script>.json.
@@ -59,14 +59,16 @@ def run_side(tree: Path, script: str, args: list[str]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="the commit to compare against (e.g. the parent of a change)")
+    p.add_argument("--head", default=None,
+                   help="the commit to measure (default: this checkout, with its uncommitted changes)")
     p.add_argument("--rounds", type=int, default=1, help="alternating base/head rounds (default 1)")
     p.add_argument("script", help="a script under bench/, e.g. generate.py")
     p.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments (after --)")
     a = p.parse_args()
     args = a.args[1:] if a.args[:1] == ["--"] else a.args
-    head = git("rev-parse", "--short=12", "HEAD")
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    sides = {"base": worktree(a.base), "head": ROOT}
+    head = git("rev-parse", "--short=12", a.head or "HEAD")
+    dirty = a.head is None and bool(git("status", "--porcelain", "--untracked-files=no"))
+    sides = {"base": worktree(a.base), "head": worktree(a.head) if a.head else ROOT}
     print(f"A/B {a.script} {' '.join(args)}: base {a.base} vs head {head}{' (+ uncommitted changes)' if dirty else ''}"
           f", {a.rounds} round(s)\n")
     runs: dict[str, list] = {"base": [], "head": []}
