@@ -185,7 +185,11 @@ def test_export_of_a_diverged_history_holds_its_cached_prefix(model):
         out = e.submit(prompt, GREEDY, kv=kv).result()
         own = e.export_kv(kv)
         history = prompt[:-5] + out.token_ids[:4] + [11, 12]  # parts from the KV at len(prompt) - 5
+        before = e.stats()
         snap = e.export_kv(kv, history)
+        after = e.stats()
+    for counter in ("prefix_queried_tokens", "prefix_hit_tokens"):  # an export is no request: no prefix hit counted
+        assert after[counter] == before[counter]
     assert own.tokens == tuple(prompt + out.token_ids[:-1])
     assert snap.tokens == tuple(history[:(len(prompt) - 5) // BLOCK * BLOCK])
     follow = history + [13, 14]
