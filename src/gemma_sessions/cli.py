@@ -28,13 +28,16 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--reasoning", action="store_true",
+                   help="thinking on (Gemma 4: thoughts are shown apart and kept out of the history)")
 
 
 def _sampling(args: argparse.Namespace):
     from .sampling import SamplingParams
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop))
+                          top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop),
+                          reasoning=args.reasoning)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

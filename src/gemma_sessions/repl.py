@@ -16,7 +16,7 @@ HELP = """commands:
   /switch ID           continue another session     /fork            fork this session and switch to the fork
   /history             show this session's messages /stats           this session's statistics
   /export PATH         write this session to a file /help            this text
-  /quit                leave (Ctrl-D works too)
+  /reasoning on|off    thinking for the next turns  /quit            leave (Ctrl-D works too)
 end a line with \\ to continue typing on the next line; Ctrl-C stops a reply."""
 
 
@@ -24,6 +24,7 @@ class Repl:
     def __init__(self, manager, session, out=sys.stdout, system: str | None = None, sampling=None):
         self.manager, self.session, self.out = manager, session, out
         self.system, self.sampling = system, sampling
+        self.reasoning: bool | None = None  # /reasoning: overrides the session's switch for the next turns
 
     def say(self, text: str = "") -> None:
         self.out.write(text + "\n")
@@ -64,12 +65,18 @@ class Repl:
         return 0
 
     def turn(self, text: str) -> None:
-        stream = self.session.stream(text)
+        stream = self.session.stream(text, reasoning=self.reasoning)
         self.out.write("gemma> ")
+        kind = "content"
         try:
-            for delta in stream:
-                self.out.write(delta)
+            while (part := stream.next_part()) is not None:
+                if part[0] != kind:  # thoughts go in [thinking: ...], apart from the answer
+                    self.out.write("[thinking: " if part[0] == "reasoning" else "]\n       ")
+                    kind = part[0]
+                self.out.write(part[1])
                 self.out.flush()
+            if kind == "reasoning":
+                self.out.write("]")
         except KeyboardInterrupt:
             stream.close()
             self.say("\n[reply stopped]")
@@ -112,6 +119,12 @@ class Repl:
             else:
                 n = m.export(self.session.id, arg)
                 self.say(f"wrote {arg} ({n} bytes)")
+        elif name == "/reasoning":
+            if arg not in ("on", "off"):
+                self.say("usage: /reasoning on|off")
+            else:
+                self.reasoning = arg == "on"
+                self.say(f"reasoning {arg} for the next turns")
         else:
             self.say(f"unknown command {name}; /help lists them")
         return None
