@@ -28,8 +28,6 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--reasoning", action="store_true",
-                   help="thinking on (Gemma 4: thoughts are shown apart and kept out of the history)")
 
 
 def _sampling(args: argparse.Namespace):
@@ -37,7 +35,7 @@ def _sampling(args: argparse.Namespace):
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop),
-                          reasoning=args.reasoning)
+                          reasoning=getattr(args, "reasoning", False))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -269,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--store", default=None)
     ch.add_argument("--session", default=None, help="continue this session id")
     ch.add_argument("--system", default=None, help="system prompt for new sessions")
+    ch.add_argument("--reasoning", action="store_true",
+                    help="thinking on (Gemma 4: thoughts are shown apart and kept out of the history)")
     ch.set_defaults(func=cmd_chat)
 
     se = sub.add_parser("sessions", help="list, show, remove, export or import stored sessions")
