@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 
 from . import build as _build
+from .packed import PackedCodes, pack_codes  # noqa: F401 - the packed codes' format, re-exported
+from .packed import unpack_codes as unpack_codes_reference
 from .stack import LayerSpec, StackKV, StackSpec  # noqa: F401 - the fused decode step's description, re-exported
 
 log = logging.getLogger("gemma_sessions.kernels")
@@ -169,6 +171,15 @@ def available() -> bool:
     return kernel() is not None
 
 
+def packed_kernel():
+    """The compiled qmatmul_packed op (the decode products' hot call on packed codes), or None without the kernel."""
+    if kernel() is None:
+        return None
+    if "packed_op" not in _state:
+        _state["packed_op"] = _ops().qmatmul_packed.default
+    return _state["packed_op"]
+
+
 def qmatmul_reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
                       group: int) -> torch.Tensor:
     """The same product in plain torch: dequantize W in float32, then ``x @ W^T`` (the fallback and the tests'
@@ -286,6 +297,34 @@ def qmatmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets:
     return op(x.float(), codes, scales, offsets, group)
 
 
+def qmatmul_packed(x: torch.Tensor, codes: PackedCodes, scales: torch.Tensor, offsets: torch.Tensor | None,
+                   group: int) -> torch.Tensor:
+    """:func:`qmatmul` on packed codes (:mod:`.packed`; a group of 16 or 32): the compiled kernel unpacks each chunk
+    in registers and runs qmatmul's arithmetic in qmatmul's order, so the result equals ``qmatmul`` on
+    ``unpack_codes(codes)`` bit for bit. Without the compiled kernel: the torch reference on the unpacked codes."""
+    if kernel() is None:
+        return qmatmul_reference(x, unpack_codes_reference(codes), scales, offsets, group)
+    return _ops().qmatmul_packed.default(x.float(), codes.data, codes.bits, codes.bias, scales, offsets, group)
+
+
+def qmatmul_wide_packed(x: torch.Tensor, codes: PackedCodes, scales: torch.Tensor, offsets: torch.Tensor | None,
+                        group: int) -> torch.Tensor:
+    """:func:`qmatmul_wide` on packed codes (bit for bit its result on the unpacked codes; each block of weight rows
+    is unpacked into an int8 staging buffer in L1, then dequantized as qmatmul_wide does). Requires
+    :func:`wide_available`."""
+    if not wide_available():
+        raise RuntimeError("qmatmul_wide needs the compiled kernel built for AVX2 without AVX-512")
+    return _ops().qmatmul_wide_packed.default(x.float(), codes.data, codes.bits, codes.bias, scales, offsets, group)
+
+
+def unpack_codes(codes: PackedCodes) -> torch.Tensor:
+    """The int8 codes ``[N, K]`` of packed codes (the kernels that read int8 only take these): one compiled pass
+    where the kernel loads, torch otherwise; the same values either way."""
+    if codes.data.device.type == "cpu" and kernel() is not None:
+        return _ops().unpack_codes.default(codes.data, codes.bits, codes.bias, codes.in_features)
+    return unpack_codes_reference(codes)
+
+
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """``logits.argmax(dim=-1)`` for ``[R, V]`` (or ``[V]``) logits, as torch computes it (the first maximal index; a
     NaN counts as the maximum): the compiled kernel for float32 CPU logits, torch otherwise."""
@@ -297,16 +336,19 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 def decode_stack(x: torch.Tensor, spec: StackSpec, kv: StackKV, cos: list, sin: list, wide: list,
-                 exact_rows: int) -> torch.Tensor:
+                 exact_rows: int, int8: tuple[list, torch.Tensor] | None = None) -> torch.Tensor:
     """Every layer of a decode step over the paged KV cache in one compiled call, as ``spec`` describes them
     (:mod:`.stack`; for Gemma 1-3 the kernels in the order ``GemmaModel._hidden_fused`` runs them with
     ``PagedBatch.attend``, so the same bits). ``cos``/``sin``: the step's RoPE tables ``[N, head_dim]``, indexed by
     ``LayerSpec.rope``. Products run ``qmatmul`` up to ``exact_rows`` rows, beyond ``qmatmul_i16`` on ``wide`` (the
     products' :func:`i16_pack` layouts, 12 tensors per layer) or, with ``wide`` empty, ``qmatmul_wide`` (AVX2 builds)
     or ``qmatmul_bf16``: the caller picks (``backend.DecodeStack``). Writes the step's K/V into ``kv.flats``; returns
-    the final-normed hidden ``[M, hidden]``. Requires the kernel (callers check :func:`available`)."""
+    the final-normed hidden ``[M, hidden]``. Packed products run ``qmatmul_packed`` / ``qmatmul_wide_packed``;
+    ``qmatmul_bf16`` reads int8 codes only, so for it the caller passes ``int8`` (``spec.int8_args()``: the weights
+    with int8 codes and their table). Requires the kernel (callers check :func:`available`)."""
+    weights, table = int8 if int8 is not None else (spec.weights, spec.spec)
     return _ops().decode_stack.default(
-        x, spec.weights, wide, spec.norms, spec.final_norm, spec.spec, spec.fspec, spec.eps, cos, sin, kv.flats,
+        x, weights, wide, spec.norms, spec.final_norm, table, spec.fspec, spec.eps, cos, sin, kv.flats,
         kv.layout(), kv.write, kv.table, kv.start, kv.lengths, kv.block, kv.page_stride, exact_rows)
 
 

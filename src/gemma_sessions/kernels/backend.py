@@ -19,6 +19,7 @@ the measurements behind each threshold are in bench/RESULTS.md ("Kernel policy")
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 
 import torch
@@ -26,6 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from .packed import PackedCodes, pack_codes
+
+log = logging.getLogger("gemma_sessions.kernels")
 
 # The products' kernels, as plan() and QuantLinear.plan() name them.
 EXACT = "qmatmul"  # float32 activations and sums, exact weights; a row's bits do not depend on the batch
@@ -64,6 +68,30 @@ EXACT_WIDE_MAX_ROWS = 64
 # Output rows per float32 tile of the layers' prefill products where bf16 GEMMs would run in software.
 LAYER_TILE_ROWS = 512
 _PACK_LOCK = threading.Lock()  # QuantLinear.prepare_greedy / prepare_i16: one packing each, whichever thread first
+# Group sizes whose products read packed codes (kernels/packed.py): every GGUF type narrower than 8 bits has 16 or 32.
+PACKED_GROUPS = (16, 32)
+
+
+class UnpackedCodes:
+    """The int8 copies of packed codes that kernels reading int8 only have made (``QuantLinear.codes``): how many
+    and their bytes, in this process (memory the packed layout did not save)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+        self.bytes = 0
+
+    def add(self, nbytes: int) -> None:
+        with self._lock:
+            self.count += 1
+            self.bytes += nbytes
+            first = self.count == 1
+        if first:
+            log.info("a kernel that reads int8 codes only unpacked a packed weight (%d bytes kept; "
+                     "kernels.backend.UNPACKED counts them)", nbytes)
+
+
+UNPACKED = UnpackedCodes()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -140,6 +168,12 @@ class QuantLinear(nn.Module):
     offsets[n, k // G]`` (int8 codes; float32 scales per group of G inputs; float32 offsets or None), computed by
     the kernel :meth:`plan` picks for the row count.
 
+    Codes that fit 6 bits (a layer's GGUF Q4/Q5/Q6 types; groups of 16 or 32) are kept packed at that width
+    (:attr:`packed`, kernels/packed.py) where the compiled kernels run: EXACT and WIDE read them, unpacking in
+    registers, with the same bits as on int8 codes. The other kernels (I16, BF16_DOT, AMX, the bf16 copy, float32
+    tiles) take int8 codes, unpacked on first need (:attr:`codes`; the copies kept are counted in ``UNPACKED``). The
+    head keeps int8 codes (q8_head reads them).
+
     Paths (``plan``): EXACT up to ``max_kernel_rows`` rows; then WIDE, I16 (not the head) or BF16_DOT (not the head)
     where the build has it and the shape fits; then float32 tiles (the head; layers without native bf16) or the bf16
     GEMM on a bf16 copy of W made on first need (inputs, weights and outputs rounded to bf16). Without the compiled
@@ -162,7 +196,12 @@ class QuantLinear(nn.Module):
         self.int8 = True
         self.head = head
         self.group = group
-        self.register_buffer("codes", codes)
+        pk = None
+        if not head and group in PACKED_GROUPS and codes.device.type == "cpu" and kernels.available():
+            pk = pack_codes(codes)
+        self.pk_bits, self.pk_bias = (pk.bits, pk.bias) if pk is not None else (8, 0)
+        self.register_buffer("packed_codes", pk.data if pk is not None else None)  # uint8, see kernels/packed.py
+        self.register_buffer("int8_codes", codes if pk is None else None)  # packed: the unpacked copy, on need
         self.register_buffer("scales", scales)
         self.register_buffer("offsets", offsets)
         self.bf16: torch.Tensor | None = None  # the prefill copy, made on first need
@@ -170,6 +209,29 @@ class QuantLinear(nn.Module):
         self._i16: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # qmatmul_i16's, on first need
         self._i16_shape_ok: bool | None = None  # i16_rows' fixed part, on first ask
         self._wide_ok: bool | None = None  # wide_rows' fixed part, on first ask
+
+    @property
+    def packed(self) -> PackedCodes | None:
+        """The codes as the packed products read them, or None (int8 codes only)."""
+        if self.packed_codes is None:
+            return None
+        return PackedCodes(data=self.packed_codes, bits=self.pk_bits, bias=self.pk_bias, in_features=self.in_features)
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """int8 codes ``[out, in]``: the codes themselves, or for packed ones their unpacked copy, made on first need
+        and kept (counted in ``UNPACKED``)."""
+        if self.int8_codes is None:
+            with _PACK_LOCK:
+                if self.int8_codes is None:
+                    self.int8_codes = kernels.unpack_codes(self.packed)
+                    UNPACKED.add(self.int8_codes.numel())
+        return self.int8_codes
+
+    def _codes_once(self) -> torch.Tensor:
+        """int8 codes for a one-time re-layout (i16_pack, the bf16 copy): the kept copy if there is one, else an
+        unpacked copy that is not kept."""
+        return self.int8_codes if self.int8_codes is not None else kernels.unpack_codes(self.packed)
 
     @property
     def max_kernel_rows(self) -> int:
@@ -198,9 +260,13 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [N, in] -> [N, out], same dtype as x
         op = kernels.kernel()
         if op is not None and x.shape[0] <= self.max_kernel_rows:  # decode: the one hot call, kept bare
-            if x.dtype == torch.float32:
-                return op(x, self.codes, self.scales, self.offsets, self.group)
-            return op(x.float(), self.codes, self.scales, self.offsets, self.group).to(x.dtype)
+            xf = x if x.dtype == torch.float32 else x.float()
+            if self.packed_codes is not None:
+                y = kernels.packed_kernel()(xf, self.packed_codes, self.pk_bits, self.pk_bias, self.scales,
+                                            self.offsets, self.group)
+            else:
+                y = op(xf, self.int8_codes, self.scales, self.offsets, self.group)
+            return y if x.dtype == torch.float32 else y.to(x.dtype)
         return self._run(self.plan(x.shape[0]), x)
 
     def forward_batch(self, x: torch.Tensor) -> torch.Tensor:
@@ -210,8 +276,13 @@ class QuantLinear(nn.Module):
         return self._run(self.plan(x.shape[0], batch=True), x)
 
     def _run(self, path: str, x: torch.Tensor) -> torch.Tensor:
+        pk = self.packed
+        if path == EXACT and pk is not None:
+            return kernels.qmatmul_packed(x, pk, self.scales, self.offsets, self.group).to(x.dtype)
         if path == EXACT:
             return kernels.qmatmul(x, self.codes, self.scales, self.offsets, self.group).to(x.dtype)
+        if path == WIDE and pk is not None:
+            return kernels.qmatmul_wide_packed(x, pk, self.scales, self.offsets, self.group).to(x.dtype)
         if path == WIDE:
             return kernels.qmatmul_wide(x, self.codes, self.scales, self.offsets, self.group).to(x.dtype)
         if path == I16:
@@ -229,7 +300,7 @@ class QuantLinear(nn.Module):
         """Whether :meth:`greedy` runs: a head on the CPU with groups of 32 and no offsets (Q8_0 or symmetric), a
         vocabulary that is a multiple of 16, and a build with the int8-activation head (q8_head)."""
         return (self.head and self.group == 32 and self.offsets is None and self.out_features % 16 == 0
-                and self.in_features % 32 == 0 and self.codes.device.type == "cpu" and kernels.q8_head_available())
+                and self.in_features % 32 == 0 and self.scales.device.type == "cpu" and kernels.q8_head_available())
 
     def greedy(self, x: torch.Tensor, want_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The EXACT greedy token of each row of ``x @ W^T`` (the exact kernel's argmax, bit for bit), through
@@ -255,7 +326,7 @@ class QuantLinear(nn.Module):
         if rows <= QMATMUL_MAX_ROWS:
             return False
         if self._wide_ok is None:
-            self._wide_ok = bool(self.group % 8 == 0 and self.codes.device.type == "cpu" and kernels.wide_available())
+            self._wide_ok = bool(self.group % 8 == 0 and self.scales.device.type == "cpu" and kernels.wide_available())
         return self._wide_ok
 
     def i16_rows(self, rows: int) -> bool:
@@ -265,7 +336,7 @@ class QuantLinear(nn.Module):
             return False
         if self._i16_shape_ok is None:  # asked per product per step: the fixed part once
             self._i16_shape_ok = bool(not self.head and self.out_features % 16 == 0 and self.group % 2 == 0
-                                      and self.group <= 512 and self.codes.device.type == "cpu")
+                                      and self.group <= 512 and self.scales.device.type == "cpu")
         return self._i16_shape_ok and kernels.i16_available()
 
     def prepare_i16(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -275,7 +346,7 @@ class QuantLinear(nn.Module):
         if packed is None:
             with _PACK_LOCK:
                 if self._i16 is None:
-                    self._i16 = kernels.i16_pack(self.codes, self.scales, self.offsets, self.group)
+                    self._i16 = kernels.i16_pack(self._codes_once(), self.scales, self.offsets, self.group)
                 packed = self._i16
         return packed
 
@@ -287,7 +358,8 @@ class QuantLinear(nn.Module):
     def bf16_gemm(self, x: torch.Tensor) -> torch.Tensor:
         """Many rows: a bf16 GEMM on a bf16 copy of W, made on first need; bf16 out."""
         if self.bf16 is None:
-            self.bf16 = kernels.dequantize(self.codes, self.scales, self.offsets, self.group).to(torch.bfloat16)
+            self.bf16 = kernels.dequantize(self._codes_once(), self.scales, self.offsets, self.group).to(
+                torch.bfloat16)
         return F.linear(x.to(torch.bfloat16), self.bf16)
 
     def uses_bf16_gemm(self, rows: int) -> bool:
@@ -305,9 +377,10 @@ class QuantLinear(nn.Module):
         return out
 
     def weight_bytes(self) -> int:
-        """Bytes of weight read per product on the decode path."""
+        """Bytes of weight read per product on the decode path (packed codes where the layer keeps them)."""
         off = 0 if self.offsets is None else self.offsets.numel() * 4
-        return self.codes.numel() + self.scales.numel() * 4 + off
+        codes = self.packed_codes if self.packed_codes is not None else self.int8_codes
+        return codes.numel() + self.scales.numel() * 4 + off
 
 
 def geglu_mlp(gate_up: QuantLinear, down: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
@@ -359,6 +432,7 @@ class DecodeStack:
         self.spec = spec
         self._plans: dict[int, str | None] = {}
         self._i16: list[torch.Tensor] | None = None  # every product's qmatmul_i16 layout, in the spec's order
+        self._int8: tuple[list[torch.Tensor], torch.Tensor] | None = None  # int8 codes for BF16_DOT, on first need
 
     def plan(self, rows: int) -> str | None:
         """The product kernel of a step of this many rows in one call, or None (see :func:`stack_plan`)."""
@@ -371,9 +445,14 @@ class DecodeStack:
     def __call__(self, x: torch.Tensor, cos: list[torch.Tensor], sin: list[torch.Tensor],
                  kv: kernels.StackKV) -> torch.Tensor:
         """The final-normed hidden ``[rows, hidden]`` of a decode step (requires ``plan(rows)``); writes its K/V."""
-        wide = []
-        if self.plan(x.shape[0]) == I16:
+        wide, int8 = [], None
+        path = self.plan(x.shape[0])
+        if path == I16:
             if self._i16 is None:
                 self._i16 = [t for li in self.spec.products() for t in li.prepare_i16()]
             wide = self._i16
-        return kernels.decode_stack(x, self.spec, kv, cos, sin, wide, exact_max_rows())
+        elif path == BF16_DOT and any(li.packed_codes is not None for li in self.spec.products()):
+            if self._int8 is None:  # qmatmul_bf16 reads int8 codes only
+                self._int8 = self.spec.int8_args()
+            int8 = self._int8
+        return kernels.decode_stack(x, self.spec, kv, cos, sin, wide, exact_max_rows(), int8)

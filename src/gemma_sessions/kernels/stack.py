@@ -12,8 +12,9 @@ The C++ side reads a spec as tensor lists and two tables, one row per layer (the
 ``csrc/stack.h``; the column counts are checked there)::
 
     spec   int64   flags | heads | kv_heads | head_dim | kv_layer | rope | activation | group x 4 (qkv o gate_up down)
+                   | code bits x 4 (8: int8 codes; 4-6: packed, kernels/packed.py) | packed codes' bias x 4
     fspec  float64 attention scale | softcap (0: none) | output scalar
-    weights        12 per layer: codes, scales, offsets (empty: none) of qkv, o, gate_up, down
+    weights        12 per layer: codes (int8 or packed), scales, offsets (empty: none) of qkv, o, gate_up, down
     norms          6 per layer: input, post-attention, pre-MLP, post-MLP, q, k scales (empty where the flag is off)
 """
 
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from .backend import QuantLinear
 
 # spec's columns and flags (csrc/stack.h: StackInt, StackFlag)
-SPEC_COLS, FSPEC_COLS = 11, 3
+SPEC_COLS, FSPEC_COLS = 19, 3
 (INPUT_NORM, POST_ATTN_NORM, PRE_MLP_NORM, POST_MLP_NORM, Q_NORM, K_NORM,  # flag 1 << i: the norm NORMS[i]
  V_NORM, SCALAR, V_IS_K) = (1 << i for i in range(9))
 NORMS = ("input_norm", "post_attn_norm", "pre_mlp_norm", "post_mlp_norm", "q_norm", "k_norm")  # flag 1 << index
@@ -48,8 +49,8 @@ class LayerSpec:
         x = x + post_mlp_norm(down(gelu_tanh(gate) * up));  x = x * out_scalar
 
     Attributes:
-        qkv, o, gate_up, down: the products (``backend.QuantLinear``: int8 codes, scales, offsets, group; the wide
-            layouts are made from them on need). qkv is ``[(heads + 2 kv_heads) head_dim, hidden]``: q, k, v heads
+        qkv, o, gate_up, down: the products (``backend.QuantLinear``: int8 or packed codes, scales, offsets, group;
+            the wide layouts are made from them on need). qkv is ``[(heads + 2 kv_heads) head_dim, hidden]``: q, k, v heads
             (``v_is_k``: q, k; ``kv_source``: q only).
         heads, kv_heads, head_dim: this layer's shapes (kv_heads: those it reads, for a KV-shared layer its source's).
         rope: index of this layer's table among the step's cos/sin tables ``[N, head_dim]``.
@@ -119,10 +120,13 @@ class StackSpec:
         weights, norms, rows, frows = [], [], [], []
         for i, ly in enumerate(self.layers):
             for li in ly.products:
-                weights += [li.codes, li.scales, li.offsets if li.offsets is not None else empty]
+                codes = li.codes if li.packed is None else li.packed.data
+                weights += [codes, li.scales, li.offsets if li.offsets is not None else empty]
             norms += [t if t is not None else empty for t in (getattr(ly, name) for name in NORMS)]
             rows.append([ly.flags(), ly.heads, ly.kv_heads, ly.head_dim, i if ly.kv_source is None else ly.kv_source,
-                         ly.rope, ACTIVATIONS.index(ly.activation), *(li.group for li in ly.products)])
+                         ly.rope, ACTIVATIONS.index(ly.activation), *(li.group for li in ly.products),
+                         *(8 if li.packed is None else li.packed.bits for li in ly.products),
+                         *(0 if li.packed is None else li.packed.bias for li in ly.products)])
             frows.append([ly.attn_scale, ly.softcap or 0.0, 1.0 if ly.out_scalar is None else ly.out_scalar])
         # derived fields of a frozen instance, set once here and never after
         object.__setattr__(self, "weights", weights)
@@ -133,6 +137,16 @@ class StackSpec:
     def products(self) -> list[QuantLinear]:
         """Every layer's four products, in order (what the policy asks about, and the wide layouts' order)."""
         return [li for ly in self.layers for li in ly.products]
+
+    def int8_args(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``weights`` and ``spec`` with every product's int8 codes (packed ones unpacked: ``QuantLinear.codes``,
+        made on first need), for the kernels that read int8 only (``qmatmul_bf16``)."""
+        weights = list(self.weights)
+        for j, li in enumerate(self.products()):
+            weights[3 * j] = li.codes
+        table = self.spec.clone()
+        table[:, 11:15], table[:, 15:19] = 8, 0
+        return weights, table
 
 
 def _check(layers: tuple[LayerSpec, ...]) -> None:

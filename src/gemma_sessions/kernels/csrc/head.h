@@ -420,7 +420,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q8_head(const at::Tensor& x_in, c
   for (const Q8Cand& c : cands) {
     if (!finite[c.row] || c.hi < thr_all[c.row]) continue;
     float v;
-    dot_block(xp + c.row * K, 1, K, cp + c.n * K, sp + c.n * ng, 32, nullptr, nullptr, &v);
+    dot_block(xp + c.row * K, 1, K, I8Row{cp + c.n * K, 32}, sp + c.n * ng, 32, nullptr, nullptr, &v);
     np[c.row] += 1;
     if (std::isnan(v)) finite[c.row] = 0;  // (overflow): the caller's exact path decides as torch.argmax would
     if (tp[c.row] < 0 || v > best[c.row]) {  // in order of n: a tie keeps the lower index

@@ -3,8 +3,9 @@
 //
 //   common.h            headers, this build's instruction-set macros, row-block helpers
 //   pool.h              the kernels' thread pool (par_for)
-//   products.h          qmatmul (the exact grouped-int8 product), dequantize
-//   products_wide.h     qmatmul_wide (AVX2: the many-row float32 product)
+//   codes.h             how products read a weight row's codes: int8, or packed at 4-6 bits (unpack_codes)
+//   products.h          qmatmul (the exact grouped-int8 product; qmatmul_packed on packed codes), dequantize
+//   products_wide.h     qmatmul_wide (AVX2: the many-row float32 product; qmatmul_wide_packed)
 //   products_batched.h  qmatmul_bf16 (AVX512-BF16), qmatmul_i16 (AVX512-VNNI; AMX tiles)
 //   fused.h             rms_norm, add_rms_norm, geglu, qk_norm_rope, q_norm_rope
 //   attention.h         decode_attention
@@ -40,6 +41,11 @@ GS_LIBRARY(GS_NAMESPACE, m) {
         "Tensor fspec, float eps, Tensor[] cos, Tensor[] sin, Tensor(a!)[] flats, int[] kv, Tensor[] write, "
         "Tensor[] table, Tensor[] start, Tensor[] lengths, int block, int[] page_stride, int exact_rows) -> Tensor");
   m.def("qmatmul_wide(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, int group) -> Tensor");
+  m.def("qmatmul_packed(Tensor x, Tensor packed, int bits, int bias, Tensor scales, Tensor? offsets, int group) -> "
+        "Tensor");
+  m.def("qmatmul_wide_packed(Tensor x, Tensor packed, int bits, int bias, Tensor scales, Tensor? offsets, "
+        "int group) -> Tensor");
+  m.def("unpack_codes(Tensor packed, int bits, int bias, int k) -> Tensor");
   m.def("wide_available() -> bool", &wide_available);
   m.def("dequantize(Tensor codes, Tensor scales, Tensor? offsets, int group, int start, int end) -> Tensor");
   m.def("qmatmul_bf16(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, int group) -> Tensor");
@@ -69,6 +75,9 @@ GS_LIBRARY_IMPL(GS_NAMESPACE, CPU, m) {
   m.impl("decode_stack", &decode_stack);
   m.impl("decode_attention", &decode_attention);
   m.impl("qmatmul_wide", &qmatmul_wide);
+  m.impl("qmatmul_packed", &qmatmul_packed);
+  m.impl("qmatmul_wide_packed", &qmatmul_wide_packed);
+  m.impl("unpack_codes", &unpack_codes);
   m.impl("dequantize", &dequantize);
   m.impl("qmatmul_bf16", &qmatmul_bf16);
   m.impl("i16_pack", &i16_pack);

@@ -4,6 +4,7 @@
 
 #include "common.h"
 #include "pool.h"
+#include "codes.h"
 
 namespace {
 
@@ -41,20 +42,21 @@ static inline float hsum(__m512 v) { return hsum4(half4(v)); }
 // dequantizing each vector of 16 first). xs holds xsum_g per row (MB x ng, row stride ng), or nullptr without
 // offsets. Float32 throughout; a row's instruction sequence, hence its result, does not depend on MB or the other
 // rows (batched == alone, bit for bit).
-template <int MB, bool OFF>
-static inline void dot_rows(const float* x, int64_t K, const int8_t* c, const float* sc, int64_t G,
+template <int MB, bool OFF, typename R>
+static inline void dot_rows(const float* x, int64_t K, const R& row, const float* sc, int64_t G_arg,
                             const float* off, const float* xs, float* dots) {
+  const int64_t G = R::kG > 0 ? R::kG : G_arg;
   __m512 acc[MB];
   for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
   const int64_t ng = K / G;
   for (int64_t g = 0; g < ng; ++g) {
-    const int8_t* cg = c + g * G;
+    const auto cg = row.group(g);
     const float* xg = x + g * G;
     __m512 t[MB];
-    __m512 w = load_codes16(cg);
+    __m512 w = cg.f16(0);
     for (int m = 0; m < MB; ++m) t[m] = _mm512_mul_ps(_mm512_loadu_ps(xg + m * K), w);
     for (int64_t k = 16; k < G; k += 16) {
-      w = load_codes16(cg + k);
+      w = cg.f16(k);
       for (int m = 0; m < MB; ++m) t[m] = _mm512_fmadd_ps(_mm512_loadu_ps(xg + m * K + k), w, t[m]);
     }
     const __m512 s = _mm512_set1_ps(sc[g]);
@@ -70,11 +72,11 @@ static inline void dot_rows(const float* x, int64_t K, const int8_t* c, const fl
   for (int m = 0; m < MB; ++m) dots[m] = hsum(acc[m]);
 }
 
-template <int MB>
-static inline void dot_rows_any(const float* x, int64_t K, const int8_t* c, const float* sc, int64_t G,
+template <int MB, typename R>
+static inline void dot_rows_any(const float* x, int64_t K, const R& row, const float* sc, int64_t G,
                                 const float* off, const float* xs, float* dots) {
-  if (off != nullptr) return dot_rows<MB, true>(x, K, c, sc, G, off, xs, dots);
-  return dot_rows<MB, false>(x, K, c, sc, G, off, xs, dots);
+  if (off != nullptr) return dot_rows<MB, true>(x, K, row, sc, G, off, xs, dots);
+  return dot_rows<MB, false>(x, K, row, sc, G, off, xs, dots);
 }
 
 #endif
@@ -112,29 +114,29 @@ static inline float hsum8(__m256 v) {
 // per-group form; the offsets' term is summed per row in order after the lanes. A row's result does not depend on MB.
 // GT: the group size at compile time (32: Q8_0, Q4_K, Q5_K; 16: Q6_K), so a group's loop unrolls without branches;
 // 0 for any other (G then from the argument).
-template <int MB, int GT>
-static inline void dot_rows8(const float* x, int64_t K, const int8_t* c, const float* sc, int64_t G_arg,
+template <int MB, int GT, typename R>
+static inline void dot_rows8(const float* x, int64_t K, const R& row, const float* sc, int64_t G_arg,
                              const float* off, const float* xs, float* dots) {
   const int64_t G = GT > 0 ? GT : G_arg;
   __m256 acc[MB];
   for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
   const int64_t ng = K / G;
   for (int64_t g = 0; g < ng; ++g) {
-    const int8_t* cg = c + g * G;
+    const auto cg = row.group(g);
     const float* xg = x + g * G;
     // two chains per row (even and odd vectors of the group): half the dependent FMA latency per group
     __m256 t0[MB], t1[MB];
-    __m256 w = load_codes8(cg);
+    __m256 w = cg.f8(0);
     for (int m = 0; m < MB; ++m) t0[m] = _mm256_mul_ps(_mm256_loadu_ps(xg + m * K), w);
     if (G >= 16) {
-      w = load_codes8(cg + 8);
+      w = cg.f8(8);
       for (int m = 0; m < MB; ++m) t1[m] = _mm256_mul_ps(_mm256_loadu_ps(xg + m * K + 8), w);
     }
     for (int64_t k = 16; k < G; k += 16) {
-      w = load_codes8(cg + k);
+      w = cg.f8(k);
       for (int m = 0; m < MB; ++m) t0[m] = _mm256_fmadd_ps(_mm256_loadu_ps(xg + m * K + k), w, t0[m]);
       if (k + 8 < G) {
-        w = load_codes8(cg + k + 8);
+        w = cg.f8(k + 8);
         for (int m = 0; m < MB; ++m) t1[m] = _mm256_fmadd_ps(_mm256_loadu_ps(xg + m * K + k + 8), w, t1[m]);
       }
     }
@@ -151,26 +153,34 @@ static inline void dot_rows8(const float* x, int64_t K, const int8_t* c, const f
 }
 #endif
 
-static inline void dot_block(const float* x, int64_t mb, int64_t K, const int8_t* c, const float* sc, int64_t G,
+// One weight row (read through R: int8 or packed codes, see codes.h) against mb rows of x.
+template <typename R>
+static inline void dot_block(const float* x, int64_t mb, int64_t K, const R& row, const float* sc, int64_t G,
                              const float* off, const float* xs, float* dots) {
 #ifdef __AVX512F__
   if (G % 16 == 0) {
-    return with_rows(mb, [&](auto rows) { dot_rows_any<decltype(rows)::value>(x, K, c, sc, G, off, xs, dots); });
+    return with_rows(mb, [&](auto rows) { dot_rows_any<decltype(rows)::value>(x, K, row, sc, G, off, xs, dots); });
   }
 #endif
 #ifdef AVX2_ONLY
   if (G % 8 == 0) {
     const int64_t ng = K / G;
     return row_passes<4, false>(mb, [&](auto rows, int64_t m0, int64_t) {
-      constexpr int R = decltype(rows)::value;
+      constexpr int MR = decltype(rows)::value;
       const float* xsr = off != nullptr ? xs + m0 * ng : nullptr;
-      if (G == 32) return dot_rows8<R, 32>(x + m0 * K, K, c, sc, G, off, xsr, dots + m0);
-      if (G == 16) return dot_rows8<R, 16>(x + m0 * K, K, c, sc, G, off, xsr, dots + m0);
-      dot_rows8<R, 0>(x + m0 * K, K, c, sc, G, off, xsr, dots + m0);
+      if constexpr (R::kG > 0) {
+        dot_rows8<MR, R::kG>(x + m0 * K, K, row, sc, G, off, xsr, dots + m0);
+      } else {
+        if (G == 32) return dot_rows8<MR, 32>(x + m0 * K, K, row, sc, G, off, xsr, dots + m0);
+        if (G == 16) return dot_rows8<MR, 16>(x + m0 * K, K, row, sc, G, off, xsr, dots + m0);
+        dot_rows8<MR, 0>(x + m0 * K, K, row, sc, G, off, xsr, dots + m0);
+      }
     });
   }
 #endif
-  dot_rows_scalar(x, mb, K, c, sc, G, off, dots);
+  thread_local std::vector<int8_t> buf;  // packed rows' codes for the portable loop
+  if (static_cast<int64_t>(buf.size()) < K) buf.resize(K);
+  dot_rows_scalar(x, mb, K, row.scalar(buf.data(), K), sc, G, off, dots);
 }
 
 // Runs dot(n, m0, mb, dots) for n in [begin, end) (outer: a weight row stays in L1 across the row blocks) and row
@@ -210,28 +220,30 @@ static inline void tiled(int64_t M, int64_t N, int64_t begin, int64_t end, float
 // prefetcher is left alone.
 constexpr int64_t QMM_PREFETCH = 32;
 
-at::Tensor qmatmul(const at::Tensor& x_in, const at::Tensor& codes_in, const at::Tensor& scales_in,
-                   const c10::optional<at::Tensor>& offsets_in, int64_t G) {
-  TORCH_CHECK(x_in.dim() == 2 && codes_in.dim() == 2, "qmatmul: x [M, K] and codes [N, K] must be 2-D");
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "qmatmul: x must be float32");
-  TORCH_CHECK(codes_in.scalar_type() == at::kChar, "qmatmul: codes must be int8");
-  TORCH_CHECK(scales_in.scalar_type() == at::kFloat, "qmatmul: scales must be float32");
-  const int64_t M = x_in.size(0), K = x_in.size(1), N = codes_in.size(0);
-  TORCH_CHECK(codes_in.size(1) == K, "qmatmul: x has K=", K, ", codes K=", codes_in.size(1));
-  TORCH_CHECK(G > 0 && K % G == 0, "qmatmul: group size ", G, " must divide K=", K);
-  const int64_t ng = K / G;
-  TORCH_CHECK(scales_in.size(0) == N && scales_in.size(1) == ng, "qmatmul: scales must be [N, K/G]");
-  const at::Tensor x = x_in.contiguous(), codes = codes_in.contiguous(), scales = scales_in.contiguous();
-  at::Tensor offsets;
+// qmatmul's checks of x, scales and offsets against N weight rows; the offsets' tensor (undefined: none).
+static inline at::Tensor check_product(const char* op, const at::Tensor& x, const at::Tensor& scales,
+                                       const c10::optional<at::Tensor>& offsets_in, int64_t N, int64_t G) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, op, ": x must be float32 [M, K]");
+  const int64_t K = x.size(1);
+  TORCH_CHECK(G > 0 && K % G == 0, op, ": group size ", G, " must divide K=", K);
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 2 && scales.size(0) == N &&
+              scales.size(1) == K / G, op, ": scales must be float32 [N, K/G]");
+  if (!offsets_in.has_value() || !offsets_in->defined()) return at::Tensor();
+  const at::Tensor& o = *offsets_in;
+  TORCH_CHECK(o.scalar_type() == at::kFloat && o.dim() == 2 && o.size(0) == N && o.size(1) == K / G, op,
+              ": offsets must be float32 [N, K/G]");
+  return o.contiguous();
+}
+
+// The product over weight rows read through row(n) (codes.h), each row_bytes bytes from base (the prefetch).
+template <typename Row>
+static at::Tensor qmatmul_rows(const at::Tensor& x_in, int64_t N, const uint8_t* base, int64_t row_bytes,
+                               const at::Tensor& scales_in, const at::Tensor& offsets, int64_t G, Row row) {
+  const at::Tensor x = x_in.contiguous(), scales = scales_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), ng = K / G;
+  const bool has_off = offsets.defined();
   const float* xp = x.data_ptr<float>();
-  const bool has_off = offsets_in.has_value() && offsets_in->defined();
-  if (has_off) {
-    offsets = offsets_in->contiguous();
-    TORCH_CHECK(offsets.scalar_type() == at::kFloat && offsets.size(0) == N && offsets.size(1) == ng,
-                "qmatmul: offsets must be float32 [N, K/G]");
-  }
   at::Tensor out = at::empty({M, N}, x.options());
-  const int8_t* cp = codes.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   const float* op = has_off ? offsets.data_ptr<float>() : nullptr;
   float* outp = out.data_ptr<float>();
@@ -249,16 +261,52 @@ at::Tensor qmatmul(const at::Tensor& x_in, const at::Tensor& codes_in, const at:
     // from memory once per token.
     tiled(M, N, begin, end, outp, [&](int64_t n, int64_t m0, int64_t mb, float* dots) {
       if (M >= 2 && m0 == 0 && n + QMM_PREFETCH < end) {  // a later weight row into L2 (see QMM_PREFETCH)
-        const int8_t* p = cp + (n + QMM_PREFETCH) * K;
-        for (int64_t b = 0; b < K; b += 64) __builtin_prefetch(p + b, 0, 2);
+        const uint8_t* p = base + (n + QMM_PREFETCH) * row_bytes;
+        for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(p + b, 0, 2);
         __builtin_prefetch(sp + (n + QMM_PREFETCH) * ng, 0, 2);
         if (has_off) __builtin_prefetch(op + (n + QMM_PREFETCH) * ng, 0, 2);
       }
-      dot_block(xp + m0 * K, mb, K, cp + n * K, sp + n * ng, G, has_off ? op + n * ng : nullptr,
+      dot_block(xp + m0 * K, mb, K, row(n), sp + n * ng, G, has_off ? op + n * ng : nullptr,
                 has_off ? xs.data() + m0 * ng : nullptr, dots);
     }, MB_QMM, ROWS_OUTER && M > MB_QMM);
   });
   return out;
+}
+
+at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& codes_in, const at::Tensor& scales,
+                   const c10::optional<at::Tensor>& offsets_in, int64_t G) {
+  TORCH_CHECK(codes_in.dim() == 2 && codes_in.scalar_type() == at::kChar, "qmatmul: codes must be int8 [N, K]");
+  TORCH_CHECK(x.dim() == 2, "qmatmul: x [M, K] must be 2-D");
+  TORCH_CHECK(codes_in.size(1) == x.size(1), "qmatmul: x has K=", x.size(1), ", codes K=", codes_in.size(1));
+  const int64_t N = codes_in.size(0), K = codes_in.size(1);
+  const at::Tensor offsets = check_product("qmatmul", x, scales, offsets_in, N, G);
+  const at::Tensor codes = codes_in.contiguous();
+  const int8_t* cp = codes.data_ptr<int8_t>();
+  return qmatmul_rows(x, N, reinterpret_cast<const uint8_t*>(cp), K, scales, offsets, G,
+                      [=](int64_t n) { return I8Row{cp + n * K, G}; });
+}
+
+// qmatmul on packed codes (codes.h): each chunk unpacked in registers to the int8 codes qmatmul reads, then the same
+// arithmetic in the same order: the same bits as qmatmul on the unpacked codes.
+at::Tensor qmatmul_packed(const at::Tensor& x, const at::Tensor& packed_in, int64_t bits, int64_t bias,
+                          const at::Tensor& scales, const c10::optional<at::Tensor>& offsets_in, int64_t G) {
+  TORCH_CHECK(x.dim() == 2, "qmatmul_packed: x must be [M, K]");
+  const int64_t K = x.size(1);
+  check_packed("qmatmul_packed", packed_in, bits, bias, K, G);
+  const int64_t N = packed_in.size(0), rb = packed_in.size(1);
+  const at::Tensor offsets = check_product("qmatmul_packed", x, scales, offsets_in, N, G);
+  const at::Tensor packed = packed_in.contiguous();
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const int8_t b8 = static_cast<int8_t>(bias);
+  return with_bits(bits, [&](auto b) {
+    constexpr int BITS = decltype(b)::value;
+    if (G == 16) {
+      return qmatmul_rows(x, N, pp, rb, scales, offsets, G,
+                          [=](int64_t n) { return PackedRow<BITS, 16>{pp + n * rb, b8}; });
+    }
+    return qmatmul_rows(x, N, pp, rb, scales, offsets, G,
+                        [=](int64_t n) { return PackedRow<BITS, 32>{pp + n * rb, b8}; });
+  });
 }
 
 

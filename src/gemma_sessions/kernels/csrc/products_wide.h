@@ -165,7 +165,8 @@ static inline void gemm_tile(const float* a, const float* b, int64_t kn, float* 
 // and of W (32 KB) stay near L1: faster than unblocked at K = 2048, while blocks of 320 at K = 640 were slower.
 static inline int64_t gemm_kc(int64_t K) { return K <= 1024 ? K : 512; }
 
-static void wide_gemm(const float* xp, int64_t M, int64_t K, const int8_t* cp, const float* sp, const float* op,
+template <typename Codes>
+static void wide_gemm(const float* xp, int64_t M, int64_t K, const Codes& codes, const float* sp, const float* op,
                       int64_t N, int64_t G, float* outp) {
   const int64_t np = (M + GEMM_MR - 1) / GEMM_MR;
   std::vector<float> xa(np * GEMM_MR * K);  // panel p: rows [6 p, 6 p + 6) as [K][6], rows past M zero
@@ -188,9 +189,10 @@ static void wide_gemm(const float* xp, int64_t M, int64_t K, const int8_t* cp, c
     std::vector<float> b_store(K * 16 + 16);
     float* const b = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(b_store.data()) + 63) & ~uintptr_t{63});
     alignas(32) float res[GEMM_MR * 16];
+    std::vector<int8_t> staging(codes.staging(16, K));
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t n = blk * 16, nr = std::min<int64_t>(16, N - n);
-      gemm_dequant(cp + n * K, sp + n * ng, op != nullptr ? op + n * ng : nullptr, K, G, nr, b);
+      gemm_dequant(codes.rows(n, nr, staging.data()), sp + n * ng, op != nullptr ? op + n * ng : nullptr, K, G, nr, b);
       for (int64_t k0 = 0; k0 < K; k0 += kc) {
         const int64_t kn = std::min(kc, K - k0);
         for (int64_t p = 0; p < np; ++p) {
@@ -214,59 +216,59 @@ constexpr bool kWide = false;
 bool wide_available() { return kWide; }
 
 
-at::Tensor qmatmul_wide(const at::Tensor& x_in, const at::Tensor& codes_in, const at::Tensor& scales_in,
-                        const c10::optional<at::Tensor>& offsets_in, int64_t G) {
-  TORCH_CHECK(kWide, "qmatmul_wide: this build has no AVX2-only path");
-  TORCH_CHECK(x_in.dim() == 2 && codes_in.dim() == 2, "qmatmul_wide: x [M, K] and codes [N, K] must be 2-D");
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "qmatmul_wide: x must be float32");
-  TORCH_CHECK(codes_in.scalar_type() == at::kChar, "qmatmul_wide: codes must be int8");
-  TORCH_CHECK(scales_in.scalar_type() == at::kFloat, "qmatmul_wide: scales must be float32");
-  const int64_t M = x_in.size(0), K = x_in.size(1), N = codes_in.size(0);
-  TORCH_CHECK(codes_in.size(1) == K, "qmatmul_wide: x has K=", K, ", codes K=", codes_in.size(1));
-  TORCH_CHECK(G > 0 && G % 8 == 0 && K % G == 0, "qmatmul_wide: group size ", G, " must divide K=", K,
-              " and be a multiple of 8");
-  const int64_t ng = K / G;
-  TORCH_CHECK(scales_in.size(0) == N && scales_in.size(1) == ng, "qmatmul_wide: scales must be [N, K/G]");
-  const at::Tensor x = x_in.contiguous(), codes = codes_in.contiguous(), scales = scales_in.contiguous();
-  at::Tensor offsets;
-  const bool has_off = offsets_in.has_value() && offsets_in->defined();
-  if (has_off) {
-    offsets = offsets_in->contiguous();
-    TORCH_CHECK(offsets.scalar_type() == at::kFloat && offsets.size(0) == N && offsets.size(1) == ng,
-                "qmatmul_wide: offsets must be float32 [N, K/G]");
+// The weight rows qmatmul_wide reads: int8 codes in place, or packed codes (codes.h) unpacked a block of rows at a
+// time into an int8 staging buffer that stays in L1 (the block is dequantized to float32 next anyway): the same int8
+// codes, hence the same bits.
+struct WideI8 {
+  const int8_t* c;
+  int64_t K;
+  int64_t staging(int64_t, int64_t) const { return 0; }
+  const int8_t* rows(int64_t n, int64_t, int8_t*) const { return c + n * K; }
+  const uint8_t* bytes(int64_t n) const { return reinterpret_cast<const uint8_t*>(c + n * K); }
+  int64_t row_bytes() const { return K; }
+};
+
+template <int BITS>
+struct WidePacked {
+  const uint8_t* p;
+  int64_t K, rb;
+  int8_t bias;
+  int64_t staging(int64_t rows, int64_t k) const { return rows * k; }
+  const int8_t* rows(int64_t n, int64_t nr, int8_t* buf) const {
+    unpack_rows<BITS>(p + n * rb, nr, K, bias, buf);
+    return buf;
   }
-  at::Tensor out = at::empty({M, N}, x.options());
+  const uint8_t* bytes(int64_t n) const { return p + n * rb; }
+  int64_t row_bytes() const { return rb; }
+};
+
 #ifdef AVX2_ONLY
-  if (M > WIDE_GEMM_MIN_ROWS) {
-    wide_gemm(x.data_ptr<float>(), M, K, codes.data_ptr<int8_t>(), scales.data_ptr<float>(),
-              has_off ? offsets.data_ptr<float>() : nullptr, N, G, out.data_ptr<float>());
-    return out;
-  }
-  // up to WIDE_GEMM_MIN_ROWS rows: x transposed, [K][mc] with mc its row count rounded up to 8
-  const int64_t mc = (M + 7) / 8 * 8;
+// Up to WIDE_GEMM_MIN_ROWS rows: x transposed, [K][mc] with mc its row count rounded up to 8; per thread WIDE_NR
+// weight rows at a time dequantized (wide_dequant) and run against every row (wide_rows).
+template <typename Codes>
+static void wide_small(const float* xp, int64_t M, int64_t K, const Codes& codes, const float* sp, const float* op,
+                       int64_t N, int64_t G, float* outp) {
+  const int64_t mc = (M + 7) / 8 * 8, ng = K / G, rb = codes.row_bytes();
   std::vector<float> xt(mc * K, 0.f);
-  const float* xp = x.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) xt[k * mc + m] = xp[m * K + k];
-  const int8_t* cp = codes.data_ptr<int8_t>();
-  const float* sp = scales.data_ptr<float>();
-  const float* op = has_off ? offsets.data_ptr<float>() : nullptr;
-  float* outp = out.data_ptr<float>();
   par_for(0, N, WIDE_NT, [&](int64_t begin, int64_t end) {
     std::vector<float> wb_store(WIDE_NR * K + 16);  // wb 64-byte aligned: no store splits a cache line
     float* const wbp = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(wb_store.data()) + 63) & ~uintptr_t{63});
     std::vector<float> tile(M * WIDE_NT);
+    std::vector<int8_t> staging(codes.staging(WIDE_NR, K));
     for (int64_t n0 = begin; n0 < end; n0 += WIDE_NT) {
       const int64_t nt = std::min(WIDE_NT, end - n0);
       for (int64_t j0 = 0; j0 < nt; j0 += WIDE_NR) {
         const int64_t nr = std::min<int64_t>(WIDE_NR, nt - j0), n = n0 + j0;
-        wide_dequant(cp + n * K, sp + n * ng, has_off ? op + n * ng : nullptr, K, G, nr, wbp);
+        wide_dequant(codes.rows(n, nr, staging.data()), sp + n * ng, op != nullptr ? op + n * ng : nullptr, K, G,
+                     nr, wbp);
         if (n + WIDE_PREFETCH + WIDE_NR <= end) {  // a later block's weights into L2 while this one computes
-          const int8_t* pc = cp + (n + WIDE_PREFETCH) * K;
-          for (int64_t b = 0; b < WIDE_NR * K; b += 64) __builtin_prefetch(pc + b, 0, 2);
+          const uint8_t* pc = codes.bytes(n + WIDE_PREFETCH);
+          for (int64_t b = 0; b < WIDE_NR * rb; b += 64) __builtin_prefetch(pc + b, 0, 2);
           for (int64_t b = 0; b < WIDE_NR * ng; b += 16) {
             __builtin_prefetch(sp + (n + WIDE_PREFETCH) * ng + b, 0, 2);
-            if (has_off) __builtin_prefetch(op + (n + WIDE_PREFETCH) * ng + b, 0, 2);
+            if (op != nullptr) __builtin_prefetch(op + (n + WIDE_PREFETCH) * ng + b, 0, 2);
           }
         }
         switch (nr) {
@@ -282,8 +284,52 @@ at::Tensor qmatmul_wide(const at::Tensor& x_in, const at::Tensor& codes_in, cons
         std::copy(tile.data() + m * WIDE_NT, tile.data() + m * WIDE_NT + nt, outp + m * N + n0);
     }
   });
+}
+#endif
+
+template <typename Codes>
+static at::Tensor wide_product(const at::Tensor& x_in, const Codes& codes, int64_t N, const at::Tensor& scales_in,
+                               const at::Tensor& offsets, int64_t G) {
+  const at::Tensor x = x_in.contiguous(), scales = scales_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor out = at::empty({M, N}, x.options());
+#ifdef AVX2_ONLY
+  const float* op = offsets.defined() ? offsets.data_ptr<float>() : nullptr;
+  if (M > WIDE_GEMM_MIN_ROWS) {
+    wide_gemm(x.data_ptr<float>(), M, K, codes, scales.data_ptr<float>(), op, N, G, out.data_ptr<float>());
+  } else {
+    wide_small(x.data_ptr<float>(), M, K, codes, scales.data_ptr<float>(), op, N, G, out.data_ptr<float>());
+  }
 #endif
   return out;
+}
+
+at::Tensor qmatmul_wide(const at::Tensor& x, const at::Tensor& codes_in, const at::Tensor& scales,
+                        const c10::optional<at::Tensor>& offsets_in, int64_t G) {
+  TORCH_CHECK(kWide, "qmatmul_wide: this build has no AVX2-only path");
+  TORCH_CHECK(codes_in.dim() == 2 && codes_in.scalar_type() == at::kChar, "qmatmul_wide: codes must be int8 [N, K]");
+  TORCH_CHECK(x.dim() == 2, "qmatmul_wide: x [M, K] must be 2-D");
+  TORCH_CHECK(codes_in.size(1) == x.size(1), "qmatmul_wide: x has K=", x.size(1), ", codes K=", codes_in.size(1));
+  TORCH_CHECK(G > 0 && G % 8 == 0, "qmatmul_wide: group size ", G, " must be a multiple of 8");
+  const int64_t N = codes_in.size(0), K = codes_in.size(1);
+  const at::Tensor offsets = check_product("qmatmul_wide", x, scales, offsets_in, N, G);
+  const at::Tensor codes = codes_in.contiguous();
+  return wide_product(x, WideI8{codes.data_ptr<int8_t>(), K}, N, scales, offsets, G);
+}
+
+at::Tensor qmatmul_wide_packed(const at::Tensor& x, const at::Tensor& packed_in, int64_t bits, int64_t bias,
+                               const at::Tensor& scales, const c10::optional<at::Tensor>& offsets_in, int64_t G) {
+  TORCH_CHECK(kWide, "qmatmul_wide_packed: this build has no AVX2-only path");
+  TORCH_CHECK(x.dim() == 2, "qmatmul_wide_packed: x must be [M, K]");
+  const int64_t K = x.size(1);
+  check_packed("qmatmul_wide_packed", packed_in, bits, bias, K, G);
+  const int64_t N = packed_in.size(0);
+  const at::Tensor offsets = check_product("qmatmul_wide_packed", x, scales, offsets_in, N, G);
+  const at::Tensor packed = packed_in.contiguous();
+  return with_bits(bits, [&](auto b) {
+    const WidePacked<decltype(b)::value> codes{packed.data_ptr<uint8_t>(), K, packed.size(1), static_cast<int8_t>(bias)};
+    return wide_product(x, codes, N, scales, offsets, G);
+  });
 }
 
 }  // namespace

@@ -12,7 +12,8 @@ namespace {
 // ---------------------------------------------------------------------------------------------------- description
 // A model describes its layers once (kernels/stack.py, StackSpec, writes these tables; the two must agree, and the
 // column counts are checked): per layer l, a row of int64 `spec` and a row of float64 `fspec`, 12 tensors of
-// `weights` (codes, scales, offsets of the products qkv, o, gate_up, down; empty offsets: none), 12 of `wide` when
+// `weights` (codes, int8 or packed as the row says, scales, offsets of the products qkv, o, gate_up, down; empty
+// offsets: none), 12 of `wide` when
 // given (each product's qmatmul_i16 layout), and 6 of `norms` (the scales of the input, post-attention, pre-MLP,
 // post-MLP, q and k norms; present where the flag says, else empty).
 enum StackInt : int64_t {
@@ -24,7 +25,9 @@ enum StackInt : int64_t {
   SI_ROPE,       // index of its cos/sin table
   SI_ACT,        // StackAct
   SI_GROUP,      // 4 columns: group size of qkv, o, gate_up, down
-  SI_COLS = SI_GROUP + 4
+  SI_BITS = SI_GROUP + 4,  // 4 columns: their codes' width (8: int8 codes; 4 to 6: packed, see codes.h)
+  SI_BIAS = SI_BITS + 4,   // 4 columns: their packed codes' bias
+  SI_COLS = SI_BIAS + 4
 };
 enum StackFloat : int64_t {
   SF_SCALE,    // attention score scale
@@ -49,7 +52,7 @@ constexpr int64_t kStackProducts = 4, kStackWeights = 3 * kStackProducts;
 
 // One layer's row of the tables.
 struct StackLayer {
-  int64_t flags, hq, hkv, d, kv_layer, rope, act, group[kStackProducts];
+  int64_t flags, hq, hkv, d, kv_layer, rope, act, group[kStackProducts], bits[kStackProducts], bias[kStackProducts];
   double scale, softcap, scalar;
   bool has(int64_t flag) const { return (flags & flag) != 0; }
 };
@@ -74,8 +77,15 @@ static std::vector<StackLayer> stack_layers(const at::Tensor& spec, const at::Te
     const double* f = sf.data_ptr<double>() + l * SF_COLS;
     StackLayer& y = out[l];
     y = {r[SI_FLAGS], r[SI_HEADS], r[SI_KV_HEADS], r[SI_HEAD_DIM], r[SI_KV_LAYER], r[SI_ROPE], r[SI_ACT], {},
-         f[SF_SCALE], f[SF_SOFTCAP], f[SF_SCALAR]};
+         {}, {}, f[SF_SCALE], f[SF_SOFTCAP], f[SF_SCALAR]};
     std::copy(r + SI_GROUP, r + SI_GROUP + kStackProducts, y.group);
+    std::copy(r + SI_BITS, r + SI_BITS + kStackProducts, y.bits);
+    std::copy(r + SI_BIAS, r + SI_BIAS + kStackProducts, y.bias);
+    for (int64_t j = 0; j < kStackProducts; ++j) {
+      const at::Tensor& c = weights[kStackWeights * l + 3 * j];
+      TORCH_CHECK(y.bits[j] == 8 ? c.scalar_type() == at::kChar : c.scalar_type() == at::kByte,
+                  "decode_stack: layer ", l, ": product ", j, "'s codes are not the width its row says");
+    }
     TORCH_CHECK(y.hq > 0 && y.hkv > 0 && y.hq % y.hkv == 0 && y.d > 0 && y.d % 2 == 0, "decode_stack: layer ", l,
                 ": heads must be a multiple of kv heads, head_dim even");
     TORCH_CHECK(y.rope >= 0 && y.rope < n_rope, "decode_stack: layer ", l, ": no rope table ", y.rope);
@@ -151,11 +161,23 @@ at::Tensor decode_stack(const at::Tensor& x_in, at::TensorList weights, at::Tens
                 "decode_stack: layer ", l, ": its flat is not [S, kv heads, head_dim] or its offsets are outside it");
   }
   // a product of this step: qmatmul (exact) up to exact_rows rows, beyond qmatmul_i16 on its layout (wide: packed
-  // codes, scales, offsets per product, i16_pack) when given, else qmatmul_wide (AVX2) or qmatmul_bf16
-  const auto product = [&](const at::Tensor& x, const at::Tensor* w, const at::Tensor* p, int64_t G) {
-    if (M <= exact_rows) return qmatmul(x, w[0], w[1], opt(w[2]), G);
-    if (p != nullptr) return qmatmul_i16(x, p[0], p[1], p[2], G);
-    return kWide ? qmatmul_wide(x, w[0], w[1], opt(w[2]), G) : qmatmul_bf16(x, w[0], w[1], opt(w[2]), G);
+  // codes, scales, offsets per product, i16_pack) when given, else qmatmul_wide (AVX2) or qmatmul_bf16 (which reads
+  // int8 codes only: the caller passes those). Codes narrower than 8 bits take the packed ops (codes.h).
+  const auto product = [&](const at::Tensor& x, const at::Tensor* w, const at::Tensor* p, const StackLayer& y,
+                           int j) {
+    const int64_t G = y.group[j], bits = y.bits[j], bias = y.bias[j];
+    w += 3 * j;
+    if (M <= exact_rows) {
+      return bits == 8 ? qmatmul(x, w[0], w[1], opt(w[2]), G)
+                       : qmatmul_packed(x, w[0], bits, bias, w[1], opt(w[2]), G);
+    }
+    if (p != nullptr) return qmatmul_i16(x, p[3 * j], p[3 * j + 1], p[3 * j + 2], G);
+    if (kWide) {
+      return bits == 8 ? qmatmul_wide(x, w[0], w[1], opt(w[2]), G)
+                       : qmatmul_wide_packed(x, w[0], bits, bias, w[1], opt(w[2]), G);
+    }
+    TORCH_CHECK(bits == 8, "decode_stack: qmatmul_bf16 reads int8 codes, not packed ones");
+    return qmatmul_bf16(x, w[0], w[1], opt(w[2]), G);
   };
   const auto norm = [&](int64_t l, int64_t j) -> c10::optional<at::Tensor> {
     return layers[l].has(int64_t{1} << j) ? c10::optional<at::Tensor>(norms[SN_COUNT * l + j]) : c10::nullopt;
@@ -166,12 +188,11 @@ at::Tensor decode_stack(const at::Tensor& x_in, at::TensorList weights, at::Tens
     const StackLayer& y = layers[l];
     const at::Tensor* w = weights.data() + kStackWeights * l;
     const at::Tensor* pk = wide.empty() ? nullptr : wide.data() + kStackWeights * l;
-    const auto wp = [&](int j) { return pk == nullptr ? nullptr : pk + 3 * j; };
     const int64_t src = y.kv_layer, f = kv[4 * src], g = kv[4 * src + 3];
     const int64_t off_k = kv[4 * src + 1], off_v = kv[4 * src + 2];
     const at::Tensor& flat = flats[f];
     const int64_t S = flat.size(0);
-    at::Tensor qkv = product(h, w, wp(0), y.group[0]);
+    at::Tensor qkv = product(h, w, pk, y, 0);
     const int64_t kv_heads_made = src != l ? 0 : y.has(F_V_IS_K) ? y.hkv : 2 * y.hkv;
     TORCH_CHECK(qkv.size(1) == (y.hq + kv_heads_made) * y.d, "decode_stack: layer ", l,
                 ": the qkv product's width does not match its heads");
@@ -189,13 +210,13 @@ at::Tensor decode_stack(const at::Tensor& x_in, at::TensorList weights, at::Tens
     }
     at::Tensor att = decode_attention(q, flat.narrow(0, off_k, S - off_k), flat.narrow(0, off_v, S - off_v), table[g],
                                       start[g], lengths[g], block, page_stride[f], y.scale, y.softcap);
-    at::Tensor a = product(att.reshape({M, -1}), w + 3, wp(1), y.group[1]);
+    at::Tensor a = product(att.reshape({M, -1}), w, pk, y, 1);
     auto r1 = add_rms_norm(x, a, norm(l, SN_POST_ATTN), norm(l, SN_PRE_MLP), eps);
     x = std::get<0>(r1);
     if (y.has(F_PRE_MLP_NORM)) h = std::get<1>(r1);
     else h = x;
-    at::Tensor gu = product(h, w + 6, wp(2), y.group[2]);
-    at::Tensor m = product(geglu(gu), w + 9, wp(3), y.group[3]);
+    at::Tensor gu = product(h, w, pk, y, 2);
+    at::Tensor m = product(geglu(gu), w, pk, y, 3);
     // the next norm: the next layer's input norm, or final_norm after the last layer
     const c10::optional<at::Tensor> next = l + 1 < L ? norm(l + 1, SN_INPUT) : c10::optional<at::Tensor>(final_norm);
     if (y.has(F_SCALAR)) {  // x' = (x + post_mlp_norm(m)) * scalar, then the next norm of x'
