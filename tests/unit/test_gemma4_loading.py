@@ -6,40 +6,18 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import numpy as np
 import pytest
 import torch
-from gguf import GGUFWriter
 from safetensors.torch import save_file
 
 import gemma_sessions as gs
 from gemma_sessions.config_gemma4 import Gemma4Config
 from gemma_sessions.models.gemma4 import Gemma4Model
 from gemma_sessions.testing import (random_gemma4_tensors, tiny_gemma4_hf_config, tiny_tokenizer,
-                                    write_sentencepiece_model)
+                                    write_gemma4_gguf, write_sentencepiece_model)
 
 IDS = torch.tensor([2, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110, 120, 130])
 _NO_SUFFIX = ("layer_scalar", "router.scale", "router.per_expert_scale", "experts.gate_up_proj", "experts.down_proj")
-
-# llama.cpp's names for Gemma 4 (gguf-py constants.py / tensor_mapping.py), typed out independently of the loader
-_GGUF_GLOBAL = {"embed_tokens": "token_embd.weight", "norm": "output_norm.weight",
-                "embed_tokens_per_layer": "per_layer_token_embd.weight",
-                "per_layer_model_projection": "per_layer_model_proj.weight",
-                "per_layer_projection_norm": "per_layer_proj_norm.weight"}
-_GGUF_LAYER = {
-    "self_attn.q_proj": "attn_q.weight", "self_attn.k_proj": "attn_k.weight", "self_attn.v_proj": "attn_v.weight",
-    "self_attn.o_proj": "attn_output.weight", "self_attn.q_norm": "attn_q_norm.weight",
-    "self_attn.k_norm": "attn_k_norm.weight", "input_layernorm": "attn_norm.weight",
-    "post_attention_layernorm": "post_attention_norm.weight", "pre_feedforward_layernorm": "ffn_norm.weight",
-    "post_feedforward_layernorm": "post_ffw_norm.weight", "pre_feedforward_layernorm_2": "pre_ffw_norm_2.weight",
-    "post_feedforward_layernorm_1": "post_ffw_norm_1.weight", "post_feedforward_layernorm_2": "post_ffw_norm_2.weight",
-    "mlp.gate_proj": "ffn_gate.weight", "mlp.up_proj": "ffn_up.weight", "mlp.down_proj": "ffn_down.weight",
-    "router.proj": "ffn_gate_inp.weight", "router.scale": "ffn_gate_inp.scale",
-    "router.per_expert_scale": "ffn_down_exps.scale", "experts.gate_up_proj": "ffn_gate_up_exps.weight",
-    "experts.down_proj": "ffn_down_exps.weight", "layer_scalar": "layer_output_scale.weight",
-    "per_layer_input_gate": "inp_gate.weight", "per_layer_projection": "proj.weight",
-    "post_per_layer_input_norm": "post_norm.weight"}
-
 
 def _config(variant: str = "all") -> Gemma4Config:
     return Gemma4Config.from_hf_config(tiny_gemma4_hf_config(variant))
@@ -78,70 +56,10 @@ def write_hf_dir(d, variant: str = "all", *, conditional: bool = False, drop: st
 
 
 def write_gguf(path, variant: str = "all", *, split_experts: bool = False, extra: str | None = None) -> None:
-    """The tiny model as llama.cpp's converter writes it (Gemma4Model.set_gguf_parameters, its tensor names, norms
-    unshifted, proportional RoPE as rope_freqs), from the same random weights as :func:`write_hf_dir`, all F32."""
+    """The tiny model as llama.cpp's converter writes it (``testing.write_gemma4_gguf``), from the same random
+    weights as :func:`write_hf_dir`, all F32."""
     c = _config(variant)
-    tensors = random_gemma4_tensors(c, seed=3)
-    n = c.num_layers
-    w = GGUFWriter(str(path), "gemma4")
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_block_count(n)
-    w.add_feed_forward_length([c.layer_intermediate_size(i) for i in range(n)] if c.use_double_wide_mlp
-                              else c.intermediate_size)
-    w.add_head_count(c.num_heads)
-    w.add_head_count_kv([c.layer_kv_heads(i) for i in range(n)])
-    w.add_key_length(c.global_head_dim)
-    w.add_value_length(c.global_head_dim)
-    w.add_key_length_swa(c.head_dim)
-    w.add_value_length_swa(c.head_dim)
-    w.add_rope_dimension_count(c.global_head_dim)
-    w.add_rope_dimension_count_swa(c.head_dim)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(c.rope_theta_global)
-    w.add_rope_freq_base_swa(c.rope_theta_local)
-    w.add_sliding_window(c.sliding_window)
-    w.add_sliding_window_pattern([t == "sliding" for t in c.layer_types])
-    w.add_shared_kv_layers(c.num_kv_shared_layers)
-    w.add_embedding_length_per_layer_input(c.hidden_size_per_layer_input)
-    if c.has_moe:
-        w.add_expert_count(c.num_experts)
-        w.add_expert_used_count(c.top_k_experts)
-        w.add_expert_feed_forward_length(c.moe_intermediate_size)
-    if c.final_logit_softcapping:
-        w.add_final_logit_softcapping(c.final_logit_softcapping)
-    tok = tiny_tokenizer(c.vocab_size)
-    pieces, scores, types = tok.vocab()
-    w.add_tokenizer_model("llama")
-    w.add_token_list(pieces)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(2)
-    w.add_eos_token_id(1)
-    w.add_unk_token_id(3)
-    w.add_pad_token_id(0)
-    w.add_add_space_prefix(False)
-    n_rot = int(c.rope_partial_global * c.global_head_dim // 2)
-    w.add_tensor("rope_freqs.weight", np.array([1.0] * n_rot + [1e30] * (c.global_head_dim // 2 - n_rot),
-                                               dtype=np.float32))
-    for name, t in tensors.items():
-        data = t.numpy()
-        if name in _GGUF_GLOBAL:
-            w.add_tensor(_GGUF_GLOBAL[name], data)
-            continue
-        _, i, rest = name.split(".", 2)
-        if split_experts and rest == "experts.gate_up_proj":  # llama.cpp also reads gate and up apart
-            gate, up = np.split(data, 2, axis=1)
-            w.add_tensor(f"blk.{i}.ffn_gate_exps.weight", np.ascontiguousarray(gate))
-            w.add_tensor(f"blk.{i}.ffn_up_exps.weight", np.ascontiguousarray(up))
-            continue
-        w.add_tensor(f"blk.{i}.{_GGUF_LAYER[rest]}", data)
-    if extra:
-        w.add_tensor(extra, np.zeros(4, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_gemma4_gguf(path, c, random_gemma4_tensors(c, seed=3), split_experts=split_experts, extra=extra)
 
 
 def _direct(tensors: dict[str, torch.Tensor], variant: str = "all") -> torch.Tensor:
