@@ -15,8 +15,10 @@ safetensors + tokenizer). It never downloads anything. Weight formats:
   On an accelerator (the int8 kernels are CPU code) the fast default is float32 weights when they take at most half
   of the device's free memory, else bfloat16 (``accelerator_format``).
 
-Gemma 4 (``gemma4_text`` / ``gemma4`` directories, ``gemma4`` GGUFs) runs in float32 or bfloat16 only (models/gemma4.py);
-an int8 request (the fast default included) loads float32 weights on the CPU, and the accelerator rule elsewhere.
+Gemma 4 (``gemma4_text`` / ``gemma4`` directories, ``gemma4`` GGUFs, models/gemma4.py): from a GGUF, int8 keeps every
+projection's own codes as Gemma 1-3 do (a float-typed projection stays float32; never a lossy re-quantization); from
+safetensors (float weights, no codes of their own) an int8 request loads float32 weights, logged. The per-layer
+embedding table stays as stored in every format (models/gemma4_weights.py). On an accelerator: the rule above.
 """
 
 from __future__ import annotations
@@ -305,10 +307,12 @@ def _load_gemma4_hf(path: Path, raw: dict, fmt: str, dev: torch.device, t0: floa
 
 
 def _load_gemma4_gguf(path: Path, reader: GGUFFile, fmt: str, dev: torch.device, t0: float, progress: bool) -> Model:
-    """Gemma 4 from a llama.cpp ``gemma4`` GGUF (dequantized to float32, then the weight format)."""
+    """Gemma 4 from a llama.cpp ``gemma4`` GGUF (int8 on the CPU: projections as their own codes; else float32,
+    then the weight format; the per-layer embedding table as stored)."""
     from .models import gemma4_weights
 
-    tensors, rope_freqs = gemma4_weights.read_gguf(reader, _progress_bar(path, progress))
+    quantized = fmt == "int8" and dev.type == "cpu"  # the GGUF's own codes, as Gemma 1-3's int8 mode keeps them
+    tensors, rope_freqs = gemma4_weights.read_gguf(reader, _progress_bar(path, progress), quantized=quantized)
     meta = reader.metadata
     config = Gemma4Config.from_gguf_metadata(meta, {k: tuple(v.shape) for k, v in tensors.items()}, rope_freqs)
     return _gemma4_model(path, config, tensors, Tokenizer.from_gguf_metadata(meta), fmt, dev, t0)
@@ -316,13 +320,18 @@ def _load_gemma4_gguf(path: Path, reader: GGUFFile, fmt: str, dev: torch.device,
 
 def _gemma4_model(path: Path, config: Gemma4Config, tensors: dict, tokenizer: Tokenizer, fmt: str, dev: torch.device,
                   t0: float) -> Model:
-    """Strictly checked tensors -> a Gemma 4 :class:`Model`. int8 (not Gemma 4's yet) means float32 on the CPU."""
+    """Strictly checked tensors -> a Gemma 4 :class:`Model`. int8 runs the GGUF's own codes; with none (float
+    weights: safetensors, a float GGUF) it means float32 on the CPU, logged."""
     from .models import gemma4_weights
+    from .models.quant import QuantWeight
 
     tensors = gemma4_weights.check_tensors(config, tensors)
-    if fmt == "int8":
-        fmt = "float32" if dev.type == "cpu" else accelerator_format(sum(t.numel() for t in tensors.values()), dev)
-        log.info("Gemma 4 has no int8 mode yet: %s weights", fmt, extra={"weights": fmt})
+    if fmt == "int8" and dev.type != "cpu":
+        fmt = accelerator_format(sum(t.numel() for t in tensors.values()), dev)
+    elif fmt == "int8" and not any(isinstance(t, QuantWeight) for t in tensors.values()):
+        fmt = "float32"
+        log.info("Gemma 4 int8 runs a GGUF's own codes; these weights are floats: float32 weights",
+                 extra={"weights": fmt})
     if tokenizer.vocab_size > config.vocab_size:
         raise ModelError(f"tokenizer has {tokenizer.vocab_size} tokens, the model {config.vocab_size}")
     tensors = {k: v.to(dev) for k, v in tensors.items()}

@@ -86,14 +86,15 @@ def test_both_gemma_models_are_paged_models_and_the_engine_takes_them(model):
     assert not isinstance(tiny_griffin_model(seed=1).net, PagedModel)
     assert not isinstance(object(), PagedModel)
     methods = [n for n, v in vars(PagedModel).items() if callable(v) and not n.startswith("_")]
-    assert {"hidden", "logits", "can_greedy_head", "can_decode_stack", "prepare_i16"} <= set(methods)
+    assert {"hidden", "logits", "attention_params", "can_greedy_head", "greedy_head", "can_decode_stack",
+            "hidden_decode_stack", "prepare_greedy", "prepare_i16"} <= set(methods)
     for cls in (Gemma4Model, GemmaModel):  # the same parameter names as the Protocol
         for name in methods:
             want = list(inspect.signature(getattr(PagedModel, name)).parameters)
             assert list(inspect.signature(getattr(cls, name)).parameters) == want, (cls.__name__, name)
     with _engine(model) as e:
         assert e.cache.layout == KVLayout.for_config(model.config, BLOCK)
-        assert not e.cache.layout.is_uniform  # two page shapes and KV-shared layers: the layer loop, not the stack
+        assert not e.cache.layout.is_uniform  # two page shapes and KV-shared layers
 
 
 # ------------------------------------------------------------------------------------------ engine

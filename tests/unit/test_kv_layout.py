@@ -27,6 +27,7 @@ from gemma_sessions.config import FULL, SLIDING
 from gemma_sessions.engine.runner import PagedBatch
 from gemma_sessions.engine.work import WorkItem
 from gemma_sessions.errors import CapacityError, ModelError, SessionFileError
+from gemma_sessions.kernels.stack import StackKV
 from gemma_sessions.sessions.sessionfile import decode_session, encode_session
 from gemma_sessions.testing import tiny_config
 
@@ -539,27 +540,53 @@ def test_the_shared_layer_contract_is_enforced_and_writes_nothing():
         batch.attend(7, q8, kv8, kv8)
     with pytest.raises(ValueError, match="owns its KV"):
         batch.attend(5, q8, None, None)
-    with pytest.raises(ValueError, match="decode_stack"):
+    with pytest.raises(ValueError, match="decode rows only"):  # a prefill chunk: the layer loop
         batch.stack_args()
     with pytest.raises(ValueError, match="page shapes"):
         _ = cache.flat
 
 
 def test_stack_args_for_gemma3_are_what_they_were():
+    """One page shape: one flat (the cache's own storage), the offsets and page stride the dict form had."""
     config = tiny_config("gemma3")
     cache = PagedKVCache(KVLayout.for_config(config, 4), 64, torch.float32, CPU)
     seq = cache.start(list(range(12)))
     _run(cache, seq, 11)
     cache.allocate(seq, 1)
-    args = PagedBatch(cache, [WorkItem(seq=seq, num_tokens=1, want_logits=True)], SCALE, None,
-                      (config.num_heads, config.num_kv_heads)).stack_args()
+    kv = PagedBatch(cache, [WorkItem(seq=seq, num_tokens=1, want_logits=True)], SCALE, None,
+                    (config.num_heads, config.num_kv_heads)).stack_args()
     lay = cache.layout
-    assert set(args) == {"flat", "off_k", "off_v", "layer_group", "write", "table", "start", "lengths", "block",
-                         "page_stride", "scale", "softcap"}
-    assert args["flat"] is cache.flat and args["flat"].data_ptr() == cache.buffer.data_ptr()
-    assert args["off_k"] == [lay.layer_slot[i] * 2 * 4 for i in range(7)]
-    assert args["off_v"] == [(lay.layer_slot[i] * 2 + 1) * 4 for i in range(7)]
-    assert args["layer_group"] == list(lay.layer_group) and args["page_stride"] == 8 and args["block"] == 4
+    assert isinstance(kv, StackKV) and len(kv.flats) == 1
+    assert kv.flats[0] is cache.flat and kv.flats[0].data_ptr() == cache.buffer.data_ptr()
+    assert kv.layer_flat == (0,) * 7 and kv.page_stride == (8,) and kv.block == 4
+    assert kv.off_k == tuple(lay.layer_slot[i] * 2 * 4 for i in range(7))
+    assert kv.off_v == tuple((lay.layer_slot[i] * 2 + 1) * 4 for i in range(7))
+    assert kv.layer_group == lay.layer_group
+
+
+def test_stack_args_describe_every_page_shape_and_the_shared_layers():
+    """Two page shapes and KV-shared layers (MIXED): a flat per shape with its stride, each layer on its group's
+    flat, a shared layer on its source's group, slot and offsets; per group the slot the rows write and the table
+    attend() reads (the same tensors)."""
+    cache = _cache(MIXED)
+    seqs = [cache.start(list(range(20 + i))) for i in range(2)]
+    for s in seqs:
+        _run(cache, s, len(s.tokens) - 1)
+        cache.allocate(s, 1)
+    batch = PagedBatch(cache, [WorkItem(seq=s, num_tokens=1, want_logits=True) for s in seqs], SCALE, None, HQ)
+    kv = batch.stack_args()
+    lay = cache.layout
+    assert len(lay.classes) == 2 and kv.flats == cache.flats and kv.page_stride == cache.page_strides
+    for i in range(MIXED.num_layers):
+        src = MIXED.kv_source(i)
+        assert kv.layer_group[i] == lay.layer_group[src]
+        assert kv.flats[kv.layer_flat[i]] is cache.group_flat(lay.layer_group[i])
+        assert kv.flats[kv.layer_flat[i]].shape[1:] == (MIXED.layer_kv_heads(i), MIXED.layer_head_dim(i))
+        assert (kv.off_k[i], kv.off_v[i]) == (cache.layer_offset(src, 0), cache.layer_offset(src, 1))
+    assert [kv.layer_flat[i] for i in range(MIXED.num_layers)] != [0] * MIXED.num_layers
+    for g in range(lay.num_groups):
+        assert kv.write[g] is batch.write[g] and kv.table[g] is batch.decode[g][0]
+        assert torch.equal(kv.lengths[g], batch.decode[g][2])
 
 
 # ---------------------------------------------------------------------------------------------- property

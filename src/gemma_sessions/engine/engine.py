@@ -42,7 +42,7 @@ from ..errors import (CapacityError, ContextLengthError, EngineClosedError, Inva
                       SessionFileError, UnsupportedModelError)
 from ..sampling import SamplingParams
 from .request import GenerationOutput, GenerationStream, KVHandle, Request, State
-from .runner import PagedConfig, PagedModel, run_state_step_greedy, run_step_greedy
+from .runner import PagedConfig, PagedModel, StateModel, run_state_step_greedy, run_step_greedy
 from .scheduler import Scheduler
 from .work import WorkItem
 
@@ -84,22 +84,12 @@ class Engine:
                  max_batched_tokens: int = 512, kv_dtype: torch.dtype | None = None,
                  on_spill: Callable[[KVHandle, KVSnapshot], None] | None = None,
                  stop_ids: Iterable[int] | None = None):
-        from ..models.griffin import GriffinModel
-
         if max_batch < 1 or block_size < 1 or max_batched_tokens < 1:
             raise InvalidRequestError("max_batch, block_size and max_batched_tokens must be >= 1")
         self.model = model
         self.max_context = model.config.max_position_embeddings
         budget = kv_cache_bytes or default_kv_cache_bytes(model.device)
-        if isinstance(model.net, GriffinModel):
-            # RecurrentGemma: fixed-size state slots instead of pages (a slot holds any length)
-            slot_bytes = model.net.new_slots(1).slot_bytes()
-            if budget // slot_bytes < 2:
-                raise InvalidRequestError(f"kv_cache_bytes={budget} holds fewer than 2 state slots of {slot_bytes} B")
-            self.cache = StateCache(model.net, budget // slot_bytes, model.device)
-            self._run = run_state_step_greedy
-            self._snapshot_type: type = StateSnapshot
-        elif isinstance(model.net, PagedModel) and isinstance(model.config, PagedConfig):
+        if isinstance(model.net, PagedModel) and isinstance(model.config, PagedConfig):
             # Gemma 1/2/3 and Gemma 4: whatever the runner can step over pages (runner.PagedModel)
             layout = KVLayout.for_config(model.config, block_size)
             # KV in bf16 unless the model runs in exact float32 (halves memory, bandwidth and snapshot size).
@@ -109,10 +99,17 @@ class Engine:
                 raise InvalidRequestError(f"kv_cache_bytes={budget} holds only {num_blocks} pages")
             self.cache = PagedKVCache(layout, num_blocks, dtype, model.device)
             self._run = run_step_greedy
-            self._snapshot_type = KVSnapshot
-            if model.net.can_greedy_head():  # the greedy head's re-laid weights now, not in a first request's TTFT
-                model.net.embed.prepare_greedy()
+            self._snapshot_type: type = KVSnapshot
+            model.net.prepare_greedy()  # the greedy head's re-laid weights now, not in a first request's TTFT
             model.net.prepare_i16()  # likewise the layers' layout for batched steps (where qmatmul_i16 runs)
+        elif isinstance(model.net, StateModel):
+            # RecurrentGemma: fixed-size state slots instead of pages (a slot holds any length)
+            slot_bytes = model.net.new_slots(1).slot_bytes()
+            if budget // slot_bytes < 2:
+                raise InvalidRequestError(f"kv_cache_bytes={budget} holds fewer than 2 state slots of {slot_bytes} B")
+            self.cache = StateCache(model.net, budget // slot_bytes, model.device)
+            self._run = run_state_step_greedy
+            self._snapshot_type = StateSnapshot
         else:
             raise UnsupportedModelError(f"the engine cannot serve {model.config.architecture}")
         self.on_spill = on_spill

@@ -27,8 +27,7 @@ from ..cache.kv import PagedKVCache
 from ..cache.layout import LayerShapes
 from ..cache.state import StateCache
 from ..kernels import backend
-from ..models import gemma4
-from ..models.gemma import GemmaModel, attention, visibility_mask
+from ..models.gemma import attention, visibility_mask
 from .work import WorkItem
 
 
@@ -47,31 +46,61 @@ class PagedModel(Protocol):
     """What the engine and the runner ask of a model whose K/V live in the paged cache (``GemmaModel`` for Gemma
     1/2/3, ``Gemma4Model``); the engine serves any ``net`` that has these, not a list of classes.
 
-    The layers read and write K/V only through the ``KVBatch`` they are given (:class:`PagedBatch` here). The fast
-    paths are optional, asked first: ``greedy_head(h, want_logits)`` is called only when ``can_greedy_head()`` and
-    ``hidden_decode_stack(ids, positions, stack_args)`` only when ``can_decode_stack(rows)`` says so (Gemma 3's
-    int8 mode; Gemma 4 answers False to both). The score scale and soft-cap of the paged attention come from
-    :func:`attention_params`.
+    The layers read and write K/V only through the ``KVBatch`` they are given (:class:`PagedBatch` here), with the
+    score scale and soft-cap ``attention_params()`` gives. The fast paths are optional, asked first:
+    ``greedy_head(h, want_logits)`` is called only when ``can_greedy_head()`` and ``hidden_decode_stack(ids,
+    positions, kv)`` only when ``can_decode_stack(rows)`` says so (the int8 mode; Gemma 4 with per-layer embeddings
+    or the MoE block runs its layers one by one). ``prepare_greedy`` and ``prepare_i16`` make what those paths need
+    at the engine's start rather than in a first request.
     """
 
     config: PagedConfig
     weight_format: str
     device: torch.device
 
-    def hidden(self, ids: torch.Tensor, positions: torch.Tensor, kv: gemma4.KVBatch) -> torch.Tensor:
+    def hidden(self, ids: torch.Tensor, positions: torch.Tensor, kv: PagedBatch) -> torch.Tensor:
         """Final-normed hidden states [N, hidden] for N flattened tokens at their absolute positions."""
 
     def logits(self, h: torch.Tensor, batch: bool = False) -> torch.Tensor:
         """[N, hidden] -> float32 logits [N, vocab]."""
 
+    def attention_params(self) -> tuple[float, float | None]:
+        """The score scale and soft-cap every attention layer uses (what :class:`PagedBatch` applies)."""
+
     def can_greedy_head(self) -> bool:
         """Whether ``greedy_head`` runs."""
+
+    def greedy_head(self, h: torch.Tensor, want_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[N, hidden] -> (the exact greedy token per row, -1 where h is not finite; approximate logits [N, vocab]
+        when ``want_logits``)."""
 
     def can_decode_stack(self, rows: int) -> bool:
         """Whether ``hidden_decode_stack`` runs a decode step of ``rows`` rows."""
 
+    def hidden_decode_stack(self, ids: torch.Tensor, positions: torch.Tensor, kv: kernels.StackKV) -> torch.Tensor:
+        """:meth:`hidden` for a step of decode rows, every layer in one compiled call over ``kv``
+        (:meth:`PagedBatch.stack_args`)."""
+
+    def prepare_greedy(self) -> None:
+        """Make the greedy head's layout now where it runs (may do nothing)."""
+
     def prepare_i16(self) -> None:
         """Make what batched steps need now, not in a first request (may do nothing)."""
+
+
+@runtime_checkable
+class StateModel(Protocol):
+    """What :func:`run_state_step` and ``cache/state.py`` ask of a recurrent model (RecurrentGemma's
+    ``GriffinModel``): fixed-size state slots and a step over them."""
+
+    config: object
+
+    def new_slots(self, num_slots: int) -> object:
+        """A pool of ``num_slots`` state slots (its ``slot_bytes()``: one slot's size)."""
+
+    def forward_slots(self, ids: torch.Tensor, slots: torch.Tensor, start: torch.Tensor, pool: object,
+                      last_only: bool = False) -> torch.Tensor:
+        """Advance the sequences in ``slots`` by ``ids`` [B, T]; logits [B, T or 1, vocab]."""
 
 
 def leading_decode_rows(items: list[WorkItem]) -> int:
@@ -201,21 +230,21 @@ class PagedBatch:
         out = torch.matmul(probs, vals).reshape(b, hq, tmax, d).transpose(1, 2).reshape(b * tmax, hq, d)
         return out.index_select(0, valid).to(out_dtype)
 
-    def stack_args(self) -> dict:
+    def stack_args(self) -> kernels.StackKV:
         """The cache's part of ``kernels.decode_stack`` for a step of decode rows only: what :meth:`attend` uses,
-        for every layer at once. Only for a layout with one page shape and no KV-shared layer
-        (``layout.is_uniform``: Gemma 1/2/3); ValueError otherwise (the kernel reads one flat view, writes every
-        layer)."""
+        for every layer at once. Any layout: one slot tensor per page shape (``cache.flats``, each with its page
+        stride), each layer's shape, offsets and group (a KV-shared layer's are its source's: the kernel writes
+        nothing for it and reads its source's slots), and per group the rows' write slots and block tables."""
         cache, lay = self.cache, self.cache.layout
-        if not lay.is_uniform:
-            raise ValueError("kernels.decode_stack takes one page shape and no KV-shared layer; this layout has "
-                             f"{len(lay.classes)} page shape(s) and KV-shared layers: run the layers one by one")
+        if any(d is None for d in self.decode) or any(self.prefill):
+            raise ValueError("stack_args describes a step of decode rows only")
         n = len(lay.layer_group)
-        return dict(flat=cache.flat, off_k=[cache.layer_offset(i, 0) for i in range(n)],
-                    off_v=[cache.layer_offset(i, 1) for i in range(n)], layer_group=list(lay.layer_group),
-                    write=self.write, table=[d[0] for d in self.decode], start=[d[1] for d in self.decode],
-                    lengths=[d[2] for d in self.decode], block=lay.block_size, page_stride=cache.page_stride,
-                    scale=self.scale, softcap=self.softcap)
+        return kernels.StackKV(
+            flats=tuple(cache.flats), layer_flat=tuple(lay.group_class[g] for g in lay.layer_group),
+            off_k=tuple(cache.layer_offset(i, 0) for i in range(n)),
+            off_v=tuple(cache.layer_offset(i, 1) for i in range(n)), layer_group=tuple(lay.layer_group),
+            write=tuple(self.write), table=tuple(d[0] for d in self.decode), start=tuple(d[1] for d in self.decode),
+            lengths=tuple(d[2] for d in self.decode), block=lay.block_size, page_stride=tuple(cache.page_strides))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None) -> torch.Tensor:
         """Write k, v ([N, Hkv, D] of ``layer``'s group) into the pages and attend q ([N, Hq, D]); returns [N, Hq, D].
@@ -336,15 +365,6 @@ def _head(net: PagedModel, h: torch.Tensor, greedy: list[bool] | None):
     return list(out), [None] * n
 
 
-def attention_params(net: PagedModel) -> tuple[float, float | None]:
-    """The score scale and soft-cap every attention layer of ``net`` uses (what :class:`PagedBatch` applies)."""
-    if isinstance(net, GemmaModel):
-        return net.layers[0].attn.scale, net.config.attn_logit_softcapping
-    if isinstance(net, gemma4.Gemma4Model):  # q and k are RMS-normed: scale 1.0, no soft-cap (Gemma4TextAttention)
-        return gemma4.ATTENTION_SCALE, None
-    raise TypeError(f"no paged attention for {type(net).__name__}")
-
-
 def _hidden_rows(net: PagedModel, cache: PagedKVCache, items: list[WorkItem]) -> torch.Tensor:
     """The final hidden states [R, hidden] of the items that want logits."""
     dev = cache.device
@@ -357,10 +377,9 @@ def _hidden_rows(net: PagedModel, cache: PagedKVCache, items: list[WorkItem]) ->
         row += it.num_tokens
         if it.want_logits:
             rows.append(row - 1)
-    batch = PagedBatch(cache, items, *attention_params(net), net.config.num_heads)
+    batch = PagedBatch(cache, items, *net.attention_params(), net.config.num_heads)
     ids_t, pos_t = torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, device=dev)
-    stack = batch.n_decode == len(items) and cache.layout.is_uniform  # (the model's device is the cache's)
-    if stack and net.can_decode_stack(len(items)):
+    if batch.n_decode == len(items) and net.can_decode_stack(len(items)):  # (the model's device is the cache's)
         h = net.hidden_decode_stack(ids_t, pos_t, batch.stack_args())  # every layer in one compiled call
     else:
         h = net.hidden(ids_t, pos_t, batch)

@@ -414,8 +414,7 @@ class GemmaModel(nn.Module):
                 post_mlp_norm=_scale(layer.post_mlp_norm), q_norm=_scale(a.q_norm), k_norm=_scale(a.k_norm)))
         return kernels.StackSpec(layers=tuple(layers), final_norm=self.norm.scale, eps=self.config.rms_norm_eps)
 
-    def hidden_decode_stack(self, ids: torch.Tensor, positions: torch.Tensor,
-                            stack_args: dict | kernels.StackKV) -> torch.Tensor:
+    def hidden_decode_stack(self, ids: torch.Tensor, positions: torch.Tensor, kv: kernels.StackKV) -> torch.Tensor:
         """:meth:`hidden` for a decode step (see :meth:`can_decode_stack`) over the paged cache, every layer in
         one compiled call (``kernels.decode_stack`` on :meth:`stack_spec`; the engine's ``PagedBatch.stack_args``
         gives the cache's part). The same kernels in the same order as :meth:`_hidden_fused`, so the same bits,
@@ -425,8 +424,17 @@ class GemmaModel(nn.Module):
         n, d = x.shape[0], self.config.head_dim
         cos = [tables[k][0].view(n, d) for k in self.rope.inv_freq]  # LayerSpec.rope indexes these
         sin = [tables[k][1].view(n, d) for k in self.rope.inv_freq]
-        kv = stack_args if isinstance(stack_args, kernels.StackKV) else kernels.StackKV.from_stack_args(stack_args)
         return self._decode_stack()(x, cos, sin, kv)
+
+    def attention_params(self) -> tuple[float, float | None]:
+        """The score scale and soft-cap of every layer's attention (the engine's paged attention applies them)."""
+        return self.layers[0].attn.scale, self.config.attn_logit_softcapping
+
+    def prepare_greedy(self) -> None:
+        """Make the greedy head's re-laid weights now where :meth:`greedy_head` runs (the engine calls it at start,
+        so a first request does not pay for it)."""
+        if self.can_greedy_head():
+            self.embed.prepare_greedy()
 
     def new_sequence(self, max_len: int) -> DenseKV:
         """The state one sequence needs for :meth:`step` (a dense KV cache of ``max_len`` tokens)."""

@@ -3,7 +3,14 @@
 Contract: the same as models/gemma.py. Token ids and positions in, hidden states / logits out; the N tokens of a
 step are flattened into one ``[N, hidden]`` matrix, and attention reads and writes K/V only through a ``KVBatch``
 (``attend(layer, q, k, v) -> out``), so one set of layers runs a dense single sequence (:class:`DenseKV`, used by
-``step`` and ``generate``) and the engine's paged cache. Weights are float32 or bfloat16.
+``step`` and ``generate``) and the engine's paged cache.
+
+Weight formats: float32, bfloat16, and int8 (the CPU fast mode): every projection whose GGUF blocks have an exact
+grouped int8 form keeps the GGUF's own codes and runs through the kernel backend's ``QuantLinear``, as Gemma 1-3's
+(``models.gemma.Linear``); a projection stored as floats stays float32 (int8 here is the file's codes, never a
+lossy re-quantization). The MoE experts and the router are float32 in every mode but bfloat16. Without per-layer
+embeddings and the MoE block (the 31B shape) a decode step of the int8 mode runs every layer in one compiled call
+(``kernels.decode_stack``, :meth:`Gemma4Model.stack_spec`); the others run layer by layer.
 
 KV sharing: the last ``num_kv_shared_layers`` layers own no K/V. Such a layer calls ``kv.attend(layer, q, None,
 None)`` and the cache attends q over the K/V it stored for ``config.kv_source(layer)`` (an earlier layer of the
@@ -34,12 +41,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..config import SLIDING
 from ..config_gemma4 import Gemma4Config
 from ..errors import UnsupportedModelError
-from .gemma import PREFILL_BLOCK, FloatLinear, attention, cat_rows, visibility_mask
+from ..kernels import backend
+from . import quant
+from .gemma import PREFILL_BLOCK, FloatLinear, Linear, attention, cat_rows, visibility_mask
+from .gemma4_weights import GGUFRows
 
-WEIGHT_FORMATS = ("float32", "bfloat16")
+WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
 # Gemma4TextAttention.scaling = 1.0: scores are q.k, unscaled (the q/k RMSNorms fix their size instead).
 ATTENTION_SCALE = 1.0
 
@@ -68,6 +79,19 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps).to(x.dtype)
+
+
+def linear(w: torch.Tensor | quant.QuantWeight, fmt: str, head: bool = False) -> FloatLinear | backend.QuantLinear:
+    """A projection in the weight format: in int8 a GGUF weight's own codes through the kernel backend (exact: the
+    float32 mode's dequantization); any float weight (a float GGUF tensor, safetensors) stays float32."""
+    if fmt == "int8" and isinstance(w, quant.QuantWeight):
+        return Linear(w, "int8", head=head)
+    return FloatLinear(w.dequantize() if isinstance(w, quant.QuantWeight) else w,
+                       torch.bfloat16 if fmt == "bfloat16" else torch.float32)
+
+
+def _float(w: torch.Tensor | quant.QuantWeight) -> torch.Tensor:
+    return w.dequantize() if isinstance(w, quant.QuantWeight) else w
 
 
 def rope_inv_freq(head_dim: int, theta: float, partial: float, factor: float) -> torch.Tensor:
@@ -102,7 +126,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     """``Gemma4TextAttention``: q/k norms over head_dim, a scale-free v norm, scale 1.0, per-type sizes."""
 
-    def __init__(self, config: Gemma4Config, layer: int, w: dict[str, torch.Tensor], dtype: torch.dtype):
+    def __init__(self, config: Gemma4Config, layer: int, w: dict[str, torch.Tensor], fmt: str):
         super().__init__()
         self.layer = layer
         self.hq, self.hkv, self.d = config.num_heads, config.layer_kv_heads(layer), config.layer_head_dim(layer)
@@ -113,8 +137,8 @@ class Attention(nn.Module):
         names = ["q_proj"]
         if not self.shared:
             names += ["k_proj"] if self.v_is_k else ["k_proj", "v_proj"]
-        self.qkv = FloatLinear(cat_rows([w[n] for n in names]), dtype)  # one product for q, k, v
-        self.o_proj = FloatLinear(w["o_proj"], dtype)
+        self.qkv = linear(cat_rows([w[n] for n in names]), fmt)  # one product for q, k, v
+        self.o_proj = linear(w["o_proj"], fmt)
         self.q_norm = RMSNorm(w["q_norm"], eps)
         self.k_norm = None if self.shared else RMSNorm(w["k_norm"], eps)
         self.v_norm = None if self.shared else RMSNorm(None, eps)  # Gemma4RMSNorm(with_scale=False)
@@ -140,11 +164,11 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """``Gemma4TextMLP``: GeGLU with tanh GELU; width from the weights (double wide on KV-shared layers)."""
 
-    def __init__(self, w: dict[str, torch.Tensor], dtype: torch.dtype):
+    def __init__(self, w: dict[str, torch.Tensor], fmt: str):
         super().__init__()
         self.inter = w["gate_proj"].shape[0]
-        self.gate_up = FloatLinear(cat_rows([w["gate_proj"], w["up_proj"]]), dtype)
-        self.down_proj = FloatLinear(w["down_proj"], dtype)
+        self.gate_up = linear(cat_rows([w["gate_proj"], w["up_proj"]]), fmt)
+        self.down_proj = linear(w["down_proj"], fmt)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).split(self.inter, dim=-1)
@@ -160,7 +184,7 @@ class MoE(nn.Module):
         self.router_norm = RMSNorm(None, config.rms_norm_eps)  # Gemma4TextRouter.norm: with_scale=False
         self.register_buffer("router_scale", w["router.scale"].to(dtype))
         self.root = config.hidden_size ** -0.5  # Gemma4TextRouter.scalar_root_size
-        self.router = FloatLinear(w["router.proj"], dtype)
+        self.router = FloatLinear(_float(w["router.proj"]), dtype)
         self.register_buffer("per_expert_scale", w["router.per_expert_scale"].to(dtype))
         self.register_buffer("gate_up", w["experts.gate_up_proj"].to(dtype))  # [E, 2I, hidden]
         self.register_buffer("down", w["experts.down_proj"].to(dtype))  # [E, hidden, I]
@@ -186,11 +210,11 @@ class MoE(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: Gemma4Config, layer: int, w: dict[str, torch.Tensor], dtype: torch.dtype):
+    def __init__(self, config: Gemma4Config, layer: int, w: dict[str, torch.Tensor], fmt: str):
         super().__init__()
-        eps = config.rms_norm_eps
-        self.attn = Attention(config, layer, {k.removeprefix("self_attn."): v for k, v in w.items()}, dtype)
-        self.mlp = MLP({k.removeprefix("mlp."): v for k, v in w.items()}, dtype)
+        eps, dtype = config.rms_norm_eps, torch.bfloat16 if fmt == "bfloat16" else torch.float32
+        self.attn = Attention(config, layer, {k.removeprefix("self_attn."): v for k, v in w.items()}, fmt)
+        self.mlp = MLP({k.removeprefix("mlp."): v for k, v in w.items()}, fmt)
         # Four "sandwich" norms as in Gemma 2/3, each a plain-weight Gemma4RMSNorm.
         self.input_norm = RMSNorm(w["input_layernorm"], eps)
         self.post_attn_norm = RMSNorm(w["post_attention_layernorm"], eps)
@@ -201,9 +225,9 @@ class DecoderLayer(nn.Module):
             self.post_mlp_norm_1 = RMSNorm(w["post_feedforward_layernorm_1"], eps)  # dense MLP's output
             self.pre_moe_norm = RMSNorm(w["pre_feedforward_layernorm_2"], eps)  # experts' input
             self.post_moe_norm = RMSNorm(w["post_feedforward_layernorm_2"], eps)  # experts' output
-        self.ple_gate = FloatLinear(w["per_layer_input_gate"], dtype) if config.has_ple else None
+        self.ple_gate = linear(w["per_layer_input_gate"], fmt) if config.has_ple else None
         if self.ple_gate is not None:
-            self.ple_proj = FloatLinear(w["per_layer_projection"], dtype)
+            self.ple_proj = linear(w["per_layer_projection"], fmt)
             self.ple_post_norm = RMSNorm(w["post_per_layer_input_norm"], eps)
         self.register_buffer("layer_scalar", w["layer_scalar"].to(dtype))  # [1]
 
@@ -243,8 +267,8 @@ class Gemma4Model(nn.Module):
             raise UnsupportedModelError(f"Gemma 4 runs in {WEIGHT_FORMATS}, not {weight_format!r}")
         self.config, self.weight_format, self.device = config, weight_format, device
         self.dtype = torch.bfloat16 if weight_format == "bfloat16" else torch.float32
-        self.embed = FloatLinear(tensors["embed_tokens"], self.dtype)  # tied: also the LM head
-        self.layers = nn.ModuleList(DecoderLayer(config, i, _layer_tensors(tensors, i), self.dtype)
+        self.embed = linear(tensors["embed_tokens"], weight_format, head=True)  # tied: also the LM head
+        self.layers = nn.ModuleList(DecoderLayer(config, i, _layer_tensors(tensors, i), weight_format)
                                     for i in range(config.num_layers))
         self.norm = RMSNorm(tensors["norm"], config.rms_norm_eps)
         # Scaled by sqrt(hidden_size), the scale cast to the compute dtype first
@@ -254,25 +278,42 @@ class Gemma4Model(nn.Module):
                          for i, kind in enumerate(config.layer_types)}  # one per layer type (its layers agree)
         if config.has_ple:
             table = tensors["embed_tokens_per_layer"]  # [vocab_ple, layers * P]: rows are gathered, never expanded
-            # Kept in its stored dtype in the float32 mode when that is exact (a bf16 checkpoint's table stays bf16).
-            keep = weight_format == "float32" and table.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            self.register_buffer("ple_table", table if keep else table.to(self.dtype))
+            # Kept as stored: a GGUF block table as its blocks (GGUFRows: only gathered rows are dequantized), a
+            # float table in its dtype wherever the compute dtype is float32 (a bf16 checkpoint's table stays bf16).
+            if isinstance(table, GGUFRows):
+                self.ple_table = table
+            else:
+                keep = self.dtype == torch.float32 and table.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                self.register_buffer("ple_table", table if keep else table.to(self.dtype))
             # Gemma4TextScaledWordEmbedding with embed_scale = hidden_size_per_layer_input ** 0.5, cast the same way.
             self.ple_embed_scale = torch.tensor(math.sqrt(config.hidden_size_per_layer_input), dtype=self.dtype,
                                                 device=device)
-            self.ple_model_proj = FloatLinear(tensors["per_layer_model_projection"], self.dtype)
+            self.ple_model_proj = linear(tensors["per_layer_model_projection"], weight_format)
             self.ple_proj_norm = RMSNorm(tensors["per_layer_projection_norm"], config.rms_norm_eps)
+        self._stack: backend.DecodeStack | None = None  # hidden_decode_stack's, made on first use
+        self._product_list: list | None = None  # the int8 layer products, in order
 
     # ---------------------------------------------------------------------------------------------- forward
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:  # ids: [N] -> [N, hidden]
-        return self.embed.weight[ids].to(self.dtype) * self.embed_scale
+        e = self.embed
+        if e.int8:  # the int8 head's rows, dequantized (exact: the float32 mode's rows)
+            rows = quant.dequantize_rows(quant.QuantWeight(codes=e.codes, scales=e.scales, offsets=e.offsets,
+                                                           group=e.group), ids)
+        else:
+            rows = e.weight[ids]
+        return rows.to(self.dtype) * self.embed_scale
+
+    def ple_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """[N, layers * P] float rows of the per-layer embedding table (only these rows are read or dequantized)."""
+        t = self.ple_table
+        return t.rows(ids) if isinstance(t, GGUFRows) else t[ids]
 
     def per_layer_inputs(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """[N, layers, P]: each token's per-layer embedding vectors (``get_per_layer_inputs`` then
         ``project_per_layer_inputs``)."""
         c, n = self.config, ids.shape[0]
         shape = (n, c.num_layers, c.hidden_size_per_layer_input)
-        token = (self.ple_table[ids].to(self.dtype) * self.ple_embed_scale).view(shape)  # token identity part
+        token = (self.ple_rows(ids).to(self.dtype) * self.ple_embed_scale).view(shape)  # token identity part
         # The context part: a projection of the scaled main embedding, times hidden_size ** -0.5, RMS-normed over P.
         proj = self.ple_proj_norm((self.ple_model_proj(x) * c.hidden_size ** -0.5).view(shape))
         return (proj + token) * 2.0 ** -0.5  # per_layer_input_scale
@@ -288,12 +329,14 @@ class Gemma4Model(nn.Module):
 
     def logits(self, h: torch.Tensor, batch: bool = False) -> torch.Tensor:
         """[N, hidden] -> float32 logits [N, vocab] through the tied embedding, soft-capped when the config says
-        so (``Gemma4ForCausalLM.forward``: ``tanh(logits / cap) * cap``). ``batch`` is accepted for the engine."""
-        out = self.embed(h).float()
+        so. ``batch``: the engine's decode rows (``QuantLinear.forward_batch`` in the int8 mode)."""
+        return self._softcap((self.embed.forward_batch(h) if batch else self.embed(h)).float())
+
+    def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
         cap = self.config.final_logit_softcapping
-        if cap is not None:
-            out = torch.tanh(out / cap) * cap
-        return out
+        if cap is not None:  # ``Gemma4ForCausalLM.forward``: ``tanh(logits / cap) * cap``
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     # ---------------------------------------------------------------------------------------------- one sequence
     def new_sequence(self, max_len: int) -> DenseKV:
@@ -309,15 +352,94 @@ class Gemma4Model(nn.Module):
     def step_greedy(self, ids: torch.Tensor, kv: DenseKV) -> int:
         return int(self.step(ids, kv, last_only=True)[0].argmax())
 
-    # The engine's fast paths (int8 decode stack, greedy head) do not exist for Gemma 4.
-    def can_greedy_head(self) -> bool:
-        return False
+    # ---------------------------------------------------------------------------------------------- the engine's
+    def attention_params(self) -> tuple[float, float | None]:
+        """Score scale and soft-cap of the paged attention: q and k are RMS-normed, scale 1.0, no soft-cap
+        (``Gemma4TextAttention``)."""
+        return ATTENTION_SCALE, None
 
-    def can_decode_stack(self, rows: int) -> bool:
-        return False
+    def can_greedy_head(self) -> bool:
+        """Whether :meth:`greedy_head` runs: an int8 head the kernel backend runs it for (``QuantLinear.greedy``)."""
+        return self.embed.greedy_ready()
+
+    def greedy_head(self, h: torch.Tensor, want_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[N, hidden] -> (the exact greedy token per row; -1 where h is not finite; approximate soft-capped logits
+        [N, vocab] when ``want_logits``), as ``GemmaModel.greedy_head``.
+
+        NOTE: the final soft-cap is monotone, so the greedy token of the capped logits is the head's own argmax,
+        found before the cap; only the logits for sampling are capped (as :meth:`logits` caps them). Gemma 2 keeps
+        its logits' argmax instead (its float32 tanh may tie two logits near the cap; then the lower index wins there
+        and the truly larger one here)."""
+        tokens, approx = self.embed.greedy(h.float(), want_logits)
+        return tokens, None if approx is None else self._softcap(approx)
+
+    def prepare_greedy(self) -> None:
+        """Make the greedy head's layout now where it runs (the engine calls it at start)."""
+        if self.can_greedy_head():
+            self.embed.prepare_greedy()
+
+    def _products(self) -> list:
+        """The int8 layer products (the kernel backend's ``QuantLinear``s), in layer order."""
+        if self._product_list is None:
+            self._product_list = [m for layer in self.layers for m in (
+                layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down_proj) if m.int8]
+        return self._product_list
 
     def prepare_i16(self) -> None:
-        return None
+        """Make every int8 layer product's int16 layout now where the backend runs it (as ``GemmaModel``)."""
+        for li in self._products():
+            if li.plan(backend.QMATMUL_MAX_ROWS + 1) == backend.I16:
+                li.prepare_i16()
+
+    def can_decode_stack(self, rows: int) -> bool:
+        """Whether :meth:`hidden_decode_stack` runs a decode step of this many rows: the int8 mode on the CPU with
+        every layer product int8, no per-layer embeddings and no MoE block (``kernels.stack`` does not describe
+        them: E2B/E4B and 26B-A4B run layer by layer), and a product kernel for the row count."""
+        c = self.config
+        if not (self.weight_format == "int8" and self.device.type == "cpu" and kernels.available()) \
+                or c.has_ple or c.has_moe or len(self._products()) != 4 * c.num_layers:
+            return False
+        return self._decode_stack().plan(rows) is not None
+
+    def _decode_stack(self) -> backend.DecodeStack:
+        if self._stack is None:
+            self._stack = backend.DecodeStack(self.stack_spec())
+        return self._stack
+
+    def stack_spec(self) -> kernels.StackSpec:
+        """This decoder as ``kernels.decode_stack`` runs it (see ``kernels/stack.py``): per layer its four products,
+        its plain-weight norms (Gemma 4 multiplies by ``w``, not ``1 + w``), the scale-free v norm and ``v_is_k``
+        of layers that make K/V, the source of a KV-shared layer, its type's head shape and RoPE table
+        (``self.inv_freq``'s order), scale 1.0 and ``layer_scalar`` as the output scalar. Only for a model without
+        per-layer embeddings or MoE block (ValueError otherwise)."""
+        c = self.config
+        if c.has_ple or c.has_moe:
+            raise ValueError("kernels.stack describes neither per-layer embeddings nor the MoE block")
+        kinds = list(self.inv_freq)
+        layers = []
+        for i, layer in enumerate(self.layers):
+            a, m, src = layer.attn, layer.mlp, c.kv_source(i)
+            layers.append(kernels.LayerSpec(
+                qkv=a.qkv, o=a.o_proj, gate_up=m.gate_up, down=m.down_proj, heads=a.hq, kv_heads=a.hkv, head_dim=a.d,
+                rope=kinds.index(c.layer_types[i]), attn_scale=ATTENTION_SCALE, softcap=None,
+                input_norm=layer.input_norm.weight, post_attn_norm=layer.post_attn_norm.weight,
+                pre_mlp_norm=layer.pre_mlp_norm.weight, post_mlp_norm=layer.post_mlp_norm.weight,
+                q_norm=a.q_norm.weight, k_norm=None if a.shared else a.k_norm.weight, v_norm=not a.shared,
+                v_is_k=a.v_is_k and not a.shared, kv_source=None if src == i else src,
+                out_scalar=float(layer.layer_scalar)))
+        return kernels.StackSpec(layers=tuple(layers), final_norm=self.norm.weight, eps=c.rms_norm_eps)
+
+    def hidden_decode_stack(self, ids: torch.Tensor, positions: torch.Tensor, kv: kernels.StackKV) -> torch.Tensor:
+        """:meth:`hidden` for a step of decode rows (see :meth:`can_decode_stack`), every layer in one compiled call
+        over the paged cache (``kv``: ``PagedBatch.stack_args()``). The same math as the layer loop; the kernels'
+        float32 rounding differs from torch's in the last bits."""
+        x = self.embed_tokens(ids)
+        cos, sin = [], []
+        for inv in self.inv_freq.values():  # LayerSpec.rope indexes these; [N, D] each
+            freqs = positions.float()[:, None] * inv[None, :]
+            cos.append(torch.cat((freqs.cos(), freqs.cos()), dim=-1))
+            sin.append(torch.cat((-freqs.sin(), freqs.sin()), dim=-1))  # rotate_half's signs (the kernel's roll)
+        return self._decode_stack()(x, cos, sin, kv)
 
 
 def _layer_tensors(t: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:

@@ -2,9 +2,16 @@
 
 Contract: ``read_safetensors(dir_or_file)`` and ``read_gguf(reader)`` return tensors under the canonical names of
 ``Gemma4Config.tensor_shapes()`` (Hugging Face names without ``model.`` / ``model.language_model.`` and ``.weight``),
-in PyTorch order and float32 (a bf16/f16 per-layer embedding table from safetensors keeps its dtype: it is only
-ever gathered by rows). ``check_tensors(config, tensors)`` raises ``WeightsError`` naming every missing, unexpected
-or misshapen tensor. Nothing here knows about the layers' code.
+in PyTorch order and float32, with two exceptions:
+
+- the per-layer embedding table (``embed_tokens_per_layer``, 262k x layers x 256 on E2B) is only ever gathered by
+  rows, so it stays as stored: a bf16/f16 table from safetensors or GGUF keeps its dtype, a block-quantized GGUF
+  table stays its block bytes (:class:`GGUFRows`, dequantized a gathered row at a time);
+- ``read_gguf(..., quantized=True)`` (the int8 fast mode) returns 2-D weights whose block type has an exact grouped
+  int8 form as ``quant.QuantWeight`` (the GGUF's own codes, models/quant.py), as Gemma 1-3's reader does.
+
+``check_tensors(config, tensors)`` raises ``WeightsError`` naming every missing, unexpected or misshapen tensor.
+Nothing here knows about the layers' code.
 
 Layouts read:
 - ``Gemma4ForCausalLM`` (``gemma4_text``): ``model.*`` (+ a tied ``lm_head.weight``, ignored);
@@ -24,16 +31,21 @@ import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from typing import Any
+
+import numpy as np
 import torch
 
 from ..config_gemma4 import Gemma4Config
 from ..errors import WeightsError
+from . import quant
 from .gguf_file import GGUFFile
 from .weights import dequantize_tensor, safetensors_files
 
 _TOWERS = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
 _TEXT_PREFIXES = ("model.language_model.", "model.")
-_KEEP_DTYPE = {"embed_tokens_per_layer"}  # gathered by rows only: a bf16 table stays bf16 (exact, half the memory)
+_PLE_TABLE = "embed_tokens_per_layer"
+_KEEP_DTYPE = {_PLE_TABLE}  # gathered by rows only: a bf16 table stays bf16 (exact, half the memory)
 
 _GGUF_GLOBAL = {
     "token_embd.weight": "embed_tokens", "output_norm.weight": "norm", "output.weight": "lm_head",
@@ -135,23 +147,86 @@ def gguf_tensor_name(name: str) -> str:
     return f"layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}"
 
 
-def read_gguf(reader: GGUFFile, progress: Callable[[Iterable], Iterable] | None = None
-              ) -> tuple[dict[str, torch.Tensor], list[float] | None]:
-    """(canonical float32 tensors, the ``rope_freqs`` values or None) of a ``gemma4`` GGUF.
+class GGUFRows:
+    """A GGUF table ``[rows, K]`` kept in its stored block bytes; :meth:`rows` dequantizes only the rows gathered.
 
-    Every tensor type the ``gguf`` package can dequantize is accepted; the int8 fast mode is not (yet) Gemma 4's.
+    Each row is a whole number of blocks (K is a multiple of the type's block size), so row r's bytes are
+    ``raw[r]`` and its dequantization is the ``gguf`` package's, bit for bit the full table's row r.
+
+    Example::
+
+        table = GGUFRows(raw, qtype, (262144, 35 * 256))   # raw: uint8 [262144, row bytes]
+        e = table.rows(torch.tensor([2, 818]))               # float32 [2, 8960]
     """
-    tensors: dict[str, torch.Tensor] = {}
+
+    def __init__(self, raw: torch.Tensor, qtype: Any, shape: tuple[int, int], device: torch.device | None = None):
+        self.raw, self.qtype, self.shape = raw, qtype, tuple(shape)
+        self.device = device or torch.device("cpu")  # where rows() puts its result (the bytes stay on the CPU)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.uint8
+
+    @property
+    def nbytes(self) -> int:
+        """The table's bytes as held (the file's)."""
+        return self.raw.numel()
+
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def to(self, device: torch.device | str) -> GGUFRows:
+        return GGUFRows(self.raw, self.qtype, self.shape, torch.device(device))
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """float32 ``[len(ids), K]``: the gathered rows, dequantized."""
+        picked = self.raw[ids.cpu()].numpy()
+        return dequantize_tensor(picked, self.qtype).view(-1, self.shape[1]).to(self.device)
+
+    def dequantize(self) -> torch.Tensor:
+        """The whole table in float32 (tests; the model never asks)."""
+        return self.rows(torch.arange(self.shape[0]))
+
+
+def _stored_table(data: np.ndarray, qtype: Any, shape: tuple[int, int]) -> torch.Tensor | GGUFRows:
+    """The per-layer embedding table as stored: F32/F16/BF16 as a tensor of that dtype, a block type as GGUFRows."""
+    from gguf import GGMLQuantizationType as Q
+
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # one copy out of the read-only memmap
+    dtypes = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
+    if qtype in dtypes:
+        return raw.view(dtypes[qtype]).view(shape)
+    return GGUFRows(raw.view(shape[0], -1), qtype, shape)
+
+
+def read_gguf(reader: GGUFFile, progress: Callable[[Iterable], Iterable] | None = None, quantized: bool = False
+              ) -> tuple[dict[str, torch.Tensor | quant.QuantWeight | GGUFRows], list[float] | None]:
+    """(canonical tensors, the ``rope_freqs`` values or None) of a ``gemma4`` GGUF.
+
+    Every tensor type the ``gguf`` package can dequantize is accepted. Tensors are float32, except the per-layer
+    embedding table (as stored, see the module docstring) and, with ``quantized`` (the int8 fast mode), 2-D weights
+    whose block type has an exact grouped int8 form (Q8_0, Q4_0/1, Q5_0/1, Q4_K, Q5_K, Q6_K): ``quant.QuantWeight``
+    straight from their blocks, never expanded to float32. Expert tensors (3-D) are float32 either way.
+    """
+    tensors: dict[str, Any] = {}
     for t in progress(reader.tensors) if progress else reader.tensors:
         name = gguf_tensor_name(t.name)
         if name in tensors:
             raise WeightsError(f"tensor {t.name} appears more than once")
         shape = tuple(int(x) for x in reversed(t.shape))  # ggml order -> PyTorch [out, in] ([E, out, in] experts)
+        if name == _PLE_TABLE and len(shape) == 2:
+            tensors[name] = _stored_table(t.data, t.tensor_type, shape)
+            continue
+        if quantized and len(shape) == 2 and quant.supported(t.tensor_type):
+            qw = quant.from_gguf(t.data, t.tensor_type, shape)
+            if qw is not None:
+                tensors[name] = qw
+                continue
         tensors[name] = dequantize_tensor(t.data, t.tensor_type, t.name).reshape(shape)
     rope_freqs = tensors.pop("rope_freqs", None)
     if "lm_head" in tensors:  # Gemma ties the LM head to the embedding; a separate one must be the same
-        lm = tensors.pop("lm_head")
-        if not torch.equal(lm, tensors.get("embed_tokens", lm)):
+        lm = _float(tensors.pop("lm_head"))
+        if not torch.equal(lm, _float(tensors.get("embed_tokens", lm))):
             raise WeightsError("output.weight differs from token_embd.weight; Gemma's LM head is tied")
     for gate in [k for k in tensors if k.endswith(".experts.gate_proj")]:  # split experts: [E, I, H] twice
         up = gate.removesuffix("gate_proj") + "up_proj"
@@ -159,3 +234,7 @@ def read_gguf(reader: GGUFFile, progress: Callable[[Iterable], Iterable] | None 
             tensors[gate.removesuffix("gate_proj") + "gate_up_proj"] = torch.cat((tensors.pop(gate),
                                                                                   tensors.pop(up)), dim=1)
     return tensors, None if rope_freqs is None else rope_freqs.reshape(-1).tolist()
+
+
+def _float(t: torch.Tensor | quant.QuantWeight) -> torch.Tensor:
+    return t.dequantize() if isinstance(t, quant.QuantWeight) else t
