@@ -300,6 +300,30 @@ def test_store_restart_continues_like_never_saved(model, tmp_path):
     assert got == reference
 
 
+def test_a_spill_under_memory_pressure_keeps_the_history_prefix(model, tmp_path):
+    """An idle session evicted under memory pressure (three other sessions' long turns) is spilled as the KV of its
+    history's cached prefix (the store passes the history: ``Engine.spill_history``), not its handle's own copy,
+    which parted from the history at the dropped thoughts more than a window back and could only be refused: the
+    next turn restores it and reuses as much KV as the never-evicted turn, with the same tokens."""
+    with _engine(model) as e:
+        s = gs.SessionManager(e).create(system="sys", sampling=PARAMS)
+        ref = [s.send(q) for q in QUESTIONS[:3]]
+    page = KVLayout.for_config(model.config, BLOCK).page_bytes(torch.float32)
+    with _engine(model, kv_cache_bytes=80 * page) as e:
+        m = gs.SessionManager(e, store=tmp_path)
+        a = m.create(system="sys", sampling=PARAMS)
+        for q in QUESTIONS[:2]:
+            a.send(q)
+        for i in range(3):
+            m.create(sampling=PARAMS).send(f"{i} a long message " * 4)
+        m.store.flush()
+        assert a.kv.evictions == 1
+        r = a.send(QUESTIONS[2])
+        m.close()
+    assert r.stats.kv_source == "snapshot" and r.stats.cached_tokens == ref[2].stats.cached_tokens > 0
+    assert r.token_ids == ref[2].token_ids
+
+
 def test_session_file_export_import_continues_like_never_saved(model, tmp_path):
     """A session exported to a file (format 2: Gemma 4's page shapes and layout fingerprint) and imported into a new
     engine continues with the never-saved tokens from its KV."""

@@ -75,7 +75,10 @@ class Engine:
         max_batched_tokens: tokens computed per step at most (the prefill chunk budget).
         kv_dtype: dtype of stored K/V (default: float32 for float32 models, else bfloat16).
         on_spill: called on the loop thread with (handle, snapshot) just before an idle session's KV is dropped
-            under memory pressure (the durable store writes it to disk; the call must not block for long).
+            under memory pressure (the durable store writes it to disk; the call must not block for long). The
+            snapshot is ``export_kv(handle, spill_history(handle))``: with the attribute ``spill_history`` set (a
+            callable on the loop thread: the history the handle's owner continues from, or None), a handle whose KV
+            parted from its history (Gemma 4's dropped thoughts) spills its history's cached prefix.
         stop_ids: token ids that end a generation (default: ``model.stop_ids``, ``<eos>`` and ``<end_of_turn>``);
             the engine itself never reads the tokenizer.
     """
@@ -113,6 +116,7 @@ class Engine:
         else:
             raise UnsupportedModelError(f"the engine cannot serve {model.config.architecture}")
         self.on_spill = on_spill
+        self.spill_history: Callable[[KVHandle], Sequence[int] | None] | None = None
         self.scheduler = Scheduler(self.cache, max_batch, max_batched_tokens, self._fail, self._spill)
         self._stop_ids = set(model.stop_ids if stop_ids is None else stop_ids)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -239,11 +243,15 @@ class Engine:
         return True
 
     def _spill(self, handle: KVHandle) -> None:
-        if self.on_spill is not None and handle.seq is not None and handle.seq.num_computed:
-            try:
-                self.on_spill(handle, self.cache.export(handle.seq))
-            except Exception:  # a failed spill only costs a recompute later; never kill the loop for it
-                log.exception("spilling a session's KV failed")
+        if self.on_spill is None or handle.seq is None or not handle.seq.num_computed:
+            return
+        try:
+            tokens = self.spill_history(handle) if self.spill_history is not None else None
+            snap = self._export(handle, None if tokens is None else [int(t) for t in tokens])
+            # none of the history cached (its released sliding pages reused): the handle's own copy, as before
+            self.on_spill(handle, snap if snap is not None else self.cache.export(handle.seq))
+        except Exception:  # a failed spill only costs a recompute later; never kill the loop for it
+            log.exception("spilling a session's KV failed")
 
     def kv_bytes(self, handle: KVHandle) -> int:
         """Bytes of KV pages the handle holds now (shared pages counted in full)."""

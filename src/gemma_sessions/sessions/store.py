@@ -104,7 +104,7 @@ class Store:
                 self._migrate()
             self._db.execute("PRAGMA synchronous=FULL")
         self.manager = None
-        self._handles: dict[int, str] = {}      # KV handle id -> session id (for spills)
+        self._handles: dict[int, object] = {}   # KV handle id -> its Session (for spills)
         self._pending: dict[str, object] = {}   # session id -> KVSnapshot waiting to be written
         # The writer's work, most urgent first: spills (their KV is gone from memory once dropped), then turn-end
         # exports (insurance against a crash), then flush markers, then the stop marker.
@@ -161,6 +161,7 @@ class Store:
         self._tok_fp = engine.model.tokenizer.fingerprint
         if self.snapshot_kv:
             engine.on_spill = self._on_spill
+            engine.spill_history = self._spill_history
             self._writer = threading.Thread(target=self._write_loop, name="gemma-store-writer", daemon=True)
             self._writer.start()
 
@@ -204,7 +205,7 @@ class Store:
                   s.max_context, json.dumps(s.metadata), s.conversation.dropped_turns, s.owner))]
         rows += self._message_rows(s.id, s.conversation.messages, 0)
         self._write(None, rows)
-        self._handles[s.kv.id] = s.id
+        self._handles[s.kv.id] = s
 
     def _message_rows(self, sid: str, messages: list[Message], start: int) -> list[tuple]:
         return [("INSERT OR REPLACE INTO messages VALUES (?,?,?,?,?,?,?)",
@@ -271,9 +272,10 @@ class Store:
     def _on_spill(self, handle, snapshot) -> None:
         """Engine loop thread: an idle session's KV is about to be dropped; keep it and write it to disk (unless
         MAX_PENDING_BYTES of spills already wait: then it is dropped and recomputed when needed)."""
-        sid = self._handles.get(handle.id)
-        if sid is None:
+        s = self._handles.get(handle.id)
+        if s is None:
             return
+        sid = s.id
         with self._pending_lock:
             old = self._pending.get(sid)
             size = snapshot.nbytes() - (old.nbytes() if old is not None else 0)
@@ -283,6 +285,14 @@ class Store:
             self._pending[sid] = snapshot
             self._pending_bytes += size
         self._put(0, ("write", sid))
+
+    def _spill_history(self, handle) -> list[int] | None:
+        """Engine loop thread: the history a spilled handle's session continues from, so the spill keeps the KV of
+        its history's cached prefix (``Engine.export_kv``'s ``tokens``: after a Gemma 4 turn the history drops the
+        thoughts the handle's KV followed). Reads the session under its data lock, which no holder keeps across an
+        engine call."""
+        s = self._handles.get(handle.id)
+        return None if s is None else s.token_ids
 
     def _put(self, priority: int, task) -> None:
         self._queue.put((priority, next(self._order), task))
@@ -407,7 +417,7 @@ class Store:
         s.conversation.dropped_turns = dropped
         s.turn_stats = [TurnStats(**json.loads(t[0])) for t in turns]
         if not self.readonly:
-            self._handles[s.kv.id] = sid
+            self._handles[s.kv.id] = s
         return s
 
     def summaries(self) -> list[dict]:
