@@ -33,7 +33,7 @@ from collections.abc import Iterable
 import torch
 
 from ..errors import CapacityError, SessionFileError
-from .protocol import resume_sequence
+from .protocol import export_cached_prefix, resume_sequence
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -196,6 +196,9 @@ class StateCache:
         self.free(seq)
 
     # ------------------------------------------------------------------------------------------ snapshots
+    def export_prefix(self, tokens: list[int]) -> StateSnapshot | None:
+        return export_cached_prefix(self, tokens)
+
     def export(self, seq: SeqState) -> StateSnapshot | None:
         if seq.slot is not None:
             return StateSnapshot(tokens=tuple(seq.tokens[:seq.num_computed]), state=self.pool.read(seq.slot),

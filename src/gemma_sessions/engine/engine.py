@@ -192,14 +192,7 @@ class Engine:
             return None
         if tokens is None or seq.tokens[:seq.num_computed] == tokens[:seq.num_computed]:
             return self.cache.export(seq)
-        # NOTE: the look-up is not a request's: the prefix-hit counters both caches keep are put back after it
-        counters = self.cache.prefix_queried_tokens, self.cache.prefix_hit_tokens
-        prefix = self.cache.start(tokens)
-        try:
-            return self.cache.export(prefix) if prefix.num_computed else None
-        finally:
-            self.cache.free(prefix)
-            self.cache.prefix_queried_tokens, self.cache.prefix_hit_tokens = counters
+        return self.cache.export_prefix(tokens)
 
     def import_kv(self, handle: KVHandle, snapshot: KVSnapshot | StateSnapshot) -> bool:
         """Give an idle handle the KV in ``snapshot``; False when memory cannot hold it now. Thread-safe.
