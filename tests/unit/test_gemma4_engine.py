@@ -250,6 +250,25 @@ def test_session_turns_reuse_kv_and_match_a_fresh_computation(manager, model):
     assert s.stats["turns"] == 3
 
 
+def test_a_history_that_dropped_computed_tokens_keeps_its_prefix_held(model):
+    """Gemma 4's history drops the reply's thought channel (the empty one when reasoning is off), so a turn's KV no
+    longer leads to the history. The session then holds the history's cached prefix itself: memory pressure (here:
+    every block no sequence holds forgotten) between turns costs the next turn nothing. Without that the prefix
+    lived only in the prefix cache, and the next turn recomputed the whole history."""
+    cached = {}
+    for pressure in (False, True):
+        with _engine(model, kv_cache_bytes=8 << 20) as engine:
+            s = gs.SessionManager(engine).create(system="be brief", sampling=PARAMS)
+            s.send(QUESTIONS[0])
+            history = s.conversation.token_ids
+            held = engine.kv_tokens(s.kv)  # the history's cached prefix: up to where turn 1 parted from it
+            assert 0 < held < len(history) and held % BLOCK == 0
+            if pressure:
+                engine.reset_prefix_cache()
+            cached[pressure] = s.send(QUESTIONS[1]).stats.cached_tokens
+    assert cached[True] == cached[False] >= held
+
+
 def test_forked_session_diverges_only_after_the_fork(manager, model):
     """A fork holds the parent's history; the same message gives both the same reply, different ones give each
     the reply to its own history, and the prompts agree on everything before the fork's first own token."""

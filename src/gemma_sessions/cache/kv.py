@@ -43,7 +43,7 @@ from ..errors import CapacityError, SessionFileError
 from .blocks import BlockHash, hash_block_tokens
 from .layout import KVLayout  # (engine, tests and benchmarks import KVLayout from here too)
 from .pool import BlockPool
-from .protocol import export_cached_prefix, resume_sequence
+from .protocol import adopt_cached_prefix, resume_sequence
 
 
 class SeqKV:
@@ -128,8 +128,8 @@ class PagedKVCache:
     def export(self, seq: SeqKV) -> KVSnapshot:
         return export_snapshot(self, seq)
 
-    def export_prefix(self, tokens: list[int]) -> KVSnapshot | None:
-        return export_cached_prefix(self, tokens)
+    def adopt_prefix(self, tokens: list[int]) -> SeqKV:
+        return adopt_cached_prefix(self, tokens)
 
     def import_snapshot(self, snap: KVSnapshot) -> SeqKV:
         """A new sequence holding ``snap``'s KV (private unless ``snap.shareable``). Raises ValueError for a recurrent

@@ -97,9 +97,10 @@ class KVCache(Protocol):
     def export(self, seq: CachedSequence) -> Snapshot | None:
         """A CPU copy of ``seq``'s KV or state (None when it holds none)."""
 
-    def export_prefix(self, tokens: list[int]) -> Snapshot | None:
-        """A CPU copy of the longest cached prefix of ``tokens`` (None when nothing of it is cached). Not a request's
-        look-up: the prefix-hit counters do not move."""
+    def adopt_prefix(self, tokens: list[int]) -> CachedSequence:
+        """A new sequence holding the longest cached prefix of ``tokens`` (``num_computed`` 0 when none is cached), to
+        export or to keep for a history that parted from its own KV. Not a request's look-up: the prefix-hit counters
+        do not move."""
 
     def check_snapshot(self, snap: object) -> None:
         """Raise SessionFileError, with the reason, unless ``snap`` fits this cache. Any thread."""
@@ -133,17 +134,15 @@ def resume_sequence(cache, seq, tokens: list[int]) -> bool:
 
 
 KV_CACHE_METHODS = ("could_ever_fit", "has_room", "describe", "start", "resume", "rematch", "allocate", "commit",
-                    "fork", "free", "discard", "export", "export_prefix", "check_snapshot", "import_snapshot", "bytes_held", "reserve",
+                    "fork", "free", "discard", "export", "adopt_prefix", "check_snapshot", "import_snapshot", "bytes_held", "reserve",
                     "stats")
 """Every method of :class:`KVCache`, for tests and readers (the Protocol is the definition)."""
 
 
-def export_cached_prefix(cache, tokens: list[int]):
-    """``KVCache.export_prefix`` for a cache with ``start`` / ``export`` / ``free`` and the two prefix counters."""
+def adopt_cached_prefix(cache, tokens: list[int]):
+    """``KVCache.adopt_prefix`` for a cache whose ``start`` counts ``prefix_queried_tokens`` / ``prefix_hit_tokens``."""
     counters = cache.prefix_queried_tokens, cache.prefix_hit_tokens
-    seq = cache.start(tokens)
     try:
-        return cache.export(seq) if seq.num_computed else None
+        return cache.start(tokens)
     finally:
-        cache.free(seq)
         cache.prefix_queried_tokens, cache.prefix_hit_tokens = counters

@@ -33,7 +33,7 @@ from collections.abc import Iterable
 import torch
 
 from ..errors import CapacityError, SessionFileError
-from .protocol import export_cached_prefix, resume_sequence
+from .protocol import adopt_cached_prefix, resume_sequence
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -196,8 +196,8 @@ class StateCache:
         self.free(seq)
 
     # ------------------------------------------------------------------------------------------ snapshots
-    def export_prefix(self, tokens: list[int]) -> StateSnapshot | None:
-        return export_cached_prefix(self, tokens)
+    def adopt_prefix(self, tokens: list[int]) -> SeqState:
+        return adopt_cached_prefix(self, tokens)
 
     def export(self, seq: SeqState) -> StateSnapshot | None:
         if seq.slot is not None:

@@ -192,7 +192,34 @@ class Engine:
             return None
         if tokens is None or seq.tokens[:seq.num_computed] == tokens[:seq.num_computed]:
             return self.cache.export(seq)
-        return self.cache.export_prefix(tokens)
+        prefix = self.cache.adopt_prefix(tokens)
+        try:
+            return self.cache.export(prefix) if prefix.num_computed else None
+        finally:
+            self.cache.free(prefix)
+
+    def rebase_kv(self, handle: KVHandle, tokens: Sequence[int]) -> int:
+        """Make an idle handle hold the longest cached prefix of ``tokens`` when its KV no longer leads to them (a
+        history that dropped part of what was computed: Gemma 4's thoughts), so the pages that history's next turn
+        needs are held by the session instead of left to the prefix cache, where memory pressure would reclaim
+        them first. A handle whose KV ``tokens`` continue, or whose history nothing cached covers, is left as it is.
+        Returns the tokens the handle holds. Thread-safe; waits for the loop."""
+        return self._call(lambda: self._rebase(handle, [int(t) for t in tokens]))
+
+    def _rebase(self, handle: KVHandle, tokens: list[int]) -> int:
+        seq = handle.seq
+        if seq is None or handle.busy:
+            return 0 if seq is None else seq.num_computed
+        n = seq.num_computed
+        if len(tokens) >= n and tokens[:n] == seq.tokens[:n]:
+            return n
+        prefix = self.cache.adopt_prefix(tokens)
+        if not prefix.num_computed:
+            self.cache.free(prefix)
+            return n
+        self.cache.free(seq)
+        handle.seq = prefix
+        return prefix.num_computed
 
     def import_kv(self, handle: KVHandle, snapshot: KVSnapshot | StateSnapshot) -> bool:
         """Give an idle handle the KV in ``snapshot``; False when memory cannot hold it now. Thread-safe.

@@ -323,6 +323,10 @@ class TurnStream:
             with s._data_lock:
                 s.conversation.replace(messages, self._plan.dropped, reasoning=self._plan.reasoning)
                 s.turn_stats.append(stats)
+                history = s.conversation.token_ids
+            computed = [*self._plan.prompt, *tokens[:-1]]  # the last sampled token is never fed back
+            if history[:len(computed)] != computed:  # the history dropped what was computed (Gemma 4's thoughts)
+                s.engine.rebase_kv(s.kv, history)  # hold its cached prefix, not KV no next turn can continue
         self.reply = Reply(text=text, token_ids=tokens, finish_reason=finish_reason, stats=stats,
                            reasoning=self._deltas.reasoning)
         self._finish()
