@@ -138,6 +138,31 @@ def test_packed_ops_check_their_arguments(op):
         kernels.qmatmul_packed(torch.randn(1, 64), bad, s, None, 32)
 
 
+@pytest.fixture
+def every_width(monkeypatch):
+    """Layers keep codes of any width up to 6 bits packed (the policy's default is narrower on some builds)."""
+    monkeypatch.setenv("GEMMA_SESSIONS_PACKED_BITS", "6")
+
+
+def test_the_policy_packs_up_to_its_width(op, monkeypatch):
+    q4, q5 = gguf_weight(Q.Q4_K, 8, 256), gguf_weight(Q.Q5_0, 8, 256)
+    for env, want in (("4", (4, None)), ("5", (4, 5)), ("6", (4, 5)), ("8", (None, None))):
+        monkeypatch.setenv("GEMMA_SESSIONS_PACKED_BITS", env)
+        got = tuple(None if (li := backend.QuantLinear(w.codes, w.scales, w.offsets, w.group)).packed is None
+                    else li.packed.bits for w in (q4, q5))
+        assert got == want, env
+    monkeypatch.delenv("GEMMA_SESSIONS_PACKED_BITS")
+    assert backend.QuantLinear(q4.codes, q4.scales, q4.offsets, q4.group).packed.bits == 4  # 4 bits at least
+
+
+@pytest.mark.parametrize("qtype", WIDTHS, ids=lambda t: t.name)
+def test_the_compiled_packer_writes_the_torch_bytes(op, qtype):
+    c = gguf_weight(qtype, 11, 256, seed=12).codes
+    want = P.pack_codes(c)
+    got = kernels.pack_codes_fast(c)
+    assert (got.bits, got.bias) == (want.bits, want.bias) and torch.equal(got.data, want.data)
+
+
 def test_quant_linear_packs_layers_not_the_head(op):
     w = gguf_weight(Q.Q4_K, 40, 256, seed=8)
     lin = backend.QuantLinear(w.codes, w.scales, w.offsets, w.group)
@@ -156,7 +181,7 @@ def test_quant_linear_packs_layers_not_the_head(op):
     assert lin.int8_codes is None  # the packed paths made no int8 copy
 
 
-def test_int8_only_kernels_get_a_counted_unpacked_copy(op):
+def test_int8_only_kernels_get_a_counted_unpacked_copy(op, every_width):
     w = gguf_weight(Q.Q5_0, 16, 128, seed=10)
     lin = backend.QuantLinear(w.codes, w.scales, w.offsets, w.group)
     before = (backend.UNPACKED.count, backend.UNPACKED.bytes)
@@ -168,7 +193,7 @@ def test_int8_only_kernels_get_a_counted_unpacked_copy(op):
     assert ((lin.bf16_gemm(x).float() - ref).abs().max() / ref.abs().max()).item() < 1e-2
 
 
-def test_without_the_kernel_codes_stay_int8(monkeypatch):
+def test_without_the_kernel_codes_stay_int8(monkeypatch, every_width):
     monkeypatch.setattr(kernels, "_state", {"error": "no compiler"})
     w = gguf_weight(Q.Q5_0, 8, 64, seed=11)
     lin = backend.QuantLinear(w.codes, w.scales, w.offsets, w.group)
@@ -178,7 +203,7 @@ def test_without_the_kernel_codes_stay_int8(monkeypatch):
     assert torch.equal(kernels.qmatmul_packed(x, p, w.scales, None, 32), kernels.qmatmul(x, w.codes, w.scales, None, 32))
 
 
-def test_decode_stack_with_packed_products_is_bit_for_bit_the_int8_stack(op):
+def test_decode_stack_with_packed_products_is_bit_for_bit_the_int8_stack(op, every_width):
     """The tiny stack with packed codes (5 bits; offsets on some products) against the same stack run on its int8
     codes: the same hidden states and K/V, at the exact kernel's rows and (AVX2) at qmatmul_wide's."""
     spec = packed_stack()

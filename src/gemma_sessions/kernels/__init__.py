@@ -317,6 +317,14 @@ def qmatmul_wide_packed(x: torch.Tensor, codes: PackedCodes, scales: torch.Tenso
     return _ops().qmatmul_wide_packed.default(x.float(), codes.data, codes.bits, codes.bias, scales, offsets, group)
 
 
+def pack_codes_fast(codes: torch.Tensor, max_bits: int = 6) -> PackedCodes | None:
+    """:func:`pack_codes` with the compiled packer where the kernel loads (one pass, no large temporaries: the load's
+    peak and heap stay as without packing), torch otherwise; the same bytes."""
+    if codes.device.type == "cpu" and kernel() is not None:
+        return pack_codes(codes, _ops().pack_codes.default, max_bits)
+    return pack_codes(codes, max_bits=max_bits)
+
+
 def unpack_codes(codes: PackedCodes) -> torch.Tensor:
     """The int8 codes ``[N, K]`` of packed codes (the kernels that read int8 only take these): one compiled pass
     where the kernel loads, torch otherwise; the same values either way."""

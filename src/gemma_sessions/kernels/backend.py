@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 
 import torch
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from .packed import PackedCodes, pack_codes
+from .packed import PackedCodes
 
 log = logging.getLogger("gemma_sessions.kernels")
 
@@ -70,6 +71,17 @@ LAYER_TILE_ROWS = 512
 _PACK_LOCK = threading.Lock()  # QuantLinear.prepare_greedy / prepare_i16: one packing each, whichever thread first
 # Group sizes whose products read packed codes (kernels/packed.py): every GGUF type narrower than 8 bits has 16 or 32.
 PACKED_GROUPS = (16, 32)
+# The widest codes a layer keeps packed. The exact kernel converts every code to float32, so at one row it is bound
+# by that arithmetic about as much as by memory: on the AVX2 build unpacking 5 and 6 bits cost more time than their
+# fewer bytes saved, while 4 bits (Q4_K, Q4_0) broke even and halve those layers' memory (measurements with issue 18's
+# native-width weights). GEMMA_SESSIONS_PACKED_BITS (4, 5 or 6; 8: none) overrides it, for A/B runs.
+PACKED_MAX_BITS = 4
+
+
+def packed_max_bits() -> int:
+    """:data:`PACKED_MAX_BITS`, or the width ``GEMMA_SESSIONS_PACKED_BITS`` names."""
+    env = os.environ.get("GEMMA_SESSIONS_PACKED_BITS", "")
+    return int(env) if env in ("4", "5", "6", "8") else PACKED_MAX_BITS
 
 
 class UnpackedCodes:
@@ -168,8 +180,8 @@ class QuantLinear(nn.Module):
     offsets[n, k // G]`` (int8 codes; float32 scales per group of G inputs; float32 offsets or None), computed by
     the kernel :meth:`plan` picks for the row count.
 
-    Codes that fit 6 bits (a layer's GGUF Q4/Q5/Q6 types; groups of 16 or 32) are kept packed at that width
-    (:attr:`packed`, kernels/packed.py) where the compiled kernels run: EXACT and WIDE read them, unpacking in
+    Codes that fit ``packed_max_bits()`` bits (of a layer's GGUF Q4/Q5/Q6 types; groups of 16 or 32) are kept packed
+    at that width (:attr:`packed`, kernels/packed.py) where the compiled kernels run: EXACT and WIDE read them, unpacking in
     registers, with the same bits as on int8 codes. The other kernels (I16, BF16_DOT, AMX, the bf16 copy, float32
     tiles) take int8 codes, unpacked on first need (:attr:`codes`; the copies kept are counted in ``UNPACKED``). The
     head keeps int8 codes (q8_head reads them).
@@ -197,8 +209,9 @@ class QuantLinear(nn.Module):
         self.head = head
         self.group = group
         pk = None
-        if not head and group in PACKED_GROUPS and codes.device.type == "cpu" and kernels.available():
-            pk = pack_codes(codes)
+        widest = packed_max_bits()
+        if widest < 8 and not head and group in PACKED_GROUPS and codes.device.type == "cpu" and kernels.available():
+            pk = kernels.pack_codes_fast(codes, widest)
         self.pk_bits, self.pk_bias = (pk.bits, pk.bias) if pk is not None else (8, 0)
         self.register_buffer("packed_codes", pk.data if pk is not None else None)  # uint8, see kernels/packed.py
         self.register_buffer("int8_codes", codes if pk is None else None)  # packed: the unpacked copy, on need

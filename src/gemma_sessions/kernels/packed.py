@@ -16,6 +16,7 @@ Per weight row, per chunk of 32 inputs, ``16 + 4 (bits - 4)`` bytes, where ``u =
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 
@@ -46,21 +47,26 @@ def chunk_bytes(bits: int) -> int:
     return 16 + 4 * (bits - 4)
 
 
-def pack_width(codes: torch.Tensor) -> int | None:
-    """The fewest bits (4, 5 or 6) that hold every code of ``codes`` once offset by its minimum; None when none do or
-    K is not a multiple of 32."""
+def pack_width(codes: torch.Tensor, max_bits: int = BITS[-1]) -> tuple[int, int] | None:
+    """(bits, bias): the fewest bits (4 up to ``max_bits``) that hold every code of ``codes`` plus ``bias = -min``;
+    None when none do or K is not a multiple of 32."""
     if codes.dim() != 2 or codes.dtype != torch.int8 or codes.shape[1] % CHUNK or codes.numel() == 0:
         return None
-    span = int(codes.max()) - int(codes.min())
-    return next((b for b in BITS if span < 1 << b), None)
+    lo, hi = (int(v) for v in torch.aminmax(codes))
+    bits = next((b for b in BITS if hi - lo < 1 << b and b <= max_bits), None)
+    return None if bits is None else (bits, -lo)
 
 
-def pack_codes(codes: torch.Tensor) -> PackedCodes | None:
-    """``codes`` int8 ``[N, K]`` packed in :func:`pack_width` bits (bias = -min), or None where it gives none."""
-    bits = pack_width(codes)
-    if bits is None:
+def pack_codes(codes: torch.Tensor, packer: Callable | None = None, max_bits: int = BITS[-1]) -> PackedCodes | None:
+    """``codes`` int8 ``[N, K]`` packed as :func:`pack_width` says, or None where it gives none. ``packer(codes,
+    bits, bias)`` makes the bytes (the compiled ``pack_codes``: one pass, no temporaries); default: torch."""
+    width = pack_width(codes, max_bits)
+    if width is None:
         return None
-    lo = int(codes.min())
+    bits, bias = width
+    if packer is not None:
+        return PackedCodes(data=packer(codes, bits, bias), bits=bits, bias=bias, in_features=codes.shape[1])
+    lo = -bias
     n, k = codes.shape
     u = (codes.to(torch.int16) - lo).to(torch.uint8).view(n, k // CHUNK, CHUNK)  # 0 .. 2^bits - 1
     parts = [(u[..., :16] & 15) | ((u[..., 16:] & 15) << 4)]

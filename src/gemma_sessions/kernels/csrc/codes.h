@@ -127,36 +127,71 @@ struct PackedRow {
   static constexpr int kG = GT;
   static constexpr int64_t CB = 16 + 4 * (BITS - 4);
   const uint8_t* p;
-  int8_t bias;
-#ifdef __AVX2__
+  int32_t bias;  // code = u - bias (as int8 in the byte paths: mod 256)
+#ifdef AVX2_ONLY
+  // AVX2: each 8 codes straight to int32 lanes (the nibble bytes zero-extended from memory, a plane's bit tested
+  // per lane), then converted as int8 codes are: fewer shuffles than unpacking bytes and extracting quarters, which
+  // the shuffle ports limit. Group g's input k is chunk input o + k (o = 0, or 16 for a group of 16 in a chunk's
+  // second half); its nibble is byte (o + k) % 16, high when o + k >= 16; its plane bits are bit o + k.
+  struct Group8 {
+    const uint8_t* c;
+    int64_t o;       // 0 or 16 (a runtime half for a group of 16)
+    __m256i h4, h5;  // the planes shifted right by o, broadcast
+    __m256i bias;
+    // 16 (32) in lane j where bit k + j of plane h is set
+    static __m256i bit_lanes(__m256i h, int64_t k, int v) {
+      const __m256i bit = _mm256_sllv_epi32(_mm256_set1_epi32(1), _mm256_add_epi32(
+          _mm256_set1_epi32(static_cast<int>(k)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+      return _mm256_and_si256(_mm256_cmpeq_epi32(_mm256_and_si256(h, bit), bit), _mm256_set1_epi32(v));
+    }
+    __m256 f8(int64_t k) const {
+      const int64_t i = (GT == 32 ? k : o + k);
+      const __m256i raw = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + (i & 8))));
+      __m256i u;
+      if (GT == 32) {
+        u = i & 16 ? _mm256_srli_epi32(raw, 4) : _mm256_and_si256(raw, _mm256_set1_epi32(15));
+      } else {
+        u = _mm256_and_si256(_mm256_srl_epi32(raw, _mm_cvtsi64_si128(o >> 2)), _mm256_set1_epi32(15));
+      }
+      if (BITS >= 5) u = _mm256_or_si256(u, bit_lanes(h4, k, 16));
+      if (BITS == 6) u = _mm256_or_si256(u, bit_lanes(h5, k, 32));
+      return _mm256_cvtepi32_ps(_mm256_sub_epi32(u, bias));
+    }
+  };
+  Group8 group(int64_t g) const {
+    const int64_t o = GT == 32 ? 0 : (g & 1) * 16;
+    const uint8_t* c = p + (GT == 32 ? g : g >> 1) * CB;
+    uint32_t a = 0, b = 0;
+    if (BITS >= 5) std::memcpy(&a, c + 16, 4);
+    if (BITS == 6) std::memcpy(&b, c + 20, 4);
+    return Group8{c, o, _mm256_set1_epi32(static_cast<int>(a >> o)), _mm256_set1_epi32(static_cast<int>(b >> o)),
+                  _mm256_set1_epi32(bias)};
+  }
+#elif defined(__AVX2__)
+  // AVX-512 builds: a chunk unpacked to bytes in registers, 16 codes at a time to int32 lanes.
   struct Group32 {  // a whole chunk
     __m256i c;
     __m128i part(int64_t k) const { return k & 16 ? _mm256_extracti128_si256(c, 1) : _mm256_castsi256_si128(c); }
-    __m256 f8(int64_t k) const {
-      const __m128i h = part(k);
-      return codes_f8(k & 8 ? _mm_unpackhi_epi64(h, h) : h);
-    }
 #ifdef __AVX512F__
     __m512 f16(int64_t k) const { return codes_f16(part(k)); }
 #endif
   };
   struct Group16 {  // half a chunk
     __m128i c;
-    __m256 f8(int64_t k) const { return codes_f8(k & 8 ? _mm_unpackhi_epi64(c, c) : c); }
 #ifdef __AVX512F__
     __m512 f16(int64_t) const { return codes_f16(c); }
 #endif
   };
   auto group(int64_t g) const {
     if constexpr (GT == 32) {
-      return Group32{unpack32<BITS>(p + g * CB, _mm256_set1_epi8(bias))};
+      return Group32{unpack32<BITS>(p + g * CB, _mm256_set1_epi8(static_cast<int8_t>(bias)))};
     } else {
-      return Group16{unpack16<BITS>(p + (g >> 1) * CB, g & 1, _mm_set1_epi8(bias))};
+      return Group16{unpack16<BITS>(p + (g >> 1) * CB, g & 1, _mm_set1_epi8(static_cast<int8_t>(bias)))};
     }
   }
 #endif
   const int8_t* scalar(int8_t* buf, int64_t K) const {
-    unpack_row_scalar<BITS>(p, K, bias, buf);
+    unpack_row_scalar<BITS>(p, K, static_cast<int8_t>(bias), buf);
     return buf;
   }
 };
@@ -189,7 +224,7 @@ static inline auto with_bits(int64_t bits, F&& f) {
 static inline void check_packed(const char* op, const at::Tensor& packed, int64_t bits, int64_t bias, int64_t K,
                                 int64_t G) {
   TORCH_CHECK(bits >= 4 && bits <= 6, op, ": packed codes have 4, 5 or 6 bits, not ", bits);
-  TORCH_CHECK(bias >= -128 && bias <= 255, op, ": bias ", bias, " outside a byte");
+  TORCH_CHECK(bias >= -127 && bias <= 128, op, ": bias ", bias, " is not minus an int8 code");
   TORCH_CHECK(K % PACK_CHUNK == 0 && (G == 16 || G == 32), op, ": packed codes need K % 32 == 0 and a group of 16 "
               "or 32 (K=", K, ", G=", G, ")");
   TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.size(1) == K / PACK_CHUNK *
@@ -209,6 +244,37 @@ at::Tensor unpack_codes(const at::Tensor& packed_in, int64_t bits, int64_t bias,
       unpack_rows<decltype(b)::value>(pp + s * rb, e - s, K, static_cast<int8_t>(bias), op + s * K);
     });
   });
+  return out;
+}
+
+// pack_codes: int8 codes [N, K] -> the packed layout above at `bits` bits with `bias` (every code + bias must lie in
+// [0, 2^bits); checked). One pass, no temporaries beyond the result (kernels/packed.py has the torch reference).
+at::Tensor pack_codes(const at::Tensor& codes_in, int64_t bits, int64_t bias) {
+  TORCH_CHECK(codes_in.dim() == 2 && codes_in.scalar_type() == at::kChar, "pack_codes: codes must be int8 [N, K]");
+  const at::Tensor codes = codes_in.contiguous();
+  const int64_t N = codes.size(0), K = codes.size(1), cb = pack_chunk_bytes(bits), nc = K / PACK_CHUNK;
+  at::Tensor out = at::empty({N, nc * cb}, codes.options().dtype(at::kByte));
+  check_packed("pack_codes", out, bits, bias, K, 32);
+  const int8_t* cp = codes.data_ptr<int8_t>();
+  uint8_t* op = out.data_ptr<uint8_t>();
+  std::atomic<bool> fits{true};
+  par_for(0, N * nc, 4096, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int8_t* c = cp + i * PACK_CHUNK;
+      uint8_t* o = op + i * cb;
+      uint32_t u[32], h4 = 0, h5 = 0;
+      for (int j = 0; j < 32; ++j) {
+        u[j] = static_cast<uint8_t>(c[j] + bias);
+        if (u[j] >> bits) fits = false;
+        h4 |= ((u[j] >> 4) & 1u) << j;
+        h5 |= ((u[j] >> 5) & 1u) << j;
+      }
+      for (int j = 0; j < 16; ++j) o[j] = static_cast<uint8_t>((u[j] & 15u) | (u[j + 16] & 15u) << 4);
+      if (bits >= 5) std::memcpy(o + 16, &h4, 4);
+      if (bits == 6) std::memcpy(o + 20, &h5, 4);
+    }
+  });
+  TORCH_CHECK(fits.load(), "pack_codes: some code + ", bias, " does not fit ", bits, " bits");
   return out;
 }
 

@@ -46,6 +46,7 @@ GS_LIBRARY(GS_NAMESPACE, m) {
   m.def("qmatmul_wide_packed(Tensor x, Tensor packed, int bits, int bias, Tensor scales, Tensor? offsets, "
         "int group) -> Tensor");
   m.def("unpack_codes(Tensor packed, int bits, int bias, int k) -> Tensor");
+  m.def("pack_codes(Tensor codes, int bits, int bias) -> Tensor");
   m.def("wide_available() -> bool", &wide_available);
   m.def("dequantize(Tensor codes, Tensor scales, Tensor? offsets, int group, int start, int end) -> Tensor");
   m.def("qmatmul_bf16(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, int group) -> Tensor");
@@ -78,6 +79,7 @@ GS_LIBRARY_IMPL(GS_NAMESPACE, CPU, m) {
   m.impl("qmatmul_packed", &qmatmul_packed);
   m.impl("qmatmul_wide_packed", &qmatmul_wide_packed);
   m.impl("unpack_codes", &unpack_codes);
+  m.impl("pack_codes", &pack_codes);
   m.impl("dequantize", &dequantize);
   m.impl("qmatmul_bf16", &qmatmul_bf16);
   m.impl("i16_pack", &i16_pack);

@@ -297,7 +297,7 @@ at::Tensor qmatmul_packed(const at::Tensor& x, const at::Tensor& packed_in, int6
   const at::Tensor offsets = check_product("qmatmul_packed", x, scales, offsets_in, N, G);
   const at::Tensor packed = packed_in.contiguous();
   const uint8_t* pp = packed.data_ptr<uint8_t>();
-  const int8_t b8 = static_cast<int8_t>(bias);
+  const int32_t b8 = static_cast<int32_t>(bias);
   return with_bits(bits, [&](auto b) {
     constexpr int BITS = decltype(b)::value;
     if (G == 16) {
