@@ -9,16 +9,17 @@
 namespace {
 
 // ------------------------------------------------------------------------------------------------ the packed layout
-// Written by kernels/packed.py (pack_codes). Per weight row, per chunk of 32 inputs, 16 + 4 (BITS - 4) bytes, where
+// Written by pack_codes below (kernels/packed.py has its torch reference). Per weight row, per chunk of 32 inputs, 16 + 4 (BITS - 4) bytes, where
 // u = code + bias (mod 256) < 2^BITS and the code is u - bias as int8:
 //
 //   bytes  0..15   u[j] & 15  |  (u[j + 16] & 15) << 4     (j = 0..15: the GGUF nibble order)
 //   bytes 16..19   bit i = bit 4 of u[i]                    (BITS >= 5; a little-endian uint32, as Q5_0's qh)
 //   bytes 20..23   bit i = bit 5 of u[i]                    (BITS == 6)
 //
-// A chunk unpacks with a handful of byte operations into 32 int8 codes in one register (unpack32); the products then
-// run exactly what they run on int8 codes. Groups are 16 or 32 inputs (every GGUF type narrower than 8 bits), so a
-// group is a chunk or half of one.
+// The exact kernel unpacks in registers to the int8 codes' int32 / float32 lanes (AVX2: 8 codes at a time, see
+// PackedRow; AVX-512: a chunk to 32 bytes, unpack32, then 16 at a time) and then runs exactly what it runs on int8
+// codes; qmatmul_wide and unpack_codes unpack whole rows (unpack_rows). Groups are 16 or 32 inputs (every GGUF type
+// narrower than 8 bits), so a group is a chunk or half of one.
 constexpr int64_t PACK_CHUNK = 32;
 static inline int64_t pack_chunk_bytes(int64_t bits) { return 16 + 4 * (bits - 4); }
 
