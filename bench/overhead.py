@@ -13,7 +13,8 @@ On the real Gemma 3 270M (the fast default), one process:
   stream (the caller's view; ``stats.ttft_s`` beside it).
 - ``session``: ``Session.stream`` of a short message (the turn markup makes it ~12 prefilled tokens) on a
   conversation of ~250 tokens. Timed: the call -> the first text delta.
-Then, in a server subprocess on the same settings (after the in-process engine is closed):
+Then, in a server subprocess on the same settings, without a store like the session above (after the in-process
+engine is closed):
 - ``http``: the same message sizes through ``POST /v1/responses`` (``conversation=``, ``stream=true``, temperature 0,
   httpx on a kept-alive connection). Timed: request sent -> the first ``response.output_text.delta`` event.
 
@@ -28,7 +29,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -116,8 +116,8 @@ def over_http(reps: int) -> dict:
     import httpx
 
     port = _free_port()
-    store = tempfile.mkdtemp(prefix="gs-bench-overhead-")
-    cmd = [sys.executable, "-m", "gemma_sessions.cli", "serve", "--model", C.model_path(), "--store", store,
+    # --no-store: the in-process session has no store either (a store's turn-end snapshot is work of its own)
+    cmd = [sys.executable, "-m", "gemma_sessions.cli", "serve", "--model", C.model_path(), "--no-store",
            "--host", "127.0.0.1", "--port", str(port)]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=C.child_env("ours"))
     base = f"http://127.0.0.1:{port}"
