@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import shutil
 
 import pytest
 import torch
@@ -17,27 +15,10 @@ import torch.nn.functional as F
 
 from gemma_sessions import kernels
 from gemma_sessions.kernels import backend
-from gemma_sessions.kernels import build as kbuild
 from gemma_sessions.kernels.stack import LayerSpec, StackKV, StackSpec
 
 HIDDEN, INTER, GROUP, EPS, BLOCK = 64, 64, 32, 1e-6, 4
 PAST = (5, 9, 2)  # tokens each row has before the step's one
-VARIANTS = [v.name for v in kbuild.VARIANTS] if kbuild.x86() else [kbuild.NATIVE.name]
-
-
-@pytest.fixture(scope="module", params=VARIANTS)
-def op(request):
-    """The compiled kernels under each instruction-set variant this CPU executes (as tests/unit/test_kernels.py)."""
-    if not kernels.available():
-        if shutil.which("c++") and not os.environ.get("GEMMA_SESSIONS_NO_KERNELS") and kbuild.select() is not None:
-            pytest.fail(f"the kernel did not build on a machine with a compiler: {kernels._state.get('error')}")
-        pytest.skip(f"kernel not built here: {kernels._state.get('error')}")
-    lacking = kbuild.missing(request.param)
-    if lacking:
-        pytest.skip(f"this CPU cannot execute the {request.param} kernels: it lacks {' '.join(sorted(lacking))}")
-    saved = kernels.use_variant(request.param)
-    yield kernels.kernel()
-    kernels.restore(saved)
 
 
 def product(g: torch.Generator, n: int, k: int, offsets: bool = False) -> backend.QuantLinear:

@@ -5,8 +5,6 @@ every instruction-set variant this CPU executes; the kernels that read int8 only
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 
 import pytest
 import torch
@@ -16,29 +14,12 @@ from test_quant import random_blocks  # GGUF blocks of any type
 
 from gemma_sessions import kernels
 from gemma_sessions.kernels import backend
-from gemma_sessions.kernels import build as kbuild
 from gemma_sessions.kernels import packed as P
 from gemma_sessions.models import quant
 
 # every GGUF type narrower than 8 bits, and the width its codes pack in
 WIDTHS = {Q.Q4_0: 4, Q.Q4_1: 4, Q.Q4_K: 4, Q.Q5_0: 5, Q.Q5_1: 5, Q.Q5_K: 5, Q.Q6_K: 6}
 ROWS = [*range(1, 18), 24, 33, 48, 64]
-VARIANTS = [v.name for v in kbuild.VARIANTS] if kbuild.x86() else [kbuild.NATIVE.name]
-
-
-@pytest.fixture(scope="module", params=VARIANTS)
-def op(request):
-    """The compiled kernels under each instruction-set variant this CPU executes (as tests/unit/test_kernels.py)."""
-    if not kernels.available():
-        if shutil.which("c++") and not os.environ.get("GEMMA_SESSIONS_NO_KERNELS") and kbuild.select() is not None:
-            pytest.fail(f"the kernel did not build on a machine with a compiler: {kernels._state.get('error')}")
-        pytest.skip(f"kernel not built here: {kernels._state.get('error')}")
-    lacking = kbuild.missing(request.param)
-    if lacking:
-        pytest.skip(f"this CPU cannot execute the {request.param} kernels: it lacks {' '.join(sorted(lacking))}")
-    saved = kernels.use_variant(request.param)
-    yield kernels.kernel()
-    kernels.restore(saved)
 
 
 def gguf_weight(qtype, n: int, k: int, seed: int = 0) -> quant.QuantWeight:
