@@ -234,16 +234,7 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: str | tor
     check_tensors(config, tensors)
     if fmt == "int8" and dev.type != "cpu":
         fmt = accelerator_format(sum(t.numel() for t in tensors.values()), dev)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ModelError(f"tokenizer has {tokenizer.vocab_size} tokens, the model {config.vocab_size}")
-    tensors = {k: v.to(dev) for k, v in tensors.items()}
-    with torch.inference_mode():
-        net = GemmaModel(config, tensors, fmt, dev).eval()
-    del tensors
-    model = Model(net, tokenizer, path, time.perf_counter() - t0)
-    log.info("model loaded", extra={"source": path.name, "weights": fmt, "device": str(dev),
-                                    "seconds": round(model.load_seconds, 2)})
-    return model
+    return _assemble(GemmaModel, config, tensors, tokenizer, fmt, dev, path, t0)
 
 
 def _progress_bar(path: Path, progress: bool):
@@ -332,11 +323,17 @@ def _gemma4_model(path: Path, config: Gemma4Config, tensors: dict, tokenizer: To
         fmt = "float32"
         log.info("Gemma 4 int8 runs a GGUF's own codes; these weights are floats: float32 weights",
                  extra={"weights": fmt})
+    return _assemble(Gemma4Model, config, tensors, tokenizer, fmt, dev, path, t0)
+
+
+def _assemble(net_class, config, tensors: dict, tokenizer: Tokenizer, fmt: str, dev: torch.device, path: Path,
+              t0: float) -> Model:
+    """The checked tensors and tokenizer as a loaded Model on ``dev`` (a Gemma 1-3 or Gemma 4 network)."""
     if tokenizer.vocab_size > config.vocab_size:
         raise ModelError(f"tokenizer has {tokenizer.vocab_size} tokens, the model {config.vocab_size}")
     tensors = {k: v.to(dev) for k, v in tensors.items()}
     with torch.inference_mode():
-        net = Gemma4Model(config, tensors, fmt, dev).eval()
+        net = net_class(config, tensors, fmt, dev).eval()
     del tensors
     model = Model(net, tokenizer, path, time.perf_counter() - t0)
     log.info("model loaded", extra={"source": path.name, "weights": fmt, "device": str(dev),
