@@ -295,17 +295,7 @@ def write_gemma4_gguf(path, config, tensors: dict[str, torch.Tensor], *, qtype=N
         w.add_expert_feed_forward_length(c.moe_intermediate_size)
     if c.final_logit_softcapping:
         w.add_final_logit_softcapping(c.final_logit_softcapping)
-    tok = tiny_tokenizer(c.vocab_size)
-    pieces, scores, types = tok.vocab()
-    w.add_tokenizer_model("llama")
-    w.add_token_list(pieces)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(2)
-    w.add_eos_token_id(1)
-    w.add_unk_token_id(3)
-    w.add_pad_token_id(0)
-    w.add_add_space_prefix(False)
+    add_gguf_tokenizer(w, *tiny_tokenizer(c.vocab_size).vocab())
     n_rot = int(c.rope_partial_global * c.global_head_dim // 2)
     w.add_tensor("rope_freqs.weight", np.array([1.0] * n_rot + [1e30] * (c.global_head_dim // 2 - n_rot),
                                                dtype=np.float32))
@@ -335,3 +325,16 @@ def write_gemma4_gguf(path, config, tensors: dict[str, torch.Tensor], *, qtype=N
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def add_gguf_tokenizer(writer, pieces: list[str], scores: list[float], types: list[int]) -> None:
+    """A SentencePiece ("llama") vocabulary with Gemma's special ids (pad 0, eos 1, bos 2, unk 3) as GGUF metadata."""
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(pieces)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(3)
+    writer.add_pad_token_id(0)
+    writer.add_add_space_prefix(False)

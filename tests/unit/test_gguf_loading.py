@@ -14,7 +14,7 @@ from gguf.quants import dequantize, quantize
 import gemma_sessions as gs
 from gemma_sessions.config import ModelConfig
 from gemma_sessions.models.weights import dequantize_tensor, expected_shapes
-from gemma_sessions.testing import tiny_tokenizer
+from gemma_sessions.testing import add_gguf_tokenizer, tiny_tokenizer
 
 HF = dict(model_type="gemma3_text", vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
           num_attention_heads=2, num_key_value_heads=1, head_dim=128, sliding_window=8, rope_theta=1e6,
@@ -52,16 +52,7 @@ def write_tiny_gguf(path, *, drop: str | None = None, extra: bool = False, bad_s
     w.add_float32("gemma3.attention.layer_norm_rms_epsilon", 1e-6)
     w.add_float32("gemma3.rope.freq_base", 1e6)
     w.add_uint32("gemma3.attention.sliding_window", 8)
-    w.add_tokenizer_model("llama")
-    pieces, scores, types = tok.vocab()
-    w.add_token_list(pieces)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(2)
-    w.add_eos_token_id(1)
-    w.add_unk_token_id(3)
-    w.add_pad_token_id(0)
-    w.add_add_space_prefix(False)
+    add_gguf_tokenizer(w, *tok.vocab())
     rng = np.random.default_rng(0)
     ref = {}
     for k, (name, shape) in enumerate(expected_shapes(config).items()):

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from gemma_sessions.errors import TokenizerError
 from gemma_sessions.testing import protobuf_field as _field
-from gemma_sessions.testing import write_sentencepiece_model
+from gemma_sessions.testing import add_gguf_tokenizer, write_sentencepiece_model
 from gemma_sessions.tokenizer import Tokenizer
 
 DEFAULT_GGUF = Path("/tmp/m/gemma-3-270m-q4_k_m.gguf")
@@ -106,15 +106,7 @@ def _write_tiny_gguf(path: Path, big_endian: bool) -> None:
 
     endian = gguf.GGUFEndian.BIG if big_endian else gguf.GGUFEndian.LITTLE
     writer = gguf.GGUFWriter(path, "gemma3", endianess=endian)
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(TINY_PIECES)
-    writer.add_token_scores([-float(i) for i in range(len(TINY_PIECES))])
-    writer.add_token_types(TINY_TYPES)
-    writer.add_bos_token_id(2)
-    writer.add_eos_token_id(1)
-    writer.add_unk_token_id(3)
-    writer.add_pad_token_id(0)
-    writer.add_add_space_prefix(False)
+    add_gguf_tokenizer(writer, TINY_PIECES, [-float(i) for i in range(len(TINY_PIECES))], TINY_TYPES)
     writer.add_array("test.nested", [[1, 2], [3]])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
