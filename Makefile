@@ -9,7 +9,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: test serve install model kernels kernels-all peers bench clean
+.PHONY: test serve install model kernels kernels-all peers bench clean system
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,7 @@ SERVE_STAMP := $(VENV)/.installed-serve
 $(SERVE_STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[model,server,zstd]'
+	$(PY) -m pip install -e '.[model,server,zstd,redis]'
 	touch $(SERVE_STAMP)
 
 $(STAMP): $(SERVE_STAMP)
@@ -41,7 +41,7 @@ $(STAMP): $(SERVE_STAMP)
 	$(PY) -m pip install -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP) kernels-all
+install: $(STAMP) kernels-all system
 
 # The CPU kernels, compiled once into the user cache (keyed by sources, flags, compiler and torch: a no-op when built,
 # also for a clean clone), so no request waits on a compiler. `kernels`: the variant this CPU runs (serving);
@@ -56,7 +56,20 @@ kernels-all: $(SERVE_STAMP)
 model: $(SERVE_STAMP)
 	$(VENV)/bin/gemma-sessions model fetch $(MODEL)
 
-test: $(STAMP) model kernels-all
+# The real parts the tests start and stop themselves on 127.0.0.1 (Debian's packages): redis-server (the shared
+# store), nginx (the balancer in front of replicas), chromium + chromium-driver (the web page's browser tests).
+# Installed when missing (CI runs as root); a no-op when all are found. Serving needs none of them.
+SYSTEM_BINS := redis-server nginx chromium chromedriver
+SYSTEM_PKGS := redis-server nginx chromium chromium-driver
+
+system:
+	@missing=""; for b in $(SYSTEM_BINS); do command -v $$b >/dev/null 2>&1 || [ -x /usr/sbin/$$b ] || \
+	  missing="$$missing $$b"; done; \
+	if [ -n "$$missing" ]; then echo "installing$$missing (Debian packages: $(SYSTEM_PKGS))"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $(SYSTEM_PKGS); fi
+
+test: $(STAMP) model kernels-all system
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The main job: the OpenAI-compatible server on the default model and store (STORE=dir to choose another).

@@ -19,7 +19,9 @@ second bases where the meaning matches, so generic handlers keep working.
     │   ├── SessionNotFoundError      (also a KeyError)
     │   └── SessionBusyError          a turn is already running and the caller would not wait
     └── StoreError                    the durable store
-        └── SessionFileError          a session file refused (foreign, truncated, corrupt, wrong version)
+        ├── SessionFileError          a session file refused (foreign, truncated, corrupt, wrong version)
+        ├── StoreUnavailableError     the shared store (Redis) cannot be reached now; retry later (HTTP 503)
+        └── StaleSessionError         another replica moved this session on; this write was refused (fencing)
 """
 
 from __future__ import annotations
@@ -91,6 +93,15 @@ class StoreError(GemmaSessionsError):
 
 class SessionFileError(StoreError):
     """A session file was refused; the message says why (foreign model, truncated, corrupt, newer format)."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store cannot be reached right now (a shared Redis went away). Nothing was committed; retry later."""
+
+
+class StaleSessionError(StoreError):
+    """A write was refused because the stored session's version moved on (another replica appended a turn).
+    The in-memory copy is stale: reload it from the store and try again."""
 
 
 # The names the issue tracker and README use.

@@ -59,7 +59,8 @@ class ApiError(Exception):
 
 _STATUS = [(E.SessionNotFoundError, 404), (E.SessionBusyError, 409), (E.InvalidRequestError, 400),
            (E.CapacityError, 400), (E.SessionFileError, 400), (E.EngineClosedError, 503),
-           (E.TokenizerError, 400), (E.GemmaSessionsError, 500)]
+           (E.TokenizerError, 400), (E.StoreUnavailableError, 503), (E.StaleSessionError, 409),
+           (E.GemmaSessionsError, 500)]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -378,8 +379,9 @@ def _install_errors(app: FastAPI) -> None:
         if status >= 500:
             log.error("request failed: %r", exc)
         code = "context_length_exceeded" if isinstance(exc, E.ContextLengthError) else None
-        return _error(status, str(exc) if status < 500 or isinstance(exc, E.EngineClosedError)
-                      else "internal server error", code=code)
+        retry = isinstance(exc, (E.StoreUnavailableError, E.EngineClosedError))
+        return _error(status, str(exc) if status < 500 or retry else "internal server error", code=code,
+                      headers={"Retry-After": "2"} if isinstance(exc, E.StoreUnavailableError) else None)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):
