@@ -297,6 +297,38 @@ def test_fast_mode_decode_stack_equals_the_layer_loop(arch, rows, monkeypatch):
     assert torch.equal(stack_kv, loop_kv)
 
 
+@pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3"])
+def test_single_sequence_decode_runs_the_stack_bit_for_bit(arch, monkeypatch):
+    """generate()'s decode steps (one dense sequence, models/gemma.py ``DenseKV``) run every layer in one compiled
+    call too: their logits and the K/V they write equal the layer loop's bit for bit, past the sliding window (the
+    tiny configs' windows are shorter than the 40 steps)."""
+    from gemma_sessions import kernels
+
+    if not kernels.available():
+        pytest.skip(f"kernel not built here: {kernels._state.get('error')}")
+    model = tiny_model(arch, seed=3, weight_format="int8")
+    net = model.net
+    assert net.can_decode_stack(1)
+    calls = []
+    real = net.hidden_decode_stack
+    monkeypatch.setattr(net, "hidden_decode_stack", lambda *a: calls.append(1) or real(*a))
+
+    def run(use_stack: bool):
+        monkeypatch.setattr(net, "can_decode_stack", lambda n: use_stack)
+        kv = net.new_sequence(64)
+        with torch.inference_mode():
+            out = [net.step(torch.tensor(_prompt(1, 9)), kv, last_only=True)]
+            out += [net.step(torch.tensor([7 + (13 * i) % 300]), kv, last_only=True) for i in range(40)]
+        return torch.cat(out), kv.flat.clone()
+
+    stack_logits, stack_kv = run(True)
+    assert len(calls) == 40
+    loop_logits, loop_kv = run(False)
+    assert len(calls) == 40
+    assert torch.equal(stack_logits, loop_logits)
+    assert torch.equal(stack_kv, loop_kv)
+
+
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
 def test_packed_prefill_attention_equals_one_attention_per_chunk(arch, native, monkeypatch):

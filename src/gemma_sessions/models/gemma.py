@@ -446,8 +446,14 @@ class GemmaModel(nn.Module):
         return self.logits(h[-1:] if last_only else h)
 
     def _advance(self, ids: torch.Tensor, kv: DenseKV) -> torch.Tensor:
-        """The final hidden states of new tokens of one sequence, their K/V written and the sequence advanced."""
-        h = self.hidden(ids, torch.arange(kv.length, kv.length + ids.numel(), device=ids.device), kv)
+        """The final hidden states of new tokens of one sequence, their K/V written and the sequence advanced. A
+        decode step runs every layer in one compiled call where the engine's would (:meth:`can_decode_stack`): the
+        same kernels in the same order as the layer loop, so the same bits."""
+        positions = torch.arange(kv.length, kv.length + ids.numel(), device=ids.device)
+        if ids.numel() == 1 and self.can_decode_stack(1):
+            h = self.hidden_decode_stack(ids, positions, kv.stack_kv())
+        else:
+            h = self.hidden(ids, positions, kv)
         kv.advance(ids.numel())
         return h
 
@@ -523,9 +529,14 @@ class DenseKV:
         c = model.config
         # The engine's rule: KV in bf16 unless the model runs in exact float32.
         dt = kv_dtype or (torch.float32 if model.weight_format == "float32" else torch.bfloat16)
-        self.k = [torch.zeros(c.num_kv_heads, max_len, c.head_dim, dtype=dt, device=model.device)
-                  for _ in range(c.num_layers)]
-        self.v = [torch.zeros_like(t) for t in self.k]
+        # One slot tensor [2 * layers * max_len, kv_heads, head_dim] (layer l's K at slots [2l * max_len, ...), its
+        # V right after), as a paged cache's flat with one page: a decode step runs kernels.decode_stack on it
+        # (:meth:`stack_kv`). ``k[l]`` / ``v[l]`` are [kv_heads, max_len, head_dim] views of it.
+        self.flat = torch.zeros(2 * c.num_layers * max_len, c.num_kv_heads, c.head_dim, dtype=dt,
+                                device=model.device)
+        self.k = [self.flat[2 * i * max_len:(2 * i + 1) * max_len].transpose(0, 1) for i in range(c.num_layers)]
+        self.v = [self.flat[(2 * i + 1) * max_len:(2 * i + 2) * max_len].transpose(0, 1)
+                  for i in range(c.num_layers)]
         self.windows = [c.sliding_window if t == SLIDING else None for t in c.layer_types]
         self.scale_softcap = (model.layers[0].attn.scale, c.attn_logit_softcapping)
         self.length = 0
@@ -579,3 +590,21 @@ class DenseKV:
 
     def advance(self, t: int) -> None:
         self.length += t
+
+    def stack_kv(self) -> kernels.StackKV:
+        """The next decode step's K/V as ``kernels.decode_stack`` reads and writes it: the flat with one page of
+        ``max_len`` slots (block = page stride = 1 and a table of slots, as :meth:`attend`'s decode kernel reads
+        it), a group per window (global, sliding) with the keys the step's query sees, as :meth:`attend` picks them."""
+        if self.length + 1 > self.max_len:
+            raise ValueError(f"DenseKV holds {self.max_len} tokens; {self.length + 1} requested")
+        groups = sorted(set(self.windows), key=lambda w: (w is not None, w or 0))
+        end, n = self.length + 1, self.max_len
+        starts = [0 if w is None else max(0, self.length - w + 1) for w in groups]
+        write = torch.tensor([self.length])
+        return kernels.StackKV(
+            flats=(self.flat,), layer_flat=(0,) * len(self.windows),
+            off_k=tuple(2 * i * n for i in range(len(self.windows))),
+            off_v=tuple((2 * i + 1) * n for i in range(len(self.windows))),
+            layer_group=tuple(groups.index(w) for w in self.windows), write=(write,) * len(groups),
+            table=(self._positions(),) * len(groups), start=tuple(torch.tensor([lo]) for lo in starts),
+            lengths=tuple(torch.tensor([end - lo]) for lo in starts), block=1, page_stride=(1,))
