@@ -97,6 +97,7 @@ class ServerState:
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=512, thread_name_prefix="gemma-http")
         self.created = int(time.time())
         self.draining = False
+        self.replica: bytes | None = None  # X-Replica on every response (create_app's replica_name)
 
     async def run(self, fn: Callable, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -264,9 +265,13 @@ def chat_prompt(tokenizer, messages, reasoning: bool = False) -> list[int]:
 
 
 def create_app(manager, *, model_name: str = "gemma3-270m", api_keys: Iterable[str] = (),
-               limits: Limits | None = None, on_shutdown: Callable | None = None) -> FastAPI:
-    """Build the FastAPI app over a SessionManager (its engine and store)."""
+               limits: Limits | None = None, on_shutdown: Callable | None = None,
+               replica_name: str | None = None) -> FastAPI:
+    """Build the FastAPI app over a SessionManager (its engine and store). ``replica_name``: sent as
+    ``X-Replica`` on every response (errors, streams and /health too), so a client behind a balancer sees who
+    served it."""
     state = ServerState(manager, model_name, api_keys, limits or Limits())
+    state.replica = replica_name.encode("ascii") if replica_name else None
     app = FastAPI(title="gemma-sessions", version="0.1.0")
     app.state.gs = state
 
@@ -302,6 +307,9 @@ class Guard:
         async def send_status(message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                if self.state.replica is not None:
+                    message = {**message, "headers": [*message.get("headers", []),
+                                                      (b"x-replica", self.state.replica)]}
             await send(message)
 
         try:
@@ -316,7 +324,7 @@ class Guard:
         except Exception:  # a bug: log it, answer in OpenAI's shape if nothing was sent yet
             log.exception("unhandled error")
             if status[0] == 500:
-                await _error(500, "internal server error")(scope, receive, send)
+                await _error(500, "internal server error")(scope, receive, send_status)
         self.state.metrics.requests.labels(route=_route_label(scope["path"]), status=str(status[0])).inc()
 
     async def _refuse(self, scope) -> JSONResponse | None:
