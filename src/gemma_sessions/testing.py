@@ -338,3 +338,90 @@ def add_gguf_tokenizer(writer, pieces: list[str], scores: list[float], types: li
     writer.add_unk_token_id(3)
     writer.add_pad_token_id(0)
     writer.add_add_space_prefix(False)
+
+
+class RedisServer:
+    """A ``redis-server`` process of its own on 127.0.0.1 (a free port, a temporary directory) for tests and benchmarks;
+    never the system's. ``appendonly``: AOF on (a restart keeps every write). ``kill()`` is kill -9; ``stop()`` a clean
+    shutdown (the AOF flushed); ``start()`` again reuses the port and the directory.
+
+    Example::
+
+        with RedisServer(tmp_path) as server:
+            store = open_store(server.url)
+    """
+
+    def __init__(self, directory, *, appendonly: bool = True, port: int | None = None,
+                 maxmemory_policy: str = "volatile-lru", binary: str = "redis-server"):
+        import shutil
+        from pathlib import Path
+
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.appendonly = appendonly
+        self.port = port or _free_port()
+        self.maxmemory_policy = maxmemory_policy
+        found = shutil.which(binary) or (binary if Path(binary).exists() else None)
+        if found is None:
+            raise RuntimeError(f"{binary} not found: install it (make system, or apt-get install redis-server)")
+        self.binary = found
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        import subprocess
+        import time
+
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+             "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
+             "--maxmemory-policy", self.maxmemory_policy, "--daemonize", "no", "--protected-mode", "yes"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while not self.ping():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"redis-server did not start on port {self.port}")
+            time.sleep(0.05)
+        return self
+
+    def ping(self) -> bool:
+        import socket
+
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """A clean shutdown (SIGTERM: redis-server flushes its AOF and exits)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+    def kill(self) -> None:
+        """kill -9: whatever redis-server had not written is lost (with appendfsync always, nothing acknowledged)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -3,5 +3,6 @@
 from .conversation import Message
 from .manager import SessionManager
 from .session import Reply, Session, TurnStats
+from .store_protocol import SessionStore, open_store
 
-__all__ = ["Message", "Reply", "Session", "SessionManager", "TurnStats"]
+__all__ = ["Message", "Reply", "Session", "SessionManager", "SessionStore", "TurnStats", "open_store"]

@@ -12,10 +12,10 @@ cache). Every change is written to the store before memory changes, so both chan
 
 from __future__ import annotations
 
-import threading
-
 import collections
 import json
+import os
+import threading
 
 from ..errors import GemmaSessionsError, InvalidRequestError, SessionFileError, SessionNotFoundError
 from ..sampling import SamplingParams
@@ -41,10 +41,12 @@ class SessionManager:
     """
 
     def __init__(self, engine, store=None):
-        from .store import Store
+        """``store``: a :class:`~.store_protocol.SessionStore` (``Store``, ``RedisStore``), or a spec for
+        :func:`~.store_protocol.open_store` (a directory, or ``redis://host:port/db``); None keeps sessions in memory."""
+        from .store_protocol import open_store
 
         self.engine = engine
-        self.store = Store(store) if store is not None and not isinstance(store, Store) else store
+        self.store = open_store(store) if isinstance(store, (str, os.PathLike)) else store
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self._responses: collections.OrderedDict[str, dict] = collections.OrderedDict()
@@ -106,6 +108,8 @@ class SessionManager:
         """A new session with the parent's history (its first ``keep_messages`` messages when given), sharing
         its KV blocks (copy on write); the child has the parent's owner."""
         parent = self.get(session_id)
+        with parent._turn_lock:
+            self._sync(parent)  # another replica's turns are part of what the child inherits
         child = Session(self, system=parent.system, sampling=parent.sampling,
                         context_policy=parent.context_policy, max_context=parent.max_context,
                         metadata={**parent.metadata, **check_metadata(metadata), "forked_from": parent.id},
@@ -124,8 +128,9 @@ class SessionManager:
     def update_metadata(self, session_id: str, metadata: dict) -> Session:
         """Merge ``metadata`` into a session's (store first, then memory)."""
         s = self.get(session_id)
-        merged = {**s.metadata, **check_metadata(metadata)}
         with s._turn_lock:
+            self._sync(s)
+            merged = {**s.metadata, **check_metadata(metadata)}
             if self.store is not None and s.persistent:
                 self.store.metadata_changed(s, merged)
             s.metadata = merged
@@ -136,14 +141,20 @@ class SessionManager:
         s = self.get(session_id)
         s._turn_lock.acquire()
         try:
-            with self._lock:
-                self._sessions.pop(session_id, None)
-            s.deleted = True
-            self.engine.release_kv(s.kv)
             if self.store is not None and s.persistent:
-                self.store.session_deleted(s)
+                self.store.session_deleted(s)  # store first: a failed delete leaves the session as it was
+            self._forget(s)
         finally:
             s._turn_lock.release()
+
+    def _forget(self, s: Session) -> None:
+        """Drop a deleted session from memory (here, or by another replica: ``store.sync`` found it gone)."""
+        with self._lock:
+            if self._sessions.get(s.id) is s:
+                del self._sessions[s.id]
+        if not s.deleted:
+            s.deleted = True
+            self.engine.release_kv(s.kv)
 
     @property
     def stats(self) -> dict:
@@ -238,6 +249,7 @@ class SessionManager:
         s = self.get(session_id)
         s._turn_lock.acquire()
         try:
+            self._sync(s)
             self._before_turn(s)
             snap = self.engine.export_kv(s.kv, s.token_ids)  # (Gemma 4: the part of its KV that is history)
             model = self.engine.model
@@ -272,6 +284,17 @@ class SessionManager:
             return self._responses.get(response_id)
 
     # ------------------------------------------------------------------------------------------ hooks
+    def _sync(self, session: Session, idempotency_key: str | None = None) -> dict | None:
+        """Under the session's turn lock: bring a stale session up to the store's version (another replica wrote to
+        it); the reply recorded under ``idempotency_key`` if that key was committed already (see SessionStore)."""
+        if self.store is None or not session.persistent:
+            return None
+        try:
+            return self.store.sync(session, idempotency_key)
+        except SessionNotFoundError:  # deleted through another replica
+            self._forget(session)
+            raise
+
     def _before_turn(self, session: Session) -> str:
         if self.store is not None:
             return self.store.restore_kv(session)
@@ -283,9 +306,10 @@ class SessionManager:
         if self.store is not None and session.persistent:
             self.store.history_changed(session, messages)
 
-    def _turn_completed(self, session: Session, messages: list[Message], dropped: int, stats: TurnStats) -> None:
+    def _turn_completed(self, session: Session, messages: list[Message], dropped: int, stats: TurnStats,
+                        idempotency_key: str | None = None, reply: dict | None = None) -> None:
         if self.store is not None and session.persistent:
-            self.store.turn_completed(session, messages, dropped, stats)
+            self.store.turn_completed(session, messages, dropped, stats, idempotency_key=idempotency_key, reply=reply)
 
 
 def _copy_conversation(conv: Conversation) -> Conversation:

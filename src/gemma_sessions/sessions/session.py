@@ -4,6 +4,11 @@ Contract: ``send`` / ``stream`` run one turn: render the user's message to token
 engine with the session's KV handle (so only tokens not already cached are computed), stream text deltas, and
 append the turn to history only once it completed. Turns on one session are serialised in arrival order (FIFO);
 with ``wait=False`` a second concurrent turn raises ``SessionBusyError`` instead. All methods are thread-safe.
+
+With a shared store (Redis, several replicas) a turn starts with ``store.sync``: a session another replica moved on is
+reloaded from the store first (``store_version`` is the version this memory holds, the fencing token its writes
+carry), and a turn whose ``idempotency_key`` was committed already answers with the recorded reply without generating.
+The commit raises StaleSessionError (nothing changed) when another replica won the race.
 """
 
 from __future__ import annotations
@@ -141,6 +146,7 @@ class Session:
         self._turn_lock = FifoLock()
         self._data_lock = threading.Lock()
         self.deleted = False
+        self.store_version = 0  # the store's version of this session that memory holds (a shared store's fence)
 
     # ------------------------------------------------------------------------------------------ views
     @property
@@ -185,6 +191,7 @@ class Session:
     def add_message(self, role: str, text: str) -> Message:
         """Append a message without generating (waits for a running turn)."""
         with self._turn_lock:
+            self.manager._sync(self)
             messages, msg = self.conversation.with_message(role, text)
             self._adopt(messages)
         return msg
@@ -194,6 +201,7 @@ class Session:
         from ..errors import SessionNotFoundError
 
         with self._turn_lock:
+            self.manager._sync(self)
             try:
                 messages, msg = self.conversation.without_message(message_id)
             except KeyError:
@@ -209,17 +217,21 @@ class Session:
 
     # ------------------------------------------------------------------------------------------ turns
     def send(self, text: str, *, sampling: SamplingParams | None = None, wait: bool = True,
-             reasoning: bool | None = None) -> Reply:
-        """Run one turn to completion and return the reply."""
-        stream = self.stream(text, sampling=sampling, wait=wait, reasoning=reasoning)
+             reasoning: bool | None = None, idempotency_key: str | None = None) -> Reply:
+        """Run one turn to completion and return the reply (``idempotency_key``: see :meth:`stream`)."""
+        stream = self.stream(text, sampling=sampling, wait=wait, reasoning=reasoning, idempotency_key=idempotency_key)
         for _ in stream:
             pass
         return stream.reply
 
     def stream(self, text: str, *, sampling: SamplingParams | None = None, wait: bool = True,
-               reasoning: bool | None = None) -> TurnStream:
+               reasoning: bool | None = None, idempotency_key: str | None = None) -> TurnStream:
         """Start a turn and iterate its answer's text deltas; ``.reply`` holds the result once iteration ends
         (``next_part`` gives thoughts too). ``reasoning``: thinking on or off for this turn (default: the sampling's).
+
+        ``idempotency_key``: names this request (the server passes the ``Idempotency-Key`` header; default a fresh
+        uuid). With a store that keeps keys (Redis) a key is committed at most once per session: a retry of a
+        committed key gets the recorded reply, without generating and without appending again.
 
         Closing the iterator early cancels the turn (nothing is appended to the history).
         """
@@ -229,19 +241,20 @@ class Session:
         if not self._turn_lock.acquire(blocking=wait):
             raise SessionBusyError(f"session {self.id} is already running a turn")
         try:
-            return TurnStream(self, text, params)
+            return TurnStream(self, text, params, idempotency_key or uuid.uuid4().hex)
         except BaseException:
             self._turn_lock.release()
             raise
 
-    async def astream(self, text: str, *, sampling: SamplingParams | None = None,
-                      wait: bool = True, reasoning: bool | None = None) -> AsyncIterator[str]:
+    async def astream(self, text: str, *, sampling: SamplingParams | None = None, wait: bool = True,
+                      reasoning: bool | None = None, idempotency_key: str | None = None) -> AsyncIterator[str]:
         """Async variant of :meth:`stream` (the engine work runs on its thread; deltas hop to the event loop)."""
         import asyncio
 
         loop = asyncio.get_running_loop()
         stream = await loop.run_in_executor(None, lambda: self.stream(text, sampling=sampling, wait=wait,
-                                                                      reasoning=reasoning))
+                                                                      reasoning=reasoning,
+                                                                      idempotency_key=idempotency_key))
         try:
             while True:
                 delta = await loop.run_in_executor(None, stream.next_delta)
@@ -258,11 +271,19 @@ class Session:
 class TurnStream:
     """Iterator of text deltas for one turn (holds the session's turn lock until it ends)."""
 
-    def __init__(self, session: Session, text: str, params: SamplingParams):
+    def __init__(self, session: Session, text: str, params: SamplingParams, idempotency_key: str):
         self._done = True  # until the engine request exists, there is nothing to cancel
         self.session = session
+        self.idempotency_key = idempotency_key
+        self._engine_stream = None
+        self._replay: list[tuple[str, str]] | None = None
+        self.reply: Reply | None = None
         conv = session.conversation
         t0 = time.perf_counter()
+        recorded = session.manager._sync(session, idempotency_key)
+        if recorded is not None:  # this request was committed already (a retry): answer with what it answered
+            self._start_replay(recorded)
+            return
         self._kv_source = session.manager._before_turn(session)
         self._restore_s = time.perf_counter() - t0  # counted in the turn's time to first token
         with session._data_lock:
@@ -277,7 +298,14 @@ class TurnStream:
         self._deltas = TextDeltas(self._engine_stream, conv.tokenizer, self.params.stop,
                                   on_stop=self._engine_stream.cancel,  # a stop string ends the generation at once
                                   channel=conv.format.channel)
-        self.reply: Reply | None = None
+        self._done = False
+
+    def _start_replay(self, recorded: dict) -> None:
+        """Answer with a reply the store recorded under this turn's idempotency key (its thoughts, then its text)."""
+        stats = TurnStats(**recorded["stats"])
+        self._replay = [(k, recorded[k]) for k in ("reasoning", "content") if recorded[k]]
+        self._replayed = Reply(text=recorded["content"], token_ids=list(recorded["token_ids"]),
+                               finish_reason=recorded["finish_reason"], stats=stats, reasoning=recorded["reasoning"])
         self._done = False
 
     def __iter__(self) -> Iterator[str]:
@@ -296,6 +324,12 @@ class TurnStream:
         ``reply`` is set). Thoughts come as "reasoning", never inside the answer's "content"."""
         try:
             if self._done:
+                return None
+            if self._replay is not None:
+                if self._replay:
+                    return self._replay.pop(0)
+                self.reply = self._replayed
+                self._finish()
                 return None
             part = self._deltas.next_part()
             if part is not None:
@@ -319,7 +353,10 @@ class TurnStream:
         text, tokens = self._deltas.text, list(self._deltas.tokens)
         if finish_reason != "cancelled":
             messages = s.conversation.with_turn(self._plan, text, tokens)
-            s.manager._turn_completed(s, messages, self._plan.dropped, stats)  # durable first; may raise
+            recorded = {"content": text, "token_ids": tokens, "finish_reason": finish_reason,
+                        "reasoning": self._deltas.reasoning, "stats": dataclasses.asdict(stats)}
+            # durable first; may raise (StaleSessionError: another replica moved the session on; nothing changed)
+            s.manager._turn_completed(s, messages, self._plan.dropped, stats, self.idempotency_key, recorded)
             with s._data_lock:
                 s.conversation.replace(messages, self._plan.dropped, reasoning=self._plan.reasoning)
                 s.turn_stats.append(stats)
@@ -332,7 +369,9 @@ class TurnStream:
         self._finish()
 
     def _abort(self) -> None:
-        if not self._done:
+        if not self._done and self._engine_stream is None:  # a replay: nothing runs
+            self._finish()
+        elif not self._done:
             self._engine_stream.cancel()
             try:  # wait until the engine has let go of the session's KV handle (at its next step)
                 self._engine_stream.result(timeout=60)

@@ -82,27 +82,12 @@ def _blob_ids(blob: bytes) -> tuple[int, ...]:
     return tuple(a)
 
 
-class Store:
-    """A store directory. Pass it to ``SessionManager(engine, store=Store(DIR))`` (or ``store="DIR"``)."""
+class SnapshotWriter:
+    """The background KV writer both stores share: turn-end exports and spills under memory pressure, written by one
+    thread so that a turn never waits for KV bytes. A subclass writes one snapshot (``_write_snapshot``, which records
+    ``_written[sid] = (tokens, hash of tokens)`` for what it wrote) and may veto a write (``_session_exists``)."""
 
-    def __init__(self, path: str | os.PathLike | None = None, *, readonly: bool = False,
-                 snapshot_kv: bool = True, compress: bool = False):
-        self.path = Path(path) if path is not None else default_store_dir()
-        self.readonly = readonly
-        self.snapshot_kv = snapshot_kv and not readonly
-        self.compress = compress
-        self.kv_dir = self.path / "kv"
-        self.kv_dir.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = None if readonly else self._take_lock()
-        self._db = sqlite3.connect(self.path / "sessions.db", check_same_thread=False, isolation_level=None,
-                                   timeout=30)
-        self._db_lock = threading.RLock()
-        with self._db_lock:
-            if not readonly:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.executescript(_SCHEMA)
-                self._migrate()
-            self._db.execute("PRAGMA synchronous=FULL")
+    def __init__(self) -> None:
         self.manager = None
         self._handles: dict[int, object] = {}   # KV handle id -> its Session (for spills)
         self._pending: dict[str, object] = {}   # session id -> KVSnapshot waiting to be written
@@ -117,59 +102,20 @@ class Store:
         self._pending_bytes = 0
         self._queued: set[str] = set()  # sessions with an export queued (one each: later turns coalesce)
         self.spills_dropped = 0
-        self._written: dict[str, tuple[int, int]] = {}  # session id -> (tokens, their hash) of its file on disk
+        self._written: dict[str, tuple[int, int]] = {}  # session id -> (tokens, their hash) of what is written
         self._deadline: float | None = None  # set by close: snapshots still queued after it are skipped
-        if not readonly:
-            self._cleanup()
 
-    # ------------------------------------------------------------------------------------------ lifecycle
-    def _take_lock(self) -> int:
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StoreError(f"{self.path} is served by another process (open it with readonly=True to read)")
-        return fd
+    def _start_writer(self, engine) -> None:
+        engine.on_spill = self._on_spill
+        engine.spill_history = self._spill_history
+        self._writer = threading.Thread(target=self._write_loop, name="gemma-store-writer", daemon=True)
+        self._writer.start()
 
-    def _migrate(self) -> None:
-        """Stores written before the owner column: move ``_owner`` out of the metadata into it."""
-        columns = {r[1] for r in self._db.execute("PRAGMA table_info(sessions)")}
-        if "owner" in columns:
-            return
-        self._db.execute("BEGIN IMMEDIATE")
-        self._db.execute("ALTER TABLE sessions ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
-        for sid, metadata in self._db.execute("SELECT id, metadata FROM sessions").fetchall():
-            meta = json.loads(metadata or "{}")
-            owner = meta.pop("_owner", "")
-            self._db.execute("UPDATE sessions SET owner=?, metadata=? WHERE id=?", (owner, json.dumps(meta), sid))
-        self._db.execute("COMMIT")
-
-    def _cleanup(self) -> None:
-        """Remove temporary files and snapshots whose session is gone (left by a crash)."""
-        with self._db_lock:
-            ids = {r[0] for r in self._db.execute("SELECT id FROM sessions")}
-            self._db.execute("DELETE FROM snapshots WHERE session_id NOT IN (SELECT id FROM sessions)")
-        for f in self.kv_dir.iterdir():
-            if f.name.startswith(".") or (f.suffix == ".safetensors" and f.stem not in ids):
-                f.unlink(missing_ok=True)
-
-    def attach(self, manager) -> None:
-        self.manager = manager
-        engine = manager.engine
-        self._model_fp = engine.model.fingerprint
-        self._tok_fp = engine.model.tokenizer.fingerprint
-        if self.snapshot_kv:
-            engine.on_spill = self._on_spill
-            engine.spill_history = self._spill_history
-            self._writer = threading.Thread(target=self._write_loop, name="gemma-store-writer", daemon=True)
-            self._writer.start()
-
-    def close(self, snapshot_all: bool = True, timeout: float = CLOSE_SNAPSHOT_S) -> None:
-        """Snapshot the KV of sessions in memory whose file is stale, for at most ``timeout`` seconds (what is left
-        costs a recompute at the next turn, never a turn: turns are committed as they complete), then close."""
+    def _stop_writer(self, snapshot_all: bool, timeout: float) -> None:
+        """Queue a snapshot of every persistent session in memory (``snapshot_all``), write for at most ``timeout``
+        seconds, stop the thread."""
         self._deadline = time.monotonic() + timeout
-        if self.manager is not None and snapshot_all and self.snapshot_kv:
+        if self.manager is not None and snapshot_all:
             for s in self.manager.loaded_sessions():
                 if s.persistent:
                     self.schedule_snapshot(s)
@@ -177,90 +123,9 @@ class Store:
             self._put(3, None)
             self._writer.join(timeout=timeout + 30)
             self._writer = None
-        with self._db_lock:
-            self._db.close()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
 
-    # ------------------------------------------------------------------------------------------ writes
-    def _write(self, sql: str, rows) -> None:
-        if self.readonly:
-            raise StoreError("the store is open read-only")
-        with self._db_lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for statement, args in rows if sql is None else [(sql, rows)]:
-                    self._db.execute(statement, args)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-
-    def session_created(self, s) -> None:
-        now = time.time()
-        rows = [("INSERT OR REPLACE INTO sessions(id, created_at, updated_at, system, sampling, context_policy, "
-                 "max_context, metadata, dropped_turns, owner) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                 (s.id, s.created_at, now, s.system, json.dumps(s.sampling.to_dict()), s.context_policy,
-                  s.max_context, json.dumps(s.metadata), s.conversation.dropped_turns, s.owner))]
-        rows += self._message_rows(s.id, s.conversation.messages, 0)
-        self._write(None, rows)
-        self._handles[s.kv.id] = s
-
-    def _message_rows(self, sid: str, messages: list[Message], start: int) -> list[tuple]:
-        return [("INSERT OR REPLACE INTO messages VALUES (?,?,?,?,?,?,?)",
-                 (sid, start + i, m.role, m.text, m.created_at, _ids_blob(m.token_ids), m.id))
-                for i, m in enumerate(messages)]
-
-    def history_changed(self, s, messages: list[Message]) -> None:
-        """Rewrite a session's messages (items added or removed outside a turn) before memory adopts them."""
-        self._write(None, [("UPDATE sessions SET updated_at=? WHERE id=?", (time.time(), s.id)),
-                           ("DELETE FROM messages WHERE session_id=?", (s.id,))]
-                    + self._message_rows(s.id, messages, 0))
-
-    def metadata_changed(self, s, metadata: dict) -> None:
-        self._write("UPDATE sessions SET updated_at=?, metadata=? WHERE id=?",
-                    (time.time(), json.dumps(metadata), s.id))
-
-    def turn_completed(self, s, messages: list[Message], dropped: int, stats) -> None:
-        """Commit a completed turn's history (blocking, fsynced) before memory adopts it, then queue a KV
-        snapshot in the background. ``messages`` is the whole history after the turn."""
-        with s._data_lock:
-            total_dropped = s.conversation.dropped_turns + dropped
-            n_turns = len(s.turn_stats)
-        with self._db_lock:
-            stored = [r[0] for r in self._db.execute("SELECT msg_id FROM messages WHERE session_id=? ORDER BY idx",
-                                                     (s.id,))]
-        rows = [("UPDATE sessions SET updated_at=?, dropped_turns=? WHERE id=?", (time.time(), total_dropped, s.id))]
-        if stored == [m.id for m in messages[:-2]]:  # a plain append: two new rows
-            rows += self._message_rows(s.id, messages[-2:], len(messages) - 2)
-        else:  # older turns were dropped (or the rows differ): rewrite the history in order
-            rows += [("DELETE FROM messages WHERE session_id=?", (s.id,))] + self._message_rows(s.id, messages, 0)
-        rows.append(("INSERT OR REPLACE INTO turns VALUES (?,?,?)", (s.id, n_turns, json.dumps(stats.__dict__))))
-        self._write(None, rows)
-        if self.snapshot_kv:
-            self.schedule_snapshot(s)
-
-    def session_deleted(self, s) -> None:
-        self.delete_session(s.id)
-        self._handles.pop(s.kv.id, None)
-
-    def delete_session(self, sid: str) -> None:
-        """Remove a session's rows and snapshot file (also usable offline, by id)."""
-        with self._pending_lock:
-            snap = self._pending.pop(sid, None)
-            self._pending_bytes -= snap.nbytes() if snap is not None else 0
-        self._write(None, [("DELETE FROM messages WHERE session_id=?", (sid,)),
-                           ("DELETE FROM turns WHERE session_id=?", (sid,)),
-                           ("DELETE FROM snapshots WHERE session_id=?", (sid,)),
-                           ("DELETE FROM responses WHERE session_id=?", (sid,)),
-                           ("DELETE FROM sessions WHERE id=?", (sid,))])
-        self._snapshot_path(sid).unlink(missing_ok=True)
-        self._written.pop(sid, None)
-
-    # ------------------------------------------------------------------------------------------ snapshots
-    def _snapshot_path(self, sid: str) -> Path:
-        return self.kv_dir / f"{sid}.safetensors"
+    def _write_snapshot(self, sid: str, snap) -> None:
+        raise NotImplementedError
 
     def schedule_snapshot(self, s) -> None:
         with self._pending_lock:
@@ -344,6 +209,171 @@ class Store:
         n = self.manager.engine.kv_tokens(s.kv)
         return written == (n, hash(tuple(s.token_ids[:n])))
 
+    def flush(self, timeout: float = 60.0) -> None:
+        """Wait until every queued snapshot is written (tests, shutdown)."""
+        if self._writer is None:
+            return
+        done = threading.Event()
+        self._put(2, ("call", done))
+        done.wait(timeout)
+
+
+class Store(SnapshotWriter):
+    """A store directory. Pass it to ``SessionManager(engine, store=Store(DIR))`` (or ``store="DIR"``)."""
+
+    def __init__(self, path: str | os.PathLike | None = None, *, readonly: bool = False,
+                 snapshot_kv: bool = True, compress: bool = False):
+        self.path = Path(path) if path is not None else default_store_dir()
+        self.readonly = readonly
+        self.snapshot_kv = snapshot_kv and not readonly
+        self.compress = compress
+        self.kv_dir = self.path / "kv"
+        self.kv_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = None if readonly else self._take_lock()
+        self._db = sqlite3.connect(self.path / "sessions.db", check_same_thread=False, isolation_level=None,
+                                   timeout=30)
+        self._db_lock = threading.RLock()
+        with self._db_lock:
+            if not readonly:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.executescript(_SCHEMA)
+                self._migrate()
+            self._db.execute("PRAGMA synchronous=FULL")
+        SnapshotWriter.__init__(self)
+        if not readonly:
+            self._cleanup()
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+    def _take_lock(self) -> int:
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(f"{self.path} is served by another process (open it with readonly=True to read)")
+        return fd
+
+    def _migrate(self) -> None:
+        """Stores written before the owner column: move ``_owner`` out of the metadata into it."""
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(sessions)")}
+        if "owner" in columns:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        self._db.execute("ALTER TABLE sessions ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
+        for sid, metadata in self._db.execute("SELECT id, metadata FROM sessions").fetchall():
+            meta = json.loads(metadata or "{}")
+            owner = meta.pop("_owner", "")
+            self._db.execute("UPDATE sessions SET owner=?, metadata=? WHERE id=?", (owner, json.dumps(meta), sid))
+        self._db.execute("COMMIT")
+
+    def _cleanup(self) -> None:
+        """Remove temporary files and snapshots whose session is gone (left by a crash)."""
+        with self._db_lock:
+            ids = {r[0] for r in self._db.execute("SELECT id FROM sessions")}
+            self._db.execute("DELETE FROM snapshots WHERE session_id NOT IN (SELECT id FROM sessions)")
+        for f in self.kv_dir.iterdir():
+            if f.name.startswith(".") or (f.suffix == ".safetensors" and f.stem not in ids):
+                f.unlink(missing_ok=True)
+
+    def attach(self, manager) -> None:
+        self.manager = manager
+        engine = manager.engine
+        self._model_fp = engine.model.fingerprint
+        self._tok_fp = engine.model.tokenizer.fingerprint
+        if self.snapshot_kv:
+            self._start_writer(engine)
+
+    def close(self, snapshot_all: bool = True, timeout: float = CLOSE_SNAPSHOT_S) -> None:
+        """Snapshot the KV of sessions in memory whose file is stale, for at most ``timeout`` seconds (what is left
+        costs a recompute at the next turn, never a turn: turns are committed as they complete), then close."""
+        self._stop_writer(snapshot_all and self.snapshot_kv, timeout)
+        with self._db_lock:
+            self._db.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # ------------------------------------------------------------------------------------------ writes
+    def _write(self, sql: str, rows) -> None:
+        if self.readonly:
+            raise StoreError("the store is open read-only")
+        with self._db_lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement, args in rows if sql is None else [(sql, rows)]:
+                    self._db.execute(statement, args)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def session_created(self, s) -> None:
+        now = time.time()
+        rows = [("INSERT OR REPLACE INTO sessions(id, created_at, updated_at, system, sampling, context_policy, "
+                 "max_context, metadata, dropped_turns, owner) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                 (s.id, s.created_at, now, s.system, json.dumps(s.sampling.to_dict()), s.context_policy,
+                  s.max_context, json.dumps(s.metadata), s.conversation.dropped_turns, s.owner))]
+        rows += self._message_rows(s.id, s.conversation.messages, 0)
+        self._write(None, rows)
+        self._handles[s.kv.id] = s
+
+    def _message_rows(self, sid: str, messages: list[Message], start: int) -> list[tuple]:
+        return [("INSERT OR REPLACE INTO messages VALUES (?,?,?,?,?,?,?)",
+                 (sid, start + i, m.role, m.text, m.created_at, _ids_blob(m.token_ids), m.id))
+                for i, m in enumerate(messages)]
+
+    def history_changed(self, s, messages: list[Message]) -> None:
+        """Rewrite a session's messages (items added or removed outside a turn) before memory adopts them."""
+        self._write(None, [("UPDATE sessions SET updated_at=? WHERE id=?", (time.time(), s.id)),
+                           ("DELETE FROM messages WHERE session_id=?", (s.id,))]
+                    + self._message_rows(s.id, messages, 0))
+
+    def metadata_changed(self, s, metadata: dict) -> None:
+        self._write("UPDATE sessions SET updated_at=?, metadata=? WHERE id=?",
+                    (time.time(), json.dumps(metadata), s.id))
+
+    def turn_completed(self, s, messages: list[Message], dropped: int, stats, *, idempotency_key: str | None = None,
+                       reply: dict | None = None) -> None:
+        """Commit a completed turn's history (blocking, fsynced) before memory adopts it, then queue a KV
+        snapshot in the background. ``messages`` is the whole history after the turn. (One process owns this store:
+        no version to fence, and idempotency keys are not kept; see store_protocol.)"""
+        with s._data_lock:
+            total_dropped = s.conversation.dropped_turns + dropped
+            n_turns = len(s.turn_stats)
+        with self._db_lock:
+            stored = [r[0] for r in self._db.execute("SELECT msg_id FROM messages WHERE session_id=? ORDER BY idx",
+                                                     (s.id,))]
+        rows = [("UPDATE sessions SET updated_at=?, dropped_turns=? WHERE id=?", (time.time(), total_dropped, s.id))]
+        if stored == [m.id for m in messages[:-2]]:  # a plain append: two new rows
+            rows += self._message_rows(s.id, messages[-2:], len(messages) - 2)
+        else:  # older turns were dropped (or the rows differ): rewrite the history in order
+            rows += [("DELETE FROM messages WHERE session_id=?", (s.id,))] + self._message_rows(s.id, messages, 0)
+        rows.append(("INSERT OR REPLACE INTO turns VALUES (?,?,?)", (s.id, n_turns, json.dumps(stats.__dict__))))
+        self._write(None, rows)
+        if self.snapshot_kv:
+            self.schedule_snapshot(s)
+
+    def session_deleted(self, s) -> None:
+        self.delete_session(s.id)
+        self._handles.pop(s.kv.id, None)
+
+    def delete_session(self, sid: str) -> None:
+        """Remove a session's rows and snapshot file (also usable offline, by id)."""
+        with self._pending_lock:
+            snap = self._pending.pop(sid, None)
+            self._pending_bytes -= snap.nbytes() if snap is not None else 0
+        self._write(None, [("DELETE FROM messages WHERE session_id=?", (sid,)),
+                           ("DELETE FROM turns WHERE session_id=?", (sid,)),
+                           ("DELETE FROM snapshots WHERE session_id=?", (sid,)),
+                           ("DELETE FROM responses WHERE session_id=?", (sid,)),
+                           ("DELETE FROM sessions WHERE id=?", (sid,))])
+        self._snapshot_path(sid).unlink(missing_ok=True)
+        self._written.pop(sid, None)
+
+    # ------------------------------------------------------------------------------------------ snapshots
+    def _snapshot_path(self, sid: str) -> Path:
+        return self.kv_dir / f"{sid}.safetensors"
+
     def _write_snapshot(self, sid: str, snap) -> None:
         with self._db_lock:
             if self._db.execute("SELECT 1 FROM sessions WHERE id=?", (sid,)).fetchone() is None:
@@ -356,13 +386,9 @@ class Store:
         self.snapshots_written += 1
         self._written[sid] = (snap.num_tokens, hash(tuple(snap.tokens)))
 
-    def flush(self, timeout: float = 60.0) -> None:
-        """Wait until every queued snapshot is written (tests, shutdown)."""
-        if self._writer is None:
-            return
-        done = threading.Event()
-        self._put(2, ("call", done))
-        done.wait(timeout)
+    def sync(self, s, idempotency_key: str | None = None) -> dict | None:
+        """Nothing to do: this process is the only writer, so its sessions in memory are never stale."""
+        return None
 
     def restore_kv(self, s) -> str:
         """Before a turn: give the session its KV back if it has none in memory. Returns where it came from:

@@ -1,0 +1,118 @@
+"""The store interface: what the sessions layer (and the server and the CLI above it) may ask of a durable store.
+
+Contract: :class:`SessionStore` lists every method ``SessionManager``, ``Session``, ``server/app.py`` and ``cli.py``
+call on a store, nothing more. Two stores implement it: :class:`~.store.Store` (SQLite + one safetensors KV file per
+session; one process, one machine) and :class:`~.redis_store.RedisStore` (Redis: replicas share sessions, their turn
+log, responses and KV blobs). :func:`open_store` picks one from a spec string (``redis://host:port/db`` or a
+directory).
+
+Every write happens before memory adopts it (store first, then memory), so a refused or failed write leaves both as
+they were. The writes a turn makes are fenced: ``sync`` (at the start of a turn, under the session's turn lock) brings
+a stale in-memory session up to the store's version, and ``turn_completed`` / ``history_changed`` /
+``metadata_changed`` raise :class:`~gemma_sessions.errors.StaleSessionError` and change nothing when the store moved
+on since (another replica wrote a turn). A store that one process owns (SQLite) never is stale. A store that cannot be
+reached raises :class:`~gemma_sessions.errors.StoreUnavailableError` (HTTP 503, retry later) and changes nothing.
+
+Idempotency: a turn carries an idempotency key (``Session.send(..., idempotency_key=...)``; the server passes the
+``Idempotency-Key`` header, else a fresh uuid). A store that keeps keys (Redis) commits a key at most once per session:
+``sync`` returns the reply recorded under a key already committed, and the session answers with it without generating
+(a retried request never appends twice). The SQLite store keeps no keys (one process: a retry that reaches it after a
+commit is a new turn).
+
+Sessions' KV is a cache the store may keep (``restore_kv``); losing it costs a recompute, never a turn.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from .conversation import Message
+
+
+@runtime_checkable
+class SessionStore(Protocol):
+    """A durable store of sessions (see the module docstring). ``s`` is always a :class:`~.session.Session`."""
+
+    path: Path | str          # where it lives, for messages and the CLI (a directory, or a Redis URL without password)
+    readonly: bool
+
+    # lifecycle
+    def attach(self, manager) -> None:
+        """Called once by ``SessionManager``: the engine whose KV it snapshots and restores."""
+
+    def close(self, snapshot_all: bool = True, timeout: float = 20.0) -> None:
+        """Write what KV is worth keeping (bounded by ``timeout``), then release everything."""
+
+    def flush(self, timeout: float = 60.0) -> None:
+        """Wait until queued KV snapshots are written (tests, shutdown)."""
+
+    # writes (store first, then memory; fenced where the store is shared)
+    def session_created(self, s) -> None: ...
+
+    def history_changed(self, s, messages: list[Message]) -> None: ...
+
+    def metadata_changed(self, s, metadata: dict) -> None: ...
+
+    def turn_completed(self, s, messages: list[Message], dropped: int, stats, *, idempotency_key: str | None = None,
+                       reply: dict | None = None) -> None:
+        """Commit a completed turn (``messages``: the whole history after it) before memory adopts it. ``reply``
+        (text, token_ids, finish_reason, reasoning, stats as JSON) is what a retry with the same key gets back."""
+
+    def session_deleted(self, s) -> None: ...
+
+    def delete_session(self, sid: str) -> None: ...
+
+    # turns
+    def sync(self, s, idempotency_key: str | None = None) -> dict | None:
+        """Before a turn or a change (under the turn lock): reload ``s`` in place if the store moved on (history,
+        stats, metadata and version from the store; SessionNotFoundError if it was deleted). Returns the reply
+        recorded under ``idempotency_key`` if that key was committed already, else None."""
+
+    def restore_kv(self, s) -> str:
+        """Give ``s`` its history's KV if memory lacks it; returns memory | snapshot | recompute."""
+
+    # reads
+    def session_ids(self) -> list[str]: ...
+
+    def load_session(self, manager, sid: str): ...
+
+    def summaries(self) -> list[dict]: ...
+
+    def messages(self, sid: str) -> list[Message] | None: ...
+
+    def snapshot_info(self, sid: str) -> dict | None: ...
+
+    def stats(self) -> dict: ...
+
+    # responses (previous_response_id)
+    def put_response(self, rid: str, owner: str, sid: str, n_messages: int, body: str) -> None: ...
+
+    def get_response(self, rid: str) -> dict | None: ...
+
+
+STORE_METHODS = ("attach", "close", "flush", "session_created", "history_changed", "metadata_changed",
+                 "turn_completed", "session_deleted", "delete_session", "sync", "restore_kv", "session_ids",
+                 "load_session", "summaries", "messages", "snapshot_info", "stats", "put_response", "get_response")
+"""Every method of :class:`SessionStore`, for tests and readers (the Protocol is the definition)."""
+
+
+def open_store(spec: str | os.PathLike | None = None, **kw) -> SessionStore:
+    """A store from a spec: ``redis://[:password@]host:port/db`` (or ``rediss://``, ``unix://``) opens a
+    :class:`~.redis_store.RedisStore` (StoreUnavailableError when it cannot be reached); anything else is a directory
+    for the SQLite :class:`~.store.Store` (None: the default directory). ``kw`` go to the store's constructor.
+
+    Example::
+
+        store = open_store("redis://127.0.0.1:6379/0", kv_ttl_s=3600)
+        manager = SessionManager(engine, store=store)
+    """
+    text = os.fspath(spec) if spec is not None else None
+    if isinstance(text, str) and text.split("://", 1)[0] in ("redis", "rediss", "unix"):
+        from .redis_store import RedisStore
+
+        return RedisStore(text, **kw)
+    from .store import Store
+
+    return Store(text, **kw)
