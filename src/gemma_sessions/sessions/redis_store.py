@@ -622,14 +622,14 @@ class RedisStore(SnapshotWriter):
         raise StoreError(f"response {rid!r} in Redis is malformed")
 
     # ------------------------------------------------------------------------------------------ KV blobs
-    def _block_keys(self, tokens: Sequence[int], n_blocks: int, bs: int) -> list[str]:
-        """Hex names of the first ``n_blocks`` blocks of ``tokens``: full blocks by the prefix hash chain, a partial
-        last block by its parent's hash and its own tokens (a distinct, length-prefixed hash)."""
-        full = hash_token_blocks(tokens[:min(len(tokens), n_blocks * bs)], bs)
+    @staticmethod
+    def _block_keys(tokens: Sequence[int], bs: int) -> list[str]:
+        """Hex names of the blocks of ``tokens``: full blocks by the prefix hash chain, a partial last block by its
+        parent's hash and its own tokens (a distinct, length-prefixed hash: it names exactly that prefix too)."""
+        full = hash_token_blocks(tokens, bs)
         names = [h.hex() for h in full]
-        if len(names) < n_blocks:
-            tail = tokens[len(names) * bs:]
-            names.append(hash_block_tokens(full[-1] if full else None, tail).hex())
+        if len(tokens) % bs:
+            names.append(hash_block_tokens(full[-1] if full else None, tokens[len(full) * bs:]).hex())
         return names
 
     def _page_key(self, name: str, group: int) -> str:
@@ -657,9 +657,7 @@ class RedisStore(SnapshotWriter):
         self._written[sid] = (snap.num_tokens, hash(tuple(snap.tokens)))
 
     def _write_pages(self, snap: KVSnapshot) -> int:
-        bs = snap.block_size
-        n_blocks = -(-snap.num_tokens // bs)
-        names = self._block_keys(list(snap.tokens), n_blocks, bs)
+        names = self._block_keys(list(snap.tokens), snap.block_size)
         now = time.monotonic()
         todo: list[tuple[str, torch.Tensor]] = []
         with self._known_lock:
@@ -754,7 +752,7 @@ class RedisStore(SnapshotWriter):
         leading run of pages present."""
         lay = self.manager.engine.cache.layout
         bs = lay.block_size
-        names = self._block_keys(history, -(-hint // bs), bs)
+        names = self._block_keys(history[:hint], bs)
         full = [g for g, kind in enumerate(lay.group_kinds) if kind != SLIDING] or [0]
         present = self._exists([self._page_key(name, full[0]) for name in names])
         run = next((i for i, ok in enumerate(present) if not ok), len(present))
@@ -762,7 +760,7 @@ class RedisStore(SnapshotWriter):
             if n == 0 or -(-n // bs) > run:
                 continue
             if n != hint:
-                names = self._block_keys(history, n // bs, bs)
+                names = self._block_keys(history[:n], bs)
             need = self._needed(n)
             if all(self._exists([self._page_key(names[b], g) for g, b in need if g not in full])):
                 snap = self._read_pages(history, n, names, need)

@@ -1,0 +1,353 @@
+"""RedisStore against a real redis-server (its own, on a free port, per test) on a tiny random Gemma 3 (float32).
+
+Two SessionManagers on two engines over one Redis are two replicas. What must hold: a session continues on the other
+replica from the shared KV with the greedy output of a single replica; two replicas racing for turn N: exactly one
+wins, the other gets StaleSessionError and nothing changed; an idempotency key commits once; Redis restarted (AOF)
+keeps every session; Redis gone gives StoreUnavailableError with memory and store unchanged, and the next turn works
+once it is back; the SQLite store's invariants (restart, delete, responses) hold for both stores.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis
+
+import gemma_sessions as gs
+from gemma_sessions.sessions import SessionStore, open_store
+from gemma_sessions.sessions.redis_store import RedisStore
+from gemma_sessions.sessions.store import Store
+from gemma_sessions.testing import RedisServer, _free_port, tiny_model
+
+P = gs.SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+QUESTIONS = ["first question", "second one", "a third", "the fourth"]
+SYSTEM = "you are a terse assistant for the tests"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("gemma3", seed=11)
+
+
+@pytest.fixture
+def server(tmp_path):
+    with RedisServer(tmp_path / "redis") as srv:
+        yield srv
+
+
+def _engine(model, **kw):
+    return gs.Engine(model, kv_cache_bytes=kw.pop("kv_cache_bytes", 4 << 20), block_size=4, **kw)
+
+
+def _reference(model, questions=QUESTIONS) -> list[gs.Reply]:
+    """One replica, no store: the replies every setup must reproduce."""
+    with _engine(model) as e:
+        s = gs.SessionManager(e).create(system=SYSTEM, sampling=P)
+        return [s.send(q) for q in questions]
+
+
+def _client(srv: RedisServer) -> redis.Redis:
+    return redis.Redis.from_url(srv.url)
+
+
+# ------------------------------------------------------------------------------------------------ the interface
+
+
+def test_open_store_picks_the_store_by_spec(server, tmp_path):
+    r = open_store(server.url)
+    d = open_store(tmp_path / "dir")
+    try:
+        assert isinstance(r, RedisStore) and isinstance(d, Store)
+        assert isinstance(r, SessionStore) and isinstance(d, SessionStore)
+        assert r.path == server.url
+    finally:
+        r.close()
+        d.close()
+
+
+def test_unreachable_redis_at_start_is_a_clear_error():
+    url = f"redis://:secret@127.0.0.1:{_free_port()}/0"
+    with pytest.raises(gs.StoreUnavailableError) as info:
+        open_store(url, retries=0)
+    msg = str(info.value)
+    assert f"127.0.0.1:{url.rsplit(':', 1)[1].split('/')[0]}" in msg and "secret" not in msg and "***" in msg
+
+
+# ------------------------------------------------------------------------------------------------ two replicas
+
+
+def test_a_session_continues_on_the_other_replica_from_the_shared_kv(model, server):
+    ref = _reference(model)
+    with _engine(model) as ea, _engine(model) as eb:
+        a, b = gs.SessionManager(ea, store=server.url), gs.SessionManager(eb, store=server.url)
+        s = a.create(system=SYSTEM, sampling=P)
+        got = [s.send(q) for q in QUESTIONS[:2]]
+        a.store.flush()
+        on_b = b.get(s.id)  # never seen by B: loaded from the log
+        assert on_b.token_ids == s.token_ids and on_b.store_version == 2
+        r = on_b.send(QUESTIONS[2])
+        assert r.stats.kv_source == "snapshot" and b.store.stats()["blobs_fetched"] > 0
+        assert r.stats.cached_tokens == ref[2].stats.cached_tokens  # the whole history's KV came from Redis
+        got.append(r)
+        b.store.flush()
+        r = s.send(QUESTIONS[3])  # A is stale: it reloads B's turn, takes its KV from the blobs
+        assert r.stats.kv_source == "snapshot" and r.stats.cached_tokens == ref[3].stats.cached_tokens
+        got.append(r)
+        assert s.store_version == 4 and s.token_ids == b.get(s.id).token_ids
+        a.close()
+        b.close()
+    assert [x.token_ids for x in got] == [x.token_ids for x in ref]
+
+
+def test_sessions_sharing_a_system_prompt_share_its_blobs(model, server):
+    long_system = "a long shared system prompt " * 6
+    with _engine(model) as e:
+        m = gs.SessionManager(e, store=server.url)
+        m.create(system=long_system, sampling=P).send("one question")
+        m.store.flush()
+        first = m.store.blobs_written
+        m.create(system=long_system, sampling=P).send("another question")
+        m.store.flush()
+        second = m.store.blobs_written - first
+        assert 0 < second < first // 2  # only the pages after the shared prefix were new
+        m.close()
+
+
+def test_a_forced_race_for_turn_n_has_exactly_one_winner(model, server):
+    with _engine(model) as e:  # the reference: the winner's turn, then the loser's turn retried after it
+        ref = gs.SessionManager(e).create(system=SYSTEM, sampling=P)
+        ref_replies = [ref.send(q) for q in (QUESTIONS[0], "from A", "from B")]
+    with _engine(model) as ea, _engine(model) as eb:
+        a, b = gs.SessionManager(ea, store=server.url), gs.SessionManager(eb, store=server.url)
+        sa = a.create(system=SYSTEM, sampling=P)
+        sa.send(QUESTIONS[0])
+        sb = b.get(sa.id)
+        before = sb.messages
+        loser = sb.stream("from B")  # B passes its version check (version 1) and generates turn 2 ...
+        won = sa.send("from A")      # ... while A commits turn 2 first
+        with pytest.raises(gs.StaleSessionError):
+            for _ in loser:
+                pass
+        assert loser.reply is None and sb.messages == before and sb.store_version == 1  # memory unchanged
+        stored = b.store.messages(sa.id)
+        assert [m.text for m in stored if m.role == "user"] == [QUESTIONS[0], "from A"]  # store: only the winner
+        with pytest.raises(gs.StaleSessionError):  # any other write on the stale version is refused too
+            b.store.metadata_changed(sb, {"k": "v"})
+        a.store.flush()
+        retried = sb.send("from B")  # the retry reloads (history from the log, KV from the blobs) and goes on
+        assert retried.stats.kv_source == "snapshot" and retried.stats.cached_tokens == ref_replies[2].stats.cached_tokens
+        assert [won.token_ids, retried.token_ids] == [ref_replies[1].token_ids, ref_replies[2].token_ids]
+        assert [m.text for m in b.store.messages(sa.id) if m.role == "user"] == [QUESTIONS[0], "from A", "from B"]
+        a.close()
+        b.close()
+
+
+def test_a_retried_idempotency_key_appends_once_on_any_replica(model, server):
+    with _engine(model) as ea, _engine(model) as eb:
+        a, b = gs.SessionManager(ea, store=server.url), gs.SessionManager(eb, store=server.url)
+        s = a.create(sampling=P)
+        first = s.send("hello", idempotency_key="req-1")
+        again = s.send("hello", idempotency_key="req-1")
+        elsewhere = b.get(s.id).send("hello", idempotency_key="req-1")
+        for r in (again, elsewhere):
+            assert (r.text, r.token_ids, r.finish_reason, r.stats) == (first.text, first.token_ids, first.finish_reason,
+                                                                       first.stats)
+        assert len(a.store.messages(s.id)) == 2 and len(s.messages) == 2 and s.store_version == 1
+        assert list(b.get(s.id).stream("hello", idempotency_key="req-1")) == [first.text]  # a stream replays too
+        s.send("hello")  # a new key is a new turn
+        assert len(a.store.messages(s.id)) == 4
+        a.close()
+        b.close()
+
+
+def test_a_commit_whose_reply_was_lost_is_not_appended_again(model, server):
+    """The commit applied in Redis but its answer never came back: the turn is reported failed (503), memory is
+    unchanged; the client's retry with the same key gets the committed reply and nothing is appended twice."""
+    with _engine(model) as e:
+        m = gs.SessionManager(e, store=server.url)
+        s = m.create(sampling=P)
+        commit = m.store._scripts["commit"]
+
+        def lost_reply(*args, **kw):
+            commit(*args, **kw)
+            raise redis.ConnectionError("connection reset after the write")
+
+        m.store._scripts["commit"] = lost_reply
+        with pytest.raises(gs.StoreUnavailableError):
+            s.send("hello", idempotency_key="req-7")
+        assert s.messages == [] and s.store_version == 0
+        m.store._scripts["commit"] = commit
+        r = s.send("hello", idempotency_key="req-7")
+        assert len(s.messages) == 2 and len(m.store.messages(s.id)) == 2 and s.store_version == 1
+        assert r.text == s.messages[1].text and r.finish_reason == "length" and len(r.token_ids) == 8
+        m.close()
+
+
+def test_a_session_deleted_through_another_replica_is_gone_on_both(model, server):
+    with _engine(model) as ea, _engine(model) as eb:
+        a, b = gs.SessionManager(ea, store=server.url), gs.SessionManager(eb, store=server.url)
+        s = a.create(sampling=P)
+        s.send("hello")
+        b.delete(s.id)
+        with pytest.raises(gs.SessionNotFoundError):
+            s.send("again")
+        with pytest.raises(gs.SessionNotFoundError):
+            a.get(s.id)
+        assert a.store.session_ids() == [] and b.list() == []
+        a.close()
+        b.close()
+
+
+# ------------------------------------------------------------------------------------------------ Redis failures
+
+
+def test_redis_restarted_with_aof_every_session_continues(model, server):
+    ref = _reference(model)
+    with _engine(model) as e:
+        m = gs.SessionManager(e, store=server.url)
+        sessions = [m.create(system=SYSTEM, sampling=P) for _ in range(3)]
+        for s in sessions:
+            for q in QUESTIONS[:2]:
+                s.send(q)
+        m.store.flush()
+        server.stop()
+        server.start()  # the AOF is replayed; the client reconnects by itself
+        assert [s.send(QUESTIONS[2]).token_ids for s in sessions] == [ref[2].token_ids] * 3
+        ids = [s.id for s in sessions]
+        m.close()
+    server.stop()
+    server.start()
+    with _engine(model) as e:  # and a new process finds them all
+        m = gs.SessionManager(e, store=server.url)
+        assert [s.id for s in m.list()] == ids
+        replies = [m.get(i).send(QUESTIONS[3]) for i in ids]
+        assert [r.token_ids for r in replies] == [ref[3].token_ids] * 3
+        assert all(r.stats.kv_source == "snapshot" for r in replies)
+        m.close()
+
+
+def test_redis_gone_mid_run_changes_nothing_and_the_next_turn_works_once_it_is_back(model, server):
+    ref = _reference(model)
+    with _engine(model) as e:
+        m = gs.SessionManager(e, store=RedisStore(server.url, retries=1, connect_timeout_s=0.5))
+        s = m.create(system=SYSTEM, sampling=P)
+        s.send(QUESTIONS[0])
+        m.store.flush()
+        before, version = s.messages, s.store_version
+        turn = s.stream(QUESTIONS[1])  # started (version checked) ...
+        server.kill()                  # ... and Redis dies before it commits
+        with pytest.raises(gs.StoreUnavailableError):
+            for _ in turn:
+                pass
+        with pytest.raises(gs.StoreUnavailableError, match=f"127.0.0.1:{server.port}"):
+            s.send(QUESTIONS[1])  # a new turn fails at its version check, before generating
+        assert s.messages == before and s.store_version == version and not s.busy
+        server.start()  # appendfsync always: everything acknowledged is there
+        r = s.send(QUESTIONS[1])
+        assert r.token_ids == ref[1].token_ids
+        assert [x.text for x in m.store.messages(s.id) if x.role == "user"] == QUESTIONS[:2]  # no half, no double
+        assert s.send(QUESTIONS[2]).token_ids == ref[2].token_ids
+        m.close()
+
+
+# ------------------------------------------------------------------------------------------------ untrusted reads
+
+
+def test_a_corrupt_or_evicted_blob_costs_a_recompute_never_a_wrong_answer(model, server):
+    ref = _reference(model)
+    with _engine(model) as ea, _engine(model) as eb:
+        a, b = gs.SessionManager(ea, store=server.url), gs.SessionManager(eb, store=server.url)
+        s = a.create(system=SYSTEM, sampling=P)
+        s.send(QUESTIONS[0])
+        s.send(QUESTIONS[1])
+        a.store.flush()
+        c = _client(server)
+        keys = sorted(c.scan_iter("gs:kv:*"))
+        assert keys and all(0 < c.ttl(k) <= a.store.kv_ttl_s for k in keys)  # only KV carries a TTL
+        assert all(c.ttl(k) == -1 for k in c.scan_iter("gs:s:*"))          # never the log
+        for k in keys:  # flip a byte in every page
+            v = bytearray(c.get(k))
+            v[-1] ^= 1
+            c.set(k, bytes(v))
+        r = b.get(s.id).send(QUESTIONS[2])
+        assert r.stats.kv_source == "recompute" and r.token_ids == ref[2].token_ids
+        a.close()
+        b.close()
+
+
+def test_a_malformed_log_is_refused_with_its_reason(model, server):
+    with _engine(model) as e:
+        m = gs.SessionManager(e, store=server.url)
+        s = m.create(sampling=P)
+        s.send("hello")
+        c = _client(server)
+        c.lset(f"gs:s:{s.id}:msgs", 0, json.dumps({"role": "user", "text": "x", "created_at": 0,
+                                                   "token_ids": [10 ** 9]}))
+        with _engine(model) as e2:
+            other = gs.SessionManager(e2, store=server.url)
+            with pytest.raises(gs.SessionFileError, match="vocabulary"):
+                other.get(s.id)
+            c.lset(f"gs:s:{s.id}:msgs", 0, b"\x80not json")
+            with pytest.raises(gs.SessionFileError, match="malformed"):
+                other.get(s.id)
+            other.store.max_read_bytes = 100  # a log over the bound never travels
+            with pytest.raises(gs.StoreError, match="over 100 bytes"):
+                other.get(s.id)
+            other.close()
+        m.close()
+
+
+# ------------------------------------------------------------------------------------------------ both stores
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def spec(request, tmp_path):
+    if request.param == "sqlite":
+        yield str(tmp_path / "store")
+    else:
+        with RedisServer(tmp_path / "redis") as srv:
+            yield srv.url
+
+
+def test_restart_continues_equal_to_never_saved(model, spec):
+    ref = _reference(model)
+    with _engine(model) as e:
+        m = gs.SessionManager(e, store=spec)
+        s = m.create(system=SYSTEM, sampling=P)
+        got = [s.send(q).token_ids for q in QUESTIONS[:2]]
+        sid = s.id
+        m.close()
+    with _engine(model) as e:
+        m = gs.SessionManager(e, store=spec)
+        assert [x.id for x in m.list()] == [sid]
+        s = m.get(sid)
+        r = s.send(QUESTIONS[2])
+        assert r.stats.kv_source == "snapshot" and r.stats.cached_tokens == ref[2].stats.cached_tokens
+        got += [r.token_ids, s.send(QUESTIONS[3]).token_ids]
+        assert m.store.summaries()[0]["messages"] == 8
+        m.close()
+    assert got == [x.token_ids for x in ref]
+
+
+def test_delete_leaves_nothing_and_responses_follow_their_session(model, spec):
+    with _engine(model) as e:
+        m = gs.SessionManager(e, store=spec)
+        keep, gone = m.create(sampling=P), m.create(sampling=P)
+        for s in (keep, gone):
+            s.send("x")
+            m.remember_response(f"resp_{s.id}", owner="o", session_id=s.id, n_messages=2, body={"id": s.id})
+        m.store.flush()
+        m.close()
+    with _engine(model) as e:  # responses survive a restart (and, with Redis, are seen by every replica)
+        m = gs.SessionManager(e, store=spec)
+        assert m.response(f"resp_{keep.id}") == {"owner": "o", "session": keep.id, "n": 2, "body": {"id": keep.id}}
+        m.delete(gone.id)
+        assert m.response(f"resp_{gone.id}") is None and m.store.session_ids() == [keep.id]
+        assert m.store.messages(gone.id) is None
+        m.close()
+    if spec.startswith("redis://"):
+        c = redis.Redis.from_url(spec)
+        left = [k.decode() for k in c.scan_iter("*") if gone.id.encode() in k]
+        assert left == []
+        assert all(c.ttl(k) > 0 for k in c.scan_iter("gs:kv:*"))  # shared KV pages: a cache that expires
