@@ -83,18 +83,41 @@ def _api_keys(args: argparse.Namespace) -> list[str]:
     return keys
 
 
+def _open_store(spec: str | None, readonly: bool = False):
+    """The store ``spec`` names: ``redis://host:port/db`` (shared by replicas) or a directory (default: the user
+    data dir). An unreachable Redis raises StoreUnavailableError naming the URL."""
+    from .sessions import open_store
+
+    return open_store(spec, readonly=readonly)
+
+
 def _open_manager(args: argparse.Namespace, readonly_store: bool = False):
-    """(engine, manager) for the model and store in ``args``."""
+    """(engine, manager) for the model and store in ``args``. The store opens first: a bad one (an unreachable
+    Redis) fails in a second, not after the model's load."""
     from .engine import Engine
     from .loading import load_model
     from .sessions import SessionManager
-    from .sessions.store import Store
 
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
-    engine = Engine(model, kv_cache_bytes=getattr(args, "kv_cache_bytes", None),
-                    max_batch=getattr(args, "max_batch", 64))
-    store = None if getattr(args, "no_store", False) else Store(args.store, readonly=readonly_store)
+    store = None if getattr(args, "no_store", False) else _open_store(args.store, readonly=readonly_store)
+    try:
+        model = load_model(args.model, dtype=args.dtype, device=args.device)
+        engine = Engine(model, kv_cache_bytes=getattr(args, "kv_cache_bytes", None),
+                        max_batch=getattr(args, "max_batch", 64))
+    except BaseException:
+        if store is not None:
+            store.close(snapshot_all=False)
+        raise
     return engine, SessionManager(engine, store=store)
+
+
+def _replica_name(args: argparse.Namespace) -> str:
+    """``--replica-name`` (default host:port), checked: it goes out as a header on every response."""
+    import re
+
+    name = args.replica_name or f"{args.host}:{args.port}"
+    if not re.fullmatch(r"[A-Za-z0-9._:\[\]-]{1,64}", name):
+        raise InvalidRequestError(f"--replica-name {name!r}: use 1-64 of A-Z a-z 0-9 . _ : - [ ]")
+    return name
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -102,6 +125,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server.app import Limits
     from .server.heap import limit_arenas, start_trimming
 
+    replica = _replica_name(args)
     limit_arenas()  # before the server's threads exist: each extra arena keeps its own freed memory
     engine, manager = _open_manager(args)
     if not args.lazy_kv:
@@ -116,9 +140,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     max_output_tokens=args.max_output_tokens, max_input_chars=args.max_input_chars,
                     max_waiting=args.max_waiting)
     app = create_app(manager, model_name=args.served_model_name or str(args.model), api_keys=_api_keys(args),
-                     limits=limits, on_shutdown=shutdown)
-    where = manager.store.path if manager.store is not None else "memory only"
-    print(f"gemma-sessions serving {args.model} on http://{args.host}:{args.port} (store: {where})", flush=True)
+                     limits=limits, on_shutdown=shutdown, replica_name=replica)
+    where = "memory only" if manager.store is None else manager.store.path  # a Redis URL without its password
+    print(f"gemma-sessions serving {args.model} on http://{args.host}:{args.port} as {replica} (store: {where})",
+          flush=True)
     _serve(app, args, engine)
     return 0
 
@@ -237,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="the OpenAI-compatible HTTP server")
     _add_model_args(sv)
-    sv.add_argument("--store", default=None, help="store directory (default: the user data dir)")
+    sv.add_argument("--store", default=None, help="store directory (default: the user data dir), or "
+                    "redis://host:port/db: a Redis shared by replicas behind a balancer (see deploy/)")
     sv.add_argument("--no-store", action="store_true", help="keep sessions in memory only")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
@@ -259,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--shutdown-grace", type=float, default=5.0,
                     help="seconds running turns may finish on SIGTERM before they are cancelled")
     sv.add_argument("--served-model-name", default=None)
+    sv.add_argument("--replica-name", default=None,
+                    help="this replica's name, sent as X-Replica on every response (default: host:port)")
     sv.set_defaults(func=cmd_serve)
 
     ch = sub.add_parser("chat", help="an interactive chat that keeps its sessions in the store")
