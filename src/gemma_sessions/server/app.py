@@ -532,6 +532,7 @@ def _install_responses(app: FastAPI, state: ServerState) -> None:
             raise ApiError(400, "input must end with a non-empty user message", "input")
         state.check_chars([t for _, t in items] + [body.instructions or ""], "input")
         reasoning = state.reasoning(body.reasoning.effort if body.reasoning else None, "reasoning")
+        idempotency_key = _idempotency_key(request)
         session, new = await state.run(_target_session, state, body, owner, items, reasoning)
         ephemeral = new and not body.store
         wait = request.headers.get("x-gemma-wait", "1") not in ("0", "false")
@@ -539,7 +540,7 @@ def _install_responses(app: FastAPI, state: ServerState) -> None:
         def start():
             max_tokens = state.max_tokens(body.max_output_tokens, session.sampling.max_tokens)
             return session.stream(items[-1][1], sampling=sampling_from(body, session.sampling, max_tokens),
-                                  wait=wait, reasoning=reasoning)
+                                  wait=wait, reasoning=reasoning, idempotency_key=idempotency_key)
 
         try:
             turn = await state.run(start)
@@ -565,6 +566,16 @@ def _install_responses(app: FastAPI, state: ServerState) -> None:
     async def get_response(rid: str, request: Request):
         owner = state.owner(request)
         return (await state.run(state.response, rid, owner))["body"]
+
+
+def _idempotency_key(request: Request) -> str | None:
+    """The request's ``Idempotency-Key`` header (Stripe's and the IETF draft's name): a turn sent again with the same
+    key, e.g. after a replica died before its answer arrived, is appended at most once (a shared store answers a
+    committed key with the recorded reply)."""
+    key = request.headers.get("idempotency-key")
+    if key is not None and not (0 < len(key) <= 255 and key.isprintable()):
+        raise ApiError(400, "Idempotency-Key: 1-255 printable characters", "Idempotency-Key")
+    return key or None
 
 
 def _target_session(state: ServerState, body: ResponseRequest, owner: str, items: list, reasoning: bool | None):
