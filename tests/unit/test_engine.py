@@ -105,6 +105,70 @@ def test_prefix_shared_across_sequences_is_computed_once(model):
         assert e.stats()["prefix_hit_tokens"] >= second.stats.cached_tokens
 
 
+def test_a_finished_requests_partial_block_is_reused_by_the_next_one(model):
+    """A stateless multi-turn chat: the next request repeats the previous prompt and its reply, then parts from them.
+    The previous request's partial last block is adopted, so the cached tokens are everything it computed that the
+    next prompt shares, not only whole blocks; the tokens equal a fresh computation (float32)."""
+    first_prompt = _prompt(7, 21)  # 22 tokens
+    with Engine(model, kv_cache_bytes=4 << 20, block_size=4) as e:
+        first = e.submit(first_prompt, GREEDY.replace(max_tokens=5)).result()
+        computed = len(first_prompt) + len(first.token_ids) - 1  # the last sampled token has no KV
+        assert computed % 4  # ends mid-block: the case this tests
+        nxt = first_prompt + first.token_ids + [30, 31, 32]
+        second = e.submit(nxt, GREEDY).result()
+        assert second.stats.cached_tokens == computed
+        assert second.token_ids == _ref(model, nxt)
+        # the adopted block left the prefix cache (the second request wrote into it): a third request that parts
+        # from the first one's tail earlier finds only whole blocks, or the second's own tail
+        third = first_prompt + first.token_ids[:2] + [40, 41]
+        out = e.submit(third, GREEDY).result()
+        assert out.stats.cached_tokens in ((len(first_prompt) + 2) // 4 * 4, len(first_prompt) + 2)
+        assert out.token_ids == _ref(model, third)
+
+
+def test_a_partial_block_is_shared_only_from_its_last_holder(model):
+    """A tail two sequences hold (a fork) is never cached while one of them may still write into it, and a failed
+    request's tail (discard) is never cached; a tail from a finished request matches on its tokens only."""
+    base = _prompt(8, 21)
+    with Engine(model, kv_cache_bytes=4 << 20, block_size=4) as e:
+        kv = e.new_kv()
+        e.submit(base, GREEDY.replace(max_tokens=1), kv=kv).result()  # 22 computed: 2 tokens in a partial block
+        child = e.fork_kv(kv)
+        e.release_kv(kv)  # the child still holds the tail
+        probe = e.submit(base + [50, 51], GREEDY).result()
+        assert probe.stats.cached_tokens == 20  # whole blocks only
+        assert probe.token_ids == _ref(model, base + [50, 51])
+        e.release_kv(child)  # now the tail's last holder lets it go
+        other = base[:21] + [60, 61]  # parts inside the tail: only its common token is adopted
+        out = e.submit(other, GREEDY).result()
+        assert out.stats.cached_tokens == 21
+        assert out.token_ids == _ref(model, other)
+        e.cache.pool.check_invariants()
+
+
+def test_adopted_partial_block_slots_past_the_shared_tokens_are_zeroed(model):
+    """The adopter sees nothing of the other sequence past what they share (its slots are zeroed on adoption)."""
+    from gemma_sessions.cache.kv import PagedKVCache
+
+    cache = PagedKVCache(KVLayout.for_config(model.config, 4), 64, torch.float32, model.device)
+    tokens = _prompt(9, 9)  # 10 tokens: two whole blocks and a tail of 2
+    seq = cache.start(tokens)
+    cache.allocate(seq, len(tokens))
+    cache.buffer[seq.held_blocks()] = 1.0  # stands for the K/V the sequence computed
+    cache.commit(seq, len(tokens))
+    cache.free(seq)
+    adopter = cache.start(tokens[:9] + [77, 78])  # shares the tail's first token only
+    assert adopter.num_computed == 9
+    for g, table in enumerate(adopter.tables):
+        page = cache.views[cache.layout.group_class[g]][table[2]]
+        assert page[:, :, :1].eq(1).all() and not page[:, :, 1:].any()
+    again = cache.start(tokens[:9] + [77, 78])  # the adopted tail left the prefix cache
+    assert again.num_computed == 8
+    cache.free(adopter)
+    cache.free(again)
+    cache.pool.check_invariants()
+
+
 def test_fork_equals_fresh(model):
     with Engine(model, kv_cache_bytes=4 << 20, block_size=4) as e:
         kv = e.new_kv()

@@ -23,6 +23,14 @@ registered in the pool under ``(group, block_hash)`` as soon as they are compute
 same prefix (another session, a fork, the same session after eviction) reuses them. Only a sequence's last,
 partial block is ever written again; when it is shared (fork) it is copied first (copy on write).
 
+A sequence's last, partial block is shared too, once its sequence is done with it (``free``: a stateless request
+that finished, a parked session evicted): it is registered under ``(group, TAIL, parent block hash, its tokens)``
+when that sequence was its only holder, and a later sequence whose prefix is the same full blocks and then at least
+one of those tokens adopts it (``start``): the block leaves the prefix cache (the adopter writes into it; nobody
+else may match it) and its slots past the common tokens are zeroed. So a stateless multi-turn chat, whose next
+request repeats the previous one and its reply, recomputes from where it parts from them, not from the last block
+boundary before that.
+
 A *private* sequence (restored from an untrusted snapshot, ``KVSnapshot.shareable=False``) never registers a block:
 its KV, and every block it or a fork of it computes on top, stays its own. Nothing else can match it, so KV that a
 user file made up never reaches another user's conversation. Once its KV is gone (freed, or replaced by a cached
@@ -44,6 +52,8 @@ from .blocks import BlockHash, hash_block_tokens
 from .layout import KVLayout  # (engine, tests and benchmarks import KVLayout from here too)
 from .pool import BlockPool
 from .protocol import adopt_cached_prefix, resume_sequence
+
+TAIL = "tail"  # the second element of a partial block's cache key (a full block's is its hash)
 
 
 class SeqKV:
@@ -71,7 +81,10 @@ class PagedKVCache:
         self.layout = layout
         self.dtype = dtype
         self.device = device
-        self.pool = BlockPool(num_blocks)
+        self.pool = BlockPool(num_blocks, on_evict=self._evicted)
+        # Partial tail blocks in the prefix cache: parent block hash (None: the first block) -> their token tuples
+        # (each registered in the pool per group under (group, TAIL, parent, tokens); see the module docstring).
+        self._tails: dict[BlockHash | None, set[tuple[int, ...]]] = {}
         bs = layout.block_size
         # NOTE: torch.empty, not zeros: the budget becomes resident only as pages are used. Pages are zeroed when
         # handed out (``_new_blocks``), so nothing a query can read is ever uninitialised memory.
@@ -199,13 +212,76 @@ class PagedKVCache:
             tables.append([None] * first + [pool.lookup((g, hashes[b])) for b in range(first, n)])
         return n * bs, tables, hashes[:n]
 
+    def _evicted(self, block_id: int, key) -> None:
+        """The pool dropped ``key``: forget a tail's index entry with it (its other groups' keys fail lookups)."""
+        if isinstance(key, tuple) and len(key) == 4 and key[1] == TAIL:
+            tails = self._tails.get(key[2])
+            if tails is not None:
+                tails.discard(key[3])
+                if not tails:
+                    del self._tails[key[2]]
+
+    def _tail_keys(self, parent: BlockHash | None, tail: tuple[int, ...]) -> list[tuple]:
+        return [(g, TAIL, parent, tail) for g in range(self.layout.num_groups)]
+
+    def _register_tail(self, seq: SeqKV) -> None:
+        """Cache ``seq``'s partial last block before it is freed, when ``seq`` is its only holder in every group (a
+        fork's shared tail may still be written in place by the other holder)."""
+        bs, n = self.layout.block_size, seq.num_computed
+        index, count = n // bs, n % bs
+        if seq.private or not count or not self.pool.enable_caching or len(seq.hashes) < index:
+            return
+        blocks = [table[index] if len(table) > index else None for table in seq.tables]
+        if any(b is None or self.pool.ref_count(b) != 1 or self.pool.cache_key_of(b) is not None for b in blocks):
+            return
+        parent = seq.hashes[index - 1] if index else None
+        tail = tuple(seq.tokens[index * bs:n])
+        keys = self._tail_keys(parent, tail)
+        for key in keys:  # a stale holder of the key (its tail lost another group's block): drop it
+            old = self.pool.lookup(key)
+            if old is not None:
+                self.pool.uncache([old])
+        for b, key in zip(blocks, keys):
+            self.pool.cache_block(b, key)
+        self._tails.setdefault(parent, set()).add(tail)
+
+    def _adopt_tail(self, tokens: list[int], n: int, tables: list[list[int | None]],
+                    hashes: list[BlockHash]) -> int:
+        """After ``n`` block-aligned cached tokens (their blocks touched): adopt the cached partial block that
+        continues them with the most of ``tokens`` (leaving one to compute), appending it to ``tables``. Returns the
+        tokens it adds (0: none)."""
+        bs = self.layout.block_size
+        parent = hashes[-1] if n else None
+        want = tokens[n:min(n + bs, len(tokens) - 1)]
+        best, best_keep, best_blocks = None, 0, None
+        for tail in list(self._tails.get(parent, ())):
+            keep = 0
+            while keep < min(len(tail), len(want)) and tail[keep] == want[keep]:
+                keep += 1
+            if keep <= best_keep:
+                continue
+            blocks = [self.pool.lookup(key) for key in self._tail_keys(parent, tail)]
+            if any(b is None for b in blocks):
+                continue
+            best, best_keep, best_blocks = tail, keep, blocks
+        if best is None:
+            return 0
+        self.pool.touch(best_blocks)
+        self.pool.uncache(best_blocks)  # the adopter writes into it from ``best_keep`` on: nobody else may match it
+        for g, (table, b) in enumerate(zip(tables, best_blocks)):
+            table.append(b)
+            self.views[self.layout.group_class[g]][b, :, :, best_keep:].zero_()  # another sequence's tokens
+        return best_keep
+
     def start(self, tokens: list[int], checkpoints: Iterable[int] = ()) -> SeqKV:
-        """A new sequence for ``tokens``, adopting whatever prefix is cached (full blocks are shared by themselves:
-        ``checkpoints``, which a recurrent state cache snapshots at, need nothing here)."""
+        """A new sequence for ``tokens``, adopting whatever prefix is cached, full blocks and then a partial one
+        (full blocks are shared by themselves: ``checkpoints``, which a recurrent state cache snapshots at, need
+        nothing here)."""
         seq = SeqKV(self.layout.num_groups)
         n, tables, hashes = self.match_prefix(tokens)
         for table in tables:
             self.pool.touch([b for b in table if b is not None])
+        n += self._adopt_tail(tokens, n, tables, hashes)
         seq.tokens, seq.num_computed, seq.tables, seq.hashes = list(tokens), n, tables, hashes
         seq.num_registered = len(hashes)
         seq.cached_at_start = n
@@ -226,8 +302,9 @@ class PagedKVCache:
             return 0
         for table in tables:
             self.pool.touch([b for b in table if b is not None])
+        self.free(seq)  # (before the tail: its own tail may be the one to adopt)
+        n += self._adopt_tail(seq.tokens, n, tables, hashes)
         gained = n - seq.num_computed
-        self.free(seq)
         seq.num_computed, seq.tables, seq.hashes, seq.num_registered = n, tables, hashes, len(hashes)
         seq.cached_at_start = n
         seq.private = False  # its own KV is gone: it now holds only shared blocks and computes on top of them
@@ -321,7 +398,12 @@ class PagedKVCache:
         self.release_out_of_window(seq)
 
     def free(self, seq: SeqKV) -> None:
-        """Return every block of ``seq`` (tail first, so its tail is evicted before its head)."""
+        """Return every block of ``seq`` (tail first, so its tail is evicted before its head); its partial last
+        block stays in the prefix cache (see the module docstring)."""
+        self._register_tail(seq)
+        self._release(seq)
+
+    def _release(self, seq: SeqKV) -> None:
         for table in seq.tables:
             held = [b for b in table if b is not None]
             self.pool.free_blocks(reversed(held))
@@ -334,7 +416,7 @@ class PagedKVCache:
     def discard(self, seq: SeqKV) -> None:
         """Free ``seq`` and drop its blocks from the prefix cache (a failed step: its KV may be what failed)."""
         self.pool.uncache(seq.held_blocks())
-        self.free(seq)
+        self._release(seq)
 
     # ------------------------------------------------------------------------------------------ indices
     def slot_base(self, seq: SeqKV, start: int, end: int, group: int) -> torch.Tensor:
