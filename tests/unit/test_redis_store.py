@@ -94,7 +94,7 @@ def test_a_session_continues_on_the_other_replica_from_the_shared_kv(model, serv
         r = s.send(QUESTIONS[3])  # A is stale: it reloads B's turn, takes its KV from the blobs
         assert r.stats.kv_source == "snapshot" and r.stats.cached_tokens == ref[3].stats.cached_tokens
         got.append(r)
-        assert s.store_version == 4 and s.token_ids == b.get(s.id).token_ids
+        assert s.store_version == 4 and s.messages == b.store.messages(s.id)  # memory is the log
         a.close()
         b.close()
     assert [x.token_ids for x in got] == [x.token_ids for x in ref]
@@ -351,3 +351,65 @@ def test_delete_leaves_nothing_and_responses_follow_their_session(model, spec):
         left = [k.decode() for k in c.scan_iter("*") if gone.id.encode() in k]
         assert left == []
         assert all(c.ttl(k) > 0 for k in c.scan_iter("gs:kv:*"))  # shared KV pages: a cache that expires
+
+
+def test_concurrent_turns_from_two_replicas_are_each_committed_once_in_some_order(model, server):
+    """No forcing: two threads on two replicas send 4 turns each to one session, retrying on StaleSessionError.
+    Every turn lands exactly once, each replica's in its order, and the log is a well-formed conversation."""
+    import threading
+
+    with _engine(model) as ea, _engine(model) as eb:
+        a, b = gs.SessionManager(ea, store=server.url), gs.SessionManager(eb, store=server.url)
+        s = a.create(sampling=P)
+        stale = {"A": 0, "B": 0}
+
+        def run(session, tag):
+            for i in range(4):
+                while True:
+                    try:
+                        session.send(f"{tag} {i}", idempotency_key=f"{tag}-{i}")
+                        break
+                    except gs.StaleSessionError:
+                        stale[tag] += 1
+
+        threads = [threading.Thread(target=run, args=(s, "A")), threading.Thread(target=run, args=(b.get(s.id), "B"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        log = a.store.messages(s.id)
+        users = [m.text for m in log if m.role == "user"]
+        assert [m.role for m in log] == ["user", "model"] * 8
+        assert sorted(users) == sorted(f"{t} {i}" for t in "AB" for i in range(4))
+        assert [u for u in users if u[0] == "A"] == [f"A {i}" for i in range(4)]
+        assert [u for u in users if u[0] == "B"] == [f"B {i}" for i in range(4)]
+        s.send("last")  # A syncs: its memory is the log
+        assert s.store_version == 9 and [m.text for m in s.messages[:16]] == [m.text for m in log]
+        assert len(s.stats["ttft_s"]) == 9
+        a.close()
+        b.close()
+
+
+def test_memory_pressure_spills_idle_sessions_to_redis_and_back(model, server):
+    import torch
+
+    from gemma_sessions.cache.kv import KVLayout
+
+    layout = KVLayout.for_config(model.config, block_size=4)
+    page = layout.page_bytes(torch.float32)
+    n = len(model.tokenizer.encode("a long message " * 8)) + 20
+    with _engine(model, kv_cache_bytes=page * layout.blocks_needed(n, chunk=n) * 3 // 2) as e:
+        m = gs.SessionManager(e, store=RedisStore(server.url))
+        sessions = [m.create(sampling=P) for _ in range(4)]
+        firsts = [s.send(f"{i} a long message " * 8) for i, s in enumerate(sessions)]
+        assert e.stats()["session_kv_evictions"] > 0
+        m.store.flush()
+        evicted = [s for s in sessions if s.kv.evictions]
+        r = evicted[0].send("back again")
+        assert r.stats.kv_source == "snapshot" and r.stats.cached_tokens >= len(firsts[0].token_ids)
+        m.close()
+    with _engine(model) as e:  # the same turn with everything in memory
+        s = gs.SessionManager(e).create(sampling=P)
+        i = sessions.index(evicted[0])
+        s.send(f"{i} a long message " * 8)
+        assert s.send("back again").token_ids == r.token_ids

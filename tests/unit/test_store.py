@@ -237,3 +237,51 @@ def test_spills_waiting_for_the_writer_are_bounded_in_bytes(model, tmp_path, mon
         assert [s.send(QUESTIONS[2]).token_ids for s in sessions] == [reference[2]] * 6
         m.close()
     assert got == [reference[:2]] * 6
+
+
+# ------------------------------------------------------------------------------------------ the store interface
+def _protocol_methods() -> set[str]:
+    from gemma_sessions.sessions.store_protocol import SessionStore
+
+    return {name for name, v in vars(SessionStore).items() if callable(v) and not name.startswith("_")}
+
+
+def test_the_store_method_list_is_the_protocol():
+    from gemma_sessions.sessions.store_protocol import STORE_METHODS
+
+    assert set(STORE_METHODS) == _protocol_methods() and len(STORE_METHODS) == len(set(STORE_METHODS))
+
+
+@pytest.mark.parametrize("cls", ["Store", "RedisStore"])
+def test_both_stores_have_every_method_with_the_protocol_parameters(cls):
+    import inspect
+
+    from gemma_sessions.sessions.redis_store import RedisStore
+    from gemma_sessions.sessions.store import Store
+    from gemma_sessions.sessions.store_protocol import STORE_METHODS, SessionStore
+
+    impl = {"Store": Store, "RedisStore": RedisStore}[cls]
+    for name in STORE_METHODS:
+        want = inspect.signature(getattr(SessionStore, name)).parameters
+        got = inspect.signature(getattr(impl, name)).parameters
+        assert [(p.name, p.kind) for p in got.values()] == [(p.name, p.kind) for p in want.values()], (cls, name)
+
+
+def test_the_layers_above_call_only_protocol_methods_of_a_store():
+    """Every ``store.X`` / ``self.store.X`` / ``manager.store.X`` in the sessions layer, the server and the CLI is a
+    Protocol method or attribute (one more call on one store would not exist on the other)."""
+    import ast
+    from pathlib import Path
+
+    from gemma_sessions.sessions.store_protocol import STORE_METHODS
+
+    pkg = Path(gs.__file__).parent
+    used = set()
+    for path in [pkg / "sessions" / "manager.py", pkg / "sessions" / "session.py", *sorted((pkg / "server").glob("*.py")),
+                 pkg / "cli.py", pkg / "repl.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute):
+                v = node.value
+                if (isinstance(v, ast.Name) and v.id == "store") or (isinstance(v, ast.Attribute) and v.attr == "store"):
+                    used.add(node.attr)
+    assert used and used <= set(STORE_METHODS) | {"path", "readonly"}, used - set(STORE_METHODS)

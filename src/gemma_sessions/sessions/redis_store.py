@@ -173,10 +173,21 @@ end
 return out
 """
 
-# KEYS: meta. ARGV: field, value. Sets it only on a session that still exists (never re-creates a deleted one).
-_SET_IF_EXISTS = """
+# KEYS: meta. ARGV: the KV hint (JSON), its session version, its tokens. Only on a session that still exists (never
+# re-creates a deleted one), and never over a hint of a newer version (a stale replica's late write) or of more tokens
+# of the same version.
+_SET_HINT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local old = redis.call('HGET', KEYS[1], 'kv')
+if old then
+  local ok, d = pcall(cjson.decode, old)
+  if ok and type(d) == 'table' then
+    local v, n = tonumber(d['version']) or -1, tonumber(d['tokens']) or -1
+    local nv, nn = tonumber(ARGV[2]), tonumber(ARGV[3])
+    if v > nv or (v == nv and n > nn) then return 0 end
+  end
+end
+redis.call('HSET', KEYS[1], 'kv', ARGV[1])
 return 1
 """
 
@@ -268,8 +279,9 @@ class RedisStore(SnapshotWriter):
         self._check_config()
         self._scripts = {name: self._r.register_script(src) for name, src in (
             ("create", _CREATE), ("commit", _COMMIT), ("load", _LOAD), ("get", _BOUNDED_GET),
-            ("set_if_exists", _SET_IF_EXISTS), ("delete", _DELETE), ("put_response", _PUT_RESPONSE))}
+            ("set_hint", _SET_HINT), ("delete", _DELETE), ("put_response", _PUT_RESPONSE))}
         self._hints: dict[str, int] = {}     # session id -> tokens of KV its last writer put in Redis
+        self._versions: dict[str, int] = {}  # session id -> the version memory holds (for the KV hints written)
         self._valid: dict[str, int] = {}     # session id -> tokens of memory's KV still history after a reload
         self._known: collections.OrderedDict[bytes, float] = collections.OrderedDict()  # blob key -> written at
         self._known_lock = threading.Lock()
@@ -357,7 +369,7 @@ class RedisStore(SnapshotWriter):
                       *[json.dumps(m.to_dict()) for m in messages]])
         if status == b"exists":
             raise InvalidRequestError(f"session {s.id} already exists")
-        s.store_version = 0
+        s.store_version = self._versions[s.id] = 0
         self._handles[s.kv.id] = s
 
     def _commit(self, s, mode: str, messages: list[Message], *, key: str = "", payload: str = "", stats: str = "",
@@ -385,7 +397,7 @@ class RedisStore(SnapshotWriter):
         if status == b"dup":
             raise StaleSessionError(f"request {key!r} was committed to session {s.id} by another attempt; nothing "
                                     "was written (a retry gets the recorded reply)")
-        s.store_version = int(version)
+        s.store_version = self._versions[s.id] = int(version)
 
     def turn_completed(self, s, messages: list[Message], dropped: int, stats, *, idempotency_key: str | None = None,
                        reply: dict | None = None) -> None:
@@ -421,6 +433,7 @@ class RedisStore(SnapshotWriter):
         self._written.pop(sid, None)
         self._hints.pop(sid, None)
         self._valid.pop(sid, None)
+        self._versions.pop(sid, None)
 
     # ------------------------------------------------------------------------------------------ reads
     def _load(self, sid: str) -> tuple[dict, list[bytes], list[bytes]] | None:
@@ -475,8 +488,9 @@ class RedisStore(SnapshotWriter):
         loaded = self._load(sid)
         if loaded is None:
             return None
-        s, _, hint = self._build(manager, sid, loaded)
+        s, version, hint = self._build(manager, sid, loaded)
         self._hints[sid] = hint
+        self._versions[sid] = version
         if not self.readonly:
             self._handles[s.kv.id] = s
         return s
@@ -519,7 +533,7 @@ class RedisStore(SnapshotWriter):
             s.conversation.dropped_turns = fresh.conversation.dropped_turns
             s.turn_stats = fresh.turn_stats
             s.metadata = fresh.metadata
-            s.store_version = version
+            s.store_version = self._versions[s.id] = version
             new = s.conversation.token_ids
         n = 0
         while n < min(len(old), len(new)) and old[n] == new[n]:
@@ -649,10 +663,11 @@ class RedisStore(SnapshotWriter):
             nbytes = self._write_pages(snap)
         else:
             nbytes = self._write_state(snap)
+        version = self._versions.get(sid, 0)
         hint = json.dumps({"tokens": snap.num_tokens, "bytes": nbytes, "model_fingerprint": self._model_fp,
-                           "created_at": time.time()})
+                           "created_at": time.time(), "version": version})
         with self._errors("writing a KV hint"):
-            self._scripts["set_if_exists"](keys=[self._k("s", sid)], args=["kv", hint])
+            self._scripts["set_hint"](keys=[self._k("s", sid)], args=[hint, version, snap.num_tokens])
         self.snapshots_written += 1
         self._written[sid] = (snap.num_tokens, hash(tuple(snap.tokens)))
 
