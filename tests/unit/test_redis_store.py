@@ -413,3 +413,23 @@ def test_memory_pressure_spills_idle_sessions_to_redis_and_back(model, server):
         i = sessions.index(evicted[0])
         s.send(f"{i} a long message " * 8)
         assert s.send("back again").token_ids == r.token_ids
+
+
+@pytest.mark.parametrize("arch", ["recurrentgemma", "gemma4"])
+def test_other_architectures_continue_on_the_other_replica(arch, server):
+    """RecurrentGemma's fixed-size state travels as one blob per token prefix; Gemma 4's KV groups differ in page shape
+    and some layers share KV: both continue on the other replica with a single replica's output and cached tokens."""
+    from gemma_sessions.testing import tiny_gemma4_model, tiny_griffin_model
+
+    model = tiny_griffin_model(seed=3) if arch == "recurrentgemma" else tiny_gemma4_model(seed=3)
+    ref = _reference(model, QUESTIONS[:3])
+    with _engine(model) as ea, _engine(model) as eb:
+        a, b = gs.SessionManager(ea, store=server.url), gs.SessionManager(eb, store=server.url)
+        s = a.create(system=SYSTEM, sampling=P)
+        got = [s.send(q) for q in QUESTIONS[:2]]
+        a.store.flush()
+        r = b.get(s.id).send(QUESTIONS[2])
+        assert r.stats.kv_source == "snapshot" and r.stats.cached_tokens == ref[2].stats.cached_tokens > 0
+        assert [x.token_ids for x in [*got, r]] == [x.token_ids for x in ref]
+        a.close()
+        b.close()

@@ -653,9 +653,16 @@ class RedisStore(SnapshotWriter):
         return hashlib.blake2b(payload, digest_size=_DIGEST, key=key.encode()[-64:]).digest()
 
     def _write_snapshot(self, sid: str, snap) -> None:
-        """Writer thread: put a snapshot's pages in Redis (those not already there), then the session's hint."""
+        """Writer thread: put a snapshot's pages in Redis (those not already there), then the session's hint. Without
+        Redis the KV is not written (a warning, not an error: a later turn recomputes what is missing)."""
         if not snap.shareable:
             return  # private KV (an imported file) never enters the shared keyspace: other replicas recompute
+        try:
+            self._write_blobs(sid, snap)
+        except StoreUnavailableError as exc:
+            log.warning("KV not written to Redis", extra={"session": sid, "reason": str(exc)})
+
+    def _write_blobs(self, sid: str, snap) -> None:
         with self._errors("checking a session"):
             if not self._r.exists(self._k("s", sid)):
                 return  # deleted meanwhile
