@@ -327,12 +327,8 @@ def test_fast_mode_decode_stack_equals_the_layer_loop(arch, rows, monkeypatch):
     net = model.net
     if not net.can_decode_stack(rows):
         pytest.skip(f"no decode stack for {rows} rows here (qmatmul_bf16 without qmatmul_i16 stops at 16)")
-    calls = []
-    real = net.hidden_decode_stack
-    monkeypatch.setattr(net, "hidden_decode_stack", lambda *a: calls.append(1) or real(*a))
 
-    def run(use_stack: bool):
-        monkeypatch.setattr(net, "can_decode_stack", lambda n: use_stack)
+    def run():
         cache = PagedKVCache(KVLayout.for_config(model.config, 4), 8192, torch.bfloat16, model.device)
         cache.flat.zero_()  # pages start uninitialised; compare only what the steps wrote
         seqs = [cache.start(_prompt(i, 5 + 6 * i)) for i in range(rows)]
@@ -353,12 +349,21 @@ def test_fast_mode_decode_stack_equals_the_layer_loop(arch, rows, monkeypatch):
                 cache.commit(s, 1)
         return torch.stack(logits), cache.flat.clone()
 
-    stack_logits, stack_kv = run(True)
-    assert len(calls) == 12
-    loop_logits, loop_kv = run(False)
-    assert len(calls) == 12
-    assert torch.equal(stack_logits, loop_logits)
-    assert torch.equal(stack_kv, loop_kv)
+    _stack_equals_loop(net, monkeypatch, run, steps=12)
+
+
+def _stack_equals_loop(net, monkeypatch, run, steps: int) -> None:
+    """``run()`` (logits, K/V) with every decode step in one compiled call (``steps`` of them) and with the layer
+    loop: equal bit for bit."""
+    calls = []
+    real = net.hidden_decode_stack
+    monkeypatch.setattr(net, "hidden_decode_stack", lambda *a: calls.append(1) or real(*a))
+    results = []
+    for use_stack in (True, False):
+        monkeypatch.setattr(net, "can_decode_stack", lambda n, use=use_stack: use)
+        results.append(run())
+        assert len(calls) == steps
+    assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 @pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3"])
@@ -373,24 +378,15 @@ def test_single_sequence_decode_runs_the_stack_bit_for_bit(arch, monkeypatch):
     model = tiny_model(arch, seed=3, weight_format="int8")
     net = model.net
     assert net.can_decode_stack(1)
-    calls = []
-    real = net.hidden_decode_stack
-    monkeypatch.setattr(net, "hidden_decode_stack", lambda *a: calls.append(1) or real(*a))
 
-    def run(use_stack: bool):
-        monkeypatch.setattr(net, "can_decode_stack", lambda n: use_stack)
+    def run():
         kv = net.new_sequence(64)
         with torch.inference_mode():
             out = [net.step(torch.tensor(_prompt(1, 9)), kv, last_only=True)]
             out += [net.step(torch.tensor([7 + (13 * i) % 300]), kv, last_only=True) for i in range(40)]
         return torch.cat(out), kv.flat.clone()
 
-    stack_logits, stack_kv = run(True)
-    assert len(calls) == 40
-    loop_logits, loop_kv = run(False)
-    assert len(calls) == 40
-    assert torch.equal(stack_logits, loop_logits)
-    assert torch.equal(stack_kv, loop_kv)
+    _stack_equals_loop(net, monkeypatch, run, steps=40)
 
 
 @pytest.mark.parametrize("native", [True, False])
