@@ -136,7 +136,8 @@ def test_a_forced_race_for_turn_n_has_exactly_one_winner(model, server):
             b.store.metadata_changed(sb, {"k": "v"})
         a.store.flush()
         retried = sb.send("from B")  # the retry reloads (history from the log, KV from the blobs) and goes on
-        assert retried.stats.kv_source == "snapshot" and retried.stats.cached_tokens == ref_replies[2].stats.cached_tokens
+        assert retried.stats.kv_source == "snapshot"
+        assert retried.stats.cached_tokens == ref_replies[2].stats.cached_tokens
         assert [won.token_ids, retried.token_ids] == [ref_replies[1].token_ids, ref_replies[2].token_ids]
         assert [m.text for m in b.store.messages(sa.id) if m.role == "user"] == [QUESTIONS[0], "from A", "from B"]
         a.close()
@@ -431,5 +432,33 @@ def test_other_architectures_continue_on_the_other_replica(arch, server):
         r = b.get(s.id).send(QUESTIONS[2])
         assert r.stats.kv_source == "snapshot" and r.stats.cached_tokens == ref[2].stats.cached_tokens > 0
         assert [x.token_ids for x in [*got, r]] == [x.token_ids for x in ref]
+        a.close()
+        b.close()
+
+
+def test_a_resent_commit_succeeds_once_and_a_key_committed_elsewhere_is_refused(model, server):
+    """The client library resends a script after a lost connection: the resent commit (same nonce) reports the
+    success of the first and appends nothing. A turn whose key another replica committed while it ran is refused."""
+    with _engine(model) as ea, _engine(model) as eb:
+        a, b = gs.SessionManager(ea, store=server.url), gs.SessionManager(eb, store=server.url)
+        s = a.create(sampling=P)
+        commit = a.store._scripts["commit"]
+
+        def resent(*args, **kw):
+            commit(*args, **kw)  # applied; its answer lost; the client sends it again
+            return commit(*args, **kw)
+
+        a.store._scripts["commit"] = resent
+        s.send("hello", idempotency_key="req-1")
+        a.store._scripts["commit"] = commit
+        assert len(s.messages) == 2 and len(a.store.messages(s.id)) == 2 and s.store_version == 1
+        turn = s.stream("again", idempotency_key="req-2")  # A passes its checks ...
+        b.get(s.id).send("again", idempotency_key="req-2")  # ... while B commits the same request
+        with pytest.raises(gs.StaleSessionError, match="another attempt"):
+            for _ in turn:
+                pass
+        assert len(a.store.messages(s.id)) == 4 and len(s.messages) == 2
+        assert s.send("again", idempotency_key="req-2").text == a.store.messages(s.id)[3].text  # the recorded reply
+        assert len(s.messages) == 4
         a.close()
         b.close()

@@ -42,7 +42,7 @@ class SessionManager:
 
     def __init__(self, engine, store=None):
         """``store``: a :class:`~.store_protocol.SessionStore` (``Store``, ``RedisStore``), or a spec for
-        :func:`~.store_protocol.open_store` (a directory, or ``redis://host:port/db``); None keeps sessions in memory."""
+        :func:`~.store_protocol.open_store` (a directory, or ``redis://host:port/db``); None: memory only."""
         from .store_protocol import open_store
 
         self.engine = engine

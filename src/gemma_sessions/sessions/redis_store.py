@@ -580,9 +580,12 @@ class RedisStore(SnapshotWriter):
             (created, updated, system, tokens), n = res[2 * i], res[2 * i + 1]
             if created is None:
                 continue  # deleted meanwhile
-            rows.append({"id": sid, "created_at": float(created), "updated_at": float(updated or created),
-                         "system": json.loads(system) if system else None, "messages": n,
-                         "tokens": int(tokens or 0)})
+            try:
+                rows.append({"id": sid, "created_at": float(created), "updated_at": float(updated or created),
+                             "system": json.loads(system) if system else None, "messages": n,
+                             "tokens": int(tokens or 0)})
+            except ValueError as exc:
+                raise StoreError(f"session {sid} in Redis is malformed ({exc})") from exc
         return rows
 
     def messages(self, sid: str) -> list[Message] | None:
@@ -600,9 +603,12 @@ class RedisStore(SnapshotWriter):
     def snapshot_info(self, sid: str) -> dict | None:
         with self._errors("reading a session"):
             raw = self._r.hget(self._k("s", sid), "kv")
-        if not raw:
+        try:
+            d = json.loads(raw) if raw else None
+        except ValueError:
+            d = None
+        if not isinstance(d, dict):
             return None
-        d = json.loads(raw)
         return {k: d.get(k) for k in ("tokens", "bytes", "model_fingerprint", "created_at")}
 
     def stats(self) -> dict:
