@@ -1,5 +1,6 @@
 """The durable session store: SQLite (WAL) for sessions, messages, token ids, settings and stats, plus one
-safetensors KV snapshot per session.
+safetensors KV snapshot per session. It implements ``store_protocol.SessionStore`` for one process on one machine
+(``redis_store.RedisStore`` is the one replicas share); both write KV in the background with ``SnapshotWriter``.
 
 Contract:
 - Durable by default: ``turn_completed`` commits the turn's messages and token ids (synchronous=FULL) before the
