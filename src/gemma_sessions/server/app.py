@@ -43,6 +43,7 @@ from ..sampling import SamplingParams, TextDeltas
 from ..sessions.chat_format import chat_format
 from ..sessions.conversation import render_chat
 from .metrics import Metrics
+from . import web
 from .protocol import (ChatCompletionRequest, ConversationCreate, ConversationUpdate, ItemsCreate,
                        ResponseRequest, SamplingFields, error_body, input_items, thinking_of)
 
@@ -289,6 +290,7 @@ def create_app(manager, *, model_name: str = "gemma3-270m", api_keys: Iterable[s
     _install_responses(app, state)
     _install_conversations(app, state)
     _install_sessions(app, state)
+    web.install(app, state)  # the page at / and the JSON it reads
     return app
 
 
@@ -847,7 +849,8 @@ def _install_conversations(app: FastAPI, state: ServerState) -> None:
 
 def _session_view(s, with_messages: bool = False) -> dict:
     view = {"id": s.id, "object": "session", "conversation_id": conv_id(s.id), "created_at": s.created_at,
-            "system": s.system, "metadata": public_metadata(s.metadata), "busy": s.busy, "stats": s.stats}
+            "system": s.system, "metadata": public_metadata(s.metadata), "busy": s.busy, "stats": s.stats,
+            "last_used_at": max([s.created_at, *(m.created_at for m in s.messages)])}
     if with_messages:
         view["messages"] = [{"id": m.id, "role": m.role, "text": m.text, "created_at": m.created_at,
                              "tokens": m.token_count} for m in s.messages]
