@@ -141,12 +141,22 @@ class Redis(_Process):
         return self
 
     def _ping(self) -> bytes:
+        return self._command(b"PING")
+
+    def _command(self, command: bytes) -> bytes:
+        """One inline command's one-line reply (b"" when Redis cannot be reached)."""
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-                s.sendall(b"PING\r\n")
+                s.sendall(command + b"\r\n")
                 return s.recv(64).strip()
         except OSError:
             return b""
+
+    def dbsize(self) -> int:
+        reply = self._command(b"DBSIZE")
+        if not reply.startswith(b":"):
+            raise RuntimeError(f"redis-server: DBSIZE answered {reply!r}")
+        return int(reply[1:])
 
 
 class Replica(_Process):
@@ -257,6 +267,23 @@ class Cluster:
 
     def replica(self, name: str) -> Replica:
         return next(r for r in self.replicas if r.name == name)
+
+    def wait_kv_written(self, replica: Replica, quiet_s: float = 0.3, timeout: float = 300.0) -> None:
+        """Until ``replica``'s turn-end KV is in Redis: its /metrics show no snapshot queued or pending and Redis's
+        key count has not changed for ``quiet_s`` (a snapshot being written has left the queue already)."""
+        names = ("gemma_store_queued_exports", "gemma_store_pending_snapshots")
+        deadline = time.monotonic() + timeout
+        last, since = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            lines = httpx.get(f"{replica.url}/metrics", timeout=30).text.splitlines()
+            values = [float(line.split()[-1]) for line in lines if line.split(" ")[0] in names]
+            size = self.redis.dbsize()
+            if size != last or len(values) != len(names) or any(values):
+                last, since = size, time.monotonic()
+            elif time.monotonic() - since >= quiet_s:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"{replica.name}: KV snapshots still being written after {timeout:.0f} s")
 
     def stop(self) -> None:
         self.nginx.stop()

@@ -173,19 +173,6 @@ def items(url: str, conv: str, timeout: float = 20.0) -> list[tuple[str, str]]:
     return [(d["role"], d["content"][0]["text"]) for d in r.json()["data"]]
 
 
-def wait_kv_written(replica, timeout: float = 30.0) -> None:
-    """Until the replica's store writer has no KV snapshot queued or pending (its /metrics)."""
-    names = ("gemma_store_queued_exports", "gemma_store_pending_snapshots")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        lines = httpx.get(f"{replica.url}/metrics", timeout=10).text.splitlines()
-        values = [float(line.split()[-1]) for line in lines if line.split(" ")[0] in names]
-        if len(values) == len(names) and not any(values):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{replica.name}: KV snapshots still queued after {timeout:.0f} s")
-
-
 def previous_context(prev) -> int:
     return prev.usage.input_tokens + prev.usage.output_tokens
 
@@ -316,7 +303,7 @@ def test_kill_9_mid_stream_fails_over_with_nothing_lost(cluster, reference):
             resp, _ = turn(cluster.url, conv, prompts("failover", i)[t], max_tokens_of(i)[t])
             done[conv].append(resp.output_text)
             last[i] = resp
-    wait_kv_written(r1)  # the turn-end KV blobs reach Redis (a background writer, after the reply)
+    cluster.wait_kv_written(r1)  # the turn-end KV blobs reach Redis (a background writer, after the reply)
 
     stream = SSE(cluster.url, convs[0], prompts("failover", 0)[2], LONG)
     assert stream.response.headers["x-replica"] == "r1"
