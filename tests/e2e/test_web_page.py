@@ -27,6 +27,7 @@ from selenium.common.exceptions import (NoSuchElementException, StaleElementRefe
                                         TimeoutException)
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -163,6 +164,11 @@ def axe(driver, view: str) -> None:
     (ARTIFACTS / f"axe-{view}.json").write_text(json.dumps(result, indent=1))
     bad = [v for v in result if v["impact"] in ("serious", "critical")]
     assert not bad, f"{view}: {bad}"
+
+
+def keys(driver, *typed: str) -> None:
+    """Type into whatever has the focus, as a keyboard would (no element is picked)."""
+    ActionChains(driver).send_keys(*typed).perform()
 
 
 def send_message(driver, text: str) -> None:
@@ -475,19 +481,19 @@ def test_phone_width_keyboard_only(server, browser):
         # keyboard only: Tab to the sessions button, open it, make a conversation, send a turn, close with Esc
         browser.execute_script("document.activeElement.blur()")
         _tab_to(browser, "toggle-sessions")
-        browser.switch_to.active_element.send_keys(Keys.ENTER)
+        keys(browser, Keys.ENTER)
         wait(browser, lambda d: _in_view(d, "#new-session"), what="the sessions drawer")
         shot(browser, "12-phone-sessions")
         axe(browser, "phone-sessions")
         _tab_to(browser, "new-session")
-        browser.switch_to.active_element.send_keys(Keys.ENTER)
+        keys(browser, Keys.ENTER)
         wait(browser, lambda d: find(d, "#new-dialog").is_displayed())
-        browser.switch_to.active_element.send_keys("On the phone" + Keys.ENTER)  # focus is in the title field
+        keys(browser, "On the phone" + Keys.ENTER)  # focus is in the title field
         wait(browser, lambda d: find(d, "#chat-title").text == "On the phone", what="created")
         assert browser.switch_to.active_element.get_attribute("id") == "composer-input"
         wait(browser, lambda d: not _in_view(d, "#new-session"), what="the drawer closed on opening the conversation")
         sid = current_id(browser)
-        browser.switch_to.active_element.send_keys("typed on a phone" + Keys.ENTER)
+        keys(browser, "typed on a phone" + Keys.ENTER)
         wait(browser, lambda d: len(messages(d)) == 2 and idle(d), what="the phone turn")
         assert api(server, "GET", f"/v1/sessions/{sid}").json()["messages"][0]["text"] == "typed on a phone"
         assert browser.execute_script(no_overflow)
@@ -498,7 +504,7 @@ def test_phone_width_keyboard_only(server, browser):
         wait(browser, lambda d: _in_view(d, "#turn-chart"), what="the details drawer")
         assert finds(browser, '#turn-chart rect[data-turn="1"]')
         shot(browser, "14-phone-details")
-        browser.switch_to.active_element.send_keys(Keys.ESCAPE)
+        keys(browser, Keys.ESCAPE)
         wait(browser, lambda d: not _in_view(d, "#turn-chart"), what="Esc closes the drawer")
         find(browser, "#tab-server").click()
         wait(browser, lambda d: find(d, '#kv-stats dd[data-stat="kv-used"]').text)
@@ -510,12 +516,13 @@ def test_phone_width_keyboard_only(server, browser):
 
 
 def _in_view(driver, css: str) -> bool:
-    """The element is visible and inside the viewport (a closed drawer is off screen and hidden)."""
+    """The element is visible and wholly inside the viewport's width (a drawer that has finished sliding in; a
+    closed one is off screen and hidden)."""
     return driver.execute_script("""
         const el = document.querySelector(arguments[0]);
         if (!el || getComputedStyle(el).visibility === 'hidden') return false;
         const r = el.getBoundingClientRect();
-        return r.width > 0 && r.right > 0 && r.left < window.innerWidth && r.bottom > 0
+        return r.width > 0 && r.left >= -1 && r.right <= window.innerWidth + 1 && r.bottom > 0
                && r.top < window.innerHeight;""", css)
 
 
@@ -523,5 +530,5 @@ def _tab_to(driver, element_id: str, limit: int = 40) -> None:
     for _ in range(limit):
         if driver.switch_to.active_element.get_attribute("id") == element_id:
             return
-        driver.switch_to.active_element.send_keys(Keys.TAB)
+        keys(driver, Keys.TAB)
     raise TimeoutException(f"Tab never reached #{element_id}")

@@ -2,7 +2,7 @@
 // It talks to the server's public API only, with the tab's API key (sessionStorage) when the server asks for one.
 // Model and user text is untrusted: it reaches the DOM through renderMarkdown / textContent only.
 
-import { fmt, sparkline, turnChart } from "./chart.js";
+import { fmt, niceMax, sparkline, turnChart } from "./chart.js";
 import { renderMarkdown } from "./markdown.js";
 
 const KEY_STORE = "gemma-sessions.api-key";
@@ -87,11 +87,15 @@ async function* sseEvents(res) {
 
 // ------------------------------------------------------------------------------------------------ notices
 
+let noticeTimer = 0;
+
 function notify(message, kind = "error") {
   const box = $("notice");
   box.className = `notice ${kind}`;
   $("notice-text").textContent = message;
   box.hidden = false;
+  clearTimeout(noticeTimer); // good news goes away by itself; an error stays until dismissed
+  if (kind === "ok") noticeTimer = setTimeout(() => { box.hidden = true; }, 8000);
 }
 
 function announce(message) {
@@ -207,6 +211,7 @@ async function openSession(id, { focus = true } = {}) {
   renderChat();
   renderDetails();
   renderSessionList();
+  $("details-panel").scrollTop = 0;
   setDrawer(null);
   loadTurns().catch((e) => fail(e, "Could not read the turns"));
   if (focus) $("composer-input").focus();
@@ -533,7 +538,7 @@ function renderDetails() {
   for (const [key, id] of SAMPLING) $(id).value = s.metadata?.[key] ?? "";
   const st = s.stats || {};
   setStats($("session-stats"), [
-    ["Turns", st.turns ?? 0, "turns"],
+    ["Replies", st.turns ?? 0, "turns"],
     ["Tokens in history", fmt(st.tokens ?? 0), "tokens"],
     ["Cache hit rate", `${Math.round((st.cache_hit_rate ?? 0) * 100)}%`, "hit-rate"],
     ["KV held", `${fmt(st.kv_tokens_held ?? 0)} tokens`, "kv-held"],
@@ -641,6 +646,8 @@ function renderStats(st, rate) {
   ]);
   $("tput-now").textContent = rate.toFixed(1);
   $("tput-chart").replaceChildren(sparkline(state.tput, "Generated tokens per second, last minute"));
+  $("tput-scale").textContent = `Last ${state.tput.length} s; the top of the chart is `
+    + `${fmt(niceMax(Math.max(1, ...state.tput)))} tokens/s.`;
   setStats($("tput-stats"), [
     ["Generated", fmt(st.tokens.generated_total), "generated"],
     ["Prefilled", fmt(st.tokens.prefilled_total), "prefilled"],

@@ -11,7 +11,7 @@ function svg(tag, attrs = {}, text) {
   return node;
 }
 
-function niceMax(value) {
+export function niceMax(value) {
   if (value <= 10) return 10;
   const step = 10 ** Math.floor(Math.log10(value));
   return Math.ceil(value / step) * step;
@@ -59,7 +59,8 @@ export function turnChart(turns) {
   return root;
 }
 
-/** A filled line of `values` (oldest first), scaled to its own maximum; `label` names it for screen readers. */
+/** A filled line of `values` (oldest first), from 0 to `niceMax` of them (the caller prints the scale); `label`
+ * names it for screen readers. */
 export function sparkline(values, label) {
   const width = 600, height = 80;
   const max = niceMax(Math.max(1, ...values));
@@ -73,7 +74,6 @@ export function sparkline(values, label) {
     root.append(svg("path", { d: `${line} L${width},${height} L0,${height} Z`, class: "spark-fill" }));
     root.append(svg("path", { d: line, class: "spark-line" }));
   }
-  root.append(svg("text", { x: 4, y: 12, class: "axis" }, `max ${fmt(max)}`));
   return root;
 }
 
