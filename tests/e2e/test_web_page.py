@@ -301,6 +301,8 @@ def test_export_then_import_by_drag_and_drop(server, browser, downloads):
     src, new = (api(server, "GET", f"/v1/sessions/{i}").json() for i in (source, imported))
     assert [m["text"] for m in new["messages"]] == [m["text"] for m in src["messages"]]
     assert len(messages(browser)) == len(src["messages"])
+    assert new["metadata"]["imported_from"] == files[0].name
+    assert find(browser, ".session-item[aria-current=true] .tag").text == "imported"
     shot(browser, "04-imported")
 
 
@@ -467,6 +469,11 @@ def test_another_key_sees_none_of_these_sessions(server, browser):
     wait(browser, lambda d: find(d, "#session-empty").is_displayed(), what="an empty list")
     assert not finds(browser, "#session-list .session-item")
     assert api(server, "GET", "/v1/sessions", key=KEY_B).json()["data"] == []
+    mine = _session_titled(server, "Renamed demo")  # the page's own routes keep ownership too
+    assert api(server, "GET", f"/v1/sessions/{mine}/turns", key=KEY_B).status_code == 404
+    assert api(server, "GET", f"/v1/sessions/{mine}/turns").status_code == 200
+    assert httpx.get(f"{server.url}/v1/stats").status_code == 401
+    assert httpx.get(f"{server.url}/v1/sessions/{mine}/turns").status_code == 401
     find(browser, "#key-button").click()
     find(browser, "#key-input").send_keys(KEY_A + Keys.ENTER)
     wait(browser, lambda d: len(finds(d, "#session-list .session-item")) >= 3, what="key A's sessions again")

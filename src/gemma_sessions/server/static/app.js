@@ -185,10 +185,11 @@ function renderSessionList() {
     const turns = s.stats?.turns ?? 0;
     meta.textContent = `${turns} ${turns === 1 ? "turn" : "turns"} · ${ago(s.last_used_at ?? s.created_at)}`;
     btn.append(name, meta);
-    if (s.metadata?.forked_from) {
+    const kind = s.metadata?.imported_from ? "imported" : s.metadata?.forked_from ? "fork" : "";
+    if (kind) {
       const tag = document.createElement("span");
       tag.className = "tag";
-      tag.textContent = "fork";
+      tag.textContent = kind;
       btn.append(tag);
     }
     btn.addEventListener("click", () => openSession(s.id).catch((e) => fail(e, "Could not open it")));
@@ -308,6 +309,7 @@ async function importFile(file) {
   zone.classList.add("busy");
   try {
     const s = await getJSON("/v1/sessions/import", { method: "POST", raw: await file.arrayBuffer() });
+    await setMetadata(s.id, { imported_from: file.name.slice(0, 200) }).catch(() => {});
     await loadSessions();
     await openSession(s.id);
     notify(`Imported “${titleOf(s)}” from ${file.name}.`, "ok");
