@@ -80,6 +80,8 @@ EXAMPLES = {
     ("GET", "/v1/sessions/{sid}"): 20,
     ("POST", "/v1/sessions/{sid}/fork"): 20,
     ("GET", "/v1/sessions/{sid}/export"): 24,
+    ("GET", "/v1/sessions/{sid}/turns"): 20,
+    ("GET", "/v1/stats"): 6,
     ("POST", "/v1/sessions/import"): 30,
     ("DELETE", "/v1/conversations/{cid}/items/{item_id}"): 20,
     ("DELETE", "/v1/conversations/{cid}"): 20,
