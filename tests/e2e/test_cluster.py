@@ -238,6 +238,29 @@ def test_unreachable_redis_at_start_is_a_clear_error(model_dir):
     assert url.split("://")[1].split("/")[0] in proc.stderr and "error:" in proc.stderr, proc.stderr
 
 
+def test_replica_name_defaults_to_host_port_and_is_checked(model_dir):
+    bad = subprocess.run([sys.executable, "-m", "gemma_sessions.cli", "serve", "--model", str(model_dir), "--no-store",
+                          "--replica-name", "r 1"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--replica-name" in bad.stderr, bad.stderr
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "gemma_sessions.cli", "serve", "--model", str(model_dir),
+                             "--dtype", "float32", "--no-store", "--kv-cache-bytes", str(8 << 20), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "serve did not start"
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        assert r.headers["x-replica"] == f"127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+
+
 def test_every_response_names_its_replica_and_headerless_requests_spread(cluster, reference):
     seen = set()
     for _ in range(16):
