@@ -656,7 +656,8 @@ function renderStats(st, rate) {
     ["Average since start", `${st.tokens.generated_per_s_avg.toFixed(1)} tok/s`, "avg"],
     ["Store writes waiting", st.store ? st.store.pending_snapshots : "no store", "store"],
   ]);
-  $("server-updated").textContent = `${st.model} · up ${fmt(st.uptime_s)} s · updated ${new Date().toLocaleTimeString()}`;
+  const now = new Date().toLocaleTimeString();
+  $("server-updated").textContent = `${st.model} · up ${fmt(st.uptime_s)} s · updated ${now}`;
 }
 
 // ------------------------------------------------------------------------------------------------ layout
