@@ -9,9 +9,13 @@ version is refused; Redis restarted (AOF) or gone for a while loses and duplicat
 it is gone); an unreachable Redis at start is a clear error; requests without the header work on any replica.
 
 The model is a tiny random Gemma 3 (float32; sliding window 8, shorter than every history) written to a temp dir:
-greedy output is exact, so "same output as without the failure" compares text, and a wrong KV (positions, window,
-history) would change it. Its weights are small (std 0.02) so the greedy text varies with the context instead of
-repeating one token.
+greedy output is exact, so "same output as without the failure" compares text against an in-process run, and a wrong
+KV (positions, window, a lost or doubled turn) changes it. Its weights are small (std 0.02), so the greedy text varies
+with the context instead of repeating one token; its global layer's attention counts double (norm weights 2.0), so
+every reply depends on the whole history, not only on the window's last tokens (with all weights small, changing a
+conversation's first message changed its third reply in only 3 of 8 conversations; with it, in 8 of 8); and <eos> and
+<end_of_turn> have zero embeddings (logit 0 through the tied head), so greedy never ends a reply early: every turn
+runs to its max tokens, and a long one is surely still running when its replica is killed or paused.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 from safetensors.torch import save_file
 
 from gemma_sessions.config import ModelConfig
@@ -60,6 +65,9 @@ def model_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-gemma3")
     config = dict(tiny_hf_config("gemma3"), max_position_embeddings=4096)
     tensors = random_tensors(ModelConfig.from_hf_config(config), seed=1, std=0.02)
+    for name in ("layers.5.post_attention_layernorm", "layers.5.self_attn.q_norm", "layers.5.self_attn.k_norm"):
+        tensors[name] = torch.full_like(tensors[name], 2.0)  # layer 5 is the global one ((i + 1) % 6 == 0)
+    tensors["embed_tokens"][[config["eos_token_id"], 5]] = 0.0  # <eos>, <end_of_turn> (tiny_tokenizer's id 5)
     save_file({f"model.{k}.weight": v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps(config))
     write_sentencepiece_model(path / "tokenizer.model", tiny_tokenizer(config["vocab_size"]))
