@@ -200,6 +200,27 @@ def test_a_session_deleted_through_another_replica_is_gone_on_both(model, server
         b.close()
 
 
+def test_reads_on_a_replica_that_missed_turns_are_current(model, server):
+    """A replica holding a session in memory reads it at the store's version: another replica's turns, metadata and
+    deletion show in get() and list() without a turn here."""
+    with _engine(model) as ea, _engine(model) as eb:
+        a, b = gs.SessionManager(ea, store=server.url), gs.SessionManager(eb, store=server.url)
+        s = a.create(sampling=P)
+        s.send("hello")
+        assert len(b.get(s.id).conversation.messages) == 2  # now in b's memory
+        s.send("again")
+        a.update_metadata(s.id, {"title": "renamed"})
+        seen = b.get(s.id)
+        assert [m.text for m in seen.conversation.messages] == [m.text for m in s.conversation.messages]
+        assert seen.metadata["title"] == "renamed" and len(b.list()) == 1
+        a.delete(s.id)
+        assert b.list() == []
+        with pytest.raises(gs.SessionNotFoundError):
+            b.get(s.id)
+        a.close()
+        b.close()
+
+
 # ------------------------------------------------------------------------------------------------ Redis failures
 
 

@@ -83,8 +83,16 @@ class SessionManager:
             raise
 
     def get(self, session_id: str) -> Session:
+        """The session (loaded from the store when not in memory). With a shared store, a session in memory is
+        first brought up to the store's version (``store.sync``: another replica's turns, or its deletion), unless a
+        turn runs on it here, whose copy is the current one (it commits or fails on a stale version)."""
         with self._lock:
             s = self._sessions.get(session_id)
+        if s is not None and self.store is not None and s.persistent and s._turn_lock.acquire(blocking=False):
+            try:
+                self._sync(s)
+            finally:
+                s._turn_lock.release()
         if s is None and self.store is not None:
             s = self.store.load_session(self, session_id)
             if s is not None:
@@ -96,11 +104,14 @@ class SessionManager:
 
     def list(self) -> list[Session]:
         """Every persistent session, in memory or in the store, oldest first."""
+        if self.store is not None:
+            ids = self.store.session_ids()  # (the truth: a shared store's sessions include other replicas')
+            stored = set(ids)
         with self._lock:
-            sessions = [s for s in self._sessions.values() if s.persistent]
+            sessions = [s for s in self._sessions.values() if s.persistent and (self.store is None or s.id in stored)]
         if self.store is not None:
             known = {s.id for s in sessions}
-            sessions += [self.get(i) for i in self.store.session_ids() if i not in known]
+            sessions += [self.get(i) for i in ids if i not in known]
         return sorted(sessions, key=lambda s: s.created_at)
 
     def fork(self, session_id: str, metadata: dict | None = None, *, keep_messages: int | None = None,
