@@ -318,7 +318,8 @@ def profile_decode(model, prompt: list[int], steps: int) -> dict:
 
     net, dev = model.net, model.device
     labels = {"lm_head": "LM head matmul (tied embedding)", "linear": "layer matmuls (qkv, o, gate_up, down)",
-              "attend": "attention (KV write, scores, softmax, PV)"}
+              "attend": "attention (KV write, scores, softmax, PV)",
+              "stack": "every layer in one compiled call (decode_stack)"}
     orig_linear, orig_attend = backend.QuantLinear.forward, gemma.DenseKV.attend
 
     def linear(self, x):
@@ -329,14 +330,22 @@ def profile_decode(model, prompt: list[int], steps: int) -> dict:
         with record_function(labels["attend"]):
             return orig_attend(self, *a)
 
-    # generate_tokens' greedy step (GemmaModel.step_greedy): the int8 greedy head where it serves one row
+    # generate_tokens' greedy step (GemmaModel.step_greedy): every layer in one compiled call where the kernel backend
+    # runs it (else the layer loop, its products and attention timed apart), then the int8 greedy head where it
+    # serves one row
     greedy_head = backend.greedy_head_min_rows() <= 1 and net.can_greedy_head()
+    stack = net.can_decode_stack(1)
 
     def decode(kv, token: int, n: int) -> None:
         for _ in range(n):
             with torch.inference_mode():
                 ids = torch.tensor([token], device=dev)
-                h = net.hidden(ids, torch.tensor([kv.length], device=dev), kv)
+                pos = torch.tensor([kv.length], device=dev)
+                if stack:
+                    with record_function(labels["stack"]):
+                        h = net.hidden_decode_stack(ids, pos, kv.stack_kv())
+                else:
+                    h = net.hidden(ids, pos, kv)
                 if greedy_head:
                     with record_function(labels["lm_head"]):
                         token = int(net.greedy_head(h[-1:], want_logits=False)[0][0])
