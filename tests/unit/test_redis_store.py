@@ -352,6 +352,26 @@ def test_restart_continues_equal_to_never_saved(model, spec):
     assert got == [x.token_ids for x in ref]
 
 
+def test_listing_one_owners_sessions_never_loads_the_others(model, spec):
+    """/v1/sessions lists a key's sessions: after a restart, list(owner=) loads only that owner's sessions into memory
+    (a key's listing does not bring every user's sessions, or their histories, into this process)."""
+    with _engine(model) as e:
+        m = gs.SessionManager(e, store=spec)
+        mine = [m.create(sampling=P, owner="a").id for _ in range(2)]
+        theirs = [m.create(sampling=P, owner="b").id for _ in range(3)]
+        assert [x.id for x in m.list(owner="a")] == mine and [x.id for x in m.list(owner="b")] == theirs
+        m.close()
+    with _engine(model) as e:
+        m = gs.SessionManager(e, store=spec)
+        assert m.store.session_ids("a") == mine and m.store.session_ids("nobody") == []
+        assert [x.id for x in m.list(owner="a")] == mine
+        assert {x.id for x in m.loaded_sessions()} == set(mine)
+        assert {r["id"]: r["owner"] for r in m.store.summaries()} == {**dict.fromkeys(mine, "a"),
+                                                                      **dict.fromkeys(theirs, "b")}
+        assert [x.id for x in m.list()] == mine + theirs
+        m.close()
+
+
 def test_delete_leaves_nothing_and_responses_follow_their_session(model, spec):
     with _engine(model) as e:
         m = gs.SessionManager(e, store=spec)

@@ -863,7 +863,7 @@ def _install_sessions(app: FastAPI, state: ServerState) -> None:
         owner = state.owner(request)
 
         def views():
-            return [_session_view(s) for s in state.manager.list() if s.owner == owner]
+            return [_session_view(s) for s in state.manager.list(owner=owner)]
 
         return {"object": "list", "data": await state.run(views)}
 

@@ -102,13 +102,15 @@ class SessionManager:
             raise SessionNotFoundError(f"no session {session_id!r}")
         return s
 
-    def list(self) -> list[Session]:
-        """Every persistent session, in memory or in the store, oldest first."""
+    def list(self, owner: str | None = None) -> list[Session]:
+        """Every persistent session, in memory or in the store, oldest first; only ``owner``'s when given (the others
+        are never loaded: one key's listing does not bring every user's sessions into memory)."""
         if self.store is not None:
-            ids = self.store.session_ids()  # (the truth: a shared store's sessions include other replicas')
+            ids = self.store.session_ids(owner)  # (the truth: a shared store's sessions include other replicas')
             stored = set(ids)
         with self._lock:
-            sessions = [s for s in self._sessions.values() if s.persistent and (self.store is None or s.id in stored)]
+            sessions = [s for s in self._sessions.values() if s.persistent and (owner is None or s.owner == owner)
+                        and (self.store is None or s.id in stored)]
         if self.store is not None:
             known = {s.id for s in sessions}
             sessions += [self.get(i) for i in ids if i not in known]

@@ -561,27 +561,36 @@ class RedisStore(SnapshotWriter):
             raise StoreError(f"session {s.id}: a recorded reply in Redis is malformed ({exc})") from exc
         raise StoreError(f"session {s.id}: a recorded reply in Redis is malformed")
 
-    def session_ids(self) -> list[str]:
+    def session_ids(self, owner: str | None = None) -> list[str]:
         with self._errors("listing sessions"):
-            return [i.decode() for i in self._r.zrange(self._k("sessions"), 0, -1)]
+            ids = [i.decode() for i in self._r.zrange(self._k("sessions"), 0, -1)]
+            if owner is None:
+                return ids
+            pipe = self._r.pipeline(transaction=False)
+            for sid in ids:
+                pipe.hget(self._session_keys(sid)[0], "owner")
+            owners = pipe.execute()
+        return [sid for sid, o in zip(ids, owners) if o is not None and o.decode(errors="replace") == owner]
 
     def summaries(self) -> list[dict]:
-        """One row per session without loading any model: id, times, message and token counts, system prompt."""
+        """One row per session without loading any model: id, owner, times, message and token counts, system
+        prompt."""
         ids = self.session_ids()
         with self._errors("listing sessions"):
             pipe = self._r.pipeline(transaction=False)
             for sid in ids:
                 keys = self._session_keys(sid)
-                pipe.hmget(keys[0], "created_at", "updated_at", "system", "n_tokens")
+                pipe.hmget(keys[0], "created_at", "updated_at", "system", "n_tokens", "owner")
                 pipe.llen(keys[1])
             res = pipe.execute()
         rows = []
         for i, sid in enumerate(ids):
-            (created, updated, system, tokens), n = res[2 * i], res[2 * i + 1]
+            (created, updated, system, tokens, owner), n = res[2 * i], res[2 * i + 1]
             if created is None:
                 continue  # deleted meanwhile
             try:
-                rows.append({"id": sid, "created_at": float(created), "updated_at": float(updated or created),
+                rows.append({"id": sid, "owner": (owner or b"").decode(), "created_at": float(created),
+                             "updated_at": float(updated or created),
                              "system": json.loads(system) if system else None, "messages": n,
                              "tokens": int(tokens or 0)})
             except ValueError as exc:

@@ -419,9 +419,12 @@ class Store(SnapshotWriter):
         return "recompute"
 
     # ------------------------------------------------------------------------------------------ reads
-    def session_ids(self) -> list[str]:
+    def session_ids(self, owner: str | None = None) -> list[str]:
         with self._db_lock:
-            return [r[0] for r in self._db.execute("SELECT id FROM sessions ORDER BY created_at")]
+            if owner is None:
+                return [r[0] for r in self._db.execute("SELECT id FROM sessions ORDER BY created_at")]
+            return [r[0] for r in self._db.execute("SELECT id FROM sessions WHERE owner=? ORDER BY created_at",
+                                                   (owner,))]
 
     def load_session(self, manager, sid: str):
         """Rebuild a Session (history, settings, stats) from the database; None if unknown."""
@@ -448,14 +451,15 @@ class Store(SnapshotWriter):
         return s
 
     def summaries(self) -> list[dict]:
-        """One row per session without loading any model: id, times, message and token counts, system prompt."""
+        """One row per session without loading any model: id, owner, times, message and token counts, system
+        prompt."""
         with self._db_lock:
             rows = self._db.execute(
-                "SELECT s.id, s.created_at, s.updated_at, s.system, COUNT(m.idx), COALESCE(SUM(LENGTH(m.token_ids)), 0) "
-                "FROM sessions s LEFT JOIN messages m ON m.session_id = s.id GROUP BY s.id ORDER BY s.created_at"
+                "SELECT s.id, s.created_at, s.updated_at, s.system, COUNT(m.idx), COALESCE(SUM(LENGTH(m.token_ids)), 0), "
+                "s.owner FROM sessions s LEFT JOIN messages m ON m.session_id = s.id GROUP BY s.id ORDER BY s.created_at"
             ).fetchall()
-        return [{"id": r[0], "created_at": r[1], "updated_at": r[2], "system": r[3], "messages": r[4],
-                 "tokens": r[5] // 4 + 1} for r in rows]
+        return [{"id": r[0], "owner": r[6] or "", "created_at": r[1], "updated_at": r[2], "system": r[3],
+                 "messages": r[4], "tokens": r[5] // 4 + 1} for r in rows]
 
     def messages(self, sid: str) -> list[Message] | None:
         with self._db_lock:

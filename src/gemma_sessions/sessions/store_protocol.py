@@ -74,11 +74,14 @@ class SessionStore(Protocol):
         """Give ``s`` its history's KV if memory lacks it; returns memory | snapshot | recompute."""
 
     # reads
-    def session_ids(self) -> list[str]: ...
+    def session_ids(self, owner: str | None = None) -> list[str]:
+        """Every stored session's id, oldest first; only ``owner``'s when given."""
 
     def load_session(self, manager, sid: str): ...
 
-    def summaries(self) -> list[dict]: ...
+    def summaries(self) -> list[dict]:
+        """One row per stored session without loading it: id, owner, created_at, updated_at, system, messages,
+        tokens."""
 
     def messages(self, sid: str) -> list[Message] | None: ...
 
