@@ -152,7 +152,9 @@ function ago(seconds) {
 }
 
 async function loadSessions() {
+  const key = state.key;
   const { data } = await getJSON("/v1/sessions");
+  if (key !== state.key) return; // fetched under the key before a change: that list is not this key's to show
   state.sessions = data;
   renderSessionList();
 }
@@ -206,7 +208,9 @@ function renderSessionList() {
 }
 
 async function openSession(id, { focus = true } = {}) {
+  const key = state.key;
   const s = await getJSON(`/v1/sessions/${encodeURIComponent(id)}`);
+  if (key !== state.key) return; // the key changed meanwhile: not this key's session to open
   state.current = s;
   state.turns = [];
   renderChat();
