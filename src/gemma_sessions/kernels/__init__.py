@@ -288,39 +288,6 @@ def qmatmul_wide(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, off
     return _ops().qmatmul_wide.default(x.float(), codes, scales, offsets, group)
 
 
-def q8a_available() -> bool:
-    """Whether :func:`qmatmul_q8a` runs (the AVX2 build without AVX-512, as :func:`wide_available`)."""
-    return _built_with("q8a", "q8a_available")
-
-
-def qmatmul_q8a(x: torch.Tensor, codes: torch.Tensor | PackedCodes, scales: torch.Tensor,
-                offsets: torch.Tensor | None, group: int, span: tuple[int, int] | None = None) -> torch.Tensor:
-    """float32 ``x [M, K] @ W^T -> [M, N]`` with x rounded to int8 per row and group of 32 (``d = max|x| / 127``)
-    and the exact weights: integer group sums (int16 pair sums of ``vpmaddubsw``, widened every few steps), then
-    float32 in the order of the groups, so a row's bits do not depend on the others. The weights' codes must span
-    at most 64 values (GGUF's 4-6 bit types): ``span`` = (bias, umax) with every ``code + bias`` in ``[0, umax]``
-    (:func:`q8a_span`); packed codes carry theirs. Requires :func:`q8a_available` and a group of 32."""
-    if not q8a_available():
-        raise RuntimeError("qmatmul_q8a needs the compiled kernel built for AVX2 without AVX-512")
-    if isinstance(codes, PackedCodes):
-        return _ops().qmatmul_q8a_packed.default(x.float(), codes.data, codes.bits, codes.bias, scales, offsets,
-                                                 group)
-    if span is None:
-        span = q8a_span(codes)
-        if span is None:
-            raise ValueError("qmatmul_q8a: the codes span more than 64 values")
-    return _ops().qmatmul_q8a.default(x.float(), codes, scales, offsets, group, span[0], span[1])
-
-
-def q8a_span(codes: torch.Tensor) -> tuple[int, int] | None:
-    """(bias, umax) for :func:`qmatmul_q8a`: ``bias = -min(codes)``, ``umax = max - min``; None where the codes
-    span more than 64 values or are empty."""
-    if codes.numel() == 0:
-        return None
-    lo, hi = (int(v) for v in torch.aminmax(codes))
-    return (-lo, hi - lo) if hi - lo <= 63 else None
-
-
 def qmatmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
             group: int) -> torch.Tensor:
     """float32 ``x [M, K] @ W^T -> [M, N]`` with W as above; the compiled kernel when available."""

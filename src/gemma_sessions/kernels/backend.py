@@ -39,7 +39,6 @@ I16 = "qmatmul_i16"  # int16 activations, integer group sums (AVX512-VNNI builds
 BF16_DOT = "qmatmul_bf16"  # bf16 inputs and weights, float32 sums (AVX512-BF16 builds)
 BF16_GEMM = "bf16_gemm"  # torch's bf16 GEMM on a bf16 copy of W (made on first need)
 F32_TILES = "float32_tiles"  # torch's float32 GEMM over dequantized tiles of W (no copy kept)
-Q8A = "qmatmul_q8a"  # int8 activations per group of 32, int16 pair sums (AVX2 builds; prompts' products)
 
 # Rows up to which a product runs the exact kernel where a many-row kernel takes the rows above: at one row it
 # streams the weights fastest; by 16 rows the many-row kernels (or the bf16 GEMM) win.
@@ -67,11 +66,6 @@ I16_MAX_ROWS = 64
 # Where a build has no many-row kernel, the exact kernel takes products (and the engine's batched head) up to this
 # many rows: faster than the alternatives there, and a batched decode step then gives every row its bits alone.
 EXACT_WIDE_MAX_ROWS = 64
-# Rows from which a layer's product of 4-6 bit codes in groups of 32 runs Q8A rather than WIDE on AVX2 builds (a
-# prompt's chunk, not the engine's decode steps, which run WIDE inside decode_stack): vpmaddubsw's int16 pair sums
-# do more products per multiply than float32 FMAs, for activations rounded to 8 bits per group (llama.cpp's
-# arithmetic for these types). GEMMA_SESSIONS_Q8A=0 keeps WIDE (A/B runs).
-Q8A_MIN_ROWS = 17
 # Output rows per float32 tile of the layers' prefill products where bf16 GEMMs would run in software.
 LAYER_TILE_ROWS = 512
 _PACK_LOCK = threading.Lock()  # QuantLinear.prepare_greedy / prepare_i16: one packing each, whichever thread first
@@ -153,11 +147,6 @@ def approx_head_logits() -> bool:
     return not kernels.wide_available()
 
 
-def q8a_enabled() -> bool:
-    """Whether prompts' products may run Q8A here: a build with it, unless ``GEMMA_SESSIONS_Q8A=0``."""
-    return os.environ.get("GEMMA_SESSIONS_Q8A", "") != "0" and kernels.q8a_available()
-
-
 def plan(rows: int) -> Plan:
     """The one policy: how a step of this many rows runs here. ``Linear`` products, the engine's head and its
     decode step all follow it."""
@@ -233,7 +222,6 @@ class QuantLinear(nn.Module):
         self._i16: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # qmatmul_i16's, on first need
         self._i16_shape_ok: bool | None = None  # i16_rows' fixed part, on first ask
         self._wide_ok: bool | None = None  # wide_rows' fixed part, on first ask
-        self._q8a: tuple[int, int] | None | bool = False  # q8a_rows' (bias, umax) or None, on first ask
 
     @property
     def packed(self) -> PackedCodes | None:
@@ -265,9 +253,8 @@ class QuantLinear(nn.Module):
             return max(HEAD_QMATMUL_MAX_ROWS, exact_max_rows())
         return exact_max_rows()
 
-    def plan(self, rows: int, batch: bool = False, stack: bool = False) -> str:
-        """The kernel ``forward`` (``forward_batch`` with ``batch``) runs for this many rows; with ``stack``, the
-        one a decode step in one compiled call would run (never Q8A)."""
+    def plan(self, rows: int, batch: bool = False) -> str:
+        """The kernel ``forward`` (``forward_batch`` with ``batch``) runs for this many rows."""
         op = kernels.kernel() is not None
         if batch and rows > exact_max_rows() and not self.wide_rows(rows):
             if rows * self.in_features <= BF16_DOT_MAX_ELEMENTS and self._bf16_dot():
@@ -276,7 +263,7 @@ class QuantLinear(nn.Module):
         if op and rows <= self.max_kernel_rows:
             return EXACT
         if self.wide_rows(rows):
-            return Q8A if not stack and self.q8a_rows(rows) else WIDE
+            return WIDE
         if self.i16_rows(rows):
             return I16
         if not self.head and self._bf16_dot_rows(rows):
@@ -307,9 +294,6 @@ class QuantLinear(nn.Module):
             return kernels.qmatmul_packed(x, pk, self.scales, self.offsets, self.group).to(x.dtype)
         if path == EXACT:
             return kernels.qmatmul(x, self.codes, self.scales, self.offsets, self.group).to(x.dtype)
-        if path == Q8A:
-            return kernels.qmatmul_q8a(x, pk if pk is not None else self.codes, self.scales, self.offsets, self.group,
-                                       None if pk is not None else self._q8a).to(x.dtype)
         if path == WIDE and pk is not None:
             return kernels.qmatmul_wide_packed(x, pk, self.scales, self.offsets, self.group).to(x.dtype)
         if path == WIDE:
@@ -357,21 +341,6 @@ class QuantLinear(nn.Module):
         if self._wide_ok is None:
             self._wide_ok = bool(self.group % 8 == 0 and self.scales.device.type == "cpu" and kernels.wide_available())
         return self._wide_ok
-
-    def q8a_rows(self, rows: int) -> bool:
-        """Whether ``forward`` of this many rows runs Q8A: at least ``Q8A_MIN_ROWS`` (a prompt's chunk), a layer (not
-        the head) with groups of 32 whose codes span at most 64 values (GGUF's 4-6 bit types: packed ones always),
-        on a build with it (:func:`q8a_enabled`)."""
-        if rows < Q8A_MIN_ROWS:
-            return False
-        if self._q8a is False:
-            ok = (not self.head and self.group == 32 and self.in_features % 32 == 0
-                  and self.scales.device.type == "cpu" and q8a_enabled())
-            if ok and self.packed_codes is not None:
-                self._q8a = (self.pk_bias, (1 << self.pk_bits) - 1)
-            else:
-                self._q8a = kernels.q8a_span(self.int8_codes) if ok else None
-        return self._q8a is not None
 
     def i16_rows(self, rows: int) -> bool:
         """Whether ``forward`` of this many rows runs I16 (a layer, not the head; more rows than the exact kernel
@@ -450,7 +419,7 @@ def stack_plan(products: list[QuantLinear], rows: int) -> str | None:
         return None
     if rows <= exact_max_rows():
         return EXACT
-    paths = {li.plan(rows, stack=True) for li in products}
+    paths = {li.plan(rows) for li in products}
     if len(paths) != 1:
         return None
     (path,) = paths

@@ -6,7 +6,6 @@
 //   codes.h             how products read a weight row's codes: int8, or packed at 4-6 bits (unpack_codes)
 //   products.h          qmatmul (the exact grouped-int8 product; qmatmul_packed on packed codes), dequantize
 //   products_wide.h     qmatmul_wide (AVX2: the many-row float32 product; qmatmul_wide_packed)
-//   products_q8a.h      qmatmul_q8a (AVX2: the many-row product with int8 activations and int16 pair sums)
 //   products_batched.h  qmatmul_bf16 (AVX512-BF16), qmatmul_i16 (AVX512-VNNI; AMX tiles)
 //   fused.h             rms_norm, add_rms_norm, geglu, qk_norm_rope, q_norm_rope
 //   attention.h         decode_attention
@@ -21,7 +20,6 @@
 
 #include "products.h"
 #include "products_wide.h"
-#include "products_q8a.h"
 #include "products_batched.h"
 #include "fused.h"
 #include "attention.h"
@@ -47,11 +45,6 @@ GS_LIBRARY(GS_NAMESPACE, m) {
         "Tensor");
   m.def("qmatmul_wide_packed(Tensor x, Tensor packed, int bits, int bias, Tensor scales, Tensor? offsets, "
         "int group) -> Tensor");
-  m.def("qmatmul_q8a(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, int group, int bias, int umax) -> "
-        "Tensor");
-  m.def("qmatmul_q8a_packed(Tensor x, Tensor packed, int bits, int bias, Tensor scales, Tensor? offsets, "
-        "int group) -> Tensor");
-  m.def("q8a_available() -> bool", &q8a_available);
   m.def("unpack_codes(Tensor packed, int bits, int bias, int k) -> Tensor");
   m.def("pack_codes(Tensor codes, int bits, int bias) -> Tensor");
   m.def("wide_available() -> bool", &wide_available);
@@ -85,8 +78,6 @@ GS_LIBRARY_IMPL(GS_NAMESPACE, CPU, m) {
   m.impl("qmatmul_wide", &qmatmul_wide);
   m.impl("qmatmul_packed", &qmatmul_packed);
   m.impl("qmatmul_wide_packed", &qmatmul_wide_packed);
-  m.impl("qmatmul_q8a", &qmatmul_q8a);
-  m.impl("qmatmul_q8a_packed", &qmatmul_q8a_packed);
   m.impl("unpack_codes", &unpack_codes);
   m.impl("pack_codes", &pack_codes);
   m.impl("dequantize", &dequantize);
