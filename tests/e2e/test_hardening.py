@@ -69,8 +69,25 @@ def _items(server, cid: str, key: str = KEY_A) -> list[tuple[str, str]]:
     return [(i["role"], i["content"][0]["text"]) for i in data]
 
 
+def _pages(server, key: str = KEY_A, order: str = "asc", limit: int = 100) -> list[dict]:
+    """Every page of ``key``'s GET /v1/sessions, each checked: its first_id / last_id, has_more false only last."""
+    pages, after = [], ""
+    while True:
+        r = _get(server, f"/v1/sessions?limit={limit}&order={order}{after}", key)
+        assert r.status_code == 200, r.text
+        page = r.json()
+        ids = [s["id"] for s in page["data"]]
+        assert page["object"] == "list" and len(ids) <= limit and (ids or not pages)
+        assert (page["first_id"], page["last_id"]) == ((ids[0], ids[-1]) if ids else (None, None))
+        pages.append(page)
+        if not page["has_more"]:
+            return pages
+        assert len(ids) == limit and len(pages) < 1000
+        after = f"&after={ids[-1]}"
+
+
 def _sessions(server, key: str = KEY_A) -> set[str]:
-    return {s["id"] for s in _get(server, "/v1/sessions", key).json()["data"]}
+    return {s["id"] for page in _pages(server, key) for s in page["data"]}
 
 
 def _idle(server, timeout: float = 60) -> None:
@@ -339,6 +356,31 @@ def test_ownership_cannot_move_through_metadata(server):
     made = _post(server, "/v1/conversations", KEY_B, json={"metadata": {"_owner": key_hash(KEY_A)}}).json()
     assert _get(server, f"/v1/conversations/{made['id']}", KEY_A).status_code == 404
     assert _get(server, f"/v1/conversations/{made['id']}", KEY_B).status_code == 200
+
+
+def test_the_session_list_pages_and_keeps_to_its_key(server):
+    """GET /v1/sessions pages like OpenAI's lists: pages of 2 visit each of a key's sessions once, by (created_at, id)
+    both ways (asc by default); a bad limit or order is a 400 in OpenAI's shape; an ``after`` that is another key's
+    session is refused with the very words an unknown id gets; another key's sessions never appear."""
+    mine = [_post(server, "/v1/conversations", KEY_B, json={}).json()["id"][5:] for _ in range(5)]
+    theirs = _post(server, "/v1/conversations", KEY_A, json={}).json()["id"][5:]
+    asc = [s for page in _pages(server, KEY_B, "asc", limit=2) for s in page["data"]]
+    ids = [s["id"] for s in asc]
+    assert len(ids) == len(set(ids)) >= 5 and ids[-5:] == mine and theirs not in ids
+    assert ids == [s["id"] for s in sorted(asc, key=lambda s: (s["created_at"], s["id"]))]
+    assert [s["id"] for page in _pages(server, KEY_B, "desc", limit=2) for s in page["data"]] == ids[::-1]
+    first = _get(server, "/v1/sessions", KEY_B).json()  # the defaults: 20, oldest first
+    assert [s["id"] for s in first["data"]] == ids[:20] and first["has_more"] == (len(ids) > 20)
+    assert {"id", "object", "created_at", "metadata", "stats", "last_used_at"} <= set(first["data"][0])
+    assert not set(mine) & _sessions(server, KEY_A) and theirs in _sessions(server, KEY_A)
+    for query, param in (("limit=0", "limit"), ("limit=101", "limit"), ("limit=-3", "limit"),
+                         ("limit=many", "query.limit"), ("order=sideways", "order")):
+        err = _error_shape(_get(server, f"/v1/sessions?{query}", KEY_B), 400)
+        assert err["type"] == "invalid_request_error" and err["param"] == param, query
+    unknown = _error_shape(_get(server, f"/v1/sessions?after={'f' * 32}", KEY_B), 400)
+    foreign = _error_shape(_get(server, f"/v1/sessions?after={theirs}", KEY_B), 400)
+    assert unknown == foreign and unknown["param"] == "after"
+    assert _get(server, f"/v1/sessions?after={theirs}", KEY_A).status_code == 200  # its own key may
 
 
 def test_an_import_belongs_to_the_key_that_imported_it(server):

@@ -136,7 +136,7 @@ def test_native_session_routes_and_metrics(server):
     c.responses.create(model="m", conversation=conv.id, input="Hi", max_output_tokens=4)
     h = {"Authorization": f"Bearer {KEY_A}"}
     sid = conv.id[5:]
-    sessions = httpx.get(f"{server.url}/v1/sessions", headers=h).json()["data"]
+    sessions = httpx.get(f"{server.url}/v1/sessions?limit=100&order=desc", headers=h).json()["data"]
     assert sid in [s["id"] for s in sessions]
     one = httpx.get(f"{server.url}/v1/sessions/{sid}", headers=h).json()
     assert one["stats"]["turns"] == 1 and len(one["messages"]) == 2
@@ -231,15 +231,15 @@ def test_overload_is_503_with_retry_after(tmp_path, real_model_path):
 def test_responses_instructions_and_store_false(server):
     c = server.client()
     h = {"Authorization": f"Bearer {KEY_A}"}
-    before = {s["id"] for s in httpx.get(f"{server.url}/v1/sessions", headers=h).json()["data"]}
+    before = {s["id"] for s in httpx.get(f"{server.url}/v1/sessions?limit=100&order=desc", headers=h).json()["data"]}
     kept = c.responses.create(model="m", input="Hello", instructions="Answer in French.", max_output_tokens=4)
-    after = {s["id"]: s for s in httpx.get(f"{server.url}/v1/sessions", headers=h).json()["data"]}
+    after = {s["id"]: s for s in httpx.get(f"{server.url}/v1/sessions?limit=100&order=desc", headers=h).json()["data"]}
     new = [after[i] for i in set(after) - before]
     assert len(new) == 1 and new[0]["system"] == "Answer in French."
     assert c.responses.retrieve(kept.id).id == kept.id
     eph = c.responses.create(model="m", input="Hello", store=False, max_output_tokens=4)
     assert eph.output_text is not None
-    final = {s["id"] for s in httpx.get(f"{server.url}/v1/sessions", headers=h).json()["data"]}
+    final = {s["id"] for s in httpx.get(f"{server.url}/v1/sessions?limit=100&order=desc", headers=h).json()["data"]}
     assert final == set(after), "store=false must not leave a session behind"
     with pytest.raises(openai.NotFoundError):
         c.responses.retrieve(eph.id)

@@ -284,7 +284,7 @@ def test_export_then_import_by_drag_and_drop(server, browser, downloads):
     wait(browser, lambda d: not list(downloads.glob("*.crdownload")))
     data = files[0].read_bytes()
     assert len(data) > 1000
-    before = {s["id"] for s in api(server, "GET", "/v1/sessions").json()["data"]}
+    before = {s["id"] for s in api(server, "GET", "/v1/sessions?limit=100").json()["data"]}
 
     browser.execute_script("""
         const [b64, name] = arguments;
@@ -313,13 +313,13 @@ def test_a_damaged_file_is_refused_with_the_servers_reason(server, browser, down
     damaged.write_bytes(bytes(data))
     reason = api(server, "POST", "/v1/sessions/import", content=bytes(data)).json()["error"]["message"]
     assert "checksum" in reason
-    n = len(api(server, "GET", "/v1/sessions").json()["data"])
+    n = len(api(server, "GET", "/v1/sessions?limit=100").json()["data"])
     find(browser, "#import-file").send_keys(str(damaged))  # the drop zone's file chooser, as a keyboard user would
     wait(browser, lambda d: "refused" in find(d, "#notice").text, what="the refusal")
     notice = find(browser, "#notice")
     assert notice.get_attribute("role") == "alert" and "error" in notice.get_attribute("class")
     assert reason in notice.text and "damaged.gsession" in notice.text
-    assert len(api(server, "GET", "/v1/sessions").json()["data"]) == n  # nothing was created
+    assert len(api(server, "GET", "/v1/sessions?limit=100").json()["data"]) == n  # nothing was created
     shot(browser, "05-damaged-file")
 
 
@@ -376,7 +376,7 @@ def test_escape_stops_a_reply_mid_way(server, browser):
 
 
 def _session_titled(server, title: str) -> str:
-    return next(s["id"] for s in api(server, "GET", "/v1/sessions").json()["data"]
+    return next(s["id"] for s in api(server, "GET", "/v1/sessions?limit=100").json()["data"]
                 if s["metadata"].get("title") == title)
 
 
@@ -395,8 +395,8 @@ def test_session_list_search_sort_and_rename(server, browser):
     send_message(browser, "one more")
     wait(browser, lambda d: len(messages(d)) == 4 and idle(d), what="the turn")
     wait(browser, lambda d: names(d)[0] == "Untrusted reply", what="moved to the top")
-    data = api(server, "GET", "/v1/sessions").json()["data"]
-    by_use = sorted(data, key=lambda s: -s["last_used_at"])
+    data = api(server, "GET", "/v1/sessions?limit=100&order=desc").json()["data"]  # what the page asks for
+    by_use = sorted(data, key=lambda s: -s["last_used_at"])  # (stable: a fork's tie with its parent keeps that order)
     assert [s["id"] for s in by_use][:1] == [other]
     assert browser.execute_script("return [...document.querySelectorAll('#session-list .session-item')]"
                                   ".map(e => e.dataset.id)") == [s["id"] for s in by_use]

@@ -372,6 +372,140 @@ def test_listing_one_owners_sessions_never_loads_the_others(model, spec):
         m.close()
 
 
+# Owner "a"'s sessions as (created_at, id), three created at the same instant; "b"'s interleave in time.
+MINE = [(100.0, "3" * 32), (100.0, "1" * 32), (300.0, "0" * 32), (100.0, "2" * 32), (50.0, "9" * 32)]
+THEIRS = [(100.0, "b1" * 16), (60.0, "b2" * 16), (400.0, "b3" * 16)]
+# Pages of 2 by (created_at, id): the tie at 100.0 goes by id.
+ASC_PAGES = [["9" * 32, "1" * 32], ["2" * 32, "3" * 32], ["0" * 32]]
+
+
+def _add_sessions(m) -> None:
+    """MINE for owner a, THEIRS for owner b, with their exact creation times (the tie cannot come from a clock)."""
+    from gemma_sessions.sessions.session import Session
+
+    for owner, rows in (("a", MINE), ("b", THEIRS)):
+        for created, sid in rows:
+            m._register(Session(m, sampling=P, session_id=sid, created_at=created, owner=owner))
+
+
+def _walk(page, order: str) -> list[tuple[list[str], bool]]:
+    """Every page of 2 in ``order``; ``page(limit=, after=, order=)`` -> (ids, has_more)."""
+    pages, after = [], None
+    for _ in range(10):
+        ids, more = page(limit=2, after=after, order=order)
+        pages.append((ids, more))
+        if not more:
+            return pages
+        after = ids[-1]
+    raise AssertionError(f"no last page: {pages}")
+
+
+def _store_pages(store, owner: str = "a"):
+    def page(**kw):
+        got = store.session_page(owner, **kw)
+        return list(got.ids), got.has_more
+    return page
+
+
+def _manager_pages(m, owner: str = "a"):
+    def page(**kw):
+        got = m.page(owner, **kw)
+        return [s.id for s in got.sessions], got.has_more
+    return page
+
+
+def _expect_walks(page) -> None:
+    assert _walk(page, "asc") == [(ids, i < 2) for i, ids in enumerate(ASC_PAGES)]
+    desc = [i for ids in ASC_PAGES for i in ids][::-1]
+    assert _walk(page, "desc") == [(desc[0:2], True), (desc[2:4], True), (desc[4:], False)]
+
+
+def test_pages_of_two_walk_one_owners_sessions_once_in_both_orders(model, spec):
+    """session_page (both stores alike) and manager.page: pages of 2 over a's 5 sessions visit each once, by
+    (created_at, id) both ways, has_more false only on the last; b's never appear. After a restart, a page loads
+    only its own sessions into memory."""
+    with _engine(model) as e:
+        m = gs.SessionManager(e, store=spec)
+        _add_sessions(m)
+        _expect_walks(_store_pages(m.store))
+        _expect_walks(_manager_pages(m))
+        assert m.store.session_ids("a") == [i for ids in ASC_PAGES for i in ids]
+        m.close()
+    with _engine(model) as e:
+        m = gs.SessionManager(e, store=spec)
+        first = m.page("a", limit=2, order="desc")
+        assert [s.id for s in first.sessions] == ["0" * 32, "3" * 32] and first.has_more
+        assert {s.id for s in m.loaded_sessions()} == {"0" * 32, "3" * 32}  # not a's other three, not b's
+        _expect_walks(_manager_pages(m))
+        assert _walk(_store_pages(m.store, "b"), "asc") == [(["b2" * 16, "b1" * 16], True), (["b3" * 16], False)]
+        assert m.page("nobody", limit=2) == m.page("nobody", limit=2, order="desc")
+        assert m.store.session_page("nobody", limit=2).ids == () and not m.page("nobody", limit=2).has_more
+        m.close()
+
+
+def test_a_cursor_that_is_not_the_owners_session_is_refused_alike(model, spec):
+    """``after``: an unknown id and another owner's id get the same error (nothing tells them apart); the last id
+    gives an empty last page; a deleted session stops being a cursor."""
+    from gemma_sessions.sessions.store_protocol import UNKNOWN_CURSOR
+
+    with _engine(model) as e:
+        m = gs.SessionManager(e, store=spec)
+        _add_sessions(m)
+        for after in ("f" * 32, THEIRS[0][1], ""):
+            for page in (m.store.session_page, m.page):
+                with pytest.raises(gs.InvalidRequestError) as info:
+                    page("a", limit=2, after=after)
+                assert str(info.value) == UNKNOWN_CURSOR, after
+        assert m.store.session_page("b", limit=2, after=THEIRS[0][1]).ids == ("b3" * 16,)  # its owner may
+        last = m.store.session_page("a", limit=5, after="0" * 32)
+        assert last.ids == () and not last.has_more
+        full = m.page("a", limit=5)
+        assert len(full.sessions) == 5 and not full.has_more
+        m.delete("2" * 32)
+        assert m.store.session_page("a", limit=2, after="1" * 32).ids == ("3" * 32, "0" * 32)
+        with pytest.raises(gs.InvalidRequestError):
+            m.store.session_page("a", limit=2, after="2" * 32)
+        with pytest.raises(gs.InvalidRequestError):
+            m.page("a", limit=0)
+        m.close()
+
+
+def test_a_manager_without_a_store_pages_alike(model):
+    """Memory only: the same pages and the same refusals as the stores give."""
+    with _engine(model) as e:
+        m = gs.SessionManager(e)
+        _add_sessions(m)
+        _expect_walks(_manager_pages(m))
+        with pytest.raises(gs.InvalidRequestError):
+            m.page("a", limit=2, after=THEIRS[0][1])
+
+
+def test_an_older_redis_store_is_indexed_by_owner_when_opened(model, server):
+    """A store written before the owners' index (no gs:o:{owner}, no marker) lists as before: read-only it scans,
+    and the first writable open builds the index, after which pages are exact."""
+    with _engine(model) as e:
+        m = gs.SessionManager(e, store=server.url)
+        _add_sessions(m)
+        m.close()
+    r = _client(server)
+    r.delete(*r.keys("gs:o:*"), "gs:owners_indexed")  # what a store from before the index looks like
+    reader = open_store(server.url, readonly=True)
+    try:
+        assert reader.session_ids("a") == [i for ids in ASC_PAGES for i in ids]
+        with pytest.raises(gs.StoreError, match="owners' index"):
+            reader.session_page("a", limit=2)
+    finally:
+        reader.close()
+    with _engine(model) as e:
+        m = gs.SessionManager(e, store=server.url)
+        assert r.get("gs:owners_indexed") == b"1"
+        _expect_walks(_store_pages(m.store))
+        assert r.zcard("gs:o:a") == 5 and r.zcard("gs:o:b") == 3
+        m.delete("0" * 32)  # a delete leaves the index too
+        assert r.zcard("gs:o:a") == 4
+        m.close()
+
+
 def test_delete_leaves_nothing_and_responses_follow_their_session(model, spec):
     with _engine(model) as e:
         m = gs.SessionManager(e, store=spec)

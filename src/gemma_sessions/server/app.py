@@ -859,13 +859,25 @@ def _session_view(s, with_messages: bool = False) -> dict:
 
 def _install_sessions(app: FastAPI, state: ServerState) -> None:
     @app.get("/v1/sessions")
-    async def list_sessions(request: Request):
+    async def list_sessions(request: Request, limit: int = 20, after: str | None = None, order: str = "asc"):
+        """The caller's sessions, one page at a time (OpenAI's list shape): ``limit`` 1..100, ``after`` a session id
+        (the page after it), ``order`` by (created_at, id), ``asc`` by default (oldest first, as before paging)."""
         owner = state.owner(request)
+        if not 1 <= limit <= 100:
+            raise ApiError(400, "limit must be in 1..100", "limit")
+        if order not in ("asc", "desc"):
+            raise ApiError(400, "order must be asc or desc", "order")
 
         def views():
-            return [_session_view(s) for s in state.manager.list(owner=owner)]
+            page = state.manager.page(owner, limit=limit, after=after, order=order)
+            return [_session_view(s) for s in page.sessions], page.has_more
 
-        return {"object": "list", "data": await state.run(views)}
+        try:
+            data, has_more = await state.run(views)
+        except E.InvalidRequestError as exc:  # the only one left: an unknown cursor (the same for another key's)
+            raise ApiError(400, str(exc), "after") from exc
+        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None, "has_more": has_more}
 
     @app.get("/v1/sessions/{sid}")
     async def get_session(sid: str, request: Request):

@@ -13,6 +13,7 @@ cache). Every change is written to the store before memory changes, so both chan
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import threading
@@ -21,11 +22,20 @@ from ..errors import GemmaSessionsError, InvalidRequestError, SessionFileError, 
 from ..sampling import SamplingParams
 from .conversation import CONTEXT_POLICIES, Conversation, Message, check_text
 from .session import Session, TurnStats, check_metadata
+from .store_protocol import UNKNOWN_CURSOR
 
 # Responses kept for previous_response_id when there is no store (the store keeps its own, see Store).
 MEMORY_RESPONSES = 10_000
 # Largest session file import_bytes / import_file accept (decompressed), unless the caller passes another bound.
 MAX_IMPORT_BYTES = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SessionPage:
+    """One page of a listing (``SessionManager.page``): its sessions in order; ``has_more``: more follow its last."""
+
+    sessions: tuple[Session, ...]
+    has_more: bool
 
 
 class SessionManager:
@@ -115,6 +125,48 @@ class SessionManager:
             known = {s.id for s in sessions}
             sessions += [self.get(i) for i in ids if i not in known]
         return sorted(sessions, key=lambda s: s.created_at)
+
+    def page(self, owner: str, *, limit: int = 20, after: str | None = None, order: str = "asc") -> SessionPage:
+        """One page of ``owner``'s persistent sessions, ordered by (created_at, id); only that page's sessions are
+        loaded (the store pages the ids, see ``SessionStore.session_page``).
+
+        Args:
+            owner: whose sessions (the others are never read).
+            limit: at most this many (>= 1).
+            after: a session id: the page starts just after it (None: from the start). InvalidRequestError with the
+                same message whether it is another owner's session or none.
+            order: ``asc`` (oldest first) or ``desc`` (newest first).
+
+        Returns:
+            The sessions, and whether more follow. A session deleted between paging its id and loading it is left out
+            (the page is one shorter).
+        """
+        if limit < 1 or order not in ("asc", "desc"):
+            raise InvalidRequestError("limit must be >= 1 and order asc or desc")
+        if self.store is None:
+            return self._page_in_memory(owner, limit, after, order)
+        ids = self.store.session_page(owner, limit=limit, after=after, order=order)
+        with self._lock:
+            loaded = {sid: self._sessions.get(sid) for sid in ids.ids}
+        sessions = []
+        for sid in ids.ids:
+            try:
+                sessions.append(loaded[sid] or self.get(sid))
+            except SessionNotFoundError:
+                continue  # deleted since its id was paged
+        return SessionPage(sessions=tuple(sessions), has_more=ids.has_more)
+
+    def _page_in_memory(self, owner: str, limit: int, after: str | None, order: str) -> SessionPage:
+        """``page`` without a store: every session is in memory already, so sorting them all costs no loading."""
+        with self._lock:
+            mine = [s for s in self._sessions.values() if s.persistent and s.owner == owner]
+        mine.sort(key=lambda s: (s.created_at, s.id), reverse=order == "desc")
+        if after is not None:
+            ids = [s.id for s in mine]
+            if after not in ids:
+                raise InvalidRequestError(UNKNOWN_CURSOR)
+            mine = mine[ids.index(after) + 1:]
+        return SessionPage(sessions=tuple(mine[:limit]), has_more=len(mine) > limit)
 
     def fork(self, session_id: str, metadata: dict | None = None, *, keep_messages: int | None = None,
              persistent: bool | None = None) -> Session:

@@ -35,6 +35,10 @@ Contract (see store_protocol for the interface both stores implement):
 Key layout (``prefix`` default ``gs:``; one Redis database, not Redis Cluster: scripts touch keys they compute)::
 
     gs:sessions              ZSET   session id -> created_at (listing order)
+    gs:o:{owner}             ZSET   that owner's session ids -> created_at (one key's listing, paged by rank)
+    gs:owners_indexed        STRING set once every session is in its owner's gs:o:{owner} (older stores are indexed
+                                    at the first writable open; every replica must run this version from then on,
+                                    since an older one would create sessions its owner's index lacks)
     gs:s:{sid}               HASH   settings (JSON values), owner, version, dropped_turns, n_tokens, kv (hint: tokens
                                     of the last KV written), creator (nonce of the create)
     gs:s:{sid}:msgs          LIST   one JSON message per item ({"id", "role", "text", "created_at", "token_ids"})
@@ -78,6 +82,7 @@ from ..errors import (GemmaSessionsError, InvalidRequestError, SessionFileError,
 from .conversation import Message
 from .sessionfile import MAX_ABS_VALUE, decode_session, encode_session
 from .store import CLOSE_SNAPSHOT_S, MAX_RESPONSES, SnapshotWriter
+from .store_protocol import UNKNOWN_CURSOR, IdPage
 
 log = logging.getLogger("gemma_sessions.redis_store")
 
@@ -92,7 +97,11 @@ _FETCH_BATCH = 64
 _DIGEST = 16
 # Keys known to be written recently (skip rewriting them), per process.
 _KNOWN_KEYS = 200_000
+# Sessions indexed per round trip when a store from before the owners' index is opened.
+_INDEX_BATCH = 500
 
+# KEYS: meta, msgs, turns, sessions, the owner's index. ARGV: sid, created_at, nonce, meta JSON, n turns, turns...,
+#       messages...
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   if redis.call('HGET', KEYS[1], 'creator') == ARGV[3] then return 'ok' end
@@ -106,6 +115,7 @@ local n_turns = tonumber(ARGV[5])
 for i = 6, 5 + n_turns do redis.call('RPUSH', KEYS[3], ARGV[i]) end
 for i = 6 + n_turns, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1])
 return 'ok'
 """
 
@@ -193,6 +203,7 @@ return 1
 
 # KEYS: meta, msgs, turns, idem, idemq, resp, sessions, responses. ARGV: sid, prefix.
 _DELETE = """
+redis.call('ZREM', ARGV[2] .. 'o:' .. (redis.call('HGET', KEYS[1], 'owner') or ''), ARGV[1])
 for _, r in ipairs(redis.call('SMEMBERS', KEYS[6])) do
   redis.call('DEL', ARGV[2] .. 'r:' .. r)
   redis.call('ZREM', KEYS[8], r)
@@ -211,6 +222,30 @@ local n = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[4])
 if n > 0 then
   for _, r in ipairs(redis.call('ZRANGE', KEYS[2], 0, n - 1)) do redis.call('DEL', ARGV[5] .. 'r:' .. r) end
   redis.call('ZREMRANGEBYRANK', KEYS[2], 0, n - 1)
+end
+return 1
+"""
+
+# KEYS: the owner's index. ARGV: how many, order (asc | desc), and the cursor when there is one. The ids after the
+# cursor (from the start without one) in (created_at, id) order (a ZSET orders equal scores by member), or false when
+# the cursor is not in this index.
+_PAGE = """
+local rank, range = 'ZRANK', 'ZRANGE'
+if ARGV[2] == 'desc' then rank, range = 'ZREVRANK', 'ZREVRANGE' end
+local start = 0
+if ARGV[3] then
+  local r = redis.call(rank, KEYS[1], ARGV[3])
+  if not r then return false end
+  start = r + 1
+end
+return redis.call(range, KEYS[1], start, start + tonumber(ARGV[1]) - 1)
+"""
+
+# ARGV: prefix, session ids. Adds each session that still exists to its owner's index (an older store's sessions).
+_INDEX_OWNERS = """
+for i = 2, #ARGV do
+  local d = redis.call('HMGET', ARGV[1] .. 's:' .. ARGV[i], 'created_at', 'owner')
+  if d[1] then redis.call('ZADD', ARGV[1] .. 'o:' .. (d[2] or ''), d[1], ARGV[i]) end
 end
 return 1
 """
@@ -279,7 +314,9 @@ class RedisStore(SnapshotWriter):
         self._check_config()
         self._scripts = {name: self._r.register_script(src) for name, src in (
             ("create", _CREATE), ("commit", _COMMIT), ("load", _LOAD), ("get", _BOUNDED_GET),
-            ("set_hint", _SET_HINT), ("delete", _DELETE), ("put_response", _PUT_RESPONSE))}
+            ("set_hint", _SET_HINT), ("delete", _DELETE), ("put_response", _PUT_RESPONSE), ("page", _PAGE),
+            ("index_owners", _INDEX_OWNERS))}
+        self._owners_indexed = self._index_owners()
         self._hints: dict[str, int] = {}     # session id -> tokens of KV its last writer put in Redis
         self._versions: dict[str, int] = {}  # session id -> the version memory holds (for the KV hints written)
         self._valid: dict[str, int] = {}     # session id -> tokens of memory's KV still history after a reload
@@ -328,6 +365,28 @@ class RedisStore(SnapshotWriter):
         s = self._k("s", sid)
         return [s, s + ":msgs", s + ":turns", s + ":idem", s + ":idemq", s + ":resp"]
 
+    def _index_owners(self) -> bool:
+        """Whether every session is in its owner's index; a writable store from before that index builds it first
+        (ZSCAN: every session present throughout is seen; the script skips one deleted meanwhile, and a session
+        created meanwhile indexed itself). A read-only one cannot: there ``session_ids(owner)`` scans every session
+        and ``session_page`` refuses."""
+        marker = self._k("owners_indexed")
+        with self._errors("indexing sessions by owner"):
+            if self._r.exists(marker):
+                return True
+            if self.readonly:
+                return False
+            batch = []
+            for sid, _ in self._r.zscan_iter(self._k("sessions"), count=_INDEX_BATCH):
+                batch.append(sid)
+                if len(batch) == _INDEX_BATCH:
+                    self._scripts["index_owners"](args=[self.prefix, *batch])
+                    batch.clear()
+            if batch:
+                self._scripts["index_owners"](args=[self.prefix, *batch])
+            self._r.set(marker, "1")
+        return True
+
     def _writable(self) -> None:
         if self.readonly:
             raise StoreError("the store is open read-only")
@@ -364,7 +423,7 @@ class RedisStore(SnapshotWriter):
         keys = self._session_keys(s.id)
         with self._errors("creating a session"):
             status = self._scripts["create"](
-                keys=[keys[0], keys[1], keys[2], self._k("sessions")],
+                keys=[keys[0], keys[1], keys[2], self._k("sessions"), self._k("o", s.owner)],
                 args=[s.id, repr(float(s.created_at)), uuid.uuid4().hex, json.dumps(meta), len(turns), *turns,
                       *[json.dumps(m.to_dict()) for m in messages]])
         if status == b"exists":
@@ -563,6 +622,8 @@ class RedisStore(SnapshotWriter):
 
     def session_ids(self, owner: str | None = None) -> list[str]:
         with self._errors("listing sessions"):
+            if owner is not None and self._owners_indexed:
+                return [i.decode() for i in self._r.zrange(self._k("o", owner), 0, -1)]
             ids = [i.decode() for i in self._r.zrange(self._k("sessions"), 0, -1)]
             if owner is None:
                 return ids
@@ -571,6 +632,19 @@ class RedisStore(SnapshotWriter):
                 pipe.hget(self._session_keys(sid)[0], "owner")
             owners = pipe.execute()
         return [sid for sid, o in zip(ids, owners) if o is not None and o.decode(errors="replace") == owner]
+
+    def session_page(self, owner: str, *, limit: int, after: str | None = None, order: str = "asc") -> IdPage:
+        """One page of ``owner``'s ids: one script on the owner's index (the cursor's rank, then ``limit + 1`` ids
+        from the next rank; the extra one only says whether more follow)."""
+        if not self._owners_indexed:
+            raise StoreError(f"Redis at {self.path} has no owners' index yet: open it once without readonly=True")
+        with self._errors("listing sessions"):
+            cursor = [] if after is None else [after]
+            ids = self._scripts["page"](keys=[self._k("o", owner)], args=[limit + 1, order, *cursor])
+        if ids is None:
+            raise InvalidRequestError(UNKNOWN_CURSOR)
+        ids = [i.decode() for i in ids]
+        return IdPage(ids=tuple(ids[:limit]), has_more=len(ids) > limit)
 
     def summaries(self) -> list[dict]:
         """One row per session without loading any model: id, owner, times, message and token counts, system

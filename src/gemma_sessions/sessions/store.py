@@ -36,10 +36,11 @@ import threading
 import time
 from pathlib import Path
 
-from ..errors import GemmaSessionsError, SessionFileError, StoreError
+from ..errors import GemmaSessionsError, InvalidRequestError, SessionFileError, StoreError
 from ..sampling import SamplingParams
 from .conversation import Message
 from .sessionfile import encode_session, prefix_snapshot, read_session_file, write_session_file
+from .store_protocol import UNKNOWN_CURSOR, IdPage
 
 log = logging.getLogger("gemma_sessions.store")
 
@@ -255,17 +256,19 @@ class Store(SnapshotWriter):
         return fd
 
     def _migrate(self) -> None:
-        """Stores written before the owner column: move ``_owner`` out of the metadata into it."""
+        """Stores written before the owner column: move ``_owner`` out of the metadata into it. Then the index that
+        pages one owner's listing (``session_page``), which needs that column."""
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(sessions)")}
-        if "owner" in columns:
-            return
-        self._db.execute("BEGIN IMMEDIATE")
-        self._db.execute("ALTER TABLE sessions ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
-        for sid, metadata in self._db.execute("SELECT id, metadata FROM sessions").fetchall():
-            meta = json.loads(metadata or "{}")
-            owner = meta.pop("_owner", "")
-            self._db.execute("UPDATE sessions SET owner=?, metadata=? WHERE id=?", (owner, json.dumps(meta), sid))
-        self._db.execute("COMMIT")
+        if "owner" not in columns:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("ALTER TABLE sessions ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
+            for sid, metadata in self._db.execute("SELECT id, metadata FROM sessions").fetchall():
+                meta = json.loads(metadata or "{}")
+                owner = meta.pop("_owner", "")
+                self._db.execute("UPDATE sessions SET owner=?, metadata=? WHERE id=?",
+                                 (owner, json.dumps(meta), sid))
+            self._db.execute("COMMIT")
+        self._db.execute("CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions(owner, created_at, id)")
 
     def _cleanup(self) -> None:
         """Remove temporary files and snapshots whose session is gone (left by a crash)."""
@@ -423,8 +426,25 @@ class Store(SnapshotWriter):
         with self._db_lock:
             if owner is None:
                 return [r[0] for r in self._db.execute("SELECT id FROM sessions ORDER BY created_at")]
-            return [r[0] for r in self._db.execute("SELECT id FROM sessions WHERE owner=? ORDER BY created_at",
+            return [r[0] for r in self._db.execute("SELECT id FROM sessions WHERE owner=? ORDER BY created_at, id",
                                                    (owner,))]
+
+    def session_page(self, owner: str, *, limit: int, after: str | None = None, order: str = "asc") -> IdPage:
+        """One page of ``owner``'s ids: a range of the index on (owner, created_at, id), ``limit + 1`` rows read (the
+        extra one only says whether more follow)."""
+        op, direction = (">", "ASC") if order == "asc" else ("<", "DESC")
+        where, args = "owner=?", [owner]
+        with self._db_lock:
+            if after is not None:
+                row = self._db.execute("SELECT created_at FROM sessions WHERE id=? AND owner=?",
+                                       (after, owner)).fetchone()
+                if row is None:
+                    raise InvalidRequestError(UNKNOWN_CURSOR)
+                where, args = f"owner=? AND (created_at, id) {op} (?, ?)", [owner, row[0], after]
+            ids = [r[0] for r in self._db.execute(
+                f"SELECT id FROM sessions WHERE {where} ORDER BY created_at {direction}, id {direction} LIMIT ?",
+                (*args, limit + 1))]
+        return IdPage(ids=tuple(ids[:limit]), has_more=len(ids) > limit)
 
     def load_session(self, manager, sid: str):
         """Rebuild a Session (history, settings, stats) from the database; None if unknown."""

@@ -24,11 +24,24 @@ Sessions' KV is a cache the store may keep (``restore_kv``); losing it costs a r
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from .conversation import Message
+
+# The one message for an ``after`` cursor that is not one of the caller's sessions, whether it exists for another owner
+# or not at all (a listing must not tell another key's session ids from unknown ones).
+UNKNOWN_CURSOR = "after must be the id of one of your sessions"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class IdPage:
+    """One page of a session listing: ``ids`` in listing order; ``has_more``: more follow its last id."""
+
+    ids: tuple[str, ...]
+    has_more: bool
 
 
 @runtime_checkable
@@ -77,6 +90,12 @@ class SessionStore(Protocol):
     def session_ids(self, owner: str | None = None) -> list[str]:
         """Every stored session's id, oldest first; only ``owner``'s when given."""
 
+    def session_page(self, owner: str, *, limit: int, after: str | None = None, order: str = "asc") -> IdPage:
+        """One page of ``owner``'s session ids without reading the others: at most ``limit``, ordered by
+        (created_at, id) ascending (``order="asc"``) or descending (``"desc"``), starting just after the session
+        ``after`` (None: from the start). InvalidRequestError(UNKNOWN_CURSOR) when ``after`` is not one of ``owner``'s
+        sessions, the same whether it is another owner's or none at all."""
+
     def load_session(self, manager, sid: str): ...
 
     def summaries(self) -> list[dict]:
@@ -97,7 +116,8 @@ class SessionStore(Protocol):
 
 STORE_METHODS = ("attach", "close", "flush", "session_created", "history_changed", "metadata_changed",
                  "turn_completed", "session_deleted", "delete_session", "sync", "restore_kv", "session_ids",
-                 "load_session", "summaries", "messages", "snapshot_info", "stats", "put_response", "get_response")
+                 "session_page", "load_session", "summaries", "messages", "snapshot_info", "stats", "put_response",
+                 "get_response")
 """Every method of :class:`SessionStore`, for tests and readers (the Protocol is the definition)."""
 
 

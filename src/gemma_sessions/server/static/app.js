@@ -153,7 +153,8 @@ function ago(seconds) {
 
 async function loadSessions() {
   const key = state.key;
-  const { data } = await getJSON("/v1/sessions");
+  // the newest 100 sessions (the route pages; one page is what the drawer shows, sorted here by use, date or title)
+  const { data } = await getJSON("/v1/sessions?limit=100&order=desc");
   if (key !== state.key) return; // fetched under the key before a change: that list is not this key's to show
   state.sessions = data;
   renderSessionList();
