@@ -65,6 +65,11 @@ def test_dense_prefill_in_blocks_equals_one_attention(model, monkeypatch):
     assert _ref(model, prompt) == ref
     with Engine(model, kv_cache_bytes=4 << 20, block_size=4, max_batched_tokens=8) as e:
         assert e.submit(prompt, GREEDY).result().token_ids == ref
+    # chunks longer than a block: the engine splits each into blocks of queries too, alone and beside another prompt
+    with Engine(model, kv_cache_bytes=4 << 20, block_size=4, max_batched_tokens=64) as e:
+        other = _prompt(6, 37)
+        assert [s.result().token_ids for s in (e.submit(prompt, GREEDY), e.submit(other, GREEDY))] == [
+            ref, _ref(model, other)]
 
 
 def test_batched_equals_alone_without_compiled_kernels(model, monkeypatch):

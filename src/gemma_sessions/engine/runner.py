@@ -27,6 +27,7 @@ from ..cache.kv import PagedKVCache
 from ..cache.layout import LayerShapes
 from ..cache.state import StateCache
 from ..kernels import backend
+from ..models import gemma as gemma_model
 from ..models.gemma import attention, visibility_mask
 from .work import WorkItem
 
@@ -142,8 +143,10 @@ class PagedBatch:
             self.write.append((torch.cat(write) if len(write) > 1 else write[0]).to(dev))
             self.decode.append(self._decode_tables(decode, g))
             self.prefill.append(self._prefill_index(items, g))
-        # the fast mode's prefill chunks: one padded attention per layer instead of one per chunk (see _packed)
-        self.packed = [self._packed(p, g) if cache.dtype == torch.bfloat16 else None
+        # the fast mode's prefill chunks: one padded attention per layer instead of one per chunk (see _packed), not
+        # where a chunk was split in blocks (its blocks' keys differ in length: padding would undo the split's saving)
+        split = any(it.num_tokens > gemma_model.PREFILL_BLOCK for it in items[self.n_decode:])
+        self.packed = [self._packed(p, g) if cache.dtype == torch.bfloat16 and not split else None
                        for g, p in enumerate(self.prefill)]
 
     def _decode_tables(self, items: list[WorkItem], g: int):
@@ -169,13 +172,15 @@ class PagedBatch:
         cache, lay = self.cache, self.cache.layout
         out, row = [], 0
         for i, it in enumerate(items):
-            if i >= self.n_decode:
-                s, t = it.seq.num_computed, it.num_tokens
-                lo = lay.first_visible(g, s)
+            if i >= self.n_decode:  # in blocks of PREFILL_BLOCK queries, each with the keys it can see (as DenseKV)
                 window = lay.window if lay.group_kinds[g] == "sliding" else None
-                mask = visibility_mask(torch.arange(s, s + t), torch.arange(lo, s + t), window)
-                index = cache.slot_base(it.seq, lo, s + t, g)
-                out.append((row, row + t, index.to(cache.device), mask.to(cache.device)))
+                block = gemma_model.PREFILL_BLOCK
+                for b0 in range(0, it.num_tokens, block):
+                    s, t = it.seq.num_computed + b0, min(block, it.num_tokens - b0)
+                    lo = lay.first_visible(g, s)
+                    mask = visibility_mask(torch.arange(s, s + t), torch.arange(lo, s + t), window)
+                    index = cache.slot_base(it.seq, lo, s + t, g)
+                    out.append((row + b0, row + b0 + t, index.to(cache.device), mask.to(cache.device)))
             row += it.num_tokens
         return out
 

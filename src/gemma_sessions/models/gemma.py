@@ -514,8 +514,10 @@ def _layer_tensors(t: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor
 # ------------------------------------------------------------------------------------------------ dense KV
 
 
-# Queries per attention block of a long prompt in DenseKV: the engine's default prefill chunk (max_batched_tokens).
-PREFILL_BLOCK = 512
+# Queries per attention block of a prompt (DenseKV here, the engine's prefill chunks in engine/runner.py): each
+# block's keys end at its last query, so a causal prompt computes ~(1 + 1 / n) / 2 of the full square of scores
+# over n blocks (a 512-token prompt: 62.5% at 128; the measurement is in bench/RESULTS.md).
+PREFILL_BLOCK = 128
 
 
 class DenseKV:
@@ -562,8 +564,8 @@ class DenseKV:
         # One query (a decode step) sees every key in [lo, end): causal, and lo is where its window starts.
         dt = q.dtype if t == 1 else self.k[layer].dtype  # a decode step in the query's dtype, as the engine's rows
         outs = []
-        # A long prompt in blocks of PREFILL_BLOCK queries, as the engine's chunks: each block's keys end at its last
-        # query and start at its own window (a 2,000-token prompt's sliding layers: ~2x fewer scores to compute).
+        # A prompt in blocks of PREFILL_BLOCK queries, as the engine's chunks: each block's keys end at its last query
+        # and start at its own window (causal: keys after the block are neither computed nor masked).
         for b0 in range(0, t, PREFILL_BLOCK):
             b1 = min(t, b0 + PREFILL_BLOCK)
             blo = 0 if window is None else max(0, start + b0 - window + 1)  # lo for the first block
