@@ -568,12 +568,18 @@ def _exact_tokens(x: torch.Tensor, w: quant.QuantWeight) -> list[int]:
     return [int(kernels.qmatmul(x[i:i + 1], w.codes, w.scales, None, w.group).argmax()) for i in range(len(x))]
 
 
-def test_q8_head_gives_the_exact_greedy_token(q8):
+@pytest.mark.parametrize("half_scales", [False, True])
+def test_q8_head_gives_the_exact_greedy_token(q8, half_scales):
     """Tokens from the int8-activation head equal the exact kernel's argmax row by row, for every row count, on
     hidden-state-like inputs (a few outlier channels) and on adversarial near-ties: duplicated weight rows (exact ties:
-    the lower index wins, as torch.argmax) and rows one code apart."""
+    the lower index wins, as torch.argmax) and rows one code apart. With scales that are float16 values (a Q8_0 head's)
+    the AVX2 layout keeps them in float16, exactly; others stay float32."""
     torch.manual_seed(3)
     w = head_weight(4096, 640, seed=5)
+    if half_scales:
+        w = quant.QuantWeight(codes=w.codes, scales=w.scales.half().float(), offsets=None, group=32)
+    else:
+        assert not torch.equal(w.scales.half().float(), w.scales)  # the float32 layout is the one tested
     codes = w.codes.clone()
     codes[1000] = codes[7]          # an exact tie between 7 and 1000
     codes[2001] = codes[2000]
@@ -582,6 +588,7 @@ def test_q8_head_gives_the_exact_greedy_token(q8):
     scales[1000], scales[2001] = scales[7], scales[2000]
     w = quant.QuantWeight(codes=codes, scales=scales, offsets=None, group=32)
     packed = kernels.q8_head_pack(w.codes, w.scales)
+    assert packed[1].dtype == (torch.float16 if half_scales and kernels.wide_available() else torch.float32)
     x = torch.randn(20, 640)
     x[:, 5] *= 40  # outlier channels, as real hidden states have
     x[:, 300] *= -25

@@ -438,7 +438,8 @@ def q8_head_available() -> bool:
 
 def q8_head_pack(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The LM head's weights re-laid for :func:`q8_head`: uint8 codes + 128 as ``[N/L, K/4, L, 4]``, scales as
-    ``[N/L, K/32, L]`` (L = 16 outputs per vector with AVX512-VNNI, 8 with AVX2), and each group's largest sum of
+    ``[N/L, K/32, L]`` (L = 16 outputs per vector with AVX512-VNNI, 8 with AVX2; with AVX2 float16 where every scale
+    is a float16 value, as a Q8_0 head's are, else float32), and each group's largest sum of
     ``|W|`` over the outputs as ``[K/32]``. Codes int8 ``[N, K]``, float32 scales per group of 32."""
     if not q8_head_available():
         raise RuntimeError("q8_head needs the compiled kernel with AVX512-VNNI or AVX2")
