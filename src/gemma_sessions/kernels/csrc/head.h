@@ -434,7 +434,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> q8_head(const at::Tensor& x_in, c
   if (sw.scalar_type() == at::kHalf) scan(Q8W<at::Half>{});
   else scan(Q8W<float>{});
 #endif
-  // the exact logits of the candidates decide (in order of n: ties go to the lowest index)
+  // the exact logits of the candidates decide (in order of n: ties go to the lowest index); the records below the
+  // final threshold (most of them: a thread records against its running threshold) are dropped before the sort
+  cands.erase(std::remove_if(cands.begin(), cands.end(), [&](const Q8Cand& c) {
+    return !finite[c.row] || c.hi < thr_all[c.row];
+  }), cands.end());
   std::sort(cands.begin(), cands.end(), [](const Q8Cand& a, const Q8Cand& b) {
     return a.row != b.row ? a.row < b.row : a.n < b.n;
   });
