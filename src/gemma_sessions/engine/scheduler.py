@@ -3,7 +3,9 @@
 Contract: ``Scheduler.schedule()`` returns the step's work (decode rows first, then prefill chunks) with KV pages
 already allocated. Every running request that is decoding advances by one token each step; prompts are
 prefilled in chunks of at most ``max_batched_tokens`` tokens per step in total, so one long prompt cannot stall
-the others; requests join (``admit``) and leave (``finish``) between steps.
+the others, and of at most ``prefill_tokens_while_decoding`` while any request decodes, so a step of decode rows
+stays short (their next tokens stream on) and a short prompt's turn ends sooner than if several prompts shared one
+long step; requests join (``admit``) and leave (``finish``) between steps.
 
 NOTE: like vLLM v1 there are no separate prefill and decode phases: a request simply has ``len(tokens) -
 num_computed`` tokens left to compute, and each step gives every running request as many as the budget allows.
@@ -41,10 +43,12 @@ FailFn = Callable[..., None]
 class Scheduler:
     def __init__(self, cache: KVCache, max_batch: int, max_batched_tokens: int,
                  fail: FailFn,
-                 spill: Callable[[KVHandle], None] | None = None):
+                 spill: Callable[[KVHandle], None] | None = None,
+                 prefill_tokens_while_decoding: int | None = None):
         self.cache = cache
         self.max_batch = max_batch
         self.max_batched_tokens = max_batched_tokens
+        self.prefill_tokens_while_decoding = prefill_tokens_while_decoding or max_batched_tokens
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.parked: collections.OrderedDict[int, KVHandle] = collections.OrderedDict()  # LRU of idle sessions
@@ -100,18 +104,24 @@ class Scheduler:
     def schedule(self) -> list[tuple[Request, WorkItem]]:
         """Allocate and return this step's work: [(request, item)], single-token items first."""
         budget = self.max_batched_tokens
+        running = [r for r in self.running if r.state is State.RUNNING]
+        # prompts' tokens this step: fewer while any request decodes (a request with one token left to compute)
+        prefill = min(budget, self.prefill_tokens_while_decoding) if any(r.left() <= 1 for r in running) else budget
         work: list[tuple[Request, WorkItem]] = []
-        for req in list(self.running):
-            if req.state is not State.RUNNING:
+        for req in running:
+            decode = req.left() <= 1
+            if not decode and prefill <= 0:
                 continue
             try:
-                item = self._schedule_one(req, budget)
+                item = self._schedule_one(req, budget if decode else min(budget, prefill))
             except Exception as exc:  # this request fails alone; the step goes on with the others
                 log.exception("scheduling request %d failed", req.id)
                 self._fail(req, exc, drop_kv=True)
                 continue
             if item is None:
                 continue
+            if not decode:
+                prefill -= item.num_tokens
             budget -= item.num_tokens
             work.append((req, item))
             if budget <= 0:
