@@ -539,3 +539,51 @@ def _tab_to(driver, element_id: str, limit: int = 40) -> None:
             return
         keys(driver, Keys.TAB)
     raise TimeoutException(f"Tab never reached #{element_id}")
+
+
+def test_load_more_reaches_every_session_by_keyboard(server, browser):
+    """More sessions than a page: "Load more" appends the next pages (`?page_size=2` in the page's URL stands in for
+    the page's 100), by keyboard, without duplicates, and goes away after the last one; a delete keeps them loaded."""
+    made = [api(server, "POST", "/v1/conversations", key=KEY_B, json={"metadata": {"title": f"Paged {i}"}}).json()
+            ["id"][5:] for i in range(5)]  # key B's only sessions (the test before checks it has none)
+    browser.get(f"{server.url}/?page_size=2")
+    wait(browser, lambda d: d.execute_script("return document.body.dataset.ready === 'true'"), what="the page")
+    find(browser, "#key-button").click()
+    find(browser, "#key-input").send_keys(KEY_B + Keys.ENTER)
+    shown = lambda d: d.execute_script(  # noqa: E731 (read at once: the list re-renders)
+        "return [...document.querySelectorAll('#session-list .session-item')].map(e => e.dataset.id)")
+    newest = [s["id"] for s in api(server, "GET", "/v1/sessions?limit=100&order=desc", key=KEY_B).json()["data"]]
+    assert sorted(newest) == sorted(made)
+    wait(browser, lambda d: sorted(shown(d)) == sorted(newest[:2]), what="key B's first page")
+    more = find(browser, "#load-more")
+    assert more.is_displayed() and more.tag_name == "button"
+    assert more.get_attribute("textContent") == "Load more conversations"  # its name for a screen reader
+    shot(browser, "16-load-more")
+    axe(browser, "load-more")
+
+    browser.execute_script("document.activeElement.blur()")
+    _tab_to(browser, "load-more")  # reached by Tab, pressed with Enter
+    keys(browser, Keys.ENTER)
+    wait(browser, lambda d: len(shown(d)) == 4, what="the second page")
+    assert more.is_displayed() and browser.switch_to.active_element.get_attribute("id") == "load-more"
+    keys(browser, Keys.ENTER)
+    wait(browser, lambda d: len(shown(d)) == 5, what="the last page")
+    wait(browser, lambda d: not more.is_displayed(), what="no more to load")
+    ids = shown(browser)
+    assert len(set(ids)) == len(ids) and set(ids) == set(made)
+    assert browser.switch_to.active_element.get_attribute("data-id") == newest[-1]  # the first one it loaded
+    Select(find(browser, "#session-sort")).select_by_visible_text("Title")  # sort and search see every page
+    wait(browser, lambda d: shown(d) == made, what="sorted by title")
+    find(browser, "#session-search").send_keys("Paged 0")
+    wait(browser, lambda d: shown(d) == [made[0]], what="search")
+    find(browser, "#session-search").send_keys(Keys.CONTROL, "a", Keys.NULL, Keys.BACKSPACE)
+    Select(find(browser, "#session-sort")).select_by_visible_text("Last used")
+
+    find(browser, f'.session-item[data-id="{newest[0]}"]').click()  # a delete reloads what was loaded, not one page
+    wait(browser, lambda d: current_id(d) == newest[0])
+    find(browser, "#delete-button").click()
+    wait(browser, lambda d: find(d, "#confirm-dialog").is_displayed())
+    find(browser, "#confirm-delete").click()
+    wait(browser, lambda d: "Deleted" in find(d, "#notice").text, what="deleted")
+    wait(browser, lambda d: sorted(shown(d)) == sorted(newest[1:]), what="the other four")
+    assert not more.is_displayed()

@@ -13,11 +13,19 @@ const SAMPLING = [ // [metadata key, input id, request field, parse]
   ["seed", "set-seed", "seed", (v) => parseInt(v, 10)],
 ];
 const $ = (id) => document.getElementById(id);
+// Sessions a page of the list holds: 100 (the route's most), or `?page_size=N` in the page's URL (1..100; tests use it
+// to reach a second page with a handful of sessions).
+const PAGE_SIZE = Math.min(100, Math.max(1,
+  parseInt(new URLSearchParams(location.search).get("page_size"), 10) || 100));
 
 const state = {
   key: sessionStorage.getItem(KEY_STORE) || "",
   needsKey: false,
-  sessions: [],
+  sessions: [], // the pages loaded so far, newest created first (GET /v1/sessions?order=desc)
+  lastId: null, // the cursor of the next page: the last loaded page's last_id
+  hasMore: false,
+  loadingMore: false,
+  listGen: 0, // bumped by each reload of the list: a page fetched for an older list is not appended to this one
   current: null, // GET /v1/sessions/{id} of the open session
   turns: [],
   stream: null, // the reply being streamed: {controller, bubble, text, deltas, stopped}
@@ -134,6 +142,9 @@ async function submitKey(event) {
   $("key-error").textContent = "";
   $("key-dialog").close();
   closeSession();
+  state.sessions = []; // another key's list: start again from its first page
+  state.hasMore = false;
+  renderSessionList();
   await start();
 }
 
@@ -151,13 +162,69 @@ function ago(seconds) {
   return new Date(seconds * 1000).toLocaleDateString();
 }
 
+function sessionPage(after) {
+  const cursor = after ? `&after=${encodeURIComponent(after)}` : "";
+  return getJSON(`/v1/sessions?limit=${PAGE_SIZE}&order=desc${cursor}`);
+}
+
+/** Reload the list from its first page, as many sessions as were loaded (after a turn, a rename, a new or deleted
+ * session: the older pages a user opened stay open; sorted here by use, date or title). */
 async function loadSessions() {
   const key = state.key;
-  // the newest 100 sessions (the route pages; one page is what the drawer shows, sorted here by use, date or title)
-  const { data } = await getJSON("/v1/sessions?limit=100&order=desc");
-  if (key !== state.key) return; // fetched under the key before a change: that list is not this key's to show
-  state.sessions = data;
+  const gen = ++state.listGen;
+  const want = Math.max(state.sessions.length, 1);
+  const sessions = [];
+  let after = null;
+  let more = true;
+  while (more && sessions.length < want) {
+    const page = await sessionPage(after);
+    // fetched under the key before a change, or for a list reloaded since: not this list to show
+    if (key !== state.key || gen !== state.listGen) return;
+    sessions.push(...page.data);
+    after = page.last_id ?? after;
+    more = page.has_more && page.data.length > 0;
+  }
+  state.sessions = sessions;
+  state.lastId = after;
+  state.hasMore = more;
   renderSessionList();
+}
+
+/** The "Load more" button: append the page after the last loaded session. */
+async function loadMoreSessions() {
+  const key = state.key;
+  const gen = state.listGen;
+  const after = state.lastId;
+  if (!state.hasMore || !after || state.loadingMore) return;
+  // one page at a time: a second press meanwhile does nothing (not `disabled`: that would take the focus away)
+  state.loadingMore = true;
+  $("load-more").setAttribute("aria-busy", "true");
+  let page;
+  try {
+    page = await sessionPage(after);
+  } catch (err) {
+    // the cursor's session was deleted meanwhile (400: an unknown cursor): reload the list instead
+    if (err instanceof ApiError && err.status === 400 && key === state.key) return loadSessions();
+    throw err;
+  } finally {
+    state.loadingMore = false;
+    $("load-more").removeAttribute("aria-busy");
+  }
+  // fetched under the key before a change, or after a reload replaced the list: not this list's next page
+  if (key !== state.key || gen !== state.listGen || after !== state.lastId) return;
+  const known = new Set(state.sessions.map((s) => s.id));
+  const added = page.data.filter((s) => !known.has(s.id));
+  state.sessions.push(...added);
+  state.lastId = page.last_id ?? after;
+  state.hasMore = page.has_more && page.data.length > 0;
+  renderSessionList();
+  announce(`${added.length} more ${added.length === 1 ? "conversation" : "conversations"} loaded`);
+  // the button is gone after the last page: the focus goes to the first session loaded (or the search box, where
+  // the search hides it), not to the page's body
+  if (!state.hasMore) {
+    const first = added.length && document.querySelector(`.session-item[data-id="${CSS.escape(added[0].id)}"]`);
+    (first || $("session-search")).focus();
+  }
 }
 
 function sortedSessions() {
@@ -200,6 +267,7 @@ function renderSessionList() {
     return li;
   });
   ul.replaceChildren(...items);
+  $("load-more").hidden = !state.hasMore; // search and sort see the loaded sessions; more come from the server
   $("session-empty").hidden = state.sessions.length > 0;
   $("session-empty").textContent = state.sessions.length ? "" : "No conversations yet.";
   if (state.sessions.length && !items.length) {
@@ -700,6 +768,7 @@ function wire() {
   $("new-form").addEventListener("submit", createSession);
   $("session-search").addEventListener("input", (e) => { state.query = e.target.value; renderSessionList(); });
   $("session-sort").addEventListener("change", (e) => { state.sort = e.target.value; renderSessionList(); });
+  $("load-more").addEventListener("click", () => loadMoreSessions().catch((e) => fail(e, "Could not load more")));
   $("fork-button").addEventListener("click", () => forkAt(null, 0));
   $("export-button").addEventListener("click", exportSession);
   $("delete-button").addEventListener("click", confirmDelete);
