@@ -104,12 +104,11 @@ class Scheduler:
     def schedule(self) -> list[tuple[Request, WorkItem]]:
         """Allocate and return this step's work: [(request, item)], single-token items first."""
         budget = self.max_batched_tokens
-        running = [r for r in self.running if r.state is State.RUNNING]
+        running = [(r, r.left() <= 1) for r in self.running if r.state is State.RUNNING]  # (request, decoding)
         # prompts' tokens this step: fewer while any request decodes (a request with one token left to compute)
-        prefill = min(budget, self.prefill_tokens_while_decoding) if any(r.left() <= 1 for r in running) else budget
+        prefill = min(budget, self.prefill_tokens_while_decoding) if any(d for _, d in running) else budget
         work: list[tuple[Request, WorkItem]] = []
-        for req in running:
-            decode = req.left() <= 1
+        for req, decode in running:
             if not decode and prefill <= 0:
                 continue
             try:
@@ -134,8 +133,7 @@ class Scheduler:
         seq = req.seq
         if req.computed == 0 and seq.num_computed < len(seq.tokens) - 1:
             req.cached_tokens += self.cache.rematch(seq)  # a prefix computed since it was admitted
-        left = len(seq.tokens) - seq.num_computed
-        n = self._allocate(req, min(left, budget))
+        n = self._allocate(req, min(req.left(), budget))
         if n == 0:
             return None
         return WorkItem(seq=seq, num_tokens=n, want_logits=seq.num_computed + n == len(seq.tokens))
