@@ -34,15 +34,17 @@ def generate_tokens(model, prompt_ids: Sequence[int], params: SamplingParams) ->
     sampler = Sampler(params)
     stops = frozenset() if params.ignore_eos else model.stop_ids
     ids = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=dev)
-    fast_greedy = params.greedy and hasattr(net, "step_greedy")  # the same token, without the full logits
+    fast_greedy = not params.needs_logits and hasattr(net, "step_greedy")  # the same token, without the logits
+    generated: list[int] = []  # what the penalties count
     for _ in range(budget):
         with torch.inference_mode():
             if fast_greedy:
                 token = net.step_greedy(ids, state)
             else:
-                token = sampler(net.step(ids, state, last_only=True)[0])
+                token = sampler(net.step(ids, state, last_only=True)[0], generated)
         if token in stops:
             return
+        generated.append(token)
         yield token
         ids = torch.tensor([token], device=dev)
 

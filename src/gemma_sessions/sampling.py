@@ -11,6 +11,7 @@ over it (feed tokens until the stream ends or a stop string appears), and splits
 from __future__ import annotations
 
 import dataclasses
+import math
 import secrets
 from collections.abc import Callable, Iterable, Sequence
 
@@ -28,6 +29,16 @@ class SamplingParams:
     draws a fresh seed per request; the same seed gives the same tokens. ``stop`` strings (a tuple) end generation
     (the stop string itself is not returned); generation also ends on ``<end_of_turn>`` / ``<eos>``.
 
+    ``presence_penalty`` and ``frequency_penalty`` (each in [-2, 2]) lower the logit of every token this generation
+    has produced so far, OpenAI's way: ``logit[t] -= count[t] * frequency_penalty + (count[t] > 0) *
+    presence_penalty`` (the prompt's tokens do not count). ``logit_bias``: (token id, bias in [-100, 100]) pairs
+    added to those logits (at most ``MAX_LOGIT_BIAS``). ``logprobs``: None, or k in [0, 20]: each generated token
+    comes with its log-probability and the k most likely tokens' (``TokenLogprob``), from the model's distribution
+    (the log-softmax of its logits, before penalties, bias and temperature). Any of these makes a greedy request
+    take its token from its logits row (``needs_logits``) instead of the exact greedy head; in the fast mode, in a
+    batch of more than a few rows, that row holds the head's int8-activation logits, so a greedy token may then
+    differ from the plain greedy request's where the top two logits nearly tie (it is always the reported top-1).
+
     ``reasoning``: the model's thinking mode on (Gemma 4's ``enable_thinking``); a model without one refuses it.
     NOTE: it changes the prompt, not how a token is picked, and lives here because a session's defaults are its
     SamplingParams (stored with it, overridden per turn the same way); the engine ignores it.
@@ -42,27 +53,50 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     reasoning: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # NOTE: checked, never converted: a frozen object is not rewritten behind its back (``from_dict`` and the
         # callers that take lists build the tuple); a lone str would otherwise be taken as a tuple of characters
         checks = [
-            (isinstance(self.stop, tuple), "stop must be a tuple of strings"),
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (self.top_k >= 0, "top_k must be >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (self.max_tokens >= 1, "max_tokens must be >= 1"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
-            (isinstance(self.reasoning, bool), "reasoning must be true or false"),
+            (lambda: isinstance(self.stop, tuple), "stop must be a tuple of strings"),
+            (lambda: _number_in(self.temperature, math.inf) and self.temperature >= 0, "temperature must be >= 0"),
+            (lambda: type(self.top_k) is int and self.top_k >= 0, "top_k must be >= 0"),
+            (lambda: _number_in(self.top_p, 1.0) and 0 < self.top_p, "top_p must be in (0, 1]"),
+            (lambda: _number_in(self.min_p, 1.0) and 0 <= self.min_p, "min_p must be in [0, 1]"),
+            (lambda: type(self.max_tokens) is int and self.max_tokens >= 1, "max_tokens must be >= 1"),
+            (lambda: all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (lambda: isinstance(self.reasoning, bool), "reasoning must be true or false"),
+            (lambda: isinstance(self.ignore_eos, bool), "ignore_eos must be true or false"),
+            (lambda: self.seed is None or type(self.seed) is int, "seed must be an integer"),
+            (lambda: _number_in(self.presence_penalty, 2.0), "presence_penalty must be a number in [-2, 2]"),
+            (lambda: _number_in(self.frequency_penalty, 2.0), "frequency_penalty must be a number in [-2, 2]"),
+            (lambda: _valid_bias(self.logit_bias), f"logit_bias must be at most {MAX_LOGIT_BIAS} (token id >= 0, "
+                                                   "bias in [-100, 100]) pairs, each token id once"),
+            (lambda: self.logprobs is None or (type(self.logprobs) is int and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
+             f"logprobs must be None or an integer in [0, {MAX_TOP_LOGPROBS}]"),
         ]
-        for ok, message in checks:
-            if not ok:
+        for ok, message in checks:  # in order: a later check may rely on an earlier one (stop a tuple)
+            if not ok():
                 raise InvalidRequestError(message)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Penalties or a bias change the logits before a token is picked."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+
+    @property
+    def needs_logits(self) -> bool:
+        """The token comes from the full logits row (sampling, penalties, a bias, logprobs); else (plain greedy)
+        the exact greedy head's token will do."""
+        return not self.greedy or self.adjusts_logits or self.logprobs is not None
 
     def replace(self, **changes) -> SamplingParams:
         return dataclasses.replace(self, **changes)
@@ -70,12 +104,58 @@ class SamplingParams:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["stop"] = list(self.stop)
+        d["logit_bias"] = [list(pair) for pair in self.logit_bias]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> SamplingParams:
+        """The inverse of ``to_dict`` (unknown keys ignored: a newer writer's fields); InvalidRequestError on any
+        value the constructor would refuse."""
         fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: (tuple(v) if k == "stop" else v) for k, v in d.items() if k in fields})
+        kw = {k: v for k, v in d.items() if k in fields}
+        if isinstance(kw.get("stop"), list):
+            kw["stop"] = tuple(kw["stop"])
+        bias = kw.get("logit_bias")
+        if isinstance(bias, list) and len(bias) <= MAX_LOGIT_BIAS:
+            kw["logit_bias"] = tuple(tuple(p) if isinstance(p, list) else p for p in bias)
+        return cls(**kw)
+
+
+# logit_bias pairs a request may give (OpenAI caps the map at 300 entries; tokenizers can add words of many tokens)
+MAX_LOGIT_BIAS = 1024
+MAX_TOP_LOGPROBS = 20
+
+
+def _number_in(value, bound: float) -> bool:
+    return type(value) in (int, float) and math.isfinite(value) and -bound <= value <= bound
+
+
+def _valid_bias(pairs) -> bool:
+    if not isinstance(pairs, tuple) or len(pairs) > MAX_LOGIT_BIAS:
+        return False
+    ok = all(isinstance(p, tuple) and len(p) == 2 and type(p[0]) is int and p[0] >= 0 and _number_in(p[1], 100.0)
+             for p in pairs)
+    return ok and len({p[0] for p in pairs}) == len(pairs)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and the ``top`` most likely tokens' (id, logprob), most likely first,
+    from the model's distribution (see ``SamplingParams.logprobs``)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """The ``TokenLogprob`` of ``token`` under one logits row [vocab]."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    best = ()
+    if top > 0:
+        values, ids = torch.topk(lp, min(top, lp.numel()))
+        best = tuple(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(int(token), float(lp[int(token)]), best)
 
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -90,10 +170,19 @@ class Sampler:
         self.params = params
         self.seed = params.seed if params.seed is not None else secrets.randbits(63)
         self.generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        self._counts: dict[int, int] = {}  # generated tokens counted for the penalties
+        self._counted = 0
+        self._bias = None
+        if params.logit_bias:
+            ids, values = zip(*params.logit_bias)
+            self._bias = (torch.tensor(ids, dtype=torch.long), torch.tensor(values, dtype=torch.float32))
 
-    def __call__(self, logits: torch.Tensor) -> int:
-        """logits: [vocab] float -> token id."""
+    def __call__(self, logits: torch.Tensor, generated: Sequence[int] = ()) -> int:
+        """logits: [vocab] float -> token id. ``generated``: the tokens this generation produced so far, in order
+        (what the penalties count; the same list, grown, from call to call)."""
         p = self.params
+        if p.adjusts_logits:
+            logits = self._adjusted(logits, generated)
         if p.greedy:
             return int(kernels.argmax(logits))
         logits = logits.float().cpu()
@@ -115,6 +204,26 @@ class Sampler:
         probs = torch.where(keep, probs, torch.zeros_like(probs))
         choice = torch.multinomial(probs / probs.sum(), 1, generator=self.generator)
         return int(indices[choice])
+
+    def _adjusted(self, logits: torch.Tensor, generated: Sequence[int]) -> torch.Tensor:
+        p = self.params
+        out = logits.float().cpu().clone()
+        if self._bias is not None:
+            ids, values = self._bias
+            if int(ids.max()) >= out.numel():
+                raise InvalidRequestError(f"logit_bias: token ids must be below the vocabulary size {out.numel()}")
+            out[ids] += values
+        if p.presence_penalty or p.frequency_penalty:
+            if len(generated) < self._counted:  # a different list: count afresh
+                self._counts, self._counted = {}, 0
+            for t in generated[self._counted:]:
+                self._counts[t] = self._counts.get(t, 0) + 1
+            self._counted = len(generated)
+            if self._counts:
+                ids = torch.tensor(list(self._counts), dtype=torch.long)
+                counts = torch.tensor(list(self._counts.values()), dtype=torch.float32)
+                out[ids] -= counts * p.frequency_penalty + p.presence_penalty
+        return out
 
 
 class TextStream:

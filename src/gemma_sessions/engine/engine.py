@@ -40,7 +40,7 @@ from ..cache.kv import KVLayout, KVSnapshot, PagedKVCache
 from ..cache.state import StateCache, StateSnapshot
 from ..errors import (CapacityError, ContextLengthError, EngineClosedError, InvalidRequestError, NumericalError,
                       SessionFileError, UnsupportedModelError)
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, TokenLogprob, token_logprob
 from .request import GenerationOutput, GenerationStream, KVHandle, Request, State
 from .runner import PagedConfig, PagedModel, StateModel, run_state_step_greedy, run_step_greedy
 from .scheduler import Scheduler
@@ -151,6 +151,8 @@ class Engine:
         vocab = self.model.config.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise InvalidRequestError(f"token ids must be in [0, {vocab})")
+        if params.logit_bias and max(t for t, _ in params.logit_bias) >= vocab:
+            raise InvalidRequestError(f"logit_bias: token ids must be in [0, {vocab})")
         req = Request(prompt, params, self._stop_ids, kv, self.max_context, tuple(int(c) for c in checkpoints))
         if kv is not None:
             if kv.busy:
@@ -431,7 +433,7 @@ class Engine:
         if not work:
             return
         t0 = time.perf_counter()
-        greedy = [req.params.greedy for req, it in work if it.want_logits]
+        greedy = [not req.params.needs_logits for req, it in work if it.want_logits]
         try:
             logits, tokens = self._run(self.model.net, self.cache, [item for _, item in work], greedy)
             tokens = list(tokens)
@@ -486,9 +488,14 @@ class Engine:
         req.computed += item.num_tokens
         self._counters["prefill_tokens"] += item.num_tokens if item.num_tokens > 1 else 0
         if row >= 0:
-            self._sample(req, tokens[row] if req.params.greedy else req.sampler(logits[row]))
+            if not req.params.needs_logits:
+                self._sample(req, tokens[row])
+                return
+            token = req.sampler(logits[row], req.output)
+            top = req.params.logprobs
+            self._sample(req, token, None if top is None else token_logprob(logits[row], token, top))
 
-    def _sample(self, req: Request, token: int) -> None:
+    def _sample(self, req: Request, token: int, logprob: TokenLogprob | None = None) -> None:
         now = time.perf_counter()
         if not req.t_first:
             req.t_first = now
@@ -496,6 +503,8 @@ class Engine:
             self._finish(req, "stop")
             return
         req.output.append(token)
+        if logprob is not None:
+            req.logprobs.append(logprob)
         req.seq.tokens.append(token)
         self._counters["generated_tokens"] += 1
         req.emit(("token", token))
@@ -508,7 +517,9 @@ class Engine:
         self.scheduler.remove(req)
         self._retire(req)
         req.state = State.DONE
-        req.emit(("done", GenerationOutput(token_ids=list(req.output), finish_reason=reason, stats=req.stats())))
+        logprobs = None if req.params.logprobs is None else list(req.logprobs)
+        req.emit(("done", GenerationOutput(token_ids=list(req.output), finish_reason=reason, stats=req.stats(),
+                                           logprobs=logprobs)))
 
     def _retire(self, req: Request) -> None:
         """Park the request's KV in its handle (a session keeps it between turns) or free it."""

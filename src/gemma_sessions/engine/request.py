@@ -1,7 +1,8 @@
 """One generation request, its per-request statistics, and the client-side stream over its tokens.
 
 Contract: the engine thread fills a request's event queue (``("token", id)``, then one ``("done", output)`` or
-``("error", exc)``); any other thread consumes it through :class:`GenerationStream`. Closing the stream (or
+``("error", exc)``); any other thread consumes it through :class:`GenerationStream`. A request that asked for
+logprobs has its token's ``TokenLogprob`` recorded before the token's event is queued. Closing the stream (or
 ``cancel()``) marks the request cancelled; the engine frees its slot at its next step.
 """
 
@@ -15,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from ..sampling import Sampler, SamplingParams
+from ..sampling import Sampler, SamplingParams, TokenLogprob
 
 _ids = itertools.count(1)
 
@@ -47,6 +48,7 @@ class GenerationOutput:
     token_ids: list[int]
     finish_reason: str        # "stop" | "length" | "cancelled"
     stats: RequestStats
+    logprobs: list[TokenLogprob] | None = None  # one per token id, where SamplingParams.logprobs asked for them
 
 
 class KVHandle:
@@ -77,6 +79,7 @@ class Request:
         self.seq = None
         self.state = State.WAITING
         self.output: list[int] = []
+        self.logprobs: list[TokenLogprob] = []  # one per output token when params.logprobs is not None
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.cancelled = False
         self.cached_tokens = -1  # set at first admission
@@ -165,6 +168,11 @@ class GenerationStream:
                 elif kind == "error":
                     self._error = value
             return self._output
+
+    def token_logprobs(self, start: int = 0, end: int | None = None) -> list[TokenLogprob]:
+        """The ``TokenLogprob`` of generated tokens [start, end) (empty unless ``SamplingParams.logprobs`` asked for
+        them); a token's is there once the token has been yielded."""
+        return self._request.logprobs[start:end]
 
     def cancel(self) -> None:
         """Stop generating; the engine frees the slot at its next step. Idempotent."""

@@ -4,6 +4,9 @@ Contract: a thin shell over ``SessionManager`` and ``Engine``. A conversation *i
 stays warm between calls and survives restarts through the store. Stateless chat completions still reuse the
 prefix cache (``usage.prompt_tokens_details.cached_tokens``). With API keys configured, every conversation,
 response and session belongs to the key that made it; any other key gets 404. Every error is OpenAI-shaped.
+Chat Completions honours ``presence_penalty``, ``frequency_penalty``, ``logit_bias`` and ``logprobs`` /
+``top_logprobs`` (see ``SamplingParams``); a field that asks for what this server does not do (tools, a response
+format other than text, logprobs on Responses) is a 400 naming it, never silently ignored.
 
 Hardening (what one request can and cannot do to the others):
 - Bodies are read through :class:`Guard` (pure ASGI, before any route): the API key is checked before a byte of
@@ -210,6 +213,9 @@ class EngineText:
         self.stream = engine.submit(prompt, params)
         self.deltas = TextDeltas(self.stream, tokenizer, params.stop, on_stop=self.stream.cancel, channel=channel)
         self.finish_reason: str | None = None  # set once next_delta returned None
+        self.tokenizer = tokenizer
+        self.wants_logprobs = params.logprobs is not None
+        self._logprobs_sent = 0
 
     @property
     def n_tokens(self) -> int:
@@ -230,9 +236,27 @@ class EngineText:
             self.finish_reason = "stop" if self.deltas.stopped else reason
         return part
 
+    def new_logprobs(self) -> dict | None:
+        """OpenAI's ``logprobs`` object for the tokens the deltas took since the last call (None unless asked)."""
+        if not self.wants_logprobs:
+            return None
+        end = self.n_tokens
+        items = self.stream.token_logprobs(self._logprobs_sent, end)
+        self._logprobs_sent = end
+        return {"content": [logprob_entry(self.tokenizer, x) for x in items], "refusal": None}
+
     def close(self) -> None:
         if self.finish_reason is None:
             self.stream.cancel()
+
+
+def logprob_entry(tokenizer, x) -> dict:
+    """One ``TokenLogprob`` in OpenAI's shape (a log-probability below -9999, or -inf, is given as -9999, as
+    OpenAI does: JSON has no infinities)."""
+    def one(token: int, lp: float) -> dict:
+        raw = tokenizer.token_bytes(token, skip_special=False)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": max(lp, -9999.0), "bytes": list(raw)}
+    return {**one(x.token, x.logprob), "top_logprobs": [one(t, lp) for t, lp in x.top]}
 
 
 async def _client_gone(request: Request) -> None:
@@ -444,6 +468,9 @@ def _install_chat(app: FastAPI, state: ServerState) -> None:
             state.check_chars([m.text() for m in body.messages], "messages")
         except ValueError as exc:
             raise ApiError(400, str(exc), "messages") from exc
+        refused = body.unsupported()
+        if refused:
+            raise ApiError(400, refused[1], refused[0])
         reasoning = bool(state.reasoning(body.reasoning_effort, "reasoning_effort"))
         prompt = await state.run(chat_prompt, state.tokenizer, body.messages, reasoning)
         limit = state.engine.max_context - len(prompt)
@@ -451,7 +478,9 @@ def _install_chat(app: FastAPI, state: ServerState) -> None:
             raise E.ContextLengthError(f"the prompt has {len(prompt)} tokens; the context is "
                                        f"{state.engine.max_context}")
         max_tokens = min(state.max_tokens(body.max_completion_tokens or body.max_tokens, 512), limit)
-        params = sampling_from(body, SamplingParams(), max_tokens)
+        params = sampling_from(body, SamplingParams(), max_tokens).replace(
+            presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+            logit_bias=body.bias_pairs(), logprobs=body.logprobs_asked())
         gen = await state.run(EngineText, state.engine, state.tokenizer, prompt, params, state.channel)
         cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
         if body.stream:
@@ -471,7 +500,7 @@ def _install_chat(app: FastAPI, state: ServerState) -> None:
             message["reasoning_content"] = gen.deltas.reasoning
         return {"id": cid, "object": "chat.completion", "created": created, "model": state.model_name,
                 "choices": [{"index": 0, "message": message, "finish_reason": _finish(gen.finish_reason),
-                             "logprobs": None}],
+                             "logprobs": gen.new_logprobs()}],
                 "usage": _chat_usage(out.stats, gen.n_tokens, gen.deltas.reasoning_tokens)}
 
 
@@ -488,9 +517,9 @@ def _chat_usage(stats, n_generated: int, n_reasoning: int = 0) -> dict:
 
 async def _chat_stream(state: ServerState, gen: EngineText, cid: str, created: int,
                        usage: bool) -> AsyncIterator[str]:
-    def chunk(delta: dict, finish: str | None = None) -> str:
+    def chunk(delta: dict, finish: str | None = None, logprobs: dict | None = None) -> str:
         return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+                    "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
 
     try:
         yield chunk({"role": "assistant", "content": ""})
@@ -501,14 +530,15 @@ async def _chat_stream(state: ServerState, gen: EngineText, cid: str, created: i
                 state.metrics.itl.observe(now - last)
                 last = now
                 kind, delta = part  # thoughts stream as delta.reasoning_content (vLLM's and llama.cpp's field)
-                yield chunk({"reasoning_content" if kind == "reasoning" else "content": delta})
+                yield chunk({"reasoning_content" if kind == "reasoning" else "content": delta},
+                            logprobs=gen.new_logprobs())
             out = await state.run(gen.stream.result)
         except E.GemmaSessionsError as exc:  # the status line is sent: the error goes in the stream, then [DONE]
             status = status_of(exc)
             yield sse(error_body(status, str(exc) if status < 500 else "the generation failed"))
             yield "data: [DONE]\n\n"
             return
-        yield chunk({}, _finish(gen.finish_reason))
+        yield chunk({}, _finish(gen.finish_reason), gen.new_logprobs())
         state.metrics.observe_turn(out.stats.prompt_tokens, out.stats.cached_tokens, gen.n_tokens, out.stats.ttft_s)
         if usage:
             yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
@@ -526,6 +556,9 @@ def _install_responses(app: FastAPI, state: ServerState) -> None:
     async def create_response(body: ResponseRequest, request: Request):
         owner = state.owner(request)
         state.check_load()
+        refused = body.unsupported()
+        if refused:
+            raise ApiError(400, refused[1], refused[0])
         try:
             items = input_items(body.input)
         except ValueError as exc:

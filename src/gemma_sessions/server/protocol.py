@@ -1,7 +1,9 @@
 """Request schemas of the HTTP API (pydantic) and OpenAI-shaped error bodies.
 
 Contract: every request body is validated here before any work starts; unknown fields are ignored (clients send
-more than we use), wrong types and values are 400s in OpenAI's error shape::
+more than we use), but a known field that asks for what this server does not do (tools, constrained formats:
+``unsupported()``) is refused by the route rather than ignored; wrong types and values are 400s in OpenAI's error
+shape::
 
     {"error": {"message": "...", "type": "invalid_request_error", "param": "messages", "code": null}}
 """
@@ -11,6 +13,8 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+from ..sampling import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
@@ -125,6 +129,56 @@ class ChatCompletionRequest(SamplingFields):
     stream: bool = False
     stream_options: StreamOptions | None = None
     reasoning_effort: Effort | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    # refused unless they ask for nothing (unsupported(): a reply that ignored them would mislead the client)
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        for key, bias in (v or {}).items():
+            if not key.isascii() or not key.isdigit() or len(key) > 9:
+                raise ValueError("logit_bias keys must be token ids (non-negative integers as strings)")
+            if not -100 <= bias <= 100:
+                raise ValueError("logit_bias values must be in [-100, 100]")
+        return v
+
+    @model_validator(mode="after")
+    def _top_logprobs_needs_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return self
+
+    def logprobs_asked(self) -> int | None:
+        """SamplingParams.logprobs: None, or how many alternatives each token reports."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items())
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(param, message) for a field that asks for what this server does not do, else None."""
+        if (self.tools or self.functions) and self.tool_choice != "none" or self.function_call not in (None, "none"):
+            return "tools", ("tool and function calling is not supported by this server (send no tools, or "
+                             "tool_choice 'none')")
+        fmt = _format_type(self.response_format)
+        if fmt != "text":
+            return "response_format", (f"response_format {fmt!r} is not supported by this server (no constrained "
+                                       "decoding); use 'text'")
+        return None
+
+
+def _format_type(fmt: Any) -> Any:
+    """The ``type`` of an OpenAI format object (``response_format``, ``text.format``); "text" when absent."""
+    return fmt.get("type", "text") if isinstance(fmt, dict) else ("text" if fmt is None else fmt)
 
 
 class Reasoning(_Lenient):
@@ -146,6 +200,23 @@ class ResponseRequest(SamplingFields):
     max_output_tokens: int | None = Field(default=None, ge=1)
     metadata: Metadata | None = None
     reasoning: Reasoning | None = None
+    # refused unless they ask for nothing (unsupported())
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    text: dict[str, Any] | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    include: list[str] | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(param, message) for a field that asks for what this server does not do, else None."""
+        if self.tools and self.tool_choice != "none":
+            return "tools", "tools are not supported by this server (send none, or tool_choice 'none')"
+        fmt = _format_type((self.text or {}).get("format"))
+        if fmt != "text":
+            return "text", f"text.format {fmt!r} is not supported by this server (no constrained decoding); use 'text'"
+        if self.top_logprobs or any("logprobs" in i for i in self.include or ()):
+            return "top_logprobs", "logprobs are served by /v1/chat/completions (logprobs, top_logprobs), not here"
+        return None
 
 
 class ConversationCreate(_Body):
