@@ -69,6 +69,7 @@ EXAMPLES = {
     ("GET", "/metrics"): 6,
     ("GET", "/v1/models"): 10,
     ("POST", "/v1/chat/completions"): 150,
+    ("POST", "/v1/completions"): 100,
     ("POST", "/v1/responses"): 150,
     ("GET", "/v1/responses/{rid}"): 20,
     ("POST", "/v1/conversations"): 80,
@@ -329,7 +330,7 @@ def _cap_tokens(body) -> None:
         if isinstance(body.get(key), int) and not isinstance(body[key], bool) and body[key] > MAX_OUTPUT_TOKENS:
             body[key] = MAX_OUTPUT_TOKENS
     if not any(k in body for k in ("max_tokens", "max_completion_tokens", "max_output_tokens")):
-        body["max_tokens" if "messages" in body else "max_output_tokens"] = MAX_OUTPUT_TOKENS
+        body["max_tokens" if "messages" in body or "prompt" in body else "max_output_tokens"] = MAX_OUTPUT_TOKENS
 
 
 def _continue(case, real: dict):

@@ -220,6 +220,8 @@ def test_chat_logit_bias_and_penalties_reach_the_sampler(client, model):
     (dict(functions=[{"name": "f"}]), "tools"),
     (dict(response_format={"type": "json_object"}), "response_format"),
     (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}), "response_format"),
+    (dict(modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"}), "modalities"),
+    (dict(web_search_options={}), "web_search_options"),
 ])
 def test_chat_fields_it_cannot_honour_are_400s_naming_them(client, extra, param):
     r = client.post("/v1/chat/completions", json={**CHAT, **extra})
@@ -231,7 +233,8 @@ def test_chat_fields_it_cannot_honour_are_400s_naming_them(client, extra, param)
 
 def test_chat_fields_that_ask_for_nothing_are_accepted(client):
     for extra in (dict(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="none"), dict(tools=[]),
-                  dict(response_format={"type": "text"}), dict(logprobs=False), dict(logit_bias={})):
+                  dict(response_format={"type": "text"}), dict(logprobs=False), dict(logit_bias={}),
+                  dict(modalities=["text"])):
         r = client.post("/v1/chat/completions", json={**CHAT, **extra})
         assert r.status_code == 200, (extra, r.text)
 
@@ -248,3 +251,67 @@ def test_responses_fields_it_cannot_honour_are_400s(client, extra, param):
     ok = client.post("/v1/responses", json={"input": "hi", "max_output_tokens": 4, "store": False,
                                             "text": {"format": {"type": "text"}}, "tools": []})
     assert ok.status_code == 200, ok.text
+
+
+def _completion_stream(client, body: dict) -> list[dict]:
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True,
+                                                        "stream_options": {"include_usage": True}}) as r:
+        assert r.status_code == 200, r.read()
+        lines = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(ln) for ln in lines[:-1]]
+
+
+def test_completions_continue_a_raw_prompt_as_generate_does(client, model):
+    body = {"prompt": "the letters", "temperature": 0, "max_tokens": 10}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["object"] == "text_completion" and out["id"].startswith("cmpl-")
+    choice = out["choices"][0]
+    assert choice["text"] == gs.generate(model, "the letters", temperature=0, max_tokens=10)
+    assert choice["finish_reason"] in ("stop", "length") and choice["logprobs"] is None
+    ids = model.tokenizer.encode("the letters", add_bos=True)
+    assert out["usage"]["prompt_tokens"] == len(ids)
+    # token ids and a one-string list are the same prompt; echo puts the prompt before the completion
+    assert client.post("/v1/completions", json={**body, "prompt": ids}).json()["choices"][0]["text"] == choice["text"]
+    assert client.post("/v1/completions", json={**body, "prompt": ["the letters"]}).json()["choices"][0]["text"] == \
+        choice["text"]
+    echoed = client.post("/v1/completions", json={**body, "echo": True}).json()["choices"][0]["text"]
+    assert echoed == "the letters" + choice["text"]
+    default = client.post("/v1/completions", json={"prompt": "the letters", "temperature": 0}).json()
+    assert default["usage"]["completion_tokens"] <= 16  # OpenAI's default max_tokens for this route
+
+
+def test_completions_logprobs_and_stream(client):
+    body = {"prompt": "the letters", "temperature": 0, "max_tokens": 10, "logprobs": 2, "frequency_penalty": 0.5}
+    out = client.post("/v1/completions", json=body).json()
+    choice = out["choices"][0]
+    lp = choice["logprobs"]
+    n = out["usage"]["completion_tokens"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == n
+    assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
+    assert all(1 <= len(top) <= 2 and max(top.values()) <= 0 for top in lp["top_logprobs"])
+    events = _completion_stream(client, body)
+    assert "".join(c["text"] for ev in events for c in ev["choices"]) == choice["text"]
+    streamed = [t for ev in events for c in ev["choices"] if c["logprobs"] for t in c["logprobs"]["tokens"]]
+    assert streamed == lp["tokens"] and events[-1]["usage"]["completion_tokens"] == n
+    echoed = _completion_stream(client, {**body, "logprobs": None, "echo": True})
+    assert "".join(c["text"] for ev in echoed for c in ev["choices"]) == "the letters" + choice["text"]
+
+
+@pytest.mark.parametrize("extra, param", [
+    (dict(suffix="end"), "suffix"),
+    (dict(echo=True, logprobs=1), "echo"),
+    (dict(prompt=["a", "b"]), "prompt"),
+    (dict(prompt=[]), "prompt"),
+    (dict(prompt=[1, 10**9]), None),  # a token id beyond the vocabulary: the engine's refusal
+    (dict(logprobs=21), "logprobs"),
+    (dict(n=2), "n"),
+    (dict(best_of=2), "best_of"),
+    (dict(prompt="x" * 10**6), "prompt"),
+])
+def test_completions_refusals_name_the_field(client, extra, param):
+    r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4, **extra})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param

@@ -47,7 +47,7 @@ from ..sessions.chat_format import chat_format
 from ..sessions.conversation import render_chat
 from .metrics import Metrics
 from . import web
-from .protocol import (ChatCompletionRequest, ConversationCreate, ConversationUpdate, ItemsCreate,
+from .protocol import (ChatCompletionRequest, CompletionRequest, ConversationCreate, ConversationUpdate, ItemsCreate,
                        ResponseRequest, SamplingFields, error_body, input_items, thinking_of)
 
 log = logging.getLogger("gemma_sessions.server")
@@ -216,6 +216,7 @@ class EngineText:
         self.tokenizer = tokenizer
         self.wants_logprobs = params.logprobs is not None
         self._logprobs_sent = 0
+        self.logprob_chars = 0  # characters of the tokens whose logprobs went out (Completions' text_offset)
 
     @property
     def n_tokens(self) -> int:
@@ -311,6 +312,7 @@ def create_app(manager, *, model_name: str = "gemma3-270m", api_keys: Iterable[s
     _install_errors(app)
     _install_basic_routes(app, state)
     _install_chat(app, state)
+    _install_completions(app, state)
     _install_responses(app, state)
     _install_conversations(app, state)
     _install_sessions(app, state)
@@ -478,9 +480,8 @@ def _install_chat(app: FastAPI, state: ServerState) -> None:
             raise E.ContextLengthError(f"the prompt has {len(prompt)} tokens; the context is "
                                        f"{state.engine.max_context}")
         max_tokens = min(state.max_tokens(body.max_completion_tokens or body.max_tokens, 512), limit)
-        params = sampling_from(body, SamplingParams(), max_tokens).replace(
-            presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
-            logit_bias=body.bias_pairs(), logprobs=body.logprobs_asked())
+        params = sampling_from(body, SamplingParams(), max_tokens).replace(**body.penalty_changes(),
+                                                                           logprobs=body.logprobs_asked())
         gen = await state.run(EngineText, state.engine, state.tokenizer, prompt, params, state.channel)
         cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
         if body.stream:
@@ -546,6 +547,96 @@ async def _chat_stream(state: ServerState, gen: EngineText, cid: str, created: i
         yield "data: [DONE]\n\n"
     finally:
         gen.close()  # a client that disconnected cancels its generation
+
+
+# ------------------------------------------------------------------------------------------------ completions
+
+
+def _install_completions(app: FastAPI, state: ServerState) -> None:
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        state.owner(request)
+        state.check_load()
+        refused = body.unsupported()
+        if refused:
+            raise ApiError(400, refused[1], refused[0])
+        text = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else body.prompt
+        if isinstance(text, str):
+            state.check_chars([text], "prompt")
+            prompt = await state.run(state.tokenizer.encode, text, True)
+        else:
+            prompt = list(text)
+        limit = state.engine.max_context - len(prompt)
+        if limit < 1:
+            raise E.ContextLengthError(f"the prompt has {len(prompt)} tokens; the context is "
+                                       f"{state.engine.max_context}")
+        max_tokens = min(state.max_tokens(body.max_tokens, 16), limit)  # 16: OpenAI's default for this route
+        params = sampling_from(body, SamplingParams(), max_tokens).replace(**body.penalty_changes(),
+                                                                           logprobs=body.logprobs)
+        gen = await state.run(EngineText, state.engine, state.tokenizer, prompt, params, None)
+        echo = (text if isinstance(text, str) else await state.run(state.tokenizer.decode, prompt)) if body.echo else ""
+        cid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_completion_stream(state, gen, cid, created, usage, echo),
+                                     media_type="text/event-stream")
+        try:
+            parts = await _collect(state, gen.next_delta, request)
+        finally:
+            gen.close()
+        if parts is None:
+            return Response(status_code=499)
+        out = await state.run(gen.stream.result)
+        state.metrics.observe_turn(out.stats.prompt_tokens, out.stats.cached_tokens, gen.n_tokens, out.stats.ttft_s)
+        return {"id": cid, "object": "text_completion", "created": created, "model": state.model_name,
+                "choices": [{"index": 0, "text": echo + "".join(parts), "finish_reason": _finish(gen.finish_reason),
+                             "logprobs": _legacy_logprobs(gen, len(echo))}],
+                "usage": _chat_usage(out.stats, gen.n_tokens)}
+
+
+def _legacy_logprobs(gen: EngineText, offset: int) -> dict | None:
+    """The Completions API's logprobs object for the tokens taken since the last call (None unless asked):
+    ``tokens``, ``token_logprobs``, ``top_logprobs`` (token -> logprob), ``text_offset`` (each token's start in
+    the choice's text, from ``offset``)."""
+    new = gen.new_logprobs()
+    if new is None:
+        return None
+    out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for e in new["content"]:
+        out["tokens"].append(e["token"])
+        out["token_logprobs"].append(e["logprob"])
+        out["top_logprobs"].append({t["token"]: t["logprob"] for t in e["top_logprobs"]})
+        out["text_offset"].append(offset + gen.logprob_chars)
+        gen.logprob_chars += len(e["token"])
+    return out
+
+
+async def _completion_stream(state: ServerState, gen: EngineText, cid: str, created: int, usage: bool,
+                             echo: str) -> AsyncIterator[str]:
+    def chunk(text: str, finish: str | None = None, logprobs: dict | None = None) -> str:
+        return sse({"id": cid, "object": "text_completion", "created": created, "model": state.model_name,
+                    "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
+
+    try:
+        if echo:
+            yield chunk(echo)
+        try:
+            while (delta := await state.run(gen.next_delta)) is not None:
+                yield chunk(delta, logprobs=_legacy_logprobs(gen, len(echo)))
+            out = await state.run(gen.stream.result)
+        except E.GemmaSessionsError as exc:  # the status line is sent: the error goes in the stream, then [DONE]
+            status = status_of(exc)
+            yield sse(error_body(status, str(exc) if status < 500 else "the generation failed"))
+            yield "data: [DONE]\n\n"
+            return
+        yield chunk("", _finish(gen.finish_reason), _legacy_logprobs(gen, len(echo)))
+        state.metrics.observe_turn(out.stats.prompt_tokens, out.stats.cached_tokens, gen.n_tokens, out.stats.ttft_s)
+        if usage:
+            yield sse({"id": cid, "object": "text_completion", "created": created, "model": state.model_name,
+                       "choices": [], "usage": _chat_usage(out.stats, gen.n_tokens)})
+        yield "data: [DONE]\n\n"
+    finally:
+        gen.close()
 
 
 # ------------------------------------------------------------------------------------------------ responses

@@ -120,26 +120,12 @@ class SamplingFields(_Body):
         return v
 
 
-class ChatCompletionRequest(SamplingFields):
-    model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    n: int = Field(default=1, ge=1, le=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    reasoning_effort: Effort | None = None
+class PenaltyFields(SamplingFields):
+    """Chat Completions' and Completions' fields beyond the sampling filters (see ``SamplingParams``)."""
+
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    # refused unless they ask for nothing (unsupported(): a reply that ignored them would mislead the client)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    functions: list[Any] | None = None
-    function_call: Any = None
-    response_format: dict[str, Any] | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -151,6 +137,33 @@ class ChatCompletionRequest(SamplingFields):
                 raise ValueError("logit_bias values must be in [-100, 100]")
         return v
 
+    def penalty_changes(self) -> dict:
+        """SamplingParams fields: the penalties and the bias."""
+        return dict(presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+                    logit_bias=tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items()))
+
+
+class ChatCompletionRequest(PenaltyFields):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    n: int = Field(default=1, ge=1, le=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    reasoning_effort: Effort | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    # refused unless they ask for nothing (unsupported(): a reply that ignored them would mislead the client)
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    web_search_options: Any = None
+
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self):
         if self.top_logprobs is not None and not self.logprobs:
@@ -161,9 +174,6 @@ class ChatCompletionRequest(SamplingFields):
         """SamplingParams.logprobs: None, or how many alternatives each token reports."""
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    def bias_pairs(self) -> tuple[tuple[int, float], ...]:
-        return tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items())
-
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for a field that asks for what this server does not do, else None."""
         if (self.tools or self.functions) and self.tool_choice != "none" or self.function_call not in (None, "none"):
@@ -173,6 +183,41 @@ class ChatCompletionRequest(SamplingFields):
         if fmt != "text":
             return "response_format", (f"response_format {fmt!r} is not supported by this server (no constrained "
                                        "decoding); use 'text'")
+        if any(m != "text" for m in self.modalities or ()) or self.audio is not None:
+            return "modalities", "this server answers in text only"
+        if self.web_search_options is not None:
+            return "web_search_options", "this server does not search the web"
+        return None
+
+
+class CompletionRequest(PenaltyFields):
+    """The legacy Completions API: a raw prompt (``<bos>`` first, no chat template) continued."""
+
+    model: str | None = None
+    prompt: str | list[str] | list[int]
+    max_tokens: int | None = Field(default=None, ge=1)
+    n: int = Field(default=1, ge=1, le=1)
+    best_of: int | None = Field(default=None, ge=1, le=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v):
+        if isinstance(v, list) and v and isinstance(v[0], str) and len(v) != 1:
+            raise ValueError("one prompt per request (send several requests: the server batches them)")
+        if isinstance(v, list) and not v:
+            raise ValueError("the prompt is empty")
+        return v
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.suffix:
+            return "suffix", "suffix (insertion) is not supported by this server"
+        if self.echo and self.logprobs is not None:
+            return "echo", "echo with logprobs (the prompt's own logprobs) is not supported by this server"
         return None
 
 
