@@ -10,6 +10,7 @@ over it (feed tokens until the stream ends or a stop string appears), and splits
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import math
 import secrets
@@ -138,24 +139,32 @@ def _valid_bias(pairs) -> bool:
     return ok and len({p[0] for p in pairs}) == len(pairs)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class TokenLogprob:
-    """One generated token's log-probability and the ``top`` most likely tokens' (id, logprob), most likely first,
-    from the model's distribution (see ``SamplingParams.logprobs``)."""
+    """One generated token's log-probability and the most likely tokens' (``top``: (id, logprob) pairs, most likely
+    first), from the model's distribution (see ``SamplingParams.logprobs``). The alternatives are kept as two packed
+    arrays (int32 ids, float32 logprobs: ~0.4 kB a token with 20, against ~2.5 kB as Python pairs), since a request
+    holds one per generated token until it ends."""
 
     token: int
     logprob: float
-    top: tuple[tuple[int, float], ...] = ()
+    top_ids: array.array = dataclasses.field(default_factory=lambda: array.array("i"))
+    top_logprobs: array.array = dataclasses.field(default_factory=lambda: array.array("f"))
+
+    @property
+    def top(self) -> tuple[tuple[int, float], ...]:
+        return tuple(zip(self.top_ids, self.top_logprobs))
 
 
 def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
     """The ``TokenLogprob`` of ``token`` under one logits row [vocab]."""
     lp = torch.log_softmax(logits.float(), dim=-1)
-    best = ()
+    ids, values = array.array("i"), array.array("f")
     if top > 0:
-        values, ids = torch.topk(lp, min(top, lp.numel()))
-        best = tuple(zip(ids.tolist(), values.tolist()))
-    return TokenLogprob(int(token), float(lp[int(token)]), best)
+        best, idx = torch.topk(lp, min(top, lp.numel()))
+        ids.frombytes(idx.to(torch.int32).numpy().tobytes())
+        values.frombytes(best.numpy().tobytes())
+    return TokenLogprob(int(token), float(lp[int(token)]), ids, values)
 
 
 GREEDY = SamplingParams(temperature=0.0)
