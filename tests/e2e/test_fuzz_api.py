@@ -68,6 +68,9 @@ EXAMPLES = {
     ("GET", "/health"): 6,
     ("GET", "/metrics"): 6,
     ("GET", "/v1/models"): 10,
+    ("GET", "/v1/models/{model_id}"): 10,
+    ("POST", "/tokenize"): 40,
+    ("POST", "/detokenize"): 40,
     ("POST", "/v1/chat/completions"): 150,
     ("POST", "/v1/completions"): 100,
     ("POST", "/v1/responses"): 150,
@@ -233,9 +236,10 @@ def schema(server):
 
 def _make_objects(server) -> dict:
     """Objects owned by KEY_A that path parameters can name: a conversation with two turns, its items, the last
-    response, and the session's exports (plain, int8, zstd)."""
+    response, the session's exports (plain, int8, zstd), and the served model's id."""
     h = {"Authorization": f"Bearer {KEY_A}"}
     with httpx.Client(base_url=server.url, headers=h, timeout=120) as c:
+        model_id = c.get("/v1/models").json()["data"][0]["id"]
         cid = c.post("/v1/conversations", json={"metadata": {"fuzz": "yes"}}).json()["id"]
         rid = None
         for text in ("Hello, I am the fuzzer.", "Say one word."):
@@ -249,7 +253,7 @@ def _make_objects(server) -> dict:
             r = c.get(f"/v1/sessions/{sid}/export", params=p)
             assert r.status_code == 200 and r.content, f"export {p}: {r.status_code} {r.text[:200]}"
             exports.append(r.content)
-    return {"cid": cid, "rid": rid, "sid": sid, "item_id": items[0]["id"], "exports": exports}
+    return {"cid": cid, "rid": rid, "sid": sid, "item_id": items[0]["id"], "exports": exports, "model_id": model_id}
 
 
 @pytest.fixture(scope="module")

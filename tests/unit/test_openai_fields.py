@@ -315,3 +315,26 @@ def test_completions_refusals_name_the_field(client, extra, param):
     r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4, **extra})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_tokenize_detokenize_and_the_model_object(client, model):
+    tok = model.tokenizer
+    r = client.post("/tokenize", json={"prompt": "the letters"})
+    assert r.status_code == 200 and r.json()["tokens"] == tok.encode("the letters", add_bos=True)
+    assert r.json()["count"] == len(r.json()["tokens"]) and r.json()["max_model_len"] > 0
+    bare = client.post("/tokenize", json={"prompt": "the letters", "add_special_tokens": False}).json()
+    assert bare["tokens"] == tok.encode("the letters")
+    chat = client.post("/tokenize", json={"messages": CHAT["messages"]}).json()
+    assert chat["count"] == client.post("/v1/chat/completions", json=CHAT).json()["usage"]["prompt_tokens"]
+    back = client.post("/detokenize", json={"tokens": bare["tokens"]})
+    assert back.status_code == 200 and back.json()["prompt"] == "the letters"
+    for path, body, param in (("/tokenize", {}, None), ("/tokenize", {"prompt": "a", "messages": CHAT["messages"]}, None),
+                              ("/detokenize", {"tokens": [1, 10**6]}, "tokens"), ("/detokenize", {"tokens": [-1]}, "tokens"),
+                              ("/tokenize", {"prompt": "x" * 10**6}, "prompt")):
+        bad = client.post(path, json=body)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == param, (path, body, bad.text)
+    name = client.get("/v1/models").json()["data"][0]["id"]
+    one = client.get(f"/v1/models/{name}")
+    assert one.status_code == 200 and one.json()["id"] == name and one.json()["object"] == "model"
+    missing = client.get("/v1/models/gpt-4o")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"

@@ -47,8 +47,9 @@ from ..sessions.chat_format import chat_format
 from ..sessions.conversation import render_chat
 from .metrics import Metrics
 from . import web
-from .protocol import (ChatCompletionRequest, CompletionRequest, ConversationCreate, ConversationUpdate, ItemsCreate,
-                       ResponseRequest, SamplingFields, error_body, input_items, thinking_of)
+from .protocol import (ChatCompletionRequest, CompletionRequest, ConversationCreate, ConversationUpdate,
+                       DetokenizeRequest, ItemsCreate, ResponseRequest, SamplingFields, TokenizeRequest, error_body,
+                       input_items, thinking_of)
 
 log = logging.getLogger("gemma_sessions.server")
 IMPORT_PATH = "/v1/sessions/import"
@@ -454,11 +455,42 @@ def _install_basic_routes(app: FastAPI, state: ServerState) -> None:
                                     store.stats() if store is not None else None)
         return Response(body, media_type="text/plain; version=0.0.4")
 
+    def model_object() -> dict:
+        return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "gemma-sessions",
+                "max_model_len": state.engine.max_context}
+
     @app.get("/v1/models")
     async def models(request: Request):
         state.owner(request)
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
-                                             "owned_by": "gemma-sessions"}]}
+        return {"object": "list", "data": [model_object()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        state.owner(request)
+        if model_id != state.model_name:
+            raise ApiError(404, f"the model {model_id!r} does not exist (this server serves {state.model_name!r})",
+                           "model", code="model_not_found")
+        return model_object()
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest, request: Request):
+        state.owner(request)
+        if body.messages is not None:
+            state.check_chars([m.text() for m in body.messages], "messages")
+            reasoning = bool(state.reasoning(body.reasoning_effort, "reasoning_effort"))
+            tokens = await state.run(chat_prompt, state.tokenizer, body.messages, reasoning)
+        else:
+            state.check_chars([body.prompt], "prompt")
+            tokens = await state.run(state.tokenizer.encode, body.prompt, body.add_special_tokens)
+        return {"count": len(tokens), "max_model_len": state.engine.max_context, "tokens": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest, request: Request):
+        state.owner(request)
+        vocab = state.engine.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise ApiError(400, f"token ids must be in [0, {vocab})", "tokens")
+        return {"prompt": await state.run(state.tokenizer.decode, body.tokens)}
 
 
 def _install_chat(app: FastAPI, state: ServerState) -> None:

@@ -226,6 +226,27 @@ def _format_type(fmt: Any) -> Any:
     return fmt.get("type", "text") if isinstance(fmt, dict) else ("text" if fmt is None else fmt)
 
 
+class TokenizeRequest(_Body):
+    """``/tokenize`` (vLLM's shape): a raw prompt, or chat messages rendered as the chat route renders them."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool = True  # a prompt's <bos> (chat messages always start with it, as the chat route's)
+    reasoning_effort: Effort | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1 << 20)
+
+
 class Reasoning(_Lenient):
     effort: Effort | None = None  # "summary" and the rest are accepted and ignored
 
