@@ -101,6 +101,35 @@ def test_prompts_take_fewer_tokens_per_step_while_others_decode(model):
         Engine(model, prefill_tokens_while_decoding=0)
 
 
+def test_prompts_arriving_together_compute_their_shared_prefix_once(model):
+    """Prompts that share a prefix and arrive together wait for the first one to compute it (and adopt its blocks)
+    instead of computing it beside it in the same step's spare budget; identical prompts too (no deadlock). The
+    tokens are the same as alone."""
+    shared = _prompt(40, 23)  # 24 tokens: 6 full blocks of 4
+    prompts = [shared + _prompt(41 + i, 10)[1:] for i in range(4)] + [shared + _prompt(41, 10)[1:]] * 2
+    refs = [_ref(model, p) for p in prompts]
+    with Engine(model, kv_cache_bytes=4 << 20, block_size=4, max_batched_tokens=64) as e:
+        gate, run = threading.Event(), e._run
+
+        def held(net, cache, items, greedy):  # the first step waits until every prompt is queued
+            gate.wait(10)
+            return run(net, cache, items, greedy)
+
+        e._run = held
+        first = e.submit(_prompt(50, 5), GREEDY.replace(max_tokens=1))  # its step holds the loop
+        time.sleep(0.2)
+        streams = [e.submit(p, GREEDY) for p in prompts]
+        gate.set()
+        first.result()
+        assert [s.result().token_ids for s in streams] == refs
+        stats = e.stats()
+    # the first prompt in full; each later one only past the 24 shared tokens (the exact copies: their last block's
+    # 2 tokens, a match leaving one token to compute); without the wait the second (30 of its 34 tokens in the
+    # first step's spare budget) computed the shared blocks again
+    assert stats["prefill_tokens"] == 6 + len(prompts[0]) + 3 * (len(prompts[0]) - 24) + 2 * (len(prompts[0]) - 32)
+    assert stats["prompt_steps_held_for_prefix"] > 0
+
+
 def test_batched_equals_alone_without_compiled_kernels(model, monkeypatch):
     """Where the kernels cannot be built, decode rows gather their keys from the pages and run eager attention:
     the same tokens (generate's reference takes the same fallback)."""

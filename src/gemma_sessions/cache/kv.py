@@ -293,6 +293,18 @@ class PagedKVCache:
         """Continue a parked ``seq`` with ``tokens`` if they extend its computed ones (False, unchanged, if not)."""
         return resume_sequence(self, seq, tokens)
 
+    def shared_prefix(self, seq: SeqKV, tokens: list[int]) -> int:
+        """The full blocks ``tokens`` has in common with ``seq`` (a prefix match leaves one token to compute); 0
+        for a private sequence, which registers none."""
+        if seq.private or not self.pool.enable_caching:
+            return 0
+        bs = self.layout.block_size
+        limit = min(len(seq.tokens), len(tokens) - 1) // bs
+        n = 0
+        while n < limit and seq.tokens[n * bs:(n + 1) * bs] == tokens[n * bs:(n + 1) * bs]:
+            n += 1
+        return n * bs
+
     def rematch(self, seq: SeqKV) -> int:
         """Before a sequence computes anything: adopt a longer cached prefix if one appeared since it started
         (requests arriving together: the first one's blocks are registered as its chunks complete). Returns the

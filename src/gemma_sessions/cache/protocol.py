@@ -10,6 +10,7 @@ A sequence's life, as the scheduler drives it::
 
     seq = cache.start(tokens, checkpoints)      # adopts whatever prefix is cached (seq.num_computed tokens)
     cache.rematch(seq)                          # before its first chunk: a longer prefix may be cached by now
+    cache.shared_prefix(earlier_seq, seq.tokens) # what an earlier prompt will share: seq waits rather than recompute
     n = cache.allocate(seq, n)                  # room for the next n tokens (CapacityError: none now)
     ... the runner computes tokens [num_computed, num_computed + n) ...
     cache.commit(seq, n)                        # they are computed: shareable from now on
@@ -76,6 +77,11 @@ class KVCache(Protocol):
         """Before ``seq`` computes anything: adopt a longer cached prefix if one appeared since it started. Returns
         the tokens gained."""
 
+    def shared_prefix(self, seq: CachedSequence, tokens: list[int]) -> int:
+        """Leading tokens of ``tokens`` a new sequence could adopt from ``seq``'s KV once ``seq`` has computed them
+        (0 where this cache shares nothing that way). The scheduler holds a new prompt back while an earlier one
+        still computes that much of it, instead of computing the shared tokens twice in one step."""
+
     def allocate(self, seq: CachedSequence, n: int) -> int:
         """Make room to compute up to ``n`` next tokens of ``seq``; returns how many got room (>= 1; fewer when the
         cache wants the chunk cut, e.g. at a checkpoint). Raises CapacityError, changing nothing, when there is no
@@ -133,9 +139,9 @@ def resume_sequence(cache, seq, tokens: list[int]) -> bool:
     return True
 
 
-KV_CACHE_METHODS = ("could_ever_fit", "has_room", "describe", "start", "resume", "rematch", "allocate", "commit",
-                    "fork", "free", "discard", "export", "adopt_prefix", "check_snapshot", "import_snapshot", "bytes_held", "reserve",
-                    "stats")
+KV_CACHE_METHODS = ("could_ever_fit", "has_room", "describe", "start", "resume", "rematch", "shared_prefix", "allocate",
+                    "commit", "fork", "free", "discard", "export", "adopt_prefix", "check_snapshot", "import_snapshot",
+                    "bytes_held", "reserve", "stats")
 """Every method of :class:`KVCache`, for tests and readers (the Protocol is the definition)."""
 
 

@@ -130,6 +130,11 @@ class StateCache:
         """Continue a parked ``seq`` with ``tokens`` if they extend its computed ones (False, unchanged, if not)."""
         return resume_sequence(self, seq, tokens)
 
+    def shared_prefix(self, seq: SeqState, tokens: list[int]) -> int:
+        """0: a state is shared through snapshots at checkpoints, taken as the sequence passes them (not held
+        back for)."""
+        return 0
+
     def rematch(self, seq: SeqState) -> int:
         """Before a sequence computes anything: a longer snapshot may exist now. Returns the tokens gained."""
         if seq.slot is not None:

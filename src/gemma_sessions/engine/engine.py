@@ -587,6 +587,7 @@ class Engine:
             "prefix_hit_rate": (stats["prefix_hit_tokens"] / stats["prefix_queried_tokens"]
                                 if stats["prefix_queried_tokens"] else 0.0),
             "session_kv_evictions": sched.parked_evictions, "preemptions": sched.preemptions,
+            "prompt_steps_held_for_prefix": sched.held_for_prefix,
             "generated_tokens_per_s": self._counters["generated_tokens"] / elapsed if elapsed else 0.0,
             **self._counters,
         }

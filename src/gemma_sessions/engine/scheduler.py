@@ -56,6 +56,7 @@ class Scheduler:
         self._spill = spill  # called with an idle handle just before its KV is dropped (tiered eviction)
         self.preemptions = 0
         self.parked_evictions = 0
+        self.held_for_prefix = 0  # steps a new prompt waited for an earlier one computing their shared prefix
 
     # ------------------------------------------------------------------------------------------ admission
     def admit(self) -> None:
@@ -108,15 +109,18 @@ class Scheduler:
         # prompts' tokens this step: fewer while any request decodes (a request with one token left to compute)
         prefill = min(budget, self.prefill_tokens_while_decoding) if any(d for _, d in running) else budget
         work: list[tuple[Request, WorkItem]] = []
+        ahead: list[Request] = []  # prompts earlier in the batch, still computing: a later one may wait for them
         for req, decode in running:
             if not decode and prefill <= 0:
                 continue
             try:
-                item = self._schedule_one(req, budget if decode else min(budget, prefill))
+                item = self._schedule_one(req, budget if decode else min(budget, prefill), ahead)
             except Exception as exc:  # this request fails alone; the step goes on with the others
                 log.exception("scheduling request %d failed", req.id)
                 self._fail(req, exc, drop_kv=True)
                 continue
+            if not decode:
+                ahead.append(req)
             if item is None:
                 continue
             if not decode:
@@ -128,11 +132,18 @@ class Scheduler:
         work.sort(key=lambda w: w[1].num_tokens != 1)  # stable: decode rows first
         return work
 
-    def _schedule_one(self, req: Request, budget: int) -> WorkItem | None:
-        """Allocate ``req``'s next chunk (at most ``budget`` tokens); None when it gets no room this step."""
+    def _schedule_one(self, req: Request, budget: int, ahead: list[Request] = ()) -> WorkItem | None:
+        """Allocate ``req``'s next chunk (at most ``budget`` tokens); None when it gets no room this step, or when
+        it has computed nothing yet and a prompt ``ahead`` of it is still computing tokens it will share (it adopts
+        them once they are there, instead of computing them a second time alongside)."""
         seq = req.seq
         if req.computed == 0 and seq.num_computed < len(seq.tokens) - 1:
             req.cached_tokens += self.cache.rematch(seq)  # a prefix computed since it was admitted
+            for other in ahead:
+                shared = self.cache.shared_prefix(other.seq, seq.tokens)
+                if shared > seq.num_computed and other.seq.num_computed < shared:
+                    self.held_for_prefix += 1
+                    return None
         n = self._allocate(req, min(req.left(), budget))
         if n == 0:
             return None
