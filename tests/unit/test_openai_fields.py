@@ -307,7 +307,7 @@ def test_completions_logprobs_and_stream(client):
     (dict(prompt=[]), "prompt"),
     (dict(prompt=[1, 10**9]), None),  # a token id beyond the vocabulary: the engine's refusal
     (dict(logprobs=21), "logprobs"),
-    (dict(n=2), "n"),
+    (dict(n=17), "n"),
     (dict(best_of=2), "best_of"),
     (dict(prompt="x" * 10**6), "prompt"),
 ])
@@ -338,3 +338,37 @@ def test_tokenize_detokenize_and_the_model_object(client, model):
     assert one.status_code == 200 and one.json()["id"] == name and one.json()["object"] == "model"
     missing = client.get("/v1/models/gpt-4o")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+def _texts_by_index(events: list[dict], key: str) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for ev in events:
+        for c in ev["choices"]:
+            piece = c["delta"].get("content", "") if key == "delta" else c["text"]
+            out[c["index"]] = out.get(c["index"], "") + (piece or "")
+    return out
+
+
+def test_n_choices_share_the_prompt_and_stream_interleaved(client):
+    one = client.post("/v1/chat/completions", json=CHAT).json()
+    greedy = client.post("/v1/chat/completions", json={**CHAT, "n": 3}).json()
+    assert [c["index"] for c in greedy["choices"]] == [0, 1, 2]
+    assert {c["message"]["content"] for c in greedy["choices"]} == {one["choices"][0]["message"]["content"]}
+    assert greedy["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"]  # the prompt once
+    assert greedy["usage"]["completion_tokens"] == 3 * one["usage"]["completion_tokens"]
+    sampled = {**CHAT, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 5, "n": 4, "max_tokens": 12}
+    a = client.post("/v1/chat/completions", json=sampled).json()["choices"]
+    b = client.post("/v1/chat/completions", json=sampled).json()["choices"]
+    texts = [c["message"]["content"] for c in a]
+    assert texts == [c["message"]["content"] for c in b]  # seeded: reproducible
+    assert len(set(texts)) > 1  # choice i has seed 5 + i
+    events = _stream(client, sampled)
+    assert _texts_by_index(events, "delta") == dict(enumerate(texts))
+    finished = [c["index"] for ev in events for c in ev["choices"] if c.get("finish_reason")]
+    assert sorted(finished) == [0, 1, 2, 3]
+    assert events[-1]["usage"]["completion_tokens"] == sum(
+        len(c["logprobs"]["content"]) for c in client.post(
+            "/v1/chat/completions", json={**sampled, "logprobs": True}).json()["choices"])
+    comp = {"prompt": "the letters", "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 9, "n": 2, "max_tokens": 6}
+    plain = [c["text"] for c in client.post("/v1/completions", json=comp).json()["choices"]]
+    assert _texts_by_index(_completion_stream(client, comp), "text") == dict(enumerate(plain))

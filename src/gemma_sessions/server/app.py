@@ -282,6 +282,80 @@ async def _collect(state: ServerState, next_delta: Callable[[], str | None], req
         gone.cancel()
 
 
+async def _start_choices(state: ServerState, prompt: list[int], params: SamplingParams, n: int,
+                         channel: tuple[int, int] | None) -> list[EngineText]:
+    """``n`` generations of one prompt (choice i seeded ``seed + i`` when a seed is given). They are submitted
+    together: the engine computes the shared prompt once (the later ones wait for its blocks)."""
+    gens: list[EngineText] = []
+    try:
+        for i in range(n):
+            p = params if params.seed is None or i == 0 else params.replace(seed=(params.seed + i + (1 << 63)) % (
+                1 << 64) - (1 << 63))
+            gens.append(await state.run(EngineText, state.engine, state.tokenizer, prompt, p, channel))
+    except BaseException:
+        for g in gens:
+            g.close()
+        raise
+    return gens
+
+
+async def _collect_all(state: ServerState, gens: list[EngineText], request: Request) -> list[list[str]] | None:
+    """Every choice's text deltas (None when the client went away first); every generation is closed after."""
+    try:
+        out = []
+        for g in gens:
+            parts = await _collect(state, g.next_delta, request)
+            if parts is None:
+                return None
+            out.append(parts)
+        return out
+    finally:
+        for g in gens:
+            g.close()  # a client that went away cancels its generations
+
+
+async def _merged_parts(state: ServerState, gens: list[EngineText]) -> AsyncIterator[tuple[int, str | None, str]]:
+    """(choice, kind, delta) of every choice as they come, then (choice, None, "") as each ends; a choice's error
+    is raised here."""
+    if len(gens) == 1:  # the common case: no tasks
+        while (part := await state.run(gens[0].next_part)) is not None:
+            yield 0, part[0], part[1]
+        yield 0, None, ""
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, g: EngineText) -> None:
+        try:
+            while (part := await state.run(g.next_part)) is not None:
+                queue.put_nowait((i, part, None))
+            queue.put_nowait((i, None, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            queue.put_nowait((i, None, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        left = len(gens)
+        while left:
+            i, part, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if part is None:
+                left -= 1
+                yield i, None, ""
+            else:
+                yield i, part[0], part[1]
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _total_usage(gens: list[EngineText], outs: list, reasoning: bool = True) -> dict:
+    """Usage of n choices of one prompt: the prompt once (its cached tokens: the first choice's), every choice's
+    generated tokens."""
+    n = sum(g.n_tokens for g in gens)
+    return _chat_usage(outs[0].stats, n, sum(g.deltas.reasoning_tokens for g in gens) if reasoning else 0)
+
+
 def chat_prompt(tokenizer, messages, reasoning: bool = False) -> list[int]:
     """OpenAI chat messages -> Gemma prompt ids, rendered where sessions render theirs (``render_chat``). An
     assistant message's ``reasoning_content`` is not rendered: the template drops thoughts from history."""
@@ -514,27 +588,26 @@ def _install_chat(app: FastAPI, state: ServerState) -> None:
         max_tokens = min(state.max_tokens(body.max_completion_tokens or body.max_tokens, 512), limit)
         params = sampling_from(body, SamplingParams(), max_tokens).replace(**body.penalty_changes(),
                                                                            logprobs=body.logprobs_asked())
-        gen = await state.run(EngineText, state.engine, state.tokenizer, prompt, params, state.channel)
+        gens = await _start_choices(state, prompt, params, body.n, state.channel)
         cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_chat_stream(state, gen, cid, created, usage),
+            return StreamingResponse(_chat_stream(state, gens, cid, created, usage),
                                      media_type="text/event-stream")
-        try:
-            parts = await _collect(state, gen.next_delta, request)
-        finally:
-            gen.close()  # a client that went away cancels its generation
-        if parts is None:
+        texts = await _collect_all(state, gens, request)
+        if texts is None:
             return Response(status_code=499)
-        out = await state.run(gen.stream.result)
-        state.metrics.observe_turn(out.stats.prompt_tokens, out.stats.cached_tokens, gen.n_tokens, out.stats.ttft_s)
-        message = {"role": "assistant", "content": "".join(parts)}
-        if gen.deltas.reasoning:  # thoughts apart from the answer, where vLLM and llama.cpp put them
-            message["reasoning_content"] = gen.deltas.reasoning
+        outs = [await state.run(g.stream.result) for g in gens]
+        choices = []
+        for i, (g, parts, out) in enumerate(zip(gens, texts, outs)):
+            state.metrics.observe_turn(out.stats.prompt_tokens, out.stats.cached_tokens, g.n_tokens, out.stats.ttft_s)
+            message = {"role": "assistant", "content": "".join(parts)}
+            if g.deltas.reasoning:  # thoughts apart from the answer, where vLLM and llama.cpp put them
+                message["reasoning_content"] = g.deltas.reasoning
+            choices.append({"index": i, "message": message, "finish_reason": _finish(g.finish_reason),
+                            "logprobs": g.new_logprobs()})
         return {"id": cid, "object": "chat.completion", "created": created, "model": state.model_name,
-                "choices": [{"index": 0, "message": message, "finish_reason": _finish(gen.finish_reason),
-                             "logprobs": gen.new_logprobs()}],
-                "usage": _chat_usage(out.stats, gen.n_tokens, gen.deltas.reasoning_tokens)}
+                "choices": choices, "usage": _total_usage(gens, outs)}
 
 
 def _finish(reason: str | None) -> str:
@@ -548,37 +621,44 @@ def _chat_usage(stats, n_generated: int, n_reasoning: int = 0) -> dict:
             "completion_tokens_details": {"reasoning_tokens": n_reasoning}}
 
 
-async def _chat_stream(state: ServerState, gen: EngineText, cid: str, created: int,
+async def _chat_stream(state: ServerState, gens: list[EngineText], cid: str, created: int,
                        usage: bool) -> AsyncIterator[str]:
-    def chunk(delta: dict, finish: str | None = None, logprobs: dict | None = None) -> str:
+    def chunk(i: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> str:
         return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
+                    "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
 
     try:
-        yield chunk({"role": "assistant", "content": ""})
+        for i in range(len(gens)):
+            yield chunk(i, {"role": "assistant", "content": ""})
         last = time.perf_counter()
+        outs: list = [None] * len(gens)
         try:
-            while (part := await state.run(gen.next_part)) is not None:
+            async for i, kind, delta in _merged_parts(state, gens):
+                g = gens[i]
+                if kind is None:  # choice i ended
+                    outs[i] = await state.run(g.stream.result)
+                    yield chunk(i, {}, _finish(g.finish_reason), g.new_logprobs())
+                    continue
                 now = time.perf_counter()
                 state.metrics.itl.observe(now - last)
                 last = now
-                kind, delta = part  # thoughts stream as delta.reasoning_content (vLLM's and llama.cpp's field)
-                yield chunk({"reasoning_content" if kind == "reasoning" else "content": delta},
-                            logprobs=gen.new_logprobs())
-            out = await state.run(gen.stream.result)
+                # thoughts stream as delta.reasoning_content (vLLM's and llama.cpp's field)
+                yield chunk(i, {"reasoning_content" if kind == "reasoning" else "content": delta},
+                            logprobs=g.new_logprobs())
         except E.GemmaSessionsError as exc:  # the status line is sent: the error goes in the stream, then [DONE]
             status = status_of(exc)
             yield sse(error_body(status, str(exc) if status < 500 else "the generation failed"))
             yield "data: [DONE]\n\n"
             return
-        yield chunk({}, _finish(gen.finish_reason), gen.new_logprobs())
-        state.metrics.observe_turn(out.stats.prompt_tokens, out.stats.cached_tokens, gen.n_tokens, out.stats.ttft_s)
+        for g, out in zip(gens, outs):
+            state.metrics.observe_turn(out.stats.prompt_tokens, out.stats.cached_tokens, g.n_tokens, out.stats.ttft_s)
         if usage:
             yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
-                       "choices": [], "usage": _chat_usage(out.stats, gen.n_tokens, gen.deltas.reasoning_tokens)})
+                       "choices": [], "usage": _total_usage(gens, outs)})
         yield "data: [DONE]\n\n"
     finally:
-        gen.close()  # a client that disconnected cancels its generation
+        for g in gens:
+            g.close()  # a client that disconnected cancels its generations
 
 
 # ------------------------------------------------------------------------------------------------ completions
@@ -605,25 +685,24 @@ def _install_completions(app: FastAPI, state: ServerState) -> None:
         max_tokens = min(state.max_tokens(body.max_tokens, 16), limit)  # 16: OpenAI's default for this route
         params = sampling_from(body, SamplingParams(), max_tokens).replace(**body.penalty_changes(),
                                                                            logprobs=body.logprobs)
-        gen = await state.run(EngineText, state.engine, state.tokenizer, prompt, params, None)
+        gens = await _start_choices(state, prompt, params, body.n, None)
         echo = (text if isinstance(text, str) else await state.run(state.tokenizer.decode, prompt)) if body.echo else ""
         cid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_completion_stream(state, gen, cid, created, usage, echo),
+            return StreamingResponse(_completion_stream(state, gens, cid, created, usage, echo),
                                      media_type="text/event-stream")
-        try:
-            parts = await _collect(state, gen.next_delta, request)
-        finally:
-            gen.close()
-        if parts is None:
+        texts = await _collect_all(state, gens, request)
+        if texts is None:
             return Response(status_code=499)
-        out = await state.run(gen.stream.result)
-        state.metrics.observe_turn(out.stats.prompt_tokens, out.stats.cached_tokens, gen.n_tokens, out.stats.ttft_s)
+        outs = [await state.run(g.stream.result) for g in gens]
+        choices = []
+        for i, (g, parts, out) in enumerate(zip(gens, texts, outs)):
+            state.metrics.observe_turn(out.stats.prompt_tokens, out.stats.cached_tokens, g.n_tokens, out.stats.ttft_s)
+            choices.append({"index": i, "text": echo + "".join(parts), "finish_reason": _finish(g.finish_reason),
+                            "logprobs": _legacy_logprobs(g, len(echo))})
         return {"id": cid, "object": "text_completion", "created": created, "model": state.model_name,
-                "choices": [{"index": 0, "text": echo + "".join(parts), "finish_reason": _finish(gen.finish_reason),
-                             "logprobs": _legacy_logprobs(gen, len(echo))}],
-                "usage": _chat_usage(out.stats, gen.n_tokens)}
+                "choices": choices, "usage": _total_usage(gens, outs, reasoning=False)}
 
 
 def _legacy_logprobs(gen: EngineText, offset: int) -> dict | None:
@@ -643,32 +722,39 @@ def _legacy_logprobs(gen: EngineText, offset: int) -> dict | None:
     return out
 
 
-async def _completion_stream(state: ServerState, gen: EngineText, cid: str, created: int, usage: bool,
+async def _completion_stream(state: ServerState, gens: list[EngineText], cid: str, created: int, usage: bool,
                              echo: str) -> AsyncIterator[str]:
-    def chunk(text: str, finish: str | None = None, logprobs: dict | None = None) -> str:
+    def chunk(i: int, text: str, finish: str | None = None, logprobs: dict | None = None) -> str:
         return sse({"id": cid, "object": "text_completion", "created": created, "model": state.model_name,
-                    "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
+                    "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
 
     try:
         if echo:
-            yield chunk(echo)
+            for i in range(len(gens)):
+                yield chunk(i, echo)
+        outs: list = [None] * len(gens)
         try:
-            while (delta := await state.run(gen.next_delta)) is not None:
-                yield chunk(delta, logprobs=_legacy_logprobs(gen, len(echo)))
-            out = await state.run(gen.stream.result)
+            async for i, kind, delta in _merged_parts(state, gens):
+                g = gens[i]
+                if kind is None:
+                    outs[i] = await state.run(g.stream.result)
+                    yield chunk(i, "", _finish(g.finish_reason), _legacy_logprobs(g, len(echo)))
+                elif kind == "content":
+                    yield chunk(i, delta, logprobs=_legacy_logprobs(g, len(echo)))
         except E.GemmaSessionsError as exc:  # the status line is sent: the error goes in the stream, then [DONE]
             status = status_of(exc)
             yield sse(error_body(status, str(exc) if status < 500 else "the generation failed"))
             yield "data: [DONE]\n\n"
             return
-        yield chunk("", _finish(gen.finish_reason), _legacy_logprobs(gen, len(echo)))
-        state.metrics.observe_turn(out.stats.prompt_tokens, out.stats.cached_tokens, gen.n_tokens, out.stats.ttft_s)
+        for g, out in zip(gens, outs):
+            state.metrics.observe_turn(out.stats.prompt_tokens, out.stats.cached_tokens, g.n_tokens, out.stats.ttft_s)
         if usage:
             yield sse({"id": cid, "object": "text_completion", "created": created, "model": state.model_name,
-                       "choices": [], "usage": _chat_usage(out.stats, gen.n_tokens)})
+                       "choices": [], "usage": _total_usage(gens, outs, reasoning=False)})
         yield "data: [DONE]\n\n"
     finally:
-        gen.close()
+        for g in gens:
+            g.close()
 
 
 # ------------------------------------------------------------------------------------------------ responses

@@ -57,6 +57,8 @@ class _Body(_Lenient):
         return data
 
 
+# choices one request may ask for (n): each is a generation of its own; the prompt is computed once
+MAX_CHOICES = 16
 # OpenAI's metadata: at most 16 pairs, keys up to 64 characters, values up to 512.
 Metadata = Annotated[dict[Annotated[str, StringConstraints(max_length=64)],
                           Annotated[str, StringConstraints(max_length=512)]], Field(max_length=16)]
@@ -148,7 +150,7 @@ class ChatCompletionRequest(PenaltyFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     reasoning_effort: Effort | None = None
@@ -196,8 +198,8 @@ class CompletionRequest(PenaltyFields):
     model: str | None = None
     prompt: str | list[str] | list[int]
     max_tokens: int | None = Field(default=None, ge=1)
-    n: int = Field(default=1, ge=1, le=1)
-    best_of: int | None = Field(default=None, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    best_of: int | None = Field(default=None, ge=1, le=1)  # (n best of more: not supported)
     stream: bool = False
     stream_options: StreamOptions | None = None
     echo: bool = False
