@@ -372,3 +372,8 @@ def test_n_choices_share_the_prompt_and_stream_interleaved(client):
     comp = {"prompt": "the letters", "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 9, "n": 2, "max_tokens": 6}
     plain = [c["text"] for c in client.post("/v1/completions", json=comp).json()["choices"]]
     assert _texts_by_index(_completion_stream(client, comp), "text") == dict(enumerate(plain))
+
+
+def test_metrics_count_prompts_held_for_a_shared_prefix(client):
+    text = client.get("/metrics").text
+    assert "gemma_prompt_steps_held_for_prefix_total" in text

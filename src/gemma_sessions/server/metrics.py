@@ -32,6 +32,8 @@ class Metrics:
             ("sessions_spilled_total", "Idle sessions' KV dropped or spilled to disk under pressure"),
             ("preemptions_total", "Running requests preempted under memory pressure"),
             ("cache_block_evictions_total", "Cached KV pages evicted"),
+            ("prompt_steps_held_for_prefix_total", "Steps a new prompt waited for an earlier one computing their "
+                                                   "shared prefix (instead of computing it twice)"),
             ("store_pending_snapshots", "Spilled KV snapshots waiting in memory for the store's writer"),
             ("store_pending_bytes", "Bytes of those snapshots"),
             ("store_queued_exports", "Sessions whose KV snapshot is queued for writing"),
@@ -62,4 +64,5 @@ class Metrics:
         g["sessions_spilled_total"].set(engine_stats["session_kv_evictions"])
         g["preemptions_total"].set(engine_stats["preemptions"])
         g["cache_block_evictions_total"].set(engine_stats["cache_block_evictions"])
+        g["prompt_steps_held_for_prefix_total"].set(engine_stats["prompt_steps_held_for_prefix"])
         return generate_latest(self.registry)
