@@ -299,16 +299,19 @@ async def _start_choices(state: ServerState, prompt: list[int], params: Sampling
     return gens
 
 
-async def _collect_all(state: ServerState, gens: list[EngineText], request: Request) -> list[list[str]] | None:
-    """Every choice's text deltas (None when the client went away first); every generation is closed after."""
+async def _collect_all(state: ServerState, gens: list[EngineText], request: Request) -> list[tuple] | None:
+    """Every choice's (text deltas, output), its turn counted in the metrics; None when the client went away
+    first. Every generation is closed after."""
     try:
-        out = []
+        done = []
         for g in gens:
             parts = await _collect(state, g.next_delta, request)
             if parts is None:
                 return None
-            out.append(parts)
-        return out
+            out = await state.run(g.stream.result)
+            state.metrics.observe_turn(out.stats.prompt_tokens, out.stats.cached_tokens, g.n_tokens, out.stats.ttft_s)
+            done.append((parts, out))
+        return done
     finally:
         for g in gens:
             g.close()  # a client that went away cancels its generations
@@ -594,20 +597,18 @@ def _install_chat(app: FastAPI, state: ServerState) -> None:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_chat_stream(state, gens, cid, created, usage),
                                      media_type="text/event-stream")
-        texts = await _collect_all(state, gens, request)
-        if texts is None:
+        done = await _collect_all(state, gens, request)
+        if done is None:
             return Response(status_code=499)
-        outs = [await state.run(g.stream.result) for g in gens]
         choices = []
-        for i, (g, parts, out) in enumerate(zip(gens, texts, outs)):
-            state.metrics.observe_turn(out.stats.prompt_tokens, out.stats.cached_tokens, g.n_tokens, out.stats.ttft_s)
+        for i, (g, (parts, _)) in enumerate(zip(gens, done)):
             message = {"role": "assistant", "content": "".join(parts)}
             if g.deltas.reasoning:  # thoughts apart from the answer, where vLLM and llama.cpp put them
                 message["reasoning_content"] = g.deltas.reasoning
             choices.append({"index": i, "message": message, "finish_reason": _finish(g.finish_reason),
                             "logprobs": g.new_logprobs()})
         return {"id": cid, "object": "chat.completion", "created": created, "model": state.model_name,
-                "choices": choices, "usage": _total_usage(gens, outs)}
+                "choices": choices, "usage": _total_usage(gens, [out for _, out in done])}
 
 
 def _finish(reason: str | None) -> str:
@@ -621,30 +622,48 @@ def _chat_usage(stats, n_generated: int, n_reasoning: int = 0) -> dict:
             "completion_tokens_details": {"reasoning_tokens": n_reasoning}}
 
 
-async def _chat_stream(state: ServerState, gens: list[EngineText], cid: str, created: int,
-                       usage: bool) -> AsyncIterator[str]:
+def _chat_stream(state: ServerState, gens: list[EngineText], cid: str, created: int,
+                 usage: bool) -> AsyncIterator[str]:
     def chunk(i: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> str:
         return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
                     "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
 
+    def part(i: int, kind: str, delta: str) -> str:  # thoughts as delta.reasoning_content (vLLM's, llama.cpp's)
+        return chunk(i, {"reasoning_content" if kind == "reasoning" else "content": delta},
+                     logprobs=gens[i].new_logprobs())
+
+    def usage_chunk(u: dict) -> str:
+        return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
+                    "choices": [], "usage": u})
+
+    return _stream_choices(state, gens, [chunk(i, {"role": "assistant", "content": ""}) for i in range(len(gens))],
+                           part, lambda i: chunk(i, {}, _finish(gens[i].finish_reason), gens[i].new_logprobs()),
+                           usage_chunk if usage else None, reasoning=True)
+
+
+async def _stream_choices(state: ServerState, gens: list[EngineText], first: list[str],
+                          part: Callable[[int, str, str], str | None], end: Callable[[int], str],
+                          usage_chunk: Callable[[dict], str] | None, reasoning: bool) -> AsyncIterator[str]:
+    """The SSE stream of n choices: ``first`` chunks, then ``part(choice, kind, delta)`` as deltas come and
+    ``end(choice)`` as each choice ends, the usage chunk when asked, ``[DONE]``. An error after the status line
+    goes in the stream; a client that disconnects cancels every generation."""
     try:
-        for i in range(len(gens)):
-            yield chunk(i, {"role": "assistant", "content": ""})
+        for c in first:
+            yield c
         last = time.perf_counter()
         outs: list = [None] * len(gens)
         try:
             async for i, kind, delta in _merged_parts(state, gens):
-                g = gens[i]
                 if kind is None:  # choice i ended
-                    outs[i] = await state.run(g.stream.result)
-                    yield chunk(i, {}, _finish(g.finish_reason), g.new_logprobs())
+                    outs[i] = await state.run(gens[i].stream.result)
+                    yield end(i)
                     continue
                 now = time.perf_counter()
                 state.metrics.itl.observe(now - last)
                 last = now
-                # thoughts stream as delta.reasoning_content (vLLM's and llama.cpp's field)
-                yield chunk(i, {"reasoning_content" if kind == "reasoning" else "content": delta},
-                            logprobs=g.new_logprobs())
+                c = part(i, kind, delta)
+                if c is not None:
+                    yield c
         except E.GemmaSessionsError as exc:  # the status line is sent: the error goes in the stream, then [DONE]
             status = status_of(exc)
             yield sse(error_body(status, str(exc) if status < 500 else "the generation failed"))
@@ -652,13 +671,12 @@ async def _chat_stream(state: ServerState, gens: list[EngineText], cid: str, cre
             return
         for g, out in zip(gens, outs):
             state.metrics.observe_turn(out.stats.prompt_tokens, out.stats.cached_tokens, g.n_tokens, out.stats.ttft_s)
-        if usage:
-            yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
-                       "choices": [], "usage": _total_usage(gens, outs)})
+        if usage_chunk is not None:
+            yield usage_chunk(_total_usage(gens, outs, reasoning))
         yield "data: [DONE]\n\n"
     finally:
         for g in gens:
-            g.close()  # a client that disconnected cancels its generations
+            g.close()
 
 
 # ------------------------------------------------------------------------------------------------ completions
@@ -692,17 +710,15 @@ def _install_completions(app: FastAPI, state: ServerState) -> None:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_completion_stream(state, gens, cid, created, usage, echo),
                                      media_type="text/event-stream")
-        texts = await _collect_all(state, gens, request)
-        if texts is None:
+        done = await _collect_all(state, gens, request)
+        if done is None:
             return Response(status_code=499)
-        outs = [await state.run(g.stream.result) for g in gens]
         choices = []
-        for i, (g, parts, out) in enumerate(zip(gens, texts, outs)):
-            state.metrics.observe_turn(out.stats.prompt_tokens, out.stats.cached_tokens, g.n_tokens, out.stats.ttft_s)
+        for i, (g, (parts, _)) in enumerate(zip(gens, done)):
             choices.append({"index": i, "text": echo + "".join(parts), "finish_reason": _finish(g.finish_reason),
                             "logprobs": _legacy_logprobs(g, len(echo))})
         return {"id": cid, "object": "text_completion", "created": created, "model": state.model_name,
-                "choices": choices, "usage": _total_usage(gens, outs, reasoning=False)}
+                "choices": choices, "usage": _total_usage(gens, [out for _, out in done], reasoning=False)}
 
 
 def _legacy_logprobs(gen: EngineText, offset: int) -> dict | None:
@@ -722,39 +738,22 @@ def _legacy_logprobs(gen: EngineText, offset: int) -> dict | None:
     return out
 
 
-async def _completion_stream(state: ServerState, gens: list[EngineText], cid: str, created: int, usage: bool,
-                             echo: str) -> AsyncIterator[str]:
+def _completion_stream(state: ServerState, gens: list[EngineText], cid: str, created: int, usage: bool,
+                       echo: str) -> AsyncIterator[str]:
     def chunk(i: int, text: str, finish: str | None = None, logprobs: dict | None = None) -> str:
         return sse({"id": cid, "object": "text_completion", "created": created, "model": state.model_name,
                     "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
 
-    try:
-        if echo:
-            for i in range(len(gens)):
-                yield chunk(i, echo)
-        outs: list = [None] * len(gens)
-        try:
-            async for i, kind, delta in _merged_parts(state, gens):
-                g = gens[i]
-                if kind is None:
-                    outs[i] = await state.run(g.stream.result)
-                    yield chunk(i, "", _finish(g.finish_reason), _legacy_logprobs(g, len(echo)))
-                elif kind == "content":
-                    yield chunk(i, delta, logprobs=_legacy_logprobs(g, len(echo)))
-        except E.GemmaSessionsError as exc:  # the status line is sent: the error goes in the stream, then [DONE]
-            status = status_of(exc)
-            yield sse(error_body(status, str(exc) if status < 500 else "the generation failed"))
-            yield "data: [DONE]\n\n"
-            return
-        for g, out in zip(gens, outs):
-            state.metrics.observe_turn(out.stats.prompt_tokens, out.stats.cached_tokens, g.n_tokens, out.stats.ttft_s)
-        if usage:
-            yield sse({"id": cid, "object": "text_completion", "created": created, "model": state.model_name,
-                       "choices": [], "usage": _total_usage(gens, outs, reasoning=False)})
-        yield "data: [DONE]\n\n"
-    finally:
-        for g in gens:
-            g.close()
+    def part(i: int, kind: str, delta: str) -> str | None:
+        return chunk(i, delta, logprobs=_legacy_logprobs(gens[i], len(echo))) if kind == "content" else None
+
+    def usage_chunk(u: dict) -> str:
+        return sse({"id": cid, "object": "text_completion", "created": created, "model": state.model_name,
+                    "choices": [], "usage": u})
+
+    return _stream_choices(state, gens, [chunk(i, echo) for i in range(len(gens))] if echo else [], part,
+                           lambda i: chunk(i, "", _finish(gens[i].finish_reason), _legacy_logprobs(gens[i], len(echo))),
+                           usage_chunk if usage else None, reasoning=False)
 
 
 # ------------------------------------------------------------------------------------------------ responses
