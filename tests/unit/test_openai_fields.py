@@ -59,9 +59,10 @@ def test_token_logprob_is_the_log_softmax_with_the_top_alternatives():
     assert token_logprob(logits, 17, 0).top == ()
 
 
-@pytest.mark.parametrize("bad", [dict(presence_penalty=2.5), dict(frequency_penalty=-3), dict(presence_penalty=math.nan),
-                                 dict(frequency_penalty=True), dict(logit_bias=((1, 101.0),)),
-                                 dict(logit_bias=((-1, 1.0),)), dict(logit_bias=((1, 1.0), (1, 2.0))),
+@pytest.mark.parametrize("bad", [dict(presence_penalty=2.5), dict(frequency_penalty=-3),
+                                 dict(presence_penalty=math.nan), dict(frequency_penalty=True),
+                                 dict(logit_bias=((1, 101.0),)), dict(logit_bias=((-1, 1.0),)),
+                                 dict(logit_bias=((1, 1.0), (1, 2.0))),
                                  dict(logit_bias=((True, 1.0),)), dict(logit_bias=[(1, 1.0)]),
                                  dict(logit_bias=tuple((i, 1.0) for i in range(1025))), dict(logprobs=21),
                                  dict(logprobs=-1), dict(logprobs=1.0)])
@@ -191,7 +192,8 @@ def test_chat_logprobs_plain_and_streamed_agree(client):
     streamed = [e for ev in events for c in ev["choices"] if c.get("logprobs") for e in c["logprobs"]["content"]]
     assert len(streamed) == len(content)  # the same entries, to float32 rounding (the second prompt is cached)
     for a, b in zip(streamed, content):
-        assert [a["bytes"]] + [t["bytes"] for t in a["top_logprobs"]] == [b["bytes"]] + [t["bytes"] for t in b["top_logprobs"]]
+        assert [a["bytes"]] + [t["bytes"] for t in a["top_logprobs"]] == \
+            [b["bytes"]] + [t["bytes"] for t in b["top_logprobs"]]
         assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-5)
     assert events[-1]["usage"]["completion_tokens"] == len(streamed)
     plain = client.post("/v1/chat/completions", json=CHAT).json()["choices"][0]
@@ -328,8 +330,10 @@ def test_tokenize_detokenize_and_the_model_object(client, model):
     assert chat["count"] == client.post("/v1/chat/completions", json=CHAT).json()["usage"]["prompt_tokens"]
     back = client.post("/detokenize", json={"tokens": bare["tokens"]})
     assert back.status_code == 200 and back.json()["prompt"] == "the letters"
-    for path, body, param in (("/tokenize", {}, None), ("/tokenize", {"prompt": "a", "messages": CHAT["messages"]}, None),
-                              ("/detokenize", {"tokens": [1, 10**6]}, "tokens"), ("/detokenize", {"tokens": [-1]}, "tokens"),
+    for path, body, param in (("/tokenize", {}, None),
+                              ("/tokenize", {"prompt": "a", "messages": CHAT["messages"]}, None),
+                              ("/detokenize", {"tokens": [1, 10**6]}, "tokens"),
+                              ("/detokenize", {"tokens": [-1]}, "tokens"),
                               ("/tokenize", {"prompt": "x" * 10**6}, "prompt")):
         bad = client.post(path, json=body)
         assert bad.status_code == 400 and bad.json()["error"]["param"] == param, (path, body, bad.text)
