@@ -334,7 +334,8 @@ def test_tokenize_detokenize_and_the_model_object(client, model):
                               ("/tokenize", {"prompt": "a", "messages": CHAT["messages"]}, None),
                               ("/detokenize", {"tokens": [1, 10**6]}, "tokens"),
                               ("/detokenize", {"tokens": [-1]}, "tokens"),
-                              ("/tokenize", {"prompt": "x" * 10**6}, "prompt")):
+                              ("/tokenize", {"prompt": "x" * 10**6}, "prompt"),
+                              ("/tokenize", {"messages": [{"role": "user", "content": [{}]}]}, "messages")):
         bad = client.post(path, json=body)
         assert bad.status_code == 400 and bad.json()["error"]["param"] == param, (path, body, bad.text)
     name = client.get("/v1/models").json()["data"][0]["id"]

@@ -134,6 +134,13 @@ class ServerState:
             raise ApiError(400, f"the input has {n} characters; at most {self.max_input_chars} are accepted "
                            f"(the context is {self.engine.max_context} tokens)", param, code="context_length_exceeded")
 
+    def check_messages(self, messages) -> None:
+        """Chat messages' text is bounded (``check_chars``), and only text parts are accepted: else a 400."""
+        try:
+            self.check_chars([m.text() for m in messages], "messages")
+        except ValueError as exc:
+            raise ApiError(400, str(exc), "messages") from exc
+
     def max_tokens(self, asked: int | None, default: int) -> int:
         return min(asked or default, self.limits.max_output_tokens)
 
@@ -553,7 +560,7 @@ def _install_basic_routes(app: FastAPI, state: ServerState) -> None:
     async def tokenize(body: TokenizeRequest, request: Request):
         state.owner(request)
         if body.messages is not None:
-            state.check_chars([m.text() for m in body.messages], "messages")
+            state.check_messages(body.messages)
             reasoning = bool(state.reasoning(body.reasoning_effort, "reasoning_effort"))
             tokens = await state.run(chat_prompt, state.tokenizer, body.messages, reasoning)
         else:
@@ -575,10 +582,7 @@ def _install_chat(app: FastAPI, state: ServerState) -> None:
     async def chat(body: ChatCompletionRequest, request: Request):
         state.owner(request)
         state.check_load()
-        try:
-            state.check_chars([m.text() for m in body.messages], "messages")
-        except ValueError as exc:
-            raise ApiError(400, str(exc), "messages") from exc
+        state.check_messages(body.messages)
         refused = body.unsupported()
         if refused:
             raise ApiError(400, refused[1], refused[0])
