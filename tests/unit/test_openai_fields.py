@@ -382,3 +382,39 @@ def test_n_choices_share_the_prompt_and_stream_interleaved(client):
 def test_metrics_count_prompts_held_for_a_shared_prefix(client):
     text = client.get("/metrics").text
     assert "gemma_prompt_steps_held_for_prefix_total" in text
+
+
+def test_many_threads_with_logprobs_penalties_and_bias_get_their_own_results(model):
+    """16 threads submit at once, each with its own penalties, bias and logprobs, and read their logprobs while the
+    engine appends them: each gets what it gets alone."""
+    import threading
+
+    def params(i: int) -> SamplingParams:
+        return SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, frequency_penalty=0.25 * (i % 4),
+                              logit_bias=((60 + i, 3.0),), logprobs=i % 3)
+
+    prompts = [PROMPT + [100 + i] for i in range(16)]
+    with gs.Engine(model, kv_cache_bytes=16 << 20, block_size=4) as engine:
+        alone = [engine.submit(p, params(i)).result() for i, p in enumerate(prompts)]
+        got: list = [None] * 16
+        barrier = threading.Barrier(16)
+
+        def worker(i: int) -> None:
+            barrier.wait()
+            stream = engine.submit(prompts[i], params(i))
+            seen = []
+            for n, _ in enumerate(stream, 1):
+                seen += stream.token_logprobs(len(seen), n)  # each token's entry is there once it is yielded
+            got[i] = (stream.result(), seen)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for i, (out, seen) in enumerate(got):
+        assert out.token_ids == alone[i].token_ids
+        assert [x.token for x in seen] == out.token_ids == [x.token for x in out.logprobs]
+        assert all(len(x.top) == i % 3 for x in seen)
+        for a, b in zip(seen, alone[i].logprobs):
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
