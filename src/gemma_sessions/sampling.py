@@ -13,6 +13,7 @@ from __future__ import annotations
 import array
 import dataclasses
 import math
+import numbers
 import secrets
 from collections.abc import Callable, Iterable, Sequence
 
@@ -65,19 +66,19 @@ class SamplingParams:
         checks = [
             (lambda: isinstance(self.stop, tuple), "stop must be a tuple of strings"),
             (lambda: _number_in(self.temperature, math.inf) and self.temperature >= 0, "temperature must be >= 0"),
-            (lambda: type(self.top_k) is int and self.top_k >= 0, "top_k must be >= 0"),
+            (lambda: _integer(self.top_k) and self.top_k >= 0, "top_k must be >= 0"),
             (lambda: _number_in(self.top_p, 1.0) and 0 < self.top_p, "top_p must be in (0, 1]"),
             (lambda: _number_in(self.min_p, 1.0) and 0 <= self.min_p, "min_p must be in [0, 1]"),
-            (lambda: type(self.max_tokens) is int and self.max_tokens >= 1, "max_tokens must be >= 1"),
+            (lambda: _integer(self.max_tokens) and self.max_tokens >= 1, "max_tokens must be >= 1"),
             (lambda: all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
             (lambda: isinstance(self.reasoning, bool), "reasoning must be true or false"),
             (lambda: isinstance(self.ignore_eos, bool), "ignore_eos must be true or false"),
-            (lambda: self.seed is None or type(self.seed) is int, "seed must be an integer"),
+            (lambda: self.seed is None or _integer(self.seed), "seed must be an integer"),
             (lambda: _number_in(self.presence_penalty, 2.0), "presence_penalty must be a number in [-2, 2]"),
             (lambda: _number_in(self.frequency_penalty, 2.0), "frequency_penalty must be a number in [-2, 2]"),
             (lambda: _valid_bias(self.logit_bias), f"logit_bias must be at most {MAX_LOGIT_BIAS} (token id >= 0, "
                                                    "bias in [-100, 100]) pairs, each token id once"),
-            (lambda: self.logprobs is None or (type(self.logprobs) is int and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
+            (lambda: self.logprobs is None or (_integer(self.logprobs) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
              f"logprobs must be None or an integer in [0, {MAX_TOP_LOGPROBS}]"),
         ]
         for ok, message in checks:  # in order: a later check may rely on an earlier one (stop a tuple)
@@ -127,14 +128,21 @@ MAX_LOGIT_BIAS = 1024
 MAX_TOP_LOGPROBS = 20
 
 
+def _integer(value) -> bool:
+    """An integer (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _number_in(value, bound: float) -> bool:
-    return type(value) in (int, float) and math.isfinite(value) and -bound <= value <= bound
+    """A finite real number (numpy's too; not a bool) in [-bound, bound]."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and \
+        -bound <= value <= bound
 
 
 def _valid_bias(pairs) -> bool:
     if not isinstance(pairs, tuple) or len(pairs) > MAX_LOGIT_BIAS:
         return False
-    ok = all(isinstance(p, tuple) and len(p) == 2 and type(p[0]) is int and p[0] >= 0 and _number_in(p[1], 100.0)
+    ok = all(isinstance(p, tuple) and len(p) == 2 and _integer(p[0]) and p[0] >= 0 and _number_in(p[1], 100.0)
              for p in pairs)
     return ok and len({p[0] for p in pairs}) == len(pairs)
 
