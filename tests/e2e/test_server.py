@@ -190,13 +190,23 @@ def test_conversation_survives_restart(tmp_path, real_model_path):
     assert os.listdir(tmp_path / "store" / "kv")
 
 
-def test_client_disconnect_cancels_its_generation(server):
+@pytest.mark.parametrize("route, body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Write a very long essay."}], "stream": True}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Write a very long essay."}], "stream": True,
+                              "n": 4, "logprobs": True}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Write a very long essay."}], "n": 3}),
+    ("/v1/completions", {"prompt": "A very long essay:", "stream": True, "n": 2}),
+], ids=["chat-stream", "chat-stream-n4-logprobs", "chat-n3", "completions-stream-n2"])
+def test_client_disconnect_cancels_its_generation(server, route, body):
     h = {"Authorization": f"Bearer {KEY_A}"}
-    body = {"messages": [{"role": "user", "content": "Write a very long essay."}], "max_tokens": 2000,
-            "stream": True, "temperature": 1.0}
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=h, timeout=60) as r:
-        for _ in r.iter_lines():
-            break  # first chunk arrived: the generation runs; now hang up
+    body = {**body, "max_tokens": 2000, "temperature": 1.0}
+    if body.get("stream"):
+        with httpx.stream("POST", f"{server.url}{route}", json=body, headers=h, timeout=60) as r:
+            for _ in r.iter_lines():
+                break  # first chunk arrived: the generation runs; now hang up
+    else:
+        with pytest.raises(httpx.ReadTimeout):  # hang up while every choice still generates
+            httpx.post(f"{server.url}{route}", json=body, headers=h, timeout=3)
     deadline = time.time() + 20
     while time.time() < deadline:
         if httpx.get(f"{server.url}/health").json()["running"] == 0:
