@@ -15,7 +15,8 @@ import dataclasses
 import math
 import numbers
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import Protocol
 
 import torch
 
@@ -175,6 +176,21 @@ def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
     return TokenLogprob(int(token), float(lp[int(token)]), ids, values)
 
 
+class TokenConstraint(Protocol):
+    """Which next tokens keep a generation valid (``constraints.JsonObjectConstraint``). The engine's thread alone
+    calls it, once per generated token: ``only()`` (the allowed tokens when few and known, else None), then
+    ``allows`` for candidates in the sampler's order, then ``advance`` with the token picked."""
+
+    def only(self) -> Collection[int] | None: ...
+
+    def allows(self, token: int) -> bool: ...
+
+    def advance(self, token: int) -> None: ...
+
+
+# candidates a constrained step tries from its logits (most likely first) before it scans the whole vocabulary
+CONSTRAINED_CANDIDATES = 256
+
 GREEDY = SamplingParams(temperature=0.0)
 # Smaller positive temperatures sample as this one (already all but greedy; float32 cannot divide by 1e-300).
 MIN_TEMPERATURE = 1e-6
@@ -194,22 +210,36 @@ class Sampler:
             ids, values = zip(*params.logit_bias)
             self._bias = (torch.tensor(ids, dtype=torch.long), torch.tensor(values, dtype=torch.float32))
 
-    def __call__(self, logits: torch.Tensor, generated: Sequence[int] = ()) -> int:
+    def __call__(self, logits: torch.Tensor, generated: Sequence[int] = (),
+                 constraint: TokenConstraint | None = None) -> int:
         """logits: [vocab] float -> token id. ``generated``: the tokens this generation produced so far, in order
-        (what the penalties count; the same list, grown, from call to call)."""
+        (what the penalties count; the same list, grown, from call to call). ``constraint``: only tokens it allows
+        are picked (the most likely allowed one when greedy; sampling over the allowed ones among the filters'
+        candidates)."""
         p = self.params
         if p.adjusts_logits:
             logits = self._adjusted(logits, generated)
+        if constraint is not None:
+            return self._constrained(logits.float().cpu(), constraint)
         if p.greedy:
             return int(kernels.argmax(logits))
-        logits = logits.float().cpu()
+        values, indices = self._candidates(logits.float().cpu(), None)
+        return self._draw(values, indices)
+
+    def _candidates(self, logits: torch.Tensor, cap: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The temperature-scaled logits of the candidates top_k leaves (at most ``cap``), sorted descending."""
+        p = self.params
         # the max first, and a temperature float32 can divide by: the top logit stays 0 and the others become very
         # negative or -inf, never NaN (a temperature of 1e-300 is 0 in float32)
         logits = (logits - logits.max()) / max(p.temperature, MIN_TEMPERATURE)
-        if p.top_k and p.top_k < logits.numel():
-            values, indices = torch.topk(logits, p.top_k)
-        else:
-            values, indices = torch.sort(logits, descending=True)
+        k = min(p.top_k or logits.numel(), cap or logits.numel())
+        if k < logits.numel():
+            return torch.topk(logits, k)
+        return torch.sort(logits, descending=True)
+
+    def _draw(self, values: torch.Tensor, indices: torch.Tensor) -> int:
+        """Sample among sorted candidates after top_p and min_p."""
+        p = self.params
         probs = torch.softmax(values, dim=-1)  # sorted, descending
         keep = torch.ones_like(probs, dtype=torch.bool)
         if p.top_p < 1.0:  # smallest prefix whose mass reaches top_p (the first token is always kept)
@@ -221,6 +251,26 @@ class Sampler:
         probs = torch.where(keep, probs, torch.zeros_like(probs))
         choice = torch.multinomial(probs / probs.sum(), 1, generator=self.generator)
         return int(indices[choice])
+
+    def _constrained(self, logits: torch.Tensor, constraint: TokenConstraint) -> int:
+        only = constraint.only()
+        if only is not None:  # a few known tokens (a stop once the object is complete): the likeliest
+            ids = torch.tensor(sorted(only), dtype=torch.long)
+            return int(ids[int(torch.argmax(logits[ids]))])
+        if not self.params.greedy:
+            values, indices = self._candidates(logits, CONSTRAINED_CANDIDATES)
+            allowed = torch.tensor([constraint.allows(t) for t in indices.tolist()], dtype=torch.bool)
+            if bool(allowed.any()):
+                return self._draw(values[allowed], indices[allowed])
+        # greedy, or no sampling candidate allowed: the most likely allowed token
+        order = torch.topk(logits, min(CONSTRAINED_CANDIDATES, logits.numel())).indices.tolist()
+        for t in order:
+            if constraint.allows(t):
+                return t
+        for t in torch.argsort(logits, descending=True).tolist()[len(order):]:
+            if constraint.allows(t):
+                return t
+        raise InvalidRequestError("no token can continue the constrained reply")
 
     def _adjusted(self, logits: torch.Tensor, generated: Sequence[int]) -> torch.Tensor:
         p = self.params

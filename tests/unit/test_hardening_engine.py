@@ -143,10 +143,10 @@ def test_a_sampler_error_fails_its_request_only(model, monkeypatch):
             self.inner = real(params)
             self.params = params
 
-        def __call__(self, logits, generated=()):
+        def __call__(self, logits, generated=(), constraint=None):
             if self.params.top_k == 3:
                 raise RuntimeError("probability tensor contains either inf, nan or element < 0")
-            return self.inner(logits, generated)
+            return self.inner(logits, generated, constraint)
 
     monkeypatch.setattr(request_mod, "Sampler", Broken)
     others = [_prompt(i, 12) for i in range(2, 4)]

@@ -220,7 +220,6 @@ def test_chat_logit_bias_and_penalties_reach_the_sampler(client, model):
     (dict(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
     (dict(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="auto"), "tools"),
     (dict(functions=[{"name": "f"}]), "tools"),
-    (dict(response_format={"type": "json_object"}), "response_format"),
     (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}), "response_format"),
     (dict(modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"}), "modalities"),
     (dict(web_search_options={}), "web_search_options"),

@@ -72,7 +72,7 @@ class Scripted:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def submit(self, prompt, params=None, kv=None, checkpoints=()):
+    def submit(self, prompt, params=None, kv=None, checkpoints=(), constraint=None):
         self.prompts.append(list(prompt))
         return _Stream(self.tokens, len(prompt))
 

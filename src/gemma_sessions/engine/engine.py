@@ -40,7 +40,7 @@ from ..cache.kv import KVLayout, KVSnapshot, PagedKVCache
 from ..cache.state import StateCache, StateSnapshot
 from ..errors import (CapacityError, ContextLengthError, EngineClosedError, InvalidRequestError, NumericalError,
                       SessionFileError, UnsupportedModelError)
-from ..sampling import SamplingParams, TokenLogprob, token_logprob
+from ..sampling import SamplingParams, TokenConstraint, TokenLogprob, token_logprob
 from .request import GenerationOutput, GenerationStream, KVHandle, Request, State
 from .runner import PagedConfig, PagedModel, StateModel, run_state_step_greedy, run_step_greedy
 from .scheduler import Scheduler
@@ -136,11 +136,14 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ public API
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
-               kv: KVHandle | None = None, checkpoints: Sequence[int] = ()) -> GenerationStream:
+               kv: KVHandle | None = None, checkpoints: Sequence[int] = (),
+               constraint: TokenConstraint | None = None) -> GenerationStream:
         """Queue a generation; returns its stream at once. Thread-safe.
 
         ``checkpoints``: prompt positions other sequences are likely to share (the end of a system prompt). A
         recurrent model snapshots its state there; paged KV shares every full block anyway and ignores them.
+        ``constraint``: only the tokens it allows are generated (``constraints.JsonObjectConstraint``); it is
+        this request's alone, and only the engine thread calls it.
         """
         params = params or SamplingParams()
         prompt = [int(t) for t in prompt_ids]
@@ -153,7 +156,8 @@ class Engine:
             raise InvalidRequestError(f"token ids must be in [0, {vocab})")
         if params.logit_bias and max(t for t, _ in params.logit_bias) >= vocab:
             raise InvalidRequestError(f"logit_bias: token ids must be in [0, {vocab})")
-        req = Request(prompt, params, self._stop_ids, kv, self.max_context, tuple(int(c) for c in checkpoints))
+        req = Request(prompt, params, self._stop_ids, kv, self.max_context, tuple(int(c) for c in checkpoints),
+                      constraint)
         if kv is not None:
             if kv.busy:
                 raise InvalidRequestError("this KV handle is already in use by a running request")
@@ -433,7 +437,7 @@ class Engine:
         if not work:
             return
         t0 = time.perf_counter()
-        greedy = [not req.params.needs_logits for req, it in work if it.want_logits]
+        greedy = [not req.needs_logits for req, it in work if it.want_logits]
         try:
             logits, tokens = self._run(self.model.net, self.cache, [item for _, item in work], greedy)
             tokens = list(tokens)
@@ -488,10 +492,12 @@ class Engine:
         req.computed += item.num_tokens
         self._counters["prefill_tokens"] += item.num_tokens if item.num_tokens > 1 else 0
         if row >= 0:
-            if not req.params.needs_logits:
+            if not req.needs_logits:
                 self._sample(req, tokens[row])
                 return
-            token = req.sampler(logits[row], req.output)
+            token = req.sampler(logits[row], req.output, req.constraint)
+            if req.constraint is not None:
+                req.constraint.advance(token)
             top = req.params.logprobs
             self._sample(req, token, None if top is None else token_logprob(logits[row], token, top))
 

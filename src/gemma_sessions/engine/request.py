@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from ..sampling import Sampler, SamplingParams, TokenLogprob
+from ..sampling import Sampler, SamplingParams, TokenConstraint, TokenLogprob
 
 _ids = itertools.count(1)
 
@@ -67,12 +67,15 @@ class Request:
     """Engine-side state of one generation (mutated only by the engine thread, except ``cancelled``)."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, stop_ids: set[int], handle: KVHandle | None,
-                 max_context: int, checkpoints: tuple[int, ...] = ()):
+                 max_context: int, checkpoints: tuple[int, ...] = (), constraint: TokenConstraint | None = None):
         self.id = next(_ids)
         self.prompt = prompt
         self.checkpoints = checkpoints  # prompt positions worth a state snapshot (a system prompt's end)
         self.params = params
         self.sampler = Sampler(params)
+        self.constraint = constraint  # only tokens it allows are picked (the engine thread alone calls it)
+        # the token comes from the logits row (sampling, penalties, logprobs, a constraint), not the greedy head
+        self.needs_logits = params.needs_logits or constraint is not None
         self.stop_ids = set() if params.ignore_eos else stop_ids
         self.handle = handle
         self.max_context = max_context

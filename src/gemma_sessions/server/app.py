@@ -5,8 +5,8 @@ stays warm between calls and survives restarts through the store. Stateless chat
 prefix cache (``usage.prompt_tokens_details.cached_tokens``). With API keys configured, every conversation,
 response and session belongs to the key that made it; any other key gets 404. Every error is OpenAI-shaped.
 Chat Completions honours ``presence_penalty``, ``frequency_penalty``, ``logit_bias`` and ``logprobs`` /
-``top_logprobs`` (see ``SamplingParams``); a field that asks for what this server does not do (tools, a response
-format other than text, logprobs on Responses) is a 400 naming it, never silently ignored.
+``top_logprobs`` (see ``SamplingParams``) and ``response_format: json_object`` (``constraints``); a field that asks
+for what this server does not do (tools, a schema, logprobs on Responses) is a 400 naming it, never silently ignored.
 
 Hardening (what one request can and cannot do to the others):
 - Bodies are read through :class:`Guard` (pure ASGI, before any route): the API key is checked before a byte of
@@ -42,6 +42,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import errors as E
+from ..constraints import JsonObjectConstraint
 from ..sampling import SamplingParams, TextDeltas
 from ..sessions.chat_format import chat_format
 from ..sessions.conversation import render_chat
@@ -103,6 +104,19 @@ class ServerState:
         self.created = int(time.time())
         self.draining = False
         self.replica: bytes | None = None  # X-Replica on every response (create_app's replica_name)
+        self._control_ids: frozenset[int] | None = None  # built at the first JSON-mode request
+        self._lock = threading.Lock()
+
+    def json_constraint(self) -> JsonObjectConstraint:
+        """A new constraint to one JSON object then a stop (``response_format: json_object``); a request's own."""
+        tok = self.tokenizer
+        with self._lock:
+            if self._control_ids is None:
+                self._control_ids = frozenset(i for i in range(tok.vocab_size) if tok.is_control(i))
+
+        def token_bytes(token: int) -> bytes:  # ids past the tokenizer's vocabulary (padding rows) are no text
+            return tok.token_bytes(token, skip_special=False) if token < tok.vocab_size else b""
+        return JsonObjectConstraint(token_bytes, self.engine.model.stop_ids, self._control_ids)
 
     async def run(self, fn: Callable, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -217,8 +231,8 @@ class EngineText:
     """Text deltas of one stateless engine request (stop strings applied), for chat completions."""
 
     def __init__(self, engine, tokenizer, prompt: list[int], params: SamplingParams,
-                 channel: tuple[int, int] | None = None):
-        self.stream = engine.submit(prompt, params)
+                 channel: tuple[int, int] | None = None, constraint=None):
+        self.stream = engine.submit(prompt, params, constraint=constraint)
         self.deltas = TextDeltas(self.stream, tokenizer, params.stop, on_stop=self.stream.cancel, channel=channel)
         self.finish_reason: str | None = None  # set once next_delta returned None
         self.tokenizer = tokenizer
@@ -290,15 +304,17 @@ async def _collect(state: ServerState, next_delta: Callable[[], str | None], req
 
 
 async def _start_choices(state: ServerState, prompt: list[int], params: SamplingParams, n: int,
-                         channel: tuple[int, int] | None) -> list[EngineText]:
-    """``n`` generations of one prompt (choice i seeded ``seed + i`` when a seed is given). They are submitted
-    together: the engine computes the shared prompt once (the later ones wait for its blocks)."""
+                         channel: tuple[int, int] | None, json_object: bool = False) -> list[EngineText]:
+    """``n`` generations of one prompt (choice i seeded ``seed + i`` when a seed is given; each with its own JSON
+    constraint when ``json_object``). They are submitted together: the engine computes the shared prompt once (the
+    later ones wait for its blocks)."""
     gens: list[EngineText] = []
     try:
         for i in range(n):
             p = params if params.seed is None or i == 0 else params.replace(seed=(params.seed + i + (1 << 63)) % (
                 1 << 64) - (1 << 63))
-            gens.append(await state.run(EngineText, state.engine, state.tokenizer, prompt, p, channel))
+            constraint = await state.run(state.json_constraint) if json_object else None
+            gens.append(await state.run(EngineText, state.engine, state.tokenizer, prompt, p, channel, constraint))
     except BaseException:
         for g in gens:
             g.close()
@@ -595,7 +611,7 @@ def _install_chat(app: FastAPI, state: ServerState) -> None:
         max_tokens = min(state.max_tokens(body.max_completion_tokens or body.max_tokens, 512), limit)
         params = sampling_from(body, SamplingParams(), max_tokens).replace(**body.penalty_changes(),
                                                                            logprobs=body.logprobs_asked())
-        gens = await _start_choices(state, prompt, params, body.n, state.channel)
+        gens = await _start_choices(state, prompt, params, body.n, state.channel, body.json_object())
         cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -1,7 +1,7 @@
 """Request schemas of the HTTP API (pydantic) and OpenAI-shaped error bodies.
 
 Contract: every request body is validated here before any work starts; unknown fields are ignored (clients send
-more than we use), but a known field that asks for what this server does not do (tools, constrained formats:
+more than we use), but a known field that asks for what this server does not do (tools, JSON schemas:
 ``unsupported()``) is refused by the route rather than ignored; wrong types and values are 400s in OpenAI's error
 shape::
 
@@ -172,6 +172,10 @@ class ChatCompletionRequest(PenaltyFields):
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
 
+    def json_object(self) -> bool:
+        """response_format json_object: the reply is one JSON object (constrained decoding)."""
+        return _format_type(self.response_format) == "json_object"
+
     def logprobs_asked(self) -> int | None:
         """SamplingParams.logprobs: None, or how many alternatives each token reports."""
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -182,9 +186,9 @@ class ChatCompletionRequest(PenaltyFields):
             return "tools", ("tool and function calling is not supported by this server (send no tools, or "
                              "tool_choice 'none')")
         fmt = _format_type(self.response_format)
-        if fmt != "text":
-            return "response_format", (f"response_format {fmt!r} is not supported by this server (no constrained "
-                                       "decoding); use 'text'")
+        if fmt not in ("text", "json_object"):
+            return "response_format", (f"response_format {fmt!r} is not supported by this server (it constrains "
+                                       "replies to 'json_object', not to a schema); use 'json_object' or 'text'")
         if any(m != "text" for m in self.modalities or ()) or self.audio is not None:
             return "modalities", "this server answers in text only"
         if self.web_search_options is not None:
