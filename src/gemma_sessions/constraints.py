@@ -11,6 +11,7 @@ JSON-object reply opens with its ``{``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 MAX_BLANKS = 16
@@ -167,44 +168,19 @@ class JsonPrefix:
             self.state = _COMMA_OR_END
 
 
+# RFC 8259's number, whole, and read as a prefix (a '.' or an exponent may still be waiting for its digits)
+_NUMBER_RE = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+_NUMBER_PREFIX_RE = re.compile(rb"-?(?:(?:0|[1-9][0-9]*)(?:\.(?:[0-9]+(?:[eE][+-]?[0-9]*)?)?|[eE][+-]?[0-9]*)?)?")
+
+
 def _number_continues(word: bytes) -> bool:
-    """``word`` is the start of a JSON number (RFC 8259's grammar, read as a prefix)."""
-    i, n = 0, len(word)
-    if i < n and word[i] == 0x2D:
-        i += 1
-    if i == n:
-        return True
-    if word[i] == 0x30:
-        i += 1
-    elif word[i] in _DIGITS:
-        while i < n and word[i] in _DIGITS:
-            i += 1
-    else:
-        return False
-    if i < n and word[i] == 0x2E:  # .
-        i += 1
-        if i == n:
-            return True
-        if word[i] not in _DIGITS:
-            return False
-        while i < n and word[i] in _DIGITS:
-            i += 1
-    if i < n and word[i] in (0x65, 0x45):  # e E
-        i += 1
-        if i < n and word[i] in (0x2B, 0x2D):
-            i += 1
-        if i == n:
-            return True
-        if word[i] not in _DIGITS:
-            return False
-        while i < n and word[i] in _DIGITS:
-            i += 1
-    return i == n
+    """``word`` is the start of a JSON number."""
+    return _NUMBER_PREFIX_RE.fullmatch(word) is not None
 
 
 def _number_ends(word: bytes) -> bool:
     """``word`` is a whole JSON number (it may end here)."""
-    return bool(word) and _number_continues(word) and word[-1] in _DIGITS
+    return _NUMBER_RE.fullmatch(word) is not None
 
 
 class JsonObjectConstraint:
