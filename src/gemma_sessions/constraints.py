@@ -186,17 +186,25 @@ def _number_ends(word: bytes) -> bool:
 class JsonObjectConstraint:
     """One JSON object, then one of ``stop_ids`` (the engine's ``TokenConstraint``). ``token_bytes(id)``: the bytes a
     token adds to the text (the tokenizer's ``token_bytes(id, skip_special=False)``); ``special``: ids that are never
-    text (control tokens), allowed only as the stop once the object is complete."""
+    text (control tokens), allowed only as the stop once the object is complete; ``single_bytes``: the tokens of one
+    byte each (a byte-fallback vocabulary has all 256), which can spell any continuation (``fallback``)."""
 
-    def __init__(self, token_bytes, stop_ids: Iterable[int], special: Iterable[int] = ()) -> None:
+    def __init__(self, token_bytes, stop_ids: Iterable[int], special: Iterable[int] = (),
+                 single_bytes: Iterable[int] = ()) -> None:
         self._bytes = token_bytes
         self._stop = frozenset(int(t) for t in stop_ids)
         self._special = frozenset(int(t) for t in special) | self._stop
+        self._single = tuple(int(t) for t in single_bytes)
         self.json = JsonPrefix(object_only=True)
 
     def only(self) -> frozenset[int] | None:
         """The allowed tokens when they are few and known (the stops, once the object is complete), else None."""
         return self._stop if self.json.complete else None
+
+    def fallback(self) -> tuple[int, ...]:
+        """Tokens to try when none of the likely ones is allowed: the single bytes (every continuation starts with
+        one), so the sampler never scans the whole vocabulary."""
+        return self._single
 
     def allows(self, token: int) -> bool:
         if token in self._special:

@@ -179,16 +179,19 @@ def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
 class TokenConstraint(Protocol):
     """Which next tokens keep a generation valid (``constraints.JsonObjectConstraint``). The engine's thread alone
     calls it, once per generated token: ``only()`` (the allowed tokens when few and known, else None), then
-    ``allows`` for candidates in the sampler's order, then ``advance`` with the token picked."""
+    ``allows`` for candidates in the sampler's order (the likeliest, then ``fallback()``: a few tokens among which
+    one is allowed whenever any is), then ``advance`` with the token picked."""
 
     def only(self) -> Collection[int] | None: ...
+
+    def fallback(self) -> Sequence[int]: ...
 
     def allows(self, token: int) -> bool: ...
 
     def advance(self, token: int) -> None: ...
 
 
-# candidates a constrained step tries from its logits (most likely first) before it scans the whole vocabulary
+# candidates a constrained step tries from its logits (most likely first) before the constraint's fallback tokens
 CONSTRAINED_CANDIDATES = 256
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -262,12 +265,13 @@ class Sampler:
             allowed = torch.tensor([constraint.allows(t) for t in indices.tolist()], dtype=torch.bool)
             if bool(allowed.any()):
                 return self._draw(values[allowed], indices[allowed])
-        # greedy, or no sampling candidate allowed: the most likely allowed token
+        # greedy, or no sampling candidate allowed: the most likely allowed token among the likeliest, then among
+        # the constraint's fallback tokens (bounded work per step: the engine loop waits for it)
         order = torch.topk(logits, min(CONSTRAINED_CANDIDATES, logits.numel())).indices.tolist()
+        spare = [t for t in constraint.fallback() if 0 <= t < logits.numel()]
+        if spare:
+            order += torch.tensor(spare)[torch.argsort(logits[spare], descending=True)].tolist()
         for t in order:
-            if constraint.allows(t):
-                return t
-        for t in torch.argsort(logits, descending=True).tolist()[len(order):]:
             if constraint.allows(t):
                 return t
         raise InvalidRequestError("no token can continue the constrained reply")

@@ -7,6 +7,7 @@ import json
 import random
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 import gemma_sessions as gs
@@ -63,6 +64,22 @@ def test_blank_space_and_nesting_are_capped():
     assert deep.feed(b'[' * MAX_DEPTH) and not deep.feed(b'[')
 
 
+def test_a_step_whose_likely_tokens_are_all_refused_picks_among_the_single_bytes():
+    """The sampler tries its 256 likeliest tokens, then the constraint's one-byte tokens: never the whole vocabulary."""
+    from gemma_sessions.sampling import CONSTRAINED_CANDIDATES, Sampler, SamplingParams
+
+    n = 5000
+    vocab = {t: b"x" * 3 for t in range(n)}  # multi-byte junk: never allowed in JSON outside a string
+    vocab.update({4000: b"{", 4001: b"}", 4002: b'"'})
+    logits = torch.arange(n, dtype=torch.float32).flip(0)  # token 0 the likeliest, the bytes far down
+    c = JsonObjectConstraint(vocab.__getitem__, stop_ids=[], single_bytes=[4000, 4001, 4002])
+    calls = []
+    allows = c.allows
+    c.allows = lambda t: calls.append(t) or allows(t)
+    assert Sampler(SamplingParams(temperature=0))(logits, (), c) == 4000
+    assert len(calls) <= CONSTRAINED_CANDIDATES + 3
+
+
 def test_the_object_constraint_allows_text_tokens_then_only_the_stop():
     vocab = {1: b"", 2: b"{", 3: b'"a"', 4: b":", 5: b" 1", 6: b"}", 7: b"x", 8: b'"'}
     c = JsonObjectConstraint(vocab.__getitem__, stop_ids=[9], special=[10])
@@ -89,9 +106,14 @@ def test_engine_json_replies_are_json_and_stop_once_complete(model):
     close = {_byte_id(model, "}"): 30.0, _byte_id(model, '"'): 8.0}  # a random model, nudged to close what it opens
     stop = set(model.stop_ids)
 
+    def token_bytes(t: int) -> bytes:
+        return tok.token_bytes(t, skip_special=False) if t < tok.vocab_size else b""
+
+    control = [i for i in range(tok.vocab_size) if tok.is_control(i)]
+    single = [i for i in range(tok.vocab_size) if i not in control and len(token_bytes(i)) == 1]
+
     def constraint():
-        return JsonObjectConstraint(lambda t: tok.token_bytes(t, skip_special=False) if t < tok.vocab_size else b"",
-                                    stop, [i for i in range(tok.vocab_size) if tok.is_control(i)])
+        return JsonObjectConstraint(token_bytes, stop, control, single)
 
     with gs.Engine(model, kv_cache_bytes=8 << 20, block_size=4) as engine:
         for params in (gs.SamplingParams(temperature=0, max_tokens=40),

@@ -104,19 +104,22 @@ class ServerState:
         self.created = int(time.time())
         self.draining = False
         self.replica: bytes | None = None  # X-Replica on every response (create_app's replica_name)
-        self._control_ids: frozenset[int] | None = None  # built at the first JSON-mode request
+        self._json_vocab: tuple | None = None  # (control ids, one-byte ids): built at the first JSON-mode request
         self._lock = threading.Lock()
 
     def json_constraint(self) -> JsonObjectConstraint:
         """A new constraint to one JSON object then a stop (``response_format: json_object``); a request's own."""
         tok = self.tokenizer
-        with self._lock:
-            if self._control_ids is None:
-                self._control_ids = frozenset(i for i in range(tok.vocab_size) if tok.is_control(i))
 
         def token_bytes(token: int) -> bytes:  # ids past the tokenizer's vocabulary (padding rows) are no text
             return tok.token_bytes(token, skip_special=False) if token < tok.vocab_size else b""
-        return JsonObjectConstraint(token_bytes, self.engine.model.stop_ids, self._control_ids)
+        with self._lock:
+            if self._json_vocab is None:
+                self._json_vocab = (frozenset(i for i in range(tok.vocab_size) if tok.is_control(i)),
+                                    tuple(i for i in range(tok.vocab_size)
+                                          if not tok.is_control(i) and len(token_bytes(i)) == 1))
+        control, single = self._json_vocab
+        return JsonObjectConstraint(token_bytes, self.engine.model.stop_ids, control, single)
 
     async def run(self, fn: Callable, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
