@@ -146,3 +146,24 @@ def test_the_server_answers_json_object_and_still_refuses_schemas(model):
         refused = client.post("/v1/chat/completions", json={**body, "response_format": schema})
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "response_format"
     engine.close()
+
+
+def test_responses_and_sessions_take_json_mode_per_turn(model):
+    engine = gs.Engine(model, kv_cache_bytes=8 << 20, block_size=4)
+    with TestClient(create_app(gs.SessionManager(engine))) as client:
+        conv = client.post("/v1/conversations", json={}).json()["id"]
+        texts = []
+        for fmt in ({"type": "json_object"}, {"type": "text"}, {"type": "json_object"}):
+            r = client.post("/v1/responses", json={"conversation": conv, "input": "hi", "max_output_tokens": 12,
+                                                   "temperature": 0, "text": {"format": fmt}})
+            assert r.status_code == 200, r.text
+            texts.append(r.json()["output"][-1]["content"][0]["text"])
+        for text in (texts[0], texts[2]):
+            assert text.startswith("{") and JsonPrefix(object_only=True).feed(text.encode()), text
+        assert not texts[1].startswith("{")  # the plain turn between them is not constrained
+        items = client.get(f"/v1/conversations/{conv}/items", params={"order": "asc"}).json()["data"]
+        assert [i["content"][0]["text"] for i in items if i["role"] == "assistant"] == texts  # in the history
+        schema = {"type": "json_schema", "name": "x", "schema": {"type": "object"}}
+        refused = client.post("/v1/responses", json={"input": "hi", "text": {"format": schema}})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "text"
+    engine.close()

@@ -806,7 +806,8 @@ def _install_responses(app: FastAPI, state: ServerState) -> None:
         def start():
             max_tokens = state.max_tokens(body.max_output_tokens, session.sampling.max_tokens)
             return session.stream(items[-1][1], sampling=sampling_from(body, session.sampling, max_tokens),
-                                  wait=wait, reasoning=reasoning, idempotency_key=idempotency_key)
+                                  wait=wait, reasoning=reasoning, idempotency_key=idempotency_key,
+                                  constraint=state.json_constraint() if body.json_object() else None)
 
         try:
             turn = await state.run(start)

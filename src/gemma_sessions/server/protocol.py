@@ -272,7 +272,7 @@ class ResponseRequest(SamplingFields):
     max_output_tokens: int | None = Field(default=None, ge=1)
     metadata: Metadata | None = None
     reasoning: Reasoning | None = None
-    # refused unless they ask for nothing (unsupported())
+    # refused unless they ask for nothing or for what is done (unsupported(); text.format json_object: json_object())
     tools: list[Any] | None = None
     tool_choice: Any = None
     text: dict[str, Any] | None = None
@@ -284,11 +284,16 @@ class ResponseRequest(SamplingFields):
         if self.tools and self.tool_choice != "none":
             return "tools", "tools are not supported by this server (send none, or tool_choice 'none')"
         fmt = _format_type((self.text or {}).get("format"))
-        if fmt != "text":
-            return "text", f"text.format {fmt!r} is not supported by this server (no constrained decoding); use 'text'"
+        if fmt not in ("text", "json_object"):
+            return "text", (f"text.format {fmt!r} is not supported by this server (it constrains replies to "
+                            "'json_object', not to a schema); use 'json_object' or 'text'")
         if self.top_logprobs or any("logprobs" in i for i in self.include or ()):
             return "top_logprobs", "logprobs are served by /v1/chat/completions (logprobs, top_logprobs), not here"
         return None
+
+    def json_object(self) -> bool:
+        """text.format json_object: the reply is one JSON object (constrained decoding)."""
+        return _format_type((self.text or {}).get("format")) == "json_object"
 
 
 class ConversationCreate(_Body):

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 
 from ..errors import GemmaSessionsError, SessionBusyError
-from ..sampling import SamplingParams, TextDeltas
+from ..sampling import SamplingParams, TextDeltas, TokenConstraint
 from .conversation import CONTEXT_POLICIES, Conversation, Message, check_text
 
 
@@ -217,21 +217,27 @@ class Session:
 
     # ------------------------------------------------------------------------------------------ turns
     def send(self, text: str, *, sampling: SamplingParams | None = None, wait: bool = True,
-             reasoning: bool | None = None, idempotency_key: str | None = None) -> Reply:
-        """Run one turn to completion and return the reply (``idempotency_key``: see :meth:`stream`)."""
-        stream = self.stream(text, sampling=sampling, wait=wait, reasoning=reasoning, idempotency_key=idempotency_key)
+             reasoning: bool | None = None, idempotency_key: str | None = None,
+             constraint: TokenConstraint | None = None) -> Reply:
+        """Run one turn to completion and return the reply (``idempotency_key``, ``constraint``: see :meth:`stream`)."""
+        stream = self.stream(text, sampling=sampling, wait=wait, reasoning=reasoning, idempotency_key=idempotency_key,
+                             constraint=constraint)
         for _ in stream:
             pass
         return stream.reply
 
     def stream(self, text: str, *, sampling: SamplingParams | None = None, wait: bool = True,
-               reasoning: bool | None = None, idempotency_key: str | None = None) -> TurnStream:
+               reasoning: bool | None = None, idempotency_key: str | None = None,
+               constraint: TokenConstraint | None = None) -> TurnStream:
         """Start a turn and iterate its answer's text deltas; ``.reply`` holds the result once iteration ends
         (``next_part`` gives thoughts too). ``reasoning``: thinking on or off for this turn (default: the sampling's).
 
         ``idempotency_key``: names this request (the server passes the ``Idempotency-Key`` header; default a fresh
         uuid). With a store that keeps keys (Redis) a key is committed at most once per session: a retry of a
         committed key gets the recorded reply, without generating and without appending again.
+
+        ``constraint``: only the tokens it allows are generated (``constraints.JsonObjectConstraint``: the reply is
+        one JSON object); a turn's own.
 
         Closing the iterator early cancels the turn (nothing is appended to the history).
         """
@@ -241,7 +247,7 @@ class Session:
         if not self._turn_lock.acquire(blocking=wait):
             raise SessionBusyError(f"session {self.id} is already running a turn")
         try:
-            return TurnStream(self, text, params, idempotency_key or uuid.uuid4().hex)
+            return TurnStream(self, text, params, idempotency_key or uuid.uuid4().hex, constraint)
         except BaseException:
             self._turn_lock.release()
             raise
@@ -271,7 +277,8 @@ class Session:
 class TurnStream:
     """Iterator of text deltas for one turn (holds the session's turn lock until it ends)."""
 
-    def __init__(self, session: Session, text: str, params: SamplingParams, idempotency_key: str):
+    def __init__(self, session: Session, text: str, params: SamplingParams, idempotency_key: str,
+                 constraint: TokenConstraint | None = None):
         self._done = True  # until the engine request exists, there is nothing to cancel
         self.session = session
         self.idempotency_key = idempotency_key
@@ -294,7 +301,8 @@ class TurnStream:
         self.params = params.replace(max_tokens=plan.max_tokens)
         self._plan = plan
         self._engine_stream = session.engine.submit(prompt, self.params, kv=session.kv,
-                                                    checkpoints=() if system_end is None else (system_end,))
+                                                    checkpoints=() if system_end is None else (system_end,),
+                                                    constraint=constraint)
         self._deltas = TextDeltas(self._engine_stream, conv.tokenizer, self.params.stop,
                                   on_stop=self._engine_stream.cancel,  # a stop string ends the generation at once
                                   channel=conv.format.channel)
