@@ -28,6 +28,7 @@ def generate_tokens(model, prompt_ids: Sequence[int], params: SamplingParams) ->
     ctx = model.config.max_position_embeddings
     if len(prompt_ids) >= ctx:
         raise ContextLengthError(f"prompt has {len(prompt_ids)} tokens; the model's context is {ctx}")
+    params.check_vocab(model.config.vocab_size)
     budget = min(params.max_tokens, ctx - len(prompt_ids))
     net, dev = model.net, model.device
     state = net.new_sequence(len(prompt_ids) + budget)

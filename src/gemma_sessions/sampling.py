@@ -101,6 +101,12 @@ class SamplingParams:
         the exact greedy head's token will do."""
         return not self.greedy or self.adjusts_logits or self.logprobs is not None
 
+    def check_vocab(self, vocab_size: int) -> None:
+        """InvalidRequestError when ``logit_bias`` names a token past the vocabulary (checked once per request, by
+        whoever runs it: the engine's ``submit``, ``generate``)."""
+        if self.logit_bias and max(t for t, _ in self.logit_bias) >= vocab_size:
+            raise InvalidRequestError(f"logit_bias: token ids must be in [0, {vocab_size})")
+
     def replace(self, **changes) -> SamplingParams:
         return dataclasses.replace(self, **changes)
 
@@ -281,8 +287,6 @@ class Sampler:
         out = logits.float().cpu().clone()
         if self._bias is not None:
             ids, values = self._bias
-            if int(ids.max()) >= out.numel():
-                raise InvalidRequestError(f"logit_bias: token ids must be below the vocabulary size {out.numel()}")
             out[ids] += values
         if p.presence_penalty or p.frequency_penalty:
             if len(generated) < self._counted:  # a different list: count afresh

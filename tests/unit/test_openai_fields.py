@@ -149,11 +149,13 @@ def test_engine_and_generate_apply_penalties_and_bias_alike(model, extra):
         assert 90 not in expected and 90 in plain
 
 
-def test_a_bias_outside_the_vocabulary_is_refused_by_the_engine(model):
+def test_a_bias_outside_the_vocabulary_is_refused_before_generating(model):
     with gs.Engine(model, kv_cache_bytes=8 << 20, block_size=4) as engine:
         with pytest.raises(gs.InvalidRequestError, match="logit_bias"):
             engine.submit(PROMPT, SamplingParams(logit_bias=((model.config.vocab_size, 1.0),)))
         assert engine.submit(PROMPT, SamplingParams(temperature=0, max_tokens=2)).result().token_ids  # still serving
+    with pytest.raises(gs.InvalidRequestError, match="logit_bias"):  # generate() checks it the same way
+        list(generate_tokens(model, PROMPT, SamplingParams(logit_bias=((model.config.vocab_size, 1.0),))))
 
 
 @pytest.fixture(scope="module")

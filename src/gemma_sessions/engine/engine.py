@@ -154,8 +154,7 @@ class Engine:
         vocab = self.model.config.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise InvalidRequestError(f"token ids must be in [0, {vocab})")
-        if params.logit_bias and max(t for t, _ in params.logit_bias) >= vocab:
-            raise InvalidRequestError(f"logit_bias: token ids must be in [0, {vocab})")
+        params.check_vocab(vocab)
         req = Request(prompt, params, self._stop_ids, kv, self.max_context, tuple(int(c) for c in checkpoints),
                       constraint)
         if kv is not None:

@@ -119,7 +119,7 @@ class Scheduler:
                 log.exception("scheduling request %d failed", req.id)
                 self._fail(req, exc, drop_kv=True)
                 continue
-            if not decode:
+            if not decode and req.seq is not None:  # (a request preempted while scheduling holds no KV to wait for)
                 ahead.append(req)
             if item is None:
                 continue
