@@ -146,6 +146,8 @@ def settings(driver, **fields) -> None:
         el = find(driver, f"#{field_id}")
         el.clear()
         el.send_keys(str(value))
+    # an earlier save's "Saved" stays up for 2.5 s: clear it, so the wait is for this save's
+    driver.execute_script("document.getElementById('settings-saved').textContent = ''")
     find(driver, "#save-settings").click()
     wait(driver, lambda d: find(d, "#settings-saved").text == "Saved")
 
