@@ -1,9 +1,11 @@
-"""Token constraints: which next tokens keep a generation valid (OpenAI's ``response_format: json_object``).
+"""Token constraints: which next tokens keep a generation valid (OpenAI's ``response_format``: ``json_object``,
+``json_schema``).
 
 Contract: a constraint is the engine's ``TokenConstraint`` (``allows(token)``, ``advance(token)``, ``only()``); the
 engine knows no text, so the constraint holds the tokenizer and judges each candidate by the bytes it would add.
 :class:`JsonPrefix` is an incremental byte-level check that what was generated is the start of one valid JSON text
-(RFC 8259); :class:`JsonObjectConstraint` asks for one JSON object and then a stop token. The sampler tries
+(RFC 8259); :class:`JsonObjectConstraint` asks for one JSON object and then a stop token,
+:class:`JsonSchemaConstraint` for one JSON text a schema accepts (``json_schema``) and then a stop. The sampler tries
 candidates in its own order (most likely first), so a constrained greedy token is the most likely allowed one.
 Whitespace outside strings is capped (``MAX_BLANKS`` bytes in a row), so a model cannot stall in blank space, and a
 JSON-object reply opens with its ``{``.
@@ -12,7 +14,13 @@ JSON-object reply opens with its ``{``.
 from __future__ import annotations
 
 import re
+import threading
+import weakref
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .json_schema import JsonSchema
 
 MAX_BLANKS = 16
 MAX_DEPTH = 64  # nesting a constrained reply may reach (Python's json reads far deeper; a cap keeps the stack small)
@@ -50,6 +58,11 @@ class JsonPrefix:
     @property
     def complete(self) -> bool:
         return self.state == _DONE or (self.state == _NUMBER and not self.stack and _number_ends(self.aux))
+
+    @property
+    def finished(self) -> bool:
+        """Complete, and nothing but blank space may follow (a top-level number may still grow)."""
+        return self.state == _DONE
 
     def feed(self, data: bytes) -> bool:
         return all(self._byte(b) for b in data)
@@ -183,23 +196,26 @@ def _number_ends(word: bytes) -> bool:
     return _NUMBER_RE.fullmatch(word) is not None
 
 
-class JsonObjectConstraint:
-    """One JSON object, then one of ``stop_ids`` (the engine's ``TokenConstraint``). ``token_bytes(id)``: the bytes a
-    token adds to the text (the tokenizer's ``token_bytes(id, skip_special=False)``); ``special``: ids that are never
-    text (control tokens), allowed only as the stop once the object is complete; ``single_bytes``: the tokens of one
-    byte each (a byte-fallback vocabulary has all 256), which can spell any continuation (``fallback``)."""
+class JsonConstraint:
+    """One JSON text that ``matcher`` accepts, then one of ``stop_ids`` (the engine's ``TokenConstraint``). The
+    matcher is fed bytes (``feed``, ``copy``, ``complete``, ``finished``: :class:`JsonPrefix`'s interface, or
+    ``json_schema.SchemaMatcher``'s). ``token_bytes(id)``: the bytes a token adds to the text (the tokenizer's
+    ``token_bytes(id, skip_special=False)``); ``special``: ids that are never text (control tokens), allowed only as
+    the stop once the text is complete; ``single_bytes``: the tokens of one byte each (a byte-fallback vocabulary has
+    all 256), which can spell any continuation (``fallback``)."""
 
-    def __init__(self, token_bytes, stop_ids: Iterable[int], special: Iterable[int] = (),
+    def __init__(self, matcher, token_bytes, stop_ids: Iterable[int], special: Iterable[int] = (),
                  single_bytes: Iterable[int] = ()) -> None:
         self._bytes = token_bytes
         self._stop = frozenset(int(t) for t in stop_ids)
         self._special = frozenset(int(t) for t in special) | self._stop
         self._single = tuple(int(t) for t in single_bytes)
-        self.json = JsonPrefix(object_only=True)
+        self.json = matcher
 
     def only(self) -> frozenset[int] | None:
-        """The allowed tokens when they are few and known (the stops, once the object is complete), else None."""
-        return self._stop if self.json.complete else None
+        """The allowed tokens when they are few and known (the stops, once nothing but a stop may follow), else
+        None."""
+        return self._stop if self.json.finished else None
 
     def fallback(self) -> tuple[int, ...]:
         """Tokens to try when none of the likely ones is allowed: the single bytes (every continuation starts with
@@ -209,7 +225,7 @@ class JsonObjectConstraint:
     def allows(self, token: int) -> bool:
         if token in self._special:
             return token in self._stop and self.json.complete
-        if self.json.complete:
+        if self.json.finished:
             return False
         data = self._bytes(token)
         return bool(data) and self.json.copy().feed(data)
@@ -217,3 +233,49 @@ class JsonObjectConstraint:
     def advance(self, token: int) -> None:
         if token not in self._special:
             self.json.feed(self._bytes(token))
+
+
+class JsonObjectConstraint(JsonConstraint):
+    """One JSON object, then a stop (``response_format: json_object``); the arguments are :class:`JsonConstraint`'s
+    after its matcher."""
+
+    def __init__(self, token_bytes, stop_ids: Iterable[int], special: Iterable[int] = (),
+                 single_bytes: Iterable[int] = ()) -> None:
+        super().__init__(JsonPrefix(object_only=True), token_bytes, stop_ids, special, single_bytes)
+
+
+class JsonSchemaConstraint(JsonConstraint):
+    """One JSON text that a compiled ``json_schema.JsonSchema`` accepts, then a stop (``response_format:
+    json_schema``); every prefix it allows can still be completed, so the reply never runs into a dead end."""
+
+    def __init__(self, schema: JsonSchema, token_bytes, stop_ids: Iterable[int], special: Iterable[int] = (),
+                 single_bytes: Iterable[int] = ()) -> None:
+        super().__init__(schema.matcher(), token_bytes, stop_ids, special, single_bytes)
+
+
+_VOCAB: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (control ids, one-byte ids)
+_VOCAB_LOCK = threading.Lock()
+
+
+def json_constraint(model, schema: Any = None) -> JsonConstraint:
+    """A new constraint for one generation of ``model`` (a ``Model``: its tokenizer and stop ids): one JSON object
+    (``schema`` None), or one JSON text ``schema`` accepts (a ``json_schema.JsonSchema``, or a schema to compile:
+    ``SchemaError`` on what it cannot honour). Each generation needs its own; the vocabulary scan is done once per
+    tokenizer."""
+    tok = model.tokenizer
+
+    def token_bytes(token: int) -> bytes:  # ids past the tokenizer's vocabulary (padding rows) are no text
+        return tok.token_bytes(token, skip_special=False) if token < tok.vocab_size else b""
+
+    with _VOCAB_LOCK:
+        vocab = _VOCAB.get(tok)
+        if vocab is None:
+            control = frozenset(i for i in range(tok.vocab_size) if tok.is_control(i))
+            vocab = _VOCAB[tok] = (control, tuple(i for i in range(tok.vocab_size)
+                                                  if i not in control and len(token_bytes(i)) == 1))
+    control, single = vocab
+    if schema is None:
+        return JsonObjectConstraint(token_bytes, model.stop_ids, control, single)
+    from .json_schema import JsonSchema
+    compiled = schema if isinstance(schema, JsonSchema) else JsonSchema(schema)
+    return JsonSchemaConstraint(compiled, token_bytes, model.stop_ids, control, single)

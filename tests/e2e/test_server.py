@@ -270,3 +270,31 @@ def test_json_mode_on_the_real_model_answers_a_json_object(server):
     assert '"name"' in text and "Alice" in text  # the model's own answer, kept to JSON (not a forced empty object)
     if choice["finish_reason"] == "stop":
         assert isinstance(json.loads(text), dict)
+
+
+def test_json_schema_on_the_real_model_through_the_openai_clients_parse(server):
+    """A pydantic model through the official client's ``parse`` (its strict schema: titles, required, no extra
+    properties): the 270M base model, which alone repeats the prompt, answers the schema's object."""
+    import pydantic
+
+    class Person(pydantic.BaseModel):
+        name: str = pydantic.Field(max_length=40)
+        age: int = pydantic.Field(ge=0, le=150)
+        city: str = pydantic.Field(max_length=40)
+
+    client = server.client()
+    done = client.chat.completions.parse(
+        model="gemma", messages=[{"role": "user", "content": "Alice is 30 and lives in Paris. Describe her as JSON."}],
+        response_format=Person, max_tokens=60, temperature=0)
+    choice = done.choices[0]
+    assert choice.finish_reason == "stop", choice.message.content
+    person = choice.message.parsed
+    assert person.name == "Alice" and person.age == 30, choice.message.content
+    r = client.responses.create(model="gemma", input="Bob is 41 and lives in Rome. Describe him as JSON.",
+                                max_output_tokens=60, temperature=0, text={"format": {
+                                    "type": "json_schema", "name": "person", "strict": True,
+                                    "schema": Person.model_json_schema() | {"additionalProperties": False}}})
+    Person.model_validate_json(r.output_text)
+    with pytest.raises(openai.BadRequestError, match="pattern"):
+        client.chat.completions.create(model="gemma", messages=[{"role": "user", "content": "hi"}], response_format={
+            "type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "string", "pattern": "^a"}}})

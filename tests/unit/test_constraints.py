@@ -129,7 +129,7 @@ def test_engine_json_replies_are_json_and_stop_once_complete(model):
         assert forced.finish_reason == "stop" and tok.decode(forced.token_ids) == "{}"
 
 
-def test_the_server_answers_json_object_and_still_refuses_schemas(model):
+def test_the_server_answers_json_object_and_refuses_what_a_schema_cannot_enforce(model):
     engine = gs.Engine(model, kv_cache_bytes=8 << 20, block_size=4)
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 30, "temperature": 0,
             "response_format": {"type": "json_object"}}
@@ -142,9 +142,10 @@ def test_the_server_answers_json_object_and_still_refuses_schemas(model):
         forced = client.post("/v1/chat/completions", json={**body, "logit_bias": {str(_byte_id(model, "}")): 100}})
         assert forced.json()["choices"][0]["message"]["content"] == "{}"
         assert forced.json()["choices"][0]["finish_reason"] == "stop"
-        schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+        schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "a+"}}}
         refused = client.post("/v1/chat/completions", json={**body, "response_format": schema})
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "response_format"
+        assert "'pattern'" in refused.json()["error"]["message"]
     engine.close()
 
 
@@ -163,7 +164,7 @@ def test_responses_and_sessions_take_json_mode_per_turn(model):
         assert not texts[1].startswith("{")  # the plain turn between them is not constrained
         items = client.get(f"/v1/conversations/{conv}/items", params={"order": "asc"}).json()["data"]
         assert [i["content"][0]["text"] for i in items if i["role"] == "assistant"] == texts  # in the history
-        schema = {"type": "json_schema", "name": "x", "schema": {"type": "object"}}
+        schema = {"type": "json_schema", "name": "x", "schema": {"type": "object", "minProperties": 1}}
         refused = client.post("/v1/responses", json={"input": "hi", "text": {"format": schema}})
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "text"
     engine.close()

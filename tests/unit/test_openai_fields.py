@@ -222,7 +222,8 @@ def test_chat_logit_bias_and_penalties_reach_the_sampler(client, model):
     (dict(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
     (dict(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="auto"), "tools"),
     (dict(functions=[{"name": "f"}]), "tools"),
-    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}), "response_format"),
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"pattern": "a"}}}),
+     "response_format"),
     (dict(modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"}), "modalities"),
     (dict(web_search_options={}), "web_search_options"),
 ])
@@ -244,7 +245,7 @@ def test_chat_fields_that_ask_for_nothing_are_accepted(client):
 
 @pytest.mark.parametrize("extra, param", [
     (dict(tools=[{"type": "function", "name": "f"}]), "tools"),
-    (dict(text={"format": {"type": "json_schema", "name": "x", "schema": {}}}), "text"),
+    (dict(text={"format": {"type": "json_schema", "name": "x", "schema": {"not": {}}}}), "text"),
     (dict(top_logprobs=3), "top_logprobs"),
     (dict(include=["message.output_text.logprobs"]), "top_logprobs"),
 ])

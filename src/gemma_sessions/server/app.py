@@ -5,8 +5,9 @@ stays warm between calls and survives restarts through the store. Stateless chat
 prefix cache (``usage.prompt_tokens_details.cached_tokens``). With API keys configured, every conversation,
 response and session belongs to the key that made it; any other key gets 404. Every error is OpenAI-shaped.
 Chat Completions honours ``presence_penalty``, ``frequency_penalty``, ``logit_bias`` and ``logprobs`` /
-``top_logprobs`` (see ``SamplingParams``) and ``response_format: json_object`` (``constraints``); a field that asks
-for what this server does not do (tools, a schema, logprobs on Responses) is a 400 naming it, never silently ignored.
+``top_logprobs`` (see ``SamplingParams``); Chat and Responses honour ``json_object`` and ``json_schema`` formats
+(``constraints``, ``json_schema``). A field that asks for what this server does not do (tools, a schema keyword it
+cannot enforce, logprobs on Responses) is a 400 naming it, never silently ignored.
 
 Hardening (what one request can and cannot do to the others):
 - Bodies are read through :class:`Guard` (pure ASGI, before any route): the API key is checked before a byte of
@@ -28,13 +29,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,7 +44,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import errors as E
-from ..constraints import JsonObjectConstraint
+from ..constraints import JsonConstraint, json_constraint
+from ..json_schema import JsonSchema, SchemaError
 from ..sampling import SamplingParams, TextDeltas
 from ..sessions.chat_format import chat_format
 from ..sessions.conversation import render_chat
@@ -104,22 +107,24 @@ class ServerState:
         self.created = int(time.time())
         self.draining = False
         self.replica: bytes | None = None  # X-Replica on every response (create_app's replica_name)
-        self._json_vocab: tuple | None = None  # (control ids, one-byte ids): built at the first JSON-mode request
-        self._lock = threading.Lock()
 
-    def json_constraint(self) -> JsonObjectConstraint:
-        """A new constraint to one JSON object then a stop (``response_format: json_object``); a request's own."""
-        tok = self.tokenizer
+    def json_constraint(self, schema: JsonSchema | None = None) -> JsonConstraint:
+        """A new constraint to one JSON object (``json_object``), or to one JSON text ``schema`` accepts
+        (``json_schema``), then a stop; a request's own."""
+        return json_constraint(self.engine.model, schema)
 
-        def token_bytes(token: int) -> bytes:  # ids past the tokenizer's vocabulary (padding rows) are no text
-            return tok.token_bytes(token, skip_special=False) if token < tok.vocab_size else b""
-        with self._lock:
-            if self._json_vocab is None:
-                self._json_vocab = (frozenset(i for i in range(tok.vocab_size) if tok.is_control(i)),
-                                    tuple(i for i in range(tok.vocab_size)
-                                          if not tok.is_control(i) and len(token_bytes(i)) == 1))
-        control, single = self._json_vocab
-        return JsonObjectConstraint(token_bytes, self.engine.model.stop_ids, control, single)
+    async def json_format(self, fmt: tuple[str, Any] | None, param: str) -> Callable[[], JsonConstraint] | None:
+        """What makes each choice's constraint for a request's format (``json_format()`` of its body; None: plain
+        text). A schema is compiled once, here: 400 on what it cannot honour."""
+        if fmt is None:
+            return None
+        if fmt[0] == "json_object":
+            return self.json_constraint
+        try:
+            schema = await self.run(JsonSchema, fmt[1])
+        except SchemaError as exc:
+            raise ApiError(400, f"json_schema: {exc}", param) from exc
+        return functools.partial(self.json_constraint, schema)
 
     async def run(self, fn: Callable, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -307,17 +312,18 @@ async def _collect(state: ServerState, next_delta: Callable[[], str | None], req
 
 
 async def _start_choices(state: ServerState, prompt: list[int], params: SamplingParams, n: int,
-                         channel: tuple[int, int] | None, json_object: bool = False) -> list[EngineText]:
-    """``n`` generations of one prompt (choice i seeded ``seed + i`` when a seed is given; each with its own JSON
-    constraint when ``json_object``). They are submitted together: the engine computes the shared prompt once (the
+                         channel: tuple[int, int] | None,
+                         constraint: Callable[[], JsonConstraint] | None = None) -> list[EngineText]:
+    """``n`` generations of one prompt (choice i seeded ``seed + i`` when a seed is given; each with its own
+    ``constraint()`` when one is given). They are submitted together: the engine computes the shared prompt once (the
     later ones wait for its blocks)."""
     gens: list[EngineText] = []
     try:
         for i in range(n):
             p = params if params.seed is None or i == 0 else params.replace(seed=(params.seed + i + (1 << 63)) % (
                 1 << 64) - (1 << 63))
-            constraint = await state.run(state.json_constraint) if json_object else None
-            gens.append(await state.run(EngineText, state.engine, state.tokenizer, prompt, p, channel, constraint))
+            own = await state.run(constraint) if constraint is not None else None
+            gens.append(await state.run(EngineText, state.engine, state.tokenizer, prompt, p, channel, own))
     except BaseException:
         for g in gens:
             g.close()
@@ -614,7 +620,8 @@ def _install_chat(app: FastAPI, state: ServerState) -> None:
         max_tokens = min(state.max_tokens(body.max_completion_tokens or body.max_tokens, 512), limit)
         params = sampling_from(body, SamplingParams(), max_tokens).replace(**body.penalty_changes(),
                                                                            logprobs=body.logprobs_asked())
-        gens = await _start_choices(state, prompt, params, body.n, state.channel, body.json_object())
+        constraint = await state.json_format(body.json_format(), "response_format")
+        gens = await _start_choices(state, prompt, params, body.n, state.channel, constraint)
         cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -798,6 +805,7 @@ def _install_responses(app: FastAPI, state: ServerState) -> None:
             raise ApiError(400, "input must end with a non-empty user message", "input")
         state.check_chars([t for _, t in items] + [body.instructions or ""], "input")
         reasoning = state.reasoning(body.reasoning.effort if body.reasoning else None, "reasoning")
+        constraint = await state.json_format(body.json_format(), "text")
         idempotency_key = _idempotency_key(request)
         session, new = await state.run(_target_session, state, body, owner, items, reasoning)
         ephemeral = new and not body.store
@@ -807,7 +815,7 @@ def _install_responses(app: FastAPI, state: ServerState) -> None:
             max_tokens = state.max_tokens(body.max_output_tokens, session.sampling.max_tokens)
             return session.stream(items[-1][1], sampling=sampling_from(body, session.sampling, max_tokens),
                                   wait=wait, reasoning=reasoning, idempotency_key=idempotency_key,
-                                  constraint=state.json_constraint() if body.json_object() else None)
+                                  constraint=constraint() if constraint is not None else None)
 
         try:
             turn = await state.run(start)

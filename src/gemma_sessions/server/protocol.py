@@ -10,6 +10,8 @@ shape::
 
 from __future__ import annotations
 
+import re
+
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
@@ -172,9 +174,9 @@ class ChatCompletionRequest(PenaltyFields):
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
 
-    def json_object(self) -> bool:
-        """response_format json_object: the reply is one JSON object (constrained decoding)."""
-        return _format_type(self.response_format) == "json_object"
+    def json_format(self) -> tuple[str, Any] | None:
+        """("json_object", None) or ("json_schema", schema) when response_format constrains the reply, else None."""
+        return _json_format(self.response_format, (self.response_format or {}).get("json_schema"))
 
     def logprobs_asked(self) -> int | None:
         """SamplingParams.logprobs: None, or how many alternatives each token reports."""
@@ -185,10 +187,10 @@ class ChatCompletionRequest(PenaltyFields):
         if (self.tools or self.functions) and self.tool_choice != "none" or self.function_call not in (None, "none"):
             return "tools", ("tool and function calling is not supported by this server (send no tools, or "
                              "tool_choice 'none')")
-        fmt = _format_type(self.response_format)
-        if fmt not in ("text", "json_object"):
-            return "response_format", (f"response_format {fmt!r} is not supported by this server (it constrains "
-                                       "replies to 'json_object', not to a schema); use 'json_object' or 'text'")
+        bad = _bad_format(self.response_format, (self.response_format or {}).get("json_schema"),
+                          "response_format.json_schema")
+        if bad:
+            return "response_format", bad
         if any(m != "text" for m in self.modalities or ()) or self.audio is not None:
             return "modalities", "this server answers in text only"
         if self.web_search_options is not None:
@@ -230,6 +232,37 @@ class CompletionRequest(PenaltyFields):
 def _format_type(fmt: Any) -> Any:
     """The ``type`` of an OpenAI format object (``response_format``, ``text.format``); "text" when absent."""
     return fmt.get("type", "text") if isinstance(fmt, dict) else ("text" if fmt is None else fmt)
+
+
+_SCHEMA_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+
+
+def _bad_format(fmt: Any, spec: Any, where: str) -> str | None:
+    """Why a format object (and its json_schema ``spec``: Chat's ``response_format.json_schema``, Responses'
+    ``text.format`` itself) cannot be honoured, else None. The schema itself is compiled by the route."""
+    kind = _format_type(fmt)
+    if kind not in ("text", "json_object", "json_schema"):
+        return f"format {kind!r} is not supported; use 'text', 'json_object' or 'json_schema'"
+    if kind != "json_schema":
+        return None
+    if not isinstance(spec, dict):
+        return f"{where} must be an object with a 'name' and a 'schema'"
+    if not isinstance(spec.get("name"), str) or not _SCHEMA_NAME.fullmatch(spec["name"]):
+        return f"{where}.name must be 1 to 64 letters, digits, '_' or '-'"
+    if "strict" in spec and not isinstance(spec["strict"], (bool, type(None))):
+        return f"{where}.strict must be a boolean"
+    if not isinstance(spec.get("schema", True), (dict, bool)):
+        return f"{where}.schema must be a JSON schema (an object)"
+    return None
+
+
+def _json_format(fmt: Any, spec: Any) -> tuple[str, Any] | None:
+    kind = _format_type(fmt)
+    if kind == "json_object":
+        return kind, None
+    if kind == "json_schema":  # no schema: any JSON text
+        return kind, spec.get("schema", True)
+    return None
 
 
 class TokenizeRequest(_Body):
@@ -283,17 +316,18 @@ class ResponseRequest(SamplingFields):
         """(param, message) for a field that asks for what this server does not do, else None."""
         if self.tools and self.tool_choice != "none":
             return "tools", "tools are not supported by this server (send none, or tool_choice 'none')"
-        fmt = _format_type((self.text or {}).get("format"))
-        if fmt not in ("text", "json_object"):
-            return "text", (f"text.format {fmt!r} is not supported by this server (it constrains replies to "
-                            "'json_object', not to a schema); use 'json_object' or 'text'")
+        fmt = (self.text or {}).get("format")
+        bad = _bad_format(fmt, fmt, "text.format")
+        if bad:
+            return "text", bad
         if self.top_logprobs or any("logprobs" in i for i in self.include or ()):
             return "top_logprobs", "logprobs are served by /v1/chat/completions (logprobs, top_logprobs), not here"
         return None
 
-    def json_object(self) -> bool:
-        """text.format json_object: the reply is one JSON object (constrained decoding)."""
-        return _format_type((self.text or {}).get("format")) == "json_object"
+    def json_format(self) -> tuple[str, Any] | None:
+        """("json_object", None) or ("json_schema", schema) when text.format constrains the reply, else None."""
+        fmt = (self.text or {}).get("format")
+        return _json_format(fmt, fmt)
 
 
 class ConversationCreate(_Body):
