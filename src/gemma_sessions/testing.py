@@ -81,14 +81,18 @@ def tiny_gemma4_tokenizer(vocab_size: int = TINY_VOCAB, chat_template: str | Non
     return Tokenizer(pieces, scores, types, bos_id=2, eos_id=1, pad_id=0, unk_id=3, chat_template=chat_template)
 
 
-def tiny_model(arch: str = "gemma3", seed: int = 0, weight_format: str = "float32", device: str = "cpu"):
-    """A :class:`Model` with random weights of a tiny config and :func:`tiny_tokenizer` (for engine tests)."""
+def tiny_model(arch: str = "gemma3", seed: int = 0, weight_format: str = "float32", device: str = "cpu",
+               context: int | None = None):
+    """A :class:`Model` with random weights of a tiny config and :func:`tiny_tokenizer` (for engine tests);
+    ``context``: its positions instead of 256 (a long prompt: tool definitions spelled in bytes)."""
     from pathlib import Path
 
     from .loading import Model
     from .models.gemma import GemmaModel
 
     config = tiny_config(arch)
+    if context is not None:
+        config = ModelConfig.from_hf_config({**tiny_hf_config(arch), "max_position_embeddings": context})
     dev = torch.device(device)
     tensors = {k: v.to(dev) for k, v in random_tensors(config, seed).items()}
     net = GemmaModel(config, tensors, weight_format, dev).eval()

@@ -298,3 +298,34 @@ def test_json_schema_on_the_real_model_through_the_openai_clients_parse(server):
     with pytest.raises(openai.BadRequestError, match="pattern"):
         client.chat.completions.create(model="gemma", messages=[{"role": "user", "content": "hi"}], response_format={
             "type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "string", "pattern": "^a"}}})
+
+
+def test_tool_calls_on_the_real_model_through_the_openai_client(server):
+    """The official client's tools round trip: the 270M base model calls the right tool with the right arguments
+    (one call: parallel_tool_calls false), and a tool result in the history is accepted."""
+    weather = {"type": "function", "function": {"name": "get_weather", "description": "Get the current weather in a "
+               "city", "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                      "required": ["city"]}}}
+    add = {"type": "function", "function": {"name": "add", "description": "Add two numbers", "parameters": {
+        "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"]}}}
+    client = server.client()
+    calls = {}
+    for question in ("What is the weather in Paris?", "What is 2 plus 3?"):
+        done = client.chat.completions.create(model="gemma", messages=[{"role": "user", "content": question}],
+                                              tools=[weather, add], tool_choice="required", parallel_tool_calls=False,
+                                              max_tokens=60, temperature=0)
+        choice = done.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+        (call,) = choice.message.tool_calls
+        calls[question] = (call.function.name, json.loads(call.function.arguments))
+    assert calls == {"What is the weather in Paris?": ("get_weather", {"city": "Paris"}),
+                     "What is 2 plus 3?": ("add", {"a": 2, "b": 3})}
+    history = [{"role": "user", "content": "What is the weather in Paris?"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "call_1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C"}]
+    stream = client.chat.completions.create(model="gemma", messages=history, tools=[weather, add], max_tokens=40,
+                                            temperature=0, stream=True, parallel_tool_calls=False)
+    finish = [c.choices[0].finish_reason for c in stream if c.choices and c.choices[0].finish_reason]
+    assert finish in (["tool_calls"], ["stop"], ["length"])

@@ -5,9 +5,10 @@ stays warm between calls and survives restarts through the store. Stateless chat
 prefix cache (``usage.prompt_tokens_details.cached_tokens``). With API keys configured, every conversation,
 response and session belongs to the key that made it; any other key gets 404. Every error is OpenAI-shaped.
 Chat Completions honours ``presence_penalty``, ``frequency_penalty``, ``logit_bias`` and ``logprobs`` /
-``top_logprobs`` (see ``SamplingParams``); Chat and Responses honour ``json_object`` and ``json_schema`` formats
-(``constraints``, ``json_schema``). A field that asks for what this server does not do (tools, a schema keyword it
-cannot enforce, logprobs on Responses) is a 400 naming it, never silently ignored.
+``top_logprobs`` (see ``SamplingParams``) and function ``tools`` (``server.tools``); Chat and Responses honour
+``json_object`` and ``json_schema`` formats (``constraints``, ``json_schema``). A field that asks for what this
+server does not do (tools on Responses, a schema keyword it cannot enforce, logprobs on Responses) is a 400 naming
+it, never silently ignored.
 
 Hardening (what one request can and cannot do to the others):
 - Bodies are read through :class:`Guard` (pure ASGI, before any route): the API key is checked before a byte of
@@ -50,7 +51,7 @@ from ..sampling import SamplingParams, TextDeltas
 from ..sessions.chat_format import chat_format
 from ..sessions.conversation import render_chat
 from .metrics import Metrics
-from . import web
+from . import tools, web
 from .protocol import (ChatCompletionRequest, CompletionRequest, ConversationCreate, ConversationUpdate,
                        DetokenizeRequest, ItemsCreate, ResponseRequest, SamplingFields, TokenizeRequest, error_body,
                        input_items, thinking_of)
@@ -391,10 +392,24 @@ def _total_usage(gens: list[EngineText], outs: list, reasoning: bool = True) -> 
     return _chat_usage(outs[0].stats, n, sum(g.deltas.reasoning_tokens for g in gens) if reasoning else 0)
 
 
-def chat_prompt(tokenizer, messages, reasoning: bool = False) -> list[int]:
+def chat_prompt(tokenizer, messages, reasoning: bool = False, tools_system: str | None = None) -> list[int]:
     """OpenAI chat messages -> Gemma prompt ids, rendered where sessions render theirs (``render_chat``). An
-    assistant message's ``reasoning_content`` is not rendered: the template drops thoughts from history."""
-    return render_chat(tokenizer, [(m.role, m.text()) for m in messages], reasoning)
+    assistant message's ``reasoning_content`` is not rendered: the template drops thoughts from history. Tool calls
+    and tool results are rendered in ``server.tools``' convention; ``tools_system``: the tools' part of the system
+    prompt, when tools are on (then assistant text replies are rendered as the envelope the model wrote)."""
+    turns = []
+    for m in messages:
+        if m.role == "tool":
+            turns.append(("user", tools.tool_result_text(m.tool_call_id, m.text())))
+        elif m.role == "assistant" and m.tool_calls:
+            turns.append(("assistant", tools.call_text(m.tool_calls)))
+        elif m.role == "assistant" and tools_system:
+            turns.append(("assistant", tools.response_text(m.text())))
+        else:
+            turns.append((m.role, m.text()))
+    if tools_system:
+        turns.append(("system", tools_system))
+    return render_chat(tokenizer, turns, reasoning)
 
 
 # ------------------------------------------------------------------------------------------------ app
@@ -612,7 +627,16 @@ def _install_chat(app: FastAPI, state: ServerState) -> None:
         if refused:
             raise ApiError(400, refused[1], refused[0])
         reasoning = bool(state.reasoning(body.reasoning_effort, "reasoning_effort"))
-        prompt = await state.run(chat_prompt, state.tokenizer, body.messages, reasoning)
+        mode, callable_tools = _tool_choice(body)
+        tools_system = tools.system_text(callable_tools, mode) if callable_tools else None
+        if tools_system:
+            state.check_chars([tools_system], "tools")
+        try:
+            prompt = await state.run(chat_prompt, state.tokenizer, body.messages, reasoning, tools_system)
+        except ValueError as exc:
+            if isinstance(exc, E.GemmaSessionsError):
+                raise
+            raise ApiError(400, str(exc), "messages") from exc
         limit = state.engine.max_context - len(prompt)
         if limit < 1:
             raise E.ContextLengthError(f"the prompt has {len(prompt)} tokens; the context is "
@@ -620,12 +644,16 @@ def _install_chat(app: FastAPI, state: ServerState) -> None:
         max_tokens = min(state.max_tokens(body.max_completion_tokens or body.max_tokens, 512), limit)
         params = sampling_from(body, SamplingParams(), max_tokens).replace(**body.penalty_changes(),
                                                                            logprobs=body.logprobs_asked())
-        constraint = await state.json_format(body.json_format(), "response_format")
+        if callable_tools:
+            constraint = await state.json_format(
+                ("json_schema", tools.reply_schema(callable_tools, mode, body.parallel_tool_calls)), "tools")
+        else:
+            constraint = await state.json_format(body.json_format(), "response_format")
         gens = await _start_choices(state, prompt, params, body.n, state.channel, constraint)
         cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_chat_stream(state, gens, cid, created, usage),
+            return StreamingResponse(_chat_stream(state, gens, cid, created, usage, bool(callable_tools)),
                                      media_type="text/event-stream")
         done = await _collect_all(state, gens, request)
         if done is None:
@@ -633,16 +661,32 @@ def _install_chat(app: FastAPI, state: ServerState) -> None:
         choices = []
         for i, (g, (parts, _)) in enumerate(zip(gens, done)):
             message = {"role": "assistant", "content": "".join(parts)}
+            finish = _finish(g.finish_reason)
+            if callable_tools:
+                message["content"], calls = tools.parse_reply(message["content"])
+                if calls:
+                    message["tool_calls"], finish = calls, "tool_calls"
             if g.deltas.reasoning:  # thoughts apart from the answer, where vLLM and llama.cpp put them
                 message["reasoning_content"] = g.deltas.reasoning
-            choices.append({"index": i, "message": message, "finish_reason": _finish(g.finish_reason),
-                            "logprobs": g.new_logprobs()})
+            choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": g.new_logprobs()})
         return {"id": cid, "object": "chat.completion", "created": created, "model": state.model_name,
                 "choices": choices, "usage": _total_usage(gens, [out for _, out in done])}
 
 
 def _finish(reason: str | None) -> str:
     return "length" if reason == "length" else "stop"
+
+
+def _tool_choice(body: ChatCompletionRequest) -> tuple[str, list[tools.Tool]]:
+    """(mode, the tools a reply may call) of a request (``server.tools.chosen``); 400 naming the field."""
+    try:
+        given = tools.parse_tools(body.tools or [])
+    except ValueError as exc:
+        raise ApiError(400, str(exc), "tools") from exc
+    try:
+        return tools.chosen(given, body.tool_choice)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), "tool_choice") from exc
 
 
 def _chat_usage(stats, n_generated: int, n_reasoning: int = 0) -> dict:
@@ -653,22 +697,38 @@ def _chat_usage(stats, n_generated: int, n_reasoning: int = 0) -> dict:
 
 
 def _chat_stream(state: ServerState, gens: list[EngineText], cid: str, created: int,
-                 usage: bool) -> AsyncIterator[str]:
+                 usage: bool, with_tools: bool = False) -> AsyncIterator[str]:
+    """With tools, an answer's text streams as it is decoded from its envelope (``tools.ContentStream``); calls
+    come whole, in one ``delta.tool_calls`` chunk as the choice ends (their arguments are valid only then)."""
+    streams = [tools.ContentStream() for _ in gens] if with_tools else None
+
     def chunk(i: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> str:
         return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
                     "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
 
-    def part(i: int, kind: str, delta: str) -> str:  # thoughts as delta.reasoning_content (vLLM's, llama.cpp's)
+    def part(i: int, kind: str, delta: str) -> str | None:  # thoughts as delta.reasoning_content (vLLM's)
+        if streams is not None and kind == "content":
+            delta = streams[i].feed(delta)
+            if not delta:
+                return None
         return chunk(i, {"reasoning_content" if kind == "reasoning" else "content": delta},
                      logprobs=gens[i].new_logprobs())
+
+    def end(i: int) -> str:
+        finish = _finish(gens[i].finish_reason)
+        if streams is None or streams[i].answer:
+            return chunk(i, {}, finish, gens[i].new_logprobs())
+        content, calls = tools.parse_reply(streams[i].text)  # not an answer: calls, or a reply cut short
+        delta = ({"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]} if calls else
+                 {"content": content})
+        return chunk(i, delta, logprobs=gens[i].new_logprobs()) + chunk(i, {}, "tool_calls" if calls else finish)
 
     def usage_chunk(u: dict) -> str:
         return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
                     "choices": [], "usage": u})
 
     return _stream_choices(state, gens, [chunk(i, {"role": "assistant", "content": ""}) for i in range(len(gens))],
-                           part, lambda i: chunk(i, {}, _finish(gens[i].finish_reason), gens[i].new_logprobs()),
-                           usage_chunk if usage else None, reasoning=True)
+                           part, end, usage_chunk if usage else None, reasoning=True)
 
 
 async def _stream_choices(state: ServerState, gens: list[EngineText], first: list[str],

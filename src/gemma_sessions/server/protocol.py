@@ -78,8 +78,10 @@ def thinking_of(effort: str | None) -> bool | None:
 
 
 class ChatMessage(_Lenient):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[Any] | None = Field(default=None, max_length=64)  # an assistant's calls (``server.tools``)
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
         return content_text(self.content)
@@ -158,9 +160,10 @@ class ChatCompletionRequest(PenaltyFields):
     reasoning_effort: Effort | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    # refused unless they ask for nothing (unsupported(): a reply that ignored them would mislead the client)
-    tools: list[Any] | None = None
+    tools: list[Any] | None = None  # function tools (server.tools; checked by the route)
     tool_choice: Any = None
+    parallel_tool_calls: bool = True
+    # refused unless they ask for nothing (unsupported(): a reply that ignored them would mislead the client)
     functions: list[Any] | None = None
     function_call: Any = None
     response_format: dict[str, Any] | None = None
@@ -184,9 +187,10 @@ class ChatCompletionRequest(PenaltyFields):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for a field that asks for what this server does not do, else None."""
-        if (self.tools or self.functions) and self.tool_choice != "none" or self.function_call not in (None, "none"):
-            return "tools", ("tool and function calling is not supported by this server (send no tools, or "
-                             "tool_choice 'none')")
+        if self.functions or self.function_call not in (None, "none"):
+            return "functions", "the deprecated functions / function_call are not supported: send them as tools"
+        if self.tools and self.tool_choice != "none" and _format_type(self.response_format) != "text":
+            return "response_format", "response_format cannot be combined with tools (the tools set the format)"
         bad = _bad_format(self.response_format, (self.response_format or {}).get("json_schema"),
                           "response_format.json_schema")
         if bad:

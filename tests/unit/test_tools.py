@@ -1,0 +1,204 @@
+"""Tool calling on Chat Completions (``server.tools``): a call always names a given tool with arguments valid against
+its parameters, answers stream out of their envelope exactly as they read whole, history with calls and results
+renders, and what cannot be honoured is a 400 naming the field."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import jsonschema
+import pytest
+from fastapi.testclient import TestClient
+
+import gemma_sessions as gs
+from gemma_sessions.json_schema import JsonSchema
+from gemma_sessions.server import create_app
+from gemma_sessions.server.app import chat_prompt
+from gemma_sessions.server.protocol import ChatMessage
+from gemma_sessions.server import tools as T
+from gemma_sessions.testing import tiny_model
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}, "unit": {"enum": ["c", "f"]}},
+    "required": ["city", "unit"], "additionalProperties": False}}}
+NESTED = {"type": "function", "function": {"name": "book", "parameters": {  # pydantic's shape: $defs and $ref
+    "$defs": {"Seat": {"type": "object", "properties": {"row": {"type": "integer", "minimum": 1, "maximum": 9}},
+                       "required": ["row"]}},
+    "type": "object", "properties": {"seats": {"type": "array", "items": {"$ref": "#/$defs/Seat"}, "maxItems": 2}},
+    "required": ["seats"]}}}
+PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, NESTED)}
+
+
+def _check_calls(calls: list[dict], names: set[str]) -> None:
+    assert calls
+    for c in calls:
+        assert c["type"] == "function" and c["id"].startswith("call_") and c["function"]["name"] in names
+        jsonschema.validate(json.loads(c["function"]["arguments"]), PARAMS[c["function"]["name"]])
+
+
+def test_the_reply_schema_accepts_exactly_calls_to_the_given_tools_or_an_answer():
+    tools = T.parse_tools([WEATHER, NESTED])
+    schema = T.reply_schema(tools, "auto", parallel=True)
+    compiled = JsonSchema(schema)
+    good = [{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}]},
+            {"tool_calls": [{"name": "book", "arguments": {"seats": [{"row": 2}]}},
+                            {"name": "get_weather", "arguments": {"city": "Rome", "unit": "f"}}]},
+            {"response": "It is sunny."}]
+    bad = [{"tool_calls": [{"name": "nope", "arguments": {}}]}, {"tool_calls": []},
+           {"tool_calls": [{"name": "book", "arguments": {"seats": [{"row": 10}]}}]},
+           {"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}, {"response": 1}]
+    for value in good:
+        jsonschema.validate(value, schema)
+        m = compiled.matcher()
+        assert m.feed(json.dumps(value, separators=(",", ":")).encode()) and m.complete, value
+    for value in bad:
+        m = compiled.matcher()
+        assert not (m.feed(json.dumps(value, separators=(",", ":")).encode()) and m.complete), value
+    one = JsonSchema(T.reply_schema(tools[:1], "required", parallel=False)).matcher()
+    assert not one.feed(b'{"response"')
+    assert not JsonSchema(T.reply_schema(tools[:1], "required", parallel=False)).matcher().feed(
+        b'{"tool_calls":[{"name":"get_weather","arguments":{"city":"a","unit":"c"}},')  # one call at most
+
+
+def test_tool_choice_and_tool_definitions_are_checked():
+    tools = T.parse_tools([WEATHER, NESTED])
+    assert T.chosen(tools, None) == ("auto", tools)
+    assert T.chosen([], None) == ("none", [])
+    assert T.chosen(tools, "none") == ("none", [])
+    assert T.chosen(tools, {"type": "function", "function": {"name": "book"}}) == ("required", tools[1:])
+    for bad in ({"type": "function", "function": {"name": "x"}}, "sometimes", 3):
+        with pytest.raises(ValueError):
+            T.chosen(tools, bad)
+    for bad in ([{"type": "code_interpreter"}], [WEATHER, WEATHER], [{"type": "function", "function": {"name": "a b"}}],
+                [{"type": "function", "function": {"name": "f", "parameters": "x"}}]):
+        with pytest.raises(ValueError):
+            T.parse_tools(bad)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_an_answer_streams_out_of_its_envelope_as_it_reads_whole(seed):
+    rng = random.Random(seed)
+    answer = rng.choice(["It is 21 C.", 'quote " and \\ slash', "caf\u00e9 \U0001F600 tab\tnew\nline", "",
+                         "\u00e9" * 5 + "\ud7ff"])
+    text = rng.choice(['{"response": %s}', '{ "response" :%s }', '{\n  "response": %s\n}']) % json.dumps(
+        answer, ensure_ascii=rng.random() < 0.5)
+    stream, out, i = T.ContentStream(), [], 0
+    while i < len(text):
+        k = rng.randint(1, 4)
+        out.append(stream.feed(text[i:i + k]))
+        i += k
+    assert stream.answer and "".join(out) == answer == T.parse_reply(text)[0]
+    cut = text[:rng.randint(0, len(text))]  # cut short: what streamed is the content
+    s2 = T.ContentStream()
+    streamed = s2.feed(cut)
+    assert T.parse_reply(cut)[0] == (streamed if s2.answer else cut)
+
+
+def test_calls_are_not_streamed_as_text_and_lone_surrogates_are_replaced():
+    s = T.ContentStream()
+    assert s.feed('{"tool_calls": [{"name": "f", "arguments": {}}]}') == "" and s.answer is False
+    assert T.ContentStream().feed('{"response": "a\\ud800b"}') == "a\ufffdb"
+    content, calls = T.parse_reply('{"tool_calls": [{"name": "f", "arguments": {"x": [1]}}]}')
+    assert content is None and calls[0]["function"] == {"name": "f", "arguments": '{"x": [1]}'}
+
+
+# --------------------------------------------------------------------------- the route
+@pytest.fixture(scope="module")
+def client():
+    engine = gs.Engine(tiny_model("gemma3", seed=1, context=4096), kv_cache_bytes=32 << 20, block_size=16)
+    with TestClient(create_app(gs.SessionManager(engine))) as c:
+        yield c
+    engine.close()
+
+
+def _byte(ch: str) -> str:
+    return str(tiny_model("gemma3").tokenizer.token_id(f"<0x{ord(ch):02X}>"))
+
+
+# a random model, nudged to close what it opens and to spare the blank space (every choice stays constrained)
+NUDGE = {**{_byte(c): 8 for c in '"}]1'}, **{_byte(c): -100 for c in " \n\t\r"}}
+BODY = {"messages": [{"role": "user", "content": "weather in Paris?"}], "max_tokens": 300, "temperature": 0,
+        "tools": [WEATHER, NESTED], "logit_bias": NUDGE}
+
+
+@pytest.mark.parametrize("choice", ["auto", "required", {"type": "function", "function": {"name": "book"}}])
+def test_every_finished_choice_is_a_valid_call_or_an_answer(client, choice):
+    r = client.post("/v1/chat/completions", json={**BODY, "tool_choice": choice, "temperature": 1.0, "seed": 7,
+                                                  "n": 4, "parallel_tool_calls": choice != "auto"})
+    assert r.status_code == 200, r.text
+    names = {"book"} if isinstance(choice, dict) else set(PARAMS)
+    finished = 0
+    for c in r.json()["choices"]:
+        msg = c["message"]
+        if c["finish_reason"] == "tool_calls":
+            assert msg["content"] is None
+            _check_calls(msg["tool_calls"], names)
+            assert choice != "auto" or len(msg["tool_calls"]) == 1  # parallel_tool_calls false
+            finished += 1
+        else:
+            assert "tool_calls" not in msg and isinstance(msg["content"], str)
+            assert choice == "auto" or c["finish_reason"] == "length"  # required: a call, unless cut short
+            finished += c["finish_reason"] == "stop"
+    assert finished
+
+
+ANSWER = {**NUDGE, _byte("r"): 20, _byte('"'): 0}  # "auto" answering {"response": ...}, its text left to the model
+
+
+@pytest.mark.parametrize("choice, bias, max_tokens", [("required", NUDGE, 300), ("auto", NUDGE, 300),
+                                                      ("auto", ANSWER, 40), ("auto", ANSWER, 300)])
+def test_streamed_calls_and_answers_equal_the_whole_reply(client, choice, bias, max_tokens):
+    body = {**BODY, "tool_choice": choice, "logit_bias": bias, "max_tokens": max_tokens}
+    whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    deltas = [e["choices"][0] for e in events if e["choices"]]
+    content = "".join(d["delta"].get("content") or "" for d in deltas)
+    calls = [c for d in deltas for c in d["delta"].get("tool_calls") or []]
+    assert deltas[-1]["finish_reason"] == whole["finish_reason"]
+    if whole["finish_reason"] == "tool_calls":
+        assert [(c["index"], c["function"]) for c in calls] == [
+            (k, c["function"]) for k, c in enumerate(whole["message"]["tool_calls"])]
+        assert content == ""
+    else:
+        assert not calls and content == whole["message"]["content"]
+        assert bias is ANSWER
+        if max_tokens == 40:  # cut before the answer began: the unfinished envelope, as text
+            assert whole["finish_reason"] == "length" and content.startswith('{"response"')
+        else:  # the answer's text itself, out of its envelope (whole, or so far when cut short)
+            assert content and not content.startswith('{"response"')
+
+
+def test_history_with_calls_and_results_is_rendered_and_answered(client):
+    msgs = [{"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                "name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "21 C"}]
+    r = client.post("/v1/chat/completions", json={**BODY, "messages": msgs, "max_tokens": 20})
+    assert r.status_code == 200, r.text
+    tok = client.app.state.gs.tokenizer
+    text = tok.decode(chat_prompt(tok, [ChatMessage(**m) for m in msgs], False, "TOOLS"))
+    assert '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}]}' in text
+    assert '{"tool_response": {"tool_call_id": "call_1", "content": "21 C"}}' in text and "TOOLS" in text
+    # tools off (tool_choice none): no tools in the prompt and a plain reply, the history still renders
+    r = client.post("/v1/chat/completions", json={**BODY, "messages": msgs, "tool_choice": "none", "max_tokens": 5})
+    assert r.status_code == 200 and "tool_calls" not in r.json()["choices"][0]["message"]
+
+
+@pytest.mark.parametrize("extra, param, why", [
+    (dict(functions=[{"name": "f"}]), "functions", "tools"),
+    (dict(response_format={"type": "json_object"}), "response_format", "tools"),
+    (dict(tools=[{"type": "web_search"}]), "tools", "function"),
+    (dict(tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice", "nope"),
+    (dict(tool_choice="always"), "tool_choice", "tool_choice"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"s": {"type": "string", "pattern": "^a"}}}}}]), "tools", "'pattern'"),
+    (dict(messages=[{"role": "assistant", "tool_calls": [{"id": "x"}]}, {"role": "user", "content": "hi"}]),
+     "messages", "function.name"),
+])
+def test_what_tools_cannot_honour_is_a_400_naming_it(client, extra, param, why):
+    r = client.post("/v1/chat/completions", json={**BODY, **extra, "max_tokens": 4})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and why in err["message"], err
