@@ -211,6 +211,7 @@ class JsonConstraint:
         self._special = frozenset(int(t) for t in special) | self._stop
         self._single = tuple(int(t) for t in single_bytes)
         self.json = matcher
+        self._after_first: dict[int, object] = {}  # first byte -> the matcher after it (None: refused); this step
 
     def only(self) -> frozenset[int] | None:
         """The allowed tokens when they are few and known (the stops, once nothing but a stop may follow), else
@@ -228,11 +229,19 @@ class JsonConstraint:
         if self.json.finished:
             return False
         data = self._bytes(token)
-        return bool(data) and self.json.copy().feed(data)
+        if not data:
+            return False
+        # candidates of a step share first bytes: each first byte is judged once (most candidates end there)
+        after = self._after_first.get(data[0], self)
+        if after is self:
+            m = self.json.copy()
+            after = self._after_first[data[0]] = m if m.feed(data[:1]) else None
+        return after is not None and (len(data) == 1 or after.copy().feed(data[1:]))
 
     def advance(self, token: int) -> None:
         if token not in self._special:
             self.json.feed(self._bytes(token))
+        self._after_first = {}
 
 
 class JsonObjectConstraint(JsonConstraint):

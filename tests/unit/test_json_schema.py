@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import gemma_sessions as gs
 from gemma_sessions.constraints import MAX_BLANKS, MAX_DEPTH, json_constraint
-from gemma_sessions.json_schema import MAX_SUBSCHEMAS, JsonSchema, SchemaError
+from gemma_sessions.json_schema import MAX_SUBSCHEMAS, MAX_THREADS, JsonSchema, SchemaError
 from gemma_sessions.server import create_app
 from gemma_sessions.testing import tiny_model
 
@@ -195,6 +195,36 @@ def test_nesting_and_blank_space_stay_capped():
                     "$ref": "#/$defs/a"}).matcher()
     assert m.feed(b"[" * (MAX_DEPTH - 2)) and m.copy().feed(b'{"x":[null]}')
     assert m.feed(b"[") and m.copy().feed(b"[") and not m.copy().feed(b"{")
+
+
+def test_alike_alternatives_are_followed_in_bounded_readings_and_stay_valid():
+    alts = [{"type": "object", "properties": {"k": {"type": "object", "properties": {f"x{i}": {"type": "integer"}},
+                                                    "required": [f"x{i}"]}}, "required": ["k"]} for i in range(40)]
+    schema = {"anyOf": alts}
+    m = JsonSchema(schema).matcher()
+    assert m.feed(b'{"k":{"x') and len(m.readings) == MAX_THREADS
+    assert m.copy().feed(b'1":5}}') and not m.copy().feed(b'39":5}}')  # the first ones are kept
+    rng = random.Random(3)
+    for _ in range(5):
+        text = _walk(JsonSchema(schema), rng)
+        if text is not None:
+            jsonschema.validate(json.loads(text), schema)
+
+
+def test_the_constraints_first_byte_memo_never_changes_a_verdict(model):
+    tok = model.tokenizer
+    c = json_constraint(model, PERSON)
+    rng = random.Random(0)
+    for step in range(30):
+        verdicts = {t: c.allows(t) for t in rng.sample(range(tok.vocab_size), 200)}
+        for t, ok in verdicts.items():
+            data = tok.token_bytes(t, skip_special=False)
+            if t not in model.stop_ids and not tok.is_control(t):
+                assert ok == (bool(data) and c.json.copy().feed(data)), (step, data)
+        allowed = [t for t, ok in verdicts.items() if ok and t not in model.stop_ids]
+        if not allowed:
+            break
+        c.advance(rng.choice(allowed))
 
 
 # --------------------------------------------------------------------------- random schemas, random walks
