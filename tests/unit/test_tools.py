@@ -181,6 +181,10 @@ def test_history_with_calls_and_results_is_rendered_and_answered(client):
     text = tok.decode(chat_prompt(tok, [ChatMessage(**m) for m in msgs], False, "TOOLS"))
     assert '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}]}' in text
     assert '{"tool_response": {"tool_call_id": "call_1", "content": "21 C"}}' in text and "TOOLS" in text
+    counted = client.post("/tokenize", json={"messages": msgs})
+    assert counted.status_code == 200 and counted.json()["count"] > 0
+    fuzzed = client.post("/tokenize", json={"messages": [{"role": "assistant", "tool_calls": [0.0]}]})
+    assert fuzzed.status_code == 400  # (the fuzzer found a 500 here)
     # tools off (tool_choice none): no tools in the prompt and a plain reply, the history still renders
     r = client.post("/v1/chat/completions", json={**BODY, "messages": msgs, "tool_choice": "none", "max_tokens": 5})
     assert r.status_code == 200 and "tool_calls" not in r.json()["choices"][0]["message"]
@@ -195,7 +199,9 @@ def test_history_with_calls_and_results_is_rendered_and_answered(client):
     (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"s": {"type": "string", "pattern": "^a"}}}}}]), "tools", "'pattern'"),
     (dict(messages=[{"role": "assistant", "tool_calls": [{"id": "x"}]}, {"role": "user", "content": "hi"}]),
-     "messages", "function.name"),
+     "messages.0.tool_calls.0.function", "Field required"),
+    (dict(messages=[{"role": "assistant", "tool_calls": [0.0]}, {"role": "user", "content": "hi"}]),
+     "messages.0.tool_calls.0", "valid"),  # (the fuzzer's: a 500 before tool calls had a model)
 ])
 def test_what_tools_cannot_honour_is_a_400_naming_it(client, extra, param, why):
     r = client.post("/v1/chat/completions", json={**BODY, **extra, "max_tokens": 4})

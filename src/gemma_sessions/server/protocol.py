@@ -77,10 +77,21 @@ def thinking_of(effort: str | None) -> bool | None:
     return None if effort is None else effort not in EFFORTS_OFF
 
 
+class ToolCallFunction(_Lenient):
+    name: str
+    arguments: str | dict[str, Any] = "{}"  # OpenAI sends a JSON string; an object is taken as it is
+
+
+class ToolCall(_Lenient):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
-    tool_calls: list[Any] | None = Field(default=None, max_length=64)  # an assistant's calls (``server.tools``)
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=64)  # an assistant's calls (server.tools)
     tool_call_id: str | None = None  # a tool message: the call it answers
 
     def text(self) -> str:

@@ -129,18 +129,16 @@ def _rebase(schema: Any, base: str) -> Any:
 
 
 def call_text(tool_calls: list[Any]) -> str:
-    """An assistant message's ``tool_calls`` as the envelope the model writes (arguments parsed when JSON)."""
+    """An assistant message's ``tool_calls`` (``protocol.ToolCall``) as the envelope the model writes (arguments
+    parsed when they are JSON)."""
     calls = []
     for c in tool_calls:
-        f = c.get("function") if isinstance(c, dict) else None
-        if not isinstance(f, dict) or not isinstance(f.get("name"), str):
-            raise ValueError("an assistant message's tool_calls need function.name (and function.arguments)")
-        args = f.get("arguments", "{}")
+        args = c.function.arguments
         try:
             args = json.loads(args) if isinstance(args, str) else args
         except json.JSONDecodeError:
             pass  # kept as the string the client sent
-        calls.append({"name": f["name"], "arguments": args})
+        calls.append({"name": c.function.name, "arguments": args})
     return json.dumps({"tool_calls": calls}, ensure_ascii=False)
 
 
