@@ -321,9 +321,7 @@ class JsonSchema:
             if not kinds:
                 return self._any_node()
         else:
-            kinds = [types] if isinstance(types, str) else types
-            if not isinstance(kinds, list) or not kinds or any(k not in _TYPES for k in kinds):
-                raise SchemaError(f"{where}: 'type' must be one of {', '.join(_TYPES)}, or a list of them")
+            kinds = _kinds(types, where)
         nodes = [self._typed(s, k, where, nesting) for k in dict.fromkeys(kinds)]
         return nodes[0] if len(nodes) == 1 else self._add(_Union(nodes))
 
@@ -360,9 +358,8 @@ class JsonSchema:
                 values = []
         else:
             values = _list(s["enum"], where, "enum")
-        types = s.get("type")
-        if types is not None:
-            kinds = [types] if isinstance(types, str) else types
+        if s.get("type") is not None:
+            kinds = _kinds(s["type"], where)
             values = [v for v in values if any(_is_type(v, k) for k in kinds)]
         try:
             texts = tuple(dict.fromkeys(json.dumps(v, ensure_ascii=False, separators=(",", ":"),
@@ -450,6 +447,14 @@ class JsonSchema:
         for n in concrete:
             if n.depth > MAX_DEPTH:
                 n.depth = _INF
+
+
+def _kinds(types: Any, where: str) -> list[str]:
+    """A schema's ``type`` (one name or a list) as a list of names; SchemaError for anything else."""
+    kinds = [types] if isinstance(types, str) else types
+    if not isinstance(kinds, list) or not kinds or any(not isinstance(k, str) or k not in _TYPES for k in kinds):
+        raise SchemaError(f"{where}: 'type' must be one of {', '.join(_TYPES)}, or a list of them")
+    return kinds
 
 
 def _list(v: Any, where: str, word: str) -> list:
