@@ -13,6 +13,7 @@ second bases where the meaning matches, so generic handlers keep working.
     ├── InvalidRequestError           bad arguments from a caller (also a ValueError)
     │   └── ContextLengthError        a prompt that cannot fit the context under the `error` policy
     ├── CapacityError                 a request that can never fit the KV budget
+    ├── EngineBusyError               a queue of the engine is full now (prompts to score); retry later (HTTP 503)
     ├── EngineClosedError             the engine was closed or its loop died
     ├── NumericalError                the model produced NaN / inf for one request (it fails; the others go on)
     ├── SessionError
@@ -61,6 +62,10 @@ class ContextLengthError(InvalidRequestError):
 
 class CapacityError(GemmaSessionsError):
     """A request can never fit in the engine's KV budget."""
+
+
+class EngineBusyError(GemmaSessionsError):
+    """A queue of the engine is full now (``Engine.score``'s prompts); the same call may succeed later."""
 
 
 class EngineClosedError(GemmaSessionsError, RuntimeError):

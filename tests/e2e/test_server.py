@@ -329,3 +329,32 @@ def test_tool_calls_on_the_real_model_through_the_openai_client(server):
                                             temperature=0, stream=True, parallel_tool_calls=False)
     finish = [c.choices[0].finish_reason for c in stream if c.choices and c.choices[0].finish_reason]
     assert finish in (["tool_calls"], ["stop"], ["length"])
+
+
+def test_prompt_scoring_on_the_real_model_as_lm_eval_asks(server):
+    """lm-eval's loglikelihood request (tokenized prompt in a list, echo, logprobs 1, max_tokens 1) and its
+    parsing: the real model finds " Paris" far likelier than " London" after "The capital of France is", and
+    " 6, 7" after "1, 2, 3, 4, 5," its greedy continuation."""
+    h = {"Authorization": f"Bearer {KEY_A}"}
+
+    def tokens(text: str, bos: bool) -> list[int]:
+        r = httpx.post(f"{server.url}/tokenize", headers=h, timeout=60,
+                       json={"prompt": text, "add_special_tokens": bos})
+        return r.json()["tokens"]
+
+    def loglikelihood(context_text: str, continuation: str) -> tuple[float, bool]:
+        context = tokens(context_text, True)
+        ids = context + tokens(continuation, False)
+        r = httpx.post(f"{server.url}/v1/completions", headers=h, timeout=120, json={
+            "model": "gemma", "prompt": [ids], "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0,
+            "seed": 1234})
+        assert r.status_code == 200, r.text
+        lp = r.json()["choices"][0]["logprobs"]
+        own, top = lp["token_logprobs"][len(context):-1], lp["top_logprobs"][len(context):-1]
+        return sum(own), all(t >= max(alt.values()) for t, alt in zip(own, top))
+
+    paris = loglikelihood("The capital of France is", " Paris")
+    london = loglikelihood("The capital of France is", " London")
+    assert paris[0] > london[0] + 1.0, (paris, london)
+    counting, wrong = loglikelihood("1, 2, 3, 4, 5,", " 6, 7"), loglikelihood("1, 2, 3, 4, 5,", " 9, 2")
+    assert counting[1] and not wrong[1] and counting[0] > wrong[0], (counting, wrong)  # lm-eval's is_greedy

@@ -38,15 +38,29 @@ import torch
 from .. import kernels
 from ..cache.kv import KVLayout, KVSnapshot, PagedKVCache
 from ..cache.state import StateCache, StateSnapshot
-from ..errors import (CapacityError, ContextLengthError, EngineClosedError, InvalidRequestError, NumericalError,
-                      SessionFileError, UnsupportedModelError)
-from ..sampling import SamplingParams, TokenConstraint, TokenLogprob, token_logprob
+from ..errors import (CapacityError, ContextLengthError, EngineBusyError, EngineClosedError, InvalidRequestError,
+                      NumericalError, SessionFileError, UnsupportedModelError)
+from ..sampling import MAX_TOP_LOGPROBS, SamplingParams, TokenConstraint, TokenLogprob, token_logprob
 from .request import GenerationOutput, GenerationStream, KVHandle, Request, State
 from .runner import PagedConfig, PagedModel, StateModel, run_state_step_greedy, run_step_greedy
 from .scheduler import Scheduler
 from .work import WorkItem
 
 log = logging.getLogger("gemma_sessions.engine")
+
+SCORE_CHUNK = 32      # prompt tokens a scoring job computes per loop iteration (between two steps of the others)
+MAX_SCORING_JOBS = 64  # scoring jobs queued at most (EngineBusyError beyond); one computes at a time
+
+
+class _ScoreJob:
+    """One prompt being scored on the loop thread (``Engine.score``): its dense state exists only while it runs."""
+
+    def __init__(self, ids: list[int], top: int) -> None:
+        self.ids, self.top = ids, top
+        self.out: list[TokenLogprob | None] = [None]
+        self.state = None
+        self.done = 0  # prompt tokens computed
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
 
 
 def default_kv_cache_bytes(device: torch.device) -> int:
@@ -129,7 +143,8 @@ class Engine:
         self._closed = False
         self._error: BaseException | None = None
         self._counters = {"steps": 0, "prefill_tokens": 0, "generated_tokens": 0, "requests": 0,
-                          "failed": 0, "cancelled": 0, "busy_s": 0.0}
+                          "failed": 0, "cancelled": 0, "busy_s": 0.0, "scored_tokens": 0}
+        self._scoring: list[_ScoreJob] = []  # the loop thread's; the first computes
         self._started = time.perf_counter()
         self._thread = threading.Thread(target=self._loop, name="gemma-engine", daemon=True)
         self._thread.start()
@@ -163,6 +178,29 @@ class Engine:
             kv.busy = True
         self._send(("submit", req))
         return GenerationStream(req, self._wake)
+
+    def score(self, prompt_ids: Sequence[int], top: int = 0) -> list[TokenLogprob | None]:
+        """Each prompt token's log-probability given the tokens before it (the first token's: None), with the
+        ``top`` likeliest alternatives at each position (0..20): OpenAI's ``echo`` with ``logprobs``, vLLM's
+        ``prompt_logprobs``. Safe from any thread; blocks until done.
+
+        The prefix cache holds no logits, so the whole prompt is computed, exactly (float32 logits, as ``generate``),
+        on the loop thread, ``SCORE_CHUNK`` tokens between two steps of the other requests: they slow down while a
+        prompt is scored, they never wait for a whole long prompt. One prompt computes at a time, in a dense state
+        of its length outside the KV budget; at most ``MAX_SCORING_JOBS`` wait (``EngineBusyError`` beyond)."""
+        ids = [int(t) for t in prompt_ids]
+        if not ids:
+            raise InvalidRequestError("the prompt is empty")
+        if len(ids) > self.max_context:
+            raise ContextLengthError(f"the prompt has {len(ids)} tokens; the context is {self.max_context}")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise InvalidRequestError(f"token ids must be in [0, {vocab})")
+        if not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise InvalidRequestError(f"top must be in [0, {MAX_TOP_LOGPROBS}]")
+        job = _ScoreJob(ids, top)
+        self._send(("score", job))
+        return job.future.result()
 
     def new_kv(self) -> KVHandle:
         """A handle that keeps a sequence's KV between requests (a session's cache)."""
@@ -393,9 +431,11 @@ class Engine:
     def _loop(self) -> None:
         try:
             while True:
-                if not self._drain(block=not (self.scheduler.running or self.scheduler.waiting)):
+                if not self._drain(block=not (self.scheduler.running or self.scheduler.waiting or self._scoring)):
                     break
                 self._step()
+                if self._scoring:
+                    self._score_chunk()
         except BaseException as exc:  # the loop must never die silently: fail everyone, refuse new work
             log.exception("engine loop died")
             self._error = exc
@@ -417,6 +457,12 @@ class Engine:
             if kind == "submit":
                 self._counters["requests"] += 1
                 self.scheduler.waiting.append(value)
+            elif kind == "score":
+                if len(self._scoring) >= MAX_SCORING_JOBS:
+                    value.future.set_exception(EngineBusyError(f"{MAX_SCORING_JOBS} prompts are already waiting to "
+                                                               "be scored; try again later"))
+                else:
+                    self._scoring.append(value)
             elif kind == "call":
                 fn, arg, fut = value
                 try:
@@ -460,6 +506,38 @@ class Engine:
                 self._fail(req, exc, drop_kv=True)
         self._counters["steps"] += 1
         self._counters["busy_s"] += time.perf_counter() - t0
+
+    def _score_chunk(self) -> None:
+        """The first scoring job's next ``SCORE_CHUNK`` tokens; a finished or failed job leaves the queue (its
+        failure is its caller's alone)."""
+        job = self._scoring[0]
+        try:
+            net = self.model.net
+            if job.state is None:
+                job.state = net.new_sequence(len(job.ids))
+            start, end = job.done, min(job.done + SCORE_CHUNK, len(job.ids))
+            with torch.inference_mode():
+                ids = torch.tensor(job.ids[start:end], dtype=torch.long, device=self.model.device)
+                logits = net.step(ids, job.state, last_only=False)  # row r predicts token start + r + 1
+                for r in range(min(end, len(job.ids) - 1) - start):
+                    row = logits[r]
+                    if not bool(torch.isfinite(row.sum())):
+                        raise NumericalError("the model produced non-finite logits (NaN or inf) for this prompt")
+                    job.out.append(token_logprob(row, job.ids[start + r + 1], job.top))
+            job.done = end
+            self._counters["scored_tokens"] += end - start
+            if end < len(job.ids):
+                return
+            result: object = job.out
+        except Exception as exc:  # this prompt fails alone
+            log.exception("scoring a prompt of %d tokens failed", len(job.ids))
+            result = exc
+        self._scoring.pop(0)
+        job.state = None
+        if isinstance(result, Exception):
+            job.future.set_exception(result)
+        else:
+            job.future.set_result(result)
 
     @staticmethod
     def _check_rows(logits: list, tokens: list, greedy: list[bool]) -> set[int]:
@@ -572,6 +650,9 @@ class Engine:
         sched = self.scheduler
         for req in [*sched.running, *sched.waiting]:
             self._fail(req, exc)
+        for job in self._scoring:
+            job.future.set_exception(exc)
+        self._scoring = []
         while True:
             try:
                 kind, value = self._inbox.get_nowait()
@@ -581,6 +662,8 @@ class Engine:
                 value.emit(("error", exc))
             elif kind == "call" and value[2] is not None:
                 value[2].set_exception(exc)
+            elif kind == "score":
+                value.future.set_exception(exc)
 
     def _stats(self) -> dict:
         c, sched = self.cache, self.scheduler
@@ -592,7 +675,7 @@ class Engine:
             "prefix_hit_rate": (stats["prefix_hit_tokens"] / stats["prefix_queried_tokens"]
                                 if stats["prefix_queried_tokens"] else 0.0),
             "session_kv_evictions": sched.parked_evictions, "preemptions": sched.preemptions,
-            "prompt_steps_held_for_prefix": sched.held_for_prefix,
+            "prompt_steps_held_for_prefix": sched.held_for_prefix, "scoring_jobs": len(self._scoring),
             "generated_tokens_per_s": self._counters["generated_tokens"] / elapsed if elapsed else 0.0,
             **self._counters,
         }

@@ -68,7 +68,7 @@ class ApiError(Exception):
 
 
 _STATUS = [(E.SessionNotFoundError, 404), (E.SessionBusyError, 409), (E.InvalidRequestError, 400),
-           (E.CapacityError, 400), (E.SessionFileError, 400), (E.EngineClosedError, 503),
+           (E.CapacityError, 400), (E.SessionFileError, 400), (E.EngineClosedError, 503), (E.EngineBusyError, 503),
            (E.TokenizerError, 400), (E.StoreUnavailableError, 503), (E.StaleSessionError, 409),
            (E.GemmaSessionsError, 500)]
 
@@ -540,9 +540,10 @@ def _install_errors(app: FastAPI) -> None:
         if status >= 500:
             log.error("request failed: %r", exc)
         code = "context_length_exceeded" if isinstance(exc, E.ContextLengthError) else None
-        retry = isinstance(exc, (E.StoreUnavailableError, E.EngineClosedError))
+        retry = isinstance(exc, (E.StoreUnavailableError, E.EngineClosedError, E.EngineBusyError))
+        again = isinstance(exc, (E.StoreUnavailableError, E.EngineBusyError))
         return _error(status, str(exc) if status < 500 or retry else "internal server error", code=code,
-                      headers={"Retry-After": "2"} if isinstance(exc, E.StoreUnavailableError) else None)
+                      headers={"Retry-After": "2"} if again else None)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):
@@ -780,25 +781,33 @@ def _install_completions(app: FastAPI, state: ServerState) -> None:
         refused = body.unsupported()
         if refused:
             raise ApiError(400, refused[1], refused[0])
-        text = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else body.prompt
+        text = body.prompt_ids_or_text()
         if isinstance(text, str):
             state.check_chars([text], "prompt")
             prompt = await state.run(state.tokenizer.encode, text, True)
         else:
             prompt = list(text)
+            vocab = state.engine.model.config.vocab_size
+            if any(not 0 <= t < vocab for t in prompt):
+                raise ApiError(400, f"token ids must be in [0, {vocab})", "prompt")
         limit = state.engine.max_context - len(prompt)
-        if limit < 1:
+        if limit < 1 and body.max_tokens != 0:
             raise E.ContextLengthError(f"the prompt has {len(prompt)} tokens; the context is "
                                        f"{state.engine.max_context}")
+        echo = (text if isinstance(text, str) else await state.run(state.tokenizer.decode, prompt)) if body.echo else ""
+        # echo with logprobs: the prompt's own (each token given those before it), scored apart from the generation
+        echo_logprobs = (await state.run(_prompt_logprobs, state, prompt, body.logprobs)
+                         if body.echo and body.logprobs is not None else None)
+        cid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
+        if body.max_tokens == 0:  # the prompt scored, nothing generated
+            return _echo_only(state, body, cid, created, echo, echo_logprobs, len(prompt))
         max_tokens = min(state.max_tokens(body.max_tokens, 16), limit)  # 16: OpenAI's default for this route
         params = sampling_from(body, SamplingParams(), max_tokens).replace(**body.penalty_changes(),
                                                                            logprobs=body.logprobs)
         gens = await _start_choices(state, prompt, params, body.n, None)
-        echo = (text if isinstance(text, str) else await state.run(state.tokenizer.decode, prompt)) if body.echo else ""
-        cid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_completion_stream(state, gens, cid, created, usage, echo),
+            return StreamingResponse(_completion_stream(state, gens, cid, created, usage, echo, echo_logprobs),
                                      media_type="text/event-stream")
         done = await _collect_all(state, gens, request)
         if done is None:
@@ -806,9 +815,58 @@ def _install_completions(app: FastAPI, state: ServerState) -> None:
         choices = []
         for i, (g, (parts, _)) in enumerate(zip(gens, done)):
             choices.append({"index": i, "text": echo + "".join(parts), "finish_reason": _finish(g.finish_reason),
-                            "logprobs": _legacy_logprobs(g, len(echo))})
+                            "logprobs": _joined_logprobs(echo_logprobs, _legacy_logprobs(g, len(echo)))})
         return {"id": cid, "object": "text_completion", "created": created, "model": state.model_name,
                 "choices": choices, "usage": _total_usage(gens, [out for _, out in done], reasoning=False)}
+
+
+def _prompt_logprobs(state: ServerState, prompt: list[int], top: int) -> dict:
+    """The legacy logprobs object of the prompt's tokens (``Engine.score``; the first token's logprob is None):
+    each token's text without control tokens, so that the texts concatenate to the echoed prompt."""
+    scored = state.engine.score(prompt, top)
+    tok = state.tokenizer
+    out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    at = 0
+    for token, x in zip(prompt, scored):
+        piece = tok.token_bytes(token).decode("utf-8", errors="replace")  # (a control token: "")
+        out["tokens"].append(piece)
+        out["text_offset"].append(at)
+        at += len(piece)
+        if x is None:
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            continue
+        entry = logprob_entry(tok, x)
+        out["token_logprobs"].append(entry["logprob"])
+        out["top_logprobs"].append({t["token"]: t["logprob"] for t in entry["top_logprobs"]})
+    return out
+
+
+def _joined_logprobs(first: dict | None, then: dict | None) -> dict | None:
+    if first is None or then is None:
+        return first or then
+    return {k: first[k] + then[k] for k in first}
+
+
+def _echo_only(state: ServerState, body: CompletionRequest, cid: str, created: int, echo: str,
+               echo_logprobs: dict | None, n_prompt: int):
+    """``max_tokens: 0`` with echo: each choice is the prompt (and its logprobs), finished by length."""
+    choices = [{"index": i, "text": echo, "finish_reason": "length", "logprobs": echo_logprobs}
+               for i in range(body.n)]
+    usage = {"prompt_tokens": n_prompt, "completion_tokens": 0, "total_tokens": n_prompt}
+    if not body.stream:
+        return {"id": cid, "object": "text_completion", "created": created, "model": state.model_name,
+                "choices": choices, "usage": usage}
+
+    async def events() -> AsyncIterator[str]:
+        for c in choices:
+            yield sse({"id": cid, "object": "text_completion", "created": created, "model": state.model_name,
+                       "choices": [c]})
+        if body.stream_options and body.stream_options.include_usage:
+            yield sse({"id": cid, "object": "text_completion", "created": created, "model": state.model_name,
+                       "choices": [], "usage": usage})
+        yield "data: [DONE]\n\n"
+    return StreamingResponse(events(), media_type="text/event-stream")
 
 
 def _legacy_logprobs(gen: EngineText, offset: int) -> dict | None:
@@ -829,7 +887,7 @@ def _legacy_logprobs(gen: EngineText, offset: int) -> dict | None:
 
 
 def _completion_stream(state: ServerState, gens: list[EngineText], cid: str, created: int, usage: bool,
-                       echo: str) -> AsyncIterator[str]:
+                       echo: str, echo_logprobs: dict | None = None) -> AsyncIterator[str]:
     def chunk(i: int, text: str, finish: str | None = None, logprobs: dict | None = None) -> str:
         return sse({"id": cid, "object": "text_completion", "created": created, "model": state.model_name,
                     "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
@@ -841,7 +899,8 @@ def _completion_stream(state: ServerState, gens: list[EngineText], cid: str, cre
         return sse({"id": cid, "object": "text_completion", "created": created, "model": state.model_name,
                     "choices": [], "usage": u})
 
-    return _stream_choices(state, gens, [chunk(i, echo) for i in range(len(gens))] if echo else [], part,
+    return _stream_choices(state, gens, [chunk(i, echo, logprobs=echo_logprobs) for i in range(len(gens))]
+                           if echo else [], part,
                            lambda i: chunk(i, "", _finish(gens[i].finish_reason), _legacy_logprobs(gens[i], len(echo))),
                            usage_chunk if usage else None, reasoning=False)
 

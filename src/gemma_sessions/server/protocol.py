@@ -217,8 +217,8 @@ class CompletionRequest(PenaltyFields):
     """The legacy Completions API: a raw prompt (``<bos>`` first, no chat template) continued."""
 
     model: str | None = None
-    prompt: str | list[str] | list[int]
-    max_tokens: int | None = Field(default=None, ge=1)
+    prompt: str | list[str] | list[int] | list[list[int]]  # (a list of one token list: lm-eval's tokenized batch)
+    max_tokens: int | None = Field(default=None, ge=0)  # 0: only with echo (score the prompt, generate nothing)
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     best_of: int | None = Field(default=None, ge=1, le=1)  # (n best of more: not supported)
     stream: bool = False
@@ -230,17 +230,26 @@ class CompletionRequest(PenaltyFields):
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, v):
-        if isinstance(v, list) and v and isinstance(v[0], str) and len(v) != 1:
+        if isinstance(v, list) and v and isinstance(v[0], (str, list)) and len(v) != 1:
             raise ValueError("one prompt per request (send several requests: the server batches them)")
-        if isinstance(v, list) and not v:
+        if isinstance(v, list) and (not v or isinstance(v[0], list) and not v[0]):
             raise ValueError("the prompt is empty")
         return v
+
+    @model_validator(mode="after")
+    def _zero_tokens_needs_echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 needs echo (the prompt is all the reply)")
+        return self
+
+    def prompt_ids_or_text(self) -> str | list[int]:
+        """The one prompt: its text, or its token ids."""
+        p = self.prompt
+        return p[0] if isinstance(p, list) and isinstance(p[0], (str, list)) else p
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.suffix:
             return "suffix", "suffix (insertion) is not supported by this server"
-        if self.echo and self.logprobs is not None:
-            return "echo", "echo with logprobs (the prompt's own logprobs) is not supported by this server"
         return None
 
 
