@@ -64,7 +64,7 @@ def test_every_architecture_scores_its_prompts(make):
 
 def test_scoring_interleaves_with_generation_and_changes_no_ones_tokens(model):
     prompts = [_prompt(20 + i, 10 + i) for i in range(6)]
-    long = [_prompt(engine_module.SCORE_CHUNK * 4, 1 + i) for i in range(4)]
+    long = [_prompt(engine_module.SCORE_CHUNK * 4, 1 + i) for i in range(4)]  # chunks alone and between steps
     params = gs.SamplingParams(temperature=0, max_tokens=12)
     with gs.Engine(model, kv_cache_bytes=16 << 20, block_size=4) as engine:
         alone = [engine.submit(p, params).result().token_ids for p in prompts]

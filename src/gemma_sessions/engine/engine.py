@@ -48,7 +48,8 @@ from .work import WorkItem
 
 log = logging.getLogger("gemma_sessions.engine")
 
-SCORE_CHUNK = 32      # prompt tokens a scoring job computes per loop iteration (between two steps of the others)
+SCORE_CHUNK = 16      # prompt tokens a scoring job computes at a time (fixed: a prompt's scores never depend on load)
+SCORE_SHARE = 0.5     # while others run, scoring takes at most this much time per second of their steps
 MAX_SCORING_JOBS = 64  # scoring jobs queued at most (EngineBusyError beyond); one computes at a time
 
 
@@ -145,6 +146,7 @@ class Engine:
         self._counters = {"steps": 0, "prefill_tokens": 0, "generated_tokens": 0, "requests": 0,
                           "failed": 0, "cancelled": 0, "busy_s": 0.0, "scored_tokens": 0}
         self._scoring: list[_ScoreJob] = []  # the loop thread's; the first computes
+        self._score_credit = 0.0  # seconds scoring may take before the others' next step (SCORE_SHARE)
         self._started = time.perf_counter()
         self._thread = threading.Thread(target=self._loop, name="gemma-engine", daemon=True)
         self._thread.start()
@@ -185,9 +187,11 @@ class Engine:
         ``prompt_logprobs``. Safe from any thread; blocks until done.
 
         The prefix cache holds no logits, so the whole prompt is computed, exactly (float32 logits, as ``generate``),
-        on the loop thread, ``SCORE_CHUNK`` tokens between two steps of the other requests: they slow down while a
-        prompt is scored, they never wait for a whole long prompt. One prompt computes at a time, in a dense state
-        of its length outside the KV budget; at most ``MAX_SCORING_JOBS`` wait (``EngineBusyError`` beyond)."""
+        on the loop thread, ``SCORE_CHUNK`` tokens at a time between steps of the other requests, within
+        ``SCORE_SHARE`` of their steps' time: they slow down by a third at most while a prompt is scored (and a
+        scored prompt goes slower while they run), they never wait for a whole prompt. One prompt computes at a
+        time, in a dense state of its length outside the KV budget; at most ``MAX_SCORING_JOBS`` wait
+        (``EngineBusyError`` beyond)."""
         ids = [int(t) for t in prompt_ids]
         if not ids:
             raise InvalidRequestError("the prompt is empty")
@@ -433,9 +437,10 @@ class Engine:
             while True:
                 if not self._drain(block=not (self.scheduler.running or self.scheduler.waiting or self._scoring)):
                     break
+                t0 = time.perf_counter()
                 self._step()
                 if self._scoring:
-                    self._score_chunk()
+                    self._score_turn(time.perf_counter() - t0)
         except BaseException as exc:  # the loop must never die silently: fail everyone, refuse new work
             log.exception("engine loop died")
             self._error = exc
@@ -507,15 +512,28 @@ class Engine:
         self._counters["steps"] += 1
         self._counters["busy_s"] += time.perf_counter() - t0
 
-    def _score_chunk(self) -> None:
-        """The first scoring job's next ``SCORE_CHUNK`` tokens; a finished or failed job leaves the queue (its
-        failure is its caller's alone)."""
+    def _score_turn(self, stepped: float) -> None:
+        """Score a chunk when it is scoring's turn: always while no request runs, else within ``SCORE_SHARE`` of
+        the time the other requests' steps take (a scored prompt slows them by a third at most)."""
+        if not (self.scheduler.running or self.scheduler.waiting):
+            self._score_credit = 0.0
+            self._score_chunk(SCORE_CHUNK)
+            return
+        self._score_credit = min(self._score_credit + stepped * SCORE_SHARE, 1.0)
+        if self._score_credit > 0:
+            t0 = time.perf_counter()
+            self._score_chunk(SCORE_CHUNK)
+            self._score_credit -= time.perf_counter() - t0
+
+    def _score_chunk(self, n: int) -> None:
+        """The first scoring job's next ``n`` tokens; a finished or failed job leaves the queue (its failure is its
+        caller's alone)."""
         job = self._scoring[0]
         try:
             net = self.model.net
             if job.state is None:
                 job.state = net.new_sequence(len(job.ids))
-            start, end = job.done, min(job.done + SCORE_CHUNK, len(job.ids))
+            start, end = job.done, min(job.done + n, len(job.ids))
             with torch.inference_mode():
                 ids = torch.tensor(job.ids[start:end], dtype=torch.long, device=self.model.device)
                 logits = net.step(ids, job.state, last_only=False)  # row r predicts token start + r + 1
