@@ -70,6 +70,11 @@ def tiny_tokenizer(vocab_size: int = TINY_VOCAB):
 GEMMA4_TINY_SPECIALS = {4: "<|turn>", 5: "<turn|>", -3: "<|think|>", -2: "<|channel>", -1: "<channel|>"}
 
 
+def byte_token(tokenizer, ch: str) -> int:
+    """The byte-fallback token of a one-byte character (``<0x7B>`` for "{"): a test's handle on exactly one byte."""
+    return tokenizer.token_id(f"<0x{ord(ch):02X}>")
+
+
 def tiny_gemma4_tokenizer(vocab_size: int = TINY_VOCAB, chat_template: str | None = None):
     """:func:`tiny_tokenizer` with Gemma 4's control tokens (:data:`GEMMA4_TINY_SPECIALS`, each one CONTROL token);
     every other id is the same. ``chat_template``: a template text to attach, as read from a model's files."""

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 import gemma_sessions as gs
 from gemma_sessions.constraints import MAX_BLANKS, MAX_DEPTH, JsonObjectConstraint, JsonPrefix
 from gemma_sessions.server import create_app
-from gemma_sessions.testing import tiny_model
+from gemma_sessions.testing import byte_token, tiny_model
 
 GOOD = [b'{}', b'{"a": 1}', b'{"a": [1, 2.5e-3, -0, true, false, null, "x\\n\\u00e9"], "b": {"c": {}}}',
         b'{ "k" : [ ] }', b'{"e": -12.5E+10, "f": [[], [{}]], "g": "\\"q\\"", "h": "caf\xc3\xa9"}', b'{"a":0.0e0}']
@@ -97,13 +97,9 @@ def model():
     return tiny_model("gemma3", seed=1)
 
 
-def _byte_id(model, ch: str) -> int:
-    return model.tokenizer.token_id(f"<0x{ord(ch):02X}>")
-
-
 def test_engine_json_replies_are_json_and_stop_once_complete(model):
     tok = model.tokenizer
-    close = {_byte_id(model, "}"): 30.0, _byte_id(model, '"'): 8.0}  # a random model, nudged to close what it opens
+    close = {byte_token(tok, "}"): 30.0, byte_token(tok, '"'): 8.0}  # a random model, nudged to close what it opens
     stop = set(model.stop_ids)
 
     def token_bytes(t: int) -> bytes:
@@ -124,7 +120,7 @@ def test_engine_json_replies_are_json_and_stop_once_complete(model):
             if out.finish_reason == "stop":
                 assert isinstance(json.loads(text), dict)
         forced = engine.submit([2, 50, 60, 70], gs.SamplingParams(temperature=0, max_tokens=40,
-                                                                  logit_bias=((_byte_id(model, "}"), 100.0),)),
+                                                                  logit_bias=((byte_token(tok, "}"), 100.0),)),
                                constraint=constraint()).result()
         assert forced.finish_reason == "stop" and tok.decode(forced.token_ids) == "{}"
 
@@ -139,7 +135,8 @@ def test_the_server_answers_json_object_and_refuses_what_a_schema_cannot_enforce
         for choice in r.json()["choices"]:
             text = choice["message"]["content"].encode()
             assert text.startswith(b"{") and JsonPrefix(object_only=True).feed(text)
-        forced = client.post("/v1/chat/completions", json={**body, "logit_bias": {str(_byte_id(model, "}")): 100}})
+        brace = str(byte_token(model.tokenizer, "}"))
+        forced = client.post("/v1/chat/completions", json={**body, "logit_bias": {brace: 100}})
         assert forced.json()["choices"][0]["message"]["content"] == "{}"
         assert forced.json()["choices"][0]["finish_reason"] == "stop"
         schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "a+"}}}

@@ -18,7 +18,7 @@ import gemma_sessions as gs
 from gemma_sessions.constraints import MAX_BLANKS, MAX_DEPTH, json_constraint
 from gemma_sessions.json_schema import MAX_SUBSCHEMAS, MAX_THREADS, JsonSchema, SchemaError
 from gemma_sessions.server import create_app
-from gemma_sessions.testing import tiny_model
+from gemma_sessions.testing import byte_token, tiny_model
 
 PERSON = {"type": "object", "properties": {
     "name": {"type": "string", "minLength": 1, "maxLength": 5},
@@ -333,16 +333,12 @@ def model():
     return tiny_model("gemma3", seed=1)
 
 
-def _byte_id(model, ch: str) -> int:
-    return model.tokenizer.token_id(f"<0x{ord(ch):02X}>")
-
-
 def test_engine_replies_follow_the_schema_from_many_threads(model):
     """16 threads share one compiled schema (and one vocabulary scan), each with its own constraint and sampling; all
     batched in one engine, each reply is a prefix the matcher accepts, and schema-valid when it stops."""
     tok = model.tokenizer
     compiled = JsonSchema(PERSON)
-    quote = _byte_id(model, '"')
+    quote = byte_token(model.tokenizer, '"')
 
     def one(i: int) -> None:
         params = (gs.SamplingParams(temperature=0, max_tokens=80) if i % 4 == 0 else

@@ -130,6 +130,9 @@ def test_completions_echo_with_logprobs_as_lm_eval_sends_it(model):
         s = client.post("/v1/completions", json={"prompt": "abc def", "echo": True, "logprobs": 0, "max_tokens": 0})
         slp = s.json()["choices"][0]["logprobs"]
         assert "".join(slp["tokens"]) == "abc def" and slp["text_offset"][0] == 0 and slp["tokens"][0] == ""
+        metrics = client.get("/metrics").text
+        scored = [line for line in metrics.splitlines() if line.startswith("gemma_prompt_tokens_scored_total")]
+        assert scored and float(scored[0].split()[-1]) >= 3 * len(ids)  # the three scored requests above
         for body, param in (({"prompt": ids, "max_tokens": 0}, None), ({"prompt": [ids, ids], "echo": True}, None),
                             ({"prompt": [[]], "echo": True}, None),
                             ({"prompt": [2, 10 ** 6], "echo": True, "logprobs": 1}, "prompt")):

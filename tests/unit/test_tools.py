@@ -17,7 +17,7 @@ from gemma_sessions.server import create_app
 from gemma_sessions.server.app import chat_prompt
 from gemma_sessions.server.protocol import ChatMessage
 from gemma_sessions.server import tools as T
-from gemma_sessions.testing import tiny_model
+from gemma_sessions.testing import byte_token, tiny_model, tiny_tokenizer
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
     "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}, "unit": {"enum": ["c", "f"]}},
@@ -113,7 +113,7 @@ def client():
 
 
 def _byte(ch: str) -> str:
-    return str(tiny_model("gemma3").tokenizer.token_id(f"<0x{ord(ch):02X}>"))
+    return str(byte_token(tiny_tokenizer(), ch))
 
 
 # a random model, nudged to close what it opens and to spare the blank space (every choice stays constrained)

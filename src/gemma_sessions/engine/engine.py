@@ -517,23 +517,23 @@ class Engine:
         the time the other requests' steps take (a scored prompt slows them by a third at most)."""
         if not (self.scheduler.running or self.scheduler.waiting):
             self._score_credit = 0.0
-            self._score_chunk(SCORE_CHUNK)
+            self._score_chunk()
             return
         self._score_credit = min(self._score_credit + stepped * SCORE_SHARE, 1.0)
         if self._score_credit > 0:
             t0 = time.perf_counter()
-            self._score_chunk(SCORE_CHUNK)
+            self._score_chunk()
             self._score_credit -= time.perf_counter() - t0
 
-    def _score_chunk(self, n: int) -> None:
-        """The first scoring job's next ``n`` tokens; a finished or failed job leaves the queue (its failure is its
-        caller's alone)."""
+    def _score_chunk(self) -> None:
+        """The first scoring job's next ``SCORE_CHUNK`` tokens; a finished or failed job leaves the queue (its
+        failure is its caller's alone)."""
         job = self._scoring[0]
         try:
             net = self.model.net
             if job.state is None:
                 job.state = net.new_sequence(len(job.ids))
-            start, end = job.done, min(job.done + n, len(job.ids))
+            start, end = job.done, min(job.done + SCORE_CHUNK, len(job.ids))
             with torch.inference_mode():
                 ids = torch.tensor(job.ids[start:end], dtype=torch.long, device=self.model.device)
                 logits = net.step(ids, job.state, last_only=False)  # row r predicts token start + r + 1

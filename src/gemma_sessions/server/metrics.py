@@ -34,6 +34,8 @@ class Metrics:
             ("cache_block_evictions_total", "Cached KV pages evicted"),
             ("prompt_steps_held_for_prefix_total", "Steps a new prompt waited for an earlier one computing their "
                                                    "shared prefix (instead of computing it twice)"),
+            ("prompt_tokens_scored_total", "Prompt tokens scored for their own logprobs (echo with logprobs)"),
+            ("scoring_jobs", "Prompts being scored or waiting to be"),
             ("store_pending_snapshots", "Spilled KV snapshots waiting in memory for the store's writer"),
             ("store_pending_bytes", "Bytes of those snapshots"),
             ("store_queued_exports", "Sessions whose KV snapshot is queued for writing"),
@@ -65,4 +67,6 @@ class Metrics:
         g["preemptions_total"].set(engine_stats["preemptions"])
         g["cache_block_evictions_total"].set(engine_stats["cache_block_evictions"])
         g["prompt_steps_held_for_prefix_total"].set(engine_stats["prompt_steps_held_for_prefix"])
+        g["prompt_tokens_scored_total"].set(engine_stats["scored_tokens"])
+        g["scoring_jobs"].set(engine_stats["scoring_jobs"])
         return generate_latest(self.registry)
