@@ -232,7 +232,7 @@ class JsonConstraint:
         if not data:
             return False
         # candidates of a step share first bytes: each first byte is judged once (most candidates end there)
-        after = self._after_first.get(data[0], self)
+        after = self._after_first.get(data[0], self)  # (self: that byte not judged yet this step)
         if after is self:
             m = self.json.copy()
             after = self._after_first[data[0]] = m if m.feed(data[:1]) else None
@@ -285,6 +285,6 @@ def json_constraint(model, schema: Any = None) -> JsonConstraint:
     control, single = vocab
     if schema is None:
         return JsonObjectConstraint(token_bytes, model.stop_ids, control, single)
-    from .json_schema import JsonSchema
+    from .json_schema import JsonSchema  # (here: json_schema imports this module's caps)
     compiled = schema if isinstance(schema, JsonSchema) else JsonSchema(schema)
     return JsonSchemaConstraint(compiled, token_bytes, model.stop_ids, control, single)

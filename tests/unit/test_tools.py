@@ -61,6 +61,15 @@ def test_the_reply_schema_accepts_exactly_calls_to_the_given_tools_or_an_answer(
         b'{"tool_calls":[{"name":"get_weather","arguments":{"city":"a","unit":"c"}},')  # one call at most
 
 
+def test_a_tool_without_parameters_takes_an_empty_object():
+    schema = JsonSchema(T.reply_schema(T.parse_tools([{"type": "function", "function": {"name": "now"}}]),
+                                       "required", parallel=False))
+    m = schema.matcher()
+    assert m.feed(b'{"tool_calls":[{"name":"now","arguments":{}}]}') and m.complete
+    assert not schema.matcher().feed(b'{"tool_calls":[{"name":"now","arguments":{"')
+    assert not schema.matcher().feed(b'{"tool_calls":[{"name":"now","arguments":1')
+
+
 def test_tool_choice_and_tool_definitions_are_checked():
     tools = T.parse_tools([WEATHER, NESTED])
     assert T.chosen(tools, None) == ("auto", tools)

@@ -257,7 +257,7 @@ def _format_type(fmt: Any) -> Any:
     return fmt.get("type", "text") if isinstance(fmt, dict) else ("text" if fmt is None else fmt)
 
 
-_SCHEMA_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+OPENAI_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # a schema's or a function's name, as OpenAI checks it
 
 
 def _bad_format(fmt: Any, spec: Any, where: str) -> str | None:
@@ -270,7 +270,7 @@ def _bad_format(fmt: Any, spec: Any, where: str) -> str | None:
         return None
     if not isinstance(spec, dict):
         return f"{where} must be an object with a 'name' and a 'schema'"
-    if not isinstance(spec.get("name"), str) or not _SCHEMA_NAME.fullmatch(spec["name"]):
+    if not isinstance(spec.get("name"), str) or not OPENAI_NAME.fullmatch(spec["name"]):
         return f"{where}.name must be 1 to 64 letters, digits, '_' or '-'"
     if "strict" in spec and not isinstance(spec["strict"], (bool, type(None))):
         return f"{where}.strict must be a boolean"

@@ -20,16 +20,18 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from .protocol import OPENAI_NAME
+
 MAX_TOOLS = 128
 MAX_PARALLEL_CALLS = 8  # calls one reply may make when parallel_tool_calls (OpenAI's default) is on
-_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}  # OpenAI: omitted, none taken
 
 
 @dataclass(frozen=True)
 class Tool:
     name: str
     description: str
-    parameters: Any  # a JSON schema (an object schema, as OpenAI's), True when the tool gave none
+    parameters: Any  # a JSON schema (an object schema, as OpenAI's); NO_PARAMETERS when the tool gave none
 
 
 def parse_tools(tools: list[Any]) -> list[Tool]:
@@ -43,12 +45,12 @@ def parse_tools(tools: list[Any]) -> list[Tool]:
                              "are supported)")
         f = t["function"]
         name = f.get("name")
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
+        if not isinstance(name, str) or not OPENAI_NAME.fullmatch(name):
             raise ValueError(f"tools[{i}].function.name must be 1 to 64 letters, digits, '_' or '-'")
         if any(name == o.name for o in out):
             raise ValueError(f"tools[{i}].function.name {name!r} is given twice")
         description = f.get("description") or ""
-        params = f.get("parameters", True)
+        params = f.get("parameters", NO_PARAMETERS)
         if not isinstance(description, str) or not isinstance(params, (dict, bool)):
             raise ValueError(f"tools[{i}].function: description must be a string and parameters a JSON schema")
         out.append(Tool(name, description, params))
