@@ -246,8 +246,8 @@ def test_chat_fields_that_ask_for_nothing_are_accepted(client):
 @pytest.mark.parametrize("extra, param", [
     (dict(tools=[{"type": "function", "name": "f"}]), "tools"),
     (dict(text={"format": {"type": "json_schema", "name": "x", "schema": {"not": {}}}}), "text"),
-    (dict(top_logprobs=3), "top_logprobs"),
-    (dict(include=["message.output_text.logprobs"]), "top_logprobs"),
+    (dict(include=["message.input_text.logprobs"]), "include"),
+    (dict(include=["message.output_text.logprobs"], top_logprobs=21), "top_logprobs"),
 ])
 def test_responses_fields_it_cannot_honour_are_400s(client, extra, param):
     r = client.post("/v1/responses", json={"input": "hi", "max_output_tokens": 4, "store": False, **extra})
@@ -255,6 +255,34 @@ def test_responses_fields_it_cannot_honour_are_400s(client, extra, param):
     ok = client.post("/v1/responses", json={"input": "hi", "max_output_tokens": 4, "store": False,
                                             "text": {"format": {"type": "text"}}, "tools": []})
     assert ok.status_code == 200, ok.text
+
+
+def test_responses_logprobs_equal_chats_and_stream_as_they_read_whole(client):
+    """include message.output_text.logprobs: the same prompt and greedy tokens as Chat Completions, so the same
+    logprobs; streamed, the deltas' logprobs add up to the final ones; the stored response keeps none."""
+    asked = {"include": ["message.output_text.logprobs"], "top_logprobs": 2}
+    body = {"input": "hello there", "max_output_tokens": 8, "temperature": 0, **asked}
+    r = client.post("/v1/responses", json=body)
+    assert r.status_code == 200, r.text
+    part = r.json()["output"][-1]["content"][0]
+    chat = client.post("/v1/chat/completions", json={**CHAT, "logprobs": True, "top_logprobs": 2}).json()
+    expected = chat["choices"][0]["logprobs"]["content"]
+    assert part["text"] == chat["choices"][0]["message"]["content"]
+    assert [(e["token"], [t["token"] for t in e["top_logprobs"]]) for e in part["logprobs"]] == [
+        (e["token"], [t["token"] for t in e["top_logprobs"]]) for e in expected]
+    assert [e["logprob"] for e in part["logprobs"]] == pytest.approx([e["logprob"] for e in expected], abs=1e-5)
+    assert len(part["logprobs"]) == r.json()["usage"]["output_tokens"]
+    stored = client.get(f"/v1/responses/{r.json()['id']}").json()["output"][-1]["content"][0]
+    assert "logprobs" not in stored and stored["text"] == part["text"]
+    with client.stream("POST", "/v1/responses", json={**body, "stream": True}) as s:
+        events = [json.loads(ln[6:]) for ln in s.iter_lines() if ln.startswith("data: ")]
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    done = next(e for e in events if e["type"] == "response.output_text.done")
+    assert [x for d in deltas for x in d["logprobs"]] == done["logprobs"]
+    assert [e["logprob"] for e in done["logprobs"]] == pytest.approx([e["logprob"] for e in part["logprobs"]],
+                                                                     abs=1e-5)
+    plain = client.post("/v1/responses", json={"input": "hello there", "max_output_tokens": 8, "temperature": 0})
+    assert "logprobs" not in plain.json()["output"][-1]["content"][0]  # only when asked
 
 
 def _completion_stream(client, body: dict) -> list[dict]:

@@ -7,8 +7,8 @@ response and session belongs to the key that made it; any other key gets 404. Ev
 Chat Completions honours ``presence_penalty``, ``frequency_penalty``, ``logit_bias`` and ``logprobs`` /
 ``top_logprobs`` (see ``SamplingParams``) and function ``tools`` (``server.tools``); Chat and Responses honour
 ``json_object`` and ``json_schema`` formats (``constraints``, ``json_schema``). A field that asks for what this
-server does not do (tools on Responses, a schema keyword it cannot enforce, logprobs on Responses) is a 400 naming
-it, never silently ignored.
+server does not do (tools on Responses, a schema keyword it cannot enforce) is a 400 naming it, never silently
+ignored. Responses give their output's logprobs with ``include: ["message.output_text.logprobs"]``.
 
 Hardening (what one request can and cannot do to the others):
 - Bodies are read through :class:`Guard` (pure ASGI, before any route): the API key is checked before a byte of
@@ -932,7 +932,8 @@ def _install_responses(app: FastAPI, state: ServerState) -> None:
 
         def start():
             max_tokens = state.max_tokens(body.max_output_tokens, session.sampling.max_tokens)
-            return session.stream(items[-1][1], sampling=sampling_from(body, session.sampling, max_tokens),
+            sampling = sampling_from(body, session.sampling, max_tokens).replace(logprobs=body.logprobs_asked())
+            return session.stream(items[-1][1], sampling=sampling,
                                   wait=wait, reasoning=reasoning, idempotency_key=idempotency_key,
                                   constraint=constraint() if constraint is not None else None)
 
@@ -944,13 +945,15 @@ def _install_responses(app: FastAPI, state: ServerState) -> None:
             raise
         base = _response_object(state, "resp_" + uuid.uuid4().hex, body, session, ephemeral)
         if body.stream:
-            return StreamingResponse(_response_stream(state, turn, base, session, new, ephemeral, owner),
+            return StreamingResponse(_response_stream(state, turn, base, session, new, ephemeral, owner,
+                                                      body.logprobs_asked() is not None),
                                      media_type="text/event-stream")
         finished = False
         try:
             if await _collect(state, turn.next_delta, request) is None:
                 return Response(status_code=499)  # the client went away: its turn is cancelled below
-            result = await state.run(_finish_response, state, base, turn, session, ephemeral, owner)
+            result = await state.run(_finish_response, state, base, turn, session, ephemeral, owner, None,
+                                     body.logprobs_asked() is not None)
             finished = True
             return result
         finally:
@@ -1033,7 +1036,10 @@ def reasoning_item(item_id: str, text: str) -> dict:
 
 
 def _finish_response(state: ServerState, base: dict, turn, session, ephemeral: bool, owner: str,
-                     reasoning_id: str | None = None) -> dict:
+                     reasoning_id: str | None = None, logprobs: bool = False) -> dict:
+    """The final response object. ``logprobs``: its message's text part carries the output tokens' logprobs
+    (``include: message.output_text.logprobs``); the response stored for ``GET /v1/responses/{id}`` does not (they
+    are up to ~1.5 KB a token)."""
     reply = turn.reply
     if reply is None or reply.finish_reason == "cancelled":
         raise ApiError(503, "the generation was cancelled (the server is shutting down)", headers={"Retry-After": "5"})
@@ -1053,11 +1059,21 @@ def _finish_response(state: ServerState, base: dict, turn, session, ephemeral: b
     if not ephemeral:
         state.manager.remember_response(resp["id"], owner=owner, session_id=session.id, n_messages=len(messages),
                                         body=resp)
+    if logprobs:
+        message = resp["output"][-1]
+        text = dict(message["content"][0], logprobs=turn_logprobs(state, turn, 0))
+        resp = dict(resp, output=[*resp["output"][:-1], dict(message, content=[text, *message["content"][1:]])])
     return resp
 
 
+def turn_logprobs(state: ServerState, turn, start: int, end: int | None = None) -> list[dict]:
+    """The OpenAI logprob entries of a turn's generated tokens ``[start, end)`` (to its tokens so far)."""
+    end = turn.n_tokens if end is None else end
+    return [logprob_entry(state.tokenizer, x) for x in turn.token_logprobs(start, end)]
+
+
 async def _response_stream(state: ServerState, turn, base: dict, session, new: bool, ephemeral: bool,
-                           owner: str) -> AsyncIterator[str]:
+                           owner: str, logprobs: bool = False) -> AsyncIterator[str]:
     seq = 0
 
     def event(kind: str, **fields) -> str:
@@ -1065,7 +1081,16 @@ async def _response_stream(state: ServerState, turn, base: dict, session, new: b
         seq += 1
         return sse({"type": kind, "sequence_number": seq - 1, **fields}, kind)
 
-    items = _StreamedItems(event)
+    sent = [0]  # tokens whose logprobs went out
+
+    def new_logprobs() -> list[dict]:
+        if not logprobs:
+            return []
+        end = turn.n_tokens
+        out, sent[0] = turn_logprobs(state, turn, sent[0], end), end
+        return out
+
+    items = _StreamedItems(event, new_logprobs)
     finished = False
     try:
         yield event("response.created", response=base)
@@ -1077,7 +1102,8 @@ async def _response_stream(state: ServerState, turn, base: dict, session, new: b
             while (part := await state.run(turn.next_part)) is not None:
                 for e in items.delta(*part):
                     yield e
-            final = await state.run(_finish_response, state, base, turn, session, ephemeral, owner, items.rs_id)
+            final = await state.run(_finish_response, state, base, turn, session, ephemeral, owner, items.rs_id,
+                                    logprobs)
         except (ApiError, E.GemmaSessionsError) as exc:  # the status line is sent: fail in the stream
             failed = dict(base, status="failed", error={"code": "server_error", "message": str(exc)})
             yield event("response.failed", response=failed)
@@ -1099,8 +1125,9 @@ class _StreamedItems:
     stream (the final response, in ``response.completed``, has them all).
     """
 
-    def __init__(self, event: Callable[..., str]):
+    def __init__(self, event: Callable[..., str], new_logprobs: Callable[[], list[dict]] = list):
         self.event = event
+        self.new_logprobs = new_logprobs  # the logprob entries of the tokens since the last call ([] unless asked)
         self.rs_id = "rs_" + uuid.uuid4().hex
         self.msg_id = "msg_pending_" + uuid.uuid4().hex
         self.opened: list[str] = []  # "reasoning" / "content", in output order
@@ -1116,7 +1143,7 @@ class _StreamedItems:
             return [*events, self.event("response.reasoning_text.delta", item_id=self.rs_id, output_index=index,
                                         content_index=0, delta=text)]
         return [*events, self.event("response.output_text.delta", item_id=self.msg_id, output_index=index,
-                                    content_index=0, delta=text, logprobs=[])]
+                                    content_index=0, delta=text, logprobs=self.new_logprobs())]
 
     def open(self, kind: str) -> list[str]:
         events = self._close_reasoning() if kind == "content" else []
@@ -1150,7 +1177,7 @@ class _StreamedItems:
         index, full = self.opened.index("content"), "".join(self.texts["content"])
         return [*events,
                 self.event("response.output_text.done", item_id=done_item["id"], output_index=index, content_index=0,
-                           text=full, logprobs=[]),
+                           text=full, logprobs=done_item["content"][0].get("logprobs", [])),
                 self.event("response.content_part.done", item_id=done_item["id"], output_index=index,
                            content_index=0, part={"type": "output_text", "text": full, "annotations": []}),
                 self.event("response.output_item.done", output_index=index, item=done_item)]

@@ -317,6 +317,9 @@ class ConversationRef(_Lenient):
     id: str
 
 
+OUTPUT_LOGPROBS = "message.output_text.logprobs"  # Responses' include value for the output tokens' logprobs
+
+
 class ResponseRequest(SamplingFields):
     model: str | None = None
     input: str | list[dict[str, Any]] | None = None
@@ -343,9 +346,15 @@ class ResponseRequest(SamplingFields):
         bad = _bad_format(fmt, fmt, "text.format")
         if bad:
             return "text", bad
-        if self.top_logprobs or any("logprobs" in i for i in self.include or ()):
-            return "top_logprobs", "logprobs are served by /v1/chat/completions (logprobs, top_logprobs), not here"
+        other = [i for i in self.include or () if "logprobs" in i and i != OUTPUT_LOGPROBS]
+        if other:
+            return "include", f"include {other[0]!r} is not supported (logprobs: {OUTPUT_LOGPROBS!r})"
         return None
+
+    def logprobs_asked(self) -> int | None:
+        """SamplingParams.logprobs: how many alternatives each output token reports when ``include`` asks for
+        the output's logprobs (``top_logprobs``, 0 when absent), else None."""
+        return (self.top_logprobs or 0) if OUTPUT_LOGPROBS in (self.include or ()) else None
 
     def json_format(self) -> tuple[str, Any] | None:
         """("json_object", None) or ("json_schema", schema) when text.format constrains the reply, else None."""

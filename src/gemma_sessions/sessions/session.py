@@ -320,6 +320,18 @@ class TurnStream:
         while (delta := self.next_delta()) is not None:
             yield delta
 
+    @property
+    def n_tokens(self) -> int:
+        """Tokens the deltas so far took (thoughts included); 0 for a replayed turn."""
+        return 0 if self._replay is not None else len(self._deltas.tokens)
+
+    def token_logprobs(self, start: int, end: int) -> list:
+        """``TokenLogprob`` of generated tokens ``[start, end)`` (asked with ``SamplingParams.logprobs``); none for
+        a replayed turn (the store keeps no logprobs)."""
+        if self._replay is not None or self._engine_stream is None:
+            return []
+        return self._engine_stream.token_logprobs(start, end)
+
     def next_delta(self) -> str | None:
         """The next non-empty text delta of the answer, or None when the turn is over (then ``reply`` is set)."""
         while (part := self.next_part()) is not None:
