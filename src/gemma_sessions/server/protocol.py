@@ -331,7 +331,7 @@ class ResponseRequest(SamplingFields):
     max_output_tokens: int | None = Field(default=None, ge=1)
     metadata: Metadata | None = None
     reasoning: Reasoning | None = None
-    # refused unless they ask for nothing or for what is done (unsupported(); text.format json_object: json_object())
+    # checked by unsupported(): tools are refused; text.format (json_format()) and logprobs (logprobs_asked()) served
     tools: list[Any] | None = None
     tool_choice: Any = None
     text: dict[str, Any] | None = None
