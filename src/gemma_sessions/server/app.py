@@ -109,23 +109,18 @@ class ServerState:
         self.draining = False
         self.replica: bytes | None = None  # X-Replica on every response (create_app's replica_name)
 
-    def json_constraint(self, schema: JsonSchema | None = None) -> JsonConstraint:
-        """A new constraint to one JSON object (``json_object``), or to one JSON text ``schema`` accepts
-        (``json_schema``), then a stop; a request's own."""
-        return json_constraint(self.engine.model, schema)
-
     async def json_format(self, fmt: tuple[str, Any] | None, param: str) -> Callable[[], JsonConstraint] | None:
         """What makes each choice's constraint for a request's format (``json_format()`` of its body; None: plain
         text). A schema is compiled once, here: 400 on what it cannot honour."""
         if fmt is None:
             return None
-        if fmt[0] == "json_object":
-            return self.json_constraint
-        try:
-            schema = await self.run(JsonSchema, fmt[1])
-        except SchemaError as exc:
-            raise ApiError(400, f"json_schema: {exc}", param) from exc
-        return functools.partial(self.json_constraint, schema)
+        schema = None
+        if fmt[0] == "json_schema":
+            try:
+                schema = await self.run(JsonSchema, fmt[1])
+            except SchemaError as exc:
+                raise ApiError(400, f"json_schema: {exc}", param) from exc
+        return functools.partial(json_constraint, self.engine.model, schema)
 
     async def run(self, fn: Callable, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -632,12 +627,7 @@ def _install_chat(app: FastAPI, state: ServerState) -> None:
         tools_system = tools.system_text(callable_tools, mode) if callable_tools else None
         if tools_system:
             state.check_chars([tools_system], "tools")
-        try:
-            prompt = await state.run(chat_prompt, state.tokenizer, body.messages, reasoning, tools_system)
-        except ValueError as exc:
-            if isinstance(exc, E.GemmaSessionsError):
-                raise
-            raise ApiError(400, str(exc), "messages") from exc
+        prompt = await state.run(chat_prompt, state.tokenizer, body.messages, reasoning, tools_system)
         limit = state.engine.max_context - len(prompt)
         if limit < 1:
             raise E.ContextLengthError(f"the prompt has {len(prompt)} tokens; the context is "
