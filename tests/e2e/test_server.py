@@ -331,6 +331,35 @@ def test_tool_calls_on_the_real_model_through_the_openai_client(server):
     assert finish in (["tool_calls"], ["stop"], ["length"])
 
 
+def test_responses_tool_calls_on_the_real_model_through_the_openai_client(server):
+    """The official client's Responses tools round trip, as an agent makes it: a ``function_call`` item naming
+    the right tool with the right arguments, its result sent back as a ``function_call_output`` after
+    ``previous_response_id``, and the whole stored; then the same through a stateless, streamed request."""
+    weather = {"type": "function", "name": "get_weather", "description": "Get the current weather in a city",
+               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    add = {"type": "function", "name": "add", "description": "Add two numbers", "parameters": {
+        "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"]}}
+    client = server.client()
+    first = client.responses.create(model="gemma", input="What is the weather in Paris?", tools=[weather, add],
+                                    tool_choice="required", parallel_tool_calls=False, max_output_tokens=60,
+                                    temperature=0)
+    (call,) = first.output
+    assert call.type == "function_call" and (call.name, json.loads(call.arguments)) == ("get_weather",
+                                                                                      {"city": "Paris"})
+    second = client.responses.create(model="gemma", previous_response_id=first.id, tools=[weather, add],
+                                     input=[{"type": "function_call_output", "call_id": call.call_id,
+                                             "output": "Sunny, 21 C"}], max_output_tokens=40, temperature=0)
+    assert second.status in ("completed", "incomplete") and second.output
+    assert second.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens - 32
+    assert client.responses.retrieve(first.id).output[0].call_id == call.call_id
+    events = list(client.responses.create(model="gemma", input=[
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 21 C"}],
+        tools=[weather, add], store=False, stream=True, max_output_tokens=40, temperature=0))
+    assert events[-1].type in ("response.completed", "response.incomplete") and events[-1].response.output
+
+
 def test_prompt_scoring_on_the_real_model_as_lm_eval_asks(server):
     """lm-eval's loglikelihood request (tokenized prompt in a list, echo, logprobs 1, max_tokens 1) and its
     parsing: the real model finds " Paris" far likelier than " London" after "The capital of France is", and

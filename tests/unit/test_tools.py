@@ -9,6 +9,8 @@ import random
 
 import jsonschema
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from fastapi.testclient import TestClient
 
 import gemma_sessions as gs
@@ -217,3 +219,201 @@ def test_what_tools_cannot_honour_is_a_400_naming_it(client, extra, param, why):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and why in err["message"], err
+
+
+# --------------------------------------------------------------------------- Responses
+class _Nudged(gs.SessionManager):
+    """Sessions whose sampling carries NUDGE (Responses take no logit_bias; forks keep their parent's sampling)."""
+
+    def create(self, **kw):
+        bias = tuple((int(k), float(v)) for k, v in self.bias.items())
+        kw["sampling"] = (kw.get("sampling") or gs.SamplingParams()).replace(logit_bias=bias)
+        return super().create(**kw)
+
+
+def _flat(tool: dict) -> dict:
+    return {"type": "function", **tool["function"]}
+
+
+RTOOLS = [_flat(WEATHER), _flat(NESTED)]
+
+
+@pytest.fixture(scope="module")
+def rclient():
+    engine = gs.Engine(tiny_model("gemma3", seed=1, context=4096), kv_cache_bytes=32 << 20, block_size=16)
+    manager = _Nudged(engine)
+    manager.bias = NUDGE
+    with TestClient(create_app(manager)) as c:
+        yield c
+    engine.close()
+
+
+def _respond(client, **body) -> dict:
+    r = client.post("/v1/responses", json={"max_output_tokens": 300, "temperature": 0, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _calls_of(resp: dict) -> list[dict]:
+    calls = [i for i in resp["output"] if i["type"] == "function_call"]
+    for c in calls:
+        assert c["status"] == "completed" and c["id"].startswith("fc_") and c["call_id"].startswith("call_")
+        jsonschema.validate(json.loads(c["arguments"]), PARAMS[c["name"]])
+    return calls
+
+
+def test_responses_call_tools_and_take_their_results_through_previous_response_id(rclient):
+    first = _respond(rclient, input="weather in Paris?", tools=RTOOLS, tool_choice="required")
+    calls = _calls_of(first)
+    assert calls and first["status"] == "completed" and first["output_text"] == ""
+    assert [i["type"] for i in first["output"]] == ["function_call"] * len(calls)
+    assert first["tools"] == RTOOLS and first["tool_choice"] == "required" and first["parallel_tool_calls"]
+    assert rclient.get(f"/v1/responses/{first['id']}").json()["output"] == first["output"]  # stored as given
+    named = _respond(rclient, input="book", tools=RTOOLS, tool_choice={"type": "function", "name": "book"},
+                     parallel_tool_calls=False)
+    assert [c["name"] for c in _calls_of(named)] == ["book"]
+    # the results go back as function_call_output items, continuing the first response's history
+    results = [{"type": "function_call_output", "call_id": c["call_id"], "output": "21 C"} for c in calls]
+    second = _respond(rclient, previous_response_id=first["id"], input=results, tools=RTOOLS)
+    assert second["status"] == "completed" and second["previous_response_id"] == first["id"]
+    if second["output"][0]["type"] == "message":  # auto: an answer, as text out of its envelope
+        assert second["output_text"] == second["output"][0]["content"][0]["text"]
+        assert not second["output_text"].startswith('{"response"')
+    else:
+        assert _calls_of(second) and second["output_text"] == ""
+    assert second["usage"]["input_tokens_details"]["cached_tokens"] >= first["usage"]["input_tokens"] - 16
+
+
+def _session_of(client, cid: str):
+    return client.app.state.gs.manager.get(cid.removeprefix("conv_"))
+
+
+def test_a_conversation_is_told_of_its_tools_once_and_lists_calls_and_results_as_items(rclient):
+    cid = rclient.post("/v1/conversations", json={"items": [
+        {"type": "message", "role": "system", "content": "Be brief."}]}).json()["id"]
+    first = _respond(rclient, conversation=cid, input="weather?", tools=RTOOLS, tool_choice="required")
+    calls = _calls_of(first)
+    s = _session_of(rclient, cid)
+    assert s.messages[0].text.startswith(T.TOOLS_HEAD) and s.messages[0].text.endswith("\n\nweather?")
+    text = rclient.app.state.gs.tokenizer.decode(list(s.messages[0].token_ids))
+    assert "Be brief.\n\n" + T.TOOLS_HEAD in text and '"get_weather"' in text
+    results = [{"type": "function_call_output", "call_id": c["call_id"], "output": "sunny"} for c in calls]
+    _respond(rclient, conversation=cid, input=results, tools=RTOOLS, tool_choice="required", max_output_tokens=20)
+    assert not any(m.text.startswith(T.TOOLS_HEAD) for m in _session_of(rclient, cid).messages[2:])  # told once
+    _respond(rclient, conversation=cid, input="and Rome?", tools=RTOOLS, max_output_tokens=20)  # auto: told again
+    told = [m for m in _session_of(rclient, cid).messages if m.text.startswith(T.TOOLS_HEAD)]
+    assert len(told) == 2 and T.announced(told[1].text) == T.system_text(T.parse_tools(RTOOLS, flat=True), "auto")
+    items = rclient.get(f"/v1/conversations/{cid}/items", params={"order": "asc", "limit": 100}).json()["data"]
+    assert items[0]["content"][0]["text"] == "weather?"  # the tools' text is not the user's
+    assert items[1:1 + len(calls)] == calls  # the same items (and call ids) as the response gave
+    outputs = [i for i in items if i["type"] == "function_call_output"]
+    assert [(o["call_id"], o["output"]) for o in outputs] == [(c["call_id"], "sunny") for c in calls]
+    assert any(i.get("content", [{}])[0].get("text") == "and Rome?" for i in items)
+    # a call's item names its reply: deleting it deletes the reply (all its calls)
+    n = len(_session_of(rclient, cid).messages)
+    assert rclient.delete(f"/v1/conversations/{cid}/items/{calls[0]['id']}").status_code == 200
+    assert len(_session_of(rclient, cid).messages) == n - 1
+
+
+def test_a_stateless_agent_resends_its_items_and_reuses_the_cached_prompt(rclient):
+    """The Agents SDK's way: store false, the whole input each time; the tools go in the new session's system
+    prompt, where Chat Completions puts them, so each request's prompt extends the last one's."""
+    question = {"type": "message", "role": "user", "content": "weather in Paris?"}
+    first = _respond(rclient, input=[question], tools=RTOOLS, tool_choice="required", store=False,
+                     instructions="Use tools.")
+    calls = _calls_of(first)
+    echoed = [{k: c[k] for k in ("type", "id", "call_id", "name", "arguments")} for c in calls]
+    results = [{"type": "function_call_output", "call_id": c["call_id"], "output": [{"type": "input_text",
+                                                                                     "text": "21 C"}]} for c in calls]
+    second = _respond(rclient, input=[question, *echoed, *results], tools=RTOOLS, tool_choice="required",
+                      store=False, instructions="Use tools.", max_output_tokens=20)
+    assert second["usage"]["input_tokens_details"]["cached_tokens"] >= first["usage"]["input_tokens"] - 16
+    tok = rclient.app.state.gs.tokenizer
+    chat = chat_prompt(tok, [ChatMessage(role="system", content="Use tools."), ChatMessage(**question)], False,
+                       T.system_text(T.parse_tools(RTOOLS, flat=True), "required"))
+    assert first["usage"]["input_tokens"] == len(chat)  # the prompt Chat Completions gives the same request
+
+
+@pytest.mark.parametrize("choice, answer, max_tokens", [("required", False, 300), ("auto", True, 300),
+                                                         ("auto", True, 40)])
+def test_streamed_response_items_equal_the_whole_response(rclient, choice, answer, max_tokens):
+    body = {"input": "weather in Paris?", "tools": RTOOLS, "tool_choice": choice, "max_output_tokens": max_tokens,
+            "temperature": 0, "store": False}
+    manager = rclient.app.state.gs.manager
+    manager.bias = ANSWER if answer else NUDGE
+    try:
+        whole = _respond(rclient, **body)
+        with rclient.stream("POST", "/v1/responses", json={**body, "stream": True}) as s:
+            events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    finally:
+        manager.bias = NUDGE
+    final = events[-1]["response"]
+    strip = [{k: v for k, v in i.items() if k not in ("id", "call_id")} for i in final["output"]]
+    assert strip == [{k: v for k, v in i.items() if k not in ("id", "call_id")} for i in whole["output"]]
+    assert events[-1]["type"] == ("response.completed" if whole["status"] == "completed" else "response.incomplete")
+    done = [e["item"] for e in events if e["type"] == "response.output_item.done"]
+    assert done == final["output"]
+    text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    args = {e["item_id"]: e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"}
+    if final["output"][-1]["type"] == "function_call":
+        assert not answer and text == "" and args == {c["id"]: c["arguments"] for c in final["output"]}
+    else:
+        assert answer and not args and text == final["output_text"] == final["output"][-1]["content"][0]["text"]
+        if max_tokens == 40:  # cut before the answer began: the unfinished envelope, as text
+            assert final["status"] == "incomplete" and text.startswith('{"response"')
+        else:
+            assert text and not text.startswith('{"response"')
+
+
+@pytest.mark.parametrize("extra, param, why", [
+    (dict(tools=[WEATHER]), "tools", "'name': ..."),  # Chat's nested shape
+    (dict(tools=[{"type": "file_search"}]), "tools", "function"),
+    (dict(tool_choice={"type": "function", "name": "nope"}), "tool_choice", "nope"),
+    (dict(input=[{"type": "function_call_output", "output": "x"}]), "input", "call_id"),
+    (dict(input=[{"type": "function_call_output", "call_id": "c", "output": 3}]), "input", "output"),
+    (dict(input=[{"type": "function_call", "call_id": "c", "name": "get_weather", "arguments": {}},
+                 {"type": "message", "role": "user", "content": "hi"}]), "input", "arguments"),
+    (dict(input=[{"type": "function_call", "call_id": "c", "name": "get_weather", "arguments": "{}"}]), "input",
+     "function_call_output"),  # the input must end with the user's turn
+    (dict(input=[{"type": "item_reference", "id": "x"}]), "input", "item_reference"),
+])
+def test_what_responses_tools_cannot_honour_is_a_400_naming_it(rclient, extra, param, why):
+    r = rclient.post("/v1/responses", json={"input": "hi", "tools": RTOOLS, "max_output_tokens": 4, **extra})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and why in err["message"], err
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                     max_leaves=12)
+_ITEM = st.fixed_dictionaries({"type": st.sampled_from(["message", "function_call", "function_call_output", "x"])},
+                              optional={"role": st.sampled_from(["user", "assistant", "system", "tool"]),
+                                        "content": _JSON, "name": st.sampled_from(["f", "", 1]),
+                                        "arguments": _JSON, "call_id": _JSON, "output": _JSON})
+
+
+@settings(max_examples=400, derandomize=True, deadline=None)
+@given(items=st.lists(_ITEM | _JSON, max_size=5), tools_on=st.booleans())
+def test_any_input_items_are_turns_or_a_value_error(items, tools_on):
+    try:
+        turns = T.input_turns(items, tools_on)
+    except ValueError:
+        return
+    assert all(role in ("user", "model", "system") and isinstance(text, str) for role, text in turns)
+
+
+class _Stored:
+    def __init__(self, role: str, text: str):
+        self.role, self.text, self.id = role, text, "msg_0123"
+
+
+@settings(max_examples=400, derandomize=True, deadline=None)
+@given(text=st.one_of(st.text(max_size=40), _JSON.map(json.dumps), st.just("[" * 5000)),
+       role=st.sampled_from(["user", "model"]), tools_on=st.sampled_from([None, True, False]))
+def test_any_stored_message_reads_as_items(text, role, tools_on):
+    """Whatever a history holds (a reply cut short, a model's own JSON, deep nesting) lists as items."""
+    from gemma_sessions.server.app import items_of
+
+    items = items_of(_Stored(role, text), tools_on)
+    assert items and all(i["type"] in ("message", "function_call", "function_call_output") for i in items)

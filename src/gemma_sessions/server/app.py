@@ -54,7 +54,7 @@ from .metrics import Metrics
 from . import tools, web
 from .protocol import (ChatCompletionRequest, CompletionRequest, ConversationCreate, ConversationUpdate,
                        DetokenizeRequest, ItemsCreate, ResponseRequest, SamplingFields, TokenizeRequest, error_body,
-                       input_items, thinking_of)
+                       thinking_of)
 
 log = logging.getLogger("gemma_sessions.server")
 IMPORT_PATH = "/v1/sessions/import"
@@ -214,11 +214,44 @@ def sid_of(cid: str) -> str:
     return cid[5:]
 
 
-def item_of(m) -> dict:
+def item_of(m, text: str | None = None) -> dict:
+    """A stored message as a Responses ``message`` item (``text``: its text as shown, by default the stored one)."""
     role = "assistant" if m.role == "model" else "user"
     part = "output_text" if role == "assistant" else "input_text"
-    content = {"type": part, "text": m.text, **({"annotations": []} if part == "output_text" else {})}
+    content = {"type": part, "text": m.text if text is None else text,
+               **({"annotations": []} if part == "output_text" else {})}
     return {"type": "message", "id": m.id, "status": "completed", "role": role, "content": [content]}
+
+
+def items_of(m, tools_on: bool | None) -> list[dict]:
+    """A stored message as Responses items, read in ``server.tools``' convention: a reply that called tools as its
+    ``function_call`` items, an answer's envelope as its text, a tool result as a ``function_call_output``, a user
+    turn without the tools' text a turn put before it. ``tools_on``: the reply was made with tools (True), without
+    (False: its text as it is), or unknown (None: a reply that reads as an envelope is one; a conversation's
+    listing, where a conversation that never had tools passes False)."""
+    if m.role == "user":
+        text = tools.without_announcement(m.text)
+        result = tools.tool_result(text)
+        if result is not None:
+            return [{"type": "function_call_output", "id": m.id, "call_id": result[0], "output": result[1],
+                     "status": "completed"}]
+        return [item_of(m, text)]
+    if tools_on is False:
+        return [item_of(m)]
+    answer, calls = tools.envelope(m.text)
+    if calls:
+        return tools.call_items(m.id, calls)
+    if answer is None and tools_on:  # cut short: the answer so far, or the text when it was not one
+        answer = tools.parse_reply(m.text)[0]
+    return [item_of(m, answer)]
+
+
+def tools_announced(session) -> str | None:
+    """The tools' text the session's history gave last (a Responses turn's, else its system prompt's), or None."""
+    for m in reversed(session.messages):
+        if m.role == "user" and m.text.startswith(tools.TOOLS_HEAD):
+            return tools.announced(m.text)
+    return tools.announced(session.system)
 
 
 def conversation_object(s) -> dict:
@@ -623,7 +656,7 @@ def _install_chat(app: FastAPI, state: ServerState) -> None:
         if refused:
             raise ApiError(400, refused[1], refused[0])
         reasoning = bool(state.reasoning(body.reasoning_effort, "reasoning_effort"))
-        mode, callable_tools = _tool_choice(body)
+        mode, callable_tools = _tool_choice(body.tools, body.tool_choice)
         tools_system = tools.system_text(callable_tools, mode) if callable_tools else None
         if tools_system:
             state.check_chars([tools_system], "tools")
@@ -668,16 +701,18 @@ def _finish(reason: str | None) -> str:
     return "length" if reason == "length" else "stop"
 
 
-def _tool_choice(body: ChatCompletionRequest) -> tuple[str, list[tools.Tool]]:
-    """(mode, the tools a reply may call) of a request (``server.tools.chosen``); 400 naming the field."""
+def _tool_choice(given_tools: list | None, tool_choice: Any, flat: bool = False) -> tuple[str, list[tools.Tool]]:
+    """(mode, the tools a reply may call) of a request (``server.tools.chosen``; ``flat``: Responses' tool shape);
+    400 naming the field."""
     try:
-        given = tools.parse_tools(body.tools or [])
+        given = tools.parse_tools(given_tools or [], flat)
     except ValueError as exc:
         raise ApiError(400, str(exc), "tools") from exc
     try:
-        return tools.chosen(given, body.tool_choice)
+        mode, callable_tools = tools.chosen(given, tool_choice)
     except ValueError as exc:
         raise ApiError(400, str(exc), "tool_choice") from exc
+    return mode, callable_tools
 
 
 def _chat_usage(stats, n_generated: int, n_reasoning: int = 0) -> dict:
@@ -906,24 +941,33 @@ def _install_responses(app: FastAPI, state: ServerState) -> None:
         refused = body.unsupported()
         if refused:
             raise ApiError(400, refused[1], refused[0])
+        mode, callable_tools = _tool_choice(body.tools, body.tool_choice, flat=True)
+        note = tools.system_text(callable_tools, mode) if callable_tools else None  # the tools' text (server.tools)
         try:
-            items = input_items(body.input)
+            items = tools.input_turns(body.input, tools_on=note is not None)
         except ValueError as exc:
             raise ApiError(400, str(exc), "input") from exc
         if not items or items[-1][0] != "user" or not items[-1][1].strip():
-            raise ApiError(400, "input must end with a non-empty user message", "input")
-        state.check_chars([t for _, t in items] + [body.instructions or ""], "input")
+            raise ApiError(400, "input must end with a non-empty user message or a function_call_output", "input")
+        state.check_chars([t for _, t in items] + [body.instructions or "", note or ""], "input")
         reasoning = state.reasoning(body.reasoning.effort if body.reasoning else None, "reasoning")
-        constraint = await state.json_format(body.json_format(), "text")
+        if callable_tools:
+            constraint = await state.json_format(
+                ("json_schema", tools.reply_schema(callable_tools, mode, body.parallel_tool_calls)), "tools")
+        else:
+            constraint = await state.json_format(body.json_format(), "text")
         idempotency_key = _idempotency_key(request)
-        session, new = await state.run(_target_session, state, body, owner, items, reasoning)
+        session, new = await state.run(_target_session, state, body, owner, items, reasoning, note)
         ephemeral = new and not body.store
         wait = request.headers.get("x-gemma-wait", "1") not in ("0", "false")
 
         def start():
             max_tokens = state.max_tokens(body.max_output_tokens, session.sampling.max_tokens)
             sampling = sampling_from(body, session.sampling, max_tokens).replace(logprobs=body.logprobs_asked())
-            return session.stream(items[-1][1], sampling=sampling,
+            text = items[-1][1]
+            if note is not None and tools_announced(session) != note:  # tools new to this history: told here
+                text = f"{note}\n\n{text}"
+            return session.stream(text, sampling=sampling,
                                   wait=wait, reasoning=reasoning, idempotency_key=idempotency_key,
                                   constraint=constraint() if constraint is not None else None)
 
@@ -934,16 +978,17 @@ def _install_responses(app: FastAPI, state: ServerState) -> None:
                 await state.run(_drop_session, state, session)
             raise
         base = _response_object(state, "resp_" + uuid.uuid4().hex, body, session, ephemeral)
+        with_tools = bool(callable_tools)
         if body.stream:
             return StreamingResponse(_response_stream(state, turn, base, session, new, ephemeral, owner,
-                                                      body.logprobs_asked() is not None),
+                                                      body.logprobs_asked() is not None, with_tools),
                                      media_type="text/event-stream")
         finished = False
         try:
             if await _collect(state, turn.next_delta, request) is None:
                 return Response(status_code=499)  # the client went away: its turn is cancelled below
             result = await state.run(_finish_response, state, base, turn, session, ephemeral, owner, None,
-                                     body.logprobs_asked() is not None)
+                                     body.logprobs_asked() is not None, with_tools)
             finished = True
             return result
         finally:
@@ -965,10 +1010,12 @@ def _idempotency_key(request: Request) -> str | None:
     return key or None
 
 
-def _target_session(state: ServerState, body: ResponseRequest, owner: str, items: list, reasoning: bool | None):
+def _target_session(state: ServerState, body: ResponseRequest, owner: str, items: list, reasoning: bool | None,
+                    tools_text: str | None = None):
     """(session, new): the session a response continues (conversation, previous response) or a new one, with
     the request's earlier items added. A new one is dropped again when its turn does not complete. A new session's
-    thinking switch is the request's (``reasoning``; a request that leaves it out continues with the session's)."""
+    thinking switch is the request's (``reasoning``; a request that leaves it out continues with the session's), and
+    its system prompt ends with ``tools_text`` (the tools' text, as Chat Completions renders it)."""
     m = state.manager
     if body.conversation is not None and body.previous_response_id is not None:
         raise ApiError(400, "use either conversation or previous_response_id, not both", "conversation")
@@ -980,9 +1027,8 @@ def _target_session(state: ServerState, body: ResponseRequest, owner: str, items
         s, new = m.fork(state.session(prev["session"], owner).id, keep_messages=prev["n"]), True
     else:
         system = body.instructions
-        systems = [t for r, t in items if r == "system"]
-        if systems:
-            system = "\n\n".join(([system] if system else []) + systems)
+        parts = [t for t in (system, *(t for r, t in items if r == "system"), tools_text) if t]
+        system = "\n\n".join(parts) if parts else system
         s = m.create(system=system, metadata=body.metadata, owner=owner, persistent=body.store, reasoning=reasoning)
         new = True
     try:
@@ -1011,8 +1057,10 @@ def _end_turn(state: ServerState, turn, session, drop: bool, ephemeral: bool) ->
 def _response_object(state: ServerState, rid: str, body: ResponseRequest, session, ephemeral: bool) -> dict:
     return {"id": rid, "object": "response", "created_at": int(time.time()), "status": "in_progress",
             "model": state.model_name, "output": [], "usage": None, "error": None, "incomplete_details": None,
-            "instructions": body.instructions, "metadata": body.metadata or {}, "parallel_tool_calls": False,
-            "tool_choice": "auto", "tools": [], "temperature": body.temperature, "top_p": body.top_p,
+            "instructions": body.instructions, "metadata": body.metadata or {},
+            "parallel_tool_calls": body.parallel_tool_calls,
+            "tool_choice": body.tool_choice if body.tool_choice is not None else "auto", "tools": body.tools or [],
+            "temperature": body.temperature, "top_p": body.top_p,
             "previous_response_id": body.previous_response_id, "store": body.store,
             "conversation": None if ephemeral or body.conversation is None else {"id": conv_id(session.id)},
             "max_output_tokens": body.max_output_tokens}
@@ -1026,10 +1074,10 @@ def reasoning_item(item_id: str, text: str) -> dict:
 
 
 def _finish_response(state: ServerState, base: dict, turn, session, ephemeral: bool, owner: str,
-                     reasoning_id: str | None = None, logprobs: bool = False) -> dict:
+                     reasoning_id: str | None = None, logprobs: bool = False, with_tools: bool = False) -> dict:
     """The final response object. ``logprobs``: its message's text part carries the output tokens' logprobs
     (``include: message.output_text.logprobs``); the response stored for ``GET /v1/responses/{id}`` does not (they
-    are up to ~1.5 KB a token)."""
+    are up to ~1.5 KB a token). ``with_tools``: the reply is read as ``server.tools``' envelope (``items_of``)."""
     reply = turn.reply
     if reply is None or reply.finish_reason == "cancelled":
         raise ApiError(503, "the generation was cancelled (the server is shutting down)", headers={"Retry-After": "5"})
@@ -1040,8 +1088,9 @@ def _finish_response(state: ServerState, base: dict, turn, session, ephemeral: b
     resp["status"] = "incomplete" if reply.finish_reason == "length" else "completed"
     resp["incomplete_details"] = {"reason": "max_output_tokens"} if reply.finish_reason == "length" else None
     thoughts = [reasoning_item(reasoning_id or "rs_" + uuid.uuid4().hex, reply.reasoning)] if reply.reasoning else []
-    resp["output"] = [*thoughts, item_of(messages[-1])]
-    resp["output_text"] = reply.text
+    out = items_of(messages[-1], with_tools)
+    resp["output"] = [*thoughts, *out]
+    resp["output_text"] = "".join(i["content"][0]["text"] for i in out if i["type"] == "message")
     resp["usage"] = {"input_tokens": st.prompt_tokens, "input_tokens_details": {"cached_tokens": st.cached_tokens},
                      "output_tokens": st.generated_tokens,
                      "output_tokens_details": {"reasoning_tokens": st.reasoning_tokens},
@@ -1063,7 +1112,10 @@ def turn_logprobs(state: ServerState, turn, start: int, end: int | None = None) 
 
 
 async def _response_stream(state: ServerState, turn, base: dict, session, new: bool, ephemeral: bool,
-                           owner: str, logprobs: bool = False) -> AsyncIterator[str]:
+                           owner: str, logprobs: bool = False, with_tools: bool = False) -> AsyncIterator[str]:
+    """With tools, an answer's text streams as it is decoded from its envelope (``tools.ContentStream``), and calls
+    come whole as the reply ends (their arguments are valid only then): each ``function_call`` item added, its
+    arguments in one delta, done."""
     seq = 0
 
     def event(kind: str, **fields) -> str:
@@ -1081,26 +1133,41 @@ async def _response_stream(state: ServerState, turn, base: dict, session, new: b
         return out
 
     items = _StreamedItems(event, new_logprobs)
+    answer = tools.ContentStream() if with_tools else None
     finished = False
     try:
         yield event("response.created", response=base)
         yield event("response.in_progress", response=base)
-        if state.channel is None:  # a model that never thinks: the message opens at once, as it always did
+        if state.channel is None and not with_tools:  # a model that never thinks: the message opens at once
             for e in items.open("content"):
                 yield e
         try:
             while (part := await state.run(turn.next_part)) is not None:
+                if answer is not None and part[0] == "content":
+                    part = ("content", answer.feed(part[1]))
+                    if not part[1]:
+                        continue
                 for e in items.delta(*part):
                     yield e
             final = await state.run(_finish_response, state, base, turn, session, ephemeral, owner, items.rs_id,
-                                    logprobs)
+                                    logprobs, with_tools)
         except (ApiError, E.GemmaSessionsError) as exc:  # the status line is sent: fail in the stream
             failed = dict(base, status="failed", error={"code": "server_error", "message": str(exc)})
             yield event("response.failed", response=failed)
             return
         finished = True
-        for e in items.finish(final["output"][-1]):
-            yield e
+        last = final["output"][-1]
+        if last["type"] == "function_call":
+            for e in items.calls([i for i in final["output"] if i["type"] == "function_call"]):
+                yield e
+        else:
+            streamed = "".join(items.texts["content"])
+            rest = last["content"][0]["text"]
+            if with_tools and rest.startswith(streamed) and len(rest) > len(streamed):  # cut short, not an answer
+                for e in items.delta("content", rest[len(streamed):]):
+                    yield e
+            for e in items.finish(last):
+                yield e
         yield event("response.completed" if final["status"] == "completed" else "response.incomplete",
                     response=final)
     finally:  # one call, submitted at once: it runs even when this generator is being cancelled
@@ -1161,6 +1228,21 @@ class _StreamedItems:
                            part=part),
                 self.event("response.output_item.done", output_index=index, item=reasoning_item(self.rs_id, text))]
 
+    def calls(self, calls: list[dict]) -> list[str]:
+        """The events of a reply's ``function_call`` items (after the reasoning item, if any)."""
+        events = self._close_reasoning()
+        for item in calls:
+            self.opened.append(item["id"])
+            index = len(self.opened) - 1
+            events += [self.event("response.output_item.added", output_index=index,
+                                  item=dict(item, arguments="", status="in_progress")),
+                       self.event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                                  delta=item["arguments"]),
+                       self.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                                  arguments=item["arguments"]),
+                       self.event("response.output_item.done", output_index=index, item=item)]
+        return events
+
     def finish(self, done_item: dict) -> list[str]:
         """The closing events, the message's last (``done_item``: the final response's message item)."""
         events = [] if "content" in self.opened else self.open("content")  # an empty answer is still a message
@@ -1181,7 +1263,7 @@ def _install_conversations(app: FastAPI, state: ServerState) -> None:
     async def create_conversation(body: ConversationCreate, request: Request):
         owner = state.owner(request)
         try:
-            items = input_items(body.items or [])
+            items = tools.input_turns(body.items or [])
         except ValueError as exc:
             raise ApiError(400, str(exc), "items") from exc
         state.check_chars([t for _, t in items], "items")
@@ -1221,7 +1303,7 @@ def _install_conversations(app: FastAPI, state: ServerState) -> None:
         s = await state.run(state.session, sid_of(cid), state.owner(request))
         if order not in ("asc", "desc") or not 1 <= limit <= 100:
             raise ApiError(400, "order must be asc|desc and limit 1..100", "order")
-        data = [item_of(m) for m in s.messages]
+        data = await state.run(_listed_items, s)
         if order == "desc":
             data.reverse()
         if after is not None:
@@ -1235,22 +1317,29 @@ def _install_conversations(app: FastAPI, state: ServerState) -> None:
     async def add_items(cid: str, body: ItemsCreate, request: Request):
         s = await state.run(state.session, sid_of(cid), state.owner(request))
         try:
-            items = input_items(body.items)
+            items = tools.input_turns(body.items)
         except ValueError as exc:
             raise ApiError(400, str(exc), "items") from exc
         if any(r == "system" for r, _ in items):
             raise ApiError(400, "system items can only open a conversation", "items")
         state.check_chars([t for _, t in items], "items")
         added = [await state.run(s.add_message, role, text) for role, text in items]
-        data = [item_of(m) for m in added]
+        data = await state.run(_listed_items, s, added)
         return {"object": "list", "data": data, "first_id": data[0]["id"], "last_id": data[-1]["id"],
                 "has_more": False}
 
     @app.delete("/v1/conversations/{cid}/items/{item_id}")
     async def delete_item(cid: str, item_id: str, request: Request):
         s = await state.run(state.session, sid_of(cid), state.owner(request))
-        await state.run(s.remove_message, item_id)
+        await state.run(s.remove_message, tools.message_id_of(item_id))  # a call's item: its whole reply
         return conversation_object(s)
+
+
+def _listed_items(s, messages: list | None = None) -> list[dict]:
+    """A conversation's messages (by default all) as items; replies are read as tool envelopes (``items_of``) only
+    in a conversation that was told of tools."""
+    tools_on = None if tools_announced(s) else False
+    return [i for m in (s.messages if messages is None else messages) for i in items_of(m, tools_on)]
 
 
 # ------------------------------------------------------------------------------------------------ sessions

@@ -331,17 +331,17 @@ class ResponseRequest(SamplingFields):
     max_output_tokens: int | None = Field(default=None, ge=1)
     metadata: Metadata | None = None
     reasoning: Reasoning | None = None
-    # checked by unsupported(): tools are refused; text.format (json_format()) and logprobs (logprobs_asked()) served
+    # checked by unsupported(); function tools (server.tools), text.format (json_format()) and logprobs
+    # (logprobs_asked()) served
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool = True
     text: dict[str, Any] | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     include: list[str] | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for a field that asks for what this server does not do, else None."""
-        if self.tools and self.tool_choice != "none":
-            return "tools", "tools are not supported by this server (send none, or tool_choice 'none')"
         fmt = (self.text or {}).get("format")
         bad = _bad_format(fmt, fmt, "text.format")
         if bad:
@@ -349,6 +349,11 @@ class ResponseRequest(SamplingFields):
         other = [i for i in self.include or () if "logprobs" in i and i != OUTPUT_LOGPROBS]
         if other:
             return "include", f"include {other[0]!r} is not supported (logprobs: {OUTPUT_LOGPROBS!r})"
+        if self.tools and self.tool_choice != "none":  # the reply is the tools' envelope (server.tools)
+            if self.json_format() is not None:
+                return "text", "text.format cannot constrain a reply while tools are on (tool_choice 'none' ends that)"
+            if self.logprobs_asked() is not None:
+                return "include", "output logprobs are not given while tools are on (tool_choice 'none' ends that)"
         return None
 
     def logprobs_asked(self) -> int | None:

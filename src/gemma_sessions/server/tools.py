@@ -1,4 +1,5 @@
-"""Tool (function) calling on Chat Completions for models without a tool format of their own (Gemma 1-3).
+"""Tool (function) calling on Chat Completions and Responses for models without a tool format of their own
+(Gemma 1-3).
 
 Contract: the tools go in the system prompt with the reply convention; the reply is constrained (``json_schema``) to
 one JSON envelope, ``{"tool_calls": [{"name": ..., "arguments": {...}}]}`` or, with ``tool_choice: "auto"``,
@@ -9,18 +10,23 @@ rendered in the same convention: an assistant message's ``tool_calls`` as its en
 turn ``{"tool_response": {"tool_call_id": ..., "content": ...}}``, and, while tools are on, an assistant text reply
 as ``{"response": ...}`` (what the model wrote then). This is the "generic" convention llama.cpp's server uses for
 models without a native tool format; ``ContentStream`` decodes the ``response`` string as it streams.
+
+Responses (a session's history, see ``server/app.py``): a stored reply keeps the envelope the model wrote, and a
+tool result is a user turn in the same convention (``input_turns``); ``reply_items`` reads a stored reply back as
+OpenAI's output items, with ``call_id``s derived from the message id, so they are the same every time it is read.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from .protocol import OPENAI_NAME
+from .protocol import OPENAI_NAME, content_text, input_items
 
 MAX_TOOLS = 128
 MAX_PARALLEL_CALLS = 8  # calls one reply may make when parallel_tool_calls (OpenAI's default) is on
@@ -34,25 +40,32 @@ class Tool:
     parameters: Any  # a JSON schema (an object schema, as OpenAI's); NO_PARAMETERS when the tool gave none
 
 
-def parse_tools(tools: list[Any]) -> list[Tool]:
-    """OpenAI's ``tools`` -> Tool list; ValueError naming what is wrong."""
+def parse_tools(tools: list[Any], flat: bool = False) -> list[Tool]:
+    """OpenAI's ``tools`` -> Tool list; ValueError naming what is wrong. Chat Completions nests a function
+    (``{"type": "function", "function": {"name": ...}}``); Responses (``flat``) does not (``{"type": "function",
+    "name": ...}``)."""
     if len(tools) > MAX_TOOLS:
         raise ValueError(f"at most {MAX_TOOLS} tools")
+    shape = "{'type': 'function', 'name': ...}" if flat else "{'type': 'function', 'function': {...}}"
+    where = "" if flat else ".function"
     out: list[Tool] = []
     for i, t in enumerate(tools):
-        if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(t.get("function"), dict):
-            raise ValueError(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}} (only function tools "
-                             "are supported)")
-        f = t["function"]
+        f = t if flat else (t.get("function") if isinstance(t, dict) else None)
+        if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(f, dict):
+            raise ValueError(f"tools[{i}] must be {shape} (only function tools are supported)")
+        if flat and "name" not in t and "function" in t:
+            raise ValueError(f"tools[{i}] has Chat Completions' shape; Responses take {shape}")
         name = f.get("name")
         if not isinstance(name, str) or not OPENAI_NAME.fullmatch(name):
-            raise ValueError(f"tools[{i}].function.name must be 1 to 64 letters, digits, '_' or '-'")
+            raise ValueError(f"tools[{i}]{where}.name must be 1 to 64 letters, digits, '_' or '-'")
         if any(name == o.name for o in out):
-            raise ValueError(f"tools[{i}].function.name {name!r} is given twice")
+            raise ValueError(f"tools[{i}]{where}.name {name!r} is given twice")
         description = f.get("description") or ""
         params = f.get("parameters", NO_PARAMETERS)
+        if params is None:  # Responses' SDK sends null for a tool without parameters
+            params = NO_PARAMETERS
         if not isinstance(description, str) or not isinstance(params, (dict, bool)):
-            raise ValueError(f"tools[{i}].function: description must be a string and parameters a JSON schema")
+            raise ValueError(f"tools[{i}]{where}: description must be a string and parameters a JSON schema")
         out.append(Tool(name, description, params))
     return out
 
@@ -64,24 +77,50 @@ def chosen(tools: list[Tool], tool_choice: Any) -> tuple[str, list[Tool]]:
         tool_choice = "auto" if tools else "none"
     if tool_choice in ("none", "auto", "required"):
         return tool_choice, (tools if tool_choice != "none" else [])
-    if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
-        name = (tool_choice.get("function") or {}).get("name")
+    if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":  # Chat's shape, or Responses' flat one
+        name = tool_choice["name"] if "name" in tool_choice else (tool_choice.get("function") or {}).get("name")
         match = [t for t in tools if t.name == name]
         if not match:
             raise ValueError(f"tool_choice names the function {name!r}, which is not among the tools")
         return "required", match
-    raise ValueError("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': "
-                     "{'name': ...}}")
+    raise ValueError("tool_choice must be 'none', 'auto', 'required' or name a function ({'type': 'function', "
+                     "'name': ...}, or Chat's {'type': 'function', 'function': {'name': ...}})")
+
+
+TOOLS_HEAD = "You can call these tools, described as JSON schemas:"
+_CALLS = '{"tool_calls": [{"name": <tool name>, "arguments": <arguments as a JSON object>}]}'
+TOOLS_HOW = {"auto": f'Reply with one JSON object: {_CALLS} to call tools, or {{"response": <your answer>}} to answer '
+                     'directly.',
+             "required": f"Reply with one JSON object calling the tools: {_CALLS}."}
 
 
 def system_text(tools: list[Tool], mode: str) -> str:
-    """What the system prompt says about the tools and the reply convention."""
+    """What the system prompt says about the tools and the reply convention (``mode``: auto, or required)."""
     listed = json.dumps([{"name": t.name, "description": t.description, "parameters": t.parameters}
                          for t in tools], ensure_ascii=False)
-    calls = '{"tool_calls": [{"name": <tool name>, "arguments": <arguments as a JSON object>}]}'
-    how = (f"Reply with one JSON object: {calls} to call tools, or {{\"response\": <your answer>}} to answer "
-           "directly." if mode == "auto" else f"Reply with one JSON object calling the tools: {calls}.")
-    return f"You can call these tools, described as JSON schemas:\n{listed}\n{how}"
+    return f"{TOOLS_HEAD}\n{listed}\n{TOOLS_HOW[mode]}"
+
+
+def _announcement_end(text: str, start: int) -> int:
+    """Where the tools' text that starts at ``start`` in ``text`` ends, or -1."""
+    ends = [i + len(how) for how in TOOLS_HOW.values() if (i := text.find(how, start)) >= 0]
+    return min(ends) if ends else -1
+
+
+def announced(text: str | None) -> str | None:
+    """The tools' text (``system_text``) a system prompt or a user turn's text carries (the last one), else None."""
+    start = text.rfind(TOOLS_HEAD) if text else -1
+    end = _announcement_end(text, start) if start >= 0 else -1
+    return text[start:end] if end >= 0 else None
+
+
+def without_announcement(text: str) -> str:
+    """A user turn's text without the tools' text a Responses turn put before it (``announced``)."""
+    if text.startswith(TOOLS_HEAD):
+        end = _announcement_end(text, 0)
+        if end >= 0 and text.startswith("\n\n", end):
+            return text[end + 2:]
+    return text
 
 
 def reply_schema(tools: list[Tool], mode: str, parallel: bool) -> dict:
@@ -133,15 +172,19 @@ def _rebase(schema: Any, base: str) -> Any:
 def call_text(tool_calls: list[Any]) -> str:
     """An assistant message's ``tool_calls`` (``protocol.ToolCall``) as the envelope the model writes (arguments
     parsed when they are JSON)."""
-    calls = []
-    for c in tool_calls:
-        args = c.function.arguments
+    return calls_text([(c.function.name, c.function.arguments) for c in tool_calls])
+
+
+def calls_text(calls: list[tuple[str, Any]]) -> str:
+    """``[(name, arguments)]`` as the envelope the model writes (arguments parsed when they are a JSON string)."""
+    out = []
+    for name, args in calls:
         try:
             args = json.loads(args) if isinstance(args, str) else args
         except json.JSONDecodeError:
             pass  # kept as the string the client sent
-        calls.append({"name": c.function.name, "arguments": args})
-    return json.dumps({"tool_calls": calls}, ensure_ascii=False)
+        out.append({"name": name, "arguments": args})
+    return json.dumps({"tool_calls": out}, ensure_ascii=False)
 
 
 def response_text(text: str) -> str:
@@ -157,7 +200,7 @@ def parse_reply(text: str) -> tuple[str | None, list[dict] | None]:
     envelope; a reply cut short (max_tokens) is (its answer so far, or its raw text when not an answer, None)."""
     try:
         value = json.loads(text)
-    except json.JSONDecodeError:  # cut short: an answer's text so far (as streamed), else the raw text
+    except (ValueError, RecursionError):  # cut short: an answer's text so far (as streamed), else the raw text
         stream = ContentStream()
         answer = stream.feed(text)
         return (answer if stream.answer else text), None
@@ -168,6 +211,102 @@ def parse_reply(text: str) -> tuple[str | None, list[dict] | None]:
     if isinstance(value, dict) and isinstance(value.get("response"), str):
         return value["response"], None
     return text, None
+
+
+def _loads(text: str) -> Any:
+    """``json.loads``, None for text that is not JSON (or nests deeper than the parser's recursion allows)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def envelope(text: str) -> tuple[str | None, list[tuple[str, Any]] | None]:
+    """(answer, calls) of a whole reply in the convention: ``(text, None)`` for ``{"response": text}``, ``(None,
+    [(name, arguments)])`` for a call envelope, ``(None, None)`` for anything else (a reply cut short, or one that
+    is not in the convention)."""
+    value = _loads(text) if text.lstrip().startswith("{") else None
+    if not isinstance(value, dict) or len(value) != 1:
+        return None, None
+    if isinstance(value.get("response"), str):
+        return value["response"], None
+    calls = value.get("tool_calls")
+    if (isinstance(calls, list) and calls and all(isinstance(c, dict) and set(c) == {"name", "arguments"}
+                                                  and isinstance(c["name"], str) for c in calls)):
+        return None, [(c["name"], c["arguments"]) for c in calls]
+    return None, None
+
+
+def tool_result(text: str) -> tuple[str, str] | None:
+    """(call_id, output) of a user turn that is a tool result in the convention (``tool_result_text``), else None."""
+    if not text.startswith('{"tool_response"'):
+        return None
+    value = _loads(text)
+    inner = value.get("tool_response") if isinstance(value, dict) and len(value) == 1 else None
+    if (isinstance(inner, dict) and set(inner) == {"tool_call_id", "content"}
+            and isinstance(inner["tool_call_id"], str) and isinstance(inner["content"], str)):
+        return inner["tool_call_id"], inner["content"]
+    return None
+
+
+def call_items(message_id: str, calls: list[tuple[str, Any]]) -> list[dict]:
+    """Responses ``function_call`` output items of one reply; their ids and ``call_id``s are derived from the stored
+    message's id (the same whenever the reply is read)."""
+    base = message_id.removeprefix("msg_")
+    return [{"type": "function_call", "id": f"fc_{base}_{i}", "call_id": f"call_{base}_{i}", "name": name,
+             "arguments": json.dumps(args, ensure_ascii=False), "status": "completed"}
+            for i, (name, args) in enumerate(calls)]
+
+
+def message_id_of(item_id: str) -> str:
+    """The stored message an item id names (a ``function_call`` item's is its reply's)."""
+    if item_id.startswith("fc_") and "_" in item_id[3:]:
+        return "msg_" + item_id[3:].rsplit("_", 1)[0]
+    return item_id
+
+
+MAX_CALL_ID = 128
+
+
+def input_turns(value: str | list[Any] | None, tools_on: bool = False) -> list[tuple[str, str]]:
+    """Responses ``input`` / conversation items -> [(role, text)] (roles user | model | system), function items in
+    the convention: consecutive ``function_call`` items are one model turn (their envelope), a
+    ``function_call_output`` a user turn (``tool_result_text``). ``tools_on``: an assistant message is rendered as
+    the envelope the model wrote (``{"response": ...}``). ValueError naming what is wrong."""
+    if not isinstance(value, list):
+        return input_items(value)
+    out: list[tuple[str, str]] = []
+    calls: list[tuple[str, Any]] = []
+    for i, item in enumerate(value):
+        kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind != "function_call" and calls:
+            out.append(("model", calls_text(calls)))
+            calls = []
+        if kind == "function_call":
+            name, args = item.get("name"), item.get("arguments", "{}")
+            if not isinstance(name, str) or not OPENAI_NAME.fullmatch(name) or not isinstance(args, str):
+                raise ValueError(f"input[{i}]: a function_call needs a function name and arguments as a string")
+            _call_id(item, i)
+            calls.append((name, args))
+        elif kind == "function_call_output":
+            try:
+                output = content_text(item.get("output"))
+            except ValueError as exc:
+                raise ValueError(f"input[{i}].output: {exc}") from None
+            out.append(("user", tool_result_text(_call_id(item, i), output)))
+        else:
+            role, text = input_items([item])[0]
+            out.append((role, response_text(text) if role == "model" and tools_on else text))
+    if calls:
+        out.append(("model", calls_text(calls)))
+    return out
+
+
+def _call_id(item: dict, i: int) -> str:
+    call_id = item.get("call_id")
+    if not isinstance(call_id, str) or not 0 < len(call_id) <= MAX_CALL_ID:
+        raise ValueError(f"input[{i}].call_id must be a string of 1 to {MAX_CALL_ID} characters")
+    return call_id
 
 
 _RESPONSE_OPEN = re.compile(r'\{\s*"response"\s*:\s*"')
