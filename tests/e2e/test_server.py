@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import time
@@ -295,9 +296,19 @@ def test_json_schema_on_the_real_model_through_the_openai_clients_parse(server):
                                     "type": "json_schema", "name": "person", "strict": True,
                                     "schema": Person.model_json_schema() | {"additionalProperties": False}}})
     Person.model_validate_json(r.output_text)
-    with pytest.raises(openai.BadRequestError, match="pattern"):
+
+    class Trip(pydantic.BaseModel):  # pydantic's date (format "date") and a constrained string (a pattern)
+        city: str = pydantic.Field(max_length=40)
+        country: str = pydantic.Field(pattern=r"^[A-Z]{2}$")
+        day: datetime.date
+
+    trip = client.chat.completions.parse(model="gemma", messages=[{"role": "user", "content": (
+        "Ann flies to Paris, France on 3 May 2025. Describe her trip as JSON.")}], response_format=Trip,
+        max_tokens=150, temperature=0).choices[0]
+    assert trip.finish_reason == "stop" and isinstance(trip.message.parsed, Trip), trip.message.content
+    with pytest.raises(openai.BadRequestError, match="lookaround"):
         client.chat.completions.create(model="gemma", messages=[{"role": "user", "content": "hi"}], response_format={
-            "type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "string", "pattern": "^a"}}})
+            "type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "string", "pattern": "^(?!a)"}}})
 
 
 def test_tool_calls_on_the_real_model_through_the_openai_client(server):

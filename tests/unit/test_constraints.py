@@ -139,10 +139,10 @@ def test_the_server_answers_json_object_and_refuses_what_a_schema_cannot_enforce
         forced = client.post("/v1/chat/completions", json={**body, "logit_bias": {brace: 100}})
         assert forced.json()["choices"][0]["message"]["content"] == "{}"
         assert forced.json()["choices"][0]["finish_reason"] == "stop"
-        schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "a+"}}}
+        schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}}}
         refused = client.post("/v1/chat/completions", json={**body, "response_format": schema})
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "response_format"
-        assert "'pattern'" in refused.json()["error"]["message"]
+        assert "'uniqueItems'" in refused.json()["error"]["message"]
     engine.close()
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import random
+import re
 
 import jsonschema
 import pytest
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 import gemma_sessions as gs
 from gemma_sessions.constraints import MAX_BLANKS, MAX_DEPTH, json_constraint
 from gemma_sessions.json_schema import MAX_SUBSCHEMAS, MAX_THREADS, JsonSchema, SchemaError
+from gemma_sessions.patterns import Pattern, PatternError
 from gemma_sessions.server import create_app
 from gemma_sessions.testing import byte_token, tiny_model
 
@@ -79,7 +81,44 @@ CASES = [  # (schema, text, accepted as a whole, accepted as a prefix)
     ({"type": "array", "minItems": 1, "items": {"type": "boolean"}}, '[]', False, False),
     ({"type": "string", "maxLength": 2}, '"\\u00e9\\n"', True, True),
     ({"type": "string", "maxLength": 2}, '"\u00e9\u00e9x"', False, False),  # characters, not bytes
-    ({"type": "string", "format": "email", "title": "annotations are ignored"}, '"x"', True, True),
+    ({"type": "string", "format": "hostname", "title": "annotations are ignored"}, '"x"', True, True),
+    # patterns: each prefix can still be completed, characters decoded from escapes and UTF-8 alike
+    ({"type": "string", "pattern": "^a+$"}, '"aa"', True, True),
+    ({"type": "string", "pattern": "^a+$"}, '"ab', False, False),
+    ({"type": "string", "pattern": "^a+$"}, '""', False, False),
+    ({"type": "string", "pattern": "^[0-9]{3}$"}, '"12"', False, False),
+    ({"type": "string", "pattern": "cat"}, '"concat!"', True, True),  # unanchored: contains a match
+    ({"type": "string", "pattern": "cat"}, '"dog', False, True),
+    ({"type": "string", "pattern": "^(ab)+$", "maxLength": 3}, '"aba', False, False),  # "abab" is too long
+    ({"type": "string", "pattern": "^(ab)+$", "minLength": 3, "maxLength": 4}, '"ab"', False, False),
+    ({"type": "string", "pattern": "^(ab)+$", "minLength": 3, "maxLength": 4}, '"abab"', True, True),
+    ({"type": "string", "pattern": "^(ab)+$", "minLength": 3}, '"abab"', True, True),
+    ({"type": "string", "pattern": "^x(ab)*$", "minLength": 4}, '"xab"', False, False),  # lengths 1, 3, 5...
+    ({"type": "string", "pattern": "^\\n$"}, '"\\n"', True, True),
+    ({"type": "string", "pattern": "^\u00e9$"}, '"\\u00e9"', False, False),  # \u only for control characters
+    ({"type": "string", "pattern": "^\\t$"}, '"\\u0009"', True, True),
+    ({"type": "string", "pattern": "^\u00e9$"}, '"\\u01', False, False),  # U+01xx: no é
+    ({"type": "string", "pattern": "^\u00e9$"}, '"\\u00e8', False, False),
+    ({"type": "string", "pattern": "^\u00e9$"}, '"\u00e9"', True, True),
+    ({"type": "string", "pattern": "^\u00e9$"}, '"\u00e8', False, False),
+    ({"type": "string", "pattern": "^[a-z]+$"}, '"ab\\', False, False),  # (\u0061 would spell a letter)
+    ({"type": "string", "pattern": "^[a-z/]+$"}, '"ab\\/"', True, True),
+    ({"type": "string", "pattern": "^a\U0001F600$"}, '"a\\', False, False),  # no escape makes U+1F600
+    ({"type": "string", "pattern": "^a\U0001F600$"}, '"a\U0001F600"', True, True),
+    ({"type": "string", "pattern": "^\\d+$"}, '"\u0663"', False, False),  # \d is ASCII here
+    ({"enum": ["ab", "cd"], "pattern": "^a"}, '"cd"', False, False),
+    ({"enum": ["ab", "cd"], "pattern": "^a"}, '"ab"', True, True),
+    # formats that are patterns
+    ({"type": "string", "format": "date"}, '"2024-02-28"', True, True),
+    ({"type": "string", "format": "date"}, '"2024-02-30"', False, False),
+    ({"type": "string", "format": "date"}, '"2024-13', False, False),
+    ({"type": "string", "format": "date-time"}, '"2024-05-01T12:30:00.5+02:00"', True, True),
+    ({"type": "string", "format": "date-time"}, '"2024-05-01 12', False, False),
+    ({"type": "string", "format": "uuid"}, '"0f8fad5b-d9cb-469f-a165-70867728950e"', True, True),
+    ({"type": "string", "format": "ipv4"}, '"192.168.0.256"', False, False),
+    ({"type": "string", "format": "email"}, '"ann.lee@example.org"', True, True),
+    ({"type": "string", "format": "email"}, '"x', False, True),
+    ({"type": "string", "format": "email"}, '"x"', False, False),
 ]
 
 
@@ -90,7 +129,8 @@ def test_the_matcher_accepts_what_the_schema_accepts_in_the_order_it_generates(s
     assert fed == prefix
     assert (fed and m.complete) == whole
     if whole:
-        jsonschema.validate(json.loads(text), schema if schema is not True else {})
+        jsonschema.validate(json.loads(text), schema if schema is not True else {},
+                            format_checker=jsonschema.FormatChecker())
 
 
 def test_strings_are_valid_utf8_and_limits_count_characters():
@@ -109,7 +149,15 @@ def test_strings_are_valid_utf8_and_limits_count_characters():
 
 
 REFUSED = [
-    ({"type": "string", "pattern": "a+"}, "'pattern'"),
+    ({"type": "string", "pattern": "(a"}, "unbalanced"),
+    ({"type": "string", "pattern": "^(a)\\1$"}, "backreferences"),
+    ({"type": "string", "pattern": "^(?=a)"}, "lookaround"),
+    ({"type": "string", "pattern": "^a{,3}$"}, "{0,n}"),
+    ({"type": "string", "pattern": "^[0-9]{3}$", "maxLength": 2}, "no string"),
+    ({"type": "string", "pattern": "^(a|b){999}(c|d){999}$"}, "automaton states"),
+    ({"type": "string", "pattern": 3}, "must be a string"),
+    ({"type": "string", "format": "date", "pattern": "^2"}, "keep one"),
+    ({"type": "object", "patternProperties": {"^a": {}}}, "'patternProperties'"),
     ({"type": "array", "uniqueItems": True}, "'uniqueItems'"),
     ({"not": {"type": "null"}}, "'not'"),
     ({"type": "object", "minProperties": 1}, "'minProperties'"),
@@ -285,14 +333,15 @@ def _random_schema(rng: random.Random, depth: int = 0) -> dict:
 _PREFER = b'"}]0,:1n'  # bytes that tend to close what is open, tried first once a walk is long
 
 
-def _walk(schema: JsonSchema, rng: random.Random, limit: int = 160) -> bytes | None:
-    """A random text the matcher accepts, byte by byte; asserts at every step that it can go on or stop."""
+def _walk(schema: JsonSchema, rng: random.Random, limit: int = 160, every_byte: bool = False) -> bytes | None:
+    """A random text the matcher accepts, byte by byte; asserts at every step that it can go on or stop.
+    ``every_byte``: each byte value is as likely (else printable ASCII first)."""
     m = schema.matcher()
     text = b""
     while True:
         if m.complete and (m.finished or rng.random() < 0.3 or len(text) > limit):
             return text
-        allowed = [b for b in range(0x20, 0x7F) if m.copy().feed(bytes((b,)))]
+        allowed = [] if every_byte else [b for b in range(0x20, 0x7F) if m.copy().feed(bytes((b,)))]
         if not allowed:
             allowed = [b for b in range(256) if m.copy().feed(bytes((b,)))]
         if not allowed:
@@ -327,6 +376,45 @@ def test_random_schemas_never_dead_end_and_every_whole_text_is_valid():
     assert checked >= 200
 
 
+def _random_pattern(rng: random.Random, depth: int = 0) -> str:
+    atoms = ["a", "b", "\u00e9", "\\n", "-", "\\.", "[a-c]", "[^a]", "[\u00e0-\u00ff]", "\\d", "\\w", "\\s",
+             "\\D", ".", "\\u263A", "\"", "\\\\", "[\\d_]", "[^\\w]"]
+    out = []
+    for _ in range(rng.randint(1, 4)):
+        atom = rng.choice(atoms) if depth > 1 or rng.random() < 0.7 else \
+            "(" + "|".join(_random_pattern(rng, depth + 1) for _ in range(rng.randint(1, 3))) + ")"
+        out.append(atom + rng.choice(["", "", "?", "*", "+", "{2}", "{1,3}", "{0,2}?", "{2,}"]))
+    return "".join(out)
+
+
+def test_random_patterns_never_dead_end_and_every_whole_string_matches():
+    """Random patterns with random length limits: byte walks over every byte (escapes, UTF-8) never dead-end, and
+    every whole string matches (Python's re, the reference validator's) within its limits."""
+    rng = random.Random(11)
+    checked = 0
+    for _ in range(100):
+        source = _random_pattern(rng)
+        anchors = rng.choice([("", ""), ("^", ""), ("", "$"), ("^", "$")])
+        schema = {"type": "string", "pattern": anchors[0] + source + anchors[1]}
+        if rng.random() < 0.4:
+            schema["maxLength"] = rng.randint(1, 8)
+        if rng.random() < 0.3:
+            schema["minLength"] = rng.randint(0, schema.get("maxLength", 6))
+        try:
+            compiled = JsonSchema(schema)
+        except SchemaError as exc:
+            assert "no string" in str(exc) or "automaton states" in str(exc), (schema, exc)
+            continue
+        for _ in range(2):
+            text = _walk(compiled, rng, every_byte=True, limit=24)
+            if text is None:
+                continue
+            value = json.loads(text)
+            jsonschema.validate(value, schema)
+            checked += 1
+    assert checked >= 100
+
+
 # --------------------------------------------------------------------------- the engine and the server
 @pytest.fixture(scope="module")
 def model():
@@ -358,6 +446,33 @@ def test_engine_replies_follow_the_schema_from_many_threads(model):
             for f in [pool.submit(one, i) for i in range(16)]:
                 f.result()
     assert sorted(done) == list(range(16))
+
+
+FORMATTED = {"type": "object", "properties": {
+    "id": {"type": "string", "format": "uuid"}, "day": {"type": "string", "format": "date"},
+    "code": {"type": "string", "pattern": "^[A-Z]{2}-\\d{3}$"}, "note": {"type": "string", "pattern": "ok",
+                                                                       "maxLength": 6}},
+    "required": ["id", "day", "code", "note"], "additionalProperties": False}
+
+
+def test_engine_replies_follow_patterns_and_formats(model):
+    """Token by token (tokens of several bytes, escapes, UTF-8), replies under patterns and formats stay accepted
+    prefixes, and those that stop are valid, formats checked."""
+    tok = model.tokenizer
+    nudge = tuple((byte_token(tok, c), 6.0) for c in '"}') + tuple((byte_token(tok, c), -100.0) for c in " \n\t\r")
+    stopped = 0
+    with gs.Engine(model, kv_cache_bytes=16 << 20, block_size=4) as engine:
+        streams = [engine.submit([2, 40 + i, 60], gs.SamplingParams(temperature=1.0 if i else 0, seed=i,
+                                                                     max_tokens=300, logit_bias=nudge),
+                                 constraint=json_constraint(model, FORMATTED)) for i in range(8)]
+        for s in streams:
+            out = s.result()
+            text = tok.decode(out.token_ids).encode()
+            assert JsonSchema(FORMATTED).matcher().feed(text), text
+            if out.finish_reason == "stop":
+                jsonschema.validate(json.loads(text), FORMATTED, format_checker=jsonschema.FormatChecker())
+                stopped += 1
+    assert stopped >= 4
 
 
 def test_chat_and_responses_answer_schema_valid_json(model):
@@ -396,6 +511,27 @@ def test_chat_and_responses_answer_schema_valid_json(model):
             assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", (bad, r.text)
             assert why in r.json()["error"]["message"], r.text
         r = client.post("/v1/responses", json={"input": "hi", "text": {"format": {
-            "type": "json_schema", "name": "a", "schema": {"type": "string", "pattern": "x"}}}})
-        assert r.status_code == 400 and r.json()["error"]["param"] == "text" and "'pattern'" in r.text
+            "type": "json_schema", "name": "a", "schema": {"type": "string", "pattern": "\\bx"}}}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "text" and "word boundaries" in r.text
     engine.close()
+
+
+_REGEX_TEXT = st.text(alphabet="ab()[]{}|^$*+?.,-\\0129dDwWsSuxnc:=!<>é", max_size=14)
+
+
+@settings(max_examples=2000, deadline=None, derandomize=True)
+@given(source=_REGEX_TEXT, texts=st.lists(st.text(alphabet="ab19 -.é\n{}", max_size=6), max_size=6))
+def test_any_pattern_text_compiles_or_is_refused_and_matches_as_python_does(source, texts):
+    """A pattern is compiled or refused with a PatternError (never another error); what it accepts, Python's re
+    (the reference validator's) accepts too."""
+    try:
+        pattern = Pattern(source)
+    except PatternError:
+        return
+    try:
+        python = re.compile(source)
+    except re.error:
+        return  # ECMA reads it (e.g. a literal "{"), Python's re does not: nothing to compare with
+    for text in texts:
+        if pattern.matches(text):
+            assert python.search(text), (source, text)

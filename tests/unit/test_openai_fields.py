@@ -222,7 +222,7 @@ def test_chat_logit_bias_and_penalties_reach_the_sampler(client, model):
     (dict(tools=[{"type": "code_interpreter"}]), "tools"),  # function tools are served (test_tools.py)
     (dict(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="sometimes"), "tool_choice"),
     (dict(functions=[{"name": "f"}]), "functions"),
-    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"pattern": "a"}}}),
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"pattern": "(?=a)"}}}),
      "response_format"),
     (dict(modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"}), "modalities"),
     (dict(web_search_options={}), "web_search_options"),

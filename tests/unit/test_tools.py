@@ -208,7 +208,7 @@ def test_history_with_calls_and_results_is_rendered_and_answered(client):
     (dict(tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice", "nope"),
     (dict(tool_choice="always"), "tool_choice", "tool_choice"),
     (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {
-        "type": "object", "properties": {"s": {"type": "string", "pattern": "^a"}}}}}]), "tools", "'pattern'"),
+        "type": "object", "properties": {"s": {"type": "string", "pattern": "^\\1"}}}}}]), "tools", "backreferences"),
     (dict(messages=[{"role": "assistant", "tool_calls": [{"id": "x"}]}, {"role": "user", "content": "hi"}]),
      "messages.0.tool_calls.0.function", "Field required"),
     (dict(messages=[{"role": "assistant", "tool_calls": [0.0]}, {"role": "user", "content": "hi"}]),
