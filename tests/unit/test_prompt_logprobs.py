@@ -37,10 +37,11 @@ def _prompt(n: int, seed: int) -> list[int]:
     return [2] + torch.randint(3, 250, (n - 1,), generator=g).tolist()
 
 
-def test_scores_equal_the_log_softmax_of_the_whole_prompts_logits(model):
-    ids = _prompt(engine_module.SCORE_CHUNK * 2 + 7, 0)  # three chunks
+@pytest.mark.parametrize("chunk", [engine_module.SCORE_CHUNK, 5, 64])
+def test_scores_equal_the_log_softmax_of_the_whole_prompts_logits(model, chunk):
+    ids = _prompt(engine_module.SCORE_CHUNK * 2 + 7, 0)  # three default chunks
     ref = _reference(model, ids)
-    with gs.Engine(model, kv_cache_bytes=8 << 20, block_size=4) as engine:
+    with gs.Engine(model, kv_cache_bytes=8 << 20, block_size=4, score_chunk=chunk) as engine:
         scored = engine.score(ids, top=5)
         assert engine.stats()["scored_tokens"] == len(ids)
     assert scored[0] is None and len(scored) == len(ids)
@@ -62,11 +63,12 @@ def test_every_architecture_scores_its_prompts(make):
                                                             abs=1e-4)
 
 
-def test_scoring_interleaves_with_generation_and_changes_no_ones_tokens(model):
+@pytest.mark.parametrize("chunk", [engine_module.SCORE_CHUNK, 48])
+def test_scoring_interleaves_with_generation_and_changes_no_ones_tokens(model, chunk):
     prompts = [_prompt(20 + i, 10 + i) for i in range(6)]
     long = [_prompt(engine_module.SCORE_CHUNK * 4, 1 + i) for i in range(4)]  # chunks alone and between steps
     params = gs.SamplingParams(temperature=0, max_tokens=12)
-    with gs.Engine(model, kv_cache_bytes=16 << 20, block_size=4) as engine:
+    with gs.Engine(model, kv_cache_bytes=16 << 20, block_size=4, score_chunk=chunk) as engine:
         alone = [engine.submit(p, params).result().token_ids for p in prompts]
         alone_scores = [[x and x.logprob for x in engine.score(p, 2)] for p in long]
         with concurrent.futures.ThreadPoolExecutor(10) as pool:  # 4 scorers and 6 generations, all at once
@@ -74,6 +76,12 @@ def test_scoring_interleaves_with_generation_and_changes_no_ones_tokens(model):
             gens = [pool.submit(lambda p=p: engine.submit(p, params).result().token_ids) for p in prompts]
             assert [g.result() for g in gens] == alone
             assert [[x and x.logprob for x in s.result()] for s in scores] == alone_scores
+
+
+def test_the_score_chunk_is_checked(model):
+    for bad in (0, engine_module.MAX_SCORE_CHUNK + 1):
+        with pytest.raises(gs.InvalidRequestError, match="score_chunk"):
+            gs.Engine(model, kv_cache_bytes=8 << 20, block_size=4, score_chunk=bad)
 
 
 def test_bad_prompts_fail_alone_and_the_queue_is_bounded(model, monkeypatch):

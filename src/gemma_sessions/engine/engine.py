@@ -48,7 +48,8 @@ from .work import WorkItem
 
 log = logging.getLogger("gemma_sessions.engine")
 
-SCORE_CHUNK = 16      # prompt tokens a scoring job computes at a time (fixed: a prompt's scores never depend on load)
+SCORE_CHUNK = 16      # prompt tokens a scoring job computes at a time, by default (Engine's score_chunk)
+MAX_SCORE_CHUNK = 512
 SCORE_SHARE = 0.5     # while others run, scoring takes at most this much time per second of their steps
 MAX_SCORING_JOBS = 64  # scoring jobs queued at most (EngineBusyError beyond); one computes at a time
 
@@ -100,15 +101,23 @@ class Engine:
             256, at most ``max_batched_tokens``): decoding requests' steps stay short, and a short turn's prompt is
             not held back until several prompts finish together in one long step (16 multi-turn clients on the
             270M: median time to first token ~35% lower for ~2-4% fewer tokens/s; bench/RESULTS.md).
+        score_chunk: prompt tokens :meth:`score` computes at a time (default ``SCORE_CHUNK``, 1..512), fixed for the
+            engine so that a prompt's scores never depend on the load. Larger chunks score faster (the products'
+            weights are read once per chunk) and hold the other requests' steps back longer when scoring takes its
+            turn (one chunk at a time); a server that mostly scores (an evaluation run) wants 128 or more.
     """
 
     def __init__(self, model, kv_cache_bytes: int | None = None, max_batch: int = 64, block_size: int = 16,
                  max_batched_tokens: int = 512, kv_dtype: torch.dtype | None = None,
                  on_spill: Callable[[KVHandle, KVSnapshot], None] | None = None,
-                 stop_ids: Iterable[int] | None = None, prefill_tokens_while_decoding: int = 256):
+                 stop_ids: Iterable[int] | None = None, prefill_tokens_while_decoding: int = 256,
+                 score_chunk: int = SCORE_CHUNK):
         if min(max_batch, block_size, max_batched_tokens, prefill_tokens_while_decoding) < 1:
             raise InvalidRequestError("max_batch, block_size, max_batched_tokens and prefill_tokens_while_decoding "
                                       "must be >= 1")
+        if not 1 <= score_chunk <= MAX_SCORE_CHUNK:
+            raise InvalidRequestError(f"score_chunk must be in 1..{MAX_SCORE_CHUNK}")
+        self.score_chunk = score_chunk
         self.model = model
         self.max_context = model.config.max_position_embeddings
         budget = kv_cache_bytes or default_kv_cache_bytes(model.device)
@@ -187,7 +196,7 @@ class Engine:
         ``prompt_logprobs``. Safe from any thread; blocks until done.
 
         The prefix cache holds no logits, so the whole prompt is computed, exactly (float32 logits, as ``generate``),
-        on the loop thread, ``SCORE_CHUNK`` tokens at a time between steps of the other requests, within
+        on the loop thread, ``score_chunk`` tokens at a time between steps of the other requests, within
         ``SCORE_SHARE`` of their steps' time: they slow down by a third at most while a prompt is scored (and a
         scored prompt goes slower while they run), they never wait for a whole prompt. One prompt computes at a
         time, in a dense state of its length outside the KV budget; at most ``MAX_SCORING_JOBS`` wait
@@ -526,14 +535,14 @@ class Engine:
             self._score_credit -= time.perf_counter() - t0
 
     def _score_chunk(self) -> None:
-        """The first scoring job's next ``SCORE_CHUNK`` tokens; a finished or failed job leaves the queue (its
+        """The first scoring job's next ``score_chunk`` tokens; a finished or failed job leaves the queue (its
         failure is its caller's alone)."""
         job = self._scoring[0]
         try:
             net = self.model.net
             if job.state is None:
                 job.state = net.new_sequence(len(job.ids))
-            start, end = job.done, min(job.done + SCORE_CHUNK, len(job.ids))
+            start, end = job.done, min(job.done + self.score_chunk, len(job.ids))
             with torch.inference_mode():
                 ids = torch.tensor(job.ids[start:end], dtype=torch.long, device=self.model.device)
                 logits = net.step(ids, job.state, last_only=False)  # row r predicts token start + r + 1
