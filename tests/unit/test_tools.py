@@ -4,6 +4,7 @@ renders, and what cannot be honoured is a 400 naming the field."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import random
 
@@ -196,6 +197,9 @@ def test_history_with_calls_and_results_is_rendered_and_answered(client):
     assert counted.status_code == 200 and counted.json()["count"] > 0
     fuzzed = client.post("/tokenize", json={"messages": [{"role": "assistant", "tool_calls": [0.0]}]})
     assert fuzzed.status_code == 400  # (the fuzzer found a 500 here)
+    deep = [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
+        "name": "f", "arguments": "[" * 50000}}]}, {"role": "user", "content": "hi"}]  # no JSON: kept as text
+    assert client.post("/tokenize", json={"messages": deep}).status_code == 200
     # tools off (tool_choice none): no tools in the prompt and a plain reply, the history still renders
     r = client.post("/v1/chat/completions", json={**BODY, "messages": msgs, "tool_choice": "none", "max_tokens": 5})
     assert r.status_code == 200 and "tool_calls" not in r.json()["choices"][0]["message"]
@@ -417,3 +421,34 @@ def test_any_stored_message_reads_as_items(text, role, tools_on):
 
     items = items_of(_Stored(role, text), tools_on)
     assert items and all(i["type"] in ("message", "function_call", "function_call_output") for i in items)
+
+
+def test_agents_call_tools_from_many_threads(rclient):
+    """12 agents at once, each its own round trip (a call, its result, a reply) through previous_response_id or a
+    conversation, 4 of them taking turns in one shared conversation: every call is valid, and the shared
+    conversation's items pair every result with a call listed before it."""
+    shared = rclient.post("/v1/conversations", json={}).json()["id"]
+
+    def agent(i: int) -> None:
+        where = ({"conversation": shared} if i % 3 == 0 else
+                 {"conversation": rclient.post("/v1/conversations", json={}).json()["id"]} if i % 3 == 1 else {})
+        first = _respond(rclient, input=f"weather {i}?", tools=RTOOLS, tool_choice="required", seed=i,
+                         temperature=1.0, **where)
+        calls = _calls_of(first)
+        then = where or {"previous_response_id": first["id"]}
+        second = _respond(rclient, input=[{"type": "function_call_output", "call_id": c["call_id"], "output": str(i)}
+                                          for c in calls], tools=RTOOLS, max_output_tokens=40, **then)
+        assert second["status"] in ("completed", "incomplete") and second["output"]
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        for f in [pool.submit(agent, i) for i in range(12)]:
+            f.result()
+    items = rclient.get(f"/v1/conversations/{shared}/items", params={"order": "asc", "limit": 100}).json()["data"]
+    dropped = _session_of(rclient, shared).conversation.dropped_turns  # the oldest turns, past the context
+    seen: set[str] = set()
+    for item in items:
+        if item["type"] == "function_call":
+            seen.add(item["call_id"])
+        elif item["type"] == "function_call_output":
+            assert item["call_id"] in seen or (dropped and not seen), items
+    assert len([i for i in items if i["type"] == "function_call_output"]) >= 4

@@ -1331,8 +1331,18 @@ def _install_conversations(app: FastAPI, state: ServerState) -> None:
     @app.delete("/v1/conversations/{cid}/items/{item_id}")
     async def delete_item(cid: str, item_id: str, request: Request):
         s = await state.run(state.session, sid_of(cid), state.owner(request))
-        await state.run(s.remove_message, tools.message_id_of(item_id))  # a call's item: its whole reply
+        await state.run(s.remove_message, await state.run(_message_of_item, s, item_id))
         return conversation_object(s)
+
+
+def _message_of_item(s, item_id: str) -> str:
+    """The id of the stored message an item id names: a ``function_call`` item's is its reply's (deleting one call
+    deletes the reply, all its calls)."""
+    if item_id.startswith("fc_"):
+        for m in s.messages:
+            if m.role == "model" and any(i["id"] == item_id for i in items_of(m, None)):
+                return m.id
+    return item_id
 
 
 def _listed_items(s, messages: list | None = None) -> list[dict]:

@@ -12,15 +12,15 @@ as ``{"response": ...}`` (what the model wrote then). This is the "generic" conv
 models without a native tool format; ``ContentStream`` decodes the ``response`` string as it streams.
 
 Responses (a session's history, see ``server/app.py``): a stored reply keeps the envelope the model wrote, and a
-tool result is a user turn in the same convention (``input_turns``); ``reply_items`` reads a stored reply back as
-OpenAI's output items, with ``call_id``s derived from the message id, so they are the same every time it is read.
+tool result is a user turn in the same convention (``input_turns``); ``envelope``, ``tool_result`` and ``call_items``
+read stored turns back as OpenAI's items, with ``call_id``s derived from the message id, so they are the same every
+time a reply is read.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable
 import re
 import uuid
 from dataclasses import dataclass
@@ -179,10 +179,9 @@ def calls_text(calls: list[tuple[str, Any]]) -> str:
     """``[(name, arguments)]`` as the envelope the model writes (arguments parsed when they are a JSON string)."""
     out = []
     for name, args in calls:
-        try:
-            args = json.loads(args) if isinstance(args, str) else args
-        except json.JSONDecodeError:
-            pass  # kept as the string the client sent
+        if isinstance(args, str):
+            parsed = _loads(args)
+            args = parsed if parsed is not None or args.strip() == "null" else args  # else kept as the string sent
         out.append({"name": name, "arguments": args})
     return json.dumps({"tool_calls": out}, ensure_ascii=False)
 
@@ -256,13 +255,6 @@ def call_items(message_id: str, calls: list[tuple[str, Any]]) -> list[dict]:
     return [{"type": "function_call", "id": f"fc_{base}_{i}", "call_id": f"call_{base}_{i}", "name": name,
              "arguments": json.dumps(args, ensure_ascii=False), "status": "completed"}
             for i, (name, args) in enumerate(calls)]
-
-
-def message_id_of(item_id: str) -> str:
-    """The stored message an item id names (a ``function_call`` item's is its reply's)."""
-    if item_id.startswith("fc_") and "_" in item_id[3:]:
-        return "msg_" + item_id[3:].rsplit("_", 1)[0]
-    return item_id
 
 
 MAX_CALL_ID = 128
