@@ -369,6 +369,23 @@ def test_streamed_response_items_equal_the_whole_response(rclient, choice, answe
             assert text and not text.startswith('{"response"')
 
 
+def test_allowed_tools_hold_calls_to_their_subset_on_both_routes(client, rclient):
+    only_book = {"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "book"}]}
+    r = _respond(rclient, input="book", tools=RTOOLS, tool_choice=only_book, store=False)
+    assert [c["name"] for c in _calls_of(r)] and {c["name"] for c in _calls_of(r)} == {"book"}
+    chat = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
+        {"type": "function", "function": {"name": "get_weather"}}]}}
+    r = client.post("/v1/chat/completions", json={**BODY, "tool_choice": chat})
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "tool_calls", r.text
+    _check_calls(r.json()["choices"][0]["message"]["tool_calls"], {"get_weather"})
+    for bad, why in (({"type": "allowed_tools", "mode": "sometimes", "tools": [{"type": "function", "name": "book"}]},
+                      "mode"), ({"type": "allowed_tools", "mode": "auto", "tools": []}, "non-empty"),
+                     ({"type": "allowed_tools", "mode": "auto", "tools": [{"type": "function", "name": "x"}]}, "'x'"),
+                     ({"type": "function", "function": "book"}, "None")):  # (a 500 before: str.get)
+        r = rclient.post("/v1/responses", json={"input": "hi", "tools": RTOOLS, "tool_choice": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice" and why in r.text, r.text
+
+
 @pytest.mark.parametrize("extra, param, why", [
     (dict(tools=[WEATHER]), "tools", "'name': ..."),  # Chat's nested shape
     (dict(tools=[{"type": "file_search"}]), "tools", "function"),

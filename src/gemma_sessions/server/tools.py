@@ -78,13 +78,30 @@ def chosen(tools: list[Tool], tool_choice: Any) -> tuple[str, list[Tool]]:
     if tool_choice in ("none", "auto", "required"):
         return tool_choice, (tools if tool_choice != "none" else [])
     if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":  # Chat's shape, or Responses' flat one
-        name = tool_choice["name"] if "name" in tool_choice else (tool_choice.get("function") or {}).get("name")
-        match = [t for t in tools if t.name == name]
-        if not match:
-            raise ValueError(f"tool_choice names the function {name!r}, which is not among the tools")
-        return "required", match
-    raise ValueError("tool_choice must be 'none', 'auto', 'required' or name a function ({'type': 'function', "
-                     "'name': ...}, or Chat's {'type': 'function', 'function': {'name': ...}})")
+        return "required", [_named(tools, tool_choice)]
+    if isinstance(tool_choice, dict) and tool_choice.get("type") == "allowed_tools":
+        spec = tool_choice.get("allowed_tools", tool_choice)  # Chat nests it; Responses does not
+        mode, listed = (spec.get("mode"), spec.get("tools")) if isinstance(spec, dict) else (None, None)
+        if mode not in ("auto", "required") or not isinstance(listed, list) or not listed:
+            raise ValueError("tool_choice allowed_tools needs a mode ('auto' or 'required') and a non-empty list of "
+                             "tools")
+        names = {_named(tools, t).name for t in listed}
+        return mode, [t for t in tools if t.name in names]
+    raise ValueError("tool_choice must be 'none', 'auto', 'required', name a function ({'type': 'function', "
+                     "'name': ...}, or Chat's {'type': 'function', 'function': {'name': ...}}) or list the allowed "
+                     "tools ({'type': 'allowed_tools', 'mode': ..., 'tools': [...]})")
+
+
+def _named(tools: list[Tool], ref: Any) -> Tool:
+    """The tool a reference names (``{"type": "function", "name": ...}`` or Chat's nested ``function.name``)."""
+    if not isinstance(ref, dict) or ref.get("type") != "function":
+        raise ValueError("tool_choice can only name function tools")
+    nested = ref.get("function")
+    name = ref["name"] if "name" in ref else (nested.get("name") if isinstance(nested, dict) else None)
+    match = [t for t in tools if t.name == name]
+    if not match:
+        raise ValueError(f"tool_choice names the function {name!r}, which is not among the tools")
+    return match[0]
 
 
 TOOLS_HEAD = "You can call these tools, described as JSON schemas:"
