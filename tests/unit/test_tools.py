@@ -313,6 +313,9 @@ def test_a_conversation_is_told_of_its_tools_once_and_lists_calls_and_results_as
     outputs = [i for i in items if i["type"] == "function_call_output"]
     assert [(o["call_id"], o["output"]) for o in outputs] == [(c["call_id"], "sunny") for c in calls]
     assert any(i.get("content", [{}])[0].get("text") == "and Rome?" for i in items)
+    only_thoughts = rclient.post(f"/v1/conversations/{cid}/items", json={"items": [
+        {"type": "reasoning", "id": "rs_1", "summary": []}]})
+    assert only_thoughts.status_code == 200 and only_thoughts.json()["data"] == []
     # a call's item names its reply: deleting it deletes the reply (all its calls)
     n = len(_session_of(rclient, cid).messages)
     assert rclient.delete(f"/v1/conversations/{cid}/items/{calls[0]['id']}").status_code == 200
@@ -329,8 +332,9 @@ def test_a_stateless_agent_resends_its_items_and_reuses_the_cached_prompt(rclien
     echoed = [{k: c[k] for k in ("type", "id", "call_id", "name", "arguments")} for c in calls]
     results = [{"type": "function_call_output", "call_id": c["call_id"], "output": [{"type": "input_text",
                                                                                      "text": "21 C"}]} for c in calls]
-    second = _respond(rclient, input=[question, *echoed, *results], tools=RTOOLS, tool_choice="required",
-                      store=False, instructions="Use tools.", max_output_tokens=20)
+    thought = {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "."}]}
+    second = _respond(rclient, input=[question, thought, *echoed, *results], tools=RTOOLS, tool_choice="required",
+                      store=False, instructions="Use tools.", max_output_tokens=20)  # (thoughts echoed: left out)
     assert second["usage"]["input_tokens_details"]["cached_tokens"] >= first["usage"]["input_tokens"] - 16
     tok = rclient.app.state.gs.tokenizer
     chat = chat_prompt(tok, [ChatMessage(role="system", content="Use tools."), ChatMessage(**question)], False,

@@ -1325,8 +1325,8 @@ def _install_conversations(app: FastAPI, state: ServerState) -> None:
         state.check_chars([t for _, t in items], "items")
         added = [await state.run(s.add_message, role, text) for role, text in items]
         data = await state.run(_listed_items, s, added)
-        return {"object": "list", "data": data, "first_id": data[0]["id"], "last_id": data[-1]["id"],
-                "has_more": False}
+        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None, "has_more": False}  # (reasoning items add nothing)
 
     @app.delete("/v1/conversations/{cid}/items/{item_id}")
     async def delete_item(cid: str, item_id: str, request: Request):

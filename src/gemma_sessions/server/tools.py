@@ -280,7 +280,7 @@ MAX_CALL_ID = 128
 def input_turns(value: str | list[Any] | None, tools_on: bool = False) -> list[tuple[str, str]]:
     """Responses ``input`` / conversation items -> [(role, text)] (roles user | model | system), function items in
     the convention: consecutive ``function_call`` items are one model turn (their envelope), a
-    ``function_call_output`` a user turn (``tool_result_text``). ``tools_on``: an assistant message is rendered as
+    ``function_call_output`` a user turn (``tool_result_text``); ``reasoning`` items are left out. ``tools_on``: an assistant message is rendered as
     the envelope the model wrote (``{"response": ...}``). ValueError naming what is wrong."""
     if not isinstance(value, list):
         return input_items(value)
@@ -288,6 +288,8 @@ def input_turns(value: str | list[Any] | None, tools_on: bool = False) -> list[t
     calls: list[tuple[str, Any]] = []
     for i, item in enumerate(value):
         kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind == "reasoning":  # a stateless client's echo of earlier thoughts: history keeps none (Gemma 4's
+            continue             # template drops them once the turn is over)
         if kind != "function_call" and calls:
             out.append(("model", calls_text(calls)))
             calls = []
