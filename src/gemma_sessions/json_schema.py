@@ -395,7 +395,7 @@ class JsonSchema:
         if s.get("type") is not None:
             kinds = _kinds(s["type"], where)
             values = [v for v in values if any(_is_type(v, k) for k in kinds)]
-        if any(w in s for w in _STRING_WORDS) or s.get("format") in FORMATS:  # a string value must meet them too
+        if any(w in s for w in _STRING_WORDS) or _string_pattern(s, where) is not None:  # string values meet them
             lo, hi = _count(s, "minLength", where, 0), _count(s, "maxLength", where, _INF)
             pattern = _string_pattern(s, where)
             values = [v for v in values if not isinstance(v, str) or

@@ -157,6 +157,7 @@ REFUSED = [
     ({"type": "string", "pattern": "^(a|b){999}(c|d){999}$"}, "automaton states"),
     ({"type": "string", "pattern": 3}, "must be a string"),
     ({"type": "string", "format": "date", "pattern": "^2"}, "keep one"),
+    ({"enum": ["a"], "format": ["date"], "pattern": "(b"}, "unbalanced"),  # (an unhashable format: a TypeError)
     ({"type": "object", "patternProperties": {"^a": {}}}, "'patternProperties'"),
     ({"type": "array", "uniqueItems": True}, "'uniqueItems'"),
     ({"not": {"type": "null"}}, "'not'"),

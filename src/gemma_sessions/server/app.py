@@ -709,10 +709,9 @@ def _tool_choice(given_tools: list | None, tool_choice: Any, flat: bool = False)
     except ValueError as exc:
         raise ApiError(400, str(exc), "tools") from exc
     try:
-        mode, callable_tools = tools.chosen(given, tool_choice)
+        return tools.chosen(given, tool_choice)
     except ValueError as exc:
         raise ApiError(400, str(exc), "tool_choice") from exc
-    return mode, callable_tools
 
 
 def _chat_usage(stats, n_generated: int, n_reasoning: int = 0) -> dict:
@@ -1027,8 +1026,7 @@ def _target_session(state: ServerState, body: ResponseRequest, owner: str, items
         s, new = m.fork(state.session(prev["session"], owner).id, keep_messages=prev["n"]), True
     else:
         system = body.instructions
-        parts = [t for t in (system, *(t for r, t in items if r == "system"), tools_text) if t]
-        system = "\n\n".join(parts) if parts else system
+        system = "\n\n".join(t for t in (system, *(t for r, t in items if r == "system"), tools_text) if t) or None
         s = m.create(system=system, metadata=body.metadata, owner=owner, persistent=body.store, reasoning=reasoning)
         new = True
     try:
