@@ -245,7 +245,6 @@ def test_chat_fields_that_ask_for_nothing_are_accepted(client):
 
 @pytest.mark.parametrize("extra, param", [
     (dict(tools=[{"type": "web_search"}]), "tools"),  # function tools are served (tests/unit/test_tools.py)
-    (dict(tools=[{"type": "function", "name": "f"}], text={"format": {"type": "json_object"}}), "text"),
     (dict(tools=[{"type": "function", "name": "f"}], include=["message.output_text.logprobs"]), "include"),
     (dict(text={"format": {"type": "json_schema", "name": "x", "schema": {"not": {}}}}), "text"),
     (dict(include=["message.input_text.logprobs"]), "include"),

@@ -207,7 +207,6 @@ def test_history_with_calls_and_results_is_rendered_and_answered(client):
 
 @pytest.mark.parametrize("extra, param, why", [
     (dict(functions=[{"name": "f"}]), "functions", "tools"),
-    (dict(response_format={"type": "json_object"}), "response_format", "tools"),
     (dict(tools=[{"type": "web_search"}]), "tools", "function"),
     (dict(tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice", "nope"),
     (dict(tool_choice="always"), "tool_choice", "tool_choice"),
@@ -371,6 +370,48 @@ def test_streamed_response_items_equal_the_whole_response(rclient, choice, answe
             assert final["status"] == "incomplete" and text.startswith('{"response"')
         else:
             assert text and not text.startswith('{"response"')
+
+
+RESULT = {"type": "object", "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 99}},
+          "required": ["answer"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_json_format_with_tools_shapes_the_answer_on_both_routes(client, rclient, stream):
+    """Tools with a JSON format (an agent with an output type): calls as ever, and an answer that is the format's
+    JSON, whole, on Chat Completions and Responses, streamed or not."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "result", "schema": RESULT}}
+    body = {**BODY, "logit_bias": ANSWER, "response_format": fmt, "stream": stream}
+    if stream:
+        with client.stream("POST", "/v1/chat/completions", json=body) as s:
+            events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+        content = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+        finish = events[-1]["choices"][0]["finish_reason"]
+    else:
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        content, finish = r.json()["choices"][0]["message"]["content"], r.json()["choices"][0]["finish_reason"]
+    assert finish == "stop", content
+    jsonschema.validate(json.loads(content), RESULT)
+    text = T.system_text(T.parse_tools([WEATHER, NESTED]), "auto", RESULT)  # told with the tools, read back whole
+    assert "An answer is a JSON value of this schema" in text and T.announced(text) == text
+    manager = rclient.app.state.gs.manager
+    manager.bias = ANSWER
+    try:
+        rbody = {"input": "weather?", "tools": RTOOLS, "max_output_tokens": 300, "temperature": 0, "store": False,
+                 "text": {"format": {"type": "json_schema", "name": "result", "schema": RESULT}}}
+        if stream:
+            with rclient.stream("POST", "/v1/responses", json={**rbody, "stream": True}) as s:
+                events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+            final = events[-1]["response"]
+            assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == \
+                final["output_text"]
+        else:
+            final = _respond(rclient, **rbody)
+    finally:
+        manager.bias = NUDGE
+    assert final["status"] == "completed" and final["output"][-1]["type"] == "message", final
+    jsonschema.validate(json.loads(final["output_text"]), RESULT)
 
 
 def test_allowed_tools_hold_calls_to_their_subset_on_both_routes(client, rclient):

@@ -223,12 +223,13 @@ def item_of(m, text: str | None = None) -> dict:
     return {"type": "message", "id": m.id, "status": "completed", "role": role, "content": [content]}
 
 
-def items_of(m, tools_on: bool | None) -> list[dict]:
+def items_of(m, tools_on: bool | None, structured: bool = False) -> list[dict]:
     """A stored message as Responses items, read in ``server.tools``' convention: a reply that called tools as its
     ``function_call`` items, an answer's envelope as its text, a tool result as a ``function_call_output``, a user
     turn without the tools' text a turn put before it. ``tools_on``: the reply was made with tools (True), without
     (False: its text as it is), or unknown (None: a reply that reads as an envelope is one; a conversation's
-    listing, where a conversation that never had tools passes False)."""
+    listing, where a conversation that never had tools passes False). ``structured``: the request had a JSON
+    format, so an answer is its JSON value's text."""
     if m.role == "user":
         text = tools.without_announcement(m.text)
         result = tools.tool_result(text)
@@ -238,11 +239,11 @@ def items_of(m, tools_on: bool | None) -> list[dict]:
         return [item_of(m, text)]
     if tools_on is False:
         return [item_of(m)]
-    answer, calls = tools.envelope(m.text)
+    answer, calls = tools.envelope(m.text, structured)
     if calls:
         return tools.call_items(m.id, calls)
     if answer is None and tools_on:  # cut short: the answer so far, or the text when it was not one
-        answer = tools.parse_reply(m.text)[0]
+        answer = tools.parse_reply(m.text, structured)[0]
     return [item_of(m, answer)]
 
 
@@ -420,11 +421,13 @@ def _total_usage(gens: list[EngineText], outs: list, reasoning: bool = True) -> 
     return _chat_usage(outs[0].stats, n, sum(g.deltas.reasoning_tokens for g in gens) if reasoning else 0)
 
 
-def chat_prompt(tokenizer, messages, reasoning: bool = False, tools_system: str | None = None) -> list[int]:
+def chat_prompt(tokenizer, messages, reasoning: bool = False, tools_system: str | None = None,
+                structured: bool = False) -> list[int]:
     """OpenAI chat messages -> Gemma prompt ids, rendered where sessions render theirs (``render_chat``). An
     assistant message's ``reasoning_content`` is not rendered: the template drops thoughts from history. Tool calls
     and tool results are rendered in ``server.tools``' convention; ``tools_system``: the tools' part of the system
-    prompt, when tools are on (then assistant text replies are rendered as the envelope the model wrote)."""
+    prompt, when tools are on (then assistant text replies are rendered as the envelope the model wrote; with their
+    JSON value when ``structured``: the request has a JSON format)."""
     turns = []
     for m in messages:
         if m.role == "tool":
@@ -432,7 +435,7 @@ def chat_prompt(tokenizer, messages, reasoning: bool = False, tools_system: str 
         elif m.role == "assistant" and m.tool_calls:
             turns.append(("assistant", tools.call_text(m.tool_calls)))
         elif m.role == "assistant" and tools_system:
-            turns.append(("assistant", tools.response_text(m.text())))
+            turns.append(("assistant", tools.response_text(m.text(), structured)))
         else:
             turns.append((m.role, m.text()))
     if tools_system:
@@ -657,10 +660,12 @@ def _install_chat(app: FastAPI, state: ServerState) -> None:
             raise ApiError(400, refused[1], refused[0])
         reasoning = bool(state.reasoning(body.reasoning_effort, "reasoning_effort"))
         mode, callable_tools = _tool_choice(body.tools, body.tool_choice)
-        tools_system = tools.system_text(callable_tools, mode) if callable_tools else None
+        answer = tools.answer_schema(body.json_format()) if callable_tools else None  # an answer's JSON, with tools
+        tools_system = tools.system_text(callable_tools, mode, answer) if callable_tools else None
         if tools_system:
             state.check_chars([tools_system], "tools")
-        prompt = await state.run(chat_prompt, state.tokenizer, body.messages, reasoning, tools_system)
+        structured = answer is not None
+        prompt = await state.run(chat_prompt, state.tokenizer, body.messages, reasoning, tools_system, structured)
         limit = state.engine.max_context - len(prompt)
         if limit < 1:
             raise E.ContextLengthError(f"the prompt has {len(prompt)} tokens; the context is "
@@ -670,14 +675,14 @@ def _install_chat(app: FastAPI, state: ServerState) -> None:
                                                                            logprobs=body.logprobs_asked())
         if callable_tools:
             constraint = await state.json_format(
-                ("json_schema", tools.reply_schema(callable_tools, mode, body.parallel_tool_calls)), "tools")
+                ("json_schema", tools.reply_schema(callable_tools, mode, body.parallel_tool_calls, answer)), "tools")
         else:
             constraint = await state.json_format(body.json_format(), "response_format")
         gens = await _start_choices(state, prompt, params, body.n, state.channel, constraint)
         cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_chat_stream(state, gens, cid, created, usage, bool(callable_tools)),
+            return StreamingResponse(_chat_stream(state, gens, cid, created, usage, bool(callable_tools), structured),
                                      media_type="text/event-stream")
         done = await _collect_all(state, gens, request)
         if done is None:
@@ -687,7 +692,7 @@ def _install_chat(app: FastAPI, state: ServerState) -> None:
             message = {"role": "assistant", "content": "".join(parts)}
             finish = _finish(g.finish_reason)
             if callable_tools:
-                message["content"], calls = tools.parse_reply(message["content"])
+                message["content"], calls = tools.parse_reply(message["content"], structured)
                 if calls:
                     message["tool_calls"], finish = calls, "tool_calls"
             if g.deltas.reasoning:  # thoughts apart from the answer, where vLLM and llama.cpp put them
@@ -722,10 +727,11 @@ def _chat_usage(stats, n_generated: int, n_reasoning: int = 0) -> dict:
 
 
 def _chat_stream(state: ServerState, gens: list[EngineText], cid: str, created: int,
-                 usage: bool, with_tools: bool = False) -> AsyncIterator[str]:
+                 usage: bool, with_tools: bool = False, structured: bool = False) -> AsyncIterator[str]:
     """With tools, an answer's text streams as it is decoded from its envelope (``tools.ContentStream``); calls
-    come whole, in one ``delta.tool_calls`` chunk as the choice ends (their arguments are valid only then)."""
-    streams = [tools.ContentStream() for _ in gens] if with_tools else None
+    come whole, in one ``delta.tool_calls`` chunk as the choice ends (their arguments are valid only then), and so
+    does a ``structured`` answer (JSON, for a request with a JSON format)."""
+    streams = [tools.ContentStream(structured) for _ in gens] if with_tools else None
 
     def chunk(i: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> str:
         return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
@@ -743,7 +749,7 @@ def _chat_stream(state: ServerState, gens: list[EngineText], cid: str, created: 
         finish = _finish(gens[i].finish_reason)
         if streams is None or streams[i].answer:
             return chunk(i, {}, finish, gens[i].new_logprobs())
-        content, calls = tools.parse_reply(streams[i].text)  # not an answer: calls, or a reply cut short
+        content, calls = tools.parse_reply(streams[i].text, structured)  # calls, a JSON answer, or cut short
         delta = ({"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]} if calls else
                  {"content": content})
         return chunk(i, delta, logprobs=gens[i].new_logprobs()) + chunk(i, {}, "tool_calls" if calls else finish)
@@ -941,9 +947,11 @@ def _install_responses(app: FastAPI, state: ServerState) -> None:
         if refused:
             raise ApiError(400, refused[1], refused[0])
         mode, callable_tools = _tool_choice(body.tools, body.tool_choice, flat=True)
-        note = tools.system_text(callable_tools, mode) if callable_tools else None  # the tools' text (server.tools)
+        answer = tools.answer_schema(body.json_format()) if callable_tools else None  # an answer's JSON, with tools
+        structured = answer is not None
+        note = tools.system_text(callable_tools, mode, answer) if callable_tools else None  # the tools' text
         try:
-            items = tools.input_turns(body.input, tools_on=note is not None)
+            items = tools.input_turns(body.input, tools_on=note is not None, structured=structured)
         except ValueError as exc:
             raise ApiError(400, str(exc), "input") from exc
         if not items or items[-1][0] != "user" or not items[-1][1].strip():
@@ -952,7 +960,7 @@ def _install_responses(app: FastAPI, state: ServerState) -> None:
         reasoning = state.reasoning(body.reasoning.effort if body.reasoning else None, "reasoning")
         if callable_tools:
             constraint = await state.json_format(
-                ("json_schema", tools.reply_schema(callable_tools, mode, body.parallel_tool_calls)), "tools")
+                ("json_schema", tools.reply_schema(callable_tools, mode, body.parallel_tool_calls, answer)), "tools")
         else:
             constraint = await state.json_format(body.json_format(), "text")
         idempotency_key = _idempotency_key(request)
@@ -980,14 +988,14 @@ def _install_responses(app: FastAPI, state: ServerState) -> None:
         with_tools = bool(callable_tools)
         if body.stream:
             return StreamingResponse(_response_stream(state, turn, base, session, new, ephemeral, owner,
-                                                      body.logprobs_asked() is not None, with_tools),
+                                                      body.logprobs_asked() is not None, with_tools, structured),
                                      media_type="text/event-stream")
         finished = False
         try:
             if await _collect(state, turn.next_delta, request) is None:
                 return Response(status_code=499)  # the client went away: its turn is cancelled below
             result = await state.run(_finish_response, state, base, turn, session, ephemeral, owner, None,
-                                     body.logprobs_asked() is not None, with_tools)
+                                     body.logprobs_asked() is not None, with_tools, structured)
             finished = True
             return result
         finally:
@@ -1072,10 +1080,12 @@ def reasoning_item(item_id: str, text: str) -> dict:
 
 
 def _finish_response(state: ServerState, base: dict, turn, session, ephemeral: bool, owner: str,
-                     reasoning_id: str | None = None, logprobs: bool = False, with_tools: bool = False) -> dict:
+                     reasoning_id: str | None = None, logprobs: bool = False, with_tools: bool = False,
+                     structured: bool = False) -> dict:
     """The final response object. ``logprobs``: its message's text part carries the output tokens' logprobs
     (``include: message.output_text.logprobs``); the response stored for ``GET /v1/responses/{id}`` does not (they
-    are up to ~1.5 KB a token). ``with_tools``: the reply is read as ``server.tools``' envelope (``items_of``)."""
+    are up to ~1.5 KB a token). ``with_tools``: the reply is read as ``server.tools``' envelope (``items_of``; an
+    answer's JSON value when ``structured``)."""
     reply = turn.reply
     if reply is None or reply.finish_reason == "cancelled":
         raise ApiError(503, "the generation was cancelled (the server is shutting down)", headers={"Retry-After": "5"})
@@ -1086,7 +1096,7 @@ def _finish_response(state: ServerState, base: dict, turn, session, ephemeral: b
     resp["status"] = "incomplete" if reply.finish_reason == "length" else "completed"
     resp["incomplete_details"] = {"reason": "max_output_tokens"} if reply.finish_reason == "length" else None
     thoughts = [reasoning_item(reasoning_id or "rs_" + uuid.uuid4().hex, reply.reasoning)] if reply.reasoning else []
-    out = items_of(messages[-1], with_tools)
+    out = items_of(messages[-1], with_tools, structured)
     resp["output"] = [*thoughts, *out]
     resp["output_text"] = "".join(i["content"][0]["text"] for i in out if i["type"] == "message")
     resp["usage"] = {"input_tokens": st.prompt_tokens, "input_tokens_details": {"cached_tokens": st.cached_tokens},
@@ -1110,7 +1120,8 @@ def turn_logprobs(state: ServerState, turn, start: int, end: int | None = None) 
 
 
 async def _response_stream(state: ServerState, turn, base: dict, session, new: bool, ephemeral: bool,
-                           owner: str, logprobs: bool = False, with_tools: bool = False) -> AsyncIterator[str]:
+                           owner: str, logprobs: bool = False, with_tools: bool = False,
+                           structured: bool = False) -> AsyncIterator[str]:
     """With tools, an answer's text streams as it is decoded from its envelope (``tools.ContentStream``), and calls
     come whole as the reply ends (their arguments are valid only then): each ``function_call`` item added, its
     arguments in one delta, done."""
@@ -1131,7 +1142,7 @@ async def _response_stream(state: ServerState, turn, base: dict, session, new: b
         return out
 
     items = _StreamedItems(event, new_logprobs)
-    answer = tools.ContentStream() if with_tools else None
+    answer = tools.ContentStream(structured) if with_tools else None  # (structured: the answer comes whole)
     finished = False
     try:
         yield event("response.created", response=base)
@@ -1148,7 +1159,7 @@ async def _response_stream(state: ServerState, turn, base: dict, session, new: b
                 for e in items.delta(*part):
                     yield e
             final = await state.run(_finish_response, state, base, turn, session, ephemeral, owner, items.rs_id,
-                                    logprobs, with_tools)
+                                    logprobs, with_tools, structured)
         except (ApiError, E.GemmaSessionsError) as exc:  # the status line is sent: fail in the stream
             failed = dict(base, status="failed", error={"code": "server_error", "message": str(exc)})
             yield event("response.failed", response=failed)

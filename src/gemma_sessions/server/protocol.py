@@ -199,8 +199,6 @@ class ChatCompletionRequest(PenaltyFields):
         """(param, message) for a field that asks for what this server does not do, else None."""
         if self.functions or self.function_call not in (None, "none"):
             return "functions", "the deprecated functions / function_call are not supported: send them as tools"
-        if self.tools and self.tool_choice != "none" and _format_type(self.response_format) != "text":
-            return "response_format", "response_format cannot be combined with tools (the tools set the format)"
         bad = _bad_format(self.response_format, (self.response_format or {}).get("json_schema"),
                           "response_format.json_schema")
         if bad:
@@ -349,11 +347,8 @@ class ResponseRequest(SamplingFields):
         other = [i for i in self.include or () if "logprobs" in i and i != OUTPUT_LOGPROBS]
         if other:
             return "include", f"include {other[0]!r} is not supported (logprobs: {OUTPUT_LOGPROBS!r})"
-        if self.tools and self.tool_choice != "none":  # the reply is the tools' envelope (server.tools)
-            if self.json_format() is not None:
-                return "text", "text.format cannot constrain a reply while tools are on (tool_choice 'none' ends that)"
-            if self.logprobs_asked() is not None:
-                return "include", "output logprobs are not given while tools are on (tool_choice 'none' ends that)"
+        if self.tools and self.tool_choice != "none" and self.logprobs_asked() is not None:  # (server.tools' envelope)
+            return "include", "output logprobs are not given while tools are on (tool_choice 'none' ends that)"
         return None
 
     def logprobs_asked(self) -> int | None:

@@ -111,11 +111,14 @@ TOOLS_HOW = {"auto": f'Reply with one JSON object: {_CALLS} to call tools, or {{
              "required": f"Reply with one JSON object calling the tools: {_CALLS}."}
 
 
-def system_text(tools: list[Tool], mode: str) -> str:
-    """What the system prompt says about the tools and the reply convention (``mode``: auto, or required)."""
+def system_text(tools: list[Tool], mode: str, answer: Any = None) -> str:
+    """What the system prompt says about the tools and the reply convention (``mode``: auto, or required;
+    ``answer``: the JSON schema an answer's value follows, for a request with a JSON format, else None)."""
     listed = json.dumps([{"name": t.name, "description": t.description, "parameters": t.parameters}
                          for t in tools], ensure_ascii=False)
-    return f"{TOOLS_HEAD}\n{listed}\n{TOOLS_HOW[mode]}"
+    shape = "" if answer is None or mode != "auto" else \
+        f"An answer is a JSON value of this schema: {json.dumps(answer, ensure_ascii=False)}\n"
+    return f"{TOOLS_HEAD}\n{listed}\n{shape}{TOOLS_HOW[mode]}"
 
 
 def _announcement_end(text: str, start: int) -> int:
@@ -140,9 +143,10 @@ def without_announcement(text: str) -> str:
     return text
 
 
-def reply_schema(tools: list[Tool], mode: str, parallel: bool) -> dict:
+def reply_schema(tools: list[Tool], mode: str, parallel: bool, answer: Any = None) -> dict:
     """The JSON schema of a reply: the envelope of calls to ``tools`` (each tool's parameters hoisted under
-    ``$defs`` with its references rewritten), or with mode "auto" also ``{"response": string}``."""
+    ``$defs`` with its references rewritten), or with mode "auto" also ``{"response": string}`` (``answer``: the
+    schema of the response's value instead, for a request with a JSON format, hoisted the same way)."""
     defs: dict[str, Any] = {}
     calls = []
     for i, t in enumerate(tools):
@@ -155,10 +159,21 @@ def reply_schema(tools: list[Tool], mode: str, parallel: bool) -> dict:
         "type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls}, "minItems": 1,
         "maxItems": MAX_PARALLEL_CALLS if parallel else 1}}, "required": ["tool_calls"], "additionalProperties": False}
     if mode == "auto":
-        answer = {"type": "object", "properties": {"response": {"type": "string"}}, "required": ["response"],
-                  "additionalProperties": False}
-        return {"$defs": defs, "anyOf": [envelope, answer]}
+        value: Any = {"type": "string"}
+        if answer is not None:
+            defs["answer"] = _rebase(copy.deepcopy(answer), "#/$defs/answer")
+            value = {"$ref": "#/$defs/answer"}
+        reply = {"type": "object", "properties": {"response": value}, "required": ["response"],
+                 "additionalProperties": False}
+        return {"$defs": defs, "anyOf": [envelope, reply]}
     return {"$defs": defs, **envelope}
+
+
+def answer_schema(fmt: tuple[str, Any] | None) -> Any:
+    """The schema of an answer's value for a request's JSON format (``json_format()`` of its body), or None."""
+    if fmt is None:
+        return None
+    return {"type": "object"} if fmt[0] == "json_object" else fmt[1]
 
 
 _SCHEMA_MAPS = ("properties", "$defs", "definitions")  # keywords whose values map names to schemas
@@ -203,29 +218,33 @@ def calls_text(calls: list[tuple[str, Any]]) -> str:
     return json.dumps({"tool_calls": out}, ensure_ascii=False)
 
 
-def response_text(text: str) -> str:
-    return json.dumps({"response": text}, ensure_ascii=False)
+def response_text(text: str, structured: bool = False) -> str:
+    """An assistant's answer as the envelope the model wrote; ``structured``: the answer is JSON (a request with a
+    JSON format), its value goes in as such when it parses."""
+    value = _loads(text) if structured else None
+    return json.dumps({"response": text if value is None else value}, ensure_ascii=False)
 
 
 def tool_result_text(tool_call_id: str | None, content: str) -> str:
     return json.dumps({"tool_response": {"tool_call_id": tool_call_id, "content": content}}, ensure_ascii=False)
 
 
-def parse_reply(text: str) -> tuple[str | None, list[dict] | None]:
+def parse_reply(text: str, structured: bool = False) -> tuple[str | None, list[dict] | None]:
     """(content, tool_calls) of a reply: OpenAI's tool_calls (ids new) for a call envelope, the answer for a response
-    envelope; a reply cut short (max_tokens) is (its answer so far, or its raw text when not an answer, None)."""
+    envelope (``structured``: its value as JSON text); a reply cut short (max_tokens) is (its answer so far, or its
+    raw text when not an answer, None)."""
     try:
         value = json.loads(text)
     except (ValueError, RecursionError):  # cut short: an answer's text so far (as streamed), else the raw text
-        stream = ContentStream()
+        stream = ContentStream(structured)
         answer = stream.feed(text)
         return (answer if stream.answer else text), None
     if isinstance(value, dict) and isinstance(value.get("tool_calls"), list):
         return None, [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
                        "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
                       for c in value["tool_calls"]]
-    if isinstance(value, dict) and isinstance(value.get("response"), str):
-        return value["response"], None
+    if isinstance(value, dict) and len(value) == 1 and "response" in value:
+        return _answer_text(value["response"], structured), None
     return text, None
 
 
@@ -237,15 +256,20 @@ def _loads(text: str) -> Any:
         return None
 
 
-def envelope(text: str) -> tuple[str | None, list[tuple[str, Any]] | None]:
-    """(answer, calls) of a whole reply in the convention: ``(text, None)`` for ``{"response": text}``, ``(None,
-    [(name, arguments)])`` for a call envelope, ``(None, None)`` for anything else (a reply cut short, or one that
-    is not in the convention)."""
+def _answer_text(value: Any, structured: bool) -> str:
+    """An answer's value as the client gets it: a string as itself, else (and always for a JSON format) as JSON."""
+    return value if isinstance(value, str) and not structured else json.dumps(value, ensure_ascii=False)
+
+
+def envelope(text: str, structured: bool = False) -> tuple[str | None, list[tuple[str, Any]] | None]:
+    """(answer, calls) of a whole reply in the convention: ``(answer, None)`` for ``{"response": ...}`` (its text;
+    JSON text for a value that is not a string, or always when ``structured``), ``(None, [(name, arguments)])`` for
+    a call envelope, ``(None, None)`` for anything else (a reply cut short, or one not in the convention)."""
     value = _loads(text) if text.lstrip().startswith("{") else None
     if not isinstance(value, dict) or len(value) != 1:
         return None, None
-    if isinstance(value.get("response"), str):
-        return value["response"], None
+    if "response" in value:
+        return _answer_text(value["response"], structured), None
     calls = value.get("tool_calls")
     if (isinstance(calls, list) and calls and all(isinstance(c, dict) and set(c) == {"name", "arguments"}
                                                   and isinstance(c["name"], str) for c in calls)):
@@ -277,11 +301,13 @@ def call_items(message_id: str, calls: list[tuple[str, Any]]) -> list[dict]:
 MAX_CALL_ID = 128
 
 
-def input_turns(value: str | list[Any] | None, tools_on: bool = False) -> list[tuple[str, str]]:
+def input_turns(value: str | list[Any] | None, tools_on: bool = False,
+                structured: bool = False) -> list[tuple[str, str]]:
     """Responses ``input`` / conversation items -> [(role, text)] (roles user | model | system), function items in
     the convention: consecutive ``function_call`` items are one model turn (their envelope), a
-    ``function_call_output`` a user turn (``tool_result_text``); ``reasoning`` items are left out. ``tools_on``: an assistant message is rendered as
-    the envelope the model wrote (``{"response": ...}``). ValueError naming what is wrong."""
+    ``function_call_output`` a user turn (``tool_result_text``); ``reasoning`` items are left out. ``tools_on``: an
+    assistant message is rendered as the envelope the model wrote (``{"response": ...}``; ``structured``: with its
+    JSON value). ValueError naming what is wrong."""
     if not isinstance(value, list):
         return input_items(value)
     out: list[tuple[str, str]] = []
@@ -307,7 +333,7 @@ def input_turns(value: str | list[Any] | None, tools_on: bool = False) -> list[t
             out.append(("user", tool_result_text(_call_id(item, i), output)))
         else:
             role, text = input_items([item])[0]
-            out.append((role, response_text(text) if role == "model" and tools_on else text))
+            out.append((role, response_text(text, structured) if role == "model" and tools_on else text))
     if calls:
         out.append(("model", calls_text(calls)))
     return out
@@ -329,11 +355,12 @@ _ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r"
 class ContentStream:
     """Streams the ``response`` string of an auto-mode reply as it is generated: ``feed(delta)`` returns the answer
     text that became known (escapes decoded, none cut in half). Until the reply shows it is an answer (a call
-    envelope, or not yet decided) it returns ""; ``answer`` tells which."""
+    envelope, or not yet decided) it returns ""; ``answer`` tells which. ``structured`` (a request with a JSON
+    format): nothing streams, the answer's JSON comes whole at the end (``parse_reply``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, structured: bool = False) -> None:
         self.text = ""  # the reply so far
-        self.answer: bool | None = None  # None: not decided yet
+        self.answer: bool | None = False if structured else None  # None: not decided yet
         self._at = 0  # in text: the next raw character of the answer string to decode
         self._closed = False
 
