@@ -87,6 +87,7 @@ EXAMPLES = {
     ("GET", "/v1/sessions/{sid}/turns"): 20,
     ("GET", "/v1/stats"): 6,
     ("POST", "/v1/sessions/import"): 30,
+    ("GET", "/v1/conversations/{cid}/items/{item_id}"): 20,
     ("DELETE", "/v1/conversations/{cid}/items/{item_id}"): 20,
     ("DELETE", "/v1/conversations/{cid}"): 20,
 }

@@ -315,6 +315,10 @@ def test_a_conversation_is_told_of_its_tools_once_and_lists_calls_and_results_as
     only_thoughts = rclient.post(f"/v1/conversations/{cid}/items", json={"items": [
         {"type": "reasoning", "id": "rs_1", "summary": []}]})
     assert only_thoughts.status_code == 200 and only_thoughts.json()["data"] == []
+    for item in (items[0], calls[-1], outputs[0]):  # one item, as the list gives it
+        assert rclient.get(f"/v1/conversations/{cid}/items/{item['id']}").json() == item
+    missing = rclient.get(f"/v1/conversations/{cid}/items/msg_nope")
+    assert missing.status_code == 404 and "msg_nope" in missing.json()["error"]["message"]
     # a call's item names its reply: deleting it deletes the reply (all its calls)
     n = len(_session_of(rclient, cid).messages)
     assert rclient.delete(f"/v1/conversations/{cid}/items/{calls[0]['id']}").status_code == 200

@@ -1337,6 +1337,14 @@ def _install_conversations(app: FastAPI, state: ServerState) -> None:
         return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
                 "last_id": data[-1]["id"] if data else None, "has_more": False}  # (reasoning items add nothing)
 
+    @app.get("/v1/conversations/{cid}/items/{item_id}")
+    async def get_item(cid: str, item_id: str, request: Request):
+        s = await state.run(state.session, sid_of(cid), state.owner(request))
+        for item in await state.run(_listed_items, s):
+            if item["id"] == item_id:
+                return item
+        raise E.SessionNotFoundError(f"no item {item_id!r} in conversation {cid}")
+
     @app.delete("/v1/conversations/{cid}/items/{item_id}")
     async def delete_item(cid: str, item_id: str, request: Request):
         s = await state.run(state.session, sid_of(cid), state.owner(request))
