@@ -49,7 +49,7 @@ from .work import WorkItem
 log = logging.getLogger("gemma_sessions.engine")
 
 SCORE_CHUNK = 16      # prompt tokens a scoring job computes at a time, by default (Engine's score_chunk)
-MAX_SCORE_CHUNK = 512
+MAX_SCORE_CHUNK = 256  # a chunk's float32 logits are chunk x vocabulary x 4 bytes (256: 268 MB on a 262k vocabulary)
 SCORE_SHARE = 0.5     # while others run, scoring takes at most this much time per second of their steps
 MAX_SCORING_JOBS = 64  # scoring jobs queued at most (EngineBusyError beyond); one computes at a time
 
@@ -101,7 +101,7 @@ class Engine:
             256, at most ``max_batched_tokens``): decoding requests' steps stay short, and a short turn's prompt is
             not held back until several prompts finish together in one long step (16 multi-turn clients on the
             270M: median time to first token ~35% lower for ~2-4% fewer tokens/s; bench/RESULTS.md).
-        score_chunk: prompt tokens :meth:`score` computes at a time (default ``SCORE_CHUNK``, 1..512), fixed for the
+        score_chunk: prompt tokens :meth:`score` computes at a time (default ``SCORE_CHUNK``, 1..256), fixed for the
             engine so that a prompt's scores never depend on the load. Larger chunks score faster (the products'
             weights are read once per chunk) and hold the other requests' steps back longer when scoring takes its
             turn (one chunk at a time); a server that mostly scores (an evaluation run) wants 128 or more.
