@@ -68,6 +68,22 @@ class SchemaError(InvalidRequestError):
     that accepts nothing)."""
 
 
+MAX_CONTAINER_NESTING = 3 * MAX_SCHEMA_NESTING  # a schema level is 2 containers ({"properties": {"a": ...}})
+
+
+def check_nesting(value: Any, where: str, limit: int = MAX_CONTAINER_NESTING) -> None:
+    """SchemaError when a JSON value (a schema, before anything walks it recursively: copies, rebasing) nests deeper
+    than ``limit`` objects and arrays; iterative, so any depth the request's parser took is measured without
+    recursion."""
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth >= limit:
+                raise SchemaError(f"{where} nests deeper than {limit} levels")
+            stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v))
+
+
 # ------------------------------------------------------------------------------------------------------------- nodes
 class _Node:
     """A compiled subschema. ``choices``: the concrete nodes it stands for (itself, or a union's / reference's

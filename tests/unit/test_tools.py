@@ -435,6 +435,28 @@ def test_allowed_tools_hold_calls_to_their_subset_on_both_routes(client, rclient
         assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice" and why in r.text, r.text
 
 
+def _deep_schema(levels: int) -> dict:
+    schema: dict = {"type": "object"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+def test_schemas_nested_past_the_limit_are_400s_before_anything_recurses(client, rclient):
+    """Tool parameters, or a format's schema next to tools, nested 300 levels: a 400 naming the field (a 500 before:
+    copying the schema under the envelope ran out of recursion)."""
+    deep = _deep_schema(300)
+    r = rclient.post("/v1/responses", json={"input": "hi", "max_output_tokens": 4, "tools": [
+        {"type": "function", "name": "f", "parameters": deep}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools" and "nests deeper" in r.text, r.text
+    r = rclient.post("/v1/responses", json={"input": "hi", "max_output_tokens": 4, "tools": RTOOLS, "text": {
+        "format": {"type": "json_schema", "name": "x", "schema": deep}}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "text" and "nests deeper" in r.text, r.text
+    r = client.post("/v1/chat/completions", json={**BODY, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": deep}}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
+
+
 @pytest.mark.parametrize("extra, param, why", [
     (dict(tools=[WEATHER]), "tools", "'name': ..."),  # Chat's nested shape
     (dict(tools=[{"type": "file_search"}]), "tools", "function"),

@@ -660,7 +660,7 @@ def _install_chat(app: FastAPI, state: ServerState) -> None:
             raise ApiError(400, refused[1], refused[0])
         reasoning = bool(state.reasoning(body.reasoning_effort, "reasoning_effort"))
         mode, callable_tools = _tool_choice(body.tools, body.tool_choice)
-        answer = tools.answer_schema(body.json_format()) if callable_tools else None  # an answer's JSON, with tools
+        answer = _answer_schema(body.json_format(), callable_tools, "response_format")
         tools_system = tools.system_text(callable_tools, mode, answer) if callable_tools else None
         if tools_system:
             state.check_chars([tools_system], "tools")
@@ -717,6 +717,15 @@ def _tool_choice(given_tools: list | None, tool_choice: Any, flat: bool = False)
         return tools.chosen(given, tool_choice)
     except ValueError as exc:
         raise ApiError(400, str(exc), "tool_choice") from exc
+
+
+def _answer_schema(fmt: tuple[str, Any] | None, callable_tools: list, param: str) -> Any:
+    """The schema of an answer's JSON next to tools (``tools.answer_schema``), None without tools or a JSON format;
+    400 naming ``param`` for a schema nested too deep."""
+    try:
+        return tools.answer_schema(fmt) if callable_tools else None
+    except SchemaError as exc:
+        raise ApiError(400, str(exc), param) from exc
 
 
 def _chat_usage(stats, n_generated: int, n_reasoning: int = 0) -> dict:
@@ -947,7 +956,7 @@ def _install_responses(app: FastAPI, state: ServerState) -> None:
         if refused:
             raise ApiError(400, refused[1], refused[0])
         mode, callable_tools = _tool_choice(body.tools, body.tool_choice, flat=True)
-        answer = tools.answer_schema(body.json_format()) if callable_tools else None  # an answer's JSON, with tools
+        answer = _answer_schema(body.json_format(), callable_tools, "text")
         structured = answer is not None
         note = tools.system_text(callable_tools, mode, answer) if callable_tools else None  # the tools' text
         try:

@@ -26,6 +26,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from ..json_schema import check_nesting
 from .protocol import OPENAI_NAME, content_text, input_items
 
 MAX_TOOLS = 128
@@ -66,6 +67,7 @@ def parse_tools(tools: list[Any], flat: bool = False) -> list[Tool]:
             params = NO_PARAMETERS
         if not isinstance(description, str) or not isinstance(params, (dict, bool)):
             raise ValueError(f"tools[{i}]{where}: description must be a string and parameters a JSON schema")
+        check_nesting(params, f"tools[{i}]{where}.parameters")  # (before the schema is copied and rebased)
         out.append(Tool(name, description, params))
     return out
 
@@ -173,7 +175,10 @@ def answer_schema(fmt: tuple[str, Any] | None) -> Any:
     """The schema of an answer's value for a request's JSON format (``json_format()`` of its body), or None."""
     if fmt is None:
         return None
-    return {"type": "object"} if fmt[0] == "json_object" else fmt[1]
+    if fmt[0] == "json_object":
+        return {"type": "object"}
+    check_nesting(fmt[1], "the format's schema")  # (before it is copied and rebased under the tools' envelope)
+    return fmt[1]
 
 
 _SCHEMA_MAPS = ("properties", "$defs", "definitions")  # keywords whose values map names to schemas
