@@ -458,14 +458,19 @@ FORMATTED = {"type": "object", "properties": {
 
 def test_engine_replies_follow_patterns_and_formats(model):
     """Token by token (tokens of several bytes, escapes, UTF-8), replies under patterns and formats stay accepted
-    prefixes, and those that stop are valid, formats checked."""
+    prefixes, and those that stop are valid, formats checked. 8 threads compile the schema at once (its formats'
+    compiled patterns, and their memo tables, are shared) while the engine steps the others' replies."""
     tok = model.tokenizer
     nudge = tuple((byte_token(tok, c), 6.0) for c in '"}') + tuple((byte_token(tok, c), -100.0) for c in " \n\t\r")
     stopped = 0
+
+    def submit(i: int):
+        params = gs.SamplingParams(temperature=1.0 if i else 0, seed=i, max_tokens=300, logit_bias=nudge)
+        return engine.submit([2, 40 + i, 60], params, constraint=json_constraint(model, FORMATTED))
+
     with gs.Engine(model, kv_cache_bytes=16 << 20, block_size=4) as engine:
-        streams = [engine.submit([2, 40 + i, 60], gs.SamplingParams(temperature=1.0 if i else 0, seed=i,
-                                                                     max_tokens=300, logit_bias=nudge),
-                                 constraint=json_constraint(model, FORMATTED)) for i in range(8)]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            streams = list(pool.map(submit, range(8)))
         for s in streams:
             out = s.result()
             text = tok.decode(out.token_ids).encode()
