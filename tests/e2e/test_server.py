@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import subprocess
+import sys
 import time
 
 import httpx
@@ -18,9 +20,15 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, real_model_path):
-    s = Server(tmp_path_factory.mktemp("store"), _free_port()).start()
+    s = Server(tmp_path_factory.mktemp("store"), _free_port(), extra=["--score-chunk", "64"]).start()
     yield s
     s.stop()
+
+
+def test_a_score_chunk_out_of_range_is_a_clear_error(real_model_path):
+    proc = subprocess.run([sys.executable, "-m", "gemma_sessions.cli", "serve", "--no-store", "--score-chunk", "0",
+                           "--port", str(_free_port())], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "score_chunk must be in 1..256" in proc.stderr, proc.stderr
 
 
 def test_chat_completions_plain_and_streamed(server):
