@@ -26,6 +26,7 @@ with them) ASCII characters outside those.
 from __future__ import annotations
 
 import bisect
+import collections
 import math
 
 from .errors import InvalidRequestError
@@ -384,14 +385,13 @@ class Pattern:
                 back[t].append((s, 1))
         dist: list[float] = [_INF] * n
         dist[self._final] = 0
-        todo = [self._final]
-        queue: list[int] = []
-        while todo or queue:
-            s = todo.pop() if todo else queue.pop(0)
+        queue = collections.deque([self._final])
+        while queue:
+            s = queue.popleft()
             for p, w in back[s]:
                 if dist[s] + w < dist[p]:
                     dist[p] = dist[s] + w
-                    (todo if w == 0 else queue).append(p)
+                    queue.appendleft(p) if w == 0 else queue.append(p)
         return dist
 
     # stepping
