@@ -17,9 +17,10 @@ from fastapi.testclient import TestClient
 import gemma_sessions as gs
 from gemma_sessions.json_schema import JsonSchema
 from gemma_sessions.server import create_app
-from gemma_sessions.server.app import chat_prompt
+from gemma_sessions.server.app import chat_prompt, items_of
 from gemma_sessions.server.protocol import ChatMessage
 from gemma_sessions.server import tools as T
+from gemma_sessions.sessions.conversation import Message
 from gemma_sessions.testing import byte_token, tiny_model, tiny_tokenizer
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
@@ -495,19 +496,12 @@ def test_any_input_items_are_turns_or_a_value_error(items, tools_on):
     assert all(role in ("user", "model", "system") and isinstance(text, str) for role, text in turns)
 
 
-class _Stored:
-    def __init__(self, role: str, text: str):
-        self.role, self.text, self.id = role, text, "msg_0123"
-
-
 @settings(max_examples=400, derandomize=True, deadline=None)
 @given(text=st.one_of(st.text(max_size=40), _JSON.map(json.dumps), st.just("[" * 5000)),
        role=st.sampled_from(["user", "model"]), tools_on=st.sampled_from([None, True, False]))
 def test_any_stored_message_reads_as_items(text, role, tools_on):
     """Whatever a history holds (a reply cut short, a model's own JSON, deep nesting) lists as items."""
-    from gemma_sessions.server.app import items_of
-
-    items = items_of(_Stored(role, text), tools_on)
+    items = items_of(Message(role=role, text=text, created_at=0.0, token_ids=()), tools_on)
     assert items and all(i["type"] in ("message", "function_call", "function_call_output") for i in items)
 
 
