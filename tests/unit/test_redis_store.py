@@ -512,20 +512,30 @@ def test_delete_leaves_nothing_and_responses_follow_their_session(model, spec):
         keep, gone = m.create(sampling=P), m.create(sampling=P)
         for s in (keep, gone):
             s.send("x")
-            m.remember_response(f"resp_{s.id}", owner="o", session_id=s.id, n_messages=2, body={"id": s.id})
+            m.remember_response(f"resp_{s.id}", owner="o", session_id=s.id, n_messages=2, body={"id": s.id},
+                                context_before=1.5)
+        m.remember_response("resp_extra", owner="o", session_id=keep.id, n_messages=2, body={"id": "extra"})
         m.store.flush()
         m.close()
     with _engine(model) as e:  # responses survive a restart (and, with Redis, are seen by every replica)
         m = gs.SessionManager(e, store=spec)
-        assert m.response(f"resp_{keep.id}") == {"owner": "o", "session": keep.id, "n": 2, "body": {"id": keep.id}}
+        assert m.response(f"resp_{keep.id}") == {"owner": "o", "session": keep.id, "n": 2, "body": {"id": keep.id},
+                                                 "context_before": 1.5}
+        assert m.response("resp_extra")["context_before"] is None
         m.delete(gone.id)
         assert m.response(f"resp_{gone.id}") is None and m.store.session_ids() == [keep.id]
         assert m.store.messages(gone.id) is None
+        # a response deleted alone: its session stays, and deleting the session later finds nothing left of it
+        assert m.forget_response(f"resp_{keep.id}") and not m.forget_response(f"resp_{keep.id}")
+        assert m.response(f"resp_{keep.id}") is None and m.response("resp_extra") is not None
+        assert m.store.session_ids() == [keep.id]
         m.close()
     if spec.startswith("redis://"):
         c = redis.Redis.from_url(spec)
         left = [k.decode() for k in c.scan_iter("*") if gone.id.encode() in k]
         assert left == []
+        assert c.smembers(f"gs:s:{keep.id}:resp") == {b"resp_extra"}
+        assert c.zrange("gs:responses", 0, -1) == [b"resp_extra"] and c.get(f"gs:r:resp_{keep.id}") is None
         assert all(c.ttl(k) > 0 for k in c.scan_iter("gs:kv:*"))  # shared KV pages: a cache that expires
 
 

@@ -130,6 +130,25 @@ def test_turns_from_many_threads_are_serialised_in_order(manager):
     assert sorted(users) == sorted(f"msg {i}" for i in range(6))
 
 
+def test_a_turns_text_may_be_read_from_the_history_it_extends(manager):
+    """``stream(text=callable)``: called once the turn holds the session, so 6 threads each see the history the
+    turns before them left (each counts the messages before it: 0, 2, ..., 10 in some order of threads)."""
+    s = manager.create(sampling=PARAMS)
+    gate = threading.Barrier(6)
+
+    def worker(i):
+        gate.wait()
+        "".join(s.stream(lambda session: f"after {len(session.messages)} (thread {i})"))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    users = [m.text for m in s.messages if m.role == "user"]
+    assert [u.split(" (")[0] for u in users] == [f"after {2 * k}" for k in range(6)]
+
+
 def test_stop_strings_end_the_reply(manager, model):
     s = manager.create(sampling=PARAMS)
     full = s.send("x").text

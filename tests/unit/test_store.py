@@ -284,4 +284,4 @@ def test_the_layers_above_call_only_protocol_methods_of_a_store():
                 v = node.value
                 if (isinstance(v, ast.Name) and v.id == "store") or (isinstance(v, ast.Attribute) and v.attr == "store"):
                     used.add(node.attr)
-    assert used and used <= set(STORE_METHODS) | {"path", "readonly"}, used - set(STORE_METHODS)
+    assert used and used <= set(STORE_METHODS) | {"path", "readonly", "shared"}, used - set(STORE_METHODS)

@@ -26,6 +26,8 @@ from .store_protocol import UNKNOWN_CURSOR
 
 # Responses kept for previous_response_id when there is no store (the store keeps its own, see Store).
 MEMORY_RESPONSES = 10_000
+# A kept response's body holds when its context ended under this key (read back out by ``response()``).
+_CONTEXT_KEY = "_context_before"
 # Largest session file import_bytes / import_file accept (decompressed), unless the caller passes another bound.
 MAX_IMPORT_BYTES = 1 << 30
 
@@ -207,7 +209,12 @@ class SessionManager:
         s._turn_lock.acquire()
         try:
             if self.store is not None and s.persistent:
-                self.store.session_deleted(s)  # store first: a failed delete leaves the session as it was
+                self.store.session_deleted(s)  # store first: a failed delete leaves the session as it was (the
+                # store removes the session's responses with it)
+            else:
+                with self._lock:  # its responses go with it, as from a store
+                    for rid in [r for r, v in self._responses.items() if v["session"] == s.id]:
+                        del self._responses[rid]
             self._forget(s)
         finally:
             s._turn_lock.release()
@@ -331,22 +338,37 @@ class SessionManager:
 
     # ------------------------------------------------------------------------------------------ responses
     def remember_response(self, response_id: str, *, owner: str, session_id: str, n_messages: int,
-                          body: dict) -> None:
-        """Keep a response (OpenAI Responses) so a later ``previous_response_id`` finds it, restarts included."""
+                          body: dict, context_before: float | None = None) -> None:
+        """Keep a response (OpenAI Responses) so a later ``previous_response_id`` finds it, restarts included
+        (kept again under its id: replaced). ``context_before``: its input items are its session's messages made
+        before this time (``GET /v1/responses/{id}/input_items``)."""
         if self.store is not None:
-            self.store.put_response(response_id, owner, session_id, n_messages, json.dumps(body))
+            kept = body if context_before is None else {**body, _CONTEXT_KEY: context_before}
+            self.store.put_response(response_id, owner, session_id, n_messages, json.dumps(kept))
             return
         with self._lock:
-            self._responses[response_id] = {"owner": owner, "session": session_id, "n": n_messages, "body": body}
+            self._responses[response_id] = {"owner": owner, "session": session_id, "n": n_messages, "body": body,
+                                            "context_before": context_before}
+            self._responses.move_to_end(response_id)
             while len(self._responses) > MEMORY_RESPONSES:
                 self._responses.popitem(last=False)
 
     def response(self, response_id: str) -> dict | None:
-        """{"owner", "session", "n", "body"} of a remembered response, or None."""
+        """{"owner", "session", "n", "body", "context_before"} of a remembered response, or None."""
         if self.store is not None:
-            return self.store.get_response(response_id)
+            r = self.store.get_response(response_id)
+            if r is not None:
+                r["context_before"] = r["body"].pop(_CONTEXT_KEY, None)
+            return r
         with self._lock:
             return self._responses.get(response_id)
+
+    def forget_response(self, response_id: str) -> bool:
+        """Remove a remembered response (not its session); False when there was none."""
+        if self.store is not None:
+            return self.store.delete_response(response_id)
+        with self._lock:
+            return self._responses.pop(response_id, None) is not None
 
     # ------------------------------------------------------------------------------------------ hooks
     def _sync(self, session: Session, idempotency_key: str | None = None) -> dict | None:

@@ -226,6 +226,19 @@ end
 return 1
 """
 
+# KEYS: r:{rid}, responses. ARGV: rid, prefix. The response's session set is found through its own record.
+_DELETE_RESPONSE = """
+local doc = redis.call('GET', KEYS[1])
+if not doc then return 0 end
+local ok, d = pcall(cjson.decode, doc)
+if ok and type(d) == 'table' and type(d['session']) == 'string' then
+  redis.call('SREM', ARGV[2] .. 's:' .. d['session'] .. ':resp', ARGV[1])
+end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+
 # KEYS: the owner's index. ARGV: how many, order (asc | desc), and the cursor when there is one. The ids after the
 # cursor (from the start without one) in (created_at, id) order (a ZSET orders equal scores by member), or false when
 # the cursor is not in this index.
@@ -282,6 +295,8 @@ class RedisStore(SnapshotWriter):
         max_restore_bytes: most KV bytes one restore fetches.
     """
 
+    shared = True
+
     def __init__(self, url: str, *, prefix: str = "gs:", kv_ttl_s: int = 7 * 24 * 3600, snapshot_kv: bool = True,
                  readonly: bool = False, retries: int = 3, socket_timeout_s: float = 5.0,
                  connect_timeout_s: float = 2.0, max_responses: int = MAX_RESPONSES,
@@ -315,6 +330,7 @@ class RedisStore(SnapshotWriter):
         self._scripts = {name: self._r.register_script(src) for name, src in (
             ("create", _CREATE), ("commit", _COMMIT), ("load", _LOAD), ("get", _BOUNDED_GET),
             ("set_hint", _SET_HINT), ("delete", _DELETE), ("put_response", _PUT_RESPONSE), ("page", _PAGE),
+            ("delete_response", _DELETE_RESPONSE),
             ("index_owners", _INDEX_OWNERS))}
         self._owners_indexed = self._index_owners()
         self._hints: dict[str, int] = {}     # session id -> tokens of KV its last writer put in Redis
@@ -723,6 +739,12 @@ class RedisStore(SnapshotWriter):
         except ValueError:
             pass
         raise StoreError(f"response {rid!r} in Redis is malformed")
+
+    def delete_response(self, rid: str) -> bool:
+        self._writable()
+        with self._errors("deleting a response"):
+            return bool(self._scripts["delete_response"](keys=[self._k("r", rid), self._k("responses")],
+                                                         args=[rid, self.prefix]))
 
     # ------------------------------------------------------------------------------------------ KV blobs
     @staticmethod

@@ -19,7 +19,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from ..errors import GemmaSessionsError, SessionBusyError
 from ..sampling import SamplingParams, TextDeltas, TokenConstraint
@@ -226,7 +226,8 @@ class Session:
             pass
         return stream.reply
 
-    def stream(self, text: str, *, sampling: SamplingParams | None = None, wait: bool = True,
+    def stream(self, text: str | Callable[[Session], str], *, sampling: SamplingParams | None = None,
+               wait: bool = True,
                reasoning: bool | None = None, idempotency_key: str | None = None,
                constraint: TokenConstraint | None = None) -> TurnStream:
         """Start a turn and iterate its answer's text deltas; ``.reply`` holds the result once iteration ends
@@ -240,6 +241,9 @@ class Session:
         one JSON object); a turn's own.
 
         Closing the iterator early cancels the turn (nothing is appended to the history).
+
+        ``text`` may be a function of the session, called once the turn holds it and its history is current: for a
+        message that depends on the history (the server tells a conversation of tools it was not told of yet).
         """
         params = sampling or self.sampling
         if reasoning is not None:
@@ -277,7 +281,8 @@ class Session:
 class TurnStream:
     """Iterator of text deltas for one turn (holds the session's turn lock until it ends)."""
 
-    def __init__(self, session: Session, text: str, params: SamplingParams, idempotency_key: str,
+    def __init__(self, session: Session, text: str | Callable[[Session], str], params: SamplingParams,
+                 idempotency_key: str,
                  constraint: TokenConstraint | None = None):
         self._done = True  # until the engine request exists, there is nothing to cancel
         self.session = session
@@ -291,6 +296,8 @@ class TurnStream:
         if recorded is not None:  # this request was committed already (a retry): answer with what it answered
             self._start_replay(recorded)
             return
+        if callable(text):
+            text = text(session)
         self._kv_source = session.manager._before_turn(session)
         self._restore_s = time.perf_counter() - t0  # counted in the turn's time to first token
         with session._data_lock:

@@ -223,6 +223,8 @@ class SnapshotWriter:
 class Store(SnapshotWriter):
     """A store directory. Pass it to ``SessionManager(engine, store=Store(DIR))`` (or ``store="DIR"``)."""
 
+    shared = False  # one process at a time holds the directory (its lock file)
+
     def __init__(self, path: str | os.PathLike | None = None, *, readonly: bool = False,
                  snapshot_kv: bool = True, compress: bool = False):
         self.path = Path(path) if path is not None else default_store_dir()
@@ -505,6 +507,12 @@ class Store(SnapshotWriter):
         if row is None:
             return None
         return {"owner": row[0], "session": row[1], "n": row[2], "body": json.loads(row[3])}
+
+    def delete_response(self, rid: str) -> bool:
+        if self.readonly:
+            raise StoreError("the store is open read-only")
+        with self._db_lock:
+            return self._db.execute("DELETE FROM responses WHERE id=?", (rid,)).rowcount > 0
 
     def snapshot_info(self, sid: str) -> dict | None:
         with self._db_lock:

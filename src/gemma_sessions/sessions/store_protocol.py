@@ -50,6 +50,7 @@ class SessionStore(Protocol):
 
     path: Path | str          # where it lives, for messages and the CLI (a directory, or a Redis URL without password)
     readonly: bool
+    shared: bool              # other processes write to it too (Redis replicas); a directory is one process's (locked)
 
     # lifecycle
     def attach(self, manager) -> None:
@@ -113,11 +114,14 @@ class SessionStore(Protocol):
 
     def get_response(self, rid: str) -> dict | None: ...
 
+    def delete_response(self, rid: str) -> bool:
+        """Remove a kept response (not its session); False when there was none."""
+
 
 STORE_METHODS = ("attach", "close", "flush", "session_created", "history_changed", "metadata_changed",
                  "turn_completed", "session_deleted", "delete_session", "sync", "restore_kv", "session_ids",
                  "session_page", "load_session", "summaries", "messages", "snapshot_info", "stats", "put_response",
-                 "get_response")
+                 "get_response", "delete_response")
 """Every method of :class:`SessionStore`, for tests and readers (the Protocol is the definition)."""
 
 
