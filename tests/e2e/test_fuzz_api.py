@@ -75,6 +75,8 @@ EXAMPLES = {
     ("POST", "/v1/completions"): 100,
     ("POST", "/v1/responses"): 150,
     ("GET", "/v1/responses/{rid}"): 20,
+    ("GET", "/v1/responses/{rid}/input_items"): 30,
+    ("POST", "/v1/responses/{rid}/cancel"): 20,
     ("POST", "/v1/conversations"): 80,
     ("GET", "/v1/conversations/{cid}"): 20,
     ("POST", "/v1/conversations/{cid}"): 60,
@@ -89,6 +91,7 @@ EXAMPLES = {
     ("POST", "/v1/sessions/import"): 30,
     ("GET", "/v1/conversations/{cid}/items/{item_id}"): 20,
     ("DELETE", "/v1/conversations/{cid}/items/{item_id}"): 20,
+    ("DELETE", "/v1/responses/{rid}"): 20,
     ("DELETE", "/v1/conversations/{cid}"): 20,
 }
 

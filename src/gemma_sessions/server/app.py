@@ -108,6 +108,9 @@ class ServerState:
         self.created = int(time.time())
         self.draining = False
         self.replica: bytes | None = None  # X-Replica on every response (create_app's replica_name)
+        self.background: dict[str, Any] = {}  # response id -> its running background generation (event loop only)
+        store = manager.store
+        self.shared_store = store is not None and store.shared  # other processes write responses too
 
     async def json_format(self, fmt: tuple[str, Any] | None, param: str) -> Callable[[], JsonConstraint] | None:
         """What makes each choice's constraint for a request's format (``json_format()`` of its body; None: plain
@@ -326,9 +329,11 @@ async def _client_gone(request: Request) -> None:
         pass
 
 
-async def _collect(state: ServerState, next_delta: Callable[[], str | None], request: Request) -> list[str] | None:
-    """Every text delta of a generation, or None when the client went away first (the caller cancels it)."""
-    gone = asyncio.ensure_future(_client_gone(request))
+async def _collect(state: ServerState, next_delta: Callable[[], str | None],
+                   request: Request | None) -> list[str] | None:
+    """Every text delta of a generation, or None when the client went away first (the caller cancels it); with no
+    ``request`` (a background response) no one can go away."""
+    gone = asyncio.ensure_future(_client_gone(request) if request is not None else asyncio.Event().wait())
     parts: list[str] = []
     try:
         while not gone.done():
@@ -460,6 +465,11 @@ def create_app(manager, *, model_name: str = "gemma3-270m", api_keys: Iterable[s
     @app.on_event("shutdown")
     async def _shutdown() -> None:
         state.draining = True
+        jobs = list(state.background.values())  # background responses end here, recorded as failed
+        for job in jobs:
+            await state.run(job.turn.close)
+        if jobs:
+            await asyncio.wait([j.task for j in jobs], timeout=10)
         if on_shutdown is not None:
             await state.run(on_shutdown)
         state.pool.shutdown(wait=False)
@@ -980,9 +990,9 @@ def _install_responses(app: FastAPI, state: ServerState) -> None:
         def start():
             max_tokens = state.max_tokens(body.max_output_tokens, session.sampling.max_tokens)
             sampling = sampling_from(body, session.sampling, max_tokens).replace(logprobs=body.logprobs_asked())
-            text = items[-1][1]
-            if note is not None and tools_announced(session) != note:  # tools new to this history: told here
-                text = f"{note}\n\n{text}"
+            text: str | Callable = items[-1][1]
+            if note is not None:  # tools new to this history are told here (read once the turn holds the session)
+                text = functools.partial(_told, note, text)
             return session.stream(text, sampling=sampling,
                                   wait=wait, reasoning=reasoning, idempotency_key=idempotency_key,
                                   constraint=constraint() if constraint is not None else None)
@@ -995,6 +1005,8 @@ def _install_responses(app: FastAPI, state: ServerState) -> None:
             raise
         base = _response_object(state, "resp_" + uuid.uuid4().hex, body, session, ephemeral)
         with_tools = bool(callable_tools)
+        if body.background:
+            return await _start_background(state, turn, base, session, new, owner, with_tools, structured)
         if body.stream:
             return StreamingResponse(_response_stream(state, turn, base, session, new, ephemeral, owner,
                                                       body.logprobs_asked() is not None, with_tools, structured),
@@ -1013,7 +1025,162 @@ def _install_responses(app: FastAPI, state: ServerState) -> None:
     @app.get("/v1/responses/{rid}")
     async def get_response(rid: str, request: Request):
         owner = state.owner(request)
-        return (await state.run(state.response, rid, owner))["body"]
+        return (await state.run(_response_record, state, rid, owner))["body"]
+
+    @app.delete("/v1/responses/{rid}")
+    async def delete_response(rid: str, request: Request):
+        owner = state.owner(request)
+        r = await state.run(state.response, rid, owner)
+        job = state.background.get(rid)
+        if job is not None:  # still running here: cancelled first, so nothing records it again
+            await _cancel_background(state, job)
+        await state.run(_delete_response, state, rid, r)
+        return {"id": rid, "object": "response", "deleted": True}
+
+    @app.post("/v1/responses/{rid}/cancel")
+    async def cancel_response(rid: str, request: Request):
+        owner = state.owner(request)
+        r = await state.run(_response_record, state, rid, owner)
+        if not r["body"].get("background"):
+            raise ApiError(400, "only a background response can be cancelled", "response_id")
+        job = state.background.get(rid)
+        if job is not None:
+            await _cancel_background(state, job)
+            r = await state.run(state.response, rid, owner)
+        elif r["body"]["status"] in ("queued", "in_progress"):  # (a store of one process knows no such record)
+            raise ApiError(409, f"response {rid!r} is running on another replica: cancel it through that one",
+                           "response_id")
+        return r["body"]
+
+    @app.get("/v1/responses/{rid}/input_items")
+    async def list_input_items(rid: str, request: Request, limit: int = 20, order: str = "desc",
+                               after: str | None = None):
+        owner = state.owner(request)
+        r = await state.run(state.response, rid, owner)
+        return _page(await state.run(_input_items, state, r, owner), limit, order, after)
+
+
+def _told(note: str, text: str, session) -> str:
+    """A Responses turn's user text, told of the tools first unless its history was told of these already."""
+    return text if tools_announced(session) == note else f"{note}\n\n{text}"
+
+
+def _response_record(state: ServerState, rid: str, owner: str) -> dict:
+    """A kept response; one left in progress by an earlier process of a store no other process writes to is
+    recorded as failed here (its generation ended with that process)."""
+    running_here = rid in state.background  # read first: a job is registered before its record and unregistered
+    r = state.response(rid, owner)          # after its final one
+    body = r["body"]
+    if body["status"] in ("queued", "in_progress") and not running_here and not state.shared_store:
+        failed = dict(body, status="failed", error={"code": "server_error", "message": INTERRUPTED})
+        state.manager.remember_response(rid, owner=owner, session_id=r["session"], n_messages=r["n"], body=failed)
+        r = dict(r, body=failed)
+    return r
+
+
+INTERRUPTED = "the server stopped before this background response finished; create it again"
+
+
+def _delete_response(state: ServerState, rid: str, r: dict) -> None:
+    """Remove a response and, unless it belongs to a conversation, the session that holds its history (each
+    response outside a conversation has a session of its own: ``previous_response_id`` forks one)."""
+    state.manager.forget_response(rid)
+    if r["body"].get("conversation") is None:
+        try:
+            state.manager.delete(r["session"])
+        except E.SessionNotFoundError:  # gone already (its turn failed, or deleted as a session)
+            pass
+
+
+def _input_items(state: ServerState, r: dict, owner: str) -> list[dict]:
+    """The items a response's model saw before its output (in order): its session's messages from before its
+    reply, as conversation items are listed (a previous response's items too; system text and instructions are
+    not items). Messages deleted from its conversation since are not listed."""
+    try:
+        s = state.session(r["session"], owner)
+    except E.SessionNotFoundError:
+        return []
+    messages = s.messages
+    before = r.get("context_before")
+    if before is not None:
+        messages = [m for m in messages if m.created_at < before]
+    elif r["body"]["status"] not in ("queued", "in_progress"):  # kept before input items were listed
+        messages = messages[:max(r["n"] - 1, 0)]
+    return _listed_items(s, messages)
+
+
+def _page(data: list[dict], limit: int, order: str, after: str | None) -> dict:
+    """One page of an OpenAI list of items (``data`` in ascending order)."""
+    if order not in ("asc", "desc") or not 1 <= limit <= 100:
+        raise ApiError(400, "order must be asc|desc and limit 1..100", "order")
+    if order == "desc":
+        data = data[::-1]
+    if after is not None:
+        ids = [d["id"] for d in data]
+        data = data[ids.index(after) + 1:] if after in ids else []
+    page = data[:limit]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(data) > limit}
+
+
+class _Background:
+    """A background response's generation (``ServerState.background``)."""
+
+    def __init__(self, turn):
+        self.turn = turn
+        self.cancelled = False
+        self.task: asyncio.Future | None = None
+
+
+async def _start_background(state: ServerState, turn, base: dict, session, new: bool, owner: str,
+                            with_tools: bool, structured: bool) -> dict:
+    """Keep the response as in progress and generate it in a task (``background: true``): the client polls
+    ``GET /v1/responses/{id}``, or cancels it."""
+    running = dict(base)
+    job = state.background[base["id"]] = _Background(turn)
+    try:
+        await state.run(functools.partial(state.manager.remember_response, base["id"], owner=owner,
+                                          session_id=session.id, n_messages=len(session.messages), body=running))
+    except BaseException:
+        del state.background[base["id"]]
+        await state.run(_end_turn, state, turn, session, new, False)
+        raise
+    job.task = asyncio.ensure_future(_run_background(state, job, base, session, new, owner, with_tools, structured))
+    return running
+
+
+async def _run_background(state: ServerState, job: _Background, base: dict, session, new: bool, owner: str,
+                          with_tools: bool, structured: bool) -> None:
+    finished, ended = False, None
+    try:
+        try:
+            await _collect(state, job.turn.next_delta, None)
+            await state.run(_finish_response, state, base, job.turn, session, False, owner, None, False,
+                            with_tools, structured)  # (kept as completed there)
+            finished = True
+        except (ApiError, E.GemmaSessionsError) as exc:
+            if job.cancelled:
+                ended = dict(base, status="cancelled")
+            else:
+                message = INTERRUPTED if state.draining else str(exc)
+                ended = dict(base, status="failed", error={"code": "server_error", "message": message})
+        finally:  # a new session whose turn did not complete goes first: its responses would go with it
+            await state.run(_end_turn, state, job.turn, session, new and not finished, False)
+        if ended is not None:
+            await state.run(functools.partial(state.manager.remember_response, base["id"], owner=owner,
+                                              session_id=session.id, n_messages=len(session.messages), body=ended))
+    except Exception:  # the store failed: the record stays in progress (a later process reports it failed)
+        log.exception("background response %s", base["id"])
+    finally:
+        state.background.pop(base["id"], None)  # (after the record: until then, GET sees it running here)
+
+
+async def _cancel_background(state: ServerState, job: _Background) -> None:
+    """Cancel a background response here and wait until it is recorded as cancelled (or, when it finished first,
+    as it finished)."""
+    job.cancelled = True
+    await state.run(job.turn.close)
+    await asyncio.shield(job.task)
 
 
 def _idempotency_key(request: Request) -> str | None:
@@ -1040,6 +1207,9 @@ def _target_session(state: ServerState, body: ResponseRequest, owner: str, items
         s, new = state.session(sid_of(cid), owner), False
     elif body.previous_response_id is not None:
         prev = state.response(body.previous_response_id, owner)
+        if prev["body"]["status"] not in ("completed", "incomplete"):
+            raise ApiError(400, f"previous response {body.previous_response_id!r} is {prev['body']['status']}: "
+                           "only a finished response can be continued", "previous_response_id")
         s, new = m.fork(state.session(prev["session"], owner).id, keep_messages=prev["n"]), True
     else:
         system = body.instructions
@@ -1078,7 +1248,7 @@ def _response_object(state: ServerState, rid: str, body: ResponseRequest, sessio
             "temperature": body.temperature, "top_p": body.top_p,
             "previous_response_id": body.previous_response_id, "store": body.store,
             "conversation": None if ephemeral or body.conversation is None else {"id": conv_id(session.id)},
-            "max_output_tokens": body.max_output_tokens}
+            "max_output_tokens": body.max_output_tokens, "background": body.background}
 
 
 def reasoning_item(item_id: str, text: str) -> dict:
@@ -1114,7 +1284,7 @@ def _finish_response(state: ServerState, base: dict, turn, session, ephemeral: b
                      "total_tokens": st.prompt_tokens + st.generated_tokens}
     if not ephemeral:
         state.manager.remember_response(resp["id"], owner=owner, session_id=session.id, n_messages=len(messages),
-                                        body=resp)
+                                        body=resp, context_before=messages[-1].created_at)
     if logprobs:
         message = resp["output"][-1]
         text = dict(message["content"][0], logprobs=turn_logprobs(state, turn, 0))
@@ -1319,17 +1489,7 @@ def _install_conversations(app: FastAPI, state: ServerState) -> None:
     async def list_items(cid: str, request: Request, limit: int = 20, order: str = "desc",
                          after: str | None = None):
         s = await state.run(state.session, sid_of(cid), state.owner(request))
-        if order not in ("asc", "desc") or not 1 <= limit <= 100:
-            raise ApiError(400, "order must be asc|desc and limit 1..100", "order")
-        data = await state.run(_listed_items, s)
-        if order == "desc":
-            data.reverse()
-        if after is not None:
-            ids = [d["id"] for d in data]
-            data = data[ids.index(after) + 1:] if after in ids else []
-        page = data[:limit]
-        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-                "last_id": page[-1]["id"] if page else None, "has_more": len(data) > limit}
+        return _page(await state.run(_listed_items, s), limit, order, after)
 
     @app.post("/v1/conversations/{cid}/items")
     async def add_items(cid: str, body: ItemsCreate, request: Request):

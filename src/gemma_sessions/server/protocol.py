@@ -326,6 +326,7 @@ class ResponseRequest(SamplingFields):
     previous_response_id: str | None = None
     store: bool = True
     stream: bool = False
+    background: bool = False
     max_output_tokens: int | None = Field(default=None, ge=1)
     metadata: Metadata | None = None
     reasoning: Reasoning | None = None
@@ -349,6 +350,12 @@ class ResponseRequest(SamplingFields):
             return "include", f"include {other[0]!r} is not supported (logprobs: {OUTPUT_LOGPROBS!r})"
         if self.tools and self.tool_choice != "none" and self.logprobs_asked() is not None:  # (server.tools' envelope)
             return "include", "output logprobs are not given while tools are on (tool_choice 'none' ends that)"
+        if self.background and not self.store:
+            return "background", "a background response is kept until it is read: it needs store: true"
+        if self.background and self.stream:
+            return "stream", "a background response is not streamed here: poll GET /v1/responses/{id}"
+        if self.background and self.logprobs_asked() is not None:
+            return "include", "a background response keeps no logprobs (the kept response has none)"
         return None
 
     def logprobs_asked(self) -> int | None:
