@@ -156,6 +156,9 @@ def test_a_retried_idempotency_key_appends_once_on_any_replica(model, server):
                                                                        first.stats)
         assert len(a.store.messages(s.id)) == 2 and len(s.messages) == 2 and s.store_version == 1
         assert list(b.get(s.id).stream("hello", idempotency_key="req-1")) == [first.text]  # a stream replays too
+        replayed = b.get(s.id).stream("hello", idempotency_key="req-1")  # and names the reply it recorded
+        assert replayed.reply_id == s.messages[-1].id == a.store.messages(s.id)[-1].id
+        replayed.close()
         s.send("hello")  # a new key is a new turn
         assert len(a.store.messages(s.id)) == 4
         a.close()

@@ -149,6 +149,18 @@ def test_a_turns_text_may_be_read_from_the_history_it_extends(manager):
     assert [u.split(" (")[0] for u in users] == [f"after {2 * k}" for k in range(6)]
 
 
+def test_a_turns_reply_id_is_known_from_its_start(manager):
+    s = manager.create(sampling=PARAMS)
+    turn = s.stream("hello")
+    rid = turn.reply_id
+    assert rid.startswith("msg_") and all(m.id != rid for m in s.messages)
+    "".join(turn)
+    assert s.messages[-1].id == rid and s.messages[-1].role == "model"
+    again = s.stream("again")
+    assert again.reply_id != rid
+    again.close()
+
+
 def test_stop_strings_end_the_reply(manager, model):
     s = manager.create(sampling=PARAMS)
     full = s.send("x").text

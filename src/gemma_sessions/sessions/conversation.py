@@ -205,11 +205,13 @@ class Conversation:
         return TurnPlan(history=tuple(history), user=user, max_tokens=min(max_tokens, left), dropped=dropped,
                         prompt=tuple(self.prompt_for(user, history, reasoning)), reasoning=reasoning)
 
-    def with_turn(self, plan: TurnPlan, reply_text: str, reply_ids: list[int]) -> list[Message]:
+    def with_turn(self, plan: TurnPlan, reply_text: str, reply_ids: list[int],
+                  message_id: str | None = None) -> list[Message]:
         """The history after ``plan``'s turn completed with this reply (the conversation is not changed; adopt it
         with ``replace(..., reasoning=plan.reasoning)``). ``reply_ids``: every id generated, thoughts included; the
-        format keeps what its template keeps (Gemma 4: the answer's ids, without thought channels)."""
-        return [*plan.history, plan.user, self._reply(reply_text, reply_ids, plan.reasoning)]
+        format keeps what its template keeps (Gemma 4: the answer's ids, without thought channels). ``message_id``:
+        the reply message's id (default a new one)."""
+        return [*plan.history, plan.user, self._reply(reply_text, reply_ids, plan.reasoning, message_id)]
 
     def append_turn(self, user: Message, reply_text: str, reply_ids: list[int]) -> Message:
         """Append a completed turn in place (for references and tests: a Session goes through ``with_turn``)."""
@@ -217,9 +219,10 @@ class Conversation:
         self.messages.extend([user, reply])
         return reply
 
-    def _reply(self, text: str, reply_ids: list[int], reasoning: bool) -> Message:
-        return Message(role="model", text=text, created_at=time.time(),
-                       token_ids=tuple(self.format.close_reply(reply_ids, reasoning)))
+    def _reply(self, text: str, reply_ids: list[int], reasoning: bool, message_id: str | None = None) -> Message:
+        reply = Message(role="model", text=text, created_at=time.time(),
+                        token_ids=tuple(self.format.close_reply(reply_ids, reasoning)))
+        return reply if message_id is None else dataclasses.replace(reply, id=message_id)
 
     def with_message(self, role: str, text: str) -> tuple[list[Message], Message]:
         """(history with one more message, that message): a user turn, or a model turn written by the caller."""

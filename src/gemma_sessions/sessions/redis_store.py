@@ -626,7 +626,8 @@ class RedisStore(SnapshotWriter):
                   and isinstance(rec.get("reasoning"), str) and rec.get("finish_reason") in _FINISH
                   and isinstance(rec.get("token_ids"), list)
                   and all(type(t) is int and 0 <= t < vocab for t in rec["token_ids"])
-                  and isinstance(rec.get("stats"), dict))
+                  and isinstance(rec.get("stats"), dict)
+                  and (isinstance(rec.get("id"), str) and 0 < len(rec["id"]) <= 64 if "id" in rec else True))
             if ok:
                 from .session import TurnStats
 

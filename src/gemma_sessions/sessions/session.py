@@ -290,6 +290,7 @@ class TurnStream:
         self._engine_stream = None
         self._replay: list[tuple[str, str]] | None = None
         self.reply: Reply | None = None
+        self.reply_id = "msg_" + uuid.uuid4().hex  # the id its reply's message will have (a replay's: the recorded)
         conv = session.conversation
         t0 = time.perf_counter()
         recorded = session.manager._sync(session, idempotency_key)
@@ -318,6 +319,8 @@ class TurnStream:
     def _start_replay(self, recorded: dict) -> None:
         """Answer with a reply the store recorded under this turn's idempotency key (its thoughts, then its text)."""
         stats = TurnStats(**recorded["stats"])
+        if isinstance(recorded.get("id"), str):  # (a record from before replies' ids were kept has none)
+            self.reply_id = recorded["id"]
         self._replay = [(k, recorded[k]) for k in ("reasoning", "content") if recorded[k]]
         self._replayed = Reply(text=recorded["content"], token_ids=list(recorded["token_ids"]),
                                finish_reason=recorded["finish_reason"], stats=stats, reasoning=recorded["reasoning"])
@@ -379,9 +382,9 @@ class TurnStream:
                           reasoning_tokens=self._deltas.reasoning_tokens)
         text, tokens = self._deltas.text, list(self._deltas.tokens)
         if finish_reason != "cancelled":
-            messages = s.conversation.with_turn(self._plan, text, tokens)
+            messages = s.conversation.with_turn(self._plan, text, tokens, self.reply_id)
             recorded = {"content": text, "token_ids": tokens, "finish_reason": finish_reason,
-                        "reasoning": self._deltas.reasoning, "stats": dataclasses.asdict(stats)}
+                        "reasoning": self._deltas.reasoning, "stats": dataclasses.asdict(stats), "id": self.reply_id}
             # durable first; may raise (StaleSessionError: another replica moved the session on; nothing changed)
             s.manager._turn_completed(s, messages, self._plan.dropped, stats, self.idempotency_key, recorded)
             with s._data_lock:
