@@ -116,6 +116,44 @@ def test_calls_are_not_streamed_as_text_and_lone_surrogates_are_replaced():
     assert content is None and calls[0]["function"] == {"name": "f", "arguments": '{"x": [1]}'}
 
 
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(codec="utf-8") | st.sampled_from('"\\/\b\f\n\r\t\x00\x1f\x7f\u2028'), max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(args=st.lists(_JSON, min_size=1, max_size=3), style=st.sampled_from(["compact", "spaced", "indented", "ascii"]),
+       cuts=st.lists(st.integers(1, 9), min_size=1, max_size=40), cut_at=st.integers(0, 400))
+def test_call_stream_writes_the_arguments_the_whole_reply_reads_as(args, style, cuts, cut_at):
+    """However the model spaced and escaped the envelope and however its text arrived, each call's pieces add up to
+    ``json.dumps(arguments, ensure_ascii=False)`` of the parsed reply (what the whole reply gives); a reply cut
+    anywhere gives a prefix of it."""
+    fmt = {"compact": {"separators": (",", ":")}, "spaced": {}, "indented": {"indent": 2},
+           "ascii": {"ensure_ascii": True, "separators": (", ", " : ")}}[style]
+    text = json.dumps({"tool_calls": [{"name": f"tool_{i}", "arguments": a} for i, a in enumerate(args)]},
+                      ensure_ascii=fmt.pop("ensure_ascii", False), **fmt)
+    want = [(c["name"], T.arguments_text(c["arguments"])) for c in json.loads(text)["tool_calls"]]
+    stream, pieces, at, k = T.CallStream(), [], 0, 0
+    while at < len(text):
+        step = cuts[k % len(cuts)]
+        pieces += stream.feed(text[at:at + step])
+        at, k = at + step, k + 1
+    built: dict[int, list] = {}
+    for i, name, piece in pieces:
+        if name is not None:
+            assert i not in built
+            built[i] = [name, ""]
+        built[i][1] += piece
+    assert [tuple(built[i]) for i in range(len(built))] == want
+    assert [tuple(c) for c in stream.calls] == want
+    _, calls = T.parse_reply(text)
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == want
+    cut = T.partial_calls(text[:cut_at])
+    assert all(name == want[i][0] and want[i][1].startswith(a) for i, (name, a) in enumerate(cut))
+
+
 # --------------------------------------------------------------------------- the route
 @pytest.fixture(scope="module")
 def client():
@@ -159,9 +197,16 @@ def test_every_finished_choice_is_a_valid_call_or_an_answer(client, choice):
 ANSWER = {**NUDGE, _byte("r"): 20, _byte('"'): 0}  # "auto" answering {"response": ...}, its text left to the model
 
 
+CUT_IN_A_CALL = 170  # tokens: a reply that ends inside its first call's arguments (tiny tokenizer, NUDGE)
+
+
 @pytest.mark.parametrize("choice, bias, max_tokens", [("required", NUDGE, 300), ("auto", NUDGE, 300),
-                                                      ("auto", ANSWER, 40), ("auto", ANSWER, 300)])
+                                                      ("required", NUDGE, CUT_IN_A_CALL), ("auto", ANSWER, 40),
+                                                      ("auto", ANSWER, 300)])
 def test_streamed_calls_and_answers_equal_the_whole_reply(client, choice, bias, max_tokens):
+    """Calls stream as OpenAI's do: a call's first piece has its index, id, type and name, the others add to its
+    arguments; put together as a client does, they are the whole reply's calls (cut short too: their arguments so
+    far, finish_reason "length")."""
     body = {**BODY, "tool_choice": choice, "logit_bias": bias, "max_tokens": max_tokens}
     whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]
     with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
@@ -169,11 +214,22 @@ def test_streamed_calls_and_answers_equal_the_whole_reply(client, choice, bias, 
     deltas = [e["choices"][0] for e in events if e["choices"]]
     content = "".join(d["delta"].get("content") or "" for d in deltas)
     calls = [c for d in deltas for c in d["delta"].get("tool_calls") or []]
+    built: dict[int, dict] = {}
+    for c in calls:
+        if "id" in c:
+            assert c["index"] not in built and c["type"] == "function" and c["id"].startswith("call_")
+            built[c["index"]] = dict(c["function"])
+        else:
+            assert set(c) == {"index", "function"} and set(c["function"]) == {"arguments"}
+            built[c["index"]]["arguments"] += c["function"]["arguments"]
     assert deltas[-1]["finish_reason"] == whole["finish_reason"]
-    if whole["finish_reason"] == "tool_calls":
-        assert [(c["index"], c["function"]) for c in calls] == [
-            (k, c["function"]) for k, c in enumerate(whole["message"]["tool_calls"])]
-        assert content == ""
+    if whole["message"].get("tool_calls"):
+        assert [built[k] for k in range(len(built))] == [c["function"] for c in whole["message"]["tool_calls"]]
+        assert len(calls) > len(built) and content == ""  # the arguments came in pieces
+        assert whole["finish_reason"] == ("length" if max_tokens == CUT_IN_A_CALL else "tool_calls")
+        if max_tokens == CUT_IN_A_CALL:
+            with pytest.raises(ValueError):
+                json.loads(built[0]["arguments"])
     else:
         assert not calls and content == whole["message"]["content"]
         assert bias is ANSWER
@@ -292,6 +348,20 @@ def _session_of(client, cid: str):
     return client.app.state.gs.manager.get(cid.removeprefix("conv_"))
 
 
+def test_a_call_cut_short_lists_as_the_response_gave_it(rclient):
+    """A reply that ran out of tokens inside a call: the response, a retrieve and the conversation's items all
+    give the same incomplete function_call (its arguments so far)."""
+    cid = rclient.post("/v1/conversations", json={}).json()["id"]
+    r = _respond(rclient, conversation=cid, input="weather?", tools=RTOOLS, tool_choice="required",
+                 max_output_tokens=CUT_IN_A_CALL)
+    assert r["status"] == "incomplete" and [i["status"] for i in r["output"]] == ["incomplete"]
+    call = r["output"][0]
+    assert call["type"] == "function_call" and call["name"] == "get_weather" and call["arguments"].startswith("{")
+    assert rclient.get(f"/v1/responses/{r['id']}").json()["output"] == r["output"]
+    items = rclient.get(f"/v1/conversations/{cid}/items", params={"order": "asc"}).json()["data"]
+    assert items[1:] == r["output"]
+
+
 def test_a_conversation_is_told_of_its_tools_once_and_lists_calls_and_results_as_items(rclient):
     cid = rclient.post("/v1/conversations", json={"items": [
         {"type": "message", "role": "system", "content": "Be brief."}]}).json()["id"]
@@ -346,9 +416,12 @@ def test_a_stateless_agent_resends_its_items_and_reuses_the_cached_prompt(rclien
     assert first["usage"]["input_tokens"] == len(chat)  # the prompt Chat Completions gives the same request
 
 
-@pytest.mark.parametrize("choice, answer, max_tokens", [("required", False, 300), ("auto", True, 300),
-                                                         ("auto", True, 40)])
+@pytest.mark.parametrize("choice, answer, max_tokens", [("required", False, 300), ("required", False, CUT_IN_A_CALL),
+                                                         ("auto", True, 300), ("auto", True, 40)])
 def test_streamed_response_items_equal_the_whole_response(rclient, choice, answer, max_tokens):
+    """Every event names its item by the id the final response gives it; a call's item is added with its name,
+    its arguments come in deltas that add up to the final arguments (cut short: to those so far, the item
+    incomplete)."""
     body = {"input": "weather in Paris?", "tools": RTOOLS, "tool_choice": choice, "max_output_tokens": max_tokens,
             "temperature": 0, "store": False}
     manager = rclient.app.state.gs.manager
@@ -366,9 +439,24 @@ def test_streamed_response_items_equal_the_whole_response(rclient, choice, answe
     done = [e["item"] for e in events if e["type"] == "response.output_item.done"]
     assert done == final["output"]
     text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
-    args = {e["item_id"]: e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"}
+    ids = {i["id"] for i in final["output"]}
+    assert {e.get("item_id", e.get("item", {}).get("id")) for e in events if e["type"].startswith("response.")
+            and e["type"] not in ("response.created", "response.in_progress", "response.completed",
+                                  "response.incomplete")} <= ids
+    args: dict[str, str] = {}
+    for e in events:
+        if e["type"] == "response.output_item.added" and e["item"]["type"] == "function_call":
+            assert e["item"]["id"] not in args and e["item"]["name"] and e["item"]["status"] == "in_progress"
+            args[e["item"]["id"]] = ""
+        elif e["type"] == "response.function_call_arguments.delta":
+            args[e["item_id"]] += e["delta"]
     if final["output"][-1]["type"] == "function_call":
         assert not answer and text == "" and args == {c["id"]: c["arguments"] for c in final["output"]}
+        n_deltas = sum(e["type"] == "response.function_call_arguments.delta" for e in events)
+        assert n_deltas > len(args)  # in pieces, as written
+        cut = max_tokens == CUT_IN_A_CALL
+        assert final["status"] == ("incomplete" if cut else "completed")
+        assert {c["status"] for c in final["output"]} == {"incomplete" if cut else "completed"}
     else:
         assert answer and not args and text == final["output_text"] == final["output"][-1]["content"][0]["text"]
         if max_tokens == 40:  # cut before the answer began: the unfinished envelope, as text

@@ -244,9 +244,14 @@ def items_of(m, tools_on: bool | None, structured: bool = False) -> list[dict]:
         return [item_of(m)]
     answer, calls = tools.envelope(m.text, structured)
     if calls:
-        return tools.call_items(m.id, calls)
-    if answer is None and tools_on:  # cut short: the answer so far, or the text when it was not one
-        answer = tools.parse_reply(m.text, structured)[0]
+        return tools.call_items(m.id, [(name, tools.arguments_text(args)) for name, args in calls])
+    if answer is None and tools_on is not False:  # cut short: the calls begun, the answer so far, or the text
+        text, begun = tools.parse_reply(m.text, structured)
+        if begun:
+            return tools.call_items(m.id, [(c["function"]["name"], c["function"]["arguments"]) for c in begun],
+                                    "incomplete")
+        if tools_on:
+            answer = text
     return [item_of(m, answer)]
 
 
@@ -703,8 +708,9 @@ def _install_chat(app: FastAPI, state: ServerState) -> None:
             finish = _finish(g.finish_reason)
             if callable_tools:
                 message["content"], calls = tools.parse_reply(message["content"], structured)
-                if calls:
-                    message["tool_calls"], finish = calls, "tool_calls"
+                if calls:  # (calls a reply cut short had begun: their arguments so far, as OpenAI gives them)
+                    message["tool_calls"] = calls
+                    finish = "length" if g.finish_reason == "length" else "tool_calls"
             if g.deltas.reasoning:  # thoughts apart from the answer, where vLLM and llama.cpp put them
                 message["reasoning_content"] = g.deltas.reasoning
             choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": g.new_logprobs()})
@@ -747,18 +753,32 @@ def _chat_usage(stats, n_generated: int, n_reasoning: int = 0) -> dict:
 
 def _chat_stream(state: ServerState, gens: list[EngineText], cid: str, created: int,
                  usage: bool, with_tools: bool = False, structured: bool = False) -> AsyncIterator[str]:
-    """With tools, an answer's text streams as it is decoded from its envelope (``tools.ContentStream``); calls
-    come whole, in one ``delta.tool_calls`` chunk as the choice ends (their arguments are valid only then), and so
-    does a ``structured`` answer (JSON, for a request with a JSON format)."""
+    """With tools, an answer's text streams as it is decoded from its envelope (``tools.ContentStream``) and calls
+    as they are written (``tools.CallStream``: a call's id and name first, then its arguments in pieces, as
+    OpenAI streams them); a ``structured`` answer (JSON, for a request with a JSON format) comes whole as the choice
+    ends."""
     streams = [tools.ContentStream(structured) for _ in gens] if with_tools else None
+    calls = [tools.CallStream() for _ in gens] if with_tools else None
 
     def chunk(i: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> str:
         return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
                     "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
 
+    def call_chunks(i: int, pieces: list[tuple[int, str | None, str]], logprobs: dict | None) -> str:
+        out = []
+        for k, name, text in pieces:
+            call = ({"index": k, "id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                     "function": {"name": name, "arguments": text}} if name is not None else
+                    {"index": k, "function": {"arguments": text}})
+            out.append(chunk(i, {"tool_calls": [call]}, logprobs=logprobs if not out else None))
+        return "".join(out)
+
     def part(i: int, kind: str, delta: str) -> str | None:  # thoughts as delta.reasoning_content (vLLM's)
         if streams is not None and kind == "content":
+            pieces = calls[i].feed(delta)
             delta = streams[i].feed(delta)
+            if pieces:
+                return call_chunks(i, pieces, gens[i].new_logprobs())
             if not delta:
                 return None
         return chunk(i, {"reasoning_content" if kind == "reasoning" else "content": delta},
@@ -768,10 +788,10 @@ def _chat_stream(state: ServerState, gens: list[EngineText], cid: str, created: 
         finish = _finish(gens[i].finish_reason)
         if streams is None or streams[i].answer:
             return chunk(i, {}, finish, gens[i].new_logprobs())
-        content, calls = tools.parse_reply(streams[i].text, structured)  # calls, a JSON answer, or cut short
-        delta = ({"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]} if calls else
-                 {"content": content})
-        return chunk(i, delta, logprobs=gens[i].new_logprobs()) + chunk(i, {}, "tool_calls" if calls else finish)
+        if any(name is not None for name, _ in calls[i].calls):  # streamed as written
+            return chunk(i, {}, "length" if finish == "length" else "tool_calls", gens[i].new_logprobs())
+        content, _ = tools.parse_reply(streams[i].text, structured)  # a JSON answer, or cut short
+        return chunk(i, {"content": content}, logprobs=gens[i].new_logprobs()) + chunk(i, {}, finish)
 
     def usage_chunk(u: dict) -> str:
         return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
@@ -1302,8 +1322,9 @@ async def _response_stream(state: ServerState, turn, base: dict, session, new: b
                            owner: str, logprobs: bool = False, with_tools: bool = False,
                            structured: bool = False) -> AsyncIterator[str]:
     """With tools, an answer's text streams as it is decoded from its envelope (``tools.ContentStream``), and calls
-    come whole as the reply ends (their arguments are valid only then): each ``function_call`` item added, its
-    arguments in one delta, done."""
+    as they are written (``tools.CallStream``): each ``function_call`` item added once its name is whole, its
+    arguments in deltas, done as the reply ends. Items carry their final ids from the start (the reply's message
+    id is known when its turn starts)."""
     seq = 0
 
     def event(kind: str, **fields) -> str:
@@ -1320,8 +1341,9 @@ async def _response_stream(state: ServerState, turn, base: dict, session, new: b
         out, sent[0] = turn_logprobs(state, turn, sent[0], end), end
         return out
 
-    items = _StreamedItems(event, new_logprobs)
+    items = _StreamedItems(event, new_logprobs, turn.reply_id)
     answer = tools.ContentStream(structured) if with_tools else None  # (structured: the answer comes whole)
+    written = tools.CallStream() if with_tools else None
     finished = False
     try:
         yield event("response.created", response=base)
@@ -1332,6 +1354,9 @@ async def _response_stream(state: ServerState, turn, base: dict, session, new: b
         try:
             while (part := await state.run(turn.next_part)) is not None:
                 if answer is not None and part[0] == "content":
+                    for k, name, text in written.feed(part[1]):
+                        for e in items.call_piece(k, name, text):
+                            yield e
                     part = ("content", answer.feed(part[1]))
                     if not part[1]:
                         continue
@@ -1364,22 +1389,25 @@ async def _response_stream(state: ServerState, turn, base: dict, session, new: b
 
 class _StreamedItems:
     """The output items of a streamed response, each opened at its first delta: the reasoning item (thoughts, when
-    the model thinks) before the message, as in the final response.
+    the model thinks) before the message or the calls, as in the final response.
 
     NOTE: Gemma 4 thinks before it answers; thoughts that would come after the answer began are left out of the
     stream (the final response, in ``response.completed``, has them all).
     """
 
-    def __init__(self, event: Callable[..., str], new_logprobs: Callable[[], list[dict]] = list):
+    def __init__(self, event: Callable[..., str], new_logprobs: Callable[[], list[dict]] = list,
+                 msg_id: str | None = None):
         self.event = event
         self.new_logprobs = new_logprobs  # the logprob entries of the tokens since the last call ([] unless asked)
         self.rs_id = "rs_" + uuid.uuid4().hex
-        self.msg_id = "msg_pending_" + uuid.uuid4().hex
-        self.opened: list[str] = []  # "reasoning" / "content", in output order
+        self.msg_id = msg_id or "msg_" + uuid.uuid4().hex  # the reply's message id (its calls' ids derive from it)
+        self.opened: list[str] = []  # "reasoning" / "content" / "call K", in output order
         self.texts: dict[str, list[str]] = {"reasoning": [], "content": []}
+        self.call_args: dict[int, str] = {}  # arguments streamed, by call
+        self._answering = False  # the message or a call has begun: thoughts after that are left out
 
     def delta(self, kind: str, text: str) -> list[str]:
-        if kind == "reasoning" and "content" in self.opened:
+        if kind == "reasoning" and self._answering:
             return []
         events = [] if kind in self.opened else self.open(kind)
         self.texts[kind].append(text)
@@ -1406,8 +1434,11 @@ class _StreamedItems:
                            part=part)]
 
     def _close_reasoning(self) -> list[str]:
-        if "reasoning" not in self.opened:
+        """The reasoning item's closing events, once, as the answer or a call begins."""
+        if "reasoning" not in self.opened or self._answering:
+            self._answering = True
             return []
+        self._answering = True
         index, text = self.opened.index("reasoning"), "".join(self.texts["reasoning"])
         part = {"type": "reasoning_text", "text": text}
         return [self.event("response.reasoning_text.done", item_id=self.rs_id, output_index=index, content_index=0,
@@ -1416,17 +1447,34 @@ class _StreamedItems:
                            part=part),
                 self.event("response.output_item.done", output_index=index, item=reasoning_item(self.rs_id, text))]
 
+    def call_piece(self, k: int, name: str | None, text: str) -> list[str]:
+        """Call k's events for a piece of it as written (``tools.CallStream``): its item added with its name, then
+        its arguments' deltas."""
+        events = []
+        if name is not None:
+            events += self._close_reasoning()
+            self.opened.append(f"call {k}")
+            self.call_args[k] = ""
+            item = tools.call_item(self.msg_id, k, name, "", "in_progress")
+            events.append(self.event("response.output_item.added", output_index=len(self.opened) - 1, item=item))
+        if text:
+            self.call_args[k] += text
+            events.append(self.event("response.function_call_arguments.delta",
+                                     item_id=tools.call_item(self.msg_id, k, "", "")["id"],
+                                     output_index=self.opened.index(f"call {k}"), delta=text))
+        return events
+
     def calls(self, calls: list[dict]) -> list[str]:
-        """The events of a reply's ``function_call`` items (after the reasoning item, if any)."""
+        """The closing events of a reply's ``function_call`` items (the final response's): any not streamed yet
+        added, whatever of their arguments did not stream, done."""
         events = self._close_reasoning()
-        for item in calls:
-            self.opened.append(item["id"])
-            index = len(self.opened) - 1
-            events += [self.event("response.output_item.added", output_index=index,
-                                  item=dict(item, arguments="", status="in_progress")),
-                       self.event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
-                                  delta=item["arguments"]),
-                       self.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+        for k, item in enumerate(calls):
+            if f"call {k}" not in self.opened:
+                events += self.call_piece(k, item["name"], "")
+            sent, index = self.call_args[k], self.opened.index(f"call {k}")
+            if item["arguments"] != sent and item["arguments"].startswith(sent):
+                events += self.call_piece(k, None, item["arguments"][len(sent):])
+            events += [self.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
                                   arguments=item["arguments"]),
                        self.event("response.output_item.done", output_index=index, item=item)]
         return events

@@ -9,7 +9,8 @@ tool's ``parameters`` (as far as ``json_schema`` honours them; a keyword it cann
 rendered in the same convention: an assistant message's ``tool_calls`` as its envelope, a ``tool`` message as a user
 turn ``{"tool_response": {"tool_call_id": ..., "content": ...}}``, and, while tools are on, an assistant text reply
 as ``{"response": ...}`` (what the model wrote then). This is the "generic" convention llama.cpp's server uses for
-models without a native tool format; ``ContentStream`` decodes the ``response`` string as it streams.
+models without a native tool format; ``ContentStream`` decodes the ``response`` string as it streams, and
+``CallStream`` writes each call's arguments as they stream (the text the whole reply's arguments read as).
 
 Responses (a session's history, see ``server/app.py``): a stored reply keeps the envelope the model wrote, and a
 tool result is a user turn in the same convention (``input_turns``); ``envelope``, ``tool_result`` and ``call_items``
@@ -240,13 +241,19 @@ def parse_reply(text: str, structured: bool = False) -> tuple[str | None, list[d
     raw text when not an answer, None)."""
     try:
         value = json.loads(text)
-    except (ValueError, RecursionError):  # cut short: an answer's text so far (as streamed), else the raw text
-        stream = ContentStream(structured)
+    except (ValueError, RecursionError):  # cut short: an answer's text so far (as streamed), the calls begun (their
+        stream = ContentStream(structured)  # arguments so far, as streamed), else the raw text
         answer = stream.feed(text)
-        return (answer if stream.answer else text), None
+        if stream.answer:
+            return answer, None
+        begun = partial_calls(text)
+        if begun:
+            return None, [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                           "function": {"name": name, "arguments": args}} for name, args in begun]
+        return text, None
     if isinstance(value, dict) and isinstance(value.get("tool_calls"), list):
         return None, [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-                       "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+                       "function": {"name": c["name"], "arguments": arguments_text(c["arguments"])}}
                       for c in value["tool_calls"]]
     if isinstance(value, dict) and len(value) == 1 and "response" in value:
         return _answer_text(value["response"], structured), None
@@ -294,13 +301,29 @@ def tool_result(text: str) -> tuple[str, str] | None:
     return None
 
 
-def call_items(message_id: str, calls: list[tuple[str, Any]]) -> list[dict]:
-    """Responses ``function_call`` output items of one reply; their ids and ``call_id``s are derived from the stored
-    message's id (the same whenever the reply is read)."""
+def call_items(message_id: str, calls: list[tuple[str, str]], status: str = "completed") -> list[dict]:
+    """Responses ``function_call`` output items of one reply (``[(name, arguments text)]``); their ids and
+    ``call_id``s are derived from the stored message's id (the same whenever the reply is read, and known while it
+    streams: ``call_item``)."""
+    return [call_item(message_id, i, name, args, status) for i, (name, args) in enumerate(calls)]
+
+
+def call_item(message_id: str, i: int, name: str, arguments: str, status: str = "completed") -> dict:
     base = message_id.removeprefix("msg_")
-    return [{"type": "function_call", "id": f"fc_{base}_{i}", "call_id": f"call_{base}_{i}", "name": name,
-             "arguments": json.dumps(args, ensure_ascii=False), "status": "completed"}
-            for i, (name, args) in enumerate(calls)]
+    return {"type": "function_call", "id": f"fc_{base}_{i}", "call_id": f"call_{base}_{i}", "name": name,
+            "arguments": arguments, "status": status}
+
+
+def arguments_text(args: Any) -> str:
+    """A call's arguments as a client gets them (``CallStream`` writes the same text as it streams)."""
+    return json.dumps(args, ensure_ascii=False)
+
+
+def partial_calls(text: str) -> list[tuple[str, str]]:
+    """``[(name, arguments so far)]`` of the calls a reply cut short had begun (those whose name is whole)."""
+    stream = CallStream()
+    stream.feed(text)
+    return [(name, args) for name, args in stream.calls if name is not None]
 
 
 MAX_CALL_ID = 128
@@ -420,3 +443,204 @@ class ContentStream:
             i += 2
         self._at = i
         return "".join(out)
+
+
+_BLANK = " \t\n\r"
+_NUMBER = "+-.eE0123456789"
+_LITERALS = ("true", "false", "null")
+
+
+class _Frame:
+    __slots__ = ("kind", "role", "key", "expect_key", "count", "index")
+
+    def __init__(self, kind: str, role: str | None, index: int = -1):
+        self.kind, self.role, self.index = kind, role, index  # kind "{" or "["; index: a call's
+        self.key: str | None = None
+        self.expect_key = kind == "{"
+        self.count = 0  # an array's elements so far
+
+
+class CallStream:
+    """The calls of a reply in the convention as its text streams: ``feed(delta)`` returns ``(call index, name,
+    arguments text)`` pieces: a call's first piece comes once its name is whole and carries the name (else None);
+    the arguments come as the text ``json.dumps(arguments, ensure_ascii=False)`` gives for the whole value (its
+    separators, its escapes, its numbers), piece by piece, so the pieces of a finished call add up to the
+    ``arguments`` the whole reply reads as (``parse_reply``, ``call_items``; a value with a repeated key, which
+    ``json.loads`` collapses, is the one exception). ``calls``: ``[name, arguments text]`` so far (the name None
+    until it is whole). The text is valid JSON so far (the constraint holds the reply to the envelope)."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str | None]] = []
+        self._frames: list[_Frame] = []
+        self._token: str | None = None        # a number or literal being read
+        self._string: str | None = None       # the role of the string being read ("key", "name", "args" or "")
+        self._chars: list[str] = []           # a key's or a name's characters
+        self._escape: str | None = None       # an escape being read, from its backslash
+        self._high: int | None = None         # a \u high surrogate waiting for its low half
+        self._capture: tuple[int, int] | None = None  # (call, depth): the arguments value being written
+        self._out: list[tuple[int, str | None, str]] = []
+        self._held: dict[int, list[str]] = {}  # arguments read before their call's name (none in the convention)
+
+    def feed(self, delta: str) -> list[tuple[int, str | None, str]]:
+        for ch in delta:
+            self._char(ch)
+        out, self._out = self._out, []
+        merged: list[tuple[int, str | None, str]] = []
+        for i, name, text in out:  # one piece per call and delta
+            if merged and merged[-1][0] == i and name is None:
+                merged[-1] = (i, merged[-1][1], merged[-1][2] + text)
+            else:
+                merged.append((i, name, text))
+        return merged
+
+    # ----------------------------------------------------------------------------------------- characters
+    def _char(self, ch: str) -> None:
+        if self._string is not None:
+            self._string_char(ch)
+            return
+        if self._token is not None:
+            if ch in _NUMBER or ch.isalpha():
+                self._token += ch
+                if self._token in _LITERALS:
+                    self._scalar()
+                return
+            self._scalar()
+        if ch in _BLANK:
+            return
+        if ch == '"':
+            self._open_string()
+        elif ch in "{[":
+            role = self._value_role()
+            if self._capture is not None:
+                self._write(ch)
+            frame = _Frame(ch, "call" if role == "call" else "root" if role == "root" else "calls"
+                           if role == "calls" and ch == "[" else None, self._call_index if role == "call" else -1)
+            self._frames.append(frame)
+        elif ch in "}]":
+            if self._frames:
+                self._frames.pop()
+            if self._capture is not None:
+                self._write(ch)
+                self._value_done()
+        elif ch == ":":
+            if self._frames:
+                self._frames[-1].expect_key = False
+            if self._capture is not None:
+                self._write(": ")
+        elif ch == ",":
+            if self._frames and self._frames[-1].kind == "{":
+                self._frames[-1].expect_key = True
+            if self._capture is not None:
+                self._write(", ")
+        else:  # a number or a literal begins
+            self._value_role()
+            self._token = ch
+
+    def _value_role(self) -> str | None:
+        """Where the value that begins now stands (starting the capture of a call's arguments)."""
+        if self._capture is not None:
+            return "args"
+        if not self._frames:
+            return "root"
+        f = self._frames[-1]
+        if f.kind == "[":
+            f.count += 1
+            if f.role == "calls":
+                self._call_index = f.count - 1
+                return "call"
+            return None
+        if f.role == "root" and f.key == "tool_calls":
+            return "calls"
+        if f.role == "call" and f.key == "arguments":
+            while len(self.calls) <= f.index:
+                self.calls.append([None, ""])
+            self._capture = (f.index, len(self._frames))
+            return "args"
+        if f.role == "call" and f.key == "name":
+            self._call_index = f.index
+            return "name"
+        return None
+
+    def _scalar(self) -> None:
+        token, self._token = self._token, None
+        if self._capture is not None:
+            self._write(token if token in _LITERALS else json.dumps(json.loads(token)))
+            self._value_done()
+
+    def _value_done(self) -> None:
+        if self._capture is not None and len(self._frames) == self._capture[1]:
+            self._capture = None
+
+    # ----------------------------------------------------------------------------------------- strings
+    def _open_string(self) -> None:
+        f = self._frames[-1] if self._frames else None
+        if self._capture is None and f is not None and f.kind == "{" and f.expect_key:
+            self._string = "key"
+        else:
+            role = self._value_role()
+            self._string = role if role in ("name", "args") else ""
+        self._chars = []
+        if self._string == "args":
+            self._write('"')
+
+    def _string_char(self, ch: str) -> None:
+        if self._escape is not None:
+            self._escape += ch
+            if self._escape[1] != "u":
+                self._flush_high()
+                self._piece(_ESCAPES.get(self._escape[1], self._escape[1]))
+                self._escape = None
+            elif len(self._escape) == 6:
+                code, self._escape = int(self._escape[2:], 16), None
+                if self._high is not None and 0xDC00 <= code < 0xE000:
+                    pair, self._high = 0x10000 + ((self._high - 0xD800) << 10) + (code - 0xDC00), None
+                    self._piece(chr(pair))
+                    return
+                self._flush_high()
+                if 0xD800 <= code < 0xDC00:
+                    self._high = code
+                else:
+                    self._piece(chr(code))
+            return
+        if ch == "\\":
+            self._escape = ch
+            return
+        self._flush_high()
+        if ch == '"':
+            self._close_string()
+        else:
+            self._piece(ch)
+
+    def _flush_high(self) -> None:
+        if self._high is not None:  # a lone half: kept as the code point, as json.loads keeps it
+            high, self._high = self._high, None
+            self._piece(chr(high))
+
+    def _piece(self, text: str) -> None:
+        if self._string == "args":
+            self._write(json.encoder.encode_basestring(text)[1:-1])
+        elif self._string in ("key", "name"):
+            self._chars.append(text)
+
+    def _close_string(self) -> None:
+        role, self._string = self._string, None
+        text = "".join(self._chars)
+        if role == "key":
+            self._frames[-1].key = text
+        elif role == "name":
+            i = self._call_index
+            while len(self.calls) <= i:
+                self.calls.append([None, ""])
+            self.calls[i][0] = text
+            self._out.append((i, text, "".join(self._held.pop(i, []))))
+        elif role == "args":
+            self._write('"')
+            self._value_done()
+
+    def _write(self, text: str) -> None:
+        i = self._capture[0]
+        self.calls[i][1] += text
+        if self.calls[i][0] is None:
+            self._held.setdefault(i, []).append(text)
+        else:
+            self._out.append((i, None, text))
