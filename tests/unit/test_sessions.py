@@ -161,6 +161,32 @@ def test_a_turns_reply_id_is_known_from_its_start(manager):
     again.close()
 
 
+def test_a_turn_closed_from_another_thread_while_it_is_read_ends_once_and_at_once(manager):
+    """A server cancels a turn (a background response's cancel, a shutdown) while a worker thread reads it: the
+    close returns at once whichever thread takes the engine's end event, the turn lock is released once, and the
+    history is either untouched or holds the whole turn (it completed first), never a turn adopted after the
+    lock was let go."""
+    import random
+    import time
+
+    rng = random.Random(5)
+    for _ in range(40):
+        s = manager.create(sampling=gs.SamplingParams(temperature=0, max_tokens=rng.randint(1, 6), ignore_eos=True))
+        turn = s.stream("hello")
+        reader = threading.Thread(target=lambda: list(turn))
+        reader.start()
+        time.sleep(rng.random() * 0.01)
+        t0 = time.monotonic()
+        turn.close()
+        assert time.monotonic() - t0 < 5
+        reader.join(timeout=10)
+        assert not reader.is_alive()
+        assert len(s.messages) in (0, 2)
+        had = len(s.messages)
+        assert s.send("next", sampling=PARAMS).finish_reason == "length" and len(s.messages) == had + 2
+        manager.delete(s.id)
+
+
 def test_stop_strings_end_the_reply(manager, model):
     s = manager.create(sampling=PARAMS)
     full = s.send("x").text

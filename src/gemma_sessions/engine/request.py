@@ -116,6 +116,10 @@ class Request:
             total_s=self.t_done - self.t_submit)
 
 
+# How often a waiting result() looks whether an iterating thread took the end event.
+_RESULT_POLL_S = 0.05
+
+
 class GenerationStream:
     """Iterate the generated token ids of one request; ``result()`` waits for the end.
 
@@ -155,17 +159,20 @@ class GenerationStream:
         return kind, value
 
     def result(self, timeout: float | None = None) -> GenerationOutput:
-        """Wait for the request to finish; returns its output or raises its error."""
+        """Wait for the request to finish; returns its output or raises its error. Safe while another thread
+        iterates the stream (e.g. a cancel that waits for the end): whichever takes the end event, both see it."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             while self._output is None:
                 if self._error is not None:
                     raise self._error
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                try:
+                left = _RESULT_POLL_S if deadline is None else min(_RESULT_POLL_S, deadline - time.monotonic())
+                if left <= 0:
+                    raise TimeoutError("generation still running")
+                try:  # in short waits: an iterating thread may take the end event and set the output meanwhile
                     kind, value = self._request.events.get(timeout=left)
                 except queue.Empty:
-                    raise TimeoutError("generation still running") from None
+                    continue
                 if kind == "done":
                     self._output = value
                 elif kind == "error":

@@ -285,6 +285,7 @@ class TurnStream:
                  idempotency_key: str,
                  constraint: TokenConstraint | None = None):
         self._done = True  # until the engine request exists, there is nothing to cancel
+        self._end = threading.RLock()  # the turn ends once: completed by its reader or aborted by a closer
         self.session = session
         self.idempotency_key = idempotency_key
         self._engine_stream = None
@@ -372,6 +373,11 @@ class TurnStream:
             raise
 
     def _complete(self, finish_reason: str) -> None:
+        with self._end:
+            if not self._done:  # (a close from another thread ended it first: nothing is appended)
+                self._completed(finish_reason)
+
+    def _completed(self, finish_reason: str) -> None:
         s = self.session
         out = self._engine_stream.result().stats
         stats = TurnStats(prompt_tokens=out.prompt_tokens, cached_tokens=out.cached_tokens,
@@ -399,20 +405,22 @@ class TurnStream:
         self._finish()
 
     def _abort(self) -> None:
-        if not self._done and self._engine_stream is None:  # a replay: nothing runs
-            self._finish()
-        elif not self._done:
-            self._engine_stream.cancel()
-            try:  # wait until the engine has let go of the session's KV handle (at its next step)
-                self._engine_stream.result(timeout=60)
-            except (GemmaSessionsError, TimeoutError):
-                pass
-            self._finish()
+        with self._end:  # (a reader completing the turn meanwhile finishes first; then there is nothing to abort)
+            if not self._done and self._engine_stream is None:  # a replay: nothing runs
+                self._finish()
+            elif not self._done:
+                self._engine_stream.cancel()
+                try:  # wait until the engine has let go of the session's KV handle (at its next step)
+                    self._engine_stream.result(timeout=60)
+                except (GemmaSessionsError, TimeoutError):
+                    pass
+                self._finish()
 
     def _finish(self) -> None:
-        if not self._done:
-            self._done = True
-            self.session._release_turn()
+        with self._end:
+            if not self._done:
+                self._done = True
+                self.session._release_turn()
 
     def close(self) -> None:
         """Cancel the turn if it is still running (nothing is added to the history)."""
