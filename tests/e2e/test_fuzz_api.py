@@ -77,6 +77,7 @@ EXAMPLES = {
     ("GET", "/v1/responses/{rid}"): 20,
     ("GET", "/v1/responses/{rid}/input_items"): 30,
     ("POST", "/v1/responses/{rid}/cancel"): 20,
+    ("POST", "/v1/responses/input_tokens"): 60,
     ("POST", "/v1/conversations"): 80,
     ("GET", "/v1/conversations/{cid}"): 20,
     ("POST", "/v1/conversations/{cid}"): 60,

@@ -523,7 +523,7 @@ def test_delete_leaves_nothing_and_responses_follow_their_session(model, spec):
     with _engine(model) as e:  # responses survive a restart (and, with Redis, are seen by every replica)
         m = gs.SessionManager(e, store=spec)
         assert m.response(f"resp_{keep.id}") == {"owner": "o", "session": keep.id, "n": 2, "body": {"id": keep.id},
-                                                 "context_before": 1.5}
+                                                 "context_before": 1.5, "alive_at": None}
         assert m.response("resp_extra")["context_before"] is None
         m.delete(gone.id)
         assert m.response(f"resp_{gone.id}") is None and m.store.session_ids() == [keep.id]

@@ -99,6 +99,41 @@ def test_a_told_turns_input_item_reads_without_the_tools_text(client):
     assert [i["content"][0]["text"] for i in _items(client, r["id"])["data"]] == ["weather in Paris?"]
 
 
+# ------------------------------------------------------------------------------------------------ input tokens
+def _count(client, headers=A, **body) -> int:
+    r = client.post("/v1/responses/input_tokens", json=body, headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["object"] == "response.input_tokens"
+    return r.json()["input_tokens"]
+
+
+def test_input_tokens_are_what_the_same_request_computes_and_nothing_is_kept(client):
+    manager = client.app.state.gs.manager
+    before = (len(manager.loaded_sessions()), len(manager.store.session_ids()))
+    body = {"input": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                      {"role": "assistant", "content": "hello"}, {"role": "user", "content": "and now?"}],
+            "instructions": "You are a test."}
+    assert _count(client, **body) == _respond(client, store=False, **body)["usage"]["input_tokens"]
+    told = {"input": "weather?", "tools": TOOLS, "tool_choice": "required"}
+    assert _count(client, **told) == _respond(client, store=False, max_output_tokens=40, **told)["usage"]["input_tokens"]
+    assert (len(manager.loaded_sessions()), len(manager.store.session_ids())) == before
+    first = _respond(client, input="one")
+    follow = {"previous_response_id": first["id"], "input": [{"role": "user", "content": "two"}]}
+    assert _count(client, **follow) == _respond(client, **follow)["usage"]["input_tokens"]
+    cid = client.post("/v1/conversations", json={"items": [{"role": "user", "content": "seed"}]}, headers=A).json()["id"]
+    n = _count(client, conversation=cid, **told)  # told of the tools: the note is counted
+    assert n == _respond(client, conversation=cid, max_output_tokens=40, **told)["usage"]["input_tokens"]
+    again = _count(client, conversation=cid, input="and Rome?", tools=TOOLS, tool_choice="required")
+    assert again == _respond(client, conversation=cid, input="and Rome?", tools=TOOLS, tool_choice="required",
+                             max_output_tokens=40)["usage"]["input_tokens"]  # told once: not again
+    for bad, status in (({"input": ""}, 400), ({"conversation": "conv_nope", "input": "x"}, 404),
+                        ({"previous_response_id": "resp_nope", "input": "x"}, 404),
+                        ({"conversation": cid, "previous_response_id": first["id"], "input": "x"}, 400)):
+        assert client.post("/v1/responses/input_tokens", json=bad, headers=A).status_code == status, bad
+    assert client.post("/v1/responses/input_tokens", json={"conversation": cid, "input": "x"},
+                       headers=B).status_code == 404  # another key's conversation
+
+
 # ------------------------------------------------------------------------------------------------ delete
 def test_deleting_a_response_removes_it_and_the_history_it_alone_held(client):
     app_state = client.app.state.gs
@@ -249,5 +284,32 @@ def test_two_replicas_on_redis_see_one_background_response_and_only_its_own_canc
             assert [i["content"][0]["text"] for i in _items(two, done["id"], None)["data"]] == ["short"]
             assert two.delete(f"/v1/responses/{done['id']}").status_code == 200
             assert one.get(f"/v1/responses/{done['id']}").status_code == 404
+        m1.close()
+        m2.close()
+
+
+def test_a_background_response_whose_replica_died_is_reported_failed_by_the_others(model, tmp_path, monkeypatch):
+    """In a shared store the running replica renews its record every BACKGROUND_HEARTBEAT_S; a record not renewed
+    for BACKGROUND_STALE_S is one whose replica died, and any replica reports it failed."""
+    from gemma_sessions.server import app as app_mod
+    from gemma_sessions.testing import RedisServer
+
+    monkeypatch.setattr(app_mod, "BACKGROUND_HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(app_mod, "BACKGROUND_STALE_S", 0.5)
+    with RedisServer(tmp_path / "redis") as srv, _engine(model) as e1, _engine(model) as e2:
+        m1, m2 = gs.SessionManager(e1, store=srv.url), gs.SessionManager(e2, store=srv.url)
+        with TestClient(create_app(m1)) as one, TestClient(create_app(m2)) as two:
+            alive = _respond(one, None, input="long", max_output_tokens=4000, background=True)
+            time.sleep(1.0)  # twice the stale time: only the heartbeats keep it alive
+            assert two.get(f"/v1/responses/{alive['id']}").json()["status"] == "in_progress"
+            assert m2.response(alive["id"])["alive_at"] > time.time() - 0.5
+            assert one.post(f"/v1/responses/{alive['id']}/cancel").json()["status"] == "cancelled"
+            # a replica that died mid-generation: its record, last renewed a second ago
+            dead = dict(alive, id="resp_dead", status="in_progress")
+            m1.remember_response("resp_dead", owner="", session_id="gone", n_messages=0, body=dead,
+                                 alive_at=time.time() - 1.0)
+            got = two.get("/v1/responses/resp_dead").json()
+            assert got["status"] == "failed" and got["error"]["message"] == INTERRUPTED
+            assert one.get("/v1/responses/resp_dead").json() == got  # recorded so, for every replica
         m1.close()
         m2.close()

@@ -173,7 +173,7 @@ def test_responses_survive_a_restart_and_go_with_their_session(model, tmp_path, 
         m = gs.SessionManager(e, store=tmp_path)
         assert m.response("resp_0") is None and m.response("resp_1") is None  # retention: the newest 3
         assert m.response("resp_4") == {"owner": "k", "session": s.id, "n": 4, "body": {"id": "resp_4"},
-                                           "context_before": None}
+                                           "context_before": None, "alive_at": None}
         m.delete(s.id)
         assert m.response("resp_4") is None
         m.close()

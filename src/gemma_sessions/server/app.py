@@ -978,25 +978,21 @@ def _completion_stream(state: ServerState, gens: list[EngineText], cid: str, cre
 
 
 def _install_responses(app: FastAPI, state: ServerState) -> None:
+    @app.post("/v1/responses/input_tokens")
+    async def count_input_tokens(body: ResponseRequest, request: Request):
+        """The prompt tokens ``POST /v1/responses`` with this body would compute for its turn (cached or not),
+        without generating or keeping anything (OpenAI's ``responses.input_tokens.count``)."""
+        owner = state.owner(request)
+        _, _, _, note, items, reasoning = _response_input(state, body)
+        n = await state.run(_count_input, state, body, owner, items, reasoning, note)
+        return {"object": "response.input_tokens", "input_tokens": n}
+
     @app.post("/v1/responses")
     async def create_response(body: ResponseRequest, request: Request):
         owner = state.owner(request)
         state.check_load()
-        refused = body.unsupported()
-        if refused:
-            raise ApiError(400, refused[1], refused[0])
-        mode, callable_tools = _tool_choice(body.tools, body.tool_choice, flat=True)
-        answer = _answer_schema(body.json_format(), callable_tools, "text")
+        mode, callable_tools, answer, note, items, reasoning = _response_input(state, body)
         structured = answer is not None
-        note = tools.system_text(callable_tools, mode, answer) if callable_tools else None  # the tools' text
-        try:
-            items = tools.input_turns(body.input, tools_on=note is not None, structured=structured)
-        except ValueError as exc:
-            raise ApiError(400, str(exc), "input") from exc
-        if not items or items[-1][0] != "user" or not items[-1][1].strip():
-            raise ApiError(400, "input must end with a non-empty user message or a function_call_output", "input")
-        state.check_chars([t for _, t in items] + [body.instructions or "", note or ""], "input")
-        reasoning = state.reasoning(body.reasoning.effort if body.reasoning else None, "reasoning")
         if callable_tools:
             constraint = await state.json_format(
                 ("json_schema", tools.reply_schema(callable_tools, mode, body.parallel_tool_calls, answer)), "tools")
@@ -1080,18 +1076,72 @@ def _install_responses(app: FastAPI, state: ServerState) -> None:
         return _page(await state.run(_input_items, state, r, owner), limit, order, after)
 
 
+def _response_input(state: ServerState, body: ResponseRequest) -> tuple:
+    """(tool mode, callable tools, answer schema, the tools' text, input turns, reasoning) of a Responses body;
+    400 for what it cannot honour."""
+    refused = body.unsupported()
+    if refused:
+        raise ApiError(400, refused[1], refused[0])
+    mode, callable_tools = _tool_choice(body.tools, body.tool_choice, flat=True)
+    answer = _answer_schema(body.json_format(), callable_tools, "text")
+    note = tools.system_text(callable_tools, mode, answer) if callable_tools else None  # the tools' text
+    try:
+        items = tools.input_turns(body.input, tools_on=note is not None, structured=answer is not None)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), "input") from exc
+    if not items or items[-1][0] != "user" or not items[-1][1].strip():
+        raise ApiError(400, "input must end with a non-empty user message or a function_call_output", "input")
+    state.check_chars([t for _, t in items] + [body.instructions or "", note or ""], "input")
+    reasoning = state.reasoning(body.reasoning.effort if body.reasoning else None, "reasoning")
+    return mode, callable_tools, answer, note, items, reasoning
+
+
+def _new_system(body: ResponseRequest, items: list, tools_text: str | None) -> str | None:
+    """A new session's system prompt: the instructions, the input's system items, the tools' text."""
+    return "\n\n".join(t for t in (body.instructions, *(t for r, t in items if r == "system"), tools_text) if t) or None
+
+
+def _count_input(state: ServerState, body: ResponseRequest, owner: str, items: list, reasoning: bool | None,
+                 note: str | None) -> int:
+    """The prompt tokens of the turn a Responses body would run (``_target_session``'s session, its items added),
+    from what each session holds now; nothing is created or kept."""
+    m = state.manager
+    text = items[-1][1] if note is None else functools.partial(_told, note, items[-1][1])
+    before = [(r, t) for r, t in items[:-1] if r != "system"]
+    if body.conversation is not None and body.previous_response_id is not None:
+        raise ApiError(400, "use either conversation or previous_response_id, not both", "conversation")
+    if body.conversation is not None or body.previous_response_id is not None:
+        keep = None
+        if body.conversation is not None:
+            s = state.session(sid_of(body.conversation if isinstance(body.conversation, str) else body.conversation.id),
+                              owner)
+        else:
+            prev = _previous(state, body.previous_response_id, owner)
+            s, keep = state.session(prev["session"], owner), prev["n"]
+        return s.prompt_tokens(text, before=before, keep_messages=keep, reasoning=reasoning,
+                               max_tokens=state.max_tokens(body.max_output_tokens, s.sampling.max_tokens))
+    s = m.create(system=_new_system(body, items, note), owner=owner, persistent=False, reasoning=reasoning)
+    try:
+        return s.prompt_tokens(text, before=before, reasoning=reasoning,
+                               max_tokens=state.max_tokens(body.max_output_tokens, s.sampling.max_tokens))
+    finally:
+        m.delete(s.id)
+
+
 def _told(note: str, text: str, session) -> str:
     """A Responses turn's user text, told of the tools first unless its history was told of these already."""
     return text if tools_announced(session) == note else f"{note}\n\n{text}"
 
 
 def _response_record(state: ServerState, rid: str, owner: str) -> dict:
-    """A kept response; one left in progress by an earlier process of a store no other process writes to is
-    recorded as failed here (its generation ended with that process)."""
+    """A kept response; one left in progress by a process that is gone is recorded as failed here: in a store
+    no other process writes to, any not running here (its generation ended with an earlier process); in a shared
+    store (Redis), one whose replica has not said it is alive for ``BACKGROUND_STALE_S``."""
     running_here = rid in state.background  # read first: a job is registered before its record and unregistered
     r = state.response(rid, owner)          # after its final one
     body = r["body"]
-    if body["status"] in ("queued", "in_progress") and not running_here and not state.shared_store:
+    stale = not state.shared_store or r.get("alive_at") is None or time.time() - r["alive_at"] > BACKGROUND_STALE_S
+    if body["status"] in ("queued", "in_progress") and not running_here and stale:
         failed = dict(body, status="failed", error={"code": "server_error", "message": INTERRUPTED})
         state.manager.remember_response(rid, owner=owner, session_id=r["session"], n_messages=r["n"], body=failed)
         r = dict(r, body=failed)
@@ -1099,6 +1149,10 @@ def _response_record(state: ServerState, rid: str, owner: str) -> dict:
 
 
 INTERRUPTED = "the server stopped before this background response finished; create it again"
+# A background response's replica says it is alive this often in a shared store; a record not renewed for
+# BACKGROUND_STALE_S is taken for one whose replica died (clocks of replicas are assumed within seconds).
+BACKGROUND_HEARTBEAT_S = 5.0
+BACKGROUND_STALE_S = 30.0
 
 
 def _delete_response(state: ServerState, rid: str, r: dict) -> None:
@@ -1150,6 +1204,7 @@ class _Background:
         self.turn = turn
         self.cancelled = False
         self.task: asyncio.Future | None = None
+        self.generated = asyncio.Event()  # the generation ended: no heartbeat is written after this
 
 
 async def _start_background(state: ServerState, turn, base: dict, session, new: bool, owner: str,
@@ -1160,7 +1215,8 @@ async def _start_background(state: ServerState, turn, base: dict, session, new: 
     job = state.background[base["id"]] = _Background(turn)
     try:
         await state.run(functools.partial(state.manager.remember_response, base["id"], owner=owner,
-                                          session_id=session.id, n_messages=len(session.messages), body=running))
+                                          session_id=session.id, n_messages=len(session.messages), body=running,
+                                          alive_at=time.time()))
     except BaseException:
         del state.background[base["id"]]
         await state.run(_end_turn, state, turn, session, new, False)
@@ -1172,9 +1228,15 @@ async def _start_background(state: ServerState, turn, base: dict, session, new: 
 async def _run_background(state: ServerState, job: _Background, base: dict, session, new: bool, owner: str,
                           with_tools: bool, structured: bool) -> None:
     finished, ended = False, None
+    beat = asyncio.ensure_future(_heartbeat(state, job, base, session, owner)) if state.shared_store else None
     try:
         try:
-            await _collect(state, job.turn.next_delta, None)
+            try:
+                await _collect(state, job.turn.next_delta, None)
+            finally:  # the last heartbeat is written before the final record, never after it
+                job.generated.set()
+                if beat is not None:
+                    await beat
             await state.run(_finish_response, state, base, job.turn, session, False, owner, None, False,
                             with_tools, structured)  # (kept as completed there)
             finished = True
@@ -1193,6 +1255,23 @@ async def _run_background(state: ServerState, job: _Background, base: dict, sess
         log.exception("background response %s", base["id"])
     finally:
         state.background.pop(base["id"], None)  # (after the record: until then, GET sees it running here)
+
+
+async def _heartbeat(state: ServerState, job: _Background, base: dict, session, owner: str) -> None:
+    """Renew a background response's record in a shared store every BACKGROUND_HEARTBEAT_S until its generation
+    ends, so that the other replicas can tell it from one whose replica died."""
+    while True:
+        try:
+            await asyncio.wait_for(job.generated.wait(), BACKGROUND_HEARTBEAT_S)
+            return
+        except asyncio.TimeoutError:
+            pass
+        try:
+            await state.run(functools.partial(state.manager.remember_response, base["id"], owner=owner,
+                                              session_id=session.id, n_messages=len(session.messages), body=base,
+                                              alive_at=time.time()))
+        except Exception:  # the store is away: the next beat tries again (a long outage reads as a dead replica)
+            log.warning("background response %s: heartbeat not written", base["id"], exc_info=True)
 
 
 async def _cancel_background(state: ServerState, job: _Background) -> None:
@@ -1226,15 +1305,10 @@ def _target_session(state: ServerState, body: ResponseRequest, owner: str, items
         cid = body.conversation if isinstance(body.conversation, str) else body.conversation.id
         s, new = state.session(sid_of(cid), owner), False
     elif body.previous_response_id is not None:
-        prev = state.response(body.previous_response_id, owner)
-        if prev["body"]["status"] not in ("completed", "incomplete"):
-            raise ApiError(400, f"previous response {body.previous_response_id!r} is {prev['body']['status']}: "
-                           "only a finished response can be continued", "previous_response_id")
+        prev = _previous(state, body.previous_response_id, owner)
         s, new = m.fork(state.session(prev["session"], owner).id, keep_messages=prev["n"]), True
     else:
-        system = body.instructions
-        system = "\n\n".join(t for t in (system, *(t for r, t in items if r == "system"), tools_text) if t) or None
-        s = m.create(system=system, metadata=body.metadata, owner=owner, persistent=body.store, reasoning=reasoning)
+        s = m.create(system=_new_system(body, items, tools_text), metadata=body.metadata, owner=owner, persistent=body.store, reasoning=reasoning)
         new = True
     try:
         for role, text in items[:-1]:
@@ -1245,6 +1319,15 @@ def _target_session(state: ServerState, body: ResponseRequest, owner: str, items
             _drop_session(state, s)
         raise
     return s, new
+
+
+def _previous(state: ServerState, rid: str, owner: str) -> dict:
+    """The kept response a request continues (``previous_response_id``): 400 unless it finished."""
+    prev = state.response(rid, owner)
+    if prev["body"]["status"] not in ("completed", "incomplete"):
+        raise ApiError(400, f"previous response {rid!r} is {prev['body']['status']}: only a finished response can "
+                       "be continued", "previous_response_id")
+    return prev
 
 
 def _drop_session(state: ServerState, session) -> None:

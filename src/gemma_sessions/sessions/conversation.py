@@ -140,6 +140,13 @@ class Conversation:
     def token_ids(self) -> list[int]:
         return self._ids(self.messages, self.reasoning)
 
+    def copy(self) -> Conversation:
+        """An independent copy (messages are immutable: shared)."""
+        out = Conversation(self.tokenizer, self.system, self.reasoning)
+        out.messages = list(self.messages)
+        out.dropped_turns = self.dropped_turns
+        return out
+
     def _ids(self, messages: Sequence[Message], reasoning: bool) -> list[int]:
         ids = self.format.prefix(self.system, reasoning)
         for m in messages:

@@ -20,14 +20,16 @@ import threading
 
 from ..errors import GemmaSessionsError, InvalidRequestError, SessionFileError, SessionNotFoundError
 from ..sampling import SamplingParams
-from .conversation import CONTEXT_POLICIES, Conversation, Message, check_text
+from .conversation import CONTEXT_POLICIES, Message, check_text
 from .session import Session, TurnStats, check_metadata
 from .store_protocol import UNKNOWN_CURSOR
 
 # Responses kept for previous_response_id when there is no store (the store keeps its own, see Store).
 MEMORY_RESPONSES = 10_000
-# A kept response's body holds when its context ended under this key (read back out by ``response()``).
+# A kept response's body holds when its context ended, and when its generator last said it was alive, under these
+# keys (read back out by ``response()``).
 _CONTEXT_KEY = "_context_before"
+_ALIVE_KEY = "_alive_at"
 # Largest session file import_bytes / import_file accept (decompressed), unless the caller passes another bound.
 MAX_IMPORT_BYTES = 1 << 30
 
@@ -182,7 +184,7 @@ class SessionManager:
                         metadata={**parent.metadata, **check_metadata(metadata), "forked_from": parent.id},
                         owner=parent.owner, persistent=parent.persistent if persistent is None else persistent)
         with parent._data_lock:
-            child.conversation = _copy_conversation(parent.conversation)
+            child.conversation = parent.conversation.copy()
         if keep_messages is not None:
             if not 0 <= keep_messages <= len(child.conversation.messages):
                 raise InvalidRequestError(f"keep_messages must be in 0..{len(child.conversation.messages)}")
@@ -338,27 +340,29 @@ class SessionManager:
 
     # ------------------------------------------------------------------------------------------ responses
     def remember_response(self, response_id: str, *, owner: str, session_id: str, n_messages: int,
-                          body: dict, context_before: float | None = None) -> None:
+                          body: dict, context_before: float | None = None, alive_at: float | None = None) -> None:
         """Keep a response (OpenAI Responses) so a later ``previous_response_id`` finds it, restarts included
         (kept again under its id: replaced). ``context_before``: its input items are its session's messages made
-        before this time (``GET /v1/responses/{id}/input_items``)."""
+        before this time (``GET /v1/responses/{id}/input_items``). ``alive_at``: when the process generating a
+        response still in progress last said so (a background response's heartbeat)."""
+        private = {k: v for k, v in ((_CONTEXT_KEY, context_before), (_ALIVE_KEY, alive_at)) if v is not None}
         if self.store is not None:
-            kept = body if context_before is None else {**body, _CONTEXT_KEY: context_before}
-            self.store.put_response(response_id, owner, session_id, n_messages, json.dumps(kept))
+            self.store.put_response(response_id, owner, session_id, n_messages, json.dumps({**body, **private}))
             return
         with self._lock:
             self._responses[response_id] = {"owner": owner, "session": session_id, "n": n_messages, "body": body,
-                                            "context_before": context_before}
+                                            "context_before": context_before, "alive_at": alive_at}
             self._responses.move_to_end(response_id)
             while len(self._responses) > MEMORY_RESPONSES:
                 self._responses.popitem(last=False)
 
     def response(self, response_id: str) -> dict | None:
-        """{"owner", "session", "n", "body", "context_before"} of a remembered response, or None."""
+        """{"owner", "session", "n", "body", "context_before", "alive_at"} of a remembered response, or None."""
         if self.store is not None:
             r = self.store.get_response(response_id)
             if r is not None:
                 r["context_before"] = r["body"].pop(_CONTEXT_KEY, None)
+                r["alive_at"] = r["body"].pop(_ALIVE_KEY, None)
             return r
         with self._lock:
             return self._responses.get(response_id)
@@ -397,13 +401,6 @@ class SessionManager:
                         idempotency_key: str | None = None, reply: dict | None = None) -> None:
         if self.store is not None and session.persistent:
             self.store.turn_completed(session, messages, dropped, stats, idempotency_key=idempotency_key, reply=reply)
-
-
-def _copy_conversation(conv: Conversation) -> Conversation:
-    copy = Conversation(conv.tokenizer, conv.system, conv.reasoning)
-    copy.messages = list(conv.messages)
-    copy.dropped_turns = conv.dropped_turns
-    return copy
 
 
 def _session_dict(s: Session) -> dict:

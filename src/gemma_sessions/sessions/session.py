@@ -19,7 +19,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
 from ..errors import GemmaSessionsError, SessionBusyError
 from ..sampling import SamplingParams, TextDeltas, TokenConstraint
@@ -216,6 +216,24 @@ class Session:
             self.conversation.replace(messages)
 
     # ------------------------------------------------------------------------------------------ turns
+    def prompt_tokens(self, text: str | Callable[[Session], str], *, before: Sequence[tuple[str, str]] = (),
+                      keep_messages: int | None = None, max_tokens: int = 1, reasoning: bool | None = None) -> int:
+        """The prompt tokens a turn with ``text`` would have, planned as a turn is (old turns dropped when the
+        context needs it, for a reply of ``max_tokens``), after the history's first ``keep_messages`` messages (all
+        by default) and the ``before`` messages ((role, text)) added; changes nothing (it does not wait for a running
+        turn: it counts the history as it is). ``text`` may be a function of the session, as for ``stream``."""
+        with self._data_lock:
+            conv = self.conversation.copy()
+        if keep_messages is not None:
+            conv.replace(conv.messages[:keep_messages])
+        for role, message in before:
+            conv.replace(conv.with_message(role, message)[0])
+        if callable(text):
+            text = text(self)
+        params = self.sampling if reasoning is None else self.sampling.replace(reasoning=reasoning)
+        return len(conv.plan_turn(text, max_tokens, self.max_context, self.context_policy,
+                                  reasoning=params.reasoning).prompt)
+
     def send(self, text: str, *, sampling: SamplingParams | None = None, wait: bool = True,
              reasoning: bool | None = None, idempotency_key: str | None = None,
              constraint: TokenConstraint | None = None) -> Reply:
