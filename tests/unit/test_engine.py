@@ -316,6 +316,28 @@ def test_cancel_frees_the_slot(model):
         assert st["running"] == 0 and st["blocks_used"] == 0
 
 
+def test_a_stream_read_by_one_thread_while_another_waits_for_its_result_ends_for_both(model):
+    """One thread iterates a stream while another (a closer) cancels it and waits for its result: whichever takes
+    the end event, both return at once (either could block on the queue forever, or until a timeout, before)."""
+    import random
+
+    rng = random.Random(3)
+    with Engine(model, kv_cache_bytes=4 << 20, block_size=4) as e:
+        for i in range(60):
+            stream = e.submit(_prompt(i, 6), gs.SamplingParams(temperature=0, max_tokens=rng.randint(1, 4),
+                                                                ignore_eos=True))
+            reader = threading.Thread(target=lambda: list(stream), daemon=True)  # (a stuck one fails the test)
+            reader.start()
+            time.sleep(rng.random() * 0.005)
+            if rng.random() < 0.5:
+                stream.cancel()
+            t0 = time.monotonic()
+            out = stream.result(timeout=10)
+            reader.join(timeout=10)
+            assert not reader.is_alive() and time.monotonic() - t0 < 5
+            assert out.finish_reason in ("length", "cancelled")
+
+
 def test_many_threads_submit_concurrently(model):
     prompts = [_prompt(100 + i, 5 + i % 7) for i in range(24)]
     refs = [_ref(model, p) for p in prompts]

@@ -173,7 +173,7 @@ def test_a_turn_closed_from_another_thread_while_it_is_read_ends_once_and_at_onc
     for _ in range(40):
         s = manager.create(sampling=gs.SamplingParams(temperature=0, max_tokens=rng.randint(1, 6), ignore_eos=True))
         turn = s.stream("hello")
-        reader = threading.Thread(target=lambda: list(turn))
+        reader = threading.Thread(target=lambda: list(turn), daemon=True)  # (a stuck one fails the test)
         reader.start()
         time.sleep(rng.random() * 0.01)
         t0 = time.monotonic()

@@ -116,7 +116,7 @@ class Request:
             total_s=self.t_done - self.t_submit)
 
 
-# How often a waiting result() looks whether an iterating thread took the end event.
+# How often a waiting result() or iterator looks whether the other took the end event.
 _RESULT_POLL_S = 0.05
 
 
@@ -146,11 +146,16 @@ class GenerationStream:
                 return
 
     def _next_event(self) -> tuple[str, object]:
-        if self._output is not None:
-            return ("done", self._output)
-        if self._error is not None:
-            raise self._error
-        kind, value = self._request.events.get()
+        while True:
+            if self._output is not None:
+                return ("done", self._output)
+            if self._error is not None:
+                raise self._error
+            try:  # in short waits: a thread in result() (a closer) may take the end event meanwhile
+                kind, value = self._request.events.get(timeout=_RESULT_POLL_S)
+                break
+            except queue.Empty:
+                continue
         if kind == "done":
             self._output = value
         elif kind == "error":
@@ -160,7 +165,8 @@ class GenerationStream:
 
     def result(self, timeout: float | None = None) -> GenerationOutput:
         """Wait for the request to finish; returns its output or raises its error. Safe while another thread
-        iterates the stream (e.g. a cancel that waits for the end): whichever takes the end event, both see it."""
+        iterates the stream (e.g. a cancel that waits for the end): whichever takes the end event, both see it (the
+        iterator then ends; tokens result() took on the way are not yielded)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             while self._output is None:
