@@ -277,6 +277,7 @@ def test_two_replicas_on_redis_see_one_background_response_and_only_its_own_canc
             assert seen["status"] == "in_progress"  # (not "failed": on Redis another replica may be running it)
             elsewhere = two.post(f"/v1/responses/{started['id']}/cancel")
             assert elsewhere.status_code == 409 and elsewhere.json()["error"]["param"] == "response_id"
+            assert two.delete(f"/v1/responses/{started['id']}").status_code == 409  # (it would be recorded again)
             assert one.post(f"/v1/responses/{started['id']}/cancel").json()["status"] == "cancelled"
             assert two.get(f"/v1/responses/{started['id']}").json()["status"] == "cancelled"
             done = _respond(one, None, input="short", max_output_tokens=4, background=True)
@@ -313,3 +314,55 @@ def test_a_background_response_whose_replica_died_is_reported_failed_by_the_othe
             assert one.get("/v1/responses/resp_dead").json() == got  # recorded so, for every replica
         m1.close()
         m2.close()
+
+
+def test_many_threads_create_poll_cancel_and_delete_responses_and_nothing_breaks(client):
+    """16 threads at once, each its own mix of background and plain responses, in one shared conversation or
+    alone, cancelled, deleted, polled and listed mid-flight: no answer is a 5xx, every response ends completed,
+    incomplete or cancelled (or is gone once deleted), and the shared conversation's items pair each user turn with
+    one reply."""
+    import random
+
+    shared = client.post("/v1/conversations", json={}, headers=A).json()["id"]
+    problems: list[str] = []
+
+    def agent(i: int) -> None:
+        rng = random.Random(i)
+        for k in range(2):
+            where = {"conversation": shared} if rng.random() < 0.4 else {}
+            body = {"input": f"agent {i} turn {k}", "max_output_tokens": rng.choice([4, 40, 4000]),
+                    "temperature": 0, "background": rng.random() < 0.7, **where}
+            r = client.post("/v1/responses", json=body, headers=A)
+            if r.status_code >= 500:
+                problems.append(f"create {r.status_code} {r.text[:200]}")
+                continue
+            rid = r.json()["id"]
+            action = rng.choice(["wait", "cancel", "delete", "items"])
+            if action == "cancel" and body["background"]:
+                c = client.post(f"/v1/responses/{rid}/cancel", headers=A)
+                if c.status_code != 200 or c.json()["status"] not in ("cancelled", "completed", "incomplete"):
+                    problems.append(f"cancel {c.status_code} {c.text[:200]}")
+            elif action == "delete":
+                d = client.delete(f"/v1/responses/{rid}", headers=A)
+                gone = client.get(f"/v1/responses/{rid}", headers=A)
+                if d.status_code != 200 or gone.status_code != 404:
+                    problems.append(f"delete {d.status_code} then get {gone.status_code}")
+                continue
+            elif action == "items":
+                items = client.get(f"/v1/responses/{rid}/input_items", headers=A)
+                if items.status_code != 200:
+                    problems.append(f"input_items {items.status_code} {items.text[:200]}")
+            if action != "cancel" or not body["background"]:
+                if body["max_output_tokens"] == 4000 and body["background"]:  # don't wait for 4000 tokens
+                    client.post(f"/v1/responses/{rid}/cancel", headers=A)
+                end = _wait(client, rid)
+                if end["status"] not in ("completed", "incomplete", "cancelled"):
+                    problems.append(f"ended {end['status']} {end.get('error')}")
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        list(pool.map(agent, range(16)))
+    assert problems == []
+    assert not client.app.state.gs.background  # every background generation ended
+    items = client.get(f"/v1/conversations/{shared}/items", params={"order": "asc", "limit": 100},
+                       headers=A).json()["data"]
+    assert [i["role"] for i in items] == ["user", "assistant"] * (len(items) // 2)

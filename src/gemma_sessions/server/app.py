@@ -1046,10 +1046,13 @@ def _install_responses(app: FastAPI, state: ServerState) -> None:
     @app.delete("/v1/responses/{rid}")
     async def delete_response(rid: str, request: Request):
         owner = state.owner(request)
-        r = await state.run(state.response, rid, owner)
+        r = await state.run(_response_record, state, rid, owner)
         job = state.background.get(rid)
         if job is not None:  # still running here: cancelled first, so nothing records it again
             await _cancel_background(state, job)
+        elif r["body"]["status"] in ("queued", "in_progress"):  # its replica would record it again as it ends
+            raise ApiError(409, f"response {rid!r} is running on another replica: delete it through that one",
+                           "response_id")
         await state.run(_delete_response, state, rid, r)
         return {"id": rid, "object": "response", "deleted": True}
 
