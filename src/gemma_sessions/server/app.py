@@ -108,7 +108,7 @@ class ServerState:
         self.created = int(time.time())
         self.draining = False
         self.replica: bytes | None = None  # X-Replica on every response (create_app's replica_name)
-        self.background: dict[str, Any] = {}  # response id -> its running background generation (event loop only)
+        self.background: dict[str, _Background] = {}  # response id -> its running generation (event loop only)
         store = manager.store
         self.shared_store = store is not None and store.shared  # other processes write responses too
 
@@ -1113,22 +1113,22 @@ def _count_input(state: ServerState, body: ResponseRequest, owner: str, items: l
     before = [(r, t) for r, t in items[:-1] if r != "system"]
     if body.conversation is not None and body.previous_response_id is not None:
         raise ApiError(400, "use either conversation or previous_response_id, not both", "conversation")
-    if body.conversation is not None or body.previous_response_id is not None:
-        keep = None
-        if body.conversation is not None:
-            s = state.session(sid_of(body.conversation if isinstance(body.conversation, str) else body.conversation.id),
-                              owner)
-        else:
-            prev = _previous(state, body.previous_response_id, owner)
-            s, keep = state.session(prev["session"], owner), prev["n"]
+    keep, made = None, False
+    if body.conversation is not None:
+        s = state.session(sid_of(body.conversation if isinstance(body.conversation, str) else body.conversation.id),
+                          owner)
+    elif body.previous_response_id is not None:
+        prev = _previous(state, body.previous_response_id, owner)
+        s, keep = state.session(prev["session"], owner), prev["n"]
+    else:  # a session of its own, never stored, gone at once
+        s, made = m.create(system=_new_system(body, items, note), owner=owner, persistent=False,
+                           reasoning=reasoning), True
+    try:
         return s.prompt_tokens(text, before=before, keep_messages=keep, reasoning=reasoning,
                                max_tokens=state.max_tokens(body.max_output_tokens, s.sampling.max_tokens))
-    s = m.create(system=_new_system(body, items, note), owner=owner, persistent=False, reasoning=reasoning)
-    try:
-        return s.prompt_tokens(text, before=before, reasoning=reasoning,
-                               max_tokens=state.max_tokens(body.max_output_tokens, s.sampling.max_tokens))
     finally:
-        m.delete(s.id)
+        if made:
+            m.delete(s.id)
 
 
 def _told(note: str, text: str, session) -> str:
@@ -1214,18 +1214,17 @@ async def _start_background(state: ServerState, turn, base: dict, session, new: 
                             with_tools: bool, structured: bool) -> dict:
     """Keep the response as in progress and generate it in a task (``background: true``): the client polls
     ``GET /v1/responses/{id}``, or cancels it."""
-    running = dict(base)
     job = state.background[base["id"]] = _Background(turn)
     try:
         await state.run(functools.partial(state.manager.remember_response, base["id"], owner=owner,
-                                          session_id=session.id, n_messages=len(session.messages), body=running,
+                                          session_id=session.id, n_messages=len(session.messages), body=base,
                                           alive_at=time.time()))
     except BaseException:
         del state.background[base["id"]]
         await state.run(_end_turn, state, turn, session, new, False)
         raise
     job.task = asyncio.ensure_future(_run_background(state, job, base, session, new, owner, with_tools, structured))
-    return running
+    return base
 
 
 async def _run_background(state: ServerState, job: _Background, base: dict, session, new: bool, owner: str,
