@@ -145,23 +145,29 @@ class GenerationStream:
             elif kind == "done":
                 return
 
+    def _take(self, wait: float) -> tuple[str, object] | None:
+        """One event of the engine's, None after ``wait`` seconds without one. The end and an error are kept on
+        the stream, so the iterator and ``result()`` both see them whichever thread took them (each waits in short
+        polls and looks again)."""
+        try:
+            kind, value = self._request.events.get(timeout=wait)
+        except queue.Empty:
+            return None
+        if kind == "done":
+            self._output = value
+        elif kind == "error":
+            self._error = value
+        return kind, value
+
     def _next_event(self) -> tuple[str, object]:
         while True:
             if self._output is not None:
                 return ("done", self._output)
             if self._error is not None:
                 raise self._error
-            try:  # in short waits: a thread in result() (a closer) may take the end event meanwhile
-                kind, value = self._request.events.get(timeout=_RESULT_POLL_S)
-                break
-            except queue.Empty:
-                continue
-        if kind == "done":
-            self._output = value
-        elif kind == "error":
-            self._error = value
-            raise value
-        return kind, value
+            event = self._take(_RESULT_POLL_S)
+            if event is not None and event[0] == "token":
+                return event
 
     def result(self, timeout: float | None = None) -> GenerationOutput:
         """Wait for the request to finish; returns its output or raises its error. Safe while another thread
@@ -175,14 +181,7 @@ class GenerationStream:
                 left = _RESULT_POLL_S if deadline is None else min(_RESULT_POLL_S, deadline - time.monotonic())
                 if left <= 0:
                     raise TimeoutError("generation still running")
-                try:  # in short waits: an iterating thread may take the end event and set the output meanwhile
-                    kind, value = self._request.events.get(timeout=left)
-                except queue.Empty:
-                    continue
-                if kind == "done":
-                    self._output = value
-                elif kind == "error":
-                    self._error = value
+                self._take(left)
             return self._output
 
     def token_logprobs(self, start: int = 0, end: int | None = None) -> list[TokenLogprob]:
