@@ -478,8 +478,8 @@ class CallStream:
         self._escape: str | None = None       # an escape being read, from its backslash
         self._high: int | None = None         # a \u high surrogate waiting for its low half
         self._capture: tuple[int, int] | None = None  # (call, depth): the arguments value being written
+        self._call_index = -1                  # the call whose object, name or arguments is being read
         self._out: list[tuple[int, str | None, str]] = []
-        self._held: dict[int, list[str]] = {}  # arguments read before their call's name (none in the convention)
 
     def feed(self, delta: str) -> list[tuple[int, str | None, str]]:
         for ch in delta:
@@ -513,9 +513,8 @@ class CallStream:
             role = self._value_role()
             if self._capture is not None:
                 self._write(ch)
-            frame = _Frame(ch, "call" if role == "call" else "root" if role == "root" else "calls"
-                           if role == "calls" and ch == "[" else None, self._call_index if role == "call" else -1)
-            self._frames.append(frame)
+            kept = role if (role, ch) in (("root", "{"), ("calls", "["), ("call", "{")) else None
+            self._frames.append(_Frame(ch, kept, self._call_index if kept == "call" else -1))
         elif ch in "}]":
             if self._frames:
                 self._frames.pop()
@@ -632,7 +631,8 @@ class CallStream:
             while len(self.calls) <= i:
                 self.calls.append([None, ""])
             self.calls[i][0] = text
-            self._out.append((i, text, "".join(self._held.pop(i, []))))
+            self._out.append((i, text, self.calls[i][1]))  # (arguments read before the name: none in the
+            # convention, whose schema puts the name first)
         elif role == "args":
             self._write('"')
             self._value_done()
@@ -640,7 +640,5 @@ class CallStream:
     def _write(self, text: str) -> None:
         i = self._capture[0]
         self.calls[i][1] += text
-        if self.calls[i][0] is None:
-            self._held.setdefault(i, []).append(text)
-        else:
+        if self.calls[i][0] is not None:  # (else they go out with the name)
             self._out.append((i, None, text))
